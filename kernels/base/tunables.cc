@@ -1,0 +1,117 @@
+#include "kernels/base/tunables.h"
+
+#include <cstdlib>
+#include <ostream>
+
+#include <fmt/format.h>
+
+namespace rally {
+namespace {
+
+constexpr TunableSpec kSpecs[] = {
+    {"log_level", "RALLY_LOG_LEVEL", TunableKind::kString, "info",
+     "log level, optionally per subsystem: 'info,coordinator=debug,agent=warn'"},
+    {"heartbeat_interval", "RALLY_HEARTBEAT_INTERVAL", TunableKind::kDuration, "1s",
+     "how often agents heartbeat; a node silent for 2 intervals is declared failed"},
+    {"last_call", "RALLY_LAST_CALL", TunableKind::kDuration, "2s",
+     "once MIN nodes have joined a first round, how long to wait for more before it closes"},
+    {"join_timeout", "RALLY_JOIN_TIMEOUT", TunableKind::kDuration, "600s",
+     "how long a round may wait for MIN nodes before its joiners are told it failed"},
+    {"rpc_timeout", "RALLY_RPC_TIMEOUT", TunableKind::kDuration, "30s",
+     "deadline of one call to the coordinator (store operations, joins)"},
+    {"connect_timeout", "RALLY_CONNECT_TIMEOUT", TunableKind::kDuration, "60s",
+     "how long clients keep retrying, with backoff, to reach an unavailable coordinator"},
+    {"max_message_bytes", "RALLY_MAX_MESSAGE_BYTES", TunableKind::kBytes, "4MiB",
+     "largest request or response the coordinator accepts"},
+    {"max_keys", "RALLY_MAX_KEYS", TunableKind::kInteger, "1000000",
+     "most keys the coordinator's store holds at once, all generations together"},
+    {"max_key_bytes", "RALLY_MAX_KEY_BYTES", TunableKind::kBytes, "1KiB",
+     "longest key the store accepts"},
+    {"max_value_bytes", "RALLY_MAX_VALUE_BYTES", TunableKind::kBytes, "1MiB",
+     "largest value the store accepts"},
+};
+
+}  // namespace
+
+std::span<const TunableSpec> tunableSpecs() { return kSpecs; }
+
+Tunables Tunables::defaults() {
+  Tunables t;
+  for (const auto& spec : kSpecs) {
+    t.values_[std::string(spec.name)] = {std::string(spec.default_value), "default"};
+  }
+  return t;
+}
+
+Result<Tunables> Tunables::fromEnvironment() {
+  Tunables t = defaults();
+  for (const auto& spec : kSpecs) {
+    const std::string env(spec.env);
+    if (const char* v = std::getenv(env.c_str()); v != nullptr && *v != '\0') {
+      RALLY_RETURN_IF_ERROR(t.set(spec.name, v, "env " + env));
+    }
+  }
+  return t;
+}
+
+Status Tunables::set(std::string_view name, std::string value, std::string source) {
+  const TunableSpec* spec = nullptr;
+  for (const auto& s : kSpecs) {
+    if (s.name == name) spec = &s;
+  }
+  if (spec == nullptr) return invalidArgument(fmt::format("unknown tunable '{}'", name));
+  Status valid;
+  switch (spec->kind) {
+    case TunableKind::kString: break;
+    case TunableKind::kInteger: valid = parseInteger(value).status(); break;
+    case TunableKind::kDuration: valid = parseDuration(value).status(); break;
+    case TunableKind::kBytes: valid = parseBytes(value).status(); break;
+  }
+  RALLY_RETURN_IF_ERROR(valid) << "in " << source << " (" << spec->doc << ")";
+  values_[std::string(name)] = {std::move(value), std::move(source)};
+  return okStatus();
+}
+
+Result<const TunableSpec*> Tunables::find(std::string_view name, TunableKind kind) const {
+  for (const auto& s : kSpecs) {
+    if (s.name == name) {
+      if (s.kind != kind) {
+        return internalError(fmt::format("tunable '{}' read with the wrong kind", name));
+      }
+      return &s;
+    }
+  }
+  return internalError(fmt::format("unknown tunable '{}'", name));
+}
+
+Result<std::string> Tunables::string(std::string_view name) const {
+  RALLY_RETURN_IF_ERROR(find(name, TunableKind::kString));
+  return values_.find(name)->second.text;
+}
+
+Result<std::int64_t> Tunables::integer(std::string_view name) const {
+  RALLY_RETURN_IF_ERROR(find(name, TunableKind::kInteger));
+  return parseInteger(values_.find(name)->second.text);
+}
+
+Result<Milliseconds> Tunables::duration(std::string_view name) const {
+  RALLY_RETURN_IF_ERROR(find(name, TunableKind::kDuration));
+  return parseDuration(values_.find(name)->second.text);
+}
+
+Result<std::int64_t> Tunables::bytes(std::string_view name) const {
+  RALLY_RETURN_IF_ERROR(find(name, TunableKind::kBytes));
+  return parseBytes(values_.find(name)->second.text);
+}
+
+void Tunables::print(std::ostream& out) const {
+  out << fmt::format("{:<20} {:<12} {:<24} {:<26} {}\n", "tunable", "value", "from",
+                     "environment", "meaning");
+  for (const auto& spec : kSpecs) {
+    const auto it = values_.find(spec.name);
+    out << fmt::format("{:<20} {:<12} {:<24} {:<26} {}\n", spec.name, it->second.text,
+                       it->second.source, spec.env, spec.doc);
+  }
+}
+
+}  // namespace rally

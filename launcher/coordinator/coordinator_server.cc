@@ -1,0 +1,79 @@
+#include "launcher/coordinator/coordinator_server.h"
+
+#include <sys/resource.h>
+
+#include <fmt/format.h>
+#include <grpcpp/server_builder.h>
+
+#include "kernels/base/logging.h"
+
+namespace rally::coordinator {
+
+std::uint64_t raiseOpenFileLimit() {
+  rlimit lim{};
+  if (getrlimit(RLIMIT_NOFILE, &lim) != 0) return 0;
+  if (lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &lim);
+    getrlimit(RLIMIT_NOFILE, &lim);
+  }
+  return lim.rlim_cur;
+}
+
+Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::start(CoordinatorOptions options,
+                                                                    const ListenOptions& listen) {
+  if (options.token.empty()) {
+    return invalidArgument("the coordinator needs a job token: none was given");
+  }
+  if (listen.port < 0 || listen.port > 65535) {
+    return invalidArgument(
+        fmt::format("port {} is out of range: use 0 (a free port) to 65535", listen.port));
+  }
+  if (listen.max_message_bytes <= 0 || listen.max_message_bytes > (1LL << 31) - 1) {
+    return invalidArgument(fmt::format("max message size {} is out of range: 1 byte to 2GiB",
+                                       listen.max_message_bytes));
+  }
+  raiseOpenFileLimit();
+  std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
+  server->host_ = listen.host;
+  server->service_ = std::make_unique<CoordinatorService>(std::move(options));
+
+  const bool v6 = listen.host.find(':') != std::string::npos;
+  const std::string target =
+      v6 ? fmt::format("[{}]:{}", listen.host, listen.port) : fmt::format("{}:{}", listen.host,
+                                                                          listen.port);
+  grpc::ServerBuilder builder;
+  // One coordinator per port: gRPC would otherwise let a second one share it silently.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(listen.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(listen.max_message_bytes));
+  builder.AddListeningPort(target, grpc::InsecureServerCredentials(), &server->port_);
+  builder.RegisterService(server->service_.get());
+  server->server_ = builder.BuildAndStart();
+  if (!server->server_ || server->port_ == 0) {
+    return ioError(fmt::format(
+        "cannot listen on {}: the port is taken (another coordinator or program uses it) or the "
+        "address is not one of this host's; pick another --port, or 0 for a free one",
+        target));
+  }
+  server->service_->start();
+  rally::log::get("coordinator")->info("listening on {}", server->address());
+  return server;
+}
+
+std::string CoordinatorServer::address() const {
+  const bool v6 = host_.find(':') != std::string::npos;
+  return v6 ? fmt::format("[{}]:{}", host_, port_) : fmt::format("{}:{}", host_, port_);
+}
+
+void CoordinatorServer::shutdown(const std::string& reason, Milliseconds grace) {
+  std::lock_guard lock(mu_);
+  if (stopped_) return;
+  stopped_ = true;
+  service_->shutdown(reason);
+  server_->Shutdown(std::chrono::system_clock::now() + grace);
+}
+
+CoordinatorServer::~CoordinatorServer() { shutdown("the coordinator is stopping"); }
+
+}  // namespace rally::coordinator

@@ -1,0 +1,389 @@
+#include "launcher/coordinator/coordinator_service.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "kernels/base/logging.h"
+#include "launcher/coordinator/internal/reactors.h"
+#include "runtime/rendezvous/grpc_status.h"
+
+namespace rally::coordinator {
+
+namespace v1 = rally::v1;
+using internal::OutboundStream;
+using rendezvous::toGrpcStatus;
+
+namespace {
+
+v1::GenerationEvent::State toProtoState(RoundState s) {
+  switch (s) {
+    case RoundState::kWaiting: return v1::GenerationEvent::WAITING;
+    case RoundState::kFormed: return v1::GenerationEvent::FORMED;
+    case RoundState::kReforming: return v1::GenerationEvent::REFORMING;
+    case RoundState::kClosed: return v1::GenerationEvent::CLOSED;
+  }
+  return v1::GenerationEvent::STATE_UNSPECIFIED;
+}
+
+v1::GenerationEvent toProto(const GenerationEvent& e) {
+  v1::GenerationEvent out;
+  out.set_generation(e.generation);
+  out.set_state(toProtoState(e.state));
+  out.set_num_nodes(e.num_nodes);
+  out.set_cause(e.cause);
+  out.set_failed_node(e.failed_node);
+  return out;
+}
+
+// Compares without an early exit, so the time taken does not reveal how much of a token matched.
+bool tokensEqual(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff |= static_cast<unsigned char>(a[i] ^ (b.empty() ? 0 : b[i % b.size()]));
+  }
+  return diff == 0;
+}
+
+}  // namespace
+
+// ---- Service ------------------------------------------------------------------------------------
+
+CoordinatorService::CoordinatorService(CoordinatorOptions options)
+    : options_(std::move(options)),
+      rendezvous_(options_.rendezvous),
+      liveness_(options_.heartbeat_interval),
+      kv_(options_.kv) {}
+
+CoordinatorService::~CoordinatorService() {
+  shutdown("the coordinator is stopping");
+  if (timer_.joinable()) timer_.join();
+}
+
+void CoordinatorService::start() { timer_ = std::thread([this] { timerLoop(); }); }
+
+void CoordinatorService::runLocked(const std::function<void()>& fn) {
+  Deferred work;
+  {
+    std::lock_guard lock(mu_);
+    fn();
+    work.swap(deferred_);
+  }
+  for (auto& w : work) w();
+}
+
+grpc::Status CoordinatorService::checkCall(grpc::CallbackServerContext* ctx) const {
+  const auto& md = ctx->client_metadata();
+  const auto it = md.find(std::string(rendezvous::kTokenMetadataKey));
+  if (it == md.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "missing job token: every call must carry the job's token (metadata "
+                        "'x-rally-token'); give the client the coordinator's --token-file");
+  }
+  if (!tokensEqual(std::string_view(it->second.data(), it->second.size()), options_.token)) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "wrong job token: this coordinator serves another job, or the token file "
+                        "differs from the coordinator's --token-file");
+  }
+  return grpc::Status::OK;
+}
+
+void CoordinatorService::shutdown(const std::string& reason) {
+  runLocked([&] {
+    if (shutting_down_) return;
+    shutting_down_ = true;
+    shutdown_reason_ = reason;
+    rally::log::get("coordinator")->info("shutting down: {}", reason);
+    v1::CoordinatorMessage msg;
+    msg.mutable_shutdown()->set_reason(reason);
+    const grpc::Status gone(grpc::StatusCode::UNAVAILABLE,
+                            fmt::format("the coordinator shut down: {}", reason));
+    for (const auto& s : sessions_) {
+      s->enqueue(msg);
+      deferred_.push_back([s, gone] { s->finishAfterQueued(gone); });
+    }
+    for (const auto& w : watchers_) deferred_.push_back([w, gone] { w->finishAfterQueued(gone); });
+    sessions_.clear();
+    sessions_by_node_.clear();
+    watchers_.clear();
+    kv_.cancelAllWaiters(unavailable(fmt::format("the coordinator shut down: {}", reason)));
+  });
+  timer_cv_.notify_all();
+}
+
+CoordinatorStats CoordinatorService::stats() {
+  std::lock_guard lock(mu_);
+  return CoordinatorStats{rendezvous_.generation(), rendezvous_.state(), sessions_by_node_.size(),
+                          watchers_.size(), kv_.keyCount(), kv_.waiterCount()};
+}
+
+// ---- Sessions -----------------------------------------------------------------------------------
+
+grpc::ServerBidiReactor<v1::AgentMessage, v1::CoordinatorMessage>* CoordinatorService::Session(
+    grpc::CallbackServerContext* ctx) {
+  auto session = std::make_shared<SessionReactor>(this);
+  grpc::Status admitted = checkCall(ctx);
+  if (admitted.ok()) {
+    std::lock_guard lock(mu_);
+    if (shutting_down_) {
+      admitted = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                              fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
+    } else {
+      sessions_.insert(session);
+    }
+  }
+  session->begin(admitted);
+  return session.get();
+}
+
+void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& session,
+                                        const v1::AgentMessage& message) {
+  runLocked([&] {
+    if (sessions_.count(session) == 0) return;  // already dropped
+    const TimePoint now = Clock::now();
+    const bool joined = !session->node_id.empty();
+    if (message.kind_case() != v1::AgentMessage::kJoin && !joined) {
+      dropSession(session, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                        "the first message on a session must be a Join"));
+      return;
+    }
+    Events events;
+    switch (message.kind_case()) {
+      case v1::AgentMessage::kJoin:
+        handleJoin(session, message.join());
+        return;
+      case v1::AgentMessage::kHeartbeat:
+        liveness_.beat(session->node_id, now);
+        return;
+      case v1::AgentMessage::kLeave: {
+        const std::string id = session->node_id;
+        rally::log::get("coordinator")->info("node '{}' left: {}", id, message.leave().reason());
+        dropSession(session, grpc::Status::OK);
+        rendezvous_.leave(id, fmt::format("left: {}", message.leave().reason()), false, now,
+                          &events);
+        break;
+      }
+      case v1::AgentMessage::kRequestReform: {
+        const Status s = rendezvous_.requestReform(session->node_id,
+                                                   message.request_reform().reason(), now, &events);
+        if (!s.ok()) rally::log::get("coordinator")->debug("re-form ignored: {}", s.message());
+        break;
+      }
+      case v1::AgentMessage::kClose: {
+        const Status s = rendezvous_.close(session->node_id, message.close().reason(), &events);
+        if (!s.ok()) rally::log::get("coordinator")->warn("close ignored: {}", s.message());
+        break;
+      }
+      case v1::AgentMessage::KIND_NOT_SET:
+        dropSession(session,
+                    grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "agent message of no kind this coordinator knows: it speaks "
+                                 "rally.v1 (join, heartbeat, leave, request_reform, close); "
+                                 "are the agent and the coordinator the same rally version?"));
+        if (joined) {
+          rendezvous_.leave(session->node_id, "lost: it sent an unknown message", true, now,
+                            &events);
+        }
+        break;
+    }
+    deliver(std::move(events));
+    timer_cv_.notify_one();
+  });
+}
+
+void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& session,
+                                    const v1::Join& join) {
+  if (!session->node_id.empty()) {
+    const std::string id = session->node_id;
+    dropSession(session, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                      fmt::format("this stream already joined as node '{}': one "
+                                                  "stream carries one node",
+                                                  id)));
+    Events events;
+    rendezvous_.leave(id, "lost: it joined twice on one stream", true, Clock::now(), &events);
+    deliver(std::move(events));
+    return;
+  }
+  const TimePoint now = Clock::now();
+  NodeInfo info{join.node_id(),          join.job_id(),    join.min_nodes(),
+                join.max_nodes(),        join.local_world_size(), join.address()};
+  Events events;
+  auto admitted = rendezvous_.join(info, now, &events);
+  if (!admitted.ok()) {
+    rally::log::get("coordinator")->warn("join refused: {}", admitted.status().message());
+    dropSession(session, toGrpcStatus(admitted.status()));
+    return;
+  }
+  session->node_id = info.node_id;
+  sessions_by_node_[info.node_id] = session;
+  liveness_.beat(info.node_id, now);
+  rally::log::get("coordinator")->debug("node '{}' joined ({} worker(s), {})", info.node_id,
+                                        info.local_world_size,
+                                        admitted->waiting ? "held for the next round" : "gathering");
+  const RoundSnapshot snap = rendezvous_.snapshot();
+  v1::CoordinatorMessage welcome;
+  auto* w = welcome.mutable_welcome();
+  w->set_heartbeat_interval_ms(static_cast<std::uint64_t>(options_.heartbeat_interval.count()));
+  w->set_generation(rendezvous_.generation());
+  w->set_min_nodes(snap.min_nodes);
+  w->set_max_nodes(snap.max_nodes);
+  w->set_waiting(admitted->waiting);
+  session->enqueue(std::move(welcome));
+  deferred_.push_back([session] { session->kick(); });
+  deliver(std::move(events));
+}
+
+void CoordinatorService::dropSession(const std::shared_ptr<SessionReactor>& session,
+                                     grpc::Status status) {
+  if (!session->node_id.empty()) {
+    auto it = sessions_by_node_.find(session->node_id);
+    if (it != sessions_by_node_.end() && it->second == session) sessions_by_node_.erase(it);
+    liveness_.remove(session->node_id);
+  }
+  sessions_.erase(session);
+  deferred_.push_back([session, status] { session->finishAfterQueued(status); });
+}
+
+void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& session,
+                                        const std::string& cause) {
+  runLocked([&] {
+    if (sessions_.count(session) == 0) return;
+    sessions_.erase(session);
+    if (session->node_id.empty()) return;
+    auto it = sessions_by_node_.find(session->node_id);
+    if (it == sessions_by_node_.end() || it->second != session) return;
+    sessions_by_node_.erase(it);
+    liveness_.remove(session->node_id);
+    if (shutting_down_) return;
+    rally::log::get("coordinator")->warn("node '{}' {}", session->node_id, cause);
+    Events events;
+    rendezvous_.leave(session->node_id, cause, true, Clock::now(), &events);
+    deliver(std::move(events));
+    timer_cv_.notify_one();
+  });
+}
+
+// ---- Event delivery (under the lock) -------------------------------------------------------------
+
+void CoordinatorService::deliver(Events events) {
+  auto log = rally::log::get("coordinator");
+  for (Event& event : events) {
+    if (auto* formed = std::get_if<RoundFormedEvent>(&event)) {
+      std::uint32_t world = 0;
+      for (const Member& m : formed->members) world += m.local_world_size;
+      const std::string master = formed->members.empty() ? "" : formed->members[0].address;
+      kv_.startGeneration(formed->generation);
+      current_members_.clear();
+      std::uint32_t offset = 0;
+      for (const Member& m : formed->members) {
+        current_members_.insert(m.node_id);
+        v1::CoordinatorMessage msg;
+        auto* r = msg.mutable_round_formed();
+        r->set_generation(formed->generation);
+        r->set_node_rank(m.node_rank);
+        r->set_num_nodes(static_cast<std::uint32_t>(formed->members.size()));
+        r->set_rank_offset(offset);
+        r->set_world_size(world);
+        r->set_master_address(master);
+        offset += m.local_world_size;
+        if (auto it = sessions_by_node_.find(m.node_id); it != sessions_by_node_.end()) {
+          it->second->enqueue(std::move(msg));
+          deferred_.push_back([s = it->second] { s->kick(); });
+        }
+      }
+      log->info("generation {}: round formed with {} node(s), {} worker(s)", formed->generation,
+                formed->members.size(), world);
+    } else if (auto* gen = std::get_if<GenerationEvent>(&event)) {
+      kv_.startGeneration(gen->generation);
+      if (gen->state == RoundState::kReforming) {
+        current_members_.clear();
+        log->warn("generation {}: re-forming ({})", gen->generation, gen->cause);
+      }
+      last_generation_event_ = *gen;
+      broadcastGeneration(*gen, gen->state != RoundState::kFormed);
+    } else if (auto* waiting = std::get_if<NodesWaitingEvent>(&event)) {
+      v1::CoordinatorMessage msg;
+      msg.mutable_nodes_waiting()->set_count(waiting->count);
+      for (const auto& [id, s] : sessions_by_node_) {
+        if (current_members_.count(id) == 0) continue;
+        s->enqueue(msg);
+        deferred_.push_back([s = s] { s->kick(); });
+      }
+    } else if (auto* dismiss = std::get_if<DismissEvent>(&event)) {
+      auto it = sessions_by_node_.find(dismiss->node_id);
+      if (it == sessions_by_node_.end()) continue;
+      const auto session = it->second;
+      v1::CoordinatorMessage msg;
+      msg.mutable_shutdown()->set_reason(dismiss->reason);
+      msg.mutable_shutdown()->set_job_failed(dismiss->job_failed);
+      session->enqueue(std::move(msg));
+      log->warn("node '{}' dismissed: {}", dismiss->node_id, dismiss->reason);
+      dropSession(session, grpc::Status::OK);
+    }
+  }
+}
+
+void CoordinatorService::broadcastGeneration(const GenerationEvent& event, bool to_members) {
+  v1::CoordinatorMessage msg;
+  *msg.mutable_generation() = toProto(event);
+  for (const auto& [id, s] : sessions_by_node_) {
+    if (!to_members && current_members_.count(id) != 0) continue;  // they got RoundFormed
+    s->enqueue(msg);
+    deferred_.push_back([s = s] { s->kick(); });
+  }
+  for (const auto& w : watchers_) {
+    w->enqueue(msg.generation());
+    deferred_.push_back([w] { w->kick(); });
+  }
+}
+
+v1::GenerationEvent CoordinatorService::currentGenerationLocked() const {
+  GenerationEvent e = last_generation_event_;
+  e.generation = rendezvous_.generation();
+  e.state = rendezvous_.state();
+  return toProto(e);
+}
+
+// ---- Timer --------------------------------------------------------------------------------------
+
+void CoordinatorService::timerLoop() {
+  std::unique_lock lock(mu_);
+  while (!shutting_down_) {
+    const TimePoint now = Clock::now();
+    Events events;
+    rendezvous_.tick(now, &events);
+    for (const std::string& id : liveness_.expired(now)) {
+      auto it = sessions_by_node_.find(id);
+      if (it == sessions_by_node_.end()) continue;
+      const auto session = it->second;
+      const std::string silence = formatDuration(liveness_.timeout());
+      rally::log::get("coordinator")->warn("node '{}' lost: no heartbeat for {}", id, silence);
+      dropSession(session, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                        fmt::format("no heartbeat for {}: the coordinator "
+                                                    "declared this node failed",
+                                                    silence)));
+      rendezvous_.leave(id, fmt::format("lost: no heartbeat for {}", silence), true, now, &events);
+    }
+    while (!wait_deadlines_.empty() && wait_deadlines_.top().when <= now) {
+      const WaitDeadline d = wait_deadlines_.top();
+      wait_deadlines_.pop();
+      kv_.cancelWaiter(d.id, timeoutError(fmt::format("timed out after {} waiting for {}",
+                                                      formatDuration(d.timeout), d.what)));
+    }
+    deliver(std::move(events));
+
+    Deferred work;
+    work.swap(deferred_);
+    lock.unlock();
+    for (auto& w : work) w();
+    lock.lock();
+
+    TimePoint next = Clock::now() + liveness_.checkPeriod();
+    if (auto d = rendezvous_.nextDeadline(); d && *d < next) next = *d;
+    if (!wait_deadlines_.empty() && wait_deadlines_.top().when < next) {
+      next = wait_deadlines_.top().when;
+    }
+    timer_cv_.wait_until(lock, next);
+  }
+}
+
+}  // namespace rally::coordinator

@@ -1,0 +1,156 @@
+// The coordinator's gRPC service (rally.v1.Coordinator, proto/rally/v1/coordinator.proto): the
+// rendezvous state machine, liveness by stream and heartbeat, the generation pushed to watchers, and
+// the key-value store, behind one lock. Built on gRPC's callback API, so 10,000 agent streams cost no
+// threads; one timer thread fires last calls, join timeouts, missed heartbeats and wait timeouts.
+//
+//   CoordinatorService service(options);
+//   grpc::ServerBuilder builder;  builder.RegisterService(&service);  ...
+//   service.start();
+//   ...
+//   service.shutdown("SIGTERM");  // tells every client, then stop the server
+//
+// Every call must carry the job token (metadata "x-rally-token"); otherwise UNAUTHENTICATED and
+// nothing changes.
+//
+// Thread-safety: all public methods are thread-safe.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <queue>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "launcher/coordinator/kv_store.h"
+#include "launcher/coordinator/liveness.h"
+#include "launcher/coordinator/rendezvous.h"
+#include "rally/v1/coordinator.grpc.pb.h"
+
+namespace rally::coordinator {
+
+struct CoordinatorOptions {
+  std::string token;  // the job token every call must carry; must not be empty
+  RendezvousOptions rendezvous;
+  Milliseconds heartbeat_interval{1000};
+  Milliseconds default_wait_timeout{30'000};  // Wait with timeout_ms = 0
+  KvLimits kv;
+};
+
+struct CoordinatorStats {
+  std::uint64_t generation = 0;
+  RoundState state = RoundState::kWaiting;
+  size_t sessions = 0;
+  size_t watchers = 0;
+  std::int64_t keys = 0;
+  size_t waiters = 0;
+};
+
+class CoordinatorService final : public rally::v1::Coordinator::CallbackService {
+ public:
+  explicit CoordinatorService(CoordinatorOptions options);
+  ~CoordinatorService() override;
+  CoordinatorService(const CoordinatorService&) = delete;
+  CoordinatorService& operator=(const CoordinatorService&) = delete;
+
+  // Starts the timer thread. Call once, after the server is built.
+  void start();
+  // Tells every session (Shutdown message) and watcher, fails pending waits with UNAVAILABLE, and
+  // refuses later calls. Idempotent. The owner then shuts the gRPC server down.
+  void shutdown(const std::string& reason);
+
+  CoordinatorStats stats();
+
+  grpc::ServerBidiReactor<rally::v1::AgentMessage, rally::v1::CoordinatorMessage>* Session(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerWriteReactor<rally::v1::GenerationEvent>* WatchGeneration(
+      grpc::CallbackServerContext* ctx, const rally::v1::WatchGenerationRequest* request) override;
+  grpc::ServerUnaryReactor* GetRound(grpc::CallbackServerContext* ctx,
+                                     const rally::v1::GetRoundRequest* request,
+                                     rally::v1::RoundInfo* response) override;
+  grpc::ServerUnaryReactor* Set(grpc::CallbackServerContext* ctx,
+                                const rally::v1::SetRequest* request,
+                                rally::v1::SetResponse* response) override;
+  grpc::ServerUnaryReactor* Get(grpc::CallbackServerContext* ctx,
+                                const rally::v1::GetRequest* request,
+                                rally::v1::GetResponse* response) override;
+  grpc::ServerUnaryReactor* Wait(grpc::CallbackServerContext* ctx,
+                                 const rally::v1::WaitRequest* request,
+                                 rally::v1::WaitResponse* response) override;
+  grpc::ServerUnaryReactor* Add(grpc::CallbackServerContext* ctx,
+                                const rally::v1::AddRequest* request,
+                                rally::v1::AddResponse* response) override;
+  grpc::ServerUnaryReactor* CompareAndSet(grpc::CallbackServerContext* ctx,
+                                          const rally::v1::CompareAndSetRequest* request,
+                                          rally::v1::CompareAndSetResponse* response) override;
+  grpc::ServerUnaryReactor* Delete(grpc::CallbackServerContext* ctx,
+                                   const rally::v1::DeleteRequest* request,
+                                   rally::v1::DeleteResponse* response) override;
+  grpc::ServerUnaryReactor* List(grpc::CallbackServerContext* ctx,
+                                 const rally::v1::ListRequest* request,
+                                 rally::v1::ListResponse* response) override;
+
+ private:
+  class SessionReactor;
+  class WatchReactor;
+  class WaitReactor;
+  friend class SessionReactor;
+  friend class WatchReactor;
+  friend class WaitReactor;
+
+  // Work to do after the lock is released: start writes, finish streams and RPCs.
+  using Deferred = std::vector<std::function<void()>>;
+
+  grpc::Status checkCall(grpc::CallbackServerContext* ctx) const;
+  // checkCall, and UNAVAILABLE once shutting down.
+  grpc::Status admit(grpc::CallbackServerContext* ctx);
+  // Runs `fn` under the lock, then the deferred work it queued.
+  void runLocked(const std::function<void()>& fn);
+  template <typename Fn>
+  grpc::ServerUnaryReactor* unaryCall(grpc::CallbackServerContext* ctx, Fn&& fn);
+
+  // Session events (from reactors).
+  void onAgentMessage(const std::shared_ptr<SessionReactor>& session,
+                      const rally::v1::AgentMessage& message);
+  void onSessionEnded(const std::shared_ptr<SessionReactor>& session, const std::string& cause);
+  void onWatchEnded(WatchReactor* watch);
+
+  // Under the lock.
+  void handleJoin(const std::shared_ptr<SessionReactor>& session, const rally::v1::Join& join);
+  void dropSession(const std::shared_ptr<SessionReactor>& session, grpc::Status status);
+  void deliver(Events events);
+  void broadcastGeneration(const GenerationEvent& event, bool to_members);
+  rally::v1::GenerationEvent currentGenerationLocked() const;
+  void timerLoop();
+
+  const CoordinatorOptions options_;
+  std::mutex mu_;
+  std::condition_variable timer_cv_;
+  bool shutting_down_ = false;
+  std::string shutdown_reason_;
+  Rendezvous rendezvous_;
+  LivenessTracker liveness_;
+  KvStore kv_;
+  Deferred deferred_;
+  std::unordered_map<std::string, std::shared_ptr<SessionReactor>> sessions_by_node_;
+  std::unordered_set<std::shared_ptr<SessionReactor>> sessions_;
+  std::unordered_set<std::shared_ptr<WatchReactor>> watchers_;
+  std::unordered_set<std::string> current_members_;  // of the formed round, for delivery
+  GenerationEvent last_generation_event_;
+  struct WaitDeadline {
+    TimePoint when;
+    KvStore::WaiterId id;
+    Milliseconds timeout;
+    std::string what;  // "keys [a, b] in generation 3"
+    bool operator>(const WaitDeadline& o) const { return when > o.when; }
+  };
+  std::priority_queue<WaitDeadline, std::vector<WaitDeadline>, std::greater<>> wait_deadlines_;
+  std::thread timer_;
+};
+
+}  // namespace rally::coordinator

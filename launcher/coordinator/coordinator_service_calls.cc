@@ -1,0 +1,180 @@
+// The coordinator's unary calls and the generation watch: the key-value store and GetRound.
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "launcher/coordinator/coordinator_service.h"
+#include "launcher/coordinator/internal/reactors.h"
+#include "runtime/rendezvous/grpc_status.h"
+
+namespace rally::coordinator {
+
+namespace v1 = rally::v1;
+using rendezvous::toGrpcStatus;
+
+// Runs one store operation under the service's lock and finishes the call with its status.
+template <typename Fn>
+grpc::ServerUnaryReactor* CoordinatorService::unaryCall(grpc::CallbackServerContext* ctx, Fn&& fn) {
+  auto* reactor = ctx->DefaultReactor();
+  const grpc::Status admitted = admit(ctx);
+  if (!admitted.ok()) {
+    reactor->Finish(admitted);
+    return reactor;
+  }
+  Status status;
+  runLocked([&] { status = fn(); });
+  reactor->Finish(toGrpcStatus(status));
+  return reactor;
+}
+
+grpc::Status CoordinatorService::admit(grpc::CallbackServerContext* ctx) {
+  grpc::Status s = checkCall(ctx);
+  if (!s.ok()) return s;
+  std::lock_guard lock(mu_);
+  if (shutting_down_) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Set(grpc::CallbackServerContext* ctx,
+                                                  const v1::SetRequest* req, v1::SetResponse*) {
+  return unaryCall(ctx,
+                   [&] { return kv_.set(req->generation(), req->key(), req->value()); });
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Get(grpc::CallbackServerContext* ctx,
+                                                  const v1::GetRequest* req,
+                                                  v1::GetResponse* resp) {
+  return unaryCall(ctx, [&]() -> Status {
+    RALLY_ASSIGN_OR_RETURN(auto value, kv_.get(req->generation(), req->key()));
+    resp->set_found(value.has_value());
+    if (value) resp->set_value(std::move(*value));
+    return okStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Add(grpc::CallbackServerContext* ctx,
+                                                  const v1::AddRequest* req,
+                                                  v1::AddResponse* resp) {
+  return unaryCall(ctx, [&]() -> Status {
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t value,
+                           kv_.add(req->generation(), req->key(), req->delta()));
+    resp->set_value(value);
+    return okStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::CompareAndSet(grpc::CallbackServerContext* ctx,
+                                                            const v1::CompareAndSetRequest* req,
+                                                            v1::CompareAndSetResponse* resp) {
+  return unaryCall(ctx, [&]() -> Status {
+    RALLY_ASSIGN_OR_RETURN(CasResult r,
+                           kv_.compareAndSet(req->generation(), req->key(), req->expect_present(),
+                                             req->expected(), req->desired()));
+    resp->set_swapped(r.swapped);
+    resp->set_present(r.present);
+    resp->set_value(std::move(r.value));
+    return okStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Delete(grpc::CallbackServerContext* ctx,
+                                                     const v1::DeleteRequest* req,
+                                                     v1::DeleteResponse* resp) {
+  return unaryCall(ctx, [&]() -> Status {
+    RALLY_ASSIGN_OR_RETURN(const bool existed, kv_.remove(req->generation(), req->key()));
+    resp->set_existed(existed);
+    return okStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::List(grpc::CallbackServerContext* ctx,
+                                                   const v1::ListRequest* req,
+                                                   v1::ListResponse* resp) {
+  return unaryCall(ctx, [&]() -> Status {
+    RALLY_ASSIGN_OR_RETURN(ListResult r, kv_.list(req->generation(), req->prefix(),
+                                                  req->start_after(), req->limit()));
+    for (auto& k : r.keys) resp->add_keys(std::move(k));
+    resp->set_more(r.more);
+    return okStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::GetRound(grpc::CallbackServerContext* ctx,
+                                                       const v1::GetRoundRequest*,
+                                                       v1::RoundInfo* resp) {
+  return unaryCall(ctx, [&]() -> Status {
+    const RoundSnapshot snap = rendezvous_.snapshot();
+    resp->set_generation(snap.generation);
+    resp->set_state(currentGenerationLocked().state());
+    resp->set_waiting(snap.waiting);
+    for (const Member& m : snap.members) {
+      auto* out = resp->add_members();
+      out->set_node_id(m.node_id);
+      out->set_node_rank(m.node_rank);
+      out->set_local_world_size(m.local_world_size);
+      out->set_address(m.address);
+    }
+    return okStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Wait(grpc::CallbackServerContext* ctx,
+                                                   const v1::WaitRequest* req, v1::WaitResponse*) {
+  auto* reactor = new WaitReactor(this);
+  const grpc::Status admitted = admit(ctx);
+  if (!admitted.ok()) {
+    reactor->Finish(admitted);
+    return reactor;
+  }
+  const Milliseconds timeout = req->timeout_ms() != 0 ? Milliseconds(req->timeout_ms())
+                                                      : options_.default_wait_timeout;
+  std::vector<std::string> keys(req->keys().begin(), req->keys().end());
+  const std::string what =
+      fmt::format("keys [{}] in generation {}", fmt::join(keys, ", "), req->generation());
+  runLocked([&] {
+    auto id = kv_.addWaiter(req->generation(), std::move(keys), [this, reactor](Status s) {
+      deferred_.push_back([reactor, g = toGrpcStatus(s)] { reactor->Finish(g); });
+    });
+    if (!id.ok()) {
+      deferred_.push_back([reactor, g = toGrpcStatus(id.status())] { reactor->Finish(g); });
+      return;
+    }
+    if (*id == 0) return;  // every key was there
+    reactor->waiter_ = *id;
+    wait_deadlines_.push(WaitDeadline{Clock::now() + timeout, *id, timeout, what});
+    timer_cv_.notify_one();
+  });
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::GenerationEvent>* CoordinatorService::WatchGeneration(
+    grpc::CallbackServerContext* ctx, const v1::WatchGenerationRequest*) {
+  auto watch = std::make_shared<WatchReactor>(this);
+  watch->begin();
+  const grpc::Status admitted = admit(ctx);
+  if (!admitted.ok()) {
+    watch->finishAfterQueued(admitted);
+    return watch.get();
+  }
+  runLocked([&] {
+    watchers_.insert(watch);
+    watch->enqueue(currentGenerationLocked());
+    deferred_.push_back([watch] { watch->kick(); });
+  });
+  return watch.get();
+}
+
+void CoordinatorService::onWatchEnded(WatchReactor* watch) {
+  runLocked([&] {
+    for (auto it = watchers_.begin(); it != watchers_.end(); ++it) {
+      if (it->get() == watch) {
+        watchers_.erase(it);
+        break;
+      }
+    }
+  });
+}
+
+}  // namespace rally::coordinator

@@ -1,0 +1,52 @@
+// Liveness by heartbeats: which nodes have been silent for longer than the timeout (2 heartbeat
+// intervals). Pure logic: the caller passes `now`.
+//
+//   LivenessTracker live(1s);             // timeout 2s
+//   live.beat("n0", now);
+//   for (auto& id : live.expired(now + 3s)) fail(id);
+//
+// No false failures under load: if the checker itself was not scheduled for a while (a loaded or
+// paused coordinator), that stall is not counted against the nodes, whose heartbeats may simply be
+// queued unread. A stall is any gap between checks longer than `stall_threshold`.
+//
+// Thread-safety: none; the owner serialises calls.
+#pragma once
+
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "launcher/coordinator/rendezvous.h"
+
+namespace rally::coordinator {
+
+class LivenessTracker {
+ public:
+  explicit LivenessTracker(Milliseconds heartbeat_interval);
+
+  Milliseconds interval() const { return interval_; }
+  Milliseconds timeout() const { return timeout_; }
+  // How often expired() should be called for detection within the timeout plus one period.
+  Milliseconds checkPeriod() const { return check_period_; }
+
+  void beat(const std::string& node_id, TimePoint now);
+  void remove(const std::string& node_id);
+  // Nodes silent for longer than the timeout; they are removed from tracking.
+  std::vector<std::string> expired(TimePoint now);
+  size_t size() const { return nodes_.size(); }
+
+ private:
+  struct Entry {
+    TimePoint last_beat;
+    Clock::duration stalled_at_beat;  // total stall when the beat was seen
+  };
+  Milliseconds interval_;
+  Milliseconds timeout_;
+  Milliseconds check_period_;
+  Milliseconds stall_threshold_;
+  std::unordered_map<std::string, Entry> nodes_;
+  std::optional<TimePoint> last_check_;
+  Clock::duration stalled_{0};  // total time the checker was stalled beyond its period
+};
+
+}  // namespace rally::coordinator

@@ -1,0 +1,91 @@
+// An agent's session with the coordinator: one stream for the node's life. It joins, heartbeats,
+// and receives the coordinator's pushes (Welcome, RoundFormed, generation changes, nodes waiting,
+// Shutdown) in order. A broken stream is how the coordinator learns at once that a node died.
+//
+//   RALLY_ASSIGN_OR_RETURN(auto session, AgentSession::open(conn, {.node_id = "n0", .job_id = "j",
+//       .min_nodes = 2, .max_nodes = 4, .local_world_size = 8, .address = "10.0.0.5"}));
+//   RALLY_ASSIGN_OR_RETURN(auto msg, session->waitFor(
+//       [](const auto& m) { return m.has_round_formed(); }, 60s));
+//   int node_rank = msg.round_formed().node_rank();
+//
+// Heartbeats are sent by a thread of the session at the interval the coordinator asks for, unless
+// AgentSessionOptions::auto_heartbeat is false (then the owner calls heartbeat(), as the benchmark
+// does for thousands of simulated agents).
+//
+// Thread-safety: all methods are thread-safe. on_message runs on a gRPC thread and must not block.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "runtime/rendezvous/coordinator_client.h"
+#include "runtime/rendezvous/internal/inbox.h"
+
+namespace rally::rendezvous {
+
+struct JoinInfo {
+  std::string node_id;
+  std::string job_id;
+  std::uint32_t min_nodes = 0;  // 0 with max 0: the coordinator's --nnodes
+  std::uint32_t max_nodes = 0;
+  std::uint32_t local_world_size = 1;
+  std::string address;
+};
+
+struct AgentSessionOptions {
+  bool auto_heartbeat = true;
+  // If set, messages go here instead of the inbox that next()/waitFor() read.
+  std::function<void(const rally::v1::CoordinatorMessage&)> on_message;
+  // Called once when the stream ends, with its status.
+  std::function<void(const Status&)> on_end;
+};
+
+class AgentSession {
+ public:
+  static Result<std::unique_ptr<AgentSession>> open(std::shared_ptr<CoordinatorConnection> conn,
+                                                    JoinInfo join, AgentSessionOptions options = {});
+  // Cancels the stream if it is still open and waits for it to end.
+  ~AgentSession();
+  AgentSession(const AgentSession&) = delete;
+  AgentSession& operator=(const AgentSession&) = delete;
+
+  Result<rally::v1::CoordinatorMessage> next(Milliseconds timeout);
+  Result<rally::v1::CoordinatorMessage> waitFor(
+      const std::function<bool(const rally::v1::CoordinatorMessage&)>& pred, Milliseconds timeout);
+
+  void heartbeat();
+  // Leaves the job gracefully and half-closes the stream.
+  void leave(const std::string& reason);
+  void requestReform(const std::string& reason);
+  void close(const std::string& reason);
+  // Ends the stream abruptly, as a crash would.
+  void cancel();
+
+  bool ended() const { return inbox_.ended(); }
+  // The stream's final status once it has ended (waits at most `timeout`).
+  std::optional<Status> endStatus(Milliseconds timeout = Milliseconds(0)) const;
+  const JoinInfo& joinInfo() const { return join_; }
+
+ private:
+  class Reactor;
+  AgentSession(std::shared_ptr<CoordinatorConnection> conn, JoinInfo join,
+               AgentSessionOptions options);
+  void send(rally::v1::AgentMessage message);
+  void heartbeatLoop();
+  void setInterval(std::uint64_t ms);
+
+  std::shared_ptr<CoordinatorConnection> conn_;
+  JoinInfo join_;
+  AgentSessionOptions options_;
+  internal::Inbox<rally::v1::CoordinatorMessage> inbox_;
+  std::unique_ptr<Reactor> reactor_;
+  std::mutex hb_mu_;
+  std::condition_variable hb_cv_;
+  bool stopping_ = false;
+  Milliseconds heartbeat_interval_{1000};
+  std::thread heartbeat_thread_;
+};
+
+}  // namespace rally::rendezvous

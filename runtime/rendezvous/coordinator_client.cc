@@ -1,0 +1,220 @@
+#include "runtime/rendezvous/coordinator_client.h"
+
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include <fmt/format.h>
+#include <grpcpp/create_channel.h>
+
+#include "runtime/rendezvous/grpc_status.h"
+
+namespace rally::rendezvous {
+
+namespace v1 = rally::v1;
+
+Result<ClientOptions> ClientOptions::fromTunables(const Tunables& t, std::string endpoint,
+                                                  std::string token) {
+  ClientOptions o;
+  o.endpoint = std::move(endpoint);
+  o.token = std::move(token);
+  RALLY_ASSIGN_OR_RETURN(o.rpc_timeout, t.duration("rpc_timeout"));
+  RALLY_ASSIGN_OR_RETURN(o.connect_timeout, t.duration("connect_timeout"));
+  RALLY_ASSIGN_OR_RETURN(o.max_message_bytes, t.bytes("max_message_bytes"));
+  return o;
+}
+
+Result<std::string> readTokenFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return errnoStatus(fmt::format("cannot read the token file {}", path), errno);
+  std::string line;
+  std::getline(in, line);
+  const auto b = line.find_first_not_of(" \t\r\n");
+  const auto e = line.find_last_not_of(" \t\r\n");
+  if (b == std::string::npos) {
+    return invalidArgument(fmt::format("the token file {} is empty: it must hold the job token",
+                                       path));
+  }
+  return line.substr(b, e - b + 1);
+}
+
+CoordinatorConnection::CoordinatorConnection(ClientOptions options)
+    : options_(std::move(options)) {}
+
+Result<std::shared_ptr<CoordinatorConnection>> CoordinatorConnection::open(ClientOptions options) {
+  if (options.endpoint.empty() || options.endpoint.find(':') == std::string::npos) {
+    return invalidArgument(fmt::format(
+        "coordinator endpoint '{}' is not HOST:PORT (for example 127.0.0.1:29400)",
+        options.endpoint));
+  }
+  if (options.token.empty()) {
+    return invalidArgument("no job token for the coordinator: give the coordinator's token file");
+  }
+  std::shared_ptr<CoordinatorConnection> conn(new CoordinatorConnection(std::move(options)));
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(static_cast<int>(conn->options_.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(conn->options_.max_message_bytes));
+  // Reconnect quickly after a coordinator restart: the default backoff grows to 120 s.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  if (conn->options_.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  conn->channel_ = grpc::CreateCustomChannel(conn->options_.endpoint,
+                                             grpc::InsecureChannelCredentials(), args);
+  conn->stub_ = v1::Coordinator::NewStub(conn->channel_);
+  return conn;
+}
+
+void CoordinatorConnection::prepareContext(grpc::ClientContext* ctx, Milliseconds timeout) const {
+  ctx->AddMetadata(std::string(kTokenMetadataKey), options_.token);
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    (timeout.count() > 0 ? timeout : options_.rpc_timeout));
+  ctx->set_wait_for_ready(true);
+}
+
+std::unique_ptr<grpc::ClientContext> CoordinatorConnection::newContext(Milliseconds timeout) const {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  prepareContext(ctx.get(), timeout);
+  return ctx;
+}
+
+Result<v1::RoundInfo> CoordinatorConnection::getRound() {
+  v1::RoundInfo info;
+  RALLY_RETURN_IF_ERROR(internal::callWithRetry(*this, "GetRound", true, [&](auto* ctx) {
+    return stub_->GetRound(ctx, v1::GetRoundRequest(), &info);
+  }));
+  return info;
+}
+
+namespace internal {
+
+Status callWithRetry(const CoordinatorConnection& conn, std::string_view what, bool idempotent,
+                     const std::function<grpc::Status(grpc::ClientContext*)>& call,
+                     Milliseconds timeout) {
+  const auto give_up = std::chrono::steady_clock::now() + conn.options().connect_timeout;
+  thread_local std::minstd_rand rng(std::random_device{}());
+  Milliseconds backoff(50);
+  for (int attempt = 1;; ++attempt) {
+    grpc::ClientContext ctx;
+    conn.prepareContext(&ctx, timeout);
+    const grpc::Status s = call(&ctx);
+    if (s.ok()) return okStatus();
+    const bool retryable = idempotent && s.error_code() == grpc::StatusCode::UNAVAILABLE;
+    if (!retryable || std::chrono::steady_clock::now() + backoff > give_up) {
+      Status out = fromGrpcStatus(s, what);
+      if (attempt > 1) out.addContext(fmt::format("after {} attempts", attempt));
+      return out.addContext(fmt::format("coordinator {}", conn.options().endpoint));
+    }
+    const auto jitter = Milliseconds(std::uniform_int_distribution<int>(
+        0, static_cast<int>(backoff.count() / 2))(rng));
+    std::this_thread::sleep_for(backoff + jitter);
+    backoff = std::min(backoff * 2, Milliseconds(2000));
+  }
+}
+
+}  // namespace internal
+
+StoreClient::StoreClient(std::shared_ptr<CoordinatorConnection> connection)
+    : conn_(std::move(connection)) {}
+
+StoreClient::StoreClient(std::shared_ptr<CoordinatorConnection> c, std::string prefix,
+                         std::uint64_t gen)
+    : conn_(std::move(c)), prefix_(std::move(prefix)), generation_(gen) {}
+
+StoreClient StoreClient::scoped(const std::string& prefix, std::uint64_t generation) const {
+  return StoreClient(conn_, prefix_ + prefix, generation);
+}
+
+Status StoreClient::set(const std::string& key, const std::string& value) {
+  v1::SetRequest req;
+  req.set_generation(generation_);
+  req.set_key(full(key));
+  req.set_value(value);
+  v1::SetResponse resp;
+  return internal::callWithRetry(*conn_, fmt::format("Set('{}')", req.key()), true, [&](auto* ctx) {
+    return conn_->stub().Set(ctx, req, &resp);
+  });
+}
+
+Result<std::optional<std::string>> StoreClient::get(const std::string& key) {
+  v1::GetRequest req;
+  req.set_generation(generation_);
+  req.set_key(full(key));
+  v1::GetResponse resp;
+  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
+      *conn_, fmt::format("Get('{}')", req.key()), true,
+      [&](auto* ctx) { return conn_->stub().Get(ctx, req, &resp); }));
+  if (!resp.found()) return std::optional<std::string>();
+  return std::optional<std::string>(std::move(*resp.mutable_value()));
+}
+
+Status StoreClient::wait(const std::vector<std::string>& keys, Milliseconds timeout) {
+  v1::WaitRequest req;
+  req.set_generation(generation_);
+  for (const auto& k : keys) req.add_keys(full(k));
+  req.set_timeout_ms(static_cast<std::uint64_t>(timeout.count()));
+  v1::WaitResponse resp;
+  // The server enforces `timeout`; the call's own deadline leaves it room to answer.
+  return internal::callWithRetry(
+      *conn_, fmt::format("Wait({} key(s))", keys.size()), true,
+      [&](auto* ctx) { return conn_->stub().Wait(ctx, req, &resp); },
+      timeout + Milliseconds(5000));
+}
+
+Result<std::int64_t> StoreClient::add(const std::string& key, std::int64_t delta) {
+  v1::AddRequest req;
+  req.set_generation(generation_);
+  req.set_key(full(key));
+  req.set_delta(delta);
+  v1::AddResponse resp;
+  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
+      *conn_, fmt::format("Add('{}')", req.key()), false,
+      [&](auto* ctx) { return conn_->stub().Add(ctx, req, &resp); }));
+  return resp.value();
+}
+
+Result<CompareAndSetResult> StoreClient::compareAndSet(const std::string& key,
+                                                       const std::optional<std::string>& expected,
+                                                       const std::string& desired) {
+  v1::CompareAndSetRequest req;
+  req.set_generation(generation_);
+  req.set_key(full(key));
+  req.set_expect_present(expected.has_value());
+  if (expected) req.set_expected(*expected);
+  req.set_desired(desired);
+  v1::CompareAndSetResponse resp;
+  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
+      *conn_, fmt::format("CompareAndSet('{}')", req.key()), false,
+      [&](auto* ctx) { return conn_->stub().CompareAndSet(ctx, req, &resp); }));
+  return CompareAndSetResult{resp.swapped(), resp.present(), std::move(*resp.mutable_value())};
+}
+
+Result<bool> StoreClient::remove(const std::string& key) {
+  v1::DeleteRequest req;
+  req.set_generation(generation_);
+  req.set_key(full(key));
+  v1::DeleteResponse resp;
+  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
+      *conn_, fmt::format("Delete('{}')", req.key()), true,
+      [&](auto* ctx) { return conn_->stub().Delete(ctx, req, &resp); }));
+  return resp.existed();
+}
+
+Result<std::vector<std::string>> StoreClient::list(const std::string& prefix) {
+  std::vector<std::string> keys;
+  v1::ListRequest req;
+  req.set_generation(generation_);
+  req.set_prefix(full(prefix));
+  for (;;) {
+    v1::ListResponse resp;
+    RALLY_RETURN_IF_ERROR(internal::callWithRetry(
+        *conn_, fmt::format("List('{}')", req.prefix()), true,
+        [&](auto* ctx) { return conn_->stub().List(ctx, req, &resp); }));
+    for (const auto& k : resp.keys()) keys.push_back(k.substr(prefix_.size()));
+    if (!resp.more() || resp.keys().empty()) break;
+    req.set_start_after(resp.keys(resp.keys_size() - 1));
+  }
+  return keys;
+}
+
+}  // namespace rally::rendezvous

@@ -1,0 +1,123 @@
+// The client side of rally's coordinator: a connection (channel + job token + deadlines) and the
+// key-value store over it. Used by agents, by workers through librally, and by tools.
+//
+//   RALLY_ASSIGN_OR_RETURN(auto conn, CoordinatorConnection::open({.endpoint = "10.0.0.1:29400",
+//                                                                  .token = token}));
+//   StoreClient store(conn);                            // the job scope
+//   StoreClient gen = store.scoped("gloo/", generation);  // keys dropped when the generation ends
+//   RALLY_RETURN_IF_ERROR(gen.set("rank0/addr", addr));
+//   RALLY_RETURN_IF_ERROR(gen.wait({"rank1/addr"}, 10s));
+//
+// Deadlines: every call has one (ClientOptions::rpc_timeout unless given). Calls wait for the
+// connection to come up within their deadline (gRPC's wait-for-ready), so a coordinator that is still
+// starting is not an error. Retries: calls that are safe to repeat (get, set, wait, delete, list)
+// are retried with exponential backoff and jitter when the connection breaks mid-call, for at most
+// ClientOptions::connect_timeout; add and compare-and-set are never retried, since a lost reply
+// does not tell whether they took effect.
+//
+// Thread-safety: CoordinatorConnection and StoreClient are thread-safe.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <grpcpp/channel.h>
+
+#include "kernels/base/status.h"
+#include "kernels/base/tunables.h"
+#include "rally/v1/coordinator.grpc.pb.h"
+
+namespace rally::rendezvous {
+
+struct ClientOptions {
+  std::string endpoint;  // host:port
+  std::string token;
+  Milliseconds rpc_timeout{30'000};
+  Milliseconds connect_timeout{60'000};
+  std::int64_t max_message_bytes = 4 << 20;
+  // Each connection gets its own TCP connection (instead of sharing one per process with other
+  // connections to the same endpoint), as separate agents would.
+  bool dedicated_connection = false;
+
+  // rpc_timeout, connect_timeout and max_message_bytes from the tunables.
+  static Result<ClientOptions> fromTunables(const Tunables& tunables, std::string endpoint,
+                                            std::string token);
+};
+
+// Reads a job token from a file: the first line, without surrounding whitespace; empty is an error.
+Result<std::string> readTokenFile(const std::string& path);
+
+class CoordinatorConnection {
+ public:
+  static Result<std::shared_ptr<CoordinatorConnection>> open(ClientOptions options);
+
+  const ClientOptions& options() const { return options_; }
+  rally::v1::Coordinator::Stub& stub() { return *stub_; }
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+  // A context with the token and a deadline `timeout` from now (rpc_timeout if zero).
+  std::unique_ptr<grpc::ClientContext> newContext(Milliseconds timeout = Milliseconds(0)) const;
+  void prepareContext(grpc::ClientContext* ctx, Milliseconds timeout = Milliseconds(0)) const;
+
+  Result<rally::v1::RoundInfo> getRound();
+
+ private:
+  explicit CoordinatorConnection(ClientOptions options);
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<rally::v1::Coordinator::Stub> stub_;
+};
+
+struct CompareAndSetResult {
+  bool swapped = false;
+  bool present = false;
+  std::string value;  // the key's value now
+};
+
+class StoreClient {
+ public:
+  explicit StoreClient(std::shared_ptr<CoordinatorConnection> connection);
+
+  // A view whose keys all start with `prefix` (added to this view's) in `generation` (0: the job
+  // scope, kept for the job's life; otherwise the current generation, dropped when it ends).
+  StoreClient scoped(const std::string& prefix, std::uint64_t generation) const;
+  std::uint64_t generation() const { return generation_; }
+  const std::string& prefix() const { return prefix_; }
+
+  Status set(const std::string& key, const std::string& value);
+  // The value, or nullopt if the key does not exist.
+  Result<std::optional<std::string>> get(const std::string& key);
+  // Blocks until every key exists. Timeout after `timeout`; Aborted if the generation ends first.
+  Status wait(const std::vector<std::string>& keys, Milliseconds timeout);
+  // Adds `delta` to an integer key (created at 0) and returns the new value. Not retried.
+  Result<std::int64_t> add(const std::string& key, std::int64_t delta);
+  // Sets `desired` if the key holds `expected` (or, with expected = nullopt, if it is absent).
+  // Not retried.
+  Result<CompareAndSetResult> compareAndSet(const std::string& key,
+                                            const std::optional<std::string>& expected,
+                                            const std::string& desired);
+  // True if the key existed.
+  Result<bool> remove(const std::string& key);
+  // Every key under `prefix` in this view (keys returned without the view's prefix), in order.
+  Result<std::vector<std::string>> list(const std::string& prefix = "");
+
+ private:
+  StoreClient(std::shared_ptr<CoordinatorConnection> c, std::string prefix, std::uint64_t gen);
+  std::string full(const std::string& key) const { return prefix_ + key; }
+
+  std::shared_ptr<CoordinatorConnection> conn_;
+  std::string prefix_;
+  std::uint64_t generation_ = 0;
+};
+
+namespace internal {
+// Runs `call` (which returns a grpc::Status) with retries for idempotent calls, as described above.
+Status callWithRetry(const CoordinatorConnection& conn, std::string_view what, bool idempotent,
+                     const std::function<grpc::Status(grpc::ClientContext*)>& call,
+                     Milliseconds timeout = Milliseconds(0));
+}  // namespace internal
+
+}  // namespace rally::rendezvous

@@ -1,0 +1,19 @@
+// Conversions between rally::Status and grpc::Status, shared by the coordinator (server) and its
+// clients, and the metadata key that carries the job token.
+#pragma once
+
+#include <string_view>
+
+#include <grpcpp/support/status.h>
+
+#include "kernels/base/status.h"
+
+namespace rally::rendezvous {
+
+inline constexpr std::string_view kTokenMetadataKey = "x-rally-token";
+
+grpc::Status toGrpcStatus(const Status& status);
+// `what` names the call for context: "Set('a')".
+Status fromGrpcStatus(const grpc::Status& status, std::string_view what);
+
+}  // namespace rally::rendezvous

@@ -1,0 +1,388 @@
+// The round state machine as pure logic: min/max, last call, late joiners, failures during and
+// between rounds, duplicate ids, rejoin, rank stability, join timeout, closing.
+#include "launcher/coordinator/rendezvous.h"
+
+#include <gtest/gtest.h>
+
+#include <set>
+
+namespace rally::coordinator {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+class RendezvousTest : public ::testing::Test {
+ protected:
+  void make(std::uint32_t min, std::uint32_t max, milliseconds last_call = milliseconds(2000),
+            milliseconds join_timeout = seconds(600)) {
+    rdzv_ = std::make_unique<Rendezvous>(RendezvousOptions{"job", min, max, last_call,
+                                                           join_timeout});
+  }
+  NodeInfo node(const std::string& id, std::uint32_t lws = 1) {
+    return NodeInfo{id, "job", 0, 0, lws, id + ".host"};
+  }
+  Result<JoinOutcome> join(const std::string& id, std::uint32_t lws = 1) {
+    return rdzv_->join(node(id, lws), now_, &events_);
+  }
+  template <typename T>
+  std::vector<T> take() {
+    std::vector<T> out;
+    for (auto& e : events_) {
+      if (auto* p = std::get_if<T>(&e)) out.push_back(*p);
+    }
+    return out;
+  }
+  std::vector<RoundFormedEvent> formed() { return take<RoundFormedEvent>(); }
+  std::map<std::string, std::uint32_t> ranks() {
+    std::map<std::string, std::uint32_t> out;
+    for (const Member& m : rdzv_->snapshot().members) out[m.node_id] = m.node_rank;
+    return out;
+  }
+
+  std::unique_ptr<Rendezvous> rdzv_;
+  TimePoint now_ = TimePoint() + seconds(1000);
+  Events events_;
+};
+
+TEST_F(RendezvousTest, FormsAtOnceWhenMaxJoin) {
+  make(2, 3);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  EXPECT_TRUE(formed().empty()) << "MIN reached: the last call must run first";
+  ASSERT_TRUE(join("c").ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 1u);
+  EXPECT_EQ(f[0].members.size(), 3u);
+  EXPECT_EQ(rdzv_->state(), RoundState::kFormed);
+}
+
+TEST_F(RendezvousTest, LastCallClosesRoundAfterMinReached) {
+  make(2, 4, milliseconds(500));
+  ASSERT_TRUE(join("a").ok());
+  now_ += milliseconds(100);
+  ASSERT_TRUE(join("b").ok());
+  ASSERT_TRUE(rdzv_->nextDeadline().has_value());
+  EXPECT_EQ(*rdzv_->nextDeadline(), now_ + milliseconds(500));
+  rdzv_->tick(now_ + milliseconds(499), &events_);
+  EXPECT_TRUE(formed().empty());
+  now_ += milliseconds(200);
+  ASSERT_TRUE(join("c").ok());  // joins inside the last call window: included
+  rdzv_->tick(now_ + milliseconds(300), &events_);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].members.size(), 3u);
+}
+
+TEST_F(RendezvousTest, BelowMinNeverForms) {
+  make(3, 3);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  rdzv_->tick(now_ + seconds(60), &events_);
+  EXPECT_TRUE(formed().empty());
+  EXPECT_EQ(rdzv_->state(), RoundState::kWaiting);
+  EXPECT_EQ(rdzv_->generation(), 0u);
+}
+
+TEST_F(RendezvousTest, LateJoinersAreHeldForTheNextRound) {
+  make(2, 3);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  rdzv_->tick(now_ + seconds(3), &events_);
+  ASSERT_EQ(formed().size(), 1u);
+  events_.clear();
+  auto late = join("c");
+  ASSERT_TRUE(late.ok());
+  EXPECT_TRUE(late->waiting);
+  EXPECT_TRUE(formed().empty()) << "a formed round is closed to newcomers";
+  auto waiting = take<NodesWaitingEvent>();
+  ASSERT_EQ(waiting.size(), 1u);
+  EXPECT_EQ(waiting[0].count, 1u);
+  EXPECT_EQ(rdzv_->snapshot().members.size(), 2u);
+  EXPECT_EQ(rdzv_->generation(), 1u);
+
+  // A member asks for a new round (at a commit point): the held node comes in.
+  events_.clear();
+  ASSERT_TRUE(rdzv_->requestReform("a", "admit waiting nodes", now_, &events_).ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 2u);
+  EXPECT_EQ(f[0].members.size(), 3u);
+}
+
+TEST_F(RendezvousTest, HeldNodesBeyondMaxStayHeld) {
+  make(1, 2);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  ASSERT_EQ(formed().size(), 1u);
+  ASSERT_TRUE(join("c").ok());
+  ASSERT_TRUE(join("d").ok());
+  events_.clear();
+  rdzv_->leave("b", "lost: stream broken", true, now_, &events_);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  ASSERT_EQ(f[0].members.size(), 2u);
+  EXPECT_EQ(f[0].members[0].node_id, "a");
+  EXPECT_EQ(f[0].members[1].node_id, "c") << "the earliest held node is admitted first";
+  EXPECT_EQ(rdzv_->snapshot().waiting, 1u);
+}
+
+TEST_F(RendezvousTest, FailureOfMemberMovesGenerationAndReformsAtOnce) {
+  make(2, 4, milliseconds(500));
+  for (auto id : {"a", "b", "c", "d"}) ASSERT_TRUE(join(id).ok());
+  ASSERT_EQ(rdzv_->generation(), 1u);
+  const auto before = ranks();
+  events_.clear();
+  rdzv_->leave("b", "lost: stream broken", true, now_, &events_);
+  auto gens = take<GenerationEvent>();
+  ASSERT_GE(gens.size(), 2u);
+  EXPECT_EQ(gens[0].generation, 2u);
+  EXPECT_EQ(gens[0].state, RoundState::kReforming);
+  EXPECT_EQ(gens[0].failed_node, "b");
+  EXPECT_NE(gens[0].cause.find("stream broken"), std::string::npos);
+  // No last call on a re-form: everyone who can come is here.
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 2u);
+  EXPECT_EQ(f[0].members.size(), 3u);
+  const auto after = ranks();
+  EXPECT_EQ(after.at("a"), before.at("a"));
+  EXPECT_EQ(after.at("c"), before.at("c"));
+  EXPECT_EQ(after.at("d"), 1u) << "the node whose rank no longer exists takes the freed rank";
+}
+
+TEST_F(RendezvousTest, BelowMinAfterFailureWaitsForReplacement) {
+  make(3, 3);
+  for (auto id : {"a", "b", "c"}) ASSERT_TRUE(join(id).ok());
+  events_.clear();
+  rdzv_->leave("c", "lost: no heartbeat", true, now_, &events_);
+  EXPECT_TRUE(formed().empty());
+  EXPECT_EQ(rdzv_->state(), RoundState::kReforming);
+  EXPECT_EQ(rdzv_->generation(), 2u);
+  ASSERT_TRUE(join("c2").ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u) << "MIN = MAX: the replacement completes the round at once";
+  EXPECT_EQ(f[0].generation, 2u) << "the generation moved once, at the failure";
+  EXPECT_EQ(ranks().at("c2"), 2u);
+}
+
+TEST_F(RendezvousTest, FailureDuringGatheringDoesNotMoveGeneration) {
+  make(3, 3);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  rdzv_->leave("b", "lost: stream broken", true, now_, &events_);
+  EXPECT_TRUE(take<GenerationEvent>().empty());
+  EXPECT_EQ(rdzv_->snapshot().gathering, 1u);
+  ASSERT_TRUE(join("b").ok()) << "a failed node may rejoin under its id";
+  ASSERT_TRUE(join("c").ok());
+  EXPECT_EQ(formed().size(), 1u);
+  EXPECT_EQ(rdzv_->generation(), 1u);
+}
+
+TEST_F(RendezvousTest, FailureDuringLastCallBelowMinCancelsIt) {
+  make(2, 4, milliseconds(500));
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  rdzv_->leave("a", "lost", true, now_, &events_);
+  rdzv_->tick(now_ + seconds(1), &events_);
+  EXPECT_TRUE(formed().empty());
+  ASSERT_TRUE(join("c").ok());
+  rdzv_->tick(now_ + milliseconds(499), &events_);
+  EXPECT_TRUE(formed().empty()) << "the last call restarts when MIN is reached again";
+  rdzv_->tick(now_ + milliseconds(500), &events_);
+  EXPECT_EQ(formed().size(), 1u);
+}
+
+TEST_F(RendezvousTest, TwoFailuresInARow) {
+  make(1, 4);
+  for (auto id : {"a", "b", "c", "d"}) ASSERT_TRUE(join(id).ok());
+  rdzv_->leave("a", "lost", true, now_, &events_);
+  rdzv_->leave("d", "lost", true, now_, &events_);
+  EXPECT_EQ(rdzv_->generation(), 3u);
+  const auto r = ranks();
+  ASSERT_EQ(r.size(), 2u);
+  std::set<std::uint32_t> got{r.at("b"), r.at("c")};
+  EXPECT_EQ(got, (std::set<std::uint32_t>{0, 1}));
+  EXPECT_EQ(r.at("b"), 1u) << "b keeps rank 1";
+}
+
+TEST_F(RendezvousTest, DuplicateNodeIdIsRefusedWhileLive) {
+  make(2, 2);
+  ASSERT_TRUE(join("a").ok());
+  auto dup = join("a");
+  ASSERT_FALSE(dup.ok());
+  EXPECT_EQ(dup.status().code(), StatusCode::kAlreadyExists);
+  EXPECT_NE(dup.status().message().find("'a'"), std::string::npos);
+  EXPECT_EQ(rdzv_->snapshot().gathering, 1u) << "the refused join changed nothing";
+}
+
+TEST_F(RendezvousTest, RejoinAfterFailureKeepsRank) {
+  make(3, 3);
+  for (auto id : {"a", "b", "c"}) ASSERT_TRUE(join(id).ok());
+  const auto before = ranks();
+  rdzv_->leave("a", "lost", true, now_, &events_);
+  ASSERT_TRUE(join("a").ok());
+  EXPECT_EQ(ranks(), before) << "the same nodes get the same ranks";
+  EXPECT_EQ(rdzv_->generation(), 2u);
+}
+
+TEST_F(RendezvousTest, RanksStayStableAcrossRoundsAndFillGaps) {
+  make(1, 8);
+  for (auto id : {"a", "b", "c", "d", "e"}) ASSERT_TRUE(join(id).ok());
+  rdzv_->tick(now_ + seconds(3), &events_);
+  const auto first = ranks();
+  EXPECT_EQ(first.at("a"), 0u);
+  EXPECT_EQ(first.at("e"), 4u);
+  rdzv_->leave("b", "lost", true, now_, &events_);  // ranks 0,2,3 keep; e (4) -> 1
+  auto r = ranks();
+  EXPECT_EQ(r.at("a"), 0u);
+  EXPECT_EQ(r.at("c"), 2u);
+  EXPECT_EQ(r.at("d"), 3u);
+  EXPECT_EQ(r.at("e"), 1u);
+  ASSERT_TRUE(join("f").ok());
+  ASSERT_TRUE(rdzv_->requestReform("a", "grow", now_, &events_).ok());
+  r = ranks();
+  EXPECT_EQ(r.at("a"), 0u);
+  EXPECT_EQ(r.at("e"), 1u);
+  EXPECT_EQ(r.at("c"), 2u);
+  EXPECT_EQ(r.at("d"), 3u);
+  EXPECT_EQ(r.at("f"), 4u) << "a newcomer takes the next free rank";
+}
+
+TEST_F(RendezvousTest, AssignRanksIsAPermutation) {
+  std::vector<NodeInfo> nodes;
+  std::unordered_map<std::string, std::uint32_t> prev;
+  for (int i = 0; i < 50; ++i) {
+    nodes.push_back(node("n" + std::to_string(i)));
+    if (i % 3 == 0) prev["n" + std::to_string(i)] = static_cast<std::uint32_t>((i * 7) % 80);
+  }
+  const auto members = Rendezvous::assignRanks(nodes, prev);
+  std::set<std::uint32_t> seen;
+  for (std::size_t i = 0; i < members.size(); ++i) {
+    EXPECT_EQ(members[i].node_rank, i);
+    seen.insert(members[i].node_rank);
+    auto p = prev.find(members[i].node_id);
+    if (p != prev.end() && p->second < 50) EXPECT_EQ(members[i].node_rank, p->second);
+  }
+  EXPECT_EQ(seen.size(), 50u);
+}
+
+TEST_F(RendezvousTest, JoinTimeoutFailsTheJobWithAClearReason) {
+  make(3, 3, milliseconds(500), seconds(10));
+  ASSERT_TRUE(join("a").ok());
+  rdzv_->tick(now_ + seconds(9), &events_);
+  EXPECT_TRUE(take<DismissEvent>().empty());
+  rdzv_->tick(now_ + seconds(10), &events_);
+  auto dismissed = take<DismissEvent>();
+  ASSERT_EQ(dismissed.size(), 1u);
+  EXPECT_TRUE(dismissed[0].job_failed);
+  EXPECT_NE(dismissed[0].reason.find("1 of the 3"), std::string::npos) << dismissed[0].reason;
+  EXPECT_EQ(rdzv_->state(), RoundState::kClosed);
+  EXPECT_EQ(join("b").status().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST_F(RendezvousTest, CloseRefusesLaterJoinsAndDismissesHeldNodes) {
+  make(1, 1);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());  // held
+  events_.clear();
+  ASSERT_TRUE(rdzv_->close("a", "training done", &events_).ok());
+  auto dismissed = take<DismissEvent>();
+  ASSERT_EQ(dismissed.size(), 1u);
+  EXPECT_EQ(dismissed[0].node_id, "b");
+  EXPECT_FALSE(dismissed[0].job_failed);
+  auto late = join("c");
+  EXPECT_EQ(late.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(late.status().message().find("closed"), std::string::npos);
+  EXPECT_EQ(rdzv_->close("zzz", "x", &events_).code(), StatusCode::kOk) << "closing twice is fine";
+}
+
+TEST_F(RendezvousTest, OnlyMembersMayRequestReformOrClose) {
+  make(1, 1);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());  // held
+  EXPECT_EQ(rdzv_->requestReform("b", "x", now_, &events_).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(rdzv_->close("b", "x", &events_).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(rdzv_->requestReform("nobody", "x", now_, &events_).code(),
+            StatusCode::kFailedPrecondition);
+}
+
+TEST_F(RendezvousTest, BadJoinsAreRefusedWithReasons) {
+  make(2, 4);
+  NodeInfo n = node("");
+  auto r = rdzv_->join(n, now_, &events_);
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("empty node id"), std::string::npos);
+
+  n = node("x", 0);
+  EXPECT_NE(rdzv_->join(n, now_, &events_).status().message().find("local_world_size 0"),
+            std::string::npos);
+
+  n = node("x");
+  n.job_id = "other";
+  r = rdzv_->join(n, now_, &events_);
+  EXPECT_NE(r.status().message().find("--rdzv-id"), std::string::npos) << r.status().message();
+
+  n = node("x");
+  n.min_nodes = 1;
+  n.max_nodes = 8;
+  r = rdzv_->join(n, now_, &events_);
+  EXPECT_NE(r.status().message().find("1:8"), std::string::npos);
+  EXPECT_NE(r.status().message().find("2:4"), std::string::npos);
+
+  n = node("x");
+  n.min_nodes = 3;
+  n.max_nodes = 2;
+  EXPECT_EQ(rdzv_->join(n, now_, &events_).status().code(), StatusCode::kInvalidArgument);
+
+  n = node(std::string(300, 'x'));
+  EXPECT_EQ(rdzv_->join(n, now_, &events_).status().code(), StatusCode::kInvalidArgument);
+  n = node("bad\nid");
+  EXPECT_EQ(rdzv_->join(n, now_, &events_).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(rdzv_->snapshot().gathering, 0u) << "no refused join left a trace";
+}
+
+TEST_F(RendezvousTest, CountsAndJobIdComeFromFirstJoinWhenUnset) {
+  rdzv_ = std::make_unique<Rendezvous>(RendezvousOptions{});
+  NodeInfo n = node("a");
+  auto r = rdzv_->join(n, now_, &events_);
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << "no counts anywhere";
+  n.min_nodes = 2;
+  n.max_nodes = 2;
+  n.job_id = "j1";
+  ASSERT_TRUE(rdzv_->join(n, now_, &events_).ok());
+  NodeInfo m = node("b");
+  m.job_id = "j2";
+  EXPECT_EQ(rdzv_->join(m, now_, &events_).status().code(), StatusCode::kInvalidArgument);
+  m.job_id = "j1";  // counts omitted: the job's are used
+  ASSERT_TRUE(rdzv_->join(m, now_, &events_).ok());
+  EXPECT_EQ(rdzv_->state(), RoundState::kFormed);
+}
+
+TEST_F(RendezvousTest, HeldNodeLeavingUpdatesWaitingCount) {
+  make(1, 1);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  events_.clear();
+  rdzv_->leave("b", "left", false, now_, &events_);
+  auto waiting = take<NodesWaitingEvent>();
+  ASSERT_EQ(waiting.size(), 1u);
+  EXPECT_EQ(waiting[0].count, 0u);
+  EXPECT_EQ(rdzv_->generation(), 1u) << "a held node leaving changes no membership";
+}
+
+TEST_F(RendezvousTest, AllMembersLostThenJoinTimeoutCloses) {
+  make(1, 2, milliseconds(100), seconds(5));
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  rdzv_->leave("a", "lost", true, now_, &events_);
+  rdzv_->leave("b", "lost", true, now_, &events_);
+  EXPECT_EQ(rdzv_->state(), RoundState::kReforming);
+  rdzv_->tick(now_ + seconds(5), &events_);
+  EXPECT_EQ(rdzv_->state(), RoundState::kClosed);
+}
+
+}  // namespace
+}  // namespace rally::coordinator
