@@ -57,7 +57,7 @@ Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::start(CoordinatorO
         target));
   }
   server->service_->start();
-  rally::log::get("coordinator")->info("listening on {}", server->address());
+  rally::log::get("rendezvous")->info("listening on {}", server->address());
   return server;
 }
 
@@ -70,8 +70,8 @@ void CoordinatorServer::shutdown(const std::string& reason, Milliseconds grace) 
   std::lock_guard lock(mu_);
   if (stopped_) return;
   stopped_ = true;
-  service_->shutdown(reason);
-  server_->Shutdown(std::chrono::system_clock::now() + grace);
+  if (service_) service_->shutdown(reason);
+  if (server_) server_->Shutdown(std::chrono::system_clock::now() + grace);
 }
 
 CoordinatorServer::~CoordinatorServer() { shutdown("the coordinator is stopping"); }

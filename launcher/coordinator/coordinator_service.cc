@@ -92,11 +92,11 @@ void CoordinatorService::shutdown(const std::string& reason) {
     if (shutting_down_) return;
     shutting_down_ = true;
     shutdown_reason_ = reason;
-    rally::log::get("coordinator")->info("shutting down: {}", reason);
+    rally::log::get("rendezvous")->info("shutting down: {}", reason);
     v1::CoordinatorMessage msg;
     msg.mutable_shutdown()->set_reason(reason);
-    const grpc::Status gone(grpc::StatusCode::UNAVAILABLE,
-                            fmt::format("the coordinator shut down: {}", reason));
+    const grpc::Status gone = rendezvous::finalStatus(
+        grpc::StatusCode::UNAVAILABLE, fmt::format("the coordinator shut down: {}", reason));
     for (const auto& s : sessions_) {
       s->enqueue(msg);
       deferred_.push_back([s, gone] { s->finishAfterQueued(gone); });
@@ -125,8 +125,9 @@ grpc::ServerBidiReactor<v1::AgentMessage, v1::CoordinatorMessage>* CoordinatorSe
   if (admitted.ok()) {
     std::lock_guard lock(mu_);
     if (shutting_down_) {
-      admitted = grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                              fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
+      admitted = rendezvous::finalStatus(
+          grpc::StatusCode::UNAVAILABLE,
+          fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
     } else {
       sessions_.insert(session);
     }
@@ -156,7 +157,7 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
         return;
       case v1::AgentMessage::kLeave: {
         const std::string id = session->node_id;
-        rally::log::get("coordinator")->info("node '{}' left: {}", id, message.leave().reason());
+        rally::log::get("rendezvous")->info("node '{}' left: {}", id, message.leave().reason());
         dropSession(session, grpc::Status::OK);
         rendezvous_.leave(id, fmt::format("left: {}", message.leave().reason()), false, now,
                           &events);
@@ -165,12 +166,12 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
       case v1::AgentMessage::kRequestReform: {
         const Status s = rendezvous_.requestReform(session->node_id,
                                                    message.request_reform().reason(), now, &events);
-        if (!s.ok()) rally::log::get("coordinator")->debug("re-form ignored: {}", s.message());
+        if (!s.ok()) rally::log::get("rendezvous")->debug("re-form ignored: {}", s.message());
         break;
       }
       case v1::AgentMessage::kClose: {
         const Status s = rendezvous_.close(session->node_id, message.close().reason(), &events);
-        if (!s.ok()) rally::log::get("coordinator")->warn("close ignored: {}", s.message());
+        if (!s.ok()) rally::log::get("rendezvous")->warn("close ignored: {}", s.message());
         break;
       }
       case v1::AgentMessage::KIND_NOT_SET:
@@ -209,14 +210,14 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
   Events events;
   auto admitted = rendezvous_.join(info, now, &events);
   if (!admitted.ok()) {
-    rally::log::get("coordinator")->warn("join refused: {}", admitted.status().message());
+    rally::log::get("rendezvous")->warn("join refused: {}", admitted.status().message());
     dropSession(session, toGrpcStatus(admitted.status()));
     return;
   }
   session->node_id = info.node_id;
   sessions_by_node_[info.node_id] = session;
   liveness_.beat(info.node_id, now);
-  rally::log::get("coordinator")->debug("node '{}' joined ({} worker(s), {})", info.node_id,
+  rally::log::get("rendezvous")->debug("node '{}' joined ({} worker(s), {})", info.node_id,
                                         info.local_world_size,
                                         admitted->waiting ? "held for the next round" : "gathering");
   const RoundSnapshot snap = rendezvous_.snapshot();
@@ -254,7 +255,7 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
     sessions_by_node_.erase(it);
     liveness_.remove(session->node_id);
     if (shutting_down_) return;
-    rally::log::get("coordinator")->warn("node '{}' {}", session->node_id, cause);
+    rally::log::get("rendezvous")->warn("node '{}' {}", session->node_id, cause);
     Events events;
     rendezvous_.leave(session->node_id, cause, true, Clock::now(), &events);
     deliver(std::move(events));
@@ -265,7 +266,7 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
 // ---- Event delivery (under the lock) -------------------------------------------------------------
 
 void CoordinatorService::deliver(Events events) {
-  auto log = rally::log::get("coordinator");
+  auto log = rally::log::get("rendezvous");
   for (Event& event : events) {
     if (auto* formed = std::get_if<RoundFormedEvent>(&event)) {
       std::uint32_t world = 0;
@@ -356,7 +357,7 @@ void CoordinatorService::timerLoop() {
       if (it == sessions_by_node_.end()) continue;
       const auto session = it->second;
       const std::string silence = formatDuration(liveness_.timeout());
-      rally::log::get("coordinator")->warn("node '{}' lost: no heartbeat for {}", id, silence);
+      rally::log::get("rendezvous")->warn("node '{}' lost: no heartbeat for {}", id, silence);
       dropSession(session, grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                         fmt::format("no heartbeat for {}: the coordinator "
                                                     "declared this node failed",

@@ -31,8 +31,9 @@ grpc::Status CoordinatorService::admit(grpc::CallbackServerContext* ctx) {
   if (!s.ok()) return s;
   std::lock_guard lock(mu_);
   if (shutting_down_) {
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                        fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
+    return rendezvous::finalStatus(
+        grpc::StatusCode::UNAVAILABLE,
+        fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
   }
   return grpc::Status::OK;
 }
@@ -135,7 +136,11 @@ grpc::ServerUnaryReactor* CoordinatorService::Wait(grpc::CallbackServerContext* 
       fmt::format("keys [{}] in generation {}", fmt::join(keys, ", "), req->generation());
   runLocked([&] {
     auto id = kv_.addWaiter(req->generation(), std::move(keys), [this, reactor](Status s) {
-      deferred_.push_back([reactor, g = toGrpcStatus(s)] { reactor->Finish(g); });
+      // Runs under the lock: the store calls back from inside the operation that decided.
+      grpc::Status g = shutting_down_ ? rendezvous::finalStatus(grpc::StatusCode::UNAVAILABLE,
+                                                                s.message())
+                                      : toGrpcStatus(s);
+      deferred_.push_back([reactor, g] { reactor->Finish(g); });
     });
     if (!id.ok()) {
       deferred_.push_back([reactor, g = toGrpcStatus(id.status())] { reactor->Finish(g); });

@@ -97,9 +97,18 @@ Status callWithRetry(const CoordinatorConnection& conn, std::string_view what, b
   for (int attempt = 1;; ++attempt) {
     grpc::ClientContext ctx;
     conn.prepareContext(&ctx, timeout);
+    // A retry waits for the coordinator to come back, but not past the retry budget.
+    if (attempt > 1) {
+      const auto budget_left = std::chrono::duration_cast<std::chrono::system_clock::duration>(
+          give_up - std::chrono::steady_clock::now());
+      if (ctx.deadline() > std::chrono::system_clock::now() + budget_left) {
+        ctx.set_deadline(std::chrono::system_clock::now() + budget_left);
+      }
+    }
     const grpc::Status s = call(&ctx);
     if (s.ok()) return okStatus();
-    const bool retryable = idempotent && s.error_code() == grpc::StatusCode::UNAVAILABLE;
+    const bool retryable =
+        idempotent && s.error_code() == grpc::StatusCode::UNAVAILABLE && !isFinal(s);
     if (!retryable || std::chrono::steady_clock::now() + backoff > give_up) {
       Status out = fromGrpcStatus(s, what);
       if (attempt > 1) out.addContext(fmt::format("after {} attempts", attempt));

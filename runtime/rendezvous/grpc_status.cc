@@ -24,6 +24,16 @@ grpc::Status toGrpcStatus(const Status& s) {
   return grpc::Status(code, s.message());
 }
 
+namespace {
+constexpr char kFinalMarker[] = "rally:final";
+}  // namespace
+
+grpc::Status finalStatus(grpc::StatusCode code, const std::string& message) {
+  return grpc::Status(code, message, kFinalMarker);
+}
+
+bool isFinal(const grpc::Status& status) { return status.error_details() == kFinalMarker; }
+
 Status fromGrpcStatus(const grpc::Status& s, std::string_view what) {
   if (s.ok()) return okStatus();
   StatusCode code = StatusCode::kInternal;

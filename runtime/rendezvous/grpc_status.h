@@ -13,6 +13,11 @@ namespace rally::rendezvous {
 inline constexpr std::string_view kTokenMetadataKey = "x-rally-token";
 
 grpc::Status toGrpcStatus(const Status& status);
+
+// A status the coordinator sends when it is shutting down: clients must not retry it (the same call
+// would only wait for a coordinator that is gone). Marked in the status's error details.
+grpc::Status finalStatus(grpc::StatusCode code, const std::string& message);
+bool isFinal(const grpc::Status& status);
 // `what` names the call for context: "Set('a')".
 Status fromGrpcStatus(const grpc::Status& status, std::string_view what);
 

@@ -1,0 +1,82 @@
+// A coordinator served over loopback inside the test process, with helpers to reach it.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+
+#include "launcher/coordinator/coordinator_server.h"
+#include "runtime/rendezvous/agent_session.h"
+#include "runtime/rendezvous/coordinator_client.h"
+#include "runtime/rendezvous/generation_watcher.h"
+
+namespace rally::testing {
+
+inline constexpr char kToken[] = "test-token-0123456789";
+
+class CoordinatorFixture : public ::testing::Test {
+ protected:
+  // Short intervals so that tests run fast; the defaults are in the tunables registry.
+  static coordinator::CoordinatorOptions defaultOptions() {
+    coordinator::CoordinatorOptions o;
+    o.token = kToken;
+    o.rendezvous.job_id = "job";
+    o.rendezvous.min_nodes = 1;
+    o.rendezvous.max_nodes = 4;
+    o.rendezvous.last_call = Milliseconds(200);
+    o.heartbeat_interval = Milliseconds(200);
+    return o;
+  }
+
+  void startServer(coordinator::CoordinatorOptions options = defaultOptions(),
+                   std::int64_t max_message_bytes = 4 << 20) {
+    options_ = options;
+    auto s = coordinator::CoordinatorServer::start(
+        std::move(options), {.host = "127.0.0.1", .port = 0,
+                             .max_message_bytes = max_message_bytes});
+    ASSERT_TRUE(s.ok()) << s.status().toString();
+    server_ = std::move(*s);
+    endpoint_ = "127.0.0.1:" + std::to_string(server_->port());
+  }
+
+  void SetUp() override { startServer(); }
+  void TearDown() override {
+    if (server_) server_->shutdown("test over", Milliseconds(500));
+  }
+
+  std::shared_ptr<rendezvous::CoordinatorConnection> connect(const std::string& token = kToken,
+                                                             bool dedicated = false) {
+    rendezvous::ClientOptions o;
+    o.endpoint = endpoint_;
+    o.token = token;
+    o.rpc_timeout = Milliseconds(5000);
+    o.connect_timeout = Milliseconds(5000);
+    o.dedicated_connection = dedicated;
+    auto c = rendezvous::CoordinatorConnection::open(o);
+    EXPECT_TRUE(c.ok()) << c.status().toString();
+    return *c;
+  }
+
+  std::unique_ptr<rendezvous::AgentSession> join(const std::string& node_id,
+                                                 std::uint32_t lws = 1,
+                                                 rendezvous::AgentSessionOptions opts = {}) {
+    auto s = rendezvous::AgentSession::open(
+        connect(kToken, /*dedicated=*/true),
+        {.node_id = node_id, .job_id = "job", .local_world_size = lws,
+         .address = node_id + ".local"},
+        std::move(opts));
+    EXPECT_TRUE(s.ok()) << s.status().toString();
+    return std::move(*s);
+  }
+
+  static bool isRoundFormed(const rally::v1::CoordinatorMessage& m) {
+    return m.has_round_formed();
+  }
+
+  coordinator::CoordinatorOptions options_;
+  std::unique_ptr<coordinator::CoordinatorServer> server_;
+  std::string endpoint_;
+};
+
+}  // namespace rally::testing

@@ -1,0 +1,479 @@
+// The coordinator service over loopback: auth, every store operation, concurrency, waits, limits,
+// rendezvous, liveness (broken streams and missed heartbeats), load, shutdown.
+#include <grpcpp/generic/generic_stub.h>
+
+#include <atomic>
+#include <thread>
+
+#include "tests/integration/coordinator/coordinator_fixture.h"
+
+namespace rally::testing {
+namespace {
+
+namespace v1 = rally::v1;
+using rendezvous::AgentSession;
+using rendezvous::GenerationWatcher;
+using rendezvous::StoreClient;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+long long msSince(Clock::time_point t) {
+  return std::chrono::duration_cast<milliseconds>(Clock::now() - t).count();
+}
+
+class ServiceTest : public CoordinatorFixture {};
+
+TEST_F(ServiceTest, MissingOrWrongTokenIsRefusedAndChangesNothing) {
+  auto conn = connect();
+  grpc::ClientContext ctx;  // no token
+  ctx.set_deadline(std::chrono::system_clock::now() + milliseconds(5000));
+  v1::SetRequest req;
+  req.set_key("k");
+  req.set_value("v");
+  v1::SetResponse resp;
+  const grpc::Status raw = conn->stub().Set(&ctx, req, &resp);
+  EXPECT_EQ(raw.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_NE(raw.error_message().find("missing job token"), std::string::npos);
+
+  StoreClient wrong(connect("not-the-token"));
+  const Status s = wrong.set("k", "v");
+  EXPECT_EQ(s.code(), StatusCode::kUnauthenticated);
+  EXPECT_NE(s.message().find("wrong job token"), std::string::npos) << s.message();
+  EXPECT_EQ(wrong.add("n", 1).status().code(), StatusCode::kUnauthenticated);
+
+  auto session = AgentSession::open(connect("not-the-token", true),
+                                    {.node_id = "intruder", .job_id = "job"});
+  ASSERT_TRUE(session.ok());
+  auto end = (*session)->endStatus(milliseconds(5000));
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(end->code(), StatusCode::kUnauthenticated);
+
+  StoreClient good(connect());
+  EXPECT_FALSE(good.get("k")->has_value()) << "a refused call changed the store";
+  EXPECT_FALSE(good.get("n")->has_value());
+  EXPECT_EQ(server_->service().stats().sessions, 0u);
+  EXPECT_EQ(server_->service().stats().generation, 0u);
+}
+
+TEST_F(ServiceTest, EveryStoreOperation) {
+  StoreClient store(connect());
+  ASSERT_TRUE(store.set("a", "1").ok());
+  EXPECT_EQ(**store.get("a"), "1");
+  EXPECT_FALSE(store.get("b")->has_value());
+  EXPECT_EQ(*store.add("counter", 3), 3);
+  EXPECT_EQ(*store.add("counter", 4), 7);
+  auto cas = store.compareAndSet("lock", std::nullopt, "owner-1");
+  ASSERT_TRUE(cas.ok());
+  EXPECT_TRUE(cas->swapped);
+  cas = store.compareAndSet("lock", std::nullopt, "owner-2");
+  EXPECT_FALSE(cas->swapped);
+  EXPECT_EQ(cas->value, "owner-1");
+  cas = store.compareAndSet("lock", std::string("owner-1"), "owner-2");
+  EXPECT_TRUE(cas->swapped);
+  EXPECT_TRUE(*store.remove("a"));
+  EXPECT_FALSE(*store.remove("a"));
+
+  StoreClient scoped = store.scoped("group/", 0);
+  for (int i = 0; i < 1500; ++i) ASSERT_TRUE(scoped.set("k" + std::to_string(i), "v").ok());
+  auto keys = scoped.list();
+  ASSERT_TRUE(keys.ok());
+  EXPECT_EQ(keys->size(), 1500u) << "listing pages through more than one response";
+  EXPECT_EQ(keys->front(), "k0") << "keys come back without the view's prefix";
+  EXPECT_EQ(store.list("group/k149")->size(), 11u);
+  EXPECT_TRUE(store.wait({"counter", "lock"}, milliseconds(1000)).ok());
+}
+
+TEST_F(ServiceTest, ConcurrentAddAndCompareAndSetFromManyClients) {
+  constexpr int kClients = 8, kAdds = 50, kCas = 20;
+  std::vector<std::thread> threads;
+  std::atomic<int> cas_retries{0};
+  for (int c = 0; c < kClients; ++c) {
+    threads.emplace_back([&] {
+      StoreClient store(connect(kToken, /*dedicated=*/true));
+      for (int i = 0; i < kAdds; ++i) ASSERT_TRUE(store.add("sum", 1).ok());
+      for (int i = 0; i < kCas; ++i) {
+        for (;;) {  // a correct read-modify-write through compare-and-set
+          auto cur = store.get("cas");
+          ASSERT_TRUE(cur.ok());
+          const std::optional<std::string> expected = *cur;
+          const int next = expected ? std::stoi(*expected) + 1 : 1;
+          auto r = store.compareAndSet("cas", expected, std::to_string(next));
+          ASSERT_TRUE(r.ok());
+          if (r->swapped) break;
+          ++cas_retries;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  StoreClient store(connect());
+  EXPECT_EQ(**store.get("sum"), std::to_string(kClients * kAdds));
+  EXPECT_EQ(**store.get("cas"), std::to_string(kClients * kCas)) << "no lost update";
+}
+
+TEST_F(ServiceTest, WaitTimesOutSucceedsAndIsAbortedByGenerationEnd) {
+  StoreClient store(connect());
+  auto t0 = Clock::now();
+  const Status timed_out = store.wait({"never"}, milliseconds(300));
+  EXPECT_EQ(timed_out.code(), StatusCode::kTimeout);
+  EXPECT_NE(timed_out.message().find("never"), std::string::npos) << timed_out.message();
+  EXPECT_GE(msSince(t0), 290);
+  EXPECT_LT(msSince(t0), 3000);
+
+  std::thread setter([&] {
+    std::this_thread::sleep_for(milliseconds(100));
+    StoreClient other(connect(kToken, true));
+    ASSERT_TRUE(other.set("later", "x").ok());
+  });
+  EXPECT_TRUE(store.wait({"later"}, milliseconds(5000)).ok());
+  setter.join();
+
+  // A wait in generation 1 ends at once (Aborted) when the generation moves.
+  auto a = join("a");
+  auto b = join("b");
+  for (auto* s : {a.get(), b.get()}) ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  ASSERT_EQ(server_->service().stats().generation, 1u);
+  StoreClient gen1 = store.scoped("boot/", 1);
+  ASSERT_TRUE(gen1.set("rank0", "addr").ok());
+  Status aborted_wait;
+  std::thread waiter([&] { aborted_wait = gen1.wait({"rank1"}, milliseconds(10000)); });
+  std::this_thread::sleep_for(milliseconds(200));
+  t0 = Clock::now();
+  b->cancel();
+  waiter.join();
+  EXPECT_EQ(aborted_wait.code(), StatusCode::kAborted) << aborted_wait.toString();
+  EXPECT_LT(msSince(t0), 2000);
+  EXPECT_EQ(gen1.get("rank0").status().code(), StatusCode::kAborted)
+      << "generation 1's keys were dropped";
+  EXPECT_FALSE(store.scoped("boot/", 2).get("rank0")->has_value());
+}
+
+TEST_F(ServiceTest, KeyAndValueLimitsNameTheLimit) {
+  StoreClient store(connect());
+  const Status big_value = store.set("k", std::string(2 << 20, 'x'));
+  EXPECT_EQ(big_value.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(big_value.message().find("max_value_bytes"), std::string::npos) << big_value.message();
+  const Status big_key = store.set(std::string(2000, 'k'), "v");
+  EXPECT_EQ(big_key.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(big_key.message().find("max_key_bytes"), std::string::npos);
+}
+
+TEST_F(ServiceTest, KeyCountAndMessageSizeLimits) {
+  server_->shutdown("restart with small limits");
+  auto options = defaultOptions();
+  options.kv.max_keys = 10;
+  options.kv.max_value_bytes = 1 << 20;
+  startServer(options, /*max_message_bytes=*/64 << 10);
+  StoreClient store(connect());
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(store.set("k" + std::to_string(i), "v").ok());
+  const Status full = store.set("k10", "v");
+  EXPECT_EQ(full.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(full.message().find("max_keys = 10"), std::string::npos) << full.message();
+  ASSERT_TRUE(store.remove("k0").ok());
+  EXPECT_TRUE(store.set("k10", "v").ok()) << "room again after a delete";
+
+  const Status oversized = store.set("k1", std::string(100 << 10, 'x'));
+  EXPECT_EQ(oversized.code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(**store.get("k1"), "v") << "the oversized message changed nothing";
+}
+
+TEST_F(ServiceTest, RoundFormsWithRanksOffsetsAndMaster) {
+  server_->shutdown("restart with 3 nodes");
+  auto options = defaultOptions();
+  options.rendezvous.min_nodes = options.rendezvous.max_nodes = 3;
+  startServer(options);
+  auto watcher = GenerationWatcher::start(connect());
+  ASSERT_TRUE(watcher.ok());
+  std::vector<std::unique_ptr<AgentSession>> sessions;
+  const std::uint32_t lws[] = {2, 1, 3};
+  for (int i = 0; i < 3; ++i) sessions.push_back(join("node" + std::to_string(i), lws[i]));
+  std::map<std::uint32_t, v1::RoundFormed> by_rank;
+  for (auto& s : sessions) {
+    auto welcome = s->next(milliseconds(5000));
+    ASSERT_TRUE(welcome.ok()) << welcome.status().toString();
+    EXPECT_TRUE(welcome->has_welcome());
+    EXPECT_EQ(welcome->welcome().heartbeat_interval_ms(), 200u);
+    auto formed = s->waitFor(isRoundFormed, milliseconds(5000));
+    ASSERT_TRUE(formed.ok()) << formed.status().toString();
+    by_rank[formed->round_formed().node_rank()] = formed->round_formed();
+  }
+  ASSERT_EQ(by_rank.size(), 3u);
+  std::uint32_t offset = 0;
+  auto info = connect()->getRound();
+  ASSERT_TRUE(info.ok());
+  ASSERT_EQ(info->members_size(), 3);
+  for (std::uint32_t r = 0; r < 3; ++r) {
+    const auto& f = by_rank.at(r);
+    EXPECT_EQ(f.generation(), 1u);
+    EXPECT_EQ(f.num_nodes(), 3u);
+    EXPECT_EQ(f.world_size(), 6u);
+    EXPECT_EQ(f.rank_offset(), offset);
+    EXPECT_EQ(f.master_address(), info->members(0).address());
+    EXPECT_EQ(info->members(static_cast<int>(r)).node_rank(), r);
+    offset += info->members(static_cast<int>(r)).local_world_size();
+  }
+  auto formed_event = (*watcher)->waitFor(
+      [](const v1::GenerationEvent& e) { return e.state() == v1::GenerationEvent::FORMED; },
+      milliseconds(5000));
+  ASSERT_TRUE(formed_event.ok());
+  EXPECT_EQ(formed_event->num_nodes(), 3u);
+}
+
+TEST_F(ServiceTest, BrokenStreamMovesGenerationAtOnce) {
+  auto watcher = GenerationWatcher::start(connect());
+  ASSERT_TRUE(watcher.ok());
+  std::vector<std::unique_ptr<AgentSession>> s;
+  for (int i = 0; i < 4; ++i) s.push_back(join("n" + std::to_string(i)));
+  for (auto& x : s) ASSERT_TRUE(x->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  const auto t0 = Clock::now();
+  s[2]->cancel();
+  auto ev = (*watcher)->waitFor(
+      [](const v1::GenerationEvent& e) { return e.state() == v1::GenerationEvent::REFORMING; },
+      milliseconds(5000));
+  ASSERT_TRUE(ev.ok()) << ev.status().toString();
+  const auto latency = msSince(t0);
+  EXPECT_EQ(ev->generation(), 2u);
+  EXPECT_EQ(ev->failed_node(), "n2");
+  EXPECT_NE(ev->cause().find("stream"), std::string::npos) << ev->cause();
+  EXPECT_LT(latency, 1000) << "a broken stream is a failure at once, not at a heartbeat timeout";
+  // The survivors get the new round (generation 2, 3 nodes) pushed.
+  for (int i : {0, 1, 3}) {
+    auto f = s[i]->waitFor(
+        [](const v1::CoordinatorMessage& m) {
+          return m.has_round_formed() && m.round_formed().generation() == 2;
+        },
+        milliseconds(5000));
+    ASSERT_TRUE(f.ok());
+    EXPECT_EQ(f->round_formed().num_nodes(), 3u);
+  }
+}
+
+TEST_F(ServiceTest, MissedHeartbeatsAreAFailureWithinTwoIntervals) {
+  auto watcher = GenerationWatcher::start(connect());
+  ASSERT_TRUE(watcher.ok());
+  auto alive = join("alive");
+  rendezvous::AgentSessionOptions silent_opts;
+  silent_opts.auto_heartbeat = false;
+  auto silent = join("silent", 1, silent_opts);
+  ASSERT_TRUE(silent->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  const auto joined = Clock::now();  // the join was its last sign of life
+  auto ev = (*watcher)->waitFor(
+      [](const v1::GenerationEvent& e) { return e.state() == v1::GenerationEvent::REFORMING; },
+      milliseconds(5000));
+  ASSERT_TRUE(ev.ok()) << ev.status().toString();
+  const auto latency = msSince(joined);
+  EXPECT_EQ(ev->failed_node(), "silent");
+  EXPECT_NE(ev->cause().find("no heartbeat"), std::string::npos);
+  EXPECT_LE(latency, 2 * 200 + 300) << "detected within 2 intervals (+ check period and slack)";
+  auto end = silent->endStatus(milliseconds(5000));
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(end->code(), StatusCode::kUnavailable);
+  EXPECT_NE(end->message().find("declared this node failed"), std::string::npos);
+}
+
+TEST_F(ServiceTest, NoFalseFailuresUnderCpuLoad) {
+  auto watcher = GenerationWatcher::start(connect());
+  ASSERT_TRUE(watcher.ok());
+  std::vector<std::unique_ptr<AgentSession>> s;
+  for (int i = 0; i < 3; ++i) s.push_back(join("n" + std::to_string(i)));
+  for (auto& x : s) ASSERT_TRUE(x->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> burners;
+  const unsigned n = std::max(2u, std::thread::hardware_concurrency());
+  for (unsigned i = 0; i < n; ++i) {
+    burners.emplace_back([&] {
+      volatile std::uint64_t x = 0;
+      while (!stop.load(std::memory_order_relaxed)) x = x + 1;
+    });
+  }
+  // 15 heartbeat intervals with every core busy.
+  auto ev = (*watcher)->waitFor(
+      [](const v1::GenerationEvent& e) { return e.state() == v1::GenerationEvent::REFORMING; },
+      milliseconds(3000));
+  stop = true;
+  for (auto& t : burners) t.join();
+  EXPECT_EQ(ev.status().code(), StatusCode::kTimeout)
+      << "false failure under load: " << (ev.ok() ? ev->cause() : ev.status().toString());
+  EXPECT_EQ(server_->service().stats().generation, 1u);
+}
+
+TEST_F(ServiceTest, LateJoinerIsHeldAndAdmittedOnRequest) {
+  server_->shutdown("restart");
+  auto options = defaultOptions();
+  options.rendezvous.min_nodes = 1;
+  options.rendezvous.max_nodes = 3;
+  options.rendezvous.last_call = Milliseconds(100);
+  startServer(options);
+  auto a = join("a");
+  ASSERT_TRUE(a->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  auto b = join("b");
+  auto welcome = b->next(milliseconds(5000));
+  ASSERT_TRUE(welcome.ok());
+  EXPECT_TRUE(welcome->welcome().waiting());
+  auto waiting = a->waitFor([](const auto& m) { return m.has_nodes_waiting(); },
+                            milliseconds(5000));
+  ASSERT_TRUE(waiting.ok());
+  EXPECT_EQ(waiting->nodes_waiting().count(), 1u);
+  a->requestReform("admit the waiting node");
+  auto fb = b->waitFor(isRoundFormed, milliseconds(5000));
+  ASSERT_TRUE(fb.ok());
+  EXPECT_EQ(fb->round_formed().generation(), 2u);
+  EXPECT_EQ(fb->round_formed().num_nodes(), 2u);
+  EXPECT_EQ(fb->round_formed().node_rank(), 1u);
+}
+
+TEST_F(ServiceTest, ShutdownTellsEveryClient) {
+  auto a = join("a");
+  ASSERT_TRUE(a->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  auto watcher = GenerationWatcher::start(connect());
+  ASSERT_TRUE(watcher.ok());
+  ASSERT_TRUE((*watcher)->next(milliseconds(5000)).ok());
+  StoreClient store(connect());
+  Status wait_status;
+  std::thread waiter([&] { wait_status = store.wait({"never"}, milliseconds(20000)); });
+  std::this_thread::sleep_for(milliseconds(200));
+  const auto t0 = Clock::now();
+  server_->shutdown("maintenance");
+  auto msg = a->waitFor([](const auto& m) { return m.has_shutdown(); }, milliseconds(5000));
+  ASSERT_TRUE(msg.ok()) << msg.status().toString();
+  EXPECT_EQ(msg->shutdown().reason(), "maintenance");
+  waiter.join();
+  EXPECT_EQ(wait_status.code(), StatusCode::kUnavailable);
+  EXPECT_NE(wait_status.message().find("maintenance"), std::string::npos);
+  EXPECT_LT(msSince(t0), 3000) << "clients are told, not left to time out";
+  auto end = (*watcher)->next(milliseconds(5000));
+  EXPECT_EQ(end.status().code(), StatusCode::kUnavailable);
+}
+
+// ---- Bad input ----------------------------------------------------------------------------------
+
+grpc::Status rawUnary(rendezvous::CoordinatorConnection& conn, const std::string& method,
+                      const std::string& bytes, std::string* reply) {
+  grpc::GenericStub stub(conn.channel());
+  grpc::ClientContext ctx;
+  conn.prepareContext(&ctx, milliseconds(5000));
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status result;
+  stub.UnaryCall(&ctx, method, grpc::StubOptions(), &request, &response, [&](grpc::Status s) {
+    std::lock_guard lock(mu);
+    result = s;
+    done = true;
+    cv.notify_all();
+  });
+  std::unique_lock lock(mu);
+  cv.wait(lock, [&] { return done; });
+  if (reply != nullptr && result.ok()) {
+    std::vector<grpc::Slice> slices;
+    (void)response.Dump(&slices);
+    reply->clear();
+    for (auto& s : slices) reply->append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return result;
+}
+
+TEST_F(ServiceTest, MalformedRequestIsRefusedAndServerKeepsServing) {
+  auto conn = connect();
+  const grpc::Status st =
+      rawUnary(*conn, "/rally.v1.Coordinator/Set", std::string("\xff\xff\xff\xff\x0f", 5), nullptr);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.error_code(), grpc::StatusCode::UNAVAILABLE) << "the server must not fall over";
+  StoreClient store(conn);
+  EXPECT_TRUE(store.set("still", "serving").ok());
+}
+
+TEST_F(ServiceTest, UnknownFieldsAreIgnored) {
+  auto conn = connect();
+  v1::SetRequest req;
+  req.set_key("fwd");
+  req.set_value("compatible");
+  std::string bytes = req.SerializeAsString();
+  bytes += std::string("\xf8\x06\x2a", 3);  // field 111, varint 42: from a newer client
+  ASSERT_TRUE(rawUnary(*conn, "/rally.v1.Coordinator/Set", bytes, nullptr).ok());
+  EXPECT_EQ(**StoreClient(conn).get("fwd"), "compatible");
+}
+
+grpc::Status rawSession(rendezvous::CoordinatorConnection& conn,
+                        const std::vector<v1::AgentMessage>& messages) {
+  grpc::ClientContext ctx;
+  conn.prepareContext(&ctx, milliseconds(5000));
+  auto stream = conn.stub().Session(&ctx);
+  for (const auto& m : messages) stream->Write(m);
+  stream->WritesDone();
+  v1::CoordinatorMessage in;
+  while (stream->Read(&in)) {
+  }
+  return stream->Finish();
+}
+
+TEST_F(ServiceTest, BadSessionMessagesGetClearErrors) {
+  auto conn = connect();
+  v1::AgentMessage empty;  // a kind this coordinator does not know (or none)
+  grpc::Status st = rawSession(*conn, {empty});
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+
+  v1::AgentMessage join;
+  join.mutable_join()->set_node_id("x");
+  join.mutable_join()->set_job_id("job");
+  join.mutable_join()->set_local_world_size(1);
+  st = rawSession(*conn, {join, empty});
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("rally.v1"), std::string::npos) << st.error_message();
+
+  v1::AgentMessage hb;
+  hb.mutable_heartbeat();
+  st = rawSession(*conn, {hb});
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(st.error_message().find("first message"), std::string::npos);
+
+  v1::AgentMessage join2 = join;
+  join2.mutable_join()->set_node_id("y");
+  st = rawSession(*conn, {join2, join2});
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(st.error_message().find("already joined"), std::string::npos);
+
+  v1::AgentMessage wrong_job = join;
+  wrong_job.mutable_join()->set_node_id("z");
+  wrong_job.mutable_join()->set_job_id("another-job");
+  st = rawSession(*conn, {wrong_job});
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("another-job"), std::string::npos);
+}
+
+TEST_F(ServiceTest, FloodOfJoinsFromOneNodeIdAdmitsOne) {
+  constexpr int kFlood = 40;
+  std::vector<std::unique_ptr<AgentSession>> flood;
+  auto conn = connect(kToken, true);
+  for (int i = 0; i < kFlood; ++i) {
+    auto s = AgentSession::open(conn, {.node_id = "same", .job_id = "job"});
+    ASSERT_TRUE(s.ok());
+    flood.push_back(std::move(*s));
+  }
+  int admitted = 0, refused = 0;
+  for (auto& s : flood) {
+    auto m = s->next(milliseconds(5000));
+    if (m.ok() && m->has_welcome()) {
+      ++admitted;
+    } else {
+      auto end = s->endStatus(milliseconds(5000));
+      ASSERT_TRUE(end.has_value());
+      EXPECT_EQ(end->code(), StatusCode::kAlreadyExists) << end->toString();
+      ++refused;
+    }
+  }
+  EXPECT_EQ(admitted, 1);
+  EXPECT_EQ(refused, kFlood - 1);
+  EXPECT_EQ(server_->service().stats().sessions, 1u);
+  for (auto& s : flood) {
+    if (!s->ended()) ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  }
+  EXPECT_EQ(server_->service().stats().generation, 1u) << "the flood moved no generation";
+  EXPECT_TRUE(StoreClient(connect()).set("responsive", "yes").ok());
+}
+
+}  // namespace
+}  // namespace rally::testing
