@@ -12,7 +12,7 @@ constexpr TunableSpec kSpecs[] = {
     {"log_level", "RALLY_LOG_LEVEL", TunableKind::kString, "info",
      "log level, optionally per subsystem: 'info,coordinator=debug,agent=warn'"},
     {"heartbeat_interval", "RALLY_HEARTBEAT_INTERVAL", TunableKind::kDuration, "1s",
-     "how often agents heartbeat; a node silent for 2 intervals is declared failed"},
+     "heartbeat interval: agents beat twice per interval; a silent node is failed within 2 intervals"},
     {"last_call", "RALLY_LAST_CALL", TunableKind::kDuration, "2s",
      "once MIN nodes have joined a first round, how long to wait for more before it closes"},
     {"join_timeout", "RALLY_JOIN_TIMEOUT", TunableKind::kDuration, "600s",

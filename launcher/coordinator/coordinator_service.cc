@@ -15,6 +15,10 @@ using rendezvous::toGrpcStatus;
 
 namespace {
 
+// Keys for coalescing queued messages (OutboundStream): a newer one replaces an unsent older one.
+constexpr int kRoundKey = 1;    // RoundFormed and GenerationEvent: only the newest state matters
+constexpr int kWaitingKey = 2;  // NodesWaiting: only the newest count matters
+
 v1::GenerationEvent::State toProtoState(RoundState s) {
   switch (s) {
     case RoundState::kWaiting: return v1::GenerationEvent::WAITING;
@@ -31,7 +35,8 @@ v1::GenerationEvent toProto(const GenerationEvent& e) {
   out.set_state(toProtoState(e.state));
   out.set_num_nodes(e.num_nodes);
   out.set_cause(e.cause);
-  out.set_failed_node(e.failed_node);
+  if (!e.failed_nodes.empty()) out.set_failed_node(e.failed_nodes.front());
+  for (const auto& id : e.failed_nodes) out.add_failed_nodes(id);
   return out;
 }
 
@@ -267,6 +272,13 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
 
 void CoordinatorService::deliver(Events events) {
   auto log = rally::log::get("rendezvous");
+  // Members of a round formed in this batch learn of it (and its cause) from RoundFormed alone.
+  std::unordered_map<std::uint64_t, const RoundFormedEvent*> formed_in_batch;
+  for (const Event& event : events) {
+    if (auto* formed = std::get_if<RoundFormedEvent>(&event)) {
+      formed_in_batch[formed->generation] = formed;
+    }
+  }
   for (Event& event : events) {
     if (auto* formed = std::get_if<RoundFormedEvent>(&event)) {
       std::uint32_t world = 0;
@@ -274,20 +286,22 @@ void CoordinatorService::deliver(Events events) {
       const std::string master = formed->members.empty() ? "" : formed->members[0].address;
       kv_.startGeneration(formed->generation);
       current_members_.clear();
+      v1::CoordinatorMessage msg;
+      auto* r = msg.mutable_round_formed();
+      r->set_generation(formed->generation);
+      r->set_num_nodes(static_cast<std::uint32_t>(formed->members.size()));
+      r->set_world_size(world);
+      r->set_master_address(master);
+      r->set_cause(formed->cause);
+      for (const auto& id : formed->failed_nodes) r->add_failed_nodes(id);
       std::uint32_t offset = 0;
       for (const Member& m : formed->members) {
         current_members_.insert(m.node_id);
-        v1::CoordinatorMessage msg;
-        auto* r = msg.mutable_round_formed();
-        r->set_generation(formed->generation);
         r->set_node_rank(m.node_rank);
-        r->set_num_nodes(static_cast<std::uint32_t>(formed->members.size()));
         r->set_rank_offset(offset);
-        r->set_world_size(world);
-        r->set_master_address(master);
         offset += m.local_world_size;
         if (auto it = sessions_by_node_.find(m.node_id); it != sessions_by_node_.end()) {
-          it->second->enqueue(std::move(msg));
+          it->second->enqueue(msg, kRoundKey);
           deferred_.push_back([s = it->second] { s->kick(); });
         }
       }
@@ -295,18 +309,22 @@ void CoordinatorService::deliver(Events events) {
                 formed->members.size(), world);
     } else if (auto* gen = std::get_if<GenerationEvent>(&event)) {
       kv_.startGeneration(gen->generation);
+      const RoundFormedEvent* formed_next = nullptr;
       if (gen->state == RoundState::kReforming) {
         current_members_.clear();
         log->warn("generation {}: re-forming ({})", gen->generation, gen->cause);
+        if (auto it = formed_in_batch.find(gen->generation); it != formed_in_batch.end()) {
+          formed_next = it->second;
+        }
       }
       last_generation_event_ = *gen;
-      broadcastGeneration(*gen, gen->state != RoundState::kFormed);
+      broadcastGeneration(*gen, formed_next);
     } else if (auto* waiting = std::get_if<NodesWaitingEvent>(&event)) {
       v1::CoordinatorMessage msg;
       msg.mutable_nodes_waiting()->set_count(waiting->count);
       for (const auto& [id, s] : sessions_by_node_) {
         if (current_members_.count(id) == 0) continue;
-        s->enqueue(msg);
+        s->enqueue(msg, kWaitingKey);
         deferred_.push_back([s = s] { s->kick(); });
       }
     } else if (auto* dismiss = std::get_if<DismissEvent>(&event)) {
@@ -323,17 +341,25 @@ void CoordinatorService::deliver(Events events) {
   }
 }
 
-void CoordinatorService::broadcastGeneration(const GenerationEvent& event, bool to_members) {
+void CoordinatorService::broadcastGeneration(const GenerationEvent& event,
+                                             const RoundFormedEvent* formed_next) {
   v1::CoordinatorMessage msg;
   *msg.mutable_generation() = toProto(event);
-  for (const auto& [id, s] : sessions_by_node_) {
-    if (!to_members && current_members_.count(id) != 0) continue;  // they got RoundFormed
-    s->enqueue(msg);
-    deferred_.push_back([s = s] { s->kick(); });
-  }
+  // Watchers first: they are the workers waiting to abort their collectives.
   for (const auto& w : watchers_) {
-    w->enqueue(msg.generation());
+    w->enqueue(msg.generation(), kRoundKey);
     deferred_.push_back([w] { w->kick(); });
+  }
+  std::unordered_set<std::string> skip;
+  if (formed_next != nullptr) {
+    for (const Member& m : formed_next->members) skip.insert(m.node_id);
+  }
+  for (const auto& [id, s] : sessions_by_node_) {
+    // Members of a formed round got RoundFormed; members of the next one will.
+    if (event.state == RoundState::kFormed && current_members_.count(id) != 0) continue;
+    if (skip.count(id) != 0) continue;
+    s->enqueue(msg, kRoundKey);
+    deferred_.push_back([s = s] { s->kick(); });
   }
 }
 
@@ -352,30 +378,42 @@ void CoordinatorService::timerLoop() {
     const TimePoint now = Clock::now();
     Events events;
     rendezvous_.tick(now, &events);
+    // Every node found silent in this check leaves in one re-form: one broadcast, not one each.
+    std::vector<Rendezvous::Departure> silent;
+    const std::string silence = formatDuration(liveness_.timeout());
     for (const std::string& id : liveness_.expired(now)) {
       auto it = sessions_by_node_.find(id);
       if (it == sessions_by_node_.end()) continue;
       const auto session = it->second;
-      const std::string silence = formatDuration(liveness_.timeout());
       rally::log::get("rendezvous")->warn("node '{}' lost: no heartbeat for {}", id, silence);
       dropSession(session, grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                         fmt::format("no heartbeat for {}: the coordinator "
                                                     "declared this node failed",
                                                     silence)));
-      rendezvous_.leave(id, fmt::format("lost: no heartbeat for {}", silence), true, now, &events);
+      silent.push_back({id, fmt::format("lost: no heartbeat for {}", silence), true});
     }
+    if (!silent.empty()) rendezvous_.leave(silent, now, &events);
     while (!wait_deadlines_.empty() && wait_deadlines_.top().when <= now) {
       const WaitDeadline d = wait_deadlines_.top();
       wait_deadlines_.pop();
       kv_.cancelWaiter(d.id, timeoutError(fmt::format("timed out after {} waiting for {}",
                                                       formatDuration(d.timeout), d.what)));
     }
+    const auto t_deliver = Clock::now();
     deliver(std::move(events));
+    const auto t_delivered = Clock::now();
 
     Deferred work;
     work.swap(deferred_);
     lock.unlock();
     for (auto& w : work) w();
+    const auto t_kicked = Clock::now();
+    if (t_kicked - now > liveness_.interval() / 4) {
+      rally::log::get("rendezvous")->debug("slow tick: check {}ms, deliver {}ms, {} writes {}ms",
+        std::chrono::duration_cast<Milliseconds>(t_deliver - now).count(),
+        std::chrono::duration_cast<Milliseconds>(t_delivered - t_deliver).count(),
+        std::chrono::duration_cast<Milliseconds>(t_kicked - t_delivered).count(), work.size());
+    }
     lock.lock();
 
     TimePoint next = Clock::now() + liveness_.checkPeriod();

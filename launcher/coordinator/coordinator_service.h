@@ -124,7 +124,8 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   void handleJoin(const std::shared_ptr<SessionReactor>& session, const rally::v1::Join& join);
   void dropSession(const std::shared_ptr<SessionReactor>& session, grpc::Status status);
   void deliver(Events events);
-  void broadcastGeneration(const GenerationEvent& event, bool to_members);
+  // `formed_next`: a round formed later in the same batch, whose members skip this event.
+  void broadcastGeneration(const GenerationEvent& event, const RoundFormedEvent* formed_next);
   rally::v1::GenerationEvent currentGenerationLocked() const;
   void timerLoop();
 

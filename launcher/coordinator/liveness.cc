@@ -6,8 +6,8 @@ namespace rally::coordinator {
 
 LivenessTracker::LivenessTracker(Milliseconds heartbeat_interval)
     : interval_(std::max(heartbeat_interval, Milliseconds(1))),
-      timeout_(2 * interval_),
-      check_period_(std::max(interval_ / 10, Milliseconds(1))),
+      timeout_(interval_ * 3 / 2),
+      check_period_(std::max(interval_ / 20, Milliseconds(1))),
       stall_threshold_(std::max(interval_ / 2, Milliseconds(5))) {}
 
 void LivenessTracker::beat(const std::string& node_id, TimePoint now) {

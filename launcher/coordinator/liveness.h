@@ -1,9 +1,13 @@
-// Liveness by heartbeats: which nodes have been silent for longer than the timeout (2 heartbeat
-// intervals). Pure logic: the caller passes `now`.
+// Liveness by heartbeats: which nodes have been silent for longer than the timeout. Pure logic: the
+// caller passes `now`.
 //
-//   LivenessTracker live(1s);             // timeout 2s
+//   LivenessTracker live(1s);             // timeout 1.5s, checked every 50ms
 //   live.beat("n0", now);
 //   for (auto& id : live.expired(now + 3s)) fail(id);
+//
+// The bound: agents heartbeat twice per interval; a node silent for 1.5 intervals (three heartbeats
+// missed) is failed at the next check, so a dead node is detected within 1.55 intervals of its last
+// sign of life, inside the promised 2 intervals, while two late heartbeats in a row are tolerated.
 //
 // No false failures under load: if the checker itself was not scheduled for a while (a loaded or
 // paused coordinator), that stall is not counted against the nodes, whose heartbeats may simply be
@@ -26,7 +30,7 @@ class LivenessTracker {
 
   Milliseconds interval() const { return interval_; }
   Milliseconds timeout() const { return timeout_; }
-  // How often expired() should be called for detection within the timeout plus one period.
+  // How often expired() should be called: detection is within timeout() + checkPeriod().
   Milliseconds checkPeriod() const { return check_period_; }
 
   void beat(const std::string& node_id, TimePoint now);

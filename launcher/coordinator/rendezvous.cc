@@ -106,26 +106,45 @@ Result<JoinOutcome> Rendezvous::join(const NodeInfo& node, TimePoint now, Events
 
 void Rendezvous::leave(const std::string& node_id, const std::string& cause, bool failed,
                        TimePoint now, Events* events) {
-  const auto it = nodes_.find(node_id);
-  if (it == nodes_.end()) return;
-  const Role role = it->second.role;
-  nodes_.erase(it);
-  switch (role) {
-    case Role::kHeld:
-      held_.erase(std::find(held_.begin(), held_.end(), node_id));
-      events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
-      break;
-    case Role::kGathering:
-      --gathering_count_;
-      if (gathering_count_ == 0 && state_ == RoundState::kWaiting) gathering_since_.reset();
-      if (gathering_count_ < options_.min_nodes) min_reached_at_.reset();
-      break;
-    case Role::kMember:
-      if (state_ == RoundState::kFormed) {
-        startReform(fmt::format("node '{}' {}", node_id, cause), failed ? node_id : "", now,
-                    events);
-      }
-      break;
+  leave(std::vector<Departure>{{node_id, cause, failed}}, now, events);
+}
+
+void Rendezvous::leave(const std::vector<Departure>& departures, TimePoint now, Events* events) {
+  std::vector<std::string> causes;
+  std::vector<std::string> failed_members;
+  bool held_changed = false;
+  for (const Departure& d : departures) {
+    const auto it = nodes_.find(d.node_id);
+    if (it == nodes_.end()) continue;
+    const Role role = it->second.role;
+    nodes_.erase(it);
+    switch (role) {
+      case Role::kHeld:
+        held_.erase(std::find(held_.begin(), held_.end(), d.node_id));
+        held_changed = true;
+        break;
+      case Role::kGathering:
+        --gathering_count_;
+        if (gathering_count_ == 0 && state_ == RoundState::kWaiting) gathering_since_.reset();
+        if (gathering_count_ < options_.min_nodes) min_reached_at_.reset();
+        break;
+      case Role::kMember:
+        if (state_ == RoundState::kFormed) {
+          if (causes.size() < 3) causes.push_back(fmt::format("node '{}' {}", d.node_id, d.cause));
+          if (d.failed) failed_members.push_back(d.node_id);
+          if (causes.size() == 3 && failed_members.size() > 3) causes.back() += " ...";
+        }
+        break;
+    }
+  }
+  if (!causes.empty() || !failed_members.empty()) {
+    std::string cause = causes.empty() ? std::string("members left") : causes[0];
+    for (size_t i = 1; i < causes.size(); ++i) cause += "; " + causes[i];
+    const size_t total = std::max(causes.size(), failed_members.size());
+    if (total > causes.size()) cause += fmt::format(" (and {} more)", total - causes.size());
+    startReform(cause, std::move(failed_members), now, events);
+  } else if (held_changed) {
+    events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
   }
 }
 
@@ -137,7 +156,7 @@ Status Rendezvous::requestReform(const std::string& node_id, const std::string& 
         "node '{}' cannot ask for a new round: only a member of a formed round can (state is {})",
         node_id, roundStateName(state_)));
   }
-  startReform(fmt::format("node '{}' asked for a new round: {}", node_id, reason), "", now, events);
+  startReform(fmt::format("node '{}' asked for a new round: {}", node_id, reason), {}, now, events);
   return okStatus();
 }
 
@@ -160,7 +179,7 @@ Status Rendezvous::close(const std::string& node_id, const std::string& reason, 
   held_.clear();
   gathering_count_ = 0;
   events->push_back(GenerationEvent{generation_, RoundState::kClosed,
-                                    static_cast<std::uint32_t>(members_.size()), why, ""});
+                                    static_cast<std::uint32_t>(members_.size()), why, {}});
   return okStatus();
 }
 
@@ -190,10 +209,12 @@ RoundSnapshot Rendezvous::snapshot() const {
                        options_.max_nodes};
 }
 
-void Rendezvous::startReform(const std::string& cause, const std::string& failed_node,
+void Rendezvous::startReform(const std::string& cause, std::vector<std::string> failed_nodes,
                              TimePoint now, Events* events) {
   ++generation_;
   state_ = RoundState::kReforming;
+  reform_cause_ = cause;
+  reform_failed_ = failed_nodes;
   gathering_count_ = 0;
   for (const Member& m : members_) {
     if (auto it = nodes_.find(m.node_id); it != nodes_.end()) {
@@ -208,8 +229,8 @@ void Rendezvous::startReform(const std::string& cause, const std::string& failed
   held_.clear();
   gathering_since_ = now;
   min_reached_at_.reset();
-  events->push_back(
-      GenerationEvent{generation_, RoundState::kReforming, gathering_count_, cause, failed_node});
+  events->push_back(GenerationEvent{generation_, RoundState::kReforming, gathering_count_, cause,
+                                    std::move(failed_nodes)});
   // Everyone who can come is already here (survivors and held nodes): no last call.
   maybeForm(now, /*at_once_if_min=*/true, events);
 }
@@ -274,15 +295,19 @@ void Rendezvous::form(Events* events) {
     nodes_.at(m.node_id).role = Role::kMember;
     previous_ranks_[m.node_id] = m.node_rank;
   }
-  if (state_ == RoundState::kWaiting) ++generation_;  // the first round; later ones moved at reform
+  const bool first = state_ == RoundState::kWaiting;
+  if (first) ++generation_;  // the first round; later ones moved at the re-form
   state_ = RoundState::kFormed;
   gathering_count_ = 0;
   min_reached_at_.reset();
   gathering_since_.reset();
   const auto num = static_cast<std::uint32_t>(members_.size());
-  events->push_back(RoundFormedEvent{generation_, members_});
-  events->push_back(GenerationEvent{generation_, RoundState::kFormed, num,
-                                    fmt::format("round formed with {} node(s)", num), ""});
+  const std::string cause = first ? std::string("first round") : reform_cause_;
+  const std::vector<std::string> failed = first ? std::vector<std::string>() : reform_failed_;
+  events->push_back(RoundFormedEvent{generation_, members_, cause, failed});
+  events->push_back(GenerationEvent{
+      generation_, RoundState::kFormed, num,
+      fmt::format("round formed with {} node(s) ({})", num, cause), failed});
   if (!held_.empty()) {
     events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
   }
@@ -299,7 +324,7 @@ void Rendezvous::failGathering(TimePoint now, Events* events) {
   held_.clear();
   gathering_count_ = 0;
   state_ = RoundState::kClosed;
-  events->push_back(GenerationEvent{generation_, RoundState::kClosed, 0, reason, ""});
+  events->push_back(GenerationEvent{generation_, RoundState::kClosed, 0, reason, {}});
 }
 
 std::vector<Member> Rendezvous::assignRanks(

@@ -69,6 +69,8 @@ const char* roundStateName(RoundState state);
 struct RoundFormedEvent {
   std::uint64_t generation = 0;
   std::vector<Member> members;
+  std::string cause;                      // "first round", or what ended the previous round
+  std::vector<std::string> failed_nodes;  // nodes whose failure ended the previous round
 };
 // The generation or its state changed: tell every session and watcher.
 struct GenerationEvent {
@@ -76,7 +78,7 @@ struct GenerationEvent {
   RoundState state = RoundState::kWaiting;
   std::uint32_t num_nodes = 0;
   std::string cause;
-  std::string failed_node;
+  std::vector<std::string> failed_nodes;
 };
 // The number of nodes held for the next round changed: tell the members.
 struct NodesWaitingEvent {
@@ -118,6 +120,14 @@ class Rendezvous {
   void leave(const std::string& node_id, const std::string& cause, bool failed, TimePoint now,
              Events* events);
 
+  struct Departure {
+    std::string node_id;
+    std::string cause;  // "lost: its stream broke", "left: done"
+    bool failed = true;
+  };
+  // Several nodes gone at once (e.g. found silent by one liveness check): one re-form for all.
+  void leave(const std::vector<Departure>& departures, TimePoint now, Events* events);
+
   // A member asks for a new round (to admit held nodes, or to restart after a worker failure).
   Status requestReform(const std::string& node_id, const std::string& reason, TimePoint now,
                        Events* events);
@@ -153,7 +163,7 @@ class Rendezvous {
   bool gathering() const {
     return state_ == RoundState::kWaiting || state_ == RoundState::kReforming;
   }
-  void startReform(const std::string& cause, const std::string& failed_node, TimePoint now,
+  void startReform(const std::string& cause, std::vector<std::string> failed_nodes, TimePoint now,
                    Events* events);
   void maybeForm(TimePoint now, bool at_once_if_min, Events* events);
   void form(Events* events);
@@ -171,6 +181,8 @@ class Rendezvous {
   std::unordered_map<std::string, std::uint32_t> previous_ranks_;
   std::optional<TimePoint> min_reached_at_;      // when the gathering round reached MIN
   std::optional<TimePoint> gathering_since_;     // when the gathering round started waiting
+  std::string reform_cause_;                     // what ended the last formed round
+  std::vector<std::string> reform_failed_;
 };
 
 }  // namespace rally::coordinator

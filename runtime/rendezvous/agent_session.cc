@@ -82,6 +82,7 @@ class AgentSession::Reactor final
     owner_->inbox_.end(status);
     if (owner_->options_.on_end) owner_->options_.on_end(status);
     owner_->hb_cv_.notify_all();
+    owner_->done_.signal();  // last: the owner may be destroyed from here on
   }
 
  private:
@@ -130,7 +131,7 @@ AgentSession::~AgentSession() {
   if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
   if (!inbox_.ended()) reactor_->cancel();
   // gRPC calls OnDone exactly once; the reactor must outlive it.
-  while (!inbox_.waitEnded(Milliseconds(1000))) reactor_->cancel();
+  while (!done_.waitFor(Milliseconds(1000))) reactor_->cancel();
 }
 
 void AgentSession::setInterval(std::uint64_t ms) {

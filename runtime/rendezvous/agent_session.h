@@ -80,6 +80,7 @@ class AgentSession {
   JoinInfo join_;
   AgentSessionOptions options_;
   internal::Inbox<rally::v1::CoordinatorMessage> inbox_;
+  internal::DoneLatch done_;
   std::unique_ptr<Reactor> reactor_;
   std::mutex hb_mu_;
   std::condition_variable hb_cv_;

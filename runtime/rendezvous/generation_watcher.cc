@@ -34,6 +34,7 @@ class GenerationWatcher::Reactor final : public grpc::ClientReadReactor<v1::Gene
   }
   void OnDone(const grpc::Status& s) override {
     owner_->inbox_.end(fromGrpcStatus(s, "the generation watch"));
+    owner_->done_.signal();  // last: the owner may be destroyed from here on
   }
 
  private:
@@ -56,7 +57,7 @@ Result<std::unique_ptr<GenerationWatcher>> GenerationWatcher::start(
 
 GenerationWatcher::~GenerationWatcher() {
   if (!inbox_.ended()) reactor_->cancel();
-  while (!inbox_.waitEnded(Milliseconds(1000))) reactor_->cancel();
+  while (!done_.waitFor(Milliseconds(1000))) reactor_->cancel();
 }
 
 Result<v1::GenerationEvent> GenerationWatcher::next(Milliseconds timeout) {

@@ -43,6 +43,7 @@ class GenerationWatcher {
   OnEvent on_event_;
   std::atomic<std::uint64_t> latest_{0};
   internal::Inbox<rally::v1::GenerationEvent> inbox_;
+  internal::DoneLatch done_;
   std::unique_ptr<Reactor> reactor_;
 };
 

@@ -1,6 +1,8 @@
 // Child processes for integration tests: spawn with output to files, signal, wait with a bound.
 #pragma once
 
+#include <fcntl.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>

@@ -5,11 +5,16 @@
 // at a time; kick() starts the next write and must be called without the caller's lock held, since
 // gRPC may run reactions inline. finishAfterQueued() ends the stream once what is queued is written.
 //
+// Coalescing: a message enqueued with a non-zero key replaces every unsent message with the same
+// key. The coordinator keys round and generation messages, so a slow stream receives the newest
+// state rather than a backlog of superseded rounds, and a burst of failures costs each stream at
+// most one write in flight plus one pending.
+//
 // Lifetime: the owning reactor keeps itself alive through `self_` until gRPC calls OnDone, and other
 // holders keep shared_ptrs; after OnDone, enqueue and kick do nothing.
 #pragma once
 
-#include <deque>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -23,10 +28,17 @@ class OutboundStream {
  public:
   virtual ~OutboundStream() = default;
 
-  void enqueue(Msg message) {
+  void enqueue(Msg message, int coalesce_key = 0) {
     std::lock_guard lock(mu_);
     if (done_ || finish_status_) return;
-    queue_.push_back(std::move(message));
+    if (coalesce_key != 0) {
+      auto it = queue_.begin();
+      if (writing_ && it != queue_.end()) ++it;  // the message being written stays
+      while (it != queue_.end()) {
+        it = it->key == coalesce_key ? queue_.erase(it) : std::next(it);
+      }
+    }
+    queue_.push_back(Entry{coalesce_key, std::move(message)});
   }
 
   void kick() {
@@ -34,7 +46,7 @@ class OutboundStream {
     if (done_ || finished_ || writing_) return;
     if (!queue_.empty()) {
       writing_ = true;
-      const Msg* next = &queue_.front();
+      const Msg* next = &queue_.front().message;
       lock.unlock();
       startWrite(next);
     } else if (finish_status_) {
@@ -77,8 +89,12 @@ class OutboundStream {
   virtual void finish(const grpc::Status& status) = 0;
 
  private:
+  struct Entry {
+    int key;
+    Msg message;
+  };
   std::mutex mu_;
-  std::deque<Msg> queue_;
+  std::list<Entry> queue_;  // a list: erasing coalesced entries keeps the written one in place
   bool writing_ = false;
   bool finished_ = false;
   bool done_ = false;

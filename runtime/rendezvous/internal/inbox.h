@@ -16,6 +16,27 @@
 
 namespace rally::rendezvous::internal {
 
+// Set once by a gRPC reactor's OnDone as the very last thing it does; the owner's destructor waits
+// for it before freeing the reactor. The signal happens under the lock, so once wait() returns the
+// reactor touches nothing of the owner's again.
+class DoneLatch {
+ public:
+  void signal() {
+    std::lock_guard lock(mu_);
+    done_ = true;
+    cv_.notify_all();
+  }
+  bool waitFor(Milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return done_; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+};
+
 template <typename Msg>
 class Inbox {
  public:

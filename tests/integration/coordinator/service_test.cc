@@ -228,8 +228,7 @@ TEST_F(ServiceTest, BrokenStreamMovesGenerationAtOnce) {
   const auto t0 = Clock::now();
   s[2]->cancel();
   auto ev = (*watcher)->waitFor(
-      [](const v1::GenerationEvent& e) { return e.state() == v1::GenerationEvent::REFORMING; },
-      milliseconds(5000));
+      [](const v1::GenerationEvent& e) { return e.failed_node() == "n2"; }, milliseconds(5000));
   ASSERT_TRUE(ev.ok()) << ev.status().toString();
   const auto latency = msSince(t0);
   EXPECT_EQ(ev->generation(), 2u);
@@ -249,22 +248,28 @@ TEST_F(ServiceTest, BrokenStreamMovesGenerationAtOnce) {
 }
 
 TEST_F(ServiceTest, MissedHeartbeatsAreAFailureWithinTwoIntervals) {
+  // A 1 s interval, so that the bound leaves a loaded CI machine ~450 ms of slack.
+  server_->shutdown("restart with a 1 s heartbeat interval");
+  auto options = defaultOptions();
+  options.heartbeat_interval = Milliseconds(1000);
+  startServer(options);
   auto watcher = GenerationWatcher::start(connect());
   ASSERT_TRUE(watcher.ok());
   auto alive = join("alive");
   rendezvous::AgentSessionOptions silent_opts;
   silent_opts.auto_heartbeat = false;
+  const auto joined = Clock::now();  // its join, just after this, is its last sign of life
   auto silent = join("silent", 1, silent_opts);
   ASSERT_TRUE(silent->waitFor(isRoundFormed, milliseconds(5000)).ok());
-  const auto joined = Clock::now();  // the join was its last sign of life
   auto ev = (*watcher)->waitFor(
-      [](const v1::GenerationEvent& e) { return e.state() == v1::GenerationEvent::REFORMING; },
+      [](const v1::GenerationEvent& e) { return e.failed_node() == "silent"; },
       milliseconds(5000));
   ASSERT_TRUE(ev.ok()) << ev.status().toString();
   const auto latency = msSince(joined);
   EXPECT_EQ(ev->failed_node(), "silent");
   EXPECT_NE(ev->cause().find("no heartbeat"), std::string::npos);
-  EXPECT_LE(latency, 2 * 200 + 300) << "detected within 2 intervals (+ check period and slack)";
+  EXPECT_GE(latency, 1000 * 3 / 2 - 100) << "never before 1.5 intervals of silence";
+  EXPECT_LE(latency, 2 * 1000) << "detected within 2 intervals of its last sign of life";
   auto end = silent->endStatus(milliseconds(5000));
   ASSERT_TRUE(end.has_value());
   EXPECT_EQ(end->code(), StatusCode::kUnavailable);
@@ -288,8 +293,7 @@ TEST_F(ServiceTest, NoFalseFailuresUnderCpuLoad) {
   }
   // 15 heartbeat intervals with every core busy.
   auto ev = (*watcher)->waitFor(
-      [](const v1::GenerationEvent& e) { return e.state() == v1::GenerationEvent::REFORMING; },
-      milliseconds(3000));
+      [](const v1::GenerationEvent& e) { return e.generation() > 1; }, milliseconds(3000));
   stop = true;
   for (auto& t : burners) t.join();
   EXPECT_EQ(ev.status().code(), StatusCode::kTimeout)

@@ -139,7 +139,7 @@ TEST_F(RendezvousTest, FailureOfMemberMovesGenerationAndReformsAtOnce) {
   ASSERT_GE(gens.size(), 2u);
   EXPECT_EQ(gens[0].generation, 2u);
   EXPECT_EQ(gens[0].state, RoundState::kReforming);
-  EXPECT_EQ(gens[0].failed_node, "b");
+  EXPECT_EQ(gens[0].failed_nodes, std::vector<std::string>{"b"});
   EXPECT_NE(gens[0].cause.find("stream broken"), std::string::npos);
   // No last call on a re-form: everyone who can come is here.
   auto f = formed();
@@ -205,6 +205,25 @@ TEST_F(RendezvousTest, TwoFailuresInARow) {
   std::set<std::uint32_t> got{r.at("b"), r.at("c")};
   EXPECT_EQ(got, (std::set<std::uint32_t>{0, 1}));
   EXPECT_EQ(r.at("b"), 1u) << "b keeps rank 1";
+}
+
+TEST_F(RendezvousTest, FailuresSeenTogetherMoveTheGenerationOnce) {
+  make(1, 8);
+  for (auto id : {"a", "b", "c", "d", "e", "f"}) ASSERT_TRUE(join(id).ok());
+  rdzv_->tick(now_ + seconds(3), &events_);
+  events_.clear();
+  std::vector<Rendezvous::Departure> gone;
+  for (auto id : {"b", "c", "d", "e"}) gone.push_back({id, "lost: no heartbeat", true});
+  gone.push_back({"unknown", "lost", true});
+  rdzv_->leave(gone, now_, &events_);
+  EXPECT_EQ(rdzv_->generation(), 2u) << "one re-form for all";
+  auto gens = take<GenerationEvent>();
+  ASSERT_EQ(gens.size(), 2u);
+  EXPECT_EQ(gens[0].failed_nodes, (std::vector<std::string>{"b", "c", "d", "e"}));
+  EXPECT_NE(gens[0].cause.find("and 1 more"), std::string::npos) << gens[0].cause;
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].members.size(), 2u);
 }
 
 TEST_F(RendezvousTest, DuplicateNodeIdIsRefusedWhileLive) {
