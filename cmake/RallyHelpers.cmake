@@ -9,7 +9,10 @@ set(RALLY_GENERATED_INCLUDE_DIR ${PROJECT_BINARY_DIR}/generated)
 
 function(rally_target_defaults target)
   target_compile_features(${target} PUBLIC cxx_std_20)
-  target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic -Wno-unused-parameter)
+  # Designated initializers that leave fields at their defaults are the intended idiom for
+  # options structs, so -Wmissing-field-initializers is off.
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic -Wno-unused-parameter
+                                           -Wno-missing-field-initializers)
   if(RALLY_WARNINGS_AS_ERRORS)
     target_compile_options(${target} PRIVATE -Werror)
   endif()

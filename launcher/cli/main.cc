@@ -6,8 +6,10 @@
 
 #include "launcher/cli/coordinator_command.h"
 #include "rally/config.h"
+#include "runtime/rendezvous/grpc_status.h"
 
 int main(int argc, char** argv) {
+  rally::rendezvous::routeGrpcLogs();
   CLI::App app{"rally: elastic distributed training that survives node loss in place"};
   app.set_version_flag("--version", std::string("rally ") + RALLY_VERSION);
   app.require_subcommand(1);

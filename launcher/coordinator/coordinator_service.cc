@@ -55,6 +55,7 @@ bool tokensEqual(std::string_view a, std::string_view b) {
 
 CoordinatorService::CoordinatorService(CoordinatorOptions options)
     : options_(std::move(options)),
+      log_(rally::log::get("rendezvous")),
       rendezvous_(options_.rendezvous),
       liveness_(options_.heartbeat_interval),
       kv_(options_.kv) {}
@@ -62,9 +63,31 @@ CoordinatorService::CoordinatorService(CoordinatorOptions options)
 CoordinatorService::~CoordinatorService() {
   shutdown("the coordinator is stopping");
   if (timer_.joinable()) timer_.join();
+  {
+    std::lock_guard lock(delivery_mu_);
+    delivery_stop_ = true;
+  }
+  delivery_cv_.notify_all();
+  if (delivery_.joinable()) delivery_.join();
 }
 
-void CoordinatorService::start() { timer_ = std::thread([this] { timerLoop(); }); }
+void CoordinatorService::start() {
+  delivery_ = std::thread([this] { deliveryLoop(); });
+  timer_ = std::thread([this] { timerLoop(); });
+}
+
+void CoordinatorService::deliveryLoop() {
+  std::unique_lock lock(delivery_mu_);
+  for (;;) {
+    delivery_cv_.wait(lock, [&] { return delivery_stop_ || !delivery_queue_.empty(); });
+    if (delivery_queue_.empty()) return;  // stopping, and everything was delivered
+    Deferred work = std::move(delivery_queue_.front());
+    delivery_queue_.pop_front();
+    lock.unlock();
+    for (auto& w : work) w();
+    lock.lock();
+  }
+}
 
 void CoordinatorService::runLocked(const std::function<void()>& fn) {
   Deferred work;
@@ -97,7 +120,7 @@ void CoordinatorService::shutdown(const std::string& reason) {
     if (shutting_down_) return;
     shutting_down_ = true;
     shutdown_reason_ = reason;
-    rally::log::get("rendezvous")->info("shutting down: {}", reason);
+    log_->info("shutting down: {}", reason);
     v1::CoordinatorMessage msg;
     msg.mutable_shutdown()->set_reason(reason);
     const grpc::Status gone = rendezvous::finalStatus(
@@ -162,7 +185,7 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
         return;
       case v1::AgentMessage::kLeave: {
         const std::string id = session->node_id;
-        rally::log::get("rendezvous")->info("node '{}' left: {}", id, message.leave().reason());
+        log_->info("node '{}' left: {}", id, message.leave().reason());
         dropSession(session, grpc::Status::OK);
         rendezvous_.leave(id, fmt::format("left: {}", message.leave().reason()), false, now,
                           &events);
@@ -171,12 +194,12 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
       case v1::AgentMessage::kRequestReform: {
         const Status s = rendezvous_.requestReform(session->node_id,
                                                    message.request_reform().reason(), now, &events);
-        if (!s.ok()) rally::log::get("rendezvous")->debug("re-form ignored: {}", s.message());
+        if (!s.ok()) log_->debug("re-form ignored: {}", s.message());
         break;
       }
       case v1::AgentMessage::kClose: {
         const Status s = rendezvous_.close(session->node_id, message.close().reason(), &events);
-        if (!s.ok()) rally::log::get("rendezvous")->warn("close ignored: {}", s.message());
+        if (!s.ok()) log_->warn("close ignored: {}", s.message());
         break;
       }
       case v1::AgentMessage::KIND_NOT_SET:
@@ -215,23 +238,22 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
   Events events;
   auto admitted = rendezvous_.join(info, now, &events);
   if (!admitted.ok()) {
-    rally::log::get("rendezvous")->warn("join refused: {}", admitted.status().message());
+    log_->warn("join refused: {}", admitted.status().message());
     dropSession(session, toGrpcStatus(admitted.status()));
     return;
   }
   session->node_id = info.node_id;
   sessions_by_node_[info.node_id] = session;
   liveness_.beat(info.node_id, now);
-  rally::log::get("rendezvous")->debug("node '{}' joined ({} worker(s), {})", info.node_id,
+  log_->debug("node '{}' joined ({} worker(s), {})", info.node_id,
                                         info.local_world_size,
                                         admitted->waiting ? "held for the next round" : "gathering");
-  const RoundSnapshot snap = rendezvous_.snapshot();
   v1::CoordinatorMessage welcome;
   auto* w = welcome.mutable_welcome();
   w->set_heartbeat_interval_ms(static_cast<std::uint64_t>(options_.heartbeat_interval.count()));
   w->set_generation(rendezvous_.generation());
-  w->set_min_nodes(snap.min_nodes);
-  w->set_max_nodes(snap.max_nodes);
+  w->set_min_nodes(rendezvous_.minNodes());
+  w->set_max_nodes(rendezvous_.maxNodes());
   w->set_waiting(admitted->waiting);
   session->enqueue(std::move(welcome));
   deferred_.push_back([session] { session->kick(); });
@@ -260,7 +282,7 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
     sessions_by_node_.erase(it);
     liveness_.remove(session->node_id);
     if (shutting_down_) return;
-    rally::log::get("rendezvous")->warn("node '{}' {}", session->node_id, cause);
+    log_->warn("node '{}' {}", session->node_id, cause);
     Events events;
     rendezvous_.leave(session->node_id, cause, true, Clock::now(), &events);
     deliver(std::move(events));
@@ -271,7 +293,7 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
 // ---- Event delivery (under the lock) -------------------------------------------------------------
 
 void CoordinatorService::deliver(Events events) {
-  auto log = rally::log::get("rendezvous");
+  auto& log = log_;
   // Members of a round formed in this batch learn of it (and its cause) from RoundFormed alone.
   std::unordered_map<std::uint64_t, const RoundFormedEvent*> formed_in_batch;
   for (const Event& event : events) {
@@ -381,11 +403,18 @@ void CoordinatorService::timerLoop() {
     // Every node found silent in this check leaves in one re-form: one broadcast, not one each.
     std::vector<Rendezvous::Departure> silent;
     const std::string silence = formatDuration(liveness_.timeout());
-    for (const std::string& id : liveness_.expired(now)) {
+    const auto stalled_before = liveness_.stalled();
+    const auto expired = liveness_.expired(now);
+    if (const auto stall = liveness_.stalled() - stalled_before; stall > Clock::duration::zero()) {
+      log_->info(
+          "liveness checker stalled {}ms (a loaded or busy coordinator): not counted against nodes",
+          std::chrono::duration_cast<Milliseconds>(stall).count());
+    }
+    for (const std::string& id : expired) {
       auto it = sessions_by_node_.find(id);
       if (it == sessions_by_node_.end()) continue;
       const auto session = it->second;
-      rally::log::get("rendezvous")->warn("node '{}' lost: no heartbeat for {}", id, silence);
+      log_->warn("node '{}' lost: no heartbeat for {}", id, silence);
       dropSession(session, grpc::Status(grpc::StatusCode::UNAVAILABLE,
                                         fmt::format("no heartbeat for {}: the coordinator "
                                                     "declared this node failed",
@@ -399,22 +428,15 @@ void CoordinatorService::timerLoop() {
       kv_.cancelWaiter(d.id, timeoutError(fmt::format("timed out after {} waiting for {}",
                                                       formatDuration(d.timeout), d.what)));
     }
-    const auto t_deliver = Clock::now();
     deliver(std::move(events));
-    const auto t_delivered = Clock::now();
-
-    Deferred work;
-    work.swap(deferred_);
-    lock.unlock();
-    for (auto& w : work) w();
-    const auto t_kicked = Clock::now();
-    if (t_kicked - now > liveness_.interval() / 4) {
-      rally::log::get("rendezvous")->debug("slow tick: check {}ms, deliver {}ms, {} writes {}ms",
-        std::chrono::duration_cast<Milliseconds>(t_deliver - now).count(),
-        std::chrono::duration_cast<Milliseconds>(t_delivered - t_deliver).count(),
-        std::chrono::duration_cast<Milliseconds>(t_kicked - t_delivered).count(), work.size());
+    if (!deferred_.empty()) {
+      {
+        std::lock_guard delivery_lock(delivery_mu_);
+        delivery_queue_.push_back(std::move(deferred_));
+      }
+      deferred_.clear();
+      delivery_cv_.notify_one();
     }
-    lock.lock();
 
     TimePoint next = Clock::now() + liveness_.checkPeriod();
     if (auto d = rendezvous_.nextDeadline(); d && *d < next) next = *d;

@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -27,6 +28,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "kernels/base/logging.h"
 #include "launcher/coordinator/kv_store.h"
 #include "launcher/coordinator/liveness.h"
 #include "launcher/coordinator/rendezvous.h"
@@ -128,8 +130,10 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   void broadcastGeneration(const GenerationEvent& event, const RoundFormedEvent* formed_next);
   rally::v1::GenerationEvent currentGenerationLocked() const;
   void timerLoop();
+  void deliveryLoop();
 
   const CoordinatorOptions options_;
+  const std::shared_ptr<spdlog::logger> log_;
   std::mutex mu_;
   std::condition_variable timer_cv_;
   bool shutting_down_ = false;
@@ -152,6 +156,13 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   };
   std::priority_queue<WaitDeadline, std::vector<WaitDeadline>, std::greater<>> wait_deadlines_;
   std::thread timer_;
+  // Deferred work produced by the timer (writes after a re-form) runs here, so that the liveness
+  // checks keep their cadence while thousands of streams are written to.
+  std::mutex delivery_mu_;
+  std::condition_variable delivery_cv_;
+  std::deque<Deferred> delivery_queue_;
+  bool delivery_stop_ = false;
+  std::thread delivery_;
 };
 
 }  // namespace rally::coordinator

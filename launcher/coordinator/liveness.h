@@ -38,6 +38,8 @@ class LivenessTracker {
   // Nodes silent for longer than the timeout; they are removed from tracking.
   std::vector<std::string> expired(TimePoint now);
   size_t size() const { return nodes_.size(); }
+  // Total time the checker was found stalled (and not counted against the nodes).
+  Clock::duration stalled() const { return stalled_; }
 
  private:
   struct Entry {

@@ -141,6 +141,8 @@ class Rendezvous {
   std::optional<TimePoint> nextDeadline() const;
 
   std::uint64_t generation() const { return generation_; }
+  std::uint32_t minNodes() const { return options_.min_nodes; }
+  std::uint32_t maxNodes() const { return options_.max_nodes; }
   RoundState state() const { return state_; }
   RoundSnapshot snapshot() const;
   bool isLive(const std::string& node_id) const { return nodes_.count(node_id) != 0; }

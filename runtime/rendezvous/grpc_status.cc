@@ -1,6 +1,9 @@
 #include "runtime/rendezvous/grpc_status.h"
 
 #include <fmt/format.h>
+#include <grpc/support/log.h>
+
+#include "kernels/base/logging.h"
 
 namespace rally::rendezvous {
 
@@ -27,6 +30,13 @@ grpc::Status toGrpcStatus(const Status& s) {
 namespace {
 constexpr char kFinalMarker[] = "rally:final";
 }  // namespace
+
+void routeGrpcLogs() {
+  gpr_set_log_verbosity(GPR_LOG_SEVERITY_DEBUG);
+  gpr_set_log_function([](gpr_log_func_args* args) {
+    rally::log::get("grpc")->debug("{}:{}: {}", args->file, args->line, args->message);
+  });
+}
 
 grpc::Status finalStatus(grpc::StatusCode code, const std::string& message) {
   return grpc::Status(code, message, kFinalMarker);

@@ -14,6 +14,11 @@ inline constexpr std::string_view kTokenMetadataKey = "x-rally-token";
 
 grpc::Status toGrpcStatus(const Status& status);
 
+// Sends gRPC's own log lines to rally's "grpc" log subsystem at debug level (rally reports every
+// failure that matters with its own message; gRPC's raw lines would otherwise go to stderr).
+// Call once at the start of main(). See them with RALLY_LOG_LEVEL=info,grpc=debug.
+void routeGrpcLogs();
+
 // A status the coordinator sends when it is shutting down: clients must not retry it (the same call
 // would only wait for a coordinator that is gone). Marked in the status's error details.
 grpc::Status finalStatus(grpc::StatusCode code, const std::string& message);

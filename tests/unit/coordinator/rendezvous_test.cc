@@ -282,7 +282,9 @@ TEST_F(RendezvousTest, AssignRanksIsAPermutation) {
     EXPECT_EQ(members[i].node_rank, i);
     seen.insert(members[i].node_rank);
     auto p = prev.find(members[i].node_id);
-    if (p != prev.end() && p->second < 50) EXPECT_EQ(members[i].node_rank, p->second);
+    if (p != prev.end() && p->second < 50) {
+      EXPECT_EQ(members[i].node_rank, p->second);
+    }
   }
   EXPECT_EQ(seen.size(), 50u);
 }
