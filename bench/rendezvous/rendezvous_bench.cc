@@ -4,7 +4,8 @@
 //   - round time: from the first join to every agent holding its RoundFormed (max = N, so the round
 //     forms the moment the last agent joins);
 //   - the coordinator's CPU (percent of one core) and resident memory while N agents heartbeat;
-//   - failure detection, p50/p99: agents killed (their streams cancelled, as when a process dies) and
+//   - failure detection, p50/p99: agents killed (their streams cancelled, as when a process dies)
+//   and
 //     agents hung (alive but silent), from the kill, or from the hung agent's last heartbeat, to
 //     the generation event that names it.
 // It ends with one line per N: `rendezvous agents=N seconds=S detect_p99_ms=D`, D the worse of the
@@ -12,6 +13,7 @@
 //
 //   rendezvous_bench [--sizes 64,256,1024,4096,10000] [--connections 256] [--trials 10]
 //                    [--heartbeat-interval-ms 1000] [--load-seconds 5]
+#include <fmt/format.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,8 +28,6 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
-
-#include <fmt/format.h>
 
 #include "kernels/base/logging.h"
 #include "launcher/coordinator/coordinator_server.h"
@@ -68,7 +68,8 @@ ProcSample sample(pid_t pid) {
     std::string field;
     std::vector<std::string> fields;
     while (rest >> field) fields.push_back(field);
-    // Fields after the command: state is [0]; utime and stime are fields 14 and 15 of stat, [11], [12].
+    // Fields after the command: state is [0]; utime and stime are fields 14 and 15 of stat, [11],
+    // [12].
     if (fields.size() > 12) {
       s.cpu_seconds = (std::stod(fields[11]) + std::stod(fields[12])) / sysconf(_SC_CLK_TCK);
     }
@@ -134,13 +135,12 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
   std::atomic<int> formed{0};
   std::map<std::string, Clock::time_point> detected;  // failed node -> when its event arrived
   std::uint64_t last_formed_generation = 0;
-  auto watcher = rendezvous::GenerationWatcher::start(
-      conns[0], [&](const v1::GenerationEvent& e) {
-        std::lock_guard lock(mu);
-        for (const auto& id : e.failed_nodes()) detected.emplace(id, Clock::now());
-        if (e.state() == v1::GenerationEvent::FORMED) last_formed_generation = e.generation();
-        cv.notify_all();
-      });
+  auto watcher = rendezvous::GenerationWatcher::start(conns[0], [&](const v1::GenerationEvent& e) {
+    std::lock_guard lock(mu);
+    for (const auto& id : e.failed_nodes()) detected.emplace(id, Clock::now());
+    if (e.state() == v1::GenerationEvent::FORMED) last_formed_generation = e.generation();
+    cv.notify_all();
+  });
 
   std::vector<std::unique_ptr<Agent>> agents(n);
   for (auto& a : agents) a = std::make_unique<Agent>();
@@ -168,26 +168,27 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
   std::vector<std::atomic<int>> opened_by(kOpeners);
   const auto t0 = Clock::now();
   auto open_range = [&](int first) {
-  for (int i = first; i < n; i += kOpeners) {
-    Agent* a = agents[i].get();
-    rendezvous::AgentSessionOptions opts;
-    opts.auto_heartbeat = false;
-    opts.on_message = [a, &formed, &cv, n](const v1::CoordinatorMessage& m) {
-      if (m.has_round_formed() && a->formed_ns.load() == 0) {
-        a->formed_ns = nowNs();
-        if (formed.fetch_add(1) + 1 == n) cv.notify_all();
-      }
-    };
-    auto s = rendezvous::AgentSession::open(
-        conns[i % connections],
-        {.node_id = fmt::format("agent-{}", i), .job_id = "bench", .local_world_size = 8,
-         .address = "127.0.0.1"},
-        std::move(opts));
-    a->session = std::move(*s);
-    a->last_beat_ns = nowNs();
-    opened_by[first] = i + 1;
-    opened = std::min(opened_by[0].load(), opened_by[1].load());
-  }
+    for (int i = first; i < n; i += kOpeners) {
+      Agent* a = agents[i].get();
+      rendezvous::AgentSessionOptions opts;
+      opts.auto_heartbeat = false;
+      opts.on_message = [a, &formed, &cv, n](const v1::CoordinatorMessage& m) {
+        if (m.has_round_formed() && a->formed_ns.load() == 0) {
+          a->formed_ns = nowNs();
+          if (formed.fetch_add(1) + 1 == n) cv.notify_all();
+        }
+      };
+      auto s = rendezvous::AgentSession::open(conns[i % connections],
+                                              {.node_id = fmt::format("agent-{}", i),
+                                               .job_id = "bench",
+                                               .local_world_size = 8,
+                                               .address = "127.0.0.1"},
+                                              std::move(opts));
+      a->session = std::move(*s);
+      a->last_beat_ns = nowNs();
+      opened_by[first] = i + 1;
+      opened = std::min(opened_by[0].load(), opened_by[1].load());
+    }
   };
   std::thread second_opener(open_range, 1);
   open_range(0);
@@ -203,10 +204,9 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
   }
   std::int64_t last = 0;
   for (auto& a : agents) last = std::max(last, a->formed_ns.load());
-  const double round_s = (last - std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                     t0.time_since_epoch())
-                                     .count()) /
-                         1e9;
+  const double round_s =
+      (last - std::chrono::duration_cast<std::chrono::nanoseconds>(t0.time_since_epoch()).count()) /
+      1e9;
   std::cerr << fmt::format("# {} agents: joins sent in {:.3f} s, round known by all at {:.3f} s\n",
                            n, open_s, round_s);
 
@@ -215,8 +215,8 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
   const auto l0 = Clock::now();
   std::this_thread::sleep_for(std::chrono::seconds(load_seconds));
   const ProcSample after = sample(coord.pid());
-  const double cpu = 100.0 * (after.cpu_seconds - before.cpu_seconds) /
-                     (msBetween(l0, Clock::now()) / 1000.0);
+  const double cpu =
+      100.0 * (after.cpu_seconds - before.cpu_seconds) / (msBetween(l0, Clock::now()) / 1000.0);
   // Nobody was killed yet: any node reported failed so far is a false failure.
   int false_failures = 0;
   {
@@ -263,15 +263,17 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
     const std::uint64_t generation = last_formed_generation;
     a.silent = true;
     lock.unlock();
-    std::this_thread::sleep_for(milliseconds(interval_ms / 2 + 50));  // past any heartbeat in flight
+    std::this_thread::sleep_for(
+        milliseconds(interval_ms / 2 + 50));  // past any heartbeat in flight
     const std::int64_t last_beat_ns = a.last_beat_ns.load();
     lock.lock();
-    if (!cv.wait_for(lock, milliseconds(interval_ms * 4), [&] { return detected.count(id) != 0; })) {
+    if (!cv.wait_for(lock, milliseconds(interval_ms * 4),
+                     [&] { return detected.count(id) != 0; })) {
       std::cerr << "hung " << id << " not detected in 4 intervals\n";
     } else {
-      const double at_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                               detected[id].time_since_epoch())
-                               .count();
+      const double at_ns =
+          std::chrono::duration_cast<std::chrono::nanoseconds>(detected[id].time_since_epoch())
+              .count();
       hang_ms.push_back((at_ns - last_beat_ns) / 1e6);
     }
     ++t;
@@ -316,11 +318,16 @@ int main(int argc, char** argv) {
   int connections = 256, trials = 10, interval_ms = 1000, load_seconds = 5;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
-    if (flag == "--sizes") sizes = parseSizes(argv[i + 1]);
-    else if (flag == "--connections") connections = std::stoi(argv[i + 1]);
-    else if (flag == "--trials") trials = std::stoi(argv[i + 1]);
-    else if (flag == "--heartbeat-interval-ms") interval_ms = std::stoi(argv[i + 1]);
-    else if (flag == "--load-seconds") load_seconds = std::stoi(argv[i + 1]);
+    if (flag == "--sizes")
+      sizes = parseSizes(argv[i + 1]);
+    else if (flag == "--connections")
+      connections = std::stoi(argv[i + 1]);
+    else if (flag == "--trials")
+      trials = std::stoi(argv[i + 1]);
+    else if (flag == "--heartbeat-interval-ms")
+      interval_ms = std::stoi(argv[i + 1]);
+    else if (flag == "--load-seconds")
+      load_seconds = std::stoi(argv[i + 1]);
     else {
       std::cerr << "unknown flag " << flag << "\n";
       return 2;
@@ -338,18 +345,18 @@ int main(int argc, char** argv) {
     const int c = std::min(n, connections);
     SizeResult r = runOne(n, c, trials, interval_ms, load_seconds);
     results.push_back(r);
-    std::cout << fmt::format("  {:>7} {:>6} {:>9.3f} {:>8.1f} {:>8.1f} {:>10.1f} {:>10.1f} {:>10.1f} "
-                             "{:>10.1f} {:>6}\n",
-                             r.agents, c, r.round_s, r.cpu_percent, r.rss_mib, r.kill_p50,
-                             r.kill_p99, r.hang_p50, r.hang_p99, r.false_failures)
+    std::cout << fmt::format(
+                     "  {:>7} {:>6} {:>9.3f} {:>8.1f} {:>8.1f} {:>10.1f} {:>10.1f} {:>10.1f} "
+                     "{:>10.1f} {:>6}\n",
+                     r.agents, c, r.round_s, r.cpu_percent, r.rss_mib, r.kill_p50, r.kill_p99,
+                     r.hang_p50, r.hang_p99, r.false_failures)
               << std::flush;
   }
   for (const SizeResult& r : results) {
-    std::cout << fmt::format("rendezvous agents={} seconds={:.3f} detect_p99_ms={:.0f}{}\n",
-                             r.agents, r.round_s, std::max(r.kill_p99, r.hang_p99),
-                             r.false_failures == 0
-                                 ? ""
-                                 : fmt::format(" false_failures={}", r.false_failures));
+    std::cout << fmt::format(
+        "rendezvous agents={} seconds={:.3f} detect_p99_ms={:.0f}{}\n", r.agents, r.round_s,
+        std::max(r.kill_p99, r.hang_p99),
+        r.false_failures == 0 ? "" : fmt::format(" false_failures={}", r.false_failures));
   }
   return 0;
 }

@@ -4,10 +4,10 @@
 // is also the shortest complete use of the rendezvous client API.
 //
 //   sim_agent ENDPOINT TOKEN_FILE NODE_ID [JOB_ID]
+#include <fmt/format.h>
+
 #include <chrono>
 #include <iostream>
-
-#include <fmt/format.h>
 
 #include "runtime/rendezvous/agent_session.h"
 #include "runtime/rendezvous/grpc_status.h"
@@ -42,9 +42,11 @@ int main(int argc, char** argv) {
     std::cerr << "sim_agent: " << conn.status().message() << "\n";
     return 2;
   }
-  auto session = rally::rendezvous::AgentSession::open(
-      *conn, {.node_id = node, .job_id = argc > 4 ? argv[4] : "demo", .local_world_size = 2,
-              .address = "127.0.0.1"});
+  auto session =
+      rally::rendezvous::AgentSession::open(*conn, {.node_id = node,
+                                                    .job_id = argc > 4 ? argv[4] : "demo",
+                                                    .local_world_size = 2,
+                                                    .address = "127.0.0.1"});
   if (!session.ok()) {
     std::cerr << "sim_agent: " << session.status().message() << "\n";
     return 1;
@@ -68,8 +70,8 @@ int main(int argc, char** argv) {
       member = true;
       std::cout << fmt::format(
                        "{} [{}] generation {}: node rank {} of {}, workers {}..{} of {} ({})",
-                       stamp(), node, r.generation(), r.node_rank(), r.num_nodes(),
-                       r.rank_offset(), r.rank_offset() + 1, r.world_size(), r.cause())
+                       stamp(), node, r.generation(), r.node_rank(), r.num_nodes(), r.rank_offset(),
+                       r.rank_offset() + 1, r.world_size(), r.cause())
                 << std::endl;
     } else if (m->has_generation()) {
       std::cout << fmt::format("{} [{}] generation {}: {}", stamp(), node,

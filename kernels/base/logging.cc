@@ -1,11 +1,11 @@
 #include "kernels/base/logging.h"
 
+#include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+
 #include <map>
 #include <mutex>
 #include <string>
-
-#include <fmt/format.h>
-#include <spdlog/sinks/stdout_color_sinks.h>
 
 namespace rally::log {
 namespace {
@@ -27,8 +27,8 @@ Config& config() {
 Result<spdlog::level::level_enum> parseLevel(std::string_view s) {
   const auto level = spdlog::level::from_str(std::string(s));
   if (level == spdlog::level::off && s != "off") {
-    return invalidArgument(fmt::format(
-        "'{}' is not a log level: use trace, debug, info, warn, error or off", s));
+    return invalidArgument(
+        fmt::format("'{}' is not a log level: use trace, debug, info, warn, error or off", s));
   }
   return level;
 }

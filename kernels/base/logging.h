@@ -8,10 +8,10 @@
 // Thread-safety: setup() must run before other threads log; get() and the loggers are thread-safe.
 #pragma once
 
+#include <spdlog/spdlog.h>
+
 #include <memory>
 #include <string_view>
-
-#include <spdlog/spdlog.h>
 
 #include "kernels/base/status.h"
 

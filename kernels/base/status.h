@@ -9,9 +9,9 @@
 //     ...
 //   }
 //
-// Codes name the origin of the failure (c10d's DistBackendError / DistStoreError / DistNetworkError),
-// so a caller can decide what to do: retry on kUnavailable, recover on kPeerLost / kAborted, report
-// kInvalidArgument to the user.
+// Codes name the origin of the failure (c10d's DistBackendError / DistStoreError /
+// DistNetworkError), so a caller can decide what to do: retry on kUnavailable, recover on kPeerLost
+// / kAborted, report kInvalidArgument to the user.
 //
 // Thread-safety: Status and Result are values; distinct objects may be used from distinct threads.
 #pragma once
@@ -86,7 +86,7 @@ Status errnoStatus(std::string_view what, int err);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : data_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : data_(std::move(value)) {}        // NOLINT(google-explicit-constructor)
   Result(Status status) : data_(std::move(status)) {  // NOLINT(google-explicit-constructor)
     if (std::get<Status>(data_).ok()) {
       data_ = Status(StatusCode::kInternal, "Result constructed from an OK status without a value");
@@ -149,11 +149,12 @@ Status toStatus(const Result<T>& r) {
 #define RALLY_STATUS_CONCAT_INNER(a, b) a##b
 #define RALLY_STATUS_CONCAT(a, b) RALLY_STATUS_CONCAT_INNER(a, b)
 
-// Returns the status of `expr` from the enclosing function if it is not OK; context may be streamed:
+// Returns the status of `expr` from the enclosing function if it is not OK; context may be
+// streamed:
 //   RALLY_RETURN_IF_ERROR(f()) << "while doing " << x;
-#define RALLY_RETURN_IF_ERROR(expr)                                                      \
+#define RALLY_RETURN_IF_ERROR(expr)                                                            \
   if (::rally::Status rally_status_ = ::rally::internal::toStatus(expr); rally_status_.ok()) { \
-  } else                                                                                 \
+  } else                                                                                       \
     return ::rally::internal::StatusBuilder(std::move(rally_status_))
 
 #define RALLY_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
@@ -161,6 +162,7 @@ Status toStatus(const Result<T>& r) {
   if (!tmp.ok()) return tmp.status();               \
   lhs = std::move(tmp).value()
 
-// Declares or assigns `lhs` from a Result, returning its status from the enclosing function on error.
+// Declares or assigns `lhs` from a Result, returning its status from the enclosing function on
+// error.
 #define RALLY_ASSIGN_OR_RETURN(lhs, expr) \
   RALLY_ASSIGN_OR_RETURN_IMPL(RALLY_STATUS_CONCAT(rally_result_, __LINE__), lhs, expr)

@@ -1,9 +1,9 @@
 #include "kernels/base/tunables.h"
 
+#include <fmt/format.h>
+
 #include <cstdlib>
 #include <ostream>
-
-#include <fmt/format.h>
 
 namespace rally {
 namespace {
@@ -12,7 +12,8 @@ constexpr TunableSpec kSpecs[] = {
     {"log_level", "RALLY_LOG_LEVEL", TunableKind::kString, "info",
      "log level, optionally per subsystem: 'info,coordinator=debug,agent=warn'"},
     {"heartbeat_interval", "RALLY_HEARTBEAT_INTERVAL", TunableKind::kDuration, "1s",
-     "heartbeat interval: agents beat twice per interval; a silent node is failed within 2 intervals"},
+     "heartbeat interval: agents beat twice per interval; a silent node is failed within 2 "
+     "intervals"},
     {"last_call", "RALLY_LAST_CALL", TunableKind::kDuration, "2s",
      "once MIN nodes have joined a first round, how long to wait for more before it closes"},
     {"join_timeout", "RALLY_JOIN_TIMEOUT", TunableKind::kDuration, "600s",
@@ -62,10 +63,17 @@ Status Tunables::set(std::string_view name, std::string value, std::string sourc
   if (spec == nullptr) return invalidArgument(fmt::format("unknown tunable '{}'", name));
   Status valid;
   switch (spec->kind) {
-    case TunableKind::kString: break;
-    case TunableKind::kInteger: valid = parseInteger(value).status(); break;
-    case TunableKind::kDuration: valid = parseDuration(value).status(); break;
-    case TunableKind::kBytes: valid = parseBytes(value).status(); break;
+    case TunableKind::kString:
+      break;
+    case TunableKind::kInteger:
+      valid = parseInteger(value).status();
+      break;
+    case TunableKind::kDuration:
+      valid = parseDuration(value).status();
+      break;
+    case TunableKind::kBytes:
+      valid = parseBytes(value).status();
+      break;
   }
   RALLY_RETURN_IF_ERROR(valid) << "in " << source << " (" << spec->doc << ")";
   values_[std::string(name)] = {std::move(value), std::move(source)};
@@ -105,8 +113,8 @@ Result<std::int64_t> Tunables::bytes(std::string_view name) const {
 }
 
 void Tunables::print(std::ostream& out) const {
-  out << fmt::format("{:<20} {:<12} {:<24} {:<26} {}\n", "tunable", "value", "from",
-                     "environment", "meaning");
+  out << fmt::format("{:<20} {:<12} {:<24} {:<26} {}\n", "tunable", "value", "from", "environment",
+                     "meaning");
   for (const auto& spec : kSpecs) {
     const auto it = values_.find(spec.name);
     out << fmt::format("{:<20} {:<12} {:<24} {:<26} {}\n", spec.name, it->second.text,

@@ -27,8 +27,8 @@ namespace rally {
 enum class TunableKind { kString, kInteger, kDuration, kBytes };
 
 struct TunableSpec {
-  std::string_view name;           // "heartbeat_interval"
-  std::string_view env;            // "RALLY_HEARTBEAT_INTERVAL"
+  std::string_view name;  // "heartbeat_interval"
+  std::string_view env;   // "RALLY_HEARTBEAT_INTERVAL"
   TunableKind kind;
   std::string_view default_value;  // "1s"
   std::string_view doc;

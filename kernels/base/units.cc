@@ -1,10 +1,10 @@
 #include "kernels/base/units.h"
 
+#include <fmt/format.h>
+
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
-
-#include <fmt/format.h>
 
 namespace rally {
 namespace {
@@ -66,17 +66,23 @@ Result<std::int64_t> parseBytes(std::string_view text) {
         text));
   }
   double mult = 0;
-  if (unit.empty() || unit == "B") mult = 1;
-  else if (unit == "KiB") mult = 1024.0;
-  else if (unit == "MiB") mult = 1024.0 * 1024;
-  else if (unit == "GiB") mult = 1024.0 * 1024 * 1024;
-  else if (unit == "KB") mult = 1e3;
-  else if (unit == "MB") mult = 1e6;
-  else if (unit == "GB") mult = 1e9;
+  if (unit.empty() || unit == "B")
+    mult = 1;
+  else if (unit == "KiB")
+    mult = 1024.0;
+  else if (unit == "MiB")
+    mult = 1024.0 * 1024;
+  else if (unit == "GiB")
+    mult = 1024.0 * 1024 * 1024;
+  else if (unit == "KB")
+    mult = 1e3;
+  else if (unit == "MB")
+    mult = 1e6;
+  else if (unit == "GB")
+    mult = 1e9;
   else {
-    return invalidArgument(
-        fmt::format("'{}' has an unknown size unit '{}': use B, KiB, MiB, GiB, KB, MB or GB", text,
-                    unit));
+    return invalidArgument(fmt::format(
+        "'{}' has an unknown size unit '{}': use B, KiB, MiB, GiB, KB, MB or GB", text, unit));
   }
   const double bytes = n * mult;
   if (bytes > 9e18) return invalidArgument(fmt::format("size '{}' is too large", text));

@@ -1,6 +1,6 @@
 // Parsing of the human units that flags and environment variables take: durations ("250ms", "2s",
-// "1.5m", "1h"; a bare number means seconds, as in torchrun) and byte sizes ("512", "64KiB", "4MiB",
-// "1GiB"; KB/MB/GB are powers of ten).
+// "1.5m", "1h"; a bare number means seconds, as in torchrun) and byte sizes ("512", "64KiB",
+// "4MiB", "1GiB"; KB/MB/GB are powers of ten).
 //
 //   RALLY_ASSIGN_OR_RETURN(auto interval, rally::parseDuration("500ms"));
 //   std::string text = rally::formatDuration(interval);  // "500ms"

@@ -1,6 +1,7 @@
 #include "launcher/cli/coordinator_command.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,8 +11,6 @@
 #include <iostream>
 #include <memory>
 #include <random>
-
-#include <fmt/format.h>
 
 #include "kernels/base/logging.h"
 #include "kernels/base/tunables.h"
@@ -38,8 +37,8 @@ Status parseNnodes(const std::string& text, std::uint32_t* min, std::uint32_t* m
   auto one = [&](std::string_view part) -> Result<std::uint32_t> {
     auto v = parseInteger(part);
     if (!v.ok() || *v < 1 || *v > 1'000'000) {
-      return invalidArgument(fmt::format(
-          "--nnodes '{}' is not N or MIN:MAX with 1 <= MIN <= MAX <= 1000000", text));
+      return invalidArgument(
+          fmt::format("--nnodes '{}' is not N or MIN:MAX with 1 <= MIN <= MAX <= 1000000", text));
     }
     return static_cast<std::uint32_t>(*v);
   };
@@ -97,8 +96,8 @@ int runCoordinator(const CoordinatorFlags& flags) {
   coordinator::CoordinatorOptions options;
   options.rendezvous.job_id = flags.job_id;
   if (!flags.nnodes.empty()) {
-    if (Status s = parseNnodes(flags.nnodes, &options.rendezvous.min_nodes,
-                               &options.rendezvous.max_nodes);
+    if (Status s =
+            parseNnodes(flags.nnodes, &options.rendezvous.min_nodes, &options.rendezvous.max_nodes);
         !s.ok()) {
       std::cerr << "rally coordinator: " << s.message() << "\n";
       return 2;
@@ -140,8 +139,7 @@ int runCoordinator(const CoordinatorFlags& flags) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  coordinator::ListenOptions listen{flags.host, flags.port,
-                                    *tunables->bytes("max_message_bytes")};
+  coordinator::ListenOptions listen{flags.host, flags.port, *tunables->bytes("max_message_bytes")};
   auto server = coordinator::CoordinatorServer::start(std::move(options), listen);
   if (!server.ok()) {
     std::cerr << "rally coordinator: " << server.status().message() << "\n";
@@ -150,9 +148,8 @@ int runCoordinator(const CoordinatorFlags& flags) {
   if (!flags.port_file.empty()) {
     std::ofstream(flags.port_file) << (*server)->port() << "\n";
   }
-  std::cout << fmt::format("rally coordinator listening on {} (job '{}', {})",
-                           (*server)->address(), flags.job_id.empty() ? "any" : flags.job_id,
-                           token_source)
+  std::cout << fmt::format("rally coordinator listening on {} (job '{}', {})", (*server)->address(),
+                           flags.job_id.empty() ? "any" : flags.job_id, token_source)
             << std::endl;
 
   int sig = 0;
@@ -179,15 +176,13 @@ void addCoordinatorCommand(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("--port-file", flags->port_file, "Write the port it listens on to this file");
   cmd->add_option("--job-id,--rdzv-id,--rdzv_id", flags->job_id,
                   "The job's id; joins for another job are refused (default: the first join's)");
-  cmd->add_option("--nnodes", flags->nnodes,
-                  "N or MIN:MAX nodes (default: the first join's)");
+  cmd->add_option("--nnodes", flags->nnodes, "N or MIN:MAX nodes (default: the first join's)");
   for (const TunableSpec& spec : tunableSpecs()) {
     std::string flag = "--" + std::string(spec.name);
     std::replace(flag.begin(), flag.end(), '_', '-');
     cmd->add_option_function<std::string>(
-        flag, [flags, name = std::string(spec.name)](const std::string& v) {
-          flags->tunables[name] = v;
-        },
+        flag,
+        [flags, name = std::string(spec.name)](const std::string& v) { flags->tunables[name] = v; },
         fmt::format("{} [{}, env {}]", spec.doc, spec.default_value, spec.env));
   }
   cmd->add_flag("--print-config", flags->print_config,

@@ -1,8 +1,7 @@
 // The `rally` executable: `rally coordinator` today; `rally run` (the torchrun-compatible launcher)
 // and `rally checkpoint` join it as they are built.
-#include <iostream>
-
 #include <CLI/CLI.hpp>
+#include <iostream>
 
 #include "launcher/cli/coordinator_command.h"
 #include "rally/config.h"

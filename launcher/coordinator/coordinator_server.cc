@@ -1,9 +1,8 @@
 #include "launcher/coordinator/coordinator_server.h"
 
-#include <sys/resource.h>
-
 #include <fmt/format.h>
 #include <grpcpp/server_builder.h>
+#include <sys/resource.h>
 
 #include "kernels/base/logging.h"
 
@@ -39,9 +38,8 @@ Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::start(CoordinatorO
   server->service_ = std::make_unique<CoordinatorService>(std::move(options));
 
   const bool v6 = listen.host.find(':') != std::string::npos;
-  const std::string target =
-      v6 ? fmt::format("[{}]:{}", listen.host, listen.port) : fmt::format("{}:{}", listen.host,
-                                                                          listen.port);
+  const std::string target = v6 ? fmt::format("[{}]:{}", listen.host, listen.port)
+                                : fmt::format("{}:{}", listen.host, listen.port);
   grpc::ServerBuilder builder;
   // One coordinator per port: gRPC would otherwise let a second one share it silently.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);

@@ -9,10 +9,10 @@
 // Thread-safety: all methods are thread-safe.
 #pragma once
 
+#include <grpcpp/server.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/server.h>
 
 #include "kernels/base/status.h"
 #include "launcher/coordinator/coordinator_service.h"

@@ -21,10 +21,14 @@ constexpr int kWaitingKey = 2;  // NodesWaiting: only the newest count matters
 
 v1::GenerationEvent::State toProtoState(RoundState s) {
   switch (s) {
-    case RoundState::kWaiting: return v1::GenerationEvent::WAITING;
-    case RoundState::kFormed: return v1::GenerationEvent::FORMED;
-    case RoundState::kReforming: return v1::GenerationEvent::REFORMING;
-    case RoundState::kClosed: return v1::GenerationEvent::CLOSED;
+    case RoundState::kWaiting:
+      return v1::GenerationEvent::WAITING;
+    case RoundState::kFormed:
+      return v1::GenerationEvent::FORMED;
+    case RoundState::kReforming:
+      return v1::GenerationEvent::REFORMING;
+    case RoundState::kClosed:
+      return v1::GenerationEvent::CLOSED;
   }
   return v1::GenerationEvent::STATE_UNSPECIFIED;
 }
@@ -141,7 +145,7 @@ void CoordinatorService::shutdown(const std::string& reason) {
 CoordinatorStats CoordinatorService::stats() {
   std::lock_guard lock(mu_);
   return CoordinatorStats{rendezvous_.generation(), rendezvous_.state(), sessions_by_node_.size(),
-                          watchers_.size(), kv_.keyCount(), kv_.waiterCount()};
+                          watchers_.size(),         kv_.keyCount(),      kv_.waiterCount()};
 }
 
 // ---- Sessions -----------------------------------------------------------------------------------
@@ -233,8 +237,8 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
     return;
   }
   const TimePoint now = Clock::now();
-  NodeInfo info{join.node_id(),          join.job_id(),    join.min_nodes(),
-                join.max_nodes(),        join.local_world_size(), join.address()};
+  NodeInfo info{join.node_id(),   join.job_id(),           join.min_nodes(),
+                join.max_nodes(), join.local_world_size(), join.address()};
   Events events;
   auto admitted = rendezvous_.join(info, now, &events);
   if (!admitted.ok()) {
@@ -245,9 +249,8 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
   session->node_id = info.node_id;
   sessions_by_node_[info.node_id] = session;
   liveness_.beat(info.node_id, now);
-  log_->debug("node '{}' joined ({} worker(s), {})", info.node_id,
-                                        info.local_world_size,
-                                        admitted->waiting ? "held for the next round" : "gathering");
+  log_->debug("node '{}' joined ({} worker(s), {})", info.node_id, info.local_world_size,
+              admitted->waiting ? "held for the next round" : "gathering");
   v1::CoordinatorMessage welcome;
   auto* w = welcome.mutable_welcome();
   w->set_heartbeat_interval_ms(static_cast<std::uint64_t>(options_.heartbeat_interval.count()));
@@ -290,7 +293,8 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
   });
 }
 
-// ---- Event delivery (under the lock) -------------------------------------------------------------
+// ---- Event delivery (under the lock)
+// -------------------------------------------------------------
 
 void CoordinatorService::deliver(Events events) {
   auto& log = log_;

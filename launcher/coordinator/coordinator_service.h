@@ -1,7 +1,8 @@
 // The coordinator's gRPC service (rally.v1.Coordinator, proto/rally/v1/coordinator.proto): the
-// rendezvous state machine, liveness by stream and heartbeat, the generation pushed to watchers, and
-// the key-value store, behind one lock. Built on gRPC's callback API, so 10,000 agent streams cost no
-// threads; one timer thread fires last calls, join timeouts, missed heartbeats and wait timeouts.
+// rendezvous state machine, liveness by stream and heartbeat, the generation pushed to watchers,
+// and the key-value store, behind one lock. Built on gRPC's callback API, so 10,000 agent streams
+// cost no threads; one timer thread fires last calls, join timeouts, missed heartbeats and wait
+// timeouts.
 //
 //   CoordinatorService service(options);
 //   grpc::ServerBuilder builder;  builder.RegisterService(&service);  ...

@@ -40,8 +40,7 @@ grpc::Status CoordinatorService::admit(grpc::CallbackServerContext* ctx) {
 
 grpc::ServerUnaryReactor* CoordinatorService::Set(grpc::CallbackServerContext* ctx,
                                                   const v1::SetRequest* req, v1::SetResponse*) {
-  return unaryCall(ctx,
-                   [&] { return kv_.set(req->generation(), req->key(), req->value()); });
+  return unaryCall(ctx, [&] { return kv_.set(req->generation(), req->key(), req->value()); });
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Get(grpc::CallbackServerContext* ctx,
@@ -94,8 +93,8 @@ grpc::ServerUnaryReactor* CoordinatorService::List(grpc::CallbackServerContext* 
                                                    const v1::ListRequest* req,
                                                    v1::ListResponse* resp) {
   return unaryCall(ctx, [&]() -> Status {
-    RALLY_ASSIGN_OR_RETURN(ListResult r, kv_.list(req->generation(), req->prefix(),
-                                                  req->start_after(), req->limit()));
+    RALLY_ASSIGN_OR_RETURN(
+        ListResult r, kv_.list(req->generation(), req->prefix(), req->start_after(), req->limit()));
     for (auto& k : r.keys) resp->add_keys(std::move(k));
     resp->set_more(r.more);
     return okStatus();
@@ -129,17 +128,17 @@ grpc::ServerUnaryReactor* CoordinatorService::Wait(grpc::CallbackServerContext* 
     reactor->Finish(admitted);
     return reactor;
   }
-  const Milliseconds timeout = req->timeout_ms() != 0 ? Milliseconds(req->timeout_ms())
-                                                      : options_.default_wait_timeout;
+  const Milliseconds timeout =
+      req->timeout_ms() != 0 ? Milliseconds(req->timeout_ms()) : options_.default_wait_timeout;
   std::vector<std::string> keys(req->keys().begin(), req->keys().end());
   const std::string what =
       fmt::format("keys [{}] in generation {}", fmt::join(keys, ", "), req->generation());
   runLocked([&] {
     auto id = kv_.addWaiter(req->generation(), std::move(keys), [this, reactor](Status s) {
       // Runs under the lock: the store calls back from inside the operation that decided.
-      grpc::Status g = shutting_down_ ? rendezvous::finalStatus(grpc::StatusCode::UNAVAILABLE,
-                                                                s.message())
-                                      : toGrpcStatus(s);
+      grpc::Status g = shutting_down_
+                           ? rendezvous::finalStatus(grpc::StatusCode::UNAVAILABLE, s.message())
+                           : toGrpcStatus(s);
       deferred_.push_back([reactor, g] { reactor->Finish(g); });
     });
     if (!id.ok()) {

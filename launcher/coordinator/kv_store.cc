@@ -1,10 +1,10 @@
 #include "launcher/coordinator/kv_store.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <charconv>
 #include <limits>
-
-#include <fmt/format.h>
 
 namespace rally::coordinator {
 namespace {
@@ -40,8 +40,8 @@ void KvStore::startGeneration(std::uint64_t generation) {
 Status KvStore::checkGeneration(std::uint64_t generation) const {
   if (generation == 0 || generation == current_) return okStatus();
   if (generation < current_) {
-    return aborted(fmt::format(
-        "generation {} has ended (current is {}): its keys were dropped", generation, current_));
+    return aborted(fmt::format("generation {} has ended (current is {}): its keys were dropped",
+                               generation, current_));
   }
   return failedPrecondition(
       fmt::format("generation {} has not started (current is {})", generation, current_));
@@ -184,9 +184,8 @@ Result<ListResult> KvStore::list(std::uint64_t generation, const std::string& pr
   RALLY_RETURN_IF_ERROR(checkGeneration(generation));
   if (limit == 0) limit = kDefaultListLimit;
   if (limit > kMaxListLimit) {
-    return invalidArgument(
-        fmt::format("list limit {} is too large: ask for at most {} keys a page", limit,
-                    kMaxListLimit));
+    return invalidArgument(fmt::format("list limit {} is too large: ask for at most {} keys a page",
+                                       limit, kMaxListLimit));
   }
   ListResult out;
   const Scope* s = scope(generation);
@@ -204,8 +203,7 @@ Result<ListResult> KvStore::list(std::uint64_t generation, const std::string& pr
 }
 
 Result<KvStore::WaiterId> KvStore::addWaiter(std::uint64_t generation,
-                                             std::vector<std::string> keys,
-                                             WaiterCallback done) {
+                                             std::vector<std::string> keys, WaiterCallback done) {
   RALLY_RETURN_IF_ERROR(checkGeneration(generation));
   for (const auto& k : keys) RALLY_RETURN_IF_ERROR(checkKey(k));
   std::sort(keys.begin(), keys.end());

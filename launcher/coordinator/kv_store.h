@@ -5,7 +5,8 @@
 //   KvStore store(KvLimits{});
 //   store.startGeneration(1);
 //   RALLY_RETURN_IF_ERROR(store.set(1, "nccl/id", bytes));
-//   store.addWaiter(1, {"a", "b"}, [](Status s) { ... });  // called once: OK, or Aborted if gen ends
+//   store.addWaiter(1, {"a", "b"}, [](Status s) { ... });  // called once: OK, or Aborted if gen
+//   ends
 //
 // Limits (key count, key and value sizes) are enforced on every write, with errors that name them.
 //

@@ -1,9 +1,9 @@
 #include "launcher/coordinator/rendezvous.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <limits>
-
-#include <fmt/format.h>
 
 namespace rally::coordinator {
 namespace {
@@ -15,10 +15,14 @@ constexpr size_t kMaxNodeIdBytes = 256;
 
 const char* roundStateName(RoundState state) {
   switch (state) {
-    case RoundState::kWaiting: return "waiting";
-    case RoundState::kFormed: return "formed";
-    case RoundState::kReforming: return "reforming";
-    case RoundState::kClosed: return "closed";
+    case RoundState::kWaiting:
+      return "waiting";
+    case RoundState::kFormed:
+      return "formed";
+    case RoundState::kReforming:
+      return "reforming";
+    case RoundState::kClosed:
+      return "closed";
   }
   return "unknown";
 }
@@ -43,23 +47,22 @@ Status Rendezvous::validate(const NodeInfo& node) const {
         "node '{}' joined with local_world_size 0: a node runs at least one worker", node.node_id));
   }
   if (!options_.job_id.empty() && node.job_id != options_.job_id) {
-    return invalidArgument(fmt::format(
-        "node '{}' is for job '{}' but this coordinator runs job '{}': check --rdzv-id",
-        node.node_id, node.job_id, options_.job_id));
+    return invalidArgument(
+        fmt::format("node '{}' is for job '{}' but this coordinator runs job '{}': check --rdzv-id",
+                    node.node_id, node.job_id, options_.job_id));
   }
   const bool node_has_counts = node.min_nodes != 0 || node.max_nodes != 0;
   if (node_has_counts) {
     if (node.min_nodes == 0 || node.max_nodes < node.min_nodes || node.max_nodes > kMaxNodesLimit) {
-      return invalidArgument(fmt::format(
-          "node '{}' asked for --nnodes {}:{}: need 1 <= MIN <= MAX <= {}", node.node_id,
-          node.min_nodes, node.max_nodes, kMaxNodesLimit));
+      return invalidArgument(
+          fmt::format("node '{}' asked for --nnodes {}:{}: need 1 <= MIN <= MAX <= {}",
+                      node.node_id, node.min_nodes, node.max_nodes, kMaxNodesLimit));
     }
     if (options_.min_nodes != 0 &&
         (node.min_nodes != options_.min_nodes || node.max_nodes != options_.max_nodes)) {
       return invalidArgument(fmt::format(
           "node '{}' asked for --nnodes {}:{} but job '{}' runs with --nnodes {}:{}", node.node_id,
-          node.min_nodes, node.max_nodes, options_.job_id, options_.min_nodes,
-          options_.max_nodes));
+          node.min_nodes, node.max_nodes, options_.job_id, options_.min_nodes, options_.max_nodes));
     }
   } else if (options_.min_nodes == 0) {
     return invalidArgument(fmt::format(
@@ -79,9 +82,9 @@ Result<JoinOutcome> Rendezvous::join(const NodeInfo& node, TimePoint now, Events
   }
   RALLY_RETURN_IF_ERROR(validate(node));
   if (nodes_.count(node.node_id) != 0) {
-    return alreadyExists(fmt::format(
-        "node id '{}' is already joined by a live agent: give every node a distinct id",
-        node.node_id));
+    return alreadyExists(
+        fmt::format("node id '{}' is already joined by a live agent: give every node a distinct id",
+                    node.node_id));
   }
   if (options_.job_id.empty()) options_.job_id = node.job_id;
   if (options_.min_nodes == 0) {
@@ -178,8 +181,8 @@ Status Rendezvous::close(const std::string& node_id, const std::string& reason, 
   }
   held_.clear();
   gathering_count_ = 0;
-  events->push_back(GenerationEvent{generation_, RoundState::kClosed,
-                                    static_cast<std::uint32_t>(members_.size()), why, {}});
+  events->push_back(GenerationEvent{
+      generation_, RoundState::kClosed, static_cast<std::uint32_t>(members_.size()), why, {}});
   return okStatus();
 }
 
@@ -265,9 +268,9 @@ std::vector<std::string> Rendezvous::gatheringOrder() const {
   for (const auto& [id, node] : nodes_) {
     if (node.role != Role::kGathering) continue;
     const auto prev = previous_ranks_.find(id);
-    keys.push_back({prev != previous_ranks_.end() ? prev->second
-                                                  : std::numeric_limits<std::uint64_t>::max(),
-                    node.arrival, &id});
+    keys.push_back(
+        {prev != previous_ranks_.end() ? prev->second : std::numeric_limits<std::uint64_t>::max(),
+         node.arrival, &id});
   }
   std::sort(keys.begin(), keys.end(), [](const Key& a, const Key& b) {
     return a.old_rank != b.old_rank ? a.old_rank < b.old_rank : a.arrival < b.arrival;
@@ -305,9 +308,9 @@ void Rendezvous::form(Events* events) {
   const std::string cause = first ? std::string("first round") : reform_cause_;
   const std::vector<std::string> failed = first ? std::vector<std::string>() : reform_failed_;
   events->push_back(RoundFormedEvent{generation_, members_, cause, failed});
-  events->push_back(GenerationEvent{
-      generation_, RoundState::kFormed, num,
-      fmt::format("round formed with {} node(s) ({})", num, cause), failed});
+  events->push_back(GenerationEvent{generation_, RoundState::kFormed, num,
+                                    fmt::format("round formed with {} node(s) ({})", num, cause),
+                                    failed});
   if (!held_.empty()) {
     events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
   }
@@ -338,8 +341,8 @@ std::vector<Member> Rendezvous::assignRanks(
     const auto prev = previous_ranks.find(ordered[i].node_id);
     if (prev != previous_ranks.end() && prev->second < n && !taken[prev->second]) {
       taken[prev->second] = true;
-      slots[prev->second] = Member{ordered[i].node_id, prev->second, ordered[i].local_world_size,
-                                   ordered[i].address};
+      slots[prev->second] =
+          Member{ordered[i].node_id, prev->second, ordered[i].local_world_size, ordered[i].address};
     } else {
       unplaced.push_back(i);
     }

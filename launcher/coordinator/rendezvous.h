@@ -8,11 +8,14 @@
 //   for (const Event& e : ev) { ...deliver... }
 //
 // States (docs/design/coordinator.md has the diagram):
-//   kWaiting   no round has formed yet; nodes gather until MAX joined (forms at once), or MIN joined
+//   kWaiting   no round has formed yet; nodes gather until MAX joined (forms at once), or MIN
+//   joined
 //              and the last-call window passed.
 //   kFormed    a round is running with generation G; later joiners are held for the next round.
-//   kReforming a member left, failed or asked for a re-form: the generation moved to G+1 at once and
-//              the survivors (plus held nodes) gather; if at least MIN are there the round forms at once.
+//   kReforming a member left, failed or asked for a re-form: the generation moved to G+1 at once
+//   and
+//              the survivors (plus held nodes) gather; if at least MIN are there the round forms at
+//              once.
 //   kClosed    the job finished (or could not gather MIN in time); joins are refused.
 //
 // The generation moves exactly when a formed membership ends (and once for the first round), so
@@ -39,7 +42,7 @@ using Clock = std::chrono::steady_clock;
 using TimePoint = Clock::time_point;
 
 struct RendezvousOptions {
-  std::string job_id;         // empty: taken from the first join
+  std::string job_id;           // empty: taken from the first join
   std::uint32_t min_nodes = 0;  // 0: taken from the first join
   std::uint32_t max_nodes = 0;
   Milliseconds last_call{2000};
@@ -176,14 +179,14 @@ class Rendezvous {
   RoundState state_ = RoundState::kWaiting;
   std::uint64_t generation_ = 0;
   std::uint64_t next_arrival_ = 0;
-  std::uint32_t gathering_count_ = 0;           // nodes with Role::kGathering
+  std::uint32_t gathering_count_ = 0;            // nodes with Role::kGathering
   std::unordered_map<std::string, Node> nodes_;  // every live node, whatever its role
   std::vector<Member> members_;                  // the last formed round, by rank
   std::deque<std::string> held_;                 // joined while a round ran, by arrival
   std::unordered_map<std::string, std::uint32_t> previous_ranks_;
-  std::optional<TimePoint> min_reached_at_;      // when the gathering round reached MIN
-  std::optional<TimePoint> gathering_since_;     // when the gathering round started waiting
-  std::string reform_cause_;                     // what ended the last formed round
+  std::optional<TimePoint> min_reached_at_;   // when the gathering round reached MIN
+  std::optional<TimePoint> gathering_since_;  // when the gathering round started waiting
+  std::string reform_cause_;                  // what ended the last formed round
   std::vector<std::string> reform_failed_;
 };
 

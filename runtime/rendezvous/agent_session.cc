@@ -1,8 +1,8 @@
 #include "runtime/rendezvous/agent_session.h"
 
-#include <deque>
-
 #include <fmt/format.h>
+
+#include <deque>
 
 #include "runtime/rendezvous/grpc_status.h"
 
@@ -103,8 +103,8 @@ AgentSession::AgentSession(std::shared_ptr<CoordinatorConnection> conn, JoinInfo
 Result<std::unique_ptr<AgentSession>> AgentSession::open(
     std::shared_ptr<CoordinatorConnection> conn, JoinInfo join, AgentSessionOptions options) {
   if (join.node_id.empty()) return invalidArgument("AgentSession needs a node id");
-  std::unique_ptr<AgentSession> s(new AgentSession(std::move(conn), std::move(join),
-                                                   std::move(options)));
+  std::unique_ptr<AgentSession> s(
+      new AgentSession(std::move(conn), std::move(join), std::move(options)));
   s->reactor_ = std::make_unique<Reactor>(s.get());
   s->reactor_->begin();
   v1::AgentMessage m;

@@ -45,7 +45,8 @@ struct AgentSessionOptions {
 class AgentSession {
  public:
   static Result<std::unique_ptr<AgentSession>> open(std::shared_ptr<CoordinatorConnection> conn,
-                                                    JoinInfo join, AgentSessionOptions options = {});
+                                                    JoinInfo join,
+                                                    AgentSessionOptions options = {});
   // Cancels the stream if it is still open and waits for it to end.
   ~AgentSession();
   AgentSession(const AgentSession&) = delete;

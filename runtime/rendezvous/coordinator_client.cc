@@ -1,11 +1,11 @@
 #include "runtime/rendezvous/coordinator_client.h"
 
+#include <fmt/format.h>
+#include <grpcpp/create_channel.h>
+
 #include <fstream>
 #include <random>
 #include <thread>
-
-#include <fmt/format.h>
-#include <grpcpp/create_channel.h>
 
 #include "runtime/rendezvous/grpc_status.h"
 
@@ -32,8 +32,8 @@ Result<std::string> readTokenFile(const std::string& path) {
   const auto b = line.find_first_not_of(" \t\r\n");
   const auto e = line.find_last_not_of(" \t\r\n");
   if (b == std::string::npos) {
-    return invalidArgument(fmt::format("the token file {} is empty: it must hold the job token",
-                                       path));
+    return invalidArgument(
+        fmt::format("the token file {} is empty: it must hold the job token", path));
   }
   return line.substr(b, e - b + 1);
 }
@@ -43,9 +43,9 @@ CoordinatorConnection::CoordinatorConnection(ClientOptions options)
 
 Result<std::shared_ptr<CoordinatorConnection>> CoordinatorConnection::open(ClientOptions options) {
   if (options.endpoint.empty() || options.endpoint.find(':') == std::string::npos) {
-    return invalidArgument(fmt::format(
-        "coordinator endpoint '{}' is not HOST:PORT (for example 127.0.0.1:29400)",
-        options.endpoint));
+    return invalidArgument(
+        fmt::format("coordinator endpoint '{}' is not HOST:PORT (for example 127.0.0.1:29400)",
+                    options.endpoint));
   }
   if (options.token.empty()) {
     return invalidArgument("no job token for the coordinator: give the coordinator's token file");
@@ -59,8 +59,8 @@ Result<std::shared_ptr<CoordinatorConnection>> CoordinatorConnection::open(Clien
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   if (conn->options_.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  conn->channel_ = grpc::CreateCustomChannel(conn->options_.endpoint,
-                                             grpc::InsecureChannelCredentials(), args);
+  conn->channel_ =
+      grpc::CreateCustomChannel(conn->options_.endpoint, grpc::InsecureChannelCredentials(), args);
   conn->stub_ = v1::Coordinator::NewStub(conn->channel_);
   return conn;
 }
@@ -114,8 +114,8 @@ Status callWithRetry(const CoordinatorConnection& conn, std::string_view what, b
       if (attempt > 1) out.addContext(fmt::format("after {} attempts", attempt));
       return out.addContext(fmt::format("coordinator {}", conn.options().endpoint));
     }
-    const auto jitter = Milliseconds(std::uniform_int_distribution<int>(
-        0, static_cast<int>(backoff.count() / 2))(rng));
+    const auto jitter = Milliseconds(
+        std::uniform_int_distribution<int>(0, static_cast<int>(backoff.count() / 2))(rng));
     std::this_thread::sleep_for(backoff + jitter);
     backoff = std::min(backoff * 2, Milliseconds(2000));
   }
@@ -140,9 +140,8 @@ Status StoreClient::set(const std::string& key, const std::string& value) {
   req.set_key(full(key));
   req.set_value(value);
   v1::SetResponse resp;
-  return internal::callWithRetry(*conn_, fmt::format("Set('{}')", req.key()), true, [&](auto* ctx) {
-    return conn_->stub().Set(ctx, req, &resp);
-  });
+  return internal::callWithRetry(*conn_, fmt::format("Set('{}')", req.key()), true,
+                                 [&](auto* ctx) { return conn_->stub().Set(ctx, req, &resp); });
 }
 
 Result<std::optional<std::string>> StoreClient::get(const std::string& key) {
@@ -150,9 +149,9 @@ Result<std::optional<std::string>> StoreClient::get(const std::string& key) {
   req.set_generation(generation_);
   req.set_key(full(key));
   v1::GetResponse resp;
-  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
-      *conn_, fmt::format("Get('{}')", req.key()), true,
-      [&](auto* ctx) { return conn_->stub().Get(ctx, req, &resp); }));
+  RALLY_RETURN_IF_ERROR(
+      internal::callWithRetry(*conn_, fmt::format("Get('{}')", req.key()), true,
+                              [&](auto* ctx) { return conn_->stub().Get(ctx, req, &resp); }));
   if (!resp.found()) return std::optional<std::string>();
   return std::optional<std::string>(std::move(*resp.mutable_value()));
 }
@@ -166,8 +165,7 @@ Status StoreClient::wait(const std::vector<std::string>& keys, Milliseconds time
   // The server enforces `timeout`; the call's own deadline leaves it room to answer.
   return internal::callWithRetry(
       *conn_, fmt::format("Wait({} key(s))", keys.size()), true,
-      [&](auto* ctx) { return conn_->stub().Wait(ctx, req, &resp); },
-      timeout + Milliseconds(5000));
+      [&](auto* ctx) { return conn_->stub().Wait(ctx, req, &resp); }, timeout + Milliseconds(5000));
 }
 
 Result<std::int64_t> StoreClient::add(const std::string& key, std::int64_t delta) {
@@ -176,9 +174,9 @@ Result<std::int64_t> StoreClient::add(const std::string& key, std::int64_t delta
   req.set_key(full(key));
   req.set_delta(delta);
   v1::AddResponse resp;
-  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
-      *conn_, fmt::format("Add('{}')", req.key()), false,
-      [&](auto* ctx) { return conn_->stub().Add(ctx, req, &resp); }));
+  RALLY_RETURN_IF_ERROR(
+      internal::callWithRetry(*conn_, fmt::format("Add('{}')", req.key()), false,
+                              [&](auto* ctx) { return conn_->stub().Add(ctx, req, &resp); }));
   return resp.value();
 }
 
@@ -203,9 +201,9 @@ Result<bool> StoreClient::remove(const std::string& key) {
   req.set_generation(generation_);
   req.set_key(full(key));
   v1::DeleteResponse resp;
-  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
-      *conn_, fmt::format("Delete('{}')", req.key()), true,
-      [&](auto* ctx) { return conn_->stub().Delete(ctx, req, &resp); }));
+  RALLY_RETURN_IF_ERROR(
+      internal::callWithRetry(*conn_, fmt::format("Delete('{}')", req.key()), true,
+                              [&](auto* ctx) { return conn_->stub().Delete(ctx, req, &resp); }));
   return resp.existed();
 }
 
@@ -216,9 +214,9 @@ Result<std::vector<std::string>> StoreClient::list(const std::string& prefix) {
   req.set_prefix(full(prefix));
   for (;;) {
     v1::ListResponse resp;
-    RALLY_RETURN_IF_ERROR(internal::callWithRetry(
-        *conn_, fmt::format("List('{}')", req.prefix()), true,
-        [&](auto* ctx) { return conn_->stub().List(ctx, req, &resp); }));
+    RALLY_RETURN_IF_ERROR(
+        internal::callWithRetry(*conn_, fmt::format("List('{}')", req.prefix()), true,
+                                [&](auto* ctx) { return conn_->stub().List(ctx, req, &resp); }));
     for (const auto& k : resp.keys()) keys.push_back(k.substr(prefix_.size()));
     if (!resp.more() || resp.keys().empty()) break;
     req.set_start_after(resp.keys(resp.keys_size() - 1));

@@ -9,14 +9,16 @@
 //   RALLY_RETURN_IF_ERROR(gen.wait({"rank1/addr"}, 10s));
 //
 // Deadlines: every call has one (ClientOptions::rpc_timeout unless given). Calls wait for the
-// connection to come up within their deadline (gRPC's wait-for-ready), so a coordinator that is still
-// starting is not an error. Retries: calls that are safe to repeat (get, set, wait, delete, list)
-// are retried with exponential backoff and jitter when the connection breaks mid-call, for at most
-// ClientOptions::connect_timeout; add and compare-and-set are never retried, since a lost reply
-// does not tell whether they took effect.
+// connection to come up within their deadline (gRPC's wait-for-ready), so a coordinator that is
+// still starting is not an error. Retries: calls that are safe to repeat (get, set, wait, delete,
+// list) are retried with exponential backoff and jitter when the connection breaks mid-call, for at
+// most ClientOptions::connect_timeout; add and compare-and-set are never retried, since a lost
+// reply does not tell whether they took effect.
 //
 // Thread-safety: CoordinatorConnection and StoreClient are thread-safe.
 #pragma once
+
+#include <grpcpp/channel.h>
 
 #include <chrono>
 #include <cstdint>
@@ -24,8 +26,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <grpcpp/channel.h>
 
 #include "kernels/base/status.h"
 #include "kernels/base/tunables.h"

@@ -2,9 +2,9 @@
 // clients, and the metadata key that carries the job token.
 #pragma once
 
-#include <string_view>
-
 #include <grpcpp/support/status.h>
+
+#include <string_view>
 
 #include "kernels/base/status.h"
 

@@ -1,25 +1,26 @@
 // An ordered, non-blocking outgoing message queue for a gRPC callback-API stream reactor.
 //
 // gRPC allows one outstanding write per stream. Messages are enqueued in order (under the caller's
-// lock, so that every stream sees events in the order the coordinator produced them) and written one
-// at a time; kick() starts the next write and must be called without the caller's lock held, since
-// gRPC may run reactions inline. finishAfterQueued() ends the stream once what is queued is written.
+// lock, so that every stream sees events in the order the coordinator produced them) and written
+// one at a time; kick() starts the next write and must be called without the caller's lock held,
+// since gRPC may run reactions inline. finishAfterQueued() ends the stream once what is queued is
+// written.
 //
 // Coalescing: a message enqueued with a non-zero key replaces every unsent message with the same
 // key. The coordinator keys round and generation messages, so a slow stream receives the newest
 // state rather than a backlog of superseded rounds, and a burst of failures costs each stream at
 // most one write in flight plus one pending.
 //
-// Lifetime: the owning reactor keeps itself alive through `self_` until gRPC calls OnDone, and other
-// holders keep shared_ptrs; after OnDone, enqueue and kick do nothing.
+// Lifetime: the owning reactor keeps itself alive through `self_` until gRPC calls OnDone, and
+// other holders keep shared_ptrs; after OnDone, enqueue and kick do nothing.
 #pragma once
+
+#include <grpcpp/support/status.h>
 
 #include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
-
-#include <grpcpp/support/status.h>
 
 namespace rally::coordinator::internal {
 
@@ -73,7 +74,8 @@ class OutboundStream {
       if (!queue_.empty()) queue_.pop_front();
       if (!ok) {
         queue_.clear();
-        if (!finish_status_) finish_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "peer gone");
+        if (!finish_status_)
+          finish_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "peer gone");
       }
     }
     kick();

@@ -69,10 +69,9 @@ class CoordinatorService::SessionReactor final
   bool finish_called_ = false;
 };
 
-class CoordinatorService::WatchReactor final
-    : public grpc::ServerWriteReactor<v1::GenerationEvent>,
-      public OutboundStream<v1::GenerationEvent>,
-      public std::enable_shared_from_this<WatchReactor> {
+class CoordinatorService::WatchReactor final : public grpc::ServerWriteReactor<v1::GenerationEvent>,
+                                               public OutboundStream<v1::GenerationEvent>,
+                                               public std::enable_shared_from_this<WatchReactor> {
  public:
   explicit WatchReactor(CoordinatorService* service) : service_(service) {}
   void begin() { self_ = shared_from_this(); }

@@ -2,14 +2,14 @@
 // the stream's end status once it ends. Shared by AgentSession and GenerationWatcher.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
 #include <mutex>
 #include <optional>
-
-#include <fmt/format.h>
 
 #include "kernels/base/status.h"
 #include "kernels/base/units.h"
@@ -93,8 +93,8 @@ class Inbox {
         return unavailable(fmt::format("{}: the stream ended", what));
       }
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout && queue_.empty() && !end_) {
-        return timeoutError(fmt::format("{}: nothing arrived within {}", what,
-                                        formatDuration(timeout)));
+        return timeoutError(
+            fmt::format("{}: nothing arrived within {}", what, formatDuration(timeout)));
       }
     }
   }

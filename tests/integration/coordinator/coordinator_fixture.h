@@ -33,8 +33,8 @@ class CoordinatorFixture : public ::testing::Test {
                    std::int64_t max_message_bytes = 4 << 20) {
     options_ = options;
     auto s = coordinator::CoordinatorServer::start(
-        std::move(options), {.host = "127.0.0.1", .port = 0,
-                             .max_message_bytes = max_message_bytes});
+        std::move(options),
+        {.host = "127.0.0.1", .port = 0, .max_message_bytes = max_message_bytes});
     ASSERT_TRUE(s.ok()) << s.status().toString();
     server_ = std::move(*s);
     endpoint_ = "127.0.0.1:" + std::to_string(server_->port());
@@ -58,21 +58,19 @@ class CoordinatorFixture : public ::testing::Test {
     return *c;
   }
 
-  std::unique_ptr<rendezvous::AgentSession> join(const std::string& node_id,
-                                                 std::uint32_t lws = 1,
+  std::unique_ptr<rendezvous::AgentSession> join(const std::string& node_id, std::uint32_t lws = 1,
                                                  rendezvous::AgentSessionOptions opts = {}) {
-    auto s = rendezvous::AgentSession::open(
-        connect(kToken, /*dedicated=*/true),
-        {.node_id = node_id, .job_id = "job", .local_world_size = lws,
-         .address = node_id + ".local"},
-        std::move(opts));
+    auto s = rendezvous::AgentSession::open(connect(kToken, /*dedicated=*/true),
+                                            {.node_id = node_id,
+                                             .job_id = "job",
+                                             .local_world_size = lws,
+                                             .address = node_id + ".local"},
+                                            std::move(opts));
     EXPECT_TRUE(s.ok()) << s.status().toString();
     return std::move(*s);
   }
 
-  static bool isRoundFormed(const rally::v1::CoordinatorMessage& m) {
-    return m.has_round_formed();
-  }
+  static bool isRoundFormed(const rally::v1::CoordinatorMessage& m) { return m.has_round_formed(); }
 
   coordinator::CoordinatorOptions options_;
   std::unique_ptr<coordinator::CoordinatorServer> server_;

@@ -1,11 +1,12 @@
 // Real processes: an agent killed with SIGKILL moves the generation for the others at once, and
 // `rally coordinator` serves, tells its clients when it is stopped with SIGTERM, and refuses bad
 // input with exit code 2.
+#include "tests/integration/process.h"
+
 #include <fcntl.h>
 #include <gtest/gtest.h>
 
 #include "tests/integration/coordinator/coordinator_fixture.h"
-#include "tests/integration/process.h"
 
 namespace rally::testing {
 namespace {
@@ -22,8 +23,7 @@ TEST_F(ProcessTest, AgentKilledWithSigkillMovesGenerationWithinBound) {
   auto local = join("local");
   const std::string token_file = tempPath("victim.token");
   std::ofstream(token_file) << kToken << "\n";
-  ChildProcess agent({RALLY_SIM_AGENT, endpoint_, token_file, "victim", "job"},
-                     tempPath("victim"));
+  ChildProcess agent({RALLY_SIM_AGENT, endpoint_, token_file, "victim", "job"}, tempPath("victim"));
   ASSERT_GT(agent.pid(), 0);
   ASSERT_TRUE(agent.waitForOutput("joined", milliseconds(10000))) << agent.errors();
   // Both nodes are in one round now (it formed when the second arrived, or re-formed for it).
@@ -35,11 +35,10 @@ TEST_F(ProcessTest, AgentKilledWithSigkillMovesGenerationWithinBound) {
 
   const auto t0 = Clock::now();
   agent.signal(SIGKILL);
-  auto ev = (*watcher)->waitFor(
-      [&](const v1::GenerationEvent& e) { return e.failed_node() == "victim"; },
-      milliseconds(10000));
-  const auto latency =
-      std::chrono::duration_cast<milliseconds>(Clock::now() - t0).count();
+  auto ev =
+      (*watcher)->waitFor([&](const v1::GenerationEvent& e) { return e.failed_node() == "victim"; },
+                          milliseconds(10000));
+  const auto latency = std::chrono::duration_cast<milliseconds>(Clock::now() - t0).count();
   ASSERT_TRUE(ev.ok()) << ev.status().toString();
   EXPECT_GT(ev->generation(), before);
   // The bound: the kernel closes a killed process's sockets, so the stream breaks at once; 1 s
@@ -95,14 +94,13 @@ TEST_F(CoordinatorCliTest, ServesAndTellsClientsOnSigterm) {
   const int second_status = second.waitExit(milliseconds(10000));
   ASSERT_TRUE(WIFEXITED(second_status));
   EXPECT_EQ(WEXITSTATUS(second_status), 1);
-  EXPECT_NE(second.errors().find("127.0.0.1:" + port.substr(0, port.find('\n'))),
-            std::string::npos)
+  EXPECT_NE(second.errors().find("127.0.0.1:" + port.substr(0, port.find('\n'))), std::string::npos)
       << second.errors();
 
   const auto t0 = Clock::now();
   coord.signal(SIGTERM);
-  auto msg = (*session)->waitFor([](const auto& m) { return m.has_shutdown(); },
-                                 milliseconds(5000));
+  auto msg =
+      (*session)->waitFor([](const auto& m) { return m.has_shutdown(); }, milliseconds(5000));
   ASSERT_TRUE(msg.ok()) << msg.status().toString();
   EXPECT_NE(msg->shutdown().reason().find("SIGTERM"), std::string::npos);
   const int status = coord.waitExit(milliseconds(10000));

@@ -41,8 +41,8 @@ TEST_F(ServiceTest, MissingOrWrongTokenIsRefusedAndChangesNothing) {
   EXPECT_NE(s.message().find("wrong job token"), std::string::npos) << s.message();
   EXPECT_EQ(wrong.add("n", 1).status().code(), StatusCode::kUnauthenticated);
 
-  auto session = AgentSession::open(connect("not-the-token", true),
-                                    {.node_id = "intruder", .job_id = "job"});
+  auto session =
+      AgentSession::open(connect("not-the-token", true), {.node_id = "intruder", .job_id = "job"});
   ASSERT_TRUE(session.ok());
   auto end = (*session)->endStatus(milliseconds(5000));
   ASSERT_TRUE(end.has_value());
@@ -131,7 +131,8 @@ TEST_F(ServiceTest, WaitTimesOutSucceedsAndIsAbortedByGenerationEnd) {
   // A wait in generation 1 ends at once (Aborted) when the generation moves.
   auto a = join("a");
   auto b = join("b");
-  for (auto* s : {a.get(), b.get()}) ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  for (auto* s : {a.get(), b.get()})
+    ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
   ASSERT_EQ(server_->service().stats().generation, 1u);
   StoreClient gen1 = store.scoped("boot/", 1);
   ASSERT_TRUE(gen1.set("rank0", "addr").ok());
@@ -262,8 +263,7 @@ TEST_F(ServiceTest, MissedHeartbeatsAreAFailureWithinTwoIntervals) {
   auto silent = join("silent", 1, silent_opts);
   ASSERT_TRUE(silent->waitFor(isRoundFormed, milliseconds(5000)).ok());
   auto ev = (*watcher)->waitFor(
-      [](const v1::GenerationEvent& e) { return e.failed_node() == "silent"; },
-      milliseconds(5000));
+      [](const v1::GenerationEvent& e) { return e.failed_node() == "silent"; }, milliseconds(5000));
   ASSERT_TRUE(ev.ok()) << ev.status().toString();
   const auto latency = msSince(joined);
   EXPECT_EQ(ev->failed_node(), "silent");
@@ -292,8 +292,8 @@ TEST_F(ServiceTest, NoFalseFailuresUnderCpuLoad) {
     });
   }
   // 15 heartbeat intervals with every core busy.
-  auto ev = (*watcher)->waitFor(
-      [](const v1::GenerationEvent& e) { return e.generation() > 1; }, milliseconds(3000));
+  auto ev = (*watcher)->waitFor([](const v1::GenerationEvent& e) { return e.generation() > 1; },
+                                milliseconds(3000));
   stop = true;
   for (auto& t : burners) t.join();
   EXPECT_EQ(ev.status().code(), StatusCode::kTimeout)
@@ -314,8 +314,8 @@ TEST_F(ServiceTest, LateJoinerIsHeldAndAdmittedOnRequest) {
   auto welcome = b->next(milliseconds(5000));
   ASSERT_TRUE(welcome.ok());
   EXPECT_TRUE(welcome->welcome().waiting());
-  auto waiting = a->waitFor([](const auto& m) { return m.has_nodes_waiting(); },
-                            milliseconds(5000));
+  auto waiting =
+      a->waitFor([](const auto& m) { return m.has_nodes_waiting(); }, milliseconds(5000));
   ASSERT_TRUE(waiting.ok());
   EXPECT_EQ(waiting->nodes_waiting().count(), 1u);
   a->requestReform("admit the waiting node");

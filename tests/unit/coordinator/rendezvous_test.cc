@@ -16,8 +16,8 @@ class RendezvousTest : public ::testing::Test {
  protected:
   void make(std::uint32_t min, std::uint32_t max, milliseconds last_call = milliseconds(2000),
             milliseconds join_timeout = seconds(600)) {
-    rdzv_ = std::make_unique<Rendezvous>(RendezvousOptions{"job", min, max, last_call,
-                                                           join_timeout});
+    rdzv_ =
+        std::make_unique<Rendezvous>(RendezvousOptions{"job", min, max, last_call, join_timeout});
   }
   NodeInfo node(const std::string& id, std::uint32_t lws = 1) {
     return NodeInfo{id, "job", 0, 0, lws, id + ".host"};
@@ -323,8 +323,7 @@ TEST_F(RendezvousTest, OnlyMembersMayRequestReformOrClose) {
   make(1, 1);
   ASSERT_TRUE(join("a").ok());
   ASSERT_TRUE(join("b").ok());  // held
-  EXPECT_EQ(rdzv_->requestReform("b", "x", now_, &events_).code(),
-            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(rdzv_->requestReform("b", "x", now_, &events_).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(rdzv_->close("b", "x", &events_).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(rdzv_->requestReform("nobody", "x", now_, &events_).code(),
             StatusCode::kFailedPrecondition);
