@@ -30,6 +30,10 @@ constexpr TunableSpec kSpecs[] = {
      "longest key the store accepts"},
     {"max_value_bytes", "RALLY_MAX_VALUE_BYTES", TunableKind::kBytes, "1MiB",
      "largest value the store accepts"},
+    {"grace_period", "RALLY_GRACE_PERIOD", TunableKind::kDuration, "30s",
+     "after forwarding a signal to workers, how long to wait before SIGKILL (torchrun: fixed 30s)"},
+    {"exit_barrier_timeout", "RALLY_EXIT_BARRIER_TIMEOUT", TunableKind::kDuration, "300s",
+     "how long a node whose workers finished waits for the others (torchrun: fixed 300s)"},
 };
 
 }  // namespace

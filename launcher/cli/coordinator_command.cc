@@ -14,6 +14,7 @@
 
 #include "kernels/base/logging.h"
 #include "kernels/base/tunables.h"
+#include "launcher/cli/tunable_flags.h"
 #include "launcher/coordinator/coordinator_server.h"
 #include "runtime/rendezvous/coordinator_client.h"
 
@@ -78,11 +79,9 @@ int runCoordinator(const CoordinatorFlags& flags) {
     std::cerr << "rally coordinator: " << tunables.status().message() << "\n";
     return 2;
   }
-  for (const auto& [name, value] : flags.tunables) {
-    if (Status s = tunables->set(name, value, "--" + name); !s.ok()) {
-      std::cerr << "rally coordinator: " << s.message() << "\n";
-      return 2;
-    }
+  if (Status s = applyTunableFlags(flags.tunables, &*tunables); !s.ok()) {
+    std::cerr << "rally coordinator: " << s.message() << "\n";
+    return 2;
   }
   if (flags.print_config) {
     tunables->print(std::cout);
@@ -177,14 +176,7 @@ void addCoordinatorCommand(CLI::App& app, std::function<int()>* run) {
   cmd->add_option("--job-id,--rdzv-id,--rdzv_id", flags->job_id,
                   "The job's id; joins for another job are refused (default: the first join's)");
   cmd->add_option("--nnodes", flags->nnodes, "N or MIN:MAX nodes (default: the first join's)");
-  for (const TunableSpec& spec : tunableSpecs()) {
-    std::string flag = "--" + std::string(spec.name);
-    std::replace(flag.begin(), flag.end(), '_', '-');
-    cmd->add_option_function<std::string>(
-        flag,
-        [flags, name = std::string(spec.name)](const std::string& v) { flags->tunables[name] = v; },
-        fmt::format("{} [{}, env {}]", spec.doc, spec.default_value, spec.env));
-  }
+  addTunableFlags(cmd, &flags->tunables);
   cmd->add_flag("--print-config", flags->print_config,
                 "Print every tunable with its value and source, then exit");
   cmd->callback([flags, run] { *run = [flags] { return runCoordinator(*flags); }; });

@@ -1,18 +1,27 @@
-// The `rally` executable: `rally coordinator` today; `rally run` (the torchrun-compatible launcher)
-// and `rally checkpoint` join it as they are built.
+// The `rally` executable: `rally run` (the torchrun-compatible launcher and node agent) and
+// `rally coordinator` (a job's coordinator on its own).
 #include <CLI/CLI.hpp>
 #include <iostream>
 
 #include "launcher/cli/coordinator_command.h"
+#include "launcher/cli/run_command.h"
 #include "rally/config.h"
 #include "runtime/rendezvous/grpc_status.h"
 
 int main(int argc, char** argv) {
   rally::rendezvous::routeGrpcLogs();
+  // `rally run` takes torchrun's command line, whose program arguments are the program's: it is
+  // parsed by its own parser, not as a subcommand here.
+  if (argc >= 2 && std::string(argv[1]) == "run") {
+    return rally::cli::runRunCommand(std::vector<std::string>(argv + 2, argv + argc));
+  }
   CLI::App app{"rally: elastic distributed training that survives node loss in place"};
   app.set_version_flag("--version", std::string("rally ") + RALLY_VERSION);
   app.require_subcommand(1);
   std::function<int()> run;
+  app.add_subcommand("run",
+                     "Run a training program on this node's workers, torchrun-compatible "
+                     "(rally run --help)");
   rally::cli::addCoordinatorCommand(app, &run);
   try {
     app.parse(argc, argv);

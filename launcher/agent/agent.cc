@@ -1,0 +1,669 @@
+#include "launcher/agent/agent.h"
+
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <iostream>
+#include <random>
+#include <variant>
+
+#include <fmt/format.h>
+
+#include "kernels/base/logging.h"
+#include "launcher/agent/event_log.h"
+#include "launcher/agent/failure_report.h"
+#include "launcher/agent/worker_group.h"
+#include "launcher/coordinator/coordinator_server.h"
+#include "runtime/rendezvous/agent_session.h"
+#include "runtime/rendezvous/coordinator_client.h"
+
+namespace rally::agent {
+namespace {
+
+namespace v1 = rally::v1;
+using Clock = std::chrono::steady_clock;
+
+struct SessionEnded {
+  Status status;
+};
+struct WorkerExited {
+  std::uint64_t epoch;
+  WorkerExit exit;
+};
+struct SignalReceived {
+  int sig;
+};
+using AgentEvent = std::variant<v1::CoordinatorMessage, SessionEnded, WorkerExited, SignalReceived>;
+
+class EventQueue {
+ public:
+  void push(AgentEvent e) {
+    {
+      std::lock_guard lock(mu_);
+      q_.push_back(std::move(e));
+    }
+    cv_.notify_one();
+  }
+  std::optional<AgentEvent> pop(Milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return !q_.empty(); })) return std::nullopt;
+    AgentEvent e = std::move(q_.front());
+    q_.pop_front();
+    return e;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<AgentEvent> q_;
+};
+
+std::string hostName() {
+  char buf[256] = {};
+  gethostname(buf, sizeof(buf) - 1);
+  return buf;
+}
+
+// True if `host` names this machine: loopback, its host name, or one of its interface addresses.
+bool isLocalHost(const std::string& host) {
+  if (host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1" || host == hostName()) {
+    return true;
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0) return false;
+  std::vector<std::string> wanted;
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    char ip[INET6_ADDRSTRLEN] = {};
+    const void* src = a->ai_family == AF_INET
+                          ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr)
+                          : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr);
+    inet_ntop(a->ai_family, src, ip, sizeof(ip));
+    wanted.emplace_back(ip);
+  }
+  freeaddrinfo(res);
+  ifaddrs* ifs = nullptr;
+  if (getifaddrs(&ifs) != 0) return false;
+  bool local = false;
+  for (ifaddrs* i = ifs; i != nullptr && !local; i = i->ifa_next) {
+    if (i->ifa_addr == nullptr) continue;
+    const int family = i->ifa_addr->sa_family;
+    if (family != AF_INET && family != AF_INET6) continue;
+    char ip[INET6_ADDRSTRLEN] = {};
+    const void* src = family == AF_INET
+                          ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr)
+                          : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(i->ifa_addr)->sin6_addr);
+    inet_ntop(family, src, ip, sizeof(ip));
+    for (const auto& w : wanted) local = local || w == ip;
+  }
+  freeifaddrs(ifs);
+  return local;
+}
+
+Result<int> freePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return errnoStatus("socket", errno);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  socklen_t len = sizeof(addr);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    const int e = errno;
+    ::close(fd);
+    return errnoStatus("choosing a free MASTER_PORT", e);
+  }
+  ::close(fd);
+  return static_cast<int>(ntohs(addr.sin_port));
+}
+
+std::string randomHex(int bytes) {
+  std::random_device rd;
+  std::string out;
+  for (int i = 0; i < bytes; ++i) out += fmt::format("{:02x}", rd() & 0xff);
+  return out;
+}
+
+}  // namespace
+
+class Agent::Impl {
+ public:
+  explicit Impl(cli::RunOptions o) : o_(std::move(o)) {}
+  int run();
+
+ private:
+  Status setup();
+  Status connect();
+  int loop();
+  int runStatic();
+  Status startWorkers(const v1::RoundFormed& round);
+  void stopWorkers(int sig, const std::string& why);
+  std::optional<int> onWorkerFailure(const WorkerExit& e);
+  std::optional<int> onAllWorkersSucceeded();
+  int finish(int code);
+  std::map<std::string, std::string> workerEnv(const v1::RoundFormed& r, int local_rank,
+                                               int master_port, const std::string& error_file);
+  void signalLoop(sigset_t set);
+  Milliseconds tunable(const char* name) { return *o_.tunables.duration(name); }
+  Status spawn(const v1::RoundFormed& r, int master_port);
+
+  cli::RunOptions o_;
+  std::string node_id_;
+  std::string address_;
+  std::shared_ptr<spdlog::logger> log_;
+  std::unique_ptr<EventLog> events_;
+  std::unique_ptr<coordinator::CoordinatorServer> embedded_;
+  std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
+  std::unique_ptr<rendezvous::StoreClient> store_;
+  std::unique_ptr<rendezvous::AgentSession> session_;
+  EventQueue queue_;
+  std::unique_ptr<WorkerGroup> group_;
+  std::uint64_t epoch_ = 0;  // tags worker exits with the group they came from
+  std::optional<v1::RoundFormed> round_;
+  std::uint64_t generation_ = 0;
+  std::uint64_t reform_requested_for_ = 0;
+  int restart_count_ = 0;
+  std::string run_dir_;
+  bool in_barrier_ = false;
+  Clock::time_point barrier_deadline_;
+  std::atomic<bool> stop_signals_{false};
+  std::thread signal_thread_;
+};
+
+Agent::Agent(cli::RunOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+Agent::~Agent() = default;
+int Agent::run() { return impl_->run(); }
+
+int Agent::Impl::run() {
+  // Signals are taken by a thread of ours (sigtimedwait); block them before any thread starts.
+  sigset_t set;
+  sigemptyset(&set);
+  for (int s : o_.signals_to_handle) sigaddset(&set, s);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal_thread_ = std::thread([this, set] { signalLoop(set); });
+
+  int code = 1;
+  if (Status s = setup(); !s.ok()) {
+    std::cerr << "rally run: " << s.message() << "\n";
+    code = 2;
+  } else if (o_.staticBackend()) {
+    code = runStatic();
+  } else if (Status c = connect(); !c.ok()) {
+    log_->error("{}", c.message());
+    code = 1;
+  } else {
+    code = loop();
+  }
+  return finish(code);
+}
+
+void Agent::Impl::signalLoop(sigset_t set) {
+  while (!stop_signals_) {
+    timespec timeout{0, 200'000'000};
+    const int sig = sigtimedwait(&set, nullptr, &timeout);
+    if (sig > 0) queue_.push(SignalReceived{sig});
+  }
+}
+
+int Agent::Impl::finish(int code) {
+  if (group_) stopWorkers(SIGTERM, "the agent is exiting");
+  if (session_ && !session_->ended()) {
+    session_->leave(code == 0 ? "finished" : fmt::format("exiting with code {}", code));
+    session_->endStatus(Milliseconds(2000));
+  }
+  session_.reset();
+  if (embedded_) {
+    // Other agents may still need the coordinator to learn how the job ended: wait (bounded) for
+    // them to go.
+    const auto deadline = Clock::now() + std::chrono::seconds(10);
+    while (embedded_->service().stats().sessions > 0 && Clock::now() < deadline) {
+      std::this_thread::sleep_for(Milliseconds(20));
+    }
+    embedded_->shutdown("the agent hosting the coordinator exited");
+    embedded_.reset();
+  }
+  stop_signals_ = true;
+  if (signal_thread_.joinable()) signal_thread_.join();
+  if (events_) events_->write("agent_exit", {{"exit_code", code}});
+  return code;
+}
+
+Status Agent::Impl::setup() {
+  node_id_ = o_.node_id.empty() ? fmt::format("{}-{}", hostName(), getpid()) : o_.node_id;
+  address_ = !o_.local_addr.empty() ? o_.local_addr : (o_.standalone ? "127.0.0.1" : hostName());
+  RALLY_RETURN_IF_ERROR(log::setup(fmt::format("node {}", node_id_), *o_.tunables.string("log_level")));
+  log_ = log::get("agent");
+  RALLY_ASSIGN_OR_RETURN(events_, EventLog::open(o_.events_file, node_id_));
+  const std::string base = o_.log_dir.empty() ? std::filesystem::temp_directory_path().string()
+                                              : o_.log_dir;
+  run_dir_ = fmt::format("{}/rally_{}_{}", base, o_.rdzv_id, randomHex(4));
+  std::error_code ec;
+  std::filesystem::create_directories(run_dir_, ec);
+  if (ec) return ioError(fmt::format("--log-dir: cannot create {}: {}", run_dir_, ec.message()));
+  return okStatus();
+}
+
+Status Agent::Impl::connect() {
+  coordinator::CoordinatorOptions copt;
+  copt.rendezvous.job_id = o_.rdzv_id;
+  copt.rendezvous.min_nodes = o_.min_nodes;
+  copt.rendezvous.max_nodes = o_.max_nodes;
+  copt.rendezvous.last_call = tunable("last_call");
+  copt.rendezvous.join_timeout = tunable("join_timeout");
+  if (auto it = o_.rdzv_conf.find("last_call_timeout"); it != o_.rdzv_conf.end()) {
+    RALLY_ASSIGN_OR_RETURN(copt.rendezvous.last_call, parseDuration(it->second));
+  }
+  if (auto it = o_.rdzv_conf.find("join_timeout"); it != o_.rdzv_conf.end()) {
+    RALLY_ASSIGN_OR_RETURN(copt.rendezvous.join_timeout, parseDuration(it->second));
+  }
+  copt.heartbeat_interval = tunable("heartbeat_interval");
+  copt.default_wait_timeout = tunable("rpc_timeout");
+
+  std::string token;
+  if (const char* t = std::getenv("RALLY_TOKEN"); t != nullptr && *t != '\0') token = t;
+  std::string endpoint = o_.rdzv_endpoint;
+  if (o_.standalone) {
+    if (token.empty()) token = randomHex(16);
+    copt.token = token;
+    RALLY_ASSIGN_OR_RETURN(embedded_, coordinator::CoordinatorServer::start(
+                                          copt, {.host = "127.0.0.1", .port = 0}));
+    endpoint = fmt::format("127.0.0.1:{}", embedded_->port());
+  } else {
+    if (token.empty()) {
+      token = fmt::format("rally-job-{}", o_.rdzv_id);
+      log_->warn("no job token (RALLY_TOKEN): using one derived from --rdzv-id; anyone who knows "
+                 "the id and reaches {} can join the job",
+                 endpoint);
+    }
+    copt.token = token;
+    const auto colon = endpoint.rfind(':');
+    const std::string host = endpoint.substr(0, colon);
+    auto port = parseInteger(endpoint.substr(colon + 1));
+    if (!port.ok() || *port < 1 || *port > 65535) {
+      return invalidArgument(fmt::format("--rdzv-endpoint '{}' has no valid port", endpoint));
+    }
+    std::optional<bool> forced;
+    if (auto it = o_.rdzv_conf.find("is_host"); it != o_.rdzv_conf.end()) {
+      forced = it->second == "1" || it->second == "true" || it->second == "True";
+    }
+    if (forced.value_or(isLocalHost(host))) {
+      const std::string bind = host.rfind("127.", 0) == 0 || host == "localhost" ? "127.0.0.1"
+                                                                                : "0.0.0.0";
+      auto server = coordinator::CoordinatorServer::start(
+          copt, {.host = bind, .port = static_cast<int>(*port)});
+      if (server.ok()) {
+        embedded_ = std::move(*server);
+        log_->info("hosting the job's coordinator on {}", embedded_->address());
+      } else if (forced.value_or(false)) {
+        return server.status();
+      } else {
+        log_->info("another agent on this host serves {}: joining it", endpoint);
+      }
+    }
+  }
+  RALLY_ASSIGN_OR_RETURN(auto client, rendezvous::ClientOptions::fromTunables(o_.tunables, endpoint,
+                                                                              token));
+  RALLY_ASSIGN_OR_RETURN(conn_, rendezvous::CoordinatorConnection::open(client));
+  store_ = std::make_unique<rendezvous::StoreClient>(
+      rendezvous::StoreClient(conn_).scoped("rally/run/", 0));
+  rendezvous::AgentSessionOptions sopt;
+  sopt.on_message = [this](const v1::CoordinatorMessage& m) { queue_.push(m); };
+  sopt.on_end = [this](const Status& s) { queue_.push(SessionEnded{s}); };
+  RALLY_ASSIGN_OR_RETURN(
+      session_, rendezvous::AgentSession::open(
+                    conn_,
+                    {.node_id = node_id_, .job_id = o_.rdzv_id, .min_nodes = o_.min_nodes,
+                     .max_nodes = o_.max_nodes,
+                     .local_world_size = static_cast<std::uint32_t>(o_.local_world_size),
+                     .address = address_},
+                    std::move(sopt)));
+  events_->write("joining", {{"endpoint", endpoint},
+                             {"nnodes", fmt::format("{}:{}", o_.min_nodes, o_.max_nodes)},
+                             {"local_world_size", o_.local_world_size}});
+  log_->info("joining job '{}' at {} ({} worker(s) here, {}:{} nodes)", o_.rdzv_id, endpoint,
+             o_.local_world_size, o_.min_nodes, o_.max_nodes);
+  return okStatus();
+}
+
+std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed& r, int local_rank,
+                                                          int master_port,
+                                                          const std::string& error_file) {
+  std::map<std::string, std::string> env = cli::processEnvironment();
+  const int lws = o_.local_world_size;
+  const int rank = static_cast<int>(r.rank_offset()) + local_rank;
+  const std::map<std::string, std::string> vars = {
+      {"LOCAL_RANK", std::to_string(local_rank)},
+      {"RANK", std::to_string(rank)},
+      {"GROUP_RANK", std::to_string(r.node_rank())},
+      {"ROLE_RANK", std::to_string(rank)},
+      {"ROLE_NAME", o_.role},
+      {"LOCAL_WORLD_SIZE", std::to_string(lws)},
+      {"WORLD_SIZE", std::to_string(r.world_size())},
+      {"GROUP_WORLD_SIZE", std::to_string(r.num_nodes())},
+      {"ROLE_WORLD_SIZE", std::to_string(r.world_size())},
+      {"MASTER_ADDR", r.master_address()},
+      {"MASTER_PORT", std::to_string(master_port)},
+      {"TORCHELASTIC_RESTART_COUNT", std::to_string(restart_count_)},
+      {"TORCHELASTIC_MAX_RESTARTS", std::to_string(o_.max_restarts)},
+      {"TORCHELASTIC_RUN_ID", o_.rdzv_id},
+      {"TORCHELASTIC_USE_AGENT_STORE", "False"},
+      {"TORCHELASTIC_ERROR_FILE", error_file},
+      {"RALLY_RANK", std::to_string(rank)},
+      {"RALLY_LOCAL_RANK", std::to_string(local_rank)},
+      {"RALLY_WORLD_SIZE", std::to_string(r.world_size())},
+      {"RALLY_LOCAL_WORLD_SIZE", std::to_string(lws)},
+      {"RALLY_NODE_RANK", std::to_string(r.node_rank())},
+      {"RALLY_NUM_NODES", std::to_string(r.num_nodes())},
+      {"RALLY_GENERATION", std::to_string(r.generation())},
+      {"RALLY_RESTART_COUNT", std::to_string(restart_count_)},
+      {"RALLY_RUN_ID", o_.rdzv_id},
+      {"RALLY_NODE_ID", node_id_},
+      {"RALLY_COORDINATOR", conn_->options().endpoint},
+      {"RALLY_TOKEN", conn_->options().token},
+  };
+  for (const auto& [k, v] : vars) env[k] = v;
+  if (env.count("NCCL_ASYNC_ERROR_HANDLING") == 0) env["NCCL_ASYNC_ERROR_HANDLING"] = "1";
+  if (env.count("OMP_NUM_THREADS") == 0 && lws > 1) env["OMP_NUM_THREADS"] = "1";
+  return env;
+}
+
+Status Agent::Impl::startWorkers(const v1::RoundFormed& r) {
+  auto restarts = store_->get("restarts");
+  RALLY_RETURN_IF_ERROR(restarts.status()) << "reading the job's restart count";
+  restart_count_ = restarts->has_value() ? std::stoi(**restarts) : 0;
+  int master_port = o_.master_port;
+  if (!o_.master_port_given) {
+    rendezvous::StoreClient gen = rendezvous::StoreClient(conn_).scoped("rally/run/", r.generation());
+    if (r.node_rank() == 0) {
+      RALLY_ASSIGN_OR_RETURN(master_port, freePort());
+      RALLY_RETURN_IF_ERROR(gen.set("master_port", std::to_string(master_port)));
+    } else {
+      RALLY_RETURN_IF_ERROR(gen.wait({"master_port"}, tunable("join_timeout")))
+          << "waiting for node rank 0 to choose MASTER_PORT";
+      RALLY_ASSIGN_OR_RETURN(auto port, gen.get("master_port"));
+      master_port = port ? std::stoi(*port) : 0;
+    }
+  }
+  return spawn(r, master_port);
+}
+
+Status Agent::Impl::spawn(const v1::RoundFormed& r, int master_port) {
+  std::vector<WorkerSpec> specs;
+  for (int lr = 0; lr < o_.local_world_size; ++lr) {
+    const std::string dir = fmt::format("{}/attempt_{}/{}", run_dir_, restart_count_, lr);
+    std::filesystem::create_directories(dir);
+    WorkerSpec spec;
+    spec.local_rank = lr;
+    spec.argv = o_.command();
+    spec.env = workerEnv(r, lr, master_port, dir + "/error.json");
+    std::filesystem::remove(dir + "/error.json");
+    const cli::StdStreams redirect = o_.redirects.forRank(lr);
+    const cli::StdStreams tee = o_.tee.forRank(lr);
+    const bool shown = !o_.local_ranks_filter || o_.local_ranks_filter->count(lr) != 0;
+    spec.stdout_to_console = shown && (!redirect.out || tee.out);
+    spec.stderr_to_console = shown && (!redirect.err || tee.err);
+    if (redirect.out || tee.out) spec.stdout_file = dir + "/stdout.log";
+    if (redirect.err || tee.err) spec.stderr_file = dir + "/stderr.log";
+    if (tee.out || tee.err) spec.console_prefix = fmt::format("[{}{}]:", o_.role, lr);
+    specs.push_back(std::move(spec));
+  }
+  const std::uint64_t epoch = ++epoch_;
+  RALLY_ASSIGN_OR_RETURN(group_, WorkerGroup::start(std::move(specs), [this, epoch](const WorkerExit& e) {
+                           queue_.push(WorkerExited{epoch, e});
+                         }));
+  round_ = r;
+  log_->info("generation {}: node rank {} of {}, started {} worker(s) as ranks {}..{} of {}"
+             " (restart {}, MASTER_ADDR {}:{})",
+             r.generation(), r.node_rank(), r.num_nodes(), o_.local_world_size, r.rank_offset(),
+             r.rank_offset() + o_.local_world_size - 1, r.world_size(), restart_count_,
+             r.master_address(), master_port);
+  events_->write("workers_started",
+                 {{"generation", r.generation()}, {"node_rank", r.node_rank()},
+                  {"num_nodes", r.num_nodes()}, {"world_size", r.world_size()},
+                  {"restart", restart_count_}, {"pids", group_->pids()}, {"cause", r.cause()}});
+  return okStatus();
+}
+
+void Agent::Impl::stopWorkers(int sig, const std::string& why) {
+  if (!group_) return;
+  const size_t running = group_->running();
+  ++epoch_;  // exits of this group from now on are expected
+  if (running > 0) {
+    log_->info("stopping {} worker(s) ({}): {} then SIGKILL after {}", running, why,
+               cli::signalName(sig), formatDuration(tunable("grace_period")));
+    const auto t0 = Clock::now();
+    group_->stop(sig, tunable("grace_period"));
+    events_->write("workers_stopped",
+                   {{"reason", why},
+                    {"ms", std::chrono::duration_cast<Milliseconds>(Clock::now() - t0).count()}});
+  }
+  group_.reset();
+  in_barrier_ = false;
+}
+
+std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
+  const v1::RoundFormed& r = *round_;
+  WorkerFailure f;
+  f.time = isoTime(e.when);
+  f.node_id = node_id_;
+  f.host = fmt::format("{} ({})", hostName(), address_);
+  f.node_rank = static_cast<int>(r.node_rank());
+  f.local_rank = e.local_rank;
+  f.global_rank = static_cast<int>(r.rank_offset()) + e.local_rank;
+  f.exit_code = e.exit_code;
+  if (e.signal != 0) {
+    const char* abbrev = sigabbrev_np(e.signal);
+    f.signal = abbrev != nullptr ? std::string("SIG") + abbrev : std::to_string(e.signal);
+  }
+  f.oom_killed = e.oom_killed;
+  f.stderr_tail = e.stderr_tail;
+  f.generation = r.generation();
+  f.restart = restart_count_;
+  readErrorFile(fmt::format("{}/attempt_{}/{}/error.json", run_dir_, restart_count_, e.local_rank),
+                &f.error_message, &f.error_traceback);
+  log_->error("worker local rank {} (rank {}) failed: {}", e.local_rank, f.global_rank,
+              e.describe());
+  events_->write("worker_failed", f.toJson());
+  (void)store_->set(fmt::format("failures/{:08}/{}/{}", r.generation(), node_id_, e.local_rank),
+                    f.toJson().dump());
+  stopWorkers(SIGTERM, "a worker failed");
+
+  // One restart per failed generation, however many nodes saw failures in it.
+  auto claim = store_->compareAndSet(fmt::format("restart_claim/{}", r.generation()), std::nullopt,
+                                     node_id_);
+  if (!claim.ok() || !claim->swapped) return std::nullopt;  // another node decides
+  auto restarts = store_->add("restarts", 1);
+  if (restarts.ok() && *restarts <= o_.max_restarts) {
+    session_->requestReform(fmt::format("worker failed on node '{}' (local rank {}: {}); restart "
+                                        "{} of {}",
+                                        node_id_, e.local_rank, e.describe(), *restarts,
+                                        o_.max_restarts));
+    return std::nullopt;
+  }
+  // Out of restarts: report the job's failures of this generation, first by time as root cause.
+  std::this_thread::sleep_for(Milliseconds(300));  // let near-simultaneous failures be recorded
+  std::vector<WorkerFailure> failures;
+  rendezvous::StoreClient store = *store_;
+  if (auto keys = store.list(fmt::format("failures/{:08}/", r.generation())); keys.ok()) {
+    for (const auto& k : *keys) {
+      if (auto v = store.get(k); v.ok() && v->has_value()) {
+        failures.push_back(WorkerFailure::fromJson(nlohmann::json::parse(**v, nullptr, false)));
+      }
+    }
+  }
+  if (failures.empty()) failures.push_back(f);
+  const std::string report = formatReport(
+      failures, fmt::format("rally run: job '{}' failed after {} restart(s) (--max-restarts {})",
+                            o_.rdzv_id, restart_count_, o_.max_restarts));
+  std::cerr << report << std::flush;
+  events_->write("job_failed", {{"root_cause", failures.front().toJson()}});
+  session_->close("failed:\n" + report);
+  return 1;
+}
+
+std::optional<int> Agent::Impl::onAllWorkersSucceeded() {
+  const v1::RoundFormed& r = *round_;
+  log_->info("all {} worker(s) finished; waiting for the other nodes (exit barrier, {})",
+             o_.local_world_size, formatDuration(tunable("exit_barrier_timeout")));
+  events_->write("workers_succeeded", {{"generation", r.generation()}});
+  auto done = store_->add(fmt::format("done/{}", r.generation()), 1);
+  if (!done.ok()) {
+    log_->error("exit barrier: {}", done.status().message());
+    return 1;
+  }
+  if (*done >= static_cast<std::int64_t>(r.num_nodes())) {
+    session_->close("succeeded: every worker finished");
+  }
+  in_barrier_ = true;
+  barrier_deadline_ = Clock::now() + tunable("exit_barrier_timeout");
+  return std::nullopt;
+}
+
+// --rdzv-backend static: a fixed job with no coordinator. Ranks come from --node-rank and a world of
+// --nnodes equal nodes; a failure restarts this node's workers, up to --max-restarts, and other nodes
+// are not told (as with torchrun's static rendezvous).
+int Agent::Impl::runStatic() {
+  v1::RoundFormed r;
+  r.set_generation(1);
+  r.set_node_rank(static_cast<std::uint32_t>(o_.node_rank));
+  r.set_num_nodes(o_.max_nodes);
+  r.set_rank_offset(static_cast<std::uint32_t>(o_.node_rank * o_.local_world_size));
+  r.set_world_size(o_.max_nodes * static_cast<std::uint32_t>(o_.local_world_size));
+  r.set_master_address(o_.master_addr);
+  r.set_cause("static rendezvous");
+  round_ = r;
+  for (restart_count_ = 0;; ++restart_count_) {
+    if (Status s = spawn(r, o_.master_port); !s.ok()) {
+      std::cerr << "rally run: " << s.message() << "\n";
+      return 1;
+    }
+    std::optional<WorkerExit> failure;
+    while (group_ && group_->running() > 0 && !failure) {
+      auto next = queue_.pop(Milliseconds(500));
+      if (!next) continue;
+      if (auto* sig = std::get_if<SignalReceived>(&*next)) {
+        stopWorkers(sig->sig, fmt::format("received {}", cli::signalName(sig->sig)));
+        return 128 + sig->sig;
+      }
+      if (auto* exited = std::get_if<WorkerExited>(&*next); exited && exited->epoch == epoch_) {
+        if (!exited->exit.ok()) failure = exited->exit;
+      }
+    }
+    if (!failure) {
+      stopWorkers(SIGTERM, "finished");
+      return 0;
+    }
+    log_->error("worker local rank {} failed: {}", failure->local_rank, failure->describe());
+    stopWorkers(SIGTERM, "a worker failed");
+    if (restart_count_ >= o_.max_restarts) {
+      WorkerFailure f;
+      f.time = isoTime(failure->when);
+      f.node_id = node_id_;
+      f.host = hostName();
+      f.node_rank = o_.node_rank;
+      f.local_rank = failure->local_rank;
+      f.global_rank = o_.node_rank * o_.local_world_size + failure->local_rank;
+      f.exit_code = failure->exit_code;
+      f.stderr_tail = failure->stderr_tail;
+      f.restart = restart_count_;
+      std::cerr << formatReport({f}, fmt::format("rally run: job '{}' failed after {} restart(s)",
+                                                 o_.rdzv_id, restart_count_))
+                << std::flush;
+      return 1;
+    }
+  }
+}
+
+int Agent::Impl::loop() {
+  for (;;) {
+    if (in_barrier_ && Clock::now() > barrier_deadline_) {
+      log_->error("exit barrier timed out after {}: the other nodes did not finish",
+                  formatDuration(tunable("exit_barrier_timeout")));
+      return 1;
+    }
+    auto next = queue_.pop(Milliseconds(500));
+    if (!next) continue;
+    if (auto* sig = std::get_if<SignalReceived>(&*next)) {
+      log_->warn("received {}: forwarding it to the workers", cli::signalName(sig->sig));
+      stopWorkers(sig->sig, fmt::format("received {}", cli::signalName(sig->sig)));
+      session_->leave(fmt::format("received {}", cli::signalName(sig->sig)));
+      return 128 + sig->sig;
+    }
+    if (auto* ended = std::get_if<SessionEnded>(&*next)) {
+      stopWorkers(SIGTERM, "lost the coordinator");
+      log_->error("lost the coordinator at {} ({}): its host may be down; rally cannot survive the "
+                  "loss of the coordinator's host yet, so this node stops",
+                  conn_->options().endpoint, ended->status.message());
+      return 1;
+    }
+    if (auto* exited = std::get_if<WorkerExited>(&*next)) {
+      if (exited->epoch != epoch_ || !group_) continue;  // from a group already stopped
+      std::optional<int> done;
+      if (!exited->exit.ok()) {
+        done = onWorkerFailure(exited->exit);
+      } else if (group_->running() == 0) {
+        bool all_ok = true;
+        for (const auto& e : group_->exits()) all_ok = all_ok && e.ok();
+        if (all_ok) done = onAllWorkersSucceeded();
+      }
+      if (done) return *done;
+      continue;
+    }
+    const auto& m = std::get<v1::CoordinatorMessage>(*next);
+    if (m.has_welcome() && m.welcome().waiting()) {
+      log_->info("joined; held until the running round admits new nodes");
+    } else if (m.has_round_formed() && m.round_formed().generation() > generation_) {
+      const auto& r = m.round_formed();
+      stopWorkers(SIGTERM, fmt::format("the job re-formed: {}", r.cause()));
+      generation_ = r.generation();
+      if (Status s = startWorkers(r); !s.ok()) {
+        if (s.code() == StatusCode::kAborted) continue;  // the generation moved again meanwhile
+        if (s.code() == StatusCode::kInvalidArgument) {  // e.g. the program cannot be executed
+          std::cerr << "rally run: " << s.message() << "\n";
+          session_->close("failed: " + s.message());
+          return 1;
+        }
+        log_->error("cannot start the workers: {}", s.message());
+        return 1;
+      }
+    } else if (m.has_generation()) {
+      const auto& g = m.generation();
+      if (g.state() == v1::GenerationEvent::CLOSED) {
+        stopWorkers(SIGTERM, "the job ended");
+        const bool failed = g.cause().find("job finished: failed") == 0;
+        if (failed) {
+          std::cerr << g.cause().substr(std::string("job finished: failed:\n").size()) << std::flush;
+        }
+        log_->info("the job ended: {}", failed ? "failed" : "every worker finished");
+        return failed ? 1 : 0;
+      }
+      if (g.state() == v1::GenerationEvent::REFORMING && g.generation() > generation_) {
+        stopWorkers(SIGTERM, fmt::format("the job is re-forming: {}", g.cause()));
+      }
+    } else if (m.has_nodes_waiting()) {
+      if (m.nodes_waiting().count() > 0 && round_ && round_->node_rank() == 0 && group_ &&
+          reform_requested_for_ != generation_) {
+        reform_requested_for_ = generation_;
+        log_->info("{} node(s) waiting to join: restarting the job to admit them",
+                   m.nodes_waiting().count());
+        session_->requestReform(
+            fmt::format("admit {} waiting node(s)", m.nodes_waiting().count()));
+      }
+    } else if (m.has_shutdown()) {
+      stopWorkers(SIGTERM, "the coordinator dismissed this node");
+      log_->error("the coordinator dismissed this node: {}", m.shutdown().reason());
+      return 1;
+    }
+  }
+}
+
+}  // namespace rally::agent

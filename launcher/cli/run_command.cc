@@ -1,0 +1,53 @@
+#include "launcher/cli/run_command.h"
+
+#include <iostream>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "launcher/agent/agent.h"
+#include "launcher/cli/run_options.h"
+
+namespace rally::cli {
+namespace {
+
+void printConfig(const RunOptions& o) {
+  std::cout << fmt::format(
+      "nnodes               {}:{}\n"
+      "nproc_per_node       {} ({} worker(s))\n"
+      "rdzv_backend         {}{}\n"
+      "rdzv_endpoint        {}\n"
+      "rdzv_id              {}\n"
+      "max_restarts         {}\n"
+      "role                 {}\n"
+      "log_dir              {}\n"
+      "signals_to_handle    {}\n"
+      "command              {}\n\n",
+      o.min_nodes, o.max_nodes, o.nproc_per_node, o.local_world_size, o.rdzv_backend,
+      o.standalone ? " (standalone)" : "", o.rdzv_endpoint.empty() ? "-" : o.rdzv_endpoint,
+      o.rdzv_id, o.max_restarts, o.role, o.log_dir.empty() ? "(a temporary directory)" : o.log_dir,
+      fmt::join(o.signals_to_handle, ","), fmt::join(o.command(), " "));
+  o.tunables.print(std::cout);
+}
+
+}  // namespace
+
+int runRunCommand(const std::vector<std::string>& args) {
+  auto options = parseRunOptions(args, processEnvironment());
+  if (!options.ok()) {
+    if (options.status().code() == StatusCode::kNotFound) {  // --help
+      std::cout << options.status().message();
+      return 0;
+    }
+    std::cerr << "rally run: " << options.status().message() << "\n";
+    return 2;
+  }
+  if (options->print_config) {
+    printConfig(*options);
+    return 0;
+  }
+  agent::Agent agent(std::move(*options));
+  return agent.run();
+}
+
+}  // namespace rally::cli
