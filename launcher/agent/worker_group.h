@@ -13,7 +13,8 @@
 // "[role0]:" prefix, and only for the ranks a filter allows) and/or to log files; the last lines of
 // stderr are kept for failure reports.
 //
-// Thread-safety: start/stop/signalAll from the owning thread; on_exit runs on the group's I/O thread.
+// Thread-safety: start/stop/signalAll from the owning thread; on_exit runs on the group's I/O thread,
+// after the exit is recorded (exits() and running() already reflect it).
 #pragma once
 
 #include <sys/types.h>

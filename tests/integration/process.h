@@ -72,6 +72,16 @@ class ChildProcess {
     return false;
   }
 
+  // Waits until stderr contains `text`; false after `timeout`.
+  bool waitForErrors(const std::string& text, std::chrono::milliseconds timeout) const {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (errors().find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  }
+
   static std::string readFile(const std::string& path) {
     std::ifstream in(path);
     std::stringstream ss;

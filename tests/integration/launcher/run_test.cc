@@ -1,0 +1,209 @@
+// `rally run` as real processes on loopback: two agents as two nodes; a worker killed (every node
+// restarts), a node killed (the survivor goes on alone, the dead node's workers die with it), a node
+// added (the job grows), the restart budget exhausted (the job fails with a report on every node);
+// signal forwarding; torchrun's worker environment.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <regex>
+
+#include "tests/integration/process.h"
+
+namespace rally::testing {
+namespace {
+
+using std::chrono::milliseconds;
+
+int freePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// `env VARS... rally run --rdzv-endpoint ... ARGS... worker.sh`, its output in a temp file.
+std::unique_ptr<ChildProcess> agent(const std::string& name, std::vector<std::string> vars,
+                                    std::vector<std::string> args) {
+  std::vector<std::string> argv = {"/usr/bin/env"};
+  argv.insert(argv.end(), vars.begin(), vars.end());
+  argv.insert(argv.end(), {RALLY_BINARY, "run", "--node-id", name, "--local-addr", "127.0.0.1",
+                           "--heartbeat-interval", "500ms", "--grace-period", "2s"});
+  argv.insert(argv.end(), args.begin(), args.end());
+  argv.push_back(RALLY_WORKER);
+  return std::make_unique<ChildProcess>(argv, tempPath(name + ".out"));
+}
+
+int exitCode(ChildProcess& p, milliseconds timeout = milliseconds(30000)) {
+  const int status = p.waitExit(timeout);
+  if (status == -1) return -1;
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return WEXITSTATUS(status);
+}
+
+// Every "pid=N" a worker printed with `marker` on its line.
+std::vector<pid_t> workerPids(const ChildProcess& p, const std::string& marker) {
+  std::vector<pid_t> pids;
+  std::istringstream out(p.output());
+  for (std::string line; std::getline(out, line);) {
+    if (line.find(marker) == std::string::npos) continue;
+    const auto at = line.find("pid=");
+    if (at != std::string::npos) pids.push_back(std::stoi(line.substr(at + 4)));
+  }
+  return pids;
+}
+
+bool running(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string content((std::istreambuf_iterator<char>(stat)), {});
+  const auto close = content.rfind(')');
+  return close != std::string::npos && content.size() > close + 2 && content[close + 2] != 'Z';
+}
+
+size_t count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+class RunTest : public ::testing::Test {
+ protected:
+  std::string endpoint_ = "127.0.0.1:" + std::to_string(freePort());
+};
+
+TEST_F(RunTest, WorkerKilledRestartsEveryNode) {
+  const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=0.3"};
+  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "wk",
+                                         "--max-restarts", "2"};
+  auto a = agent("wk-a", vars, args);
+  auto b = agent("wk-b", vars, args);
+  ASSERT_TRUE(a->waitForOutput("gen=1", milliseconds(20000))) << a->errors();
+  ASSERT_TRUE(b->waitForOutput("gen=1", milliseconds(20000))) << b->errors();
+  ASSERT_TRUE(b->waitForOutput("local=1", milliseconds(5000)));
+  const auto victims = workerPids(*b, "local=1");
+  ASSERT_EQ(victims.size(), 1u);
+  kill(victims[0], SIGKILL);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  // Every worker of the job ran again, as restart 1 in generation 2.
+  EXPECT_EQ(count(a->output() + b->output(), "restart=1 gen=2"), 4u) << a->output() << b->output();
+  EXPECT_NE(a->errors().find("restart 1 of 2") + b->errors().find("restart 1 of 2"),
+            2 * std::string::npos);
+}
+
+TEST_F(RunTest, NodeKilledSurvivorContinuesAloneAndItsWorkersDie) {
+  const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=0.3"};
+  const std::vector<std::string> args = {"--nnodes", "1:2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "nk",
+                                         "--last-call", "10s"};
+  auto a = agent("nk-a", vars, args);
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("nk-b", vars, args);
+  ASSERT_TRUE(b->waitForOutput("nodes=2", milliseconds(20000))) << b->errors();
+  ASSERT_TRUE(b->waitForOutput("local=1", milliseconds(5000)));
+  ASSERT_TRUE(a->waitForOutput("local=1", milliseconds(5000)));
+  const auto b_workers = workerPids(*b, "gen=");
+  ASSERT_EQ(b_workers.size(), 2u);
+  const size_t before = a->output().size();
+  b->signal(SIGKILL);  // the whole node: its agent, and with it its workers
+  EXPECT_EQ(exitCode(*b, milliseconds(5000)), 128 + SIGKILL);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  // After the kill the survivor ran again, alone: 2 workers, 1 node.
+  EXPECT_EQ(count(a->output().substr(before), "world=2 node=0 nodes=1"), 2u) << a->output();
+  for (pid_t pid : b_workers) {
+    for (int i = 0; i < 200 && running(pid); ++i) std::this_thread::sleep_for(milliseconds(10));
+    EXPECT_FALSE(running(pid)) << "worker " << pid << " outlived its agent";
+  }
+}
+
+TEST_F(RunTest, NodeAddedJobGrows) {
+  const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=0.3"};
+  const std::vector<std::string> args = {"--nnodes", "1:2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "grow",
+                                         "--last-call", "200ms"};
+  auto a = agent("grow-a", vars, args);
+  ASSERT_TRUE(a->waitForOutput("world=2", milliseconds(20000))) << a->errors();
+  auto b = agent("grow-b", vars, args);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(count(a->output() + b->output(), "world=4 node="), 4u) << a->output() << b->output();
+  EXPECT_NE(a->errors().find("waiting to join"), std::string::npos);
+}
+
+TEST_F(RunTest, RestartBudgetIsTheJobsAndItsExhaustionIsReportedOnEveryNode) {
+  const std::vector<std::string> vars = {"FIRST_SECONDS=30", "LATER_SECONDS=30", "FAIL_RANK=3",
+                                         "FAIL_ALWAYS=1", "FAIL_CODE=4"};
+  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "budget",
+                                         "--max-restarts", "2"};
+  auto a = agent("budget-a", vars, args);
+  auto b = agent("budget-b", vars, args);
+  EXPECT_EQ(exitCode(*a), 1) << a->errors();
+  EXPECT_EQ(exitCode(*b), 1) << b->errors();
+  // Two restarts for the job, not per node: rank 3 failed three times in all.
+  EXPECT_EQ(count(a->errors() + b->errors(), "\nrank 3 failing with 4"), 3u);
+  for (auto* p : {a.get(), b.get()}) {
+    const std::string err = p->errors();
+    EXPECT_NE(err.find("failed after 2 restart(s) (--max-restarts 2)"), std::string::npos) << err;
+    EXPECT_NE(err.find("root cause"), std::string::npos);
+    EXPECT_NE(err.find("ranks       : node 1, local 1, global 3"), std::string::npos) << err;
+    EXPECT_NE(err.find("exit        : exit code 4"), std::string::npos);
+    EXPECT_NE(err.find("    rank 3 failing with 4"), std::string::npos) << "stderr tail";
+  }
+}
+
+TEST_F(RunTest, SignalIsForwardedToWorkers) {
+  const std::string script = tempPath("trap.sh");
+  std::ofstream(script) << "#!/bin/sh\ntrap 'echo worker got TERM; exit 0' TERM\necho ready\n"
+                           "while :; do sleep 0.02; done\n";
+  chmod(script.c_str(), 0755);
+  ChildProcess p({RALLY_BINARY, "run", "--nproc-per-node", "2", script}, tempPath("sig.out"));
+  ASSERT_TRUE(p.waitForOutput("ready\nready", milliseconds(20000)) ||
+              p.waitForOutput("ready", milliseconds(1)));
+  std::this_thread::sleep_for(milliseconds(300));
+  p.signal(SIGTERM);
+  EXPECT_EQ(exitCode(p, milliseconds(10000)), 128 + SIGTERM);
+  EXPECT_EQ(count(p.output(), "worker got TERM"), 2u) << p.output() << p.errors();
+}
+
+TEST_F(RunTest, WorkersGetTorchrunsEnvironment) {
+  ChildProcess p({"/usr/bin/env", "-u", "OMP_NUM_THREADS", RALLY_BINARY, "run",
+                  "--nproc-per-node", "2", "--rdzv-id", "envjob", "--role", "trainer",
+                  "--max-restarts", "3", "--no-python", "/usr/bin/env"},
+                 tempPath("env.out"));
+  ASSERT_EQ(exitCode(p), 0) << p.errors();
+  const std::string out = p.output();
+  for (const char* expected :
+       {"LOCAL_RANK=0", "LOCAL_RANK=1", "RANK=1", "GROUP_RANK=0", "ROLE_RANK=1",
+        "ROLE_NAME=trainer", "LOCAL_WORLD_SIZE=2", "WORLD_SIZE=2", "GROUP_WORLD_SIZE=1",
+        "ROLE_WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=",
+        "TORCHELASTIC_RESTART_COUNT=0", "TORCHELASTIC_MAX_RESTARTS=3",
+        "TORCHELASTIC_RUN_ID=envjob", "TORCHELASTIC_ERROR_FILE=", "OMP_NUM_THREADS=1",
+        "RALLY_RANK=1", "RALLY_GENERATION=1", "RALLY_COORDINATOR=127.0.0.1:"}) {
+    EXPECT_NE(out.find(std::string("\n") + expected), std::string::npos) << expected;
+  }
+}
+
+TEST_F(RunTest, BadInputExitsWithCode2AndOneLine) {
+  for (std::vector<std::string> args : std::vector<std::vector<std::string>>{
+           {"--nnodes", "3:2", "x.py"},
+           {"--nproc-per-node", "-1", "x.py"},
+           {"--rdzv-backend", "etcd3", "x.py"},
+           {"--nproc-per-node", "2"}}) {
+    std::vector<std::string> argv = {RALLY_BINARY, "run"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    ChildProcess p(argv, tempPath("bad.out"));
+    EXPECT_EQ(exitCode(p, milliseconds(10000)), 2) << args[0];
+    EXPECT_EQ(count(p.errors(), "\n"), 1u) << p.errors();
+  }
+}
+
+}  // namespace
+}  // namespace rally::testing
