@@ -218,6 +218,13 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   CLI::App app{"Launch a training program on this node's workers (torchrun-compatible)",
                "rally run"};
   app.prefix_command();  // everything from the program on belongs to the program
+  app.footer(
+      "rally run [OPTIONS] PROGRAM [ARGS...]\n"
+      "PROGRAM: a .py script runs under python3 -u (PYTHON_EXEC overrides the interpreter); "
+      "anything else runs directly.\nEvery torchrun option can also be set by PET_<NAME> "
+      "(PET_NPROC_PER_NODE=2); the command line wins. Every tunable has a RALLY_ variable.\n"
+      "Exit codes: 0 every worker of the job succeeded, 1 the job failed (a report says why), "
+      "2 bad input, 128+N stopped by signal N. See docs/cli.md.");
   app.set_help_flag("-h,--help", "Print this help message and exit");
   auto opt = [&](const char* dashed, std::string* into, const char* help,
                  const char* short_name = nullptr) {
