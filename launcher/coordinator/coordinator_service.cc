@@ -124,7 +124,7 @@ void CoordinatorService::shutdown(const std::string& reason) {
     if (shutting_down_) return;
     shutting_down_ = true;
     shutdown_reason_ = reason;
-    log_->info("shutting down: {}", reason);
+    if (timer_.joinable()) log_->info("shutting down: {}", reason);  // it was started
     v1::CoordinatorMessage msg;
     msg.mutable_shutdown()->set_reason(reason);
     const grpc::Status gone = rendezvous::finalStatus(
