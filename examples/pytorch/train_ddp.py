@@ -23,6 +23,7 @@ def main():
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--step-time", type=float, default=0.0,
                         help="seconds to sleep per step, to stretch a short run")
+    parser.add_argument("--log-every", type=int, default=10, help="rank 0 prints every N steps")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -60,8 +61,9 @@ def main():
                            path + ".tmp")
                 os.replace(path + ".tmp", path)
             dist.barrier()
-        if rank == 0 and step % 10 == 0:
-            print(f"step {step} loss {loss.item():.4f} world {world}", flush=True)
+        if rank == 0 and step % args.log_every == 0:
+            print(f"step {step} loss {loss.item():.4f} world {world} t={time.time():.3f}",
+                  flush=True)
         time.sleep(args.step_time)
     if rank == 0:
         print(f"done: {args.steps} steps, final loss {loss.item():.4f}", flush=True)
