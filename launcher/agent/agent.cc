@@ -367,10 +367,12 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
       {"RALLY_RESTART_COUNT", std::to_string(restart_count_)},
       {"RALLY_RUN_ID", o_.rdzv_id},
       {"RALLY_NODE_ID", node_id_},
-      {"RALLY_COORDINATOR", conn_->options().endpoint},
-      {"RALLY_TOKEN", conn_->options().token},
   };
   for (const auto& [k, v] : vars) env[k] = v;
+  if (conn_) {  // none with the static backend
+    env["RALLY_COORDINATOR"] = conn_->options().endpoint;
+    env["RALLY_TOKEN"] = conn_->options().token;
+  }
   if (env.count("NCCL_ASYNC_ERROR_HANDLING") == 0) env["NCCL_ASYNC_ERROR_HANDLING"] = "1";
   if (env.count("OMP_NUM_THREADS") == 0 && lws > 1) env["OMP_NUM_THREADS"] = "1";
   return env;
@@ -584,7 +586,16 @@ int Agent::Impl::runStatic() {
 }
 
 int Agent::Impl::loop() {
+  // Bounded like every other wait: a coordinator that never answers is an error naming it.
+  const auto welcome_deadline = Clock::now() + tunable("connect_timeout");
+  bool welcomed = false;
   for (;;) {
+    if (!welcomed && Clock::now() > welcome_deadline) {
+      log_->error("cannot reach the coordinator at {} within {} (--connect-timeout): is its host "
+                  "up, is the port right, and is it a rally coordinator that listens there?",
+                  conn_->options().endpoint, formatDuration(tunable("connect_timeout")));
+      return 1;
+    }
     if (in_barrier_ && Clock::now() > barrier_deadline_) {
       log_->error("exit barrier timed out after {}: the other nodes did not finish",
                   formatDuration(tunable("exit_barrier_timeout")));
@@ -619,6 +630,7 @@ int Agent::Impl::loop() {
       continue;
     }
     const auto& m = std::get<v1::CoordinatorMessage>(*next);
+    welcomed = welcomed || m.has_welcome();
     if (m.has_welcome() && m.welcome().waiting()) {
       log_->info("joined; held until the running round admits new nodes");
     } else if (m.has_round_formed() && m.round_formed().generation() > generation_) {

@@ -14,6 +14,7 @@
 
 #include "kernels/base/logging.h"
 #include "kernels/base/tunables.h"
+#include "launcher/cli/run_options.h"
 #include "launcher/cli/tunable_flags.h"
 #include "launcher/coordinator/coordinator_server.h"
 #include "runtime/rendezvous/coordinator_client.h"
@@ -32,29 +33,6 @@ struct CoordinatorFlags {
   // Tunables given as flags, by tunable name.
   std::map<std::string, std::string> tunables;
 };
-
-Status parseNnodes(const std::string& text, std::uint32_t* min, std::uint32_t* max) {
-  const auto colon = text.find(':');
-  auto one = [&](std::string_view part) -> Result<std::uint32_t> {
-    auto v = parseInteger(part);
-    if (!v.ok() || *v < 1 || *v > 1'000'000) {
-      return invalidArgument(
-          fmt::format("--nnodes '{}' is not N or MIN:MAX with 1 <= MIN <= MAX <= 1000000", text));
-    }
-    return static_cast<std::uint32_t>(*v);
-  };
-  if (colon == std::string::npos) {
-    RALLY_ASSIGN_OR_RETURN(*min, one(text));
-    *max = *min;
-  } else {
-    RALLY_ASSIGN_OR_RETURN(*min, one(std::string_view(text).substr(0, colon)));
-    RALLY_ASSIGN_OR_RETURN(*max, one(std::string_view(text).substr(colon + 1)));
-  }
-  if (*min > *max) {
-    return invalidArgument(fmt::format("--nnodes {}: MIN is larger than MAX", text));
-  }
-  return okStatus();
-}
 
 // Reads the token file, or creates it with a new random token (mode 0600) if it does not exist.
 Result<std::string> loadOrCreateToken(const std::string& path, bool* created) {

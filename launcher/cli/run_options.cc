@@ -80,26 +80,6 @@ Result<StdSpec> parseStdSpec(const std::string& flag, const std::string& text) {
   return spec;
 }
 
-Status parseNnodes(const std::string& text, std::uint32_t* min, std::uint32_t* max) {
-  const std::string hint = fmt::format(
-      "--nnodes '{}' is not N or MIN:MAX with 1 <= MIN <= MAX (for example 2 or 1:4)", text);
-  const auto colon = text.find(':');
-  auto one = [&](const std::string& part) -> Result<std::uint32_t> {
-    auto v = parseInteger(part);
-    if (!v.ok() || *v < 1 || *v > 1'000'000) return invalidArgument(hint);
-    return static_cast<std::uint32_t>(*v);
-  };
-  if (colon == std::string::npos) {
-    RALLY_ASSIGN_OR_RETURN(*min, one(text));
-    *max = *min;
-  } else {
-    RALLY_ASSIGN_OR_RETURN(*min, one(text.substr(0, colon)));
-    RALLY_ASSIGN_OR_RETURN(*max, one(text.substr(colon + 1)));
-  }
-  if (*min > *max) return invalidArgument(hint + ": MIN is larger than MAX");
-  return okStatus();
-}
-
 // torchrun's option names: each flag is registered as --a-b and --a_b, and PET_A_B sets it when the
 // command line does not.
 struct Flag {
@@ -135,6 +115,26 @@ std::string names(const char* dashed, const char* short_name = nullptr) {
 }
 
 }  // namespace
+
+Status parseNnodes(const std::string& text, std::uint32_t* min, std::uint32_t* max) {
+  const std::string hint = fmt::format(
+      "--nnodes '{}' is not N or MIN:MAX with 1 <= MIN <= MAX (for example 2 or 1:4)", text);
+  const auto colon = text.find(':');
+  auto one = [&](const std::string& part) -> Result<std::uint32_t> {
+    auto v = parseInteger(part);
+    if (!v.ok() || *v < 1 || *v > 1'000'000) return invalidArgument(hint);
+    return static_cast<std::uint32_t>(*v);
+  };
+  if (colon == std::string::npos) {
+    RALLY_ASSIGN_OR_RETURN(*min, one(text));
+    *max = *min;
+  } else {
+    RALLY_ASSIGN_OR_RETURN(*min, one(text.substr(0, colon)));
+    RALLY_ASSIGN_OR_RETURN(*max, one(text.substr(colon + 1)));
+  }
+  if (*min > *max) return invalidArgument(hint + ": MIN is larger than MAX");
+  return okStatus();
+}
 
 StdStreams StdSpec::forRank(int local_rank) const {
   if (all) return *all;

@@ -87,6 +87,9 @@ Environment processEnvironment();
 // reported as NotFound with the help text as the message.
 Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const Environment& env);
 
+// Parses --nnodes: "N" or "MIN:MAX" with 1 <= MIN <= MAX <= 1,000,000.
+Status parseNnodes(const std::string& text, std::uint32_t* min, std::uint32_t* max);
+
 // Parses "SIGTERM,SIGINT" or "15,2".
 Result<std::vector<int>> parseSignals(const std::string& text);
 const char* signalName(int sig);

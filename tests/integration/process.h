@@ -62,24 +62,12 @@ class ChildProcess {
   std::string output() const { return readFile(out_path_); }
   std::string errors() const { return readFile(out_path_ + ".err"); }
 
-  // Waits until the output contains `text`; false after `timeout`.
+  // Wait until stdout (or stderr) contains `text`; false after `timeout`.
   bool waitForOutput(const std::string& text, std::chrono::milliseconds timeout) const {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (output().find(text) != std::string::npos) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    return false;
+    return waitForText(out_path_, text, timeout);
   }
-
-  // Waits until stderr contains `text`; false after `timeout`.
   bool waitForErrors(const std::string& text, std::chrono::milliseconds timeout) const {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (errors().find(text) != std::string::npos) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    return false;
+    return waitForText(out_path_ + ".err", text, timeout);
   }
 
   static std::string readFile(const std::string& path) {
@@ -90,10 +78,28 @@ class ChildProcess {
   }
 
  private:
+  static bool waitForText(const std::string& path, const std::string& text,
+                          std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (readFile(path).find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  }
+
   std::string out_path_;
   pid_t pid_ = -1;
   bool reaped_ = false;
 };
+
+// Running: neither gone nor a zombie waiting for whoever inherited it.
+inline bool isRunning(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string content((std::istreambuf_iterator<char>(stat)), {});
+  const auto close = content.rfind(')');
+  return close != std::string::npos && content.size() > close + 2 && content[close + 2] != 'Z';
+}
 
 inline std::string tempPath(const std::string& name) {
   return ::testing::TempDir() + name + "." + std::to_string(::getpid());

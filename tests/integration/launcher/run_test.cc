@@ -59,13 +59,6 @@ std::vector<pid_t> workerPids(const ChildProcess& p, const std::string& marker) 
   return pids;
 }
 
-bool running(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string content((std::istreambuf_iterator<char>(stat)), {});
-  const auto close = content.rfind(')');
-  return close != std::string::npos && content.size() > close + 2 && content[close + 2] != 'Z';
-}
-
 size_t count(const std::string& text, const std::string& what) {
   size_t n = 0;
   for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
@@ -118,8 +111,8 @@ TEST_F(RunTest, NodeKilledSurvivorContinuesAloneAndItsWorkersDie) {
   // After the kill the survivor ran again, alone: 2 workers, 1 node.
   EXPECT_EQ(count(a->output().substr(before), "world=2 node=0 nodes=1"), 2u) << a->output();
   for (pid_t pid : b_workers) {
-    for (int i = 0; i < 200 && running(pid); ++i) std::this_thread::sleep_for(milliseconds(10));
-    EXPECT_FALSE(running(pid)) << "worker " << pid << " outlived its agent";
+    for (int i = 0; i < 200 && isRunning(pid); ++i) std::this_thread::sleep_for(milliseconds(10));
+    EXPECT_FALSE(isRunning(pid)) << "worker " << pid << " outlived its agent";
   }
 }
 
@@ -189,6 +182,30 @@ TEST_F(RunTest, WorkersGetTorchrunsEnvironment) {
         "RALLY_RANK=1", "RALLY_GENERATION=1", "RALLY_COORDINATOR=127.0.0.1:"}) {
     EXPECT_NE(out.find(std::string("\n") + expected), std::string::npos) << expected;
   }
+}
+
+TEST_F(RunTest, StaticBackendUsesTheGivenRanks) {
+  ChildProcess p({"/usr/bin/env", RALLY_BINARY, "run", "--rdzv-backend", "static", "--nnodes", "2",
+                  "--node-rank", "1", "--nproc-per-node", "2", "--master-addr", "10.9.9.9",
+                  "--master-port", "29999", "--no-python", "/usr/bin/env"},
+                 tempPath("static.out"));
+  ASSERT_EQ(exitCode(p), 0) << p.errors();
+  const std::string out = p.output();
+  for (const char* expected : {"\nRANK=2", "\nRANK=3", "\nGROUP_RANK=1", "\nWORLD_SIZE=4",
+                               "\nMASTER_ADDR=10.9.9.9", "\nMASTER_PORT=29999"}) {
+    EXPECT_NE(out.find(expected), std::string::npos) << expected;
+  }
+}
+
+TEST_F(RunTest, UnreachableCoordinatorIsAnErrorNamingIt) {
+  // A port where nothing listens, on an address that is not this host's: the agent cannot host it.
+  ChildProcess p({RALLY_BINARY, "run", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:9",
+                  "--rdzv-conf", "is_host=false", "--connect-timeout", "1s", "--no-python",
+                  "/bin/true"},
+                 tempPath("unreachable.out"));
+  EXPECT_EQ(exitCode(p), 1);
+  EXPECT_NE(p.errors().find("cannot reach the coordinator at 127.0.0.1:9"), std::string::npos)
+      << p.errors();
 }
 
 TEST_F(RunTest, BadInputExitsWithCode2AndOneLine) {

@@ -29,14 +29,6 @@ WorkerSpec shell(int local_rank, const std::string& script) {
   return s;
 }
 
-// Running (not gone, not a zombie waiting for whoever inherited it).
-bool alive(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string content((std::istreambuf_iterator<char>(stat)), {});
-  const auto close = content.rfind(')');
-  return close != std::string::npos && content.size() > close + 2 && content[close + 2] != 'Z';
-}
-
 // Children of this process in state Z (zombies).
 int zombieChildren() {
   int zombies = 0;
@@ -122,11 +114,11 @@ TEST(WorkerGroupTest, GrandchildrenDieWithTheGroupAndNoZombiesRemain) {
     std::this_thread::sleep_for(milliseconds(10));
   }
   ASSERT_GT(grandchild, 0);
-  ASSERT_TRUE(alive(grandchild));
+  ASSERT_TRUE(rally::testing::isRunning(grandchild));
   (*g)->stop(SIGKILL, milliseconds(0));
   g->reset();
-  for (int i = 0; i < 100 && alive(grandchild); ++i) std::this_thread::sleep_for(milliseconds(10));
-  EXPECT_FALSE(alive(grandchild)) << "the worker's child outlived the group";
+  for (int i = 0; i < 100 && rally::testing::isRunning(grandchild); ++i) std::this_thread::sleep_for(milliseconds(10));
+  EXPECT_FALSE(rally::testing::isRunning(grandchild)) << "the worker's child outlived the group";
   EXPECT_EQ(zombieChildren(), 0);
   ::unlink(pidfile.c_str());
 }
