@@ -1,6 +1,7 @@
 #include "launcher/agent/agent.h"
 
 #include <arpa/inet.h>
+#include <fmt/format.h>
 #include <ifaddrs.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -14,8 +15,6 @@
 #include <iostream>
 #include <random>
 #include <variant>
-
-#include <fmt/format.h>
 
 #include "kernels/base/logging.h"
 #include "launcher/agent/event_log.h"
@@ -84,9 +83,10 @@ bool isLocalHost(const std::string& host) {
   std::vector<std::string> wanted;
   for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
     char ip[INET6_ADDRSTRLEN] = {};
-    const void* src = a->ai_family == AF_INET
-                          ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr)
-                          : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr);
+    const void* src =
+        a->ai_family == AF_INET
+            ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr)
+            : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr);
     inet_ntop(a->ai_family, src, ip, sizeof(ip));
     wanted.emplace_back(ip);
   }
@@ -99,9 +99,10 @@ bool isLocalHost(const std::string& host) {
     const int family = i->ifa_addr->sa_family;
     if (family != AF_INET && family != AF_INET6) continue;
     char ip[INET6_ADDRSTRLEN] = {};
-    const void* src = family == AF_INET
-                          ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr)
-                          : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(i->ifa_addr)->sin6_addr);
+    const void* src =
+        family == AF_INET
+            ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr)
+            : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(i->ifa_addr)->sin6_addr);
     inet_ntop(family, src, ip, sizeof(ip));
     for (const auto& w : wanted) local = local || w == ip;
   }
@@ -240,11 +241,12 @@ int Agent::Impl::finish(int code) {
 Status Agent::Impl::setup() {
   node_id_ = o_.node_id.empty() ? fmt::format("{}-{}", hostName(), getpid()) : o_.node_id;
   address_ = !o_.local_addr.empty() ? o_.local_addr : (o_.standalone ? "127.0.0.1" : hostName());
-  RALLY_RETURN_IF_ERROR(log::setup(fmt::format("node {}", node_id_), *o_.tunables.string("log_level")));
+  RALLY_RETURN_IF_ERROR(
+      log::setup(fmt::format("node {}", node_id_), *o_.tunables.string("log_level")));
   log_ = log::get("agent");
   RALLY_ASSIGN_OR_RETURN(events_, EventLog::open(o_.events_file, node_id_));
-  const std::string base = o_.log_dir.empty() ? std::filesystem::temp_directory_path().string()
-                                              : o_.log_dir;
+  const std::string base =
+      o_.log_dir.empty() ? std::filesystem::temp_directory_path().string() : o_.log_dir;
   run_dir_ = fmt::format("{}/rally_{}_{}", base, o_.rdzv_id, randomHex(4));
   std::error_code ec;
   std::filesystem::create_directories(run_dir_, ec);
@@ -274,15 +276,16 @@ Status Agent::Impl::connect() {
   if (o_.standalone) {
     if (token.empty()) token = randomHex(16);
     copt.token = token;
-    RALLY_ASSIGN_OR_RETURN(embedded_, coordinator::CoordinatorServer::start(
-                                          copt, {.host = "127.0.0.1", .port = 0}));
+    RALLY_ASSIGN_OR_RETURN(
+        embedded_, coordinator::CoordinatorServer::start(copt, {.host = "127.0.0.1", .port = 0}));
     endpoint = fmt::format("127.0.0.1:{}", embedded_->port());
   } else {
     if (token.empty()) {
       token = fmt::format("rally-job-{}", o_.rdzv_id);
-      log_->warn("no job token (RALLY_TOKEN): using one derived from --rdzv-id; anyone who knows "
-                 "the id and reaches {} can join the job",
-                 endpoint);
+      log_->warn(
+          "no job token (RALLY_TOKEN): using one derived from --rdzv-id; anyone who knows "
+          "the id and reaches {} can join the job",
+          endpoint);
     }
     copt.token = token;
     const auto colon = endpoint.rfind(':');
@@ -296,8 +299,8 @@ Status Agent::Impl::connect() {
       forced = it->second == "1" || it->second == "true" || it->second == "True";
     }
     if (forced.value_or(isLocalHost(host))) {
-      const std::string bind = host.rfind("127.", 0) == 0 || host == "localhost" ? "127.0.0.1"
-                                                                                : "0.0.0.0";
+      const std::string bind =
+          host.rfind("127.", 0) == 0 || host == "localhost" ? "127.0.0.1" : "0.0.0.0";
       auto server = coordinator::CoordinatorServer::start(
           copt, {.host = bind, .port = static_cast<int>(*port)});
       if (server.ok()) {
@@ -310,22 +313,24 @@ Status Agent::Impl::connect() {
       }
     }
   }
-  RALLY_ASSIGN_OR_RETURN(auto client, rendezvous::ClientOptions::fromTunables(o_.tunables, endpoint,
-                                                                              token));
+  RALLY_ASSIGN_OR_RETURN(auto client,
+                         rendezvous::ClientOptions::fromTunables(o_.tunables, endpoint, token));
   RALLY_ASSIGN_OR_RETURN(conn_, rendezvous::CoordinatorConnection::open(client));
   store_ = std::make_unique<rendezvous::StoreClient>(
       rendezvous::StoreClient(conn_).scoped("rally/run/", 0));
   rendezvous::AgentSessionOptions sopt;
   sopt.on_message = [this](const v1::CoordinatorMessage& m) { queue_.push(m); };
   sopt.on_end = [this](const Status& s) { queue_.push(SessionEnded{s}); };
-  RALLY_ASSIGN_OR_RETURN(
-      session_, rendezvous::AgentSession::open(
-                    conn_,
-                    {.node_id = node_id_, .job_id = o_.rdzv_id, .min_nodes = o_.min_nodes,
-                     .max_nodes = o_.max_nodes,
-                     .local_world_size = static_cast<std::uint32_t>(o_.local_world_size),
-                     .address = address_},
-                    std::move(sopt)));
+  RALLY_ASSIGN_OR_RETURN(session_,
+                         rendezvous::AgentSession::open(
+                             conn_,
+                             {.node_id = node_id_,
+                              .job_id = o_.rdzv_id,
+                              .min_nodes = o_.min_nodes,
+                              .max_nodes = o_.max_nodes,
+                              .local_world_size = static_cast<std::uint32_t>(o_.local_world_size),
+                              .address = address_},
+                             std::move(sopt)));
   events_->write("joining", {{"endpoint", endpoint},
                              {"nnodes", fmt::format("{}:{}", o_.min_nodes, o_.max_nodes)},
                              {"local_world_size", o_.local_world_size}});
@@ -384,7 +389,8 @@ Status Agent::Impl::startWorkers(const v1::RoundFormed& r) {
   restart_count_ = restarts->has_value() ? std::stoi(**restarts) : 0;
   int master_port = o_.master_port;
   if (!o_.master_port_given) {
-    rendezvous::StoreClient gen = rendezvous::StoreClient(conn_).scoped("rally/run/", r.generation());
+    rendezvous::StoreClient gen =
+        rendezvous::StoreClient(conn_).scoped("rally/run/", r.generation());
     if (r.node_rank() == 0) {
       RALLY_ASSIGN_OR_RETURN(master_port, freePort());
       RALLY_RETURN_IF_ERROR(gen.set("master_port", std::to_string(master_port)));
@@ -419,19 +425,24 @@ Status Agent::Impl::spawn(const v1::RoundFormed& r, int master_port) {
     specs.push_back(std::move(spec));
   }
   const std::uint64_t epoch = ++epoch_;
-  RALLY_ASSIGN_OR_RETURN(group_, WorkerGroup::start(std::move(specs), [this, epoch](const WorkerExit& e) {
+  RALLY_ASSIGN_OR_RETURN(group_,
+                         WorkerGroup::start(std::move(specs), [this, epoch](const WorkerExit& e) {
                            queue_.push(WorkerExited{epoch, e});
                          }));
   round_ = r;
-  log_->info("generation {}: node rank {} of {}, started {} worker(s) as ranks {}..{} of {}"
-             " (restart {}, MASTER_ADDR {}:{})",
-             r.generation(), r.node_rank(), r.num_nodes(), o_.local_world_size, r.rank_offset(),
-             r.rank_offset() + o_.local_world_size - 1, r.world_size(), restart_count_,
-             r.master_address(), master_port);
-  events_->write("workers_started",
-                 {{"generation", r.generation()}, {"node_rank", r.node_rank()},
-                  {"num_nodes", r.num_nodes()}, {"world_size", r.world_size()},
-                  {"restart", restart_count_}, {"pids", group_->pids()}, {"cause", r.cause()}});
+  log_->info(
+      "generation {}: node rank {} of {}, started {} worker(s) as ranks {}..{} of {}"
+      " (restart {}, MASTER_ADDR {}:{})",
+      r.generation(), r.node_rank(), r.num_nodes(), o_.local_world_size, r.rank_offset(),
+      r.rank_offset() + o_.local_world_size - 1, r.world_size(), restart_count_, r.master_address(),
+      master_port);
+  events_->write("workers_started", {{"generation", r.generation()},
+                                     {"node_rank", r.node_rank()},
+                                     {"num_nodes", r.num_nodes()},
+                                     {"world_size", r.world_size()},
+                                     {"restart", restart_count_},
+                                     {"pids", group_->pids()},
+                                     {"cause", r.cause()}});
   return okStatus();
 }
 
@@ -485,10 +496,10 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   if (!claim.ok() || !claim->swapped) return std::nullopt;  // another node decides
   auto restarts = store_->add("restarts", 1);
   if (restarts.ok() && *restarts <= o_.max_restarts) {
-    session_->requestReform(fmt::format("worker failed on node '{}' (local rank {}: {}); restart "
-                                        "{} of {}",
-                                        node_id_, e.local_rank, e.describe(), *restarts,
-                                        o_.max_restarts));
+    session_->requestReform(
+        fmt::format("worker failed on node '{}' (local rank {}: {}); restart "
+                    "{} of {}",
+                    node_id_, e.local_rank, e.describe(), *restarts, o_.max_restarts));
     return std::nullopt;
   }
   // Out of restarts: report the job's failures of this generation, first by time as root cause.
@@ -530,9 +541,10 @@ std::optional<int> Agent::Impl::onAllWorkersSucceeded() {
   return std::nullopt;
 }
 
-// --rdzv-backend static: a fixed job with no coordinator. Ranks come from --node-rank and a world of
-// --nnodes equal nodes; a failure restarts this node's workers, up to --max-restarts, and other nodes
-// are not told (as with torchrun's static rendezvous).
+// --rdzv-backend static: a fixed job with no coordinator. Ranks come from --node-rank and a world
+// of
+// --nnodes equal nodes; a failure restarts this node's workers, up to --max-restarts, and other
+// nodes are not told (as with torchrun's static rendezvous).
 int Agent::Impl::runStatic() {
   v1::RoundFormed r;
   r.set_generation(1);
@@ -591,9 +603,10 @@ int Agent::Impl::loop() {
   bool welcomed = false;
   for (;;) {
     if (!welcomed && Clock::now() > welcome_deadline) {
-      log_->error("cannot reach the coordinator at {} within {} (--connect-timeout): is its host "
-                  "up, is the port right, and is it a rally coordinator that listens there?",
-                  conn_->options().endpoint, formatDuration(tunable("connect_timeout")));
+      log_->error(
+          "cannot reach the coordinator at {} within {} (--connect-timeout): is its host "
+          "up, is the port right, and is it a rally coordinator that listens there?",
+          conn_->options().endpoint, formatDuration(tunable("connect_timeout")));
       return 1;
     }
     if (in_barrier_ && Clock::now() > barrier_deadline_) {
@@ -611,9 +624,24 @@ int Agent::Impl::loop() {
     }
     if (auto* ended = std::get_if<SessionEnded>(&*next)) {
       stopWorkers(SIGTERM, "lost the coordinator");
-      log_->error("lost the coordinator at {} ({}): its host may be down; rally cannot survive the "
-                  "loss of the coordinator's host yet, so this node stops",
-                  conn_->options().endpoint, ended->status.message());
+      const StatusCode code = ended->status.code();
+      if (code == StatusCode::kUnauthenticated) {
+        log_->error(
+            "the coordinator at {} refused this node's job token: give every node the "
+            "coordinator's token in RALLY_TOKEN ({})",
+            conn_->options().endpoint, ended->status.message());
+        return 1;
+      }
+      if (code == StatusCode::kInvalidArgument || code == StatusCode::kAlreadyExists ||
+          code == StatusCode::kFailedPrecondition) {
+        log_->error("the coordinator at {} refused this node: {}", conn_->options().endpoint,
+                    ended->status.message());
+        return 1;
+      }
+      log_->error(
+          "lost the coordinator at {} ({}): its host may be down; rally cannot survive the "
+          "loss of the coordinator's host yet, so this node stops",
+          conn_->options().endpoint, ended->status.message());
       return 1;
     }
     if (auto* exited = std::get_if<WorkerExited>(&*next)) {
@@ -653,7 +681,8 @@ int Agent::Impl::loop() {
         stopWorkers(SIGTERM, "the job ended");
         const bool failed = g.cause().find("job finished: failed") == 0;
         if (failed) {
-          std::cerr << g.cause().substr(std::string("job finished: failed:\n").size()) << std::flush;
+          std::cerr << g.cause().substr(std::string("job finished: failed:\n").size())
+                    << std::flush;
         }
         log_->info("the job ended: {}", failed ? "failed" : "every worker finished");
         return failed ? 1 : 0;
@@ -667,8 +696,7 @@ int Agent::Impl::loop() {
         reform_requested_for_ = generation_;
         log_->info("{} node(s) waiting to join: restarting the job to admit them",
                    m.nodes_waiting().count());
-        session_->requestReform(
-            fmt::format("admit {} waiting node(s)", m.nodes_waiting().count()));
+        session_->requestReform(fmt::format("admit {} waiting node(s)", m.nodes_waiting().count()));
       }
     } else if (m.has_shutdown()) {
       stopWorkers(SIGTERM, "the coordinator dismissed this node");

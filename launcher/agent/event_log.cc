@@ -8,8 +8,8 @@ namespace rally::agent {
 std::string isoTime(std::chrono::system_clock::time_point t) {
   const auto ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count() % 1000;
-  return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03}Z", fmt::gmtime(std::chrono::system_clock::to_time_t(t)),
-                     ms);
+  return fmt::format("{:%Y-%m-%dT%H:%M:%S}.{:03}Z",
+                     fmt::gmtime(std::chrono::system_clock::to_time_t(t)), ms);
 }
 
 Result<std::unique_ptr<EventLog>> EventLog::open(const std::string& path, std::string node_id) {
@@ -25,9 +25,8 @@ Result<std::unique_ptr<EventLog>> EventLog::open(const std::string& path, std::s
 void EventLog::write(const std::string& event, nlohmann::json fields) {
   std::lock_guard lock(mu_);
   if (!out_.is_open()) return;
-  nlohmann::json line = {{"time", isoTime(std::chrono::system_clock::now())},
-                         {"node", node_id_},
-                         {"event", event}};
+  nlohmann::json line = {
+      {"time", isoTime(std::chrono::system_clock::now())}, {"node", node_id_}, {"event", event}};
   for (auto& [k, v] : fields.items()) line[k] = v;
   out_ << line.dump() << '\n';
   out_.flush();

@@ -7,9 +7,8 @@
 
 #include <fstream>
 #include <mutex>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "kernels/base/status.h"
 

@@ -1,21 +1,28 @@
 #include "launcher/agent/failure_report.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <fstream>
 #include <sstream>
 
-#include <fmt/format.h>
-
 namespace rally::agent {
 
 nlohmann::json WorkerFailure::toJson() const {
-  return {{"time", time},           {"node_id", node_id},
-          {"host", host},           {"node_rank", node_rank},
-          {"local_rank", local_rank}, {"global_rank", global_rank},
-          {"exit_code", exit_code}, {"signal", signal},
-          {"oom_killed", oom_killed}, {"error_message", error_message},
-          {"error_traceback", error_traceback}, {"stderr_tail", stderr_tail},
-          {"generation", generation}, {"restart", restart}};
+  return {{"time", time},
+          {"node_id", node_id},
+          {"host", host},
+          {"node_rank", node_rank},
+          {"local_rank", local_rank},
+          {"global_rank", global_rank},
+          {"exit_code", exit_code},
+          {"signal", signal},
+          {"oom_killed", oom_killed},
+          {"error_message", error_message},
+          {"error_traceback", error_traceback},
+          {"stderr_tail", stderr_tail},
+          {"generation", generation},
+          {"restart", restart}};
 }
 
 WorkerFailure WorkerFailure::fromJson(const nlohmann::json& j) {

@@ -7,10 +7,9 @@
 //   std::cout << formatReport(all_failures_of_the_job);
 #pragma once
 
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "launcher/agent/worker_group.h"
 

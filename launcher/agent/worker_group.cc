@@ -1,11 +1,12 @@
 #include "launcher/agent/worker_group.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <sys/syscall.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,8 +15,6 @@
 #include <fstream>
 #include <iostream>
 #include <sstream>
-
-#include <fmt/format.h>
 
 namespace rally::agent {
 namespace {
@@ -309,11 +308,13 @@ void WorkerGroup::ioLoop() {
       switch (events[i].data.u64 & 3) {
         case 0:
           handleOutput(w, w.out.fd, false);
-          if (events[i].events & (EPOLLHUP | EPOLLERR)) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, w.out.fd, nullptr);
+          if (events[i].events & (EPOLLHUP | EPOLLERR))
+            epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, w.out.fd, nullptr);
           break;
         case 1:
           handleOutput(w, w.err.fd, true);
-          if (events[i].events & (EPOLLHUP | EPOLLERR)) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, w.err.fd, nullptr);
+          if (events[i].events & (EPOLLHUP | EPOLLERR))
+            epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, w.err.fd, nullptr);
           break;
         case 2:
           reap(w);

@@ -5,16 +5,16 @@
 //   group->stop(SIGTERM, 30s);  // forward, wait the grace period, then SIGKILL what is left
 //
 // Guarantees: each worker runs in its own process group and gets SIGKILL if the thread that spawned
-// it dies (PR_SET_PDEATHSIG; spawn from a long-lived thread); exits are seen at once through pidfds,
-// not by polling; every wait is bounded; every child is reaped and every worker's process group is
-// killed before the group is destroyed, so no zombies and no orphans remain.
+// it dies (PR_SET_PDEATHSIG; spawn from a long-lived thread); exits are seen at once through
+// pidfds, not by polling; every wait is bounded; every child is reaped and every worker's process
+// group is killed before the group is destroyed, so no zombies and no orphans remain.
 //
 // Output: each worker's stdout and stderr go through the agent, to the console (optionally with a
 // "[role0]:" prefix, and only for the ranks a filter allows) and/or to log files; the last lines of
 // stderr are kept for failure reports.
 //
-// Thread-safety: start/stop/signalAll from the owning thread; on_exit runs on the group's I/O thread,
-// after the exit is recorded (exits() and running() already reflect it).
+// Thread-safety: start/stop/signalAll from the owning thread; on_exit runs on the group's I/O
+// thread, after the exit is recorded (exits() and running() already reflect it).
 #pragma once
 
 #include <sys/types.h>
@@ -50,8 +50,8 @@ struct WorkerSpec {
 struct WorkerExit {
   int local_rank = 0;
   pid_t pid = 0;
-  int exit_code = 0;    // when exited normally
-  int signal = 0;       // when killed by a signal
+  int exit_code = 0;        // when exited normally
+  int signal = 0;           // when killed by a signal
   bool oom_killed = false;  // the kernel's OOM killer counted a kill when this worker died
   std::chrono::system_clock::time_point when;
   std::vector<std::string> stderr_tail;

@@ -1,9 +1,9 @@
 #include "launcher/cli/run_command.h"
 
-#include <iostream>
-
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+
+#include <iostream>
 
 #include "launcher/agent/agent.h"
 #include "launcher/cli/run_options.h"

@@ -1,16 +1,15 @@
 #include "launcher/cli/run_options.h"
 
+#include <fmt/format.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
 #include <thread>
-
-#include <CLI/CLI.hpp>
-#include <fmt/format.h>
 
 #include "launcher/cli/tunable_flags.h"
 
@@ -23,13 +22,11 @@ struct SignalEntry {
   const char* name;
   int number;
 };
-constexpr SignalEntry kSignals[] = {{"SIGHUP", SIGHUP},   {"SIGINT", SIGINT},
-                                    {"SIGQUIT", SIGQUIT}, {"SIGTERM", SIGTERM},
-                                    {"SIGUSR1", SIGUSR1}, {"SIGUSR2", SIGUSR2},
-                                    {"SIGABRT", SIGABRT}, {"SIGKILL", SIGKILL},
-                                    {"SIGSEGV", SIGSEGV}, {"SIGBUS", SIGBUS},
-                                    {"SIGFPE", SIGFPE},   {"SIGILL", SIGILL},
-                                    {"SIGPIPE", SIGPIPE}, {"SIGALRM", SIGALRM}};
+constexpr SignalEntry kSignals[] = {
+    {"SIGHUP", SIGHUP},   {"SIGINT", SIGINT},   {"SIGQUIT", SIGQUIT}, {"SIGTERM", SIGTERM},
+    {"SIGUSR1", SIGUSR1}, {"SIGUSR2", SIGUSR2}, {"SIGABRT", SIGABRT}, {"SIGKILL", SIGKILL},
+    {"SIGSEGV", SIGSEGV}, {"SIGBUS", SIGBUS},   {"SIGFPE", SIGFPE},   {"SIGILL", SIGILL},
+    {"SIGPIPE", SIGPIPE}, {"SIGALRM", SIGALRM}};
 
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
@@ -53,9 +50,9 @@ Result<int> parseInt(const std::string& flag, const std::string& text, int min, 
 Result<StdStreams> parseStreams(const std::string& flag, const std::string& text) {
   auto v = parseInt(flag, text, 0, 3);
   if (!v.ok()) {
-    return invalidArgument(fmt::format(
-        "{} '{}' is not 0 (none), 1 (stdout), 2 (stderr), 3 (both) or LOCAL_RANK:N,...", flag,
-        text));
+    return invalidArgument(
+        fmt::format("{} '{}' is not 0 (none), 1 (stdout), 2 (stderr), 3 (both) or LOCAL_RANK:N,...",
+                    flag, text));
   }
   return StdStreams{(*v & 1) != 0, (*v & 2) != 0};
 }
@@ -70,8 +67,7 @@ Result<StdSpec> parseStdSpec(const std::string& flag, const std::string& text) {
   for (const std::string& item : split(text, ',')) {
     const auto colon = item.find(':');
     if (colon == std::string::npos) {
-      return invalidArgument(
-          fmt::format("{} '{}': '{}' is not LOCAL_RANK:N", flag, text, item));
+      return invalidArgument(fmt::format("{} '{}': '{}' is not LOCAL_RANK:N", flag, text, item));
     }
     RALLY_ASSIGN_OR_RETURN(int rank, parseInt(flag, item.substr(0, colon), 0, 1 << 20));
     RALLY_ASSIGN_OR_RETURN(StdStreams s, parseStreams(flag, item.substr(colon + 1)));
@@ -86,15 +82,29 @@ struct Flag {
   const char* name;  // with dashes
   bool is_flag;      // takes no value
 };
-constexpr Flag kTorchrunFlags[] = {
-    {"nnodes", false},         {"nproc-per-node", false}, {"rdzv-backend", false},
-    {"rdzv-endpoint", false},  {"rdzv-id", false},        {"rdzv-conf", false},
-    {"standalone", true},      {"max-restarts", false},   {"monitor-interval", false},
-    {"start-method", false},   {"role", false},           {"module", true},
-    {"no-python", true},       {"run-path", true},        {"log-dir", false},
-    {"redirects", false},      {"tee", false},            {"node-rank", false},
-    {"master-addr", false},    {"master-port", false},    {"local-ranks-filter", false},
-    {"local-addr", false},     {"signals-to-handle", false}};
+constexpr Flag kTorchrunFlags[] = {{"nnodes", false},
+                                   {"nproc-per-node", false},
+                                   {"rdzv-backend", false},
+                                   {"rdzv-endpoint", false},
+                                   {"rdzv-id", false},
+                                   {"rdzv-conf", false},
+                                   {"standalone", true},
+                                   {"max-restarts", false},
+                                   {"monitor-interval", false},
+                                   {"start-method", false},
+                                   {"role", false},
+                                   {"module", true},
+                                   {"no-python", true},
+                                   {"run-path", true},
+                                   {"log-dir", false},
+                                   {"redirects", false},
+                                   {"tee", false},
+                                   {"node-rank", false},
+                                   {"master-addr", false},
+                                   {"master-port", false},
+                                   {"local-ranks-filter", false},
+                                   {"local-addr", false},
+                                   {"signals-to-handle", false}};
 
 std::string petName(const char* dashed) {
   std::string out = "PET_";
@@ -146,7 +156,8 @@ Environment processEnvironment() {
   Environment env;
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     const char* eq = std::strchr(*e, '=');
-    if (eq != nullptr) env.emplace(std::string(*e, static_cast<size_t>(eq - *e)), std::string(eq + 1));
+    if (eq != nullptr)
+      env.emplace(std::string(*e, static_cast<size_t>(eq - *e)), std::string(eq + 1));
   }
   return env;
 }
@@ -173,10 +184,10 @@ Result<std::vector<int>> parseSignals(const std::string& text) {
       }
     }
     if (number < 0 || number == SIGKILL) {
-      return invalidArgument(fmt::format(
-          "--signals-to-handle: '{}' is not a signal that can be handled (for example "
-          "SIGTERM,SIGINT,SIGHUP,SIGQUIT or their numbers)",
-          item));
+      return invalidArgument(
+          fmt::format("--signals-to-handle: '{}' is not a signal that can be handled (for example "
+                      "SIGTERM,SIGINT,SIGHUP,SIGQUIT or their numbers)",
+                      item));
     }
     out.push_back(number);
   }
@@ -245,7 +256,8 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   opt("max-restarts", &max_restarts, "Worker-group restarts for the job before it fails [0]");
   opt("monitor-interval", &monitor_interval,
       "Accepted for torchrun compatibility; rally sees worker exits at once [5]");
-  opt("start-method", &o.start_method, "Accepted for torchrun compatibility (spawn, fork, forkserver)");
+  opt("start-method", &o.start_method,
+      "Accepted for torchrun compatibility (spawn, fork, forkserver)");
   opt("role", &o.role, "The workers' role (ROLE_NAME) [default]");
   app.add_flag(names("module", "-m"), o.module, "Run the program as a Python module (python -m)");
   app.add_flag(names("no-python"), o.no_python, "Run the program directly, not under python");
@@ -297,8 +309,8 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
         "no program to run: give a script or program, e.g. rally run --nproc-per-node 2 train.py");
   }
   if (rest[0].size() > 1 && rest[0][0] == '-') {
-    return invalidArgument(fmt::format(
-        "unknown option '{}' before the program (see rally run --help)", rest[0]));
+    return invalidArgument(
+        fmt::format("unknown option '{}' before the program (see rally run --help)", rest[0]));
   }
   o.script = rest[0];
   o.script_args.assign(rest.begin() + 1, rest.end());
@@ -309,7 +321,8 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   } else if (o.nproc_per_node == "gpu" || o.nproc_per_node == "auto") {
     const int gpus = visibleGpuCount(env);
     if (o.nproc_per_node == "gpu" && gpus == 0) {
-      return invalidArgument("--nproc-per-node gpu: this node has no visible GPU (use a number or cpu)");
+      return invalidArgument(
+          "--nproc-per-node gpu: this node has no visible GPU (use a number or cpu)");
     }
     o.local_world_size =
         gpus > 0 ? gpus : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -350,8 +363,8 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
         fmt::format("--monitor-interval '{}' is not a number of seconds", monitor_interval));
   }
   if (o.start_method != "spawn" && o.start_method != "fork" && o.start_method != "forkserver") {
-    return invalidArgument(fmt::format(
-        "--start-method '{}' is not spawn, fork or forkserver", o.start_method));
+    return invalidArgument(
+        fmt::format("--start-method '{}' is not spawn, fork or forkserver", o.start_method));
   }
   RALLY_ASSIGN_OR_RETURN(o.redirects, parseStdSpec("--redirects", redirects));
   RALLY_ASSIGN_OR_RETURN(o.tee, parseStdSpec("--tee", tee));
@@ -371,17 +384,17 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
     o.rdzv_backend = "rally";
     o.rdzv_endpoint.clear();
     if (o.max_nodes != 1) {
-      return invalidArgument(fmt::format(
-          "--standalone runs one node but --nnodes is {}:{}: drop one of them", o.min_nodes,
-          o.max_nodes));
+      return invalidArgument(
+          fmt::format("--standalone runs one node but --nnodes is {}:{}: drop one of them",
+                      o.min_nodes, o.max_nodes));
     }
   } else if (o.staticBackend()) {
     if (o.min_nodes != o.max_nodes) {
       return invalidArgument("--rdzv-backend static needs a fixed --nnodes N, not MIN:MAX");
     }
     if (static_cast<std::uint32_t>(o.node_rank) >= o.max_nodes) {
-      return invalidArgument(fmt::format("--node-rank {} is not below --nnodes {}", o.node_rank,
-                                         o.max_nodes));
+      return invalidArgument(
+          fmt::format("--node-rank {} is not below --nnodes {}", o.node_rank, o.max_nodes));
     }
   } else if (o.rdzv_endpoint.empty()) {
     if (o.max_nodes > 1) {

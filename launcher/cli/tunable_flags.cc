@@ -1,8 +1,8 @@
 #include "launcher/cli/tunable_flags.h"
 
-#include <algorithm>
-
 #include <fmt/format.h>
+
+#include <algorithm>
 
 namespace rally::cli {
 
@@ -11,9 +11,8 @@ void addTunableFlags(CLI::App* cmd, std::map<std::string, std::string>* values) 
     std::string flag = "--" + std::string(spec.name);
     std::replace(flag.begin(), flag.end(), '_', '-');
     cmd->add_option_function<std::string>(
-           flag, [values, name = std::string(spec.name)](const std::string& v) {
-             (*values)[name] = v;
-           },
+           flag,
+           [values, name = std::string(spec.name)](const std::string& v) { (*values)[name] = v; },
            fmt::format("{} [{}, env {}]", spec.doc, spec.default_value, spec.env))
         ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   }

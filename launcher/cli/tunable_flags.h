@@ -2,10 +2,9 @@
 // the subcommands, so that flags, environment variables and --print-config stay one registry.
 #pragma once
 
+#include <CLI/CLI.hpp>
 #include <map>
 #include <string>
-
-#include <CLI/CLI.hpp>
 
 #include "kernels/base/tunables.h"
 

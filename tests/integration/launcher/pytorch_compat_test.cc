@@ -1,7 +1,8 @@
 // An unmodified PyTorch DDP script (examples/pytorch/train_ddp.py: gloo, a checkpoint every few
 // steps) run by `rally run` with 2 workers as torchrun would run it; one worker is killed with
 // SIGKILL mid-run, and the job restarts from its checkpoint and finishes. Needs Debian's
-// python3-torch at /usr/bin/python3 (scripts/install-deps installs it); skipped, saying so, without.
+// python3-torch at /usr/bin/python3 (scripts/install-deps installs it); skipped, saying so,
+// without.
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -27,9 +28,8 @@ TEST(PytorchCompatTest, DdpScriptSurvivesAKilledWorker) {
   const std::string ckpt = tempPath("ddp-ckpt");
   std::filesystem::remove_all(ckpt);
   ChildProcess p({"/usr/bin/env", "PYTHON_EXEC=/usr/bin/python3", RALLY_BINARY, "run",
-                  "--nproc_per_node", "2", "--max_restarts", "3", RALLY_DDP_SCRIPT, "--steps",
-                  "80", "--step-time", "0.02", "--checkpoint-every", "10", "--checkpoint-dir",
-                  ckpt},
+                  "--nproc_per_node", "2", "--max_restarts", "3", RALLY_DDP_SCRIPT, "--steps", "80",
+                  "--step-time", "0.02", "--checkpoint-every", "10", "--checkpoint-dir", ckpt},
                  tempPath("ddp.out"));
   ASSERT_TRUE(p.waitForOutput("step 30 ", milliseconds(60000))) << p.output() << p.errors();
   const std::string started = p.output();

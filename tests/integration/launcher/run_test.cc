@@ -1,7 +1,7 @@
 // `rally run` as real processes on loopback: two agents as two nodes; a worker killed (every node
-// restarts), a node killed (the survivor goes on alone, the dead node's workers die with it), a node
-// added (the job grows), the restart budget exhausted (the job fails with a report on every node);
-// signal forwarding; torchrun's worker environment.
+// restarts), a node killed (the survivor goes on alone, the dead node's workers die with it), a
+// node added (the job grows), the restart budget exhausted (the job fails with a report on every
+// node); signal forwarding; torchrun's worker environment.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -72,9 +72,9 @@ class RunTest : public ::testing::Test {
 
 TEST_F(RunTest, WorkerKilledRestartsEveryNode) {
   const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=0.3"};
-  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "wk",
-                                         "--max-restarts", "2"};
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "wk",
+                                         "--max-restarts",  "2"};
   auto a = agent("wk-a", vars, args);
   auto b = agent("wk-b", vars, args);
   ASSERT_TRUE(a->waitForOutput("gen=1", milliseconds(20000))) << a->errors();
@@ -93,9 +93,9 @@ TEST_F(RunTest, WorkerKilledRestartsEveryNode) {
 
 TEST_F(RunTest, NodeKilledSurvivorContinuesAloneAndItsWorkersDie) {
   const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=0.3"};
-  const std::vector<std::string> args = {"--nnodes", "1:2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "nk",
-                                         "--last-call", "10s"};
+  const std::vector<std::string> args = {"--nnodes",        "1:2",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "nk",
+                                         "--last-call",     "10s"};
   auto a = agent("nk-a", vars, args);
   ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
   auto b = agent("nk-b", vars, args);
@@ -118,9 +118,9 @@ TEST_F(RunTest, NodeKilledSurvivorContinuesAloneAndItsWorkersDie) {
 
 TEST_F(RunTest, NodeAddedJobGrows) {
   const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=0.3"};
-  const std::vector<std::string> args = {"--nnodes", "1:2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "grow",
-                                         "--last-call", "200ms"};
+  const std::vector<std::string> args = {"--nnodes",        "1:2",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "grow",
+                                         "--last-call",     "200ms"};
   auto a = agent("grow-a", vars, args);
   ASSERT_TRUE(a->waitForOutput("world=2", milliseconds(20000))) << a->errors();
   auto b = agent("grow-b", vars, args);
@@ -133,9 +133,9 @@ TEST_F(RunTest, NodeAddedJobGrows) {
 TEST_F(RunTest, RestartBudgetIsTheJobsAndItsExhaustionIsReportedOnEveryNode) {
   const std::vector<std::string> vars = {"FIRST_SECONDS=30", "LATER_SECONDS=30", "FAIL_RANK=3",
                                          "FAIL_ALWAYS=1", "FAIL_CODE=4"};
-  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "budget",
-                                         "--max-restarts", "2"};
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "budget",
+                                         "--max-restarts",  "2"};
   auto a = agent("budget-a", vars, args);
   auto b = agent("budget-b", vars, args);
   EXPECT_EQ(exitCode(*a), 1) << a->errors();
@@ -167,19 +167,32 @@ TEST_F(RunTest, SignalIsForwardedToWorkers) {
 }
 
 TEST_F(RunTest, WorkersGetTorchrunsEnvironment) {
-  ChildProcess p({"/usr/bin/env", "-u", "OMP_NUM_THREADS", RALLY_BINARY, "run",
-                  "--nproc-per-node", "2", "--rdzv-id", "envjob", "--role", "trainer",
-                  "--max-restarts", "3", "--no-python", "/usr/bin/env"},
+  ChildProcess p({"/usr/bin/env", "-u", "OMP_NUM_THREADS", RALLY_BINARY, "run", "--nproc-per-node",
+                  "2", "--rdzv-id", "envjob", "--role", "trainer", "--max-restarts", "3",
+                  "--no-python", "/usr/bin/env"},
                  tempPath("env.out"));
   ASSERT_EQ(exitCode(p), 0) << p.errors();
   const std::string out = p.output();
-  for (const char* expected :
-       {"LOCAL_RANK=0", "LOCAL_RANK=1", "RANK=1", "GROUP_RANK=0", "ROLE_RANK=1",
-        "ROLE_NAME=trainer", "LOCAL_WORLD_SIZE=2", "WORLD_SIZE=2", "GROUP_WORLD_SIZE=1",
-        "ROLE_WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=",
-        "TORCHELASTIC_RESTART_COUNT=0", "TORCHELASTIC_MAX_RESTARTS=3",
-        "TORCHELASTIC_RUN_ID=envjob", "TORCHELASTIC_ERROR_FILE=", "OMP_NUM_THREADS=1",
-        "RALLY_RANK=1", "RALLY_GENERATION=1", "RALLY_COORDINATOR=127.0.0.1:"}) {
+  for (const char* expected : {"LOCAL_RANK=0",
+                               "LOCAL_RANK=1",
+                               "RANK=1",
+                               "GROUP_RANK=0",
+                               "ROLE_RANK=1",
+                               "ROLE_NAME=trainer",
+                               "LOCAL_WORLD_SIZE=2",
+                               "WORLD_SIZE=2",
+                               "GROUP_WORLD_SIZE=1",
+                               "ROLE_WORLD_SIZE=2",
+                               "MASTER_ADDR=127.0.0.1",
+                               "MASTER_PORT=",
+                               "TORCHELASTIC_RESTART_COUNT=0",
+                               "TORCHELASTIC_MAX_RESTARTS=3",
+                               "TORCHELASTIC_RUN_ID=envjob",
+                               "TORCHELASTIC_ERROR_FILE=",
+                               "OMP_NUM_THREADS=1",
+                               "RALLY_RANK=1",
+                               "RALLY_GENERATION=1",
+                               "RALLY_COORDINATOR=127.0.0.1:"}) {
     EXPECT_NE(out.find(std::string("\n") + expected), std::string::npos) << expected;
   }
 }
@@ -199,21 +212,52 @@ TEST_F(RunTest, StaticBackendUsesTheGivenRanks) {
 
 TEST_F(RunTest, UnreachableCoordinatorIsAnErrorNamingIt) {
   // A port where nothing listens, on an address that is not this host's: the agent cannot host it.
-  ChildProcess p({RALLY_BINARY, "run", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:9",
-                  "--rdzv-conf", "is_host=false", "--connect-timeout", "1s", "--no-python",
-                  "/bin/true"},
-                 tempPath("unreachable.out"));
+  ChildProcess p(
+      {RALLY_BINARY, "run", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:9", "--rdzv-conf",
+       "is_host=false", "--connect-timeout", "1s", "--no-python", "/bin/true"},
+      tempPath("unreachable.out"));
   EXPECT_EQ(exitCode(p), 1);
   EXPECT_NE(p.errors().find("cannot reach the coordinator at 127.0.0.1:9"), std::string::npos)
       << p.errors();
 }
 
+TEST_F(RunTest, JoinsAStandaloneCoordinatorWithItsToken) {
+  const std::string token_file = tempPath("standalone.token");
+  ::unlink(token_file.c_str());
+  const std::string port = endpoint_.substr(endpoint_.find(':') + 1);
+  ChildProcess coord({RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port", port,
+                      "--token-file", token_file, "--job-id", "solo"},
+                     tempPath("standalone.coord"));
+  ASSERT_TRUE(coord.waitForOutput("listening", milliseconds(10000))) << coord.errors();
+  std::string token;
+  std::ifstream(token_file) >> token;
+
+  // Without the token the node is refused, and told why.
+  auto refused =
+      agent("solo-x", {}, {"--nnodes", "1", "--rdzv-endpoint", endpoint_, "--rdzv-id", "solo"});
+  EXPECT_EQ(exitCode(*refused), 1);
+  EXPECT_NE(refused->errors().find("refused this node's job token"), std::string::npos)
+      << refused->errors();
+  // With it: a job id the coordinator does not serve is refused by name; its own job runs.
+  auto wrong = agent("solo-b", {"RALLY_TOKEN=" + token},
+                     {"--nnodes", "1", "--rdzv-endpoint", endpoint_, "--rdzv-id", "other"});
+  EXPECT_EQ(exitCode(*wrong), 1);
+  EXPECT_NE(wrong->errors().find("refused this node: node 'solo-b' is for job 'other'"),
+            std::string::npos)
+      << wrong->errors();
+  auto ok = agent("solo-a", {"RALLY_TOKEN=" + token},
+                  {"--nnodes", "1", "--rdzv-endpoint", endpoint_, "--rdzv-id", "solo"});
+  EXPECT_EQ(exitCode(*ok), 0) << ok->errors();
+  coord.signal(SIGTERM);
+  ::unlink(token_file.c_str());
+}
+
 TEST_F(RunTest, BadInputExitsWithCode2AndOneLine) {
-  for (std::vector<std::string> args : std::vector<std::vector<std::string>>{
-           {"--nnodes", "3:2", "x.py"},
-           {"--nproc-per-node", "-1", "x.py"},
-           {"--rdzv-backend", "etcd3", "x.py"},
-           {"--nproc-per-node", "2"}}) {
+  for (std::vector<std::string> args :
+       std::vector<std::vector<std::string>>{{"--nnodes", "3:2", "x.py"},
+                                             {"--nproc-per-node", "-1", "x.py"},
+                                             {"--rdzv-backend", "etcd3", "x.py"},
+                                             {"--nproc-per-node", "2"}}) {
     std::vector<std::string> argv = {RALLY_BINARY, "run"};
     argv.insert(argv.end(), args.begin(), args.end());
     ChildProcess p(argv, tempPath("bad.out"));

@@ -51,9 +51,9 @@ int zombieChildren() {
 
 TEST(WorkerGroupTest, ExitsAreSeenAtOnceWithCodesAndStderrTail) {
   std::atomic<int> seen{0};
-  auto g = WorkerGroup::start({shell(0, "echo one >&2; echo two >&2; exit 7"),
-                               shell(1, "kill -9 $$")},
-                              [&](const WorkerExit&) { ++seen; });
+  auto g =
+      WorkerGroup::start({shell(0, "echo one >&2; echo two >&2; exit 7"), shell(1, "kill -9 $$")},
+                         [&](const WorkerExit&) { ++seen; });
   ASSERT_TRUE(g.ok()) << g.status().toString();
   const auto t0 = Clock::now();
   ASSERT_TRUE((*g)->waitAll(milliseconds(5000)));
@@ -117,7 +117,8 @@ TEST(WorkerGroupTest, GrandchildrenDieWithTheGroupAndNoZombiesRemain) {
   ASSERT_TRUE(rally::testing::isRunning(grandchild));
   (*g)->stop(SIGKILL, milliseconds(0));
   g->reset();
-  for (int i = 0; i < 100 && rally::testing::isRunning(grandchild); ++i) std::this_thread::sleep_for(milliseconds(10));
+  for (int i = 0; i < 100 && rally::testing::isRunning(grandchild); ++i)
+    std::this_thread::sleep_for(milliseconds(10));
   EXPECT_FALSE(rally::testing::isRunning(grandchild)) << "the worker's child outlived the group";
   EXPECT_EQ(zombieChildren(), 0);
   ::unlink(pidfile.c_str());

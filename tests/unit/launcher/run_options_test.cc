@@ -57,12 +57,9 @@ TEST(RunOptionsTest, BothSpellingsAreAccepted) {
 }
 
 TEST(RunOptionsTest, PetVariablesSetWhatTheCommandLineDoesNot) {
-  Environment env = {{"PET_NPROC_PER_NODE", "2"},
-                     {"PET_NNODES", "1:3"},
-                     {"PET_RDZV_ENDPOINT", "host:1234"},
-                     {"PET_MAX_RESTARTS", "5"},
-                     {"PET_STANDALONE", "0"},
-                     {"PET_NO_PYTHON", "1"}};
+  Environment env = {
+      {"PET_NPROC_PER_NODE", "2"}, {"PET_NNODES", "1:3"},   {"PET_RDZV_ENDPOINT", "host:1234"},
+      {"PET_MAX_RESTARTS", "5"},   {"PET_STANDALONE", "0"}, {"PET_NO_PYTHON", "1"}};
   auto o = parse({"--max-restarts", "1", "./prog", "--flag"}, env);
   ASSERT_TRUE(o.ok()) << o.status().toString();
   EXPECT_EQ(o->local_world_size, 2);
@@ -112,8 +109,8 @@ TEST(RunOptionsTest, NprocPerNodeCpuAndAuto) {
 }
 
 TEST(RunOptionsTest, StaticBackend) {
-  auto o = parse({"--rdzv-backend", "static", "--nnodes", "2", "--node-rank", "1",
-                  "--master-addr", "10.1.1.1", "--master-port", "29600", "t.py"});
+  auto o = parse({"--rdzv-backend", "static", "--nnodes", "2", "--node-rank", "1", "--master-addr",
+                  "10.1.1.1", "--master-port", "29600", "t.py"});
   ASSERT_TRUE(o.ok()) << o.status().toString();
   EXPECT_TRUE(o->staticBackend());
   EXPECT_EQ(o->node_rank, 1);
@@ -146,15 +143,13 @@ TEST(RunOptionsTest, BadValuesGetOneClearLine) {
   EXPECT_NE(error({}).find("no program to run"), std::string::npos);
   EXPECT_NE(error({"--max-restarts", "-3", "t.py"}).find("--max-restarts"), std::string::npos);
   EXPECT_NE(error({"--redirects", "7", "t.py"}).find("--redirects '7'"), std::string::npos);
-  EXPECT_NE(error({"--signals-to-handle", "SIGNOPE", "t.py"}).find("SIGNOPE"),
-            std::string::npos);
+  EXPECT_NE(error({"--signals-to-handle", "SIGNOPE", "t.py"}).find("SIGNOPE"), std::string::npos);
   EXPECT_NE(error({"--nnodes", "2", "t.py"}).find("--rdzv-endpoint"), std::string::npos);
   EXPECT_NE(error({"--standalone", "--nnodes", "2", "t.py"}).find("--standalone"),
             std::string::npos);
   EXPECT_NE(error({"-m", "--no-python", "t.py"}).find("contradict"), std::string::npos);
   EXPECT_NE(error({"--rdzv-conf", "join_timeout", "t.py"}).find("KEY=VALUE"), std::string::npos);
-  EXPECT_NE(error({"--start-method", "thread", "t.py"}).find("--start-method"),
-            std::string::npos);
+  EXPECT_NE(error({"--start-method", "thread", "t.py"}).find("--start-method"), std::string::npos);
   EXPECT_FALSE(error({"--bogus-flag", "t.py"}).empty());
 }
 
