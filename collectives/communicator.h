@@ -1,0 +1,105 @@
+// The one collective API rally's training code uses, whatever the backend: allreduce, reduce-scatter,
+// allgather, broadcast, all-to-all, send/recv and barrier, asynchronous, abortable.
+//
+//   RALLY_ASSIGN_OR_RETURN(auto comm, createGlooCommunicator(store, {.rank = r, .size = n,
+//                                                                    .generation = g}));
+//   auto work = comm->allreduce(grads.data(), grads.size(), DataType::kF32, ReduceOp::kAvg);
+//   ... overlap other work ...
+//   RALLY_RETURN_IF_ERROR(work->wait(Milliseconds(60'000)));
+//
+// Contracts:
+// - Every rank calls the same collectives in the same order with the same counts and types.
+// - Operations of one communicator run in the order they were issued, one at a time.
+// - abort(), from any thread, makes every in-flight and later operation fail at once with Aborted;
+//   a peer that dies makes in-flight operations fail with PeerLost (never a silent hang: each
+//   operation also has a timeout).
+// - Errors name the rank, the operation and the generation.
+//
+// Thread-safety: all methods may be called from any thread; buffers must stay valid and untouched
+// until their Work completes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernels/base/status.h"
+#include "kernels/base/units.h"
+
+namespace rally::collectives {
+
+enum class DataType { kF32, kF64, kF16, kBF16, kI32, kI64, kU8 };
+enum class ReduceOp { kSum, kAvg, kMin, kMax, kProd };
+
+size_t dataTypeSize(DataType t);
+std::string_view dataTypeName(DataType t);
+std::string_view reduceOpName(ReduceOp op);
+
+// An operation in flight.
+class Work {
+ public:
+  virtual ~Work() = default;
+  // Waits up to `timeout`: OK, the operation's error, or Timeout (the operation goes on; abort()
+  // the communicator to stop it).
+  virtual Status wait(Milliseconds timeout) = 0;
+  virtual bool done() const = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::uint64_t generation() const = 0;
+  virtual std::string_view backend() const = 0;
+
+  // In place: every rank ends with the reduction of all ranks' `data`.
+  virtual std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type,
+                                          ReduceOp op) = 0;
+  // `in` holds size() * count elements; rank r ends with block r of the reduction in `out`.
+  virtual std::shared_ptr<Work> reduceScatter(const void* in, void* out, size_t count,
+                                              DataType type, ReduceOp op) = 0;
+  // `out` holds size() * count elements: block r is rank r's `in`.
+  virtual std::shared_ptr<Work> allgather(const void* in, void* out, size_t count,
+                                          DataType type) = 0;
+  // In place: every rank ends with `root`'s data.
+  virtual std::shared_ptr<Work> broadcast(void* data, size_t count, DataType type, int root) = 0;
+  // `in` and `out` hold size() * count elements: block j of `in` goes to rank j, block j of `out`
+  // comes from rank j.
+  virtual std::shared_ptr<Work> alltoall(const void* in, void* out, size_t count,
+                                         DataType type) = 0;
+  virtual std::shared_ptr<Work> send(const void* data, size_t count, DataType type, int peer) = 0;
+  virtual std::shared_ptr<Work> recv(void* data, size_t count, DataType type, int peer) = 0;
+  virtual std::shared_ptr<Work> barrier() = 0;
+
+  // Fails every in-flight and later operation with Aborted, at once. Idempotent.
+  virtual void abort(const std::string& reason) = 0;
+  virtual bool aborted() const = 0;
+};
+
+// Where communicators exchange their bootstrap data (addresses, ids): the coordinator's store in a
+// job, an in-memory store in tests. Keys are scoped by the caller.
+class BootstrapStore {
+ public:
+  virtual ~BootstrapStore() = default;
+  virtual Status set(const std::string& key, const std::string& value) = 0;
+  // NotFound if absent.
+  virtual Result<std::string> get(const std::string& key) = 0;
+  virtual Status wait(const std::vector<std::string>& keys, Milliseconds timeout) = 0;
+};
+
+struct CommunicatorOptions {
+  int rank = 0;
+  int size = 1;
+  std::uint64_t generation = 0;
+  std::string name = "world";  // distinguishes communicators of one generation (sub-groups)
+  std::string address = "127.0.0.1";  // this rank's address for its peers
+  Milliseconds connect_timeout{60'000};
+  Milliseconds op_timeout{300'000};  // no operation waits longer than this for a peer
+};
+
+}  // namespace rally::collectives

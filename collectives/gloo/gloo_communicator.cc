@@ -1,0 +1,467 @@
+#include "collectives/gloo/gloo_communicator.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/alltoall.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/common/error.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/store.h>
+#include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+
+#include "collectives/internal/reduce.h"
+
+namespace rally::collectives {
+namespace {
+
+// Gloo's rendezvous talks to a store that throws; ours returns Status.
+class StoreAdapter : public gloo::rendezvous::Store {
+ public:
+  StoreAdapter(BootstrapStore& store, std::string prefix, Milliseconds timeout)
+      : store_(store), prefix_(std::move(prefix)), timeout_(timeout) {}
+
+  void set(const std::string& key, const std::vector<char>& data) override {
+    check(store_.set(prefix_ + key, std::string(data.begin(), data.end())));
+  }
+  std::vector<char> get(const std::string& key) override {
+    wait({key}, timeout_);
+    auto v = store_.get(prefix_ + key);
+    check(v.status());
+    return std::vector<char>(v->begin(), v->end());
+  }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& t) override {
+    std::vector<std::string> full;
+    for (const auto& k : keys) full.push_back(prefix_ + k);
+    check(store_.wait(full, t.count() > 0 ? Milliseconds(t.count()) : timeout_));
+  }
+
+ private:
+  static void check(const Status& s) {
+    if (!s.ok()) throw gloo::IoException(s.toString());
+  }
+  BootstrapStore& store_;
+  std::string prefix_;
+  Milliseconds timeout_;
+};
+
+class WorkImpl final : public Work {
+ public:
+  Status wait(Milliseconds timeout) override {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return done_; })) {
+      return timeoutError(fmt::format("{} still running after {}", what_, formatDuration(timeout)));
+    }
+    return status_;
+  }
+  bool done() const override {
+    std::lock_guard lock(mu_);
+    return done_;
+  }
+  void complete(Status s) {
+    {
+      std::lock_guard lock(mu_);
+      status_ = std::move(s);
+      done_ = true;
+    }
+    cv_.notify_all();
+  }
+  std::string what_;
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  Status status_;
+};
+
+// Slots for send/recv, apart from those Gloo's collectives derive from their tags.
+constexpr std::uint64_t kP2pSlotBase = 0x5241ull << 48;
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(const CommunicatorOptions& o, std::shared_ptr<gloo::rendezvous::Context> ctx)
+      : options_(o), context_(std::move(ctx)), sent_(o.size, 0), received_(o.size, 0) {
+    worker_ = std::thread([this] { run(); });
+    p2p_waiter_ = std::thread([this] { waitP2p(); });
+  }
+  ~GlooCommunicator() override {
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+    p2p_cv_.notify_all();
+    p2p_waiter_.join();
+  }
+
+  int rank() const override { return options_.rank; }
+  int size() const override { return options_.size; }
+  std::uint64_t generation() const override { return options_.generation; }
+  std::string_view backend() const override { return "gloo"; }
+  bool aborted() const override { return aborted_.load(); }
+
+  std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) override {
+    return submit(fmt::format("allreduce({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
+                  [=, this] { allreduceNow(data, count, type, op); });
+  }
+
+  std::shared_ptr<Work> reduceScatter(const void* in, void* out, size_t count, DataType type,
+                                      ReduceOp op) override {
+    return submit(fmt::format("reduce_scatter({} x {}, {})", count, dataTypeName(type),
+                              reduceOpName(op)),
+                  [=, this] {
+                    // Allreduce of the whole buffer, then this rank's block: twice the traffic
+                    // of a ring reduce-scatter (see the note in collectives/README.md).
+                    const size_t bytes = count * dataTypeSize(type);
+                    std::vector<char> all(bytes * size());
+                    if (!all.empty()) std::memcpy(all.data(), in, all.size());
+                    allreduceNow(all.data(), count * size(), type, op);
+                    if (bytes > 0) std::memcpy(out, all.data() + bytes * rank(), bytes);
+                  });
+  }
+
+  std::shared_ptr<Work> allgather(const void* in, void* out, size_t count,
+                                  DataType type) override {
+    return submit(fmt::format("allgather({} x {})", count, dataTypeName(type)), [=, this] {
+      const size_t bytes = count * dataTypeSize(type);
+      if (bytes == 0) return;
+      gloo::AllgatherOptions opts(context_);
+      opts.setInput(static_cast<char*>(const_cast<void*>(in)), bytes);
+      opts.setOutput(static_cast<char*>(out), bytes * size());
+      opts.setTimeout(options_.op_timeout);
+      gloo::allgather(opts);
+    });
+  }
+
+  std::shared_ptr<Work> broadcast(void* data, size_t count, DataType type, int root) override {
+    if (root < 0 || root >= size()) {
+      return failed(invalidArgument(fmt::format("broadcast root {} is not a rank of {} ({})", root,
+                                                size(), where())));
+    }
+    return submit(fmt::format("broadcast({} x {}, root {})", count, dataTypeName(type), root),
+                  [=, this] {
+                    const size_t bytes = count * dataTypeSize(type);
+                    if (bytes == 0 || size() == 1) return;
+                    gloo::BroadcastOptions opts(context_);
+                    opts.setOutput(static_cast<char*>(data), bytes);
+                    opts.setRoot(root);
+                    opts.setTimeout(options_.op_timeout);
+                    gloo::broadcast(opts);
+                  });
+  }
+
+  std::shared_ptr<Work> alltoall(const void* in, void* out, size_t count, DataType type) override {
+    return submit(fmt::format("alltoall({} x {})", count, dataTypeName(type)), [=, this] {
+      const size_t bytes = count * dataTypeSize(type) * size();
+      if (bytes == 0) return;
+      gloo::AlltoallOptions opts(context_);
+      opts.setInput(static_cast<char*>(const_cast<void*>(in)), bytes);
+      opts.setOutput(static_cast<char*>(out), bytes);
+      opts.setTimeout(options_.op_timeout);
+      gloo::alltoall(opts);
+    });
+  }
+
+  std::shared_ptr<Work> send(const void* data, size_t count, DataType type, int peer) override {
+    if (peer < 0 || peer >= size() || peer == rank()) {
+      return failed(invalidArgument(
+          fmt::format("send to rank {}: not another rank of {} ({})", peer, size(), where())));
+    }
+    return submitP2p(fmt::format("send({} x {} to rank {})", count, dataTypeName(type), peer),
+                     [=, this] {
+                       const std::uint64_t slot = kP2pSlotBase + sent_[peer]++;
+                       auto buf = context_->createUnboundBuffer(const_cast<void*>(data),
+                                                                count * dataTypeSize(type));
+                       buf->send(peer, slot);
+                       return buf;
+                     },
+                     /*is_send=*/true);
+  }
+
+  std::shared_ptr<Work> recv(void* data, size_t count, DataType type, int peer) override {
+    if (peer < 0 || peer >= size() || peer == rank()) {
+      return failed(invalidArgument(
+          fmt::format("recv from rank {}: not another rank of {} ({})", peer, size(), where())));
+    }
+    return submitP2p(fmt::format("recv({} x {} from rank {})", count, dataTypeName(type), peer),
+                     [=, this] {
+                       const std::uint64_t slot = kP2pSlotBase + received_[peer]++;
+                       auto buf = context_->createUnboundBuffer(data, count * dataTypeSize(type));
+                       buf->recv(peer, slot);
+                       return buf;
+                     },
+                     /*is_send=*/false);
+  }
+
+  std::shared_ptr<Work> barrier() override {
+    return submit("barrier", [this] {
+      if (size() == 1) return;
+      gloo::BarrierOptions opts(context_);
+      opts.setTimeout(options_.op_timeout);
+      gloo::barrier(opts);
+    });
+  }
+
+  void abort(const std::string& reason) override {
+    {
+      std::lock_guard lock(mu_);
+      if (aborted_) return;
+      abort_reason_ = reason;
+      aborted_ = true;
+    }
+    {
+      std::lock_guard lock(p2p_mu_);
+      if (waiting_p2p_ != nullptr) {
+        waiting_p2p_->abortWaitSend();
+        waiting_p2p_->abortWaitRecv();
+      }
+    }
+    // Closing the connections makes an operation blocked on a peer fail at once.
+    for (int i = 0; i < size(); ++i) {
+      if (i == rank()) continue;
+      try {
+        auto& pair = context_->getPair(i);
+        if (pair) pair->close();
+      } catch (const std::exception&) {
+        // already closed or broken: nothing left to wake
+      }
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  struct Task {
+    std::function<void()> fn;
+    std::shared_ptr<WorkImpl> work;
+    bool completes_elsewhere = false;  // posted send/recv: the p2p waiter completes it
+  };
+  struct PostedP2p {
+    std::unique_ptr<gloo::transport::UnboundBuffer> buf;
+    bool is_send;
+    std::shared_ptr<WorkImpl> work;
+  };
+
+  // Send and recv are posted in issue order by the worker without waiting (a send completes only
+  // when the peer posts its recv, which may come after the peer's own send), and completed here.
+  std::shared_ptr<Work> submitP2p(
+      std::string what, std::function<std::unique_ptr<gloo::transport::UnboundBuffer>()> post,
+      bool is_send) {
+    auto w = std::make_shared<WorkImpl>();
+    w->what_ = what;
+    if (aborted_) {
+      w->complete(abortedStatus(what));
+      return w;
+    }
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(Task{[this, post, is_send, w] {
+                              auto buf = post();
+                              {
+                                std::lock_guard p2p_lock(p2p_mu_);
+                                p2p_queue_.push_back(PostedP2p{std::move(buf), is_send, w});
+                              }
+                              p2p_cv_.notify_all();
+                            },
+                            w, /*completes_elsewhere=*/true});
+    }
+    cv_.notify_all();
+    return w;
+  }
+
+  void waitP2p() {
+    for (;;) {
+      PostedP2p p;
+      {
+        std::unique_lock lock(p2p_mu_);
+        p2p_cv_.wait(lock, [&] { return !p2p_queue_.empty() || worker_done_.load(); });
+        if (p2p_queue_.empty()) return;
+        p = std::move(p2p_queue_.front());
+        p2p_queue_.pop_front();
+        waiting_p2p_ = p.buf.get();
+      }
+      bool ok = false;
+      std::string error;
+      if (!aborted_) {
+        try {
+          ok = p.is_send ? p.buf->waitSend(options_.op_timeout)
+                         : p.buf->waitRecv(options_.op_timeout);
+          if (!ok) error = "Timed out waiting for the peer";
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+      }
+      {
+        std::lock_guard lock(p2p_mu_);
+        waiting_p2p_ = nullptr;
+      }
+      const std::string& what = p.work->what_;
+      if (aborted_) {
+        p.work->complete(abortedStatus(what));
+      } else if (ok) {
+        p.work->complete(okStatus());
+      } else if (error.find("Timed out") != std::string::npos) {
+        p.work->complete(timeoutError(fmt::format("{} on {}: no answer within {}", what, where(),
+                                                  formatDuration(options_.op_timeout))));
+      } else {
+        p.work->complete(peerLost(fmt::format("{} on {}: a peer is gone: {}", what, where(), error)));
+      }
+    }
+  }
+
+  std::string where() const {
+    return fmt::format("rank {} of {}, generation {}, communicator '{}'", rank(), size(),
+                       generation(), options_.name);
+  }
+
+  Status abortedStatus(const std::string& what) {
+    std::lock_guard lock(mu_);
+    return ::rally::aborted(fmt::format("{} on {}: the communicator was aborted: {}", what, where(),
+                               abort_reason_));
+  }
+
+  std::shared_ptr<Work> failed(Status s) {
+    auto w = std::make_shared<WorkImpl>();
+    w->complete(std::move(s));
+    return w;
+  }
+
+  std::shared_ptr<Work> submit(std::string what, std::function<void()> fn) {
+    auto w = std::make_shared<WorkImpl>();
+    w->what_ = what;
+    if (aborted_) {
+      w->complete(abortedStatus(what));
+      return w;
+    }
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(Task{std::move(fn), w});
+    }
+    cv_.notify_all();
+    return w;
+  }
+
+  void allreduceNow(void* data, size_t count, DataType type, ReduceOp op) {
+    if (count == 0) return;
+    if (size() > 1) {
+      gloo::AllreduceOptions opts(context_);
+      const size_t esize = dataTypeSize(type);
+      // Gloo moves elements of `esize` bytes and reduces them with our reference reductions.
+      switch (esize) {
+        case 1: opts.setOutput(static_cast<std::uint8_t*>(data), count); break;
+        case 2: opts.setOutput(static_cast<std::uint16_t*>(data), count); break;
+        case 4: opts.setOutput(static_cast<std::uint32_t*>(data), count); break;
+        default: opts.setOutput(static_cast<std::uint64_t*>(data), count); break;
+      }
+      opts.setReduceFunction([type, op](void* c, const void* a, const void* b, size_t n) {
+        internal::reduce(type, op, c, a, b, n);
+      });
+      opts.setTimeout(options_.op_timeout);
+      gloo::allreduce(opts);
+    }
+    if (op == ReduceOp::kAvg) internal::finishAverage(type, data, count, size());
+  }
+
+  void run() {
+    for (;;) {
+      Task task;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) {
+          worker_done_ = true;
+          lock.unlock();
+          std::lock_guard p2p_lock(p2p_mu_);  // so that the waiter sees worker_done_
+          p2p_cv_.notify_all();
+          return;
+        }
+        task = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      const std::string& what = task.work->what_;
+      if (aborted_) {
+        task.work->complete(abortedStatus(what));
+        continue;
+      }
+      try {
+        task.fn();
+        if (!task.completes_elsewhere) task.work->complete(okStatus());
+      } catch (const gloo::IoException& e) {
+        const std::string msg = e.what();
+        if (aborted_) {
+          task.work->complete(abortedStatus(what));
+        } else if (msg.find("Timed out") != std::string::npos) {
+          task.work->complete(
+              timeoutError(fmt::format("{} on {}: no peer answered within {}: {}", what, where(),
+                                       formatDuration(options_.op_timeout), msg)));
+        } else {
+          task.work->complete(
+              peerLost(fmt::format("{} on {}: a peer is gone: {}", what, where(), msg)));
+        }
+      } catch (const std::exception& e) {
+        task.work->complete(aborted_ ? abortedStatus(what)
+                                     : internalError(fmt::format("{} on {}: {}", what, where(),
+                                                                 e.what())));
+      }
+    }
+  }
+
+  const CommunicatorOptions options_;
+  std::shared_ptr<gloo::rendezvous::Context> context_;
+  std::vector<std::uint64_t> sent_, received_;  // touched by the worker thread only
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Task> queue_;
+  bool stopping_ = false;
+  std::atomic<bool> aborted_{false};
+  std::string abort_reason_;
+  std::atomic<bool> worker_done_{false};  // the worker drained its queue and stopped
+  std::mutex p2p_mu_;
+  std::condition_variable p2p_cv_;
+  std::deque<PostedP2p> p2p_queue_;
+  gloo::transport::UnboundBuffer* waiting_p2p_ = nullptr;
+  std::thread worker_;
+  std::thread p2p_waiter_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& store,
+                                                             const CommunicatorOptions& o) {
+  if (o.size < 1 || o.rank < 0 || o.rank >= o.size) {
+    return invalidArgument(
+        fmt::format("gloo communicator: rank {} of size {} is not a rank (0 <= rank < size)",
+                    o.rank, o.size));
+  }
+  try {
+    gloo::transport::tcp::attr attr;
+    attr.hostname = o.address;
+    auto device = gloo::transport::tcp::CreateDevice(attr);
+    auto ctx = std::make_shared<gloo::rendezvous::Context>(o.rank, o.size);
+    ctx->setTimeout(o.connect_timeout);
+    StoreAdapter adapter(store, fmt::format("gloo/{}/{}/", o.generation, o.name),
+                         o.connect_timeout);
+    ctx->connectFullMesh(adapter, device);
+    ctx->setTimeout(o.op_timeout);
+    return std::unique_ptr<Communicator>(new GlooCommunicator(o, std::move(ctx)));
+  } catch (const std::exception& e) {
+    return unavailable(fmt::format(
+        "gloo communicator '{}' (rank {} of {}, generation {}) could not connect: {}", o.name,
+        o.rank, o.size, o.generation, e.what()));
+  }
+}
+
+}  // namespace rally::collectives

@@ -1,0 +1,21 @@
+// The Gloo backend (CPU, TCP): the communicator the elastic tests run on. Bootstrapped through a
+// BootstrapStore (the coordinator's store in a job) under "gloo/<generation>/<name>/"; abort()
+// closes every connection, so an operation blocked on a peer returns at once; a dead peer surfaces
+// as PeerLost when its connection breaks, and never later than CommunicatorOptions::op_timeout.
+//
+//   RALLY_ASSIGN_OR_RETURN(auto comm, createGlooCommunicator(store, {.rank = r, .size = n,
+//                                                                    .generation = g}));
+#pragma once
+
+#include <memory>
+
+#include "collectives/communicator.h"
+
+namespace rally::collectives {
+
+// Every rank calls this with the same size, generation and name; it returns once all are connected
+// (or fails after options.connect_timeout, naming the ranks that did not come).
+Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& store,
+                                                             const CommunicatorOptions& options);
+
+}  // namespace rally::collectives
