@@ -1,5 +1,5 @@
-// The one collective API rally's training code uses, whatever the backend: allreduce, reduce-scatter,
-// allgather, broadcast, all-to-all, send/recv and barrier, asynchronous, abortable.
+// The one collective API rally's training code uses, whatever the backend: allreduce,
+// reduce-scatter, allgather, broadcast, all-to-all, send/recv and barrier, asynchronous, abortable.
 //
 //   RALLY_ASSIGN_OR_RETURN(auto comm, createGlooCommunicator(store, {.rank = r, .size = n,
 //                                                                    .generation = g}));
@@ -58,8 +58,7 @@ class Communicator {
   virtual std::string_view backend() const = 0;
 
   // In place: every rank ends with the reduction of all ranks' `data`.
-  virtual std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type,
-                                          ReduceOp op) = 0;
+  virtual std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) = 0;
   // `in` holds size() * count elements; rank r ends with block r of the reduction in `out`.
   virtual std::shared_ptr<Work> reduceScatter(const void* in, void* out, size_t count,
                                               DataType type, ReduceOp op) = 0;
@@ -96,7 +95,7 @@ struct CommunicatorOptions {
   int rank = 0;
   int size = 1;
   std::uint64_t generation = 0;
-  std::string name = "world";  // distinguishes communicators of one generation (sub-groups)
+  std::string name = "world";         // distinguishes communicators of one generation (sub-groups)
   std::string address = "127.0.0.1";  // this rank's address for its peers
   Milliseconds connect_timeout{60'000};
   Milliseconds op_timeout{300'000};  // no operation waits longer than this for a peer

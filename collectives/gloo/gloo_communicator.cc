@@ -1,14 +1,5 @@
 #include "collectives/gloo/gloo_communicator.h"
 
-#include <atomic>
-#include <condition_variable>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <mutex>
-#include <thread>
-#include <vector>
-
 #include <fmt/format.h>
 #include <gloo/allgather.h>
 #include <gloo/allreduce.h>
@@ -20,6 +11,16 @@
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
 #include <gloo/transport/unbound_buffer.h>
+#include <signal.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "collectives/internal/reduce.h"
 
@@ -115,27 +116,27 @@ class GlooCommunicator final : public Communicator {
   bool aborted() const override { return aborted_.load(); }
 
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) override {
-    return submit(fmt::format("allreduce({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
-                  [=, this] { allreduceNow(data, count, type, op); });
+    return submit(
+        fmt::format("allreduce({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
+        [=, this] { allreduceNow(data, count, type, op); });
   }
 
   std::shared_ptr<Work> reduceScatter(const void* in, void* out, size_t count, DataType type,
                                       ReduceOp op) override {
-    return submit(fmt::format("reduce_scatter({} x {}, {})", count, dataTypeName(type),
-                              reduceOpName(op)),
-                  [=, this] {
-                    // Allreduce of the whole buffer, then this rank's block: twice the traffic
-                    // of a ring reduce-scatter (see the note in collectives/README.md).
-                    const size_t bytes = count * dataTypeSize(type);
-                    std::vector<char> all(bytes * size());
-                    if (!all.empty()) std::memcpy(all.data(), in, all.size());
-                    allreduceNow(all.data(), count * size(), type, op);
-                    if (bytes > 0) std::memcpy(out, all.data() + bytes * rank(), bytes);
-                  });
+    return submit(
+        fmt::format("reduce_scatter({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
+        [=, this] {
+          // Allreduce of the whole buffer, then this rank's block: twice the traffic
+          // of a ring reduce-scatter (see the note in collectives/README.md).
+          const size_t bytes = count * dataTypeSize(type);
+          std::vector<char> all(bytes * size());
+          if (!all.empty()) std::memcpy(all.data(), in, all.size());
+          allreduceNow(all.data(), count * size(), type, op);
+          if (bytes > 0) std::memcpy(out, all.data() + bytes * rank(), bytes);
+        });
   }
 
-  std::shared_ptr<Work> allgather(const void* in, void* out, size_t count,
-                                  DataType type) override {
+  std::shared_ptr<Work> allgather(const void* in, void* out, size_t count, DataType type) override {
     return submit(fmt::format("allgather({} x {})", count, dataTypeName(type)), [=, this] {
       const size_t bytes = count * dataTypeSize(type);
       if (bytes == 0) return;
@@ -149,8 +150,8 @@ class GlooCommunicator final : public Communicator {
 
   std::shared_ptr<Work> broadcast(void* data, size_t count, DataType type, int root) override {
     if (root < 0 || root >= size()) {
-      return failed(invalidArgument(fmt::format("broadcast root {} is not a rank of {} ({})", root,
-                                                size(), where())));
+      return failed(invalidArgument(
+          fmt::format("broadcast root {} is not a rank of {} ({})", root, size(), where())));
     }
     return submit(fmt::format("broadcast({} x {}, root {})", count, dataTypeName(type), root),
                   [=, this] {
@@ -181,15 +182,16 @@ class GlooCommunicator final : public Communicator {
       return failed(invalidArgument(
           fmt::format("send to rank {}: not another rank of {} ({})", peer, size(), where())));
     }
-    return submitP2p(fmt::format("send({} x {} to rank {})", count, dataTypeName(type), peer),
-                     [=, this] {
-                       const std::uint64_t slot = kP2pSlotBase + sent_[peer]++;
-                       auto buf = context_->createUnboundBuffer(const_cast<void*>(data),
-                                                                count * dataTypeSize(type));
-                       buf->send(peer, slot);
-                       return buf;
-                     },
-                     /*is_send=*/true);
+    return submitP2p(
+        fmt::format("send({} x {} to rank {})", count, dataTypeName(type), peer),
+        [=, this] {
+          const std::uint64_t slot = kP2pSlotBase + sent_[peer]++;
+          auto buf =
+              context_->createUnboundBuffer(const_cast<void*>(data), count * dataTypeSize(type));
+          buf->send(peer, slot);
+          return buf;
+        },
+        /*is_send=*/true);
   }
 
   std::shared_ptr<Work> recv(void* data, size_t count, DataType type, int peer) override {
@@ -197,14 +199,15 @@ class GlooCommunicator final : public Communicator {
       return failed(invalidArgument(
           fmt::format("recv from rank {}: not another rank of {} ({})", peer, size(), where())));
     }
-    return submitP2p(fmt::format("recv({} x {} from rank {})", count, dataTypeName(type), peer),
-                     [=, this] {
-                       const std::uint64_t slot = kP2pSlotBase + received_[peer]++;
-                       auto buf = context_->createUnboundBuffer(data, count * dataTypeSize(type));
-                       buf->recv(peer, slot);
-                       return buf;
-                     },
-                     /*is_send=*/false);
+    return submitP2p(
+        fmt::format("recv({} x {} from rank {})", count, dataTypeName(type), peer),
+        [=, this] {
+          const std::uint64_t slot = kP2pSlotBase + received_[peer]++;
+          auto buf = context_->createUnboundBuffer(data, count * dataTypeSize(type));
+          buf->recv(peer, slot);
+          return buf;
+        },
+        /*is_send=*/false);
   }
 
   std::shared_ptr<Work> barrier() override {
@@ -317,7 +320,8 @@ class GlooCommunicator final : public Communicator {
         p.work->complete(timeoutError(fmt::format("{} on {}: no answer within {}", what, where(),
                                                   formatDuration(options_.op_timeout))));
       } else {
-        p.work->complete(peerLost(fmt::format("{} on {}: a peer is gone: {}", what, where(), error)));
+        p.work->complete(
+            peerLost(fmt::format("{} on {}: a peer is gone: {}", what, where(), error)));
       }
     }
   }
@@ -329,8 +333,8 @@ class GlooCommunicator final : public Communicator {
 
   Status abortedStatus(const std::string& what) {
     std::lock_guard lock(mu_);
-    return ::rally::aborted(fmt::format("{} on {}: the communicator was aborted: {}", what, where(),
-                               abort_reason_));
+    return ::rally::aborted(
+        fmt::format("{} on {}: the communicator was aborted: {}", what, where(), abort_reason_));
   }
 
   std::shared_ptr<Work> failed(Status s) {
@@ -361,10 +365,18 @@ class GlooCommunicator final : public Communicator {
       const size_t esize = dataTypeSize(type);
       // Gloo moves elements of `esize` bytes and reduces them with our reference reductions.
       switch (esize) {
-        case 1: opts.setOutput(static_cast<std::uint8_t*>(data), count); break;
-        case 2: opts.setOutput(static_cast<std::uint16_t*>(data), count); break;
-        case 4: opts.setOutput(static_cast<std::uint32_t*>(data), count); break;
-        default: opts.setOutput(static_cast<std::uint64_t*>(data), count); break;
+        case 1:
+          opts.setOutput(static_cast<std::uint8_t*>(data), count);
+          break;
+        case 2:
+          opts.setOutput(static_cast<std::uint16_t*>(data), count);
+          break;
+        case 4:
+          opts.setOutput(static_cast<std::uint32_t*>(data), count);
+          break;
+        default:
+          opts.setOutput(static_cast<std::uint64_t*>(data), count);
+          break;
       }
       opts.setReduceFunction([type, op](void* c, const void* a, const void* b, size_t n) {
         internal::reduce(type, op, c, a, b, n);
@@ -412,9 +424,9 @@ class GlooCommunicator final : public Communicator {
               peerLost(fmt::format("{} on {}: a peer is gone: {}", what, where(), msg)));
         }
       } catch (const std::exception& e) {
-        task.work->complete(aborted_ ? abortedStatus(what)
-                                     : internalError(fmt::format("{} on {}: {}", what, where(),
-                                                                 e.what())));
+        task.work->complete(
+            aborted_ ? abortedStatus(what)
+                     : internalError(fmt::format("{} on {}: {}", what, where(), e.what())));
       }
     }
   }
@@ -439,12 +451,28 @@ class GlooCommunicator final : public Communicator {
 
 }  // namespace
 
+namespace {
+
+// A dead peer's socket must fail the write (EPIPE), not kill the survivor (see the header).
+void ignoreSigpipeIfDefault() {
+  struct sigaction current {};
+  if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL &&
+      (current.sa_flags & SA_SIGINFO) == 0) {
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    sigemptyset(&ignore.sa_mask);
+    sigaction(SIGPIPE, &ignore, nullptr);
+  }
+}
+
+}  // namespace
+
 Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& store,
                                                              const CommunicatorOptions& o) {
+  ignoreSigpipeIfDefault();
   if (o.size < 1 || o.rank < 0 || o.rank >= o.size) {
-    return invalidArgument(
-        fmt::format("gloo communicator: rank {} of size {} is not a rank (0 <= rank < size)",
-                    o.rank, o.size));
+    return invalidArgument(fmt::format(
+        "gloo communicator: rank {} of size {} is not a rank (0 <= rank < size)", o.rank, o.size));
   }
   try {
     gloo::transport::tcp::attr attr;
@@ -458,9 +486,9 @@ Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& sto
     ctx->setTimeout(o.op_timeout);
     return std::unique_ptr<Communicator>(new GlooCommunicator(o, std::move(ctx)));
   } catch (const std::exception& e) {
-    return unavailable(fmt::format(
-        "gloo communicator '{}' (rank {} of {}, generation {}) could not connect: {}", o.name,
-        o.rank, o.size, o.generation, e.what()));
+    return unavailable(
+        fmt::format("gloo communicator '{}' (rank {} of {}, generation {}) could not connect: {}",
+                    o.name, o.rank, o.size, o.generation, e.what()));
   }
 }
 

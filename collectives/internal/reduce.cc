@@ -11,10 +11,14 @@ template <typename T>
 T apply(ReduceOp op, T a, T b) {
   switch (op) {
     case ReduceOp::kSum:
-    case ReduceOp::kAvg: return static_cast<T>(a + b);
-    case ReduceOp::kProd: return static_cast<T>(a * b);
-    case ReduceOp::kMin: return std::min(a, b);
-    case ReduceOp::kMax: return std::max(a, b);
+    case ReduceOp::kAvg:
+      return static_cast<T>(a + b);
+    case ReduceOp::kProd:
+      return static_cast<T>(a * b);
+    case ReduceOp::kMin:
+      return std::min(a, b);
+    case ReduceOp::kMax:
+      return std::max(a, b);
   }
   return a;
 }
@@ -78,8 +82,8 @@ std::uint16_t floatToHalf(float f) {
     return sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u);
   }
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to infinity
-  if (abs < 0x38800000u) {                          // subnormal or zero in half
-    if (abs < 0x33000000u) return sign;             // below half the smallest subnormal
+  if (abs < 0x38800000u) {                        // subnormal or zero in half
+    if (abs < 0x33000000u) return sign;           // below half the smallest subnormal
     const std::uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
     const int shift = 126 - static_cast<int>(abs >> 23);  // 14..24
     const std::uint32_t rounded = mant >> shift;
@@ -113,23 +117,35 @@ std::uint16_t floatToBf16(float f) {
 
 void reduce(DataType type, ReduceOp op, void* c, const void* a, const void* b, size_t n) {
   switch (type) {
-    case DataType::kF32: return reduceTyped<float>(op, c, a, b, n);
-    case DataType::kF64: return reduceTyped<double>(op, c, a, b, n);
-    case DataType::kI32: return reduceTyped<std::int32_t>(op, c, a, b, n);
-    case DataType::kI64: return reduceTyped<std::int64_t>(op, c, a, b, n);
-    case DataType::kU8: return reduceTyped<std::uint8_t>(op, c, a, b, n);
-    case DataType::kF16: return reduce16<halfToFloat, floatToHalf>(op, c, a, b, n);
-    case DataType::kBF16: return reduce16<bf16ToFloat, floatToBf16>(op, c, a, b, n);
+    case DataType::kF32:
+      return reduceTyped<float>(op, c, a, b, n);
+    case DataType::kF64:
+      return reduceTyped<double>(op, c, a, b, n);
+    case DataType::kI32:
+      return reduceTyped<std::int32_t>(op, c, a, b, n);
+    case DataType::kI64:
+      return reduceTyped<std::int64_t>(op, c, a, b, n);
+    case DataType::kU8:
+      return reduceTyped<std::uint8_t>(op, c, a, b, n);
+    case DataType::kF16:
+      return reduce16<halfToFloat, floatToHalf>(op, c, a, b, n);
+    case DataType::kBF16:
+      return reduce16<bf16ToFloat, floatToBf16>(op, c, a, b, n);
   }
 }
 
 void finishAverage(DataType type, void* data, size_t n, int divisor) {
   switch (type) {
-    case DataType::kF32: return divideTyped<float>(data, n, divisor);
-    case DataType::kF64: return divideTyped<double>(data, n, divisor);
-    case DataType::kI32: return divideTyped<std::int32_t>(data, n, divisor);
-    case DataType::kI64: return divideTyped<std::int64_t>(data, n, divisor);
-    case DataType::kU8: return divideTyped<std::uint8_t>(data, n, divisor);
+    case DataType::kF32:
+      return divideTyped<float>(data, n, divisor);
+    case DataType::kF64:
+      return divideTyped<double>(data, n, divisor);
+    case DataType::kI32:
+      return divideTyped<std::int32_t>(data, n, divisor);
+    case DataType::kI64:
+      return divideTyped<std::int64_t>(data, n, divisor);
+    case DataType::kU8:
+      return divideTyped<std::uint8_t>(data, n, divisor);
     case DataType::kF16: {
       auto* p = static_cast<std::uint16_t*>(data);
       for (size_t i = 0; i < n; ++i) p[i] = floatToHalf(halfToFloat(p[i]) / divisor);

@@ -17,7 +17,8 @@ class GlooBootstrapTest : public CoordinatorFixture {};
 TEST_F(GlooBootstrapTest, RanksOfARoundBuildACommunicatorThroughTheStore) {
   auto a = join("a");
   auto b = join("b");
-  for (auto* s : {a.get(), b.get()}) ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  for (auto* s : {a.get(), b.get()})
+    ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
   const std::uint64_t gen = server_->service().stats().generation;
   std::vector<std::thread> ranks;
   std::vector<float> results(2);
@@ -46,17 +47,18 @@ TEST_F(GlooBootstrapTest, RanksOfARoundBuildACommunicatorThroughTheStore) {
 TEST_F(GlooBootstrapTest, BootstrapWaitingOnADeadGenerationEndsAtOnce) {
   auto a = join("a");
   auto b = join("b");
-  for (auto* s : {a.get(), b.get()}) ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  for (auto* s : {a.get(), b.get()})
+    ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
   const std::uint64_t gen = server_->service().stats().generation;
   Status status;
   std::thread lonely([&] {
     rendezvous::CoordinatorBootstrapStore boot(
         rendezvous::StoreClient(connect(kToken, true)).scoped("comm/", gen));
     // Rank 0 of 2 whose peer never comes: it waits for rank 1's address.
-    status = collectives::createGlooCommunicator(
-                 boot, {.rank = 0, .size = 2, .generation = gen,
-                        .connect_timeout = Milliseconds(20000)})
-                 .status();
+    status =
+        collectives::createGlooCommunicator(
+            boot, {.rank = 0, .size = 2, .generation = gen, .connect_timeout = Milliseconds(20000)})
+            .status();
   });
   std::this_thread::sleep_for(milliseconds(300));
   const auto t0 = std::chrono::steady_clock::now();

@@ -60,7 +60,9 @@ void runRanks(int n, const std::function<void(int, Communicator&)>& body,
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r) {
     threads.emplace_back([&, r] {
-      auto comm = createGlooCommunicator(store, {.rank = r, .size = n, .generation = generation,
+      auto comm = createGlooCommunicator(store, {.rank = r,
+                                                 .size = n,
+                                                 .generation = generation,
                                                  .connect_timeout = Milliseconds(20000),
                                                  .op_timeout = Milliseconds(20000)});
       ASSERT_TRUE(comm.ok()) << comm.status().toString();
@@ -73,11 +75,21 @@ void runRanks(int n, const std::function<void(int, Communicator&)>& body,
 // Values as doubles, stored in and read from any dtype.
 void store(DataType t, void* p, size_t i, double v) {
   switch (t) {
-    case DataType::kF32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
-    case DataType::kF64: static_cast<double*>(p)[i] = v; break;
-    case DataType::kI32: static_cast<std::int32_t*>(p)[i] = static_cast<std::int32_t>(v); break;
-    case DataType::kI64: static_cast<std::int64_t*>(p)[i] = static_cast<std::int64_t>(v); break;
-    case DataType::kU8: static_cast<std::uint8_t*>(p)[i] = static_cast<std::uint8_t>(v); break;
+    case DataType::kF32:
+      static_cast<float*>(p)[i] = static_cast<float>(v);
+      break;
+    case DataType::kF64:
+      static_cast<double*>(p)[i] = v;
+      break;
+    case DataType::kI32:
+      static_cast<std::int32_t*>(p)[i] = static_cast<std::int32_t>(v);
+      break;
+    case DataType::kI64:
+      static_cast<std::int64_t*>(p)[i] = static_cast<std::int64_t>(v);
+      break;
+    case DataType::kU8:
+      static_cast<std::uint8_t*>(p)[i] = static_cast<std::uint8_t>(v);
+      break;
     case DataType::kF16:
       static_cast<std::uint16_t*>(p)[i] = internal::floatToHalf(static_cast<float>(v));
       break;
@@ -88,13 +100,20 @@ void store(DataType t, void* p, size_t i, double v) {
 }
 double load(DataType t, const void* p, size_t i) {
   switch (t) {
-    case DataType::kF32: return static_cast<const float*>(p)[i];
-    case DataType::kF64: return static_cast<const double*>(p)[i];
-    case DataType::kI32: return static_cast<const std::int32_t*>(p)[i];
-    case DataType::kI64: return static_cast<const std::int64_t*>(p)[i];
-    case DataType::kU8: return static_cast<const std::uint8_t*>(p)[i];
-    case DataType::kF16: return internal::halfToFloat(static_cast<const std::uint16_t*>(p)[i]);
-    case DataType::kBF16: return internal::bf16ToFloat(static_cast<const std::uint16_t*>(p)[i]);
+    case DataType::kF32:
+      return static_cast<const float*>(p)[i];
+    case DataType::kF64:
+      return static_cast<const double*>(p)[i];
+    case DataType::kI32:
+      return static_cast<const std::int32_t*>(p)[i];
+    case DataType::kI64:
+      return static_cast<const std::int64_t*>(p)[i];
+    case DataType::kU8:
+      return static_cast<const std::uint8_t*>(p)[i];
+    case DataType::kF16:
+      return internal::halfToFloat(static_cast<const std::uint16_t*>(p)[i]);
+    case DataType::kBF16:
+      return internal::bf16ToFloat(static_cast<const std::uint16_t*>(p)[i]);
   }
   return 0;
 }
@@ -103,9 +122,12 @@ bool isFloat(DataType t) {
 }
 double tolerance(DataType t, double expected) {
   switch (t) {
-    case DataType::kF16: return 2e-3 * std::abs(expected) + 1e-3;
-    case DataType::kBF16: return 1e-2 * std::abs(expected) + 1e-2;
-    default: return 1e-6 * std::abs(expected) + 1e-9;
+    case DataType::kF16:
+      return 2e-3 * std::abs(expected) + 1e-3;
+    case DataType::kBF16:
+      return 1e-2 * std::abs(expected) + 1e-2;
+    default:
+      return 1e-6 * std::abs(expected) + 1e-9;
   }
 }
 
@@ -121,10 +143,18 @@ double expected(DataType t, ReduceOp op, int n, size_t i) {
     const double v = value(op, r, i);
     switch (op) {
       case ReduceOp::kSum:
-      case ReduceOp::kAvg: acc += v; break;
-      case ReduceOp::kProd: acc *= v; break;
-      case ReduceOp::kMin: acc = std::min(acc, v); break;
-      case ReduceOp::kMax: acc = std::max(acc, v); break;
+      case ReduceOp::kAvg:
+        acc += v;
+        break;
+      case ReduceOp::kProd:
+        acc *= v;
+        break;
+      case ReduceOp::kMin:
+        acc = std::min(acc, v);
+        break;
+      case ReduceOp::kMax:
+        acc = std::max(acc, v);
+        break;
     }
   }
   if (op == ReduceOp::kAvg) acc = isFloat(t) ? acc / n : std::trunc(acc / n);
@@ -151,8 +181,8 @@ TEST_P(GlooWorldTest, AllreduceEveryTypeAndOp) {
           for (size_t i = 0; i < count; ++i) {
             const double want = expected(t, op, n, i);
             ASSERT_NEAR(load(t, buf.data(), i), want, tolerance(t, want))
-                << "rank " << rank << " " << dataTypeName(t) << " " << reduceOpName(op)
-                << " count " << count << " element " << i;
+                << "rank " << rank << " " << dataTypeName(t) << " " << reduceOpName(op) << " count "
+                << count << " element " << i;
           }
         }
       }
@@ -168,19 +198,23 @@ TEST_P(GlooWorldTest, BroadcastAllgatherAlltoallReduceScatter) {
         const size_t es = dataTypeSize(t);
         for (int root = 0; root < n; ++root) {  // broadcast from every root
           std::vector<char> b(count * es + 1);
-          for (size_t i = 0; i < count; ++i) store(t, b.data(), i, rank == root ? (i + root) % 7 : 99);
+          for (size_t i = 0; i < count; ++i)
+            store(t, b.data(), i, rank == root ? (i + root) % 7 : 99);
           ASSERT_TRUE(comm.broadcast(b.data(), count, t, root)->wait(milliseconds(20000)).ok());
           for (size_t i = 0; i < count; ++i) ASSERT_EQ(load(t, b.data(), i), (i + root) % 7);
         }
         std::vector<char> in(count * es * n + 1), out(count * es * n + 1);
         for (size_t i = 0; i < count; ++i) store(t, in.data(), i, (rank + i) % 5);
-        ASSERT_TRUE(comm.allgather(in.data(), out.data(), count, t)->wait(milliseconds(20000)).ok());
+        ASSERT_TRUE(
+            comm.allgather(in.data(), out.data(), count, t)->wait(milliseconds(20000)).ok());
         for (int r = 0; r < n; ++r) {
-          for (size_t i = 0; i < count; ++i) ASSERT_EQ(load(t, out.data(), r * count + i), (r + i) % 5);
+          for (size_t i = 0; i < count; ++i)
+            ASSERT_EQ(load(t, out.data(), r * count + i), (r + i) % 5);
         }
         // alltoall: block j of rank r's input holds r*10 + j; rank r receives j*10 + r from rank j.
         for (int j = 0; j < n; ++j) {
-          for (size_t i = 0; i < count; ++i) store(t, in.data(), j * count + i, (rank * 10 + j) % 100);
+          for (size_t i = 0; i < count; ++i)
+            store(t, in.data(), j * count + i, (rank * 10 + j) % 100);
         }
         ASSERT_TRUE(comm.alltoall(in.data(), out.data(), count, t)->wait(milliseconds(20000)).ok());
         for (int j = 0; j < n; ++j) {
