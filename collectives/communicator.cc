@@ -1,5 +1,7 @@
 #include "collectives/communicator.h"
 
+#include <fmt/format.h>
+
 namespace rally::collectives {
 
 size_t dataTypeSize(DataType t) {
@@ -40,6 +42,22 @@ std::string_view dataTypeName(DataType t) {
       return "u8";
   }
   return "?";
+}
+
+Result<Grid> makeGrid(Communicator& world, int tp_size) {
+  if (tp_size < 1 || world.size() % tp_size != 0) {
+    return invalidArgument(fmt::format(
+        "a grid with tensor-parallel size {} needs a world size that is a multiple of it, not {}",
+        tp_size, world.size()));
+  }
+  Grid grid;
+  auto tp = world.split(world.rank() / tp_size, world.rank());
+  RALLY_RETURN_IF_ERROR(tp.status()) << "while forming the tensor-parallel groups";
+  auto dp = world.split(world.rank() % tp_size, world.rank());
+  RALLY_RETURN_IF_ERROR(dp.status()) << "while forming the data-parallel groups";
+  grid.tp = std::move(*tp);
+  grid.dp = std::move(*dp);
+  return grid;
 }
 
 std::string_view reduceOpName(ReduceOp op) {

@@ -78,7 +78,20 @@ class Communicator {
   // Fails every in-flight and later operation with Aborted, at once. Idempotent.
   virtual void abort(const std::string& reason) = 0;
   virtual bool aborted() const = 0;
+
+  // A sub-communicator of the ranks that pass the same `color`, ranked by `key` (then by rank).
+  // Collective: every rank calls it, in the same order as its other operations.
+  virtual Result<std::unique_ptr<Communicator>> split(int color, int key) = 0;
 };
+
+// A data-parallel x tensor-parallel grid: `tp` groups consecutive ranks (0..T-1, T..2T-1, ...);
+// `dp` groups the ranks with the same position in their TP group.
+struct Grid {
+  std::unique_ptr<Communicator> dp;
+  std::unique_ptr<Communicator> tp;
+};
+// Collective over `world`; its size must be a multiple of `tp_size`.
+Result<Grid> makeGrid(Communicator& world, int tp_size);
 
 // Where communicators exchange their bootstrap data (addresses, ids): the coordinator's store in a
 // job, an in-memory store in tests. Keys are scoped by the caller.
@@ -99,6 +112,10 @@ struct CommunicatorOptions {
   std::string address = "127.0.0.1";  // this rank's address for its peers
   Milliseconds connect_timeout{60'000};
   Milliseconds op_timeout{300'000};  // no operation waits longer than this for a peer
+  // Before each collective, the ranks exchange what they are about to do (operation, type, count,
+  // root) and fail with InvalidArgument, naming the ranks, if it differs: a small extra exchange
+  // per operation, instead of corrupted data or a hang. Off for the last microseconds.
+  bool check_calls = true;
 };
 
 }  // namespace rally::collectives

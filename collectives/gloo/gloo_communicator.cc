@@ -88,13 +88,54 @@ class WorkImpl final : public Work {
   Status status_;
 };
 
+// What a rank is about to do, exchanged before each collective when check_calls is on.
+struct CallDesc {
+  std::uint32_t kind = 0;  // index into kKindNames
+  std::uint32_t type = 0;
+  std::uint64_t count = 0;
+  std::int32_t root = -1;
+  std::int32_t op = -1;
+  bool operator==(const CallDesc&) const = default;
+};
+constexpr const char* kKindNames[] = {"allreduce", "reduce_scatter", "allgather", "broadcast",
+                                      "alltoall",  "barrier",        "split"};
+enum Kind : std::uint32_t {
+  kAllreduce,
+  kReduceScatter,
+  kAllgather,
+  kBroadcast,
+  kAlltoall,
+  kBarrier,
+  kSplit
+};
+
+std::string describe(const CallDesc& d) {
+  const char* kind = d.kind < std::size(kKindNames) ? kKindNames[d.kind] : "unknown";
+  if (d.kind == kBarrier || d.kind == kSplit) return kind;
+  std::string s =
+      fmt::format("{}({} x {}", kind, d.count, dataTypeName(static_cast<DataType>(d.type)));
+  if (d.op >= 0) s += fmt::format(", {}", reduceOpName(static_cast<ReduceOp>(d.op)));
+  if (d.root >= 0) s += fmt::format(", root {}", d.root);
+  return s + ")";
+}
+
+// Thrown inside an operation when the ranks disagree about it.
+struct CallMismatch : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // Slots for send/recv, apart from those Gloo's collectives derive from their tags.
 constexpr std::uint64_t kP2pSlotBase = 0x5241ull << 48;
 
 class GlooCommunicator final : public Communicator {
  public:
-  GlooCommunicator(const CommunicatorOptions& o, std::shared_ptr<gloo::rendezvous::Context> ctx)
-      : options_(o), context_(std::move(ctx)), sent_(o.size, 0), received_(o.size, 0) {
+  GlooCommunicator(BootstrapStore& store, const CommunicatorOptions& o,
+                   std::shared_ptr<gloo::rendezvous::Context> ctx)
+      : store_(store),
+        options_(o),
+        context_(std::move(ctx)),
+        sent_(o.size, 0),
+        received_(o.size, 0) {
     worker_ = std::thread([this] { run(); });
     p2p_waiter_ = std::thread([this] { waitP2p(); });
   }
@@ -118,7 +159,11 @@ class GlooCommunicator final : public Communicator {
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) override {
     return submit(
         fmt::format("allreduce({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
-        [=, this] { allreduceNow(data, count, type, op); });
+        [=, this] {
+          checkCall({kAllreduce, static_cast<std::uint32_t>(type), count, -1,
+                     static_cast<std::int32_t>(op)});
+          allreduceNow(data, count, type, op);
+        });
   }
 
   std::shared_ptr<Work> reduceScatter(const void* in, void* out, size_t count, DataType type,
@@ -126,6 +171,8 @@ class GlooCommunicator final : public Communicator {
     return submit(
         fmt::format("reduce_scatter({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
         [=, this] {
+          checkCall({kReduceScatter, static_cast<std::uint32_t>(type), count, -1,
+                     static_cast<std::int32_t>(op)});
           // Allreduce of the whole buffer, then this rank's block: twice the traffic
           // of a ring reduce-scatter (see the note in collectives/README.md).
           const size_t bytes = count * dataTypeSize(type);
@@ -138,6 +185,7 @@ class GlooCommunicator final : public Communicator {
 
   std::shared_ptr<Work> allgather(const void* in, void* out, size_t count, DataType type) override {
     return submit(fmt::format("allgather({} x {})", count, dataTypeName(type)), [=, this] {
+      checkCall({kAllgather, static_cast<std::uint32_t>(type), count, -1, -1});
       const size_t bytes = count * dataTypeSize(type);
       if (bytes == 0) return;
       gloo::AllgatherOptions opts(context_);
@@ -155,6 +203,7 @@ class GlooCommunicator final : public Communicator {
     }
     return submit(fmt::format("broadcast({} x {}, root {})", count, dataTypeName(type), root),
                   [=, this] {
+                    checkCall({kBroadcast, static_cast<std::uint32_t>(type), count, root, -1});
                     const size_t bytes = count * dataTypeSize(type);
                     if (bytes == 0 || size() == 1) return;
                     gloo::BroadcastOptions opts(context_);
@@ -167,6 +216,7 @@ class GlooCommunicator final : public Communicator {
 
   std::shared_ptr<Work> alltoall(const void* in, void* out, size_t count, DataType type) override {
     return submit(fmt::format("alltoall({} x {})", count, dataTypeName(type)), [=, this] {
+      checkCall({kAlltoall, static_cast<std::uint32_t>(type), count, -1, -1});
       const size_t bytes = count * dataTypeSize(type) * size();
       if (bytes == 0) return;
       gloo::AlltoallOptions opts(context_);
@@ -212,11 +262,47 @@ class GlooCommunicator final : public Communicator {
 
   std::shared_ptr<Work> barrier() override {
     return submit("barrier", [this] {
+      checkCall({kBarrier, 0, 0, -1, -1});
       if (size() == 1) return;
       gloo::BarrierOptions opts(context_);
       opts.setTimeout(options_.op_timeout);
       gloo::barrier(opts);
     });
+  }
+
+  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
+    auto result =
+        std::make_shared<Result<std::unique_ptr<Communicator>>>(internalError("split did not run"));
+    const std::uint64_t seq = splits_++;
+    auto work = submit(fmt::format("split(color {}, key {})", color, key), [=, this] {
+      checkCall({kSplit, 0, 0, -1, -1});
+      // Every rank's (color, key), by rank.
+      std::vector<std::int32_t> mine = {color, key};
+      std::vector<std::int32_t> all(2 * static_cast<size_t>(size()));
+      if (size() > 1) {
+        gloo::AllgatherOptions opts(context_);
+        opts.setInput(mine.data(), mine.size());
+        opts.setOutput(all.data(), all.size());
+        opts.setTimeout(options_.op_timeout);
+        gloo::allgather(opts);
+      } else {
+        all = mine;
+      }
+      std::vector<std::pair<std::int32_t, int>> members;  // (key, rank) of my color
+      for (int r = 0; r < size(); ++r) {
+        if (all[2 * r] == color) members.emplace_back(all[2 * r + 1], r);
+      }
+      std::sort(members.begin(), members.end());
+      CommunicatorOptions sub = options_;
+      sub.name = fmt::format("{}/split{}/color{}", options_.name, seq, color);
+      sub.size = static_cast<int>(members.size());
+      for (size_t i = 0; i < members.size(); ++i) {
+        if (members[i].second == rank()) sub.rank = static_cast<int>(i);
+      }
+      *result = createGlooCommunicator(store_, sub);
+    });
+    RALLY_RETURN_IF_ERROR(work->wait(options_.connect_timeout + options_.op_timeout));
+    return std::move(*result);
   }
 
   void abort(const std::string& reason) override {
@@ -358,6 +444,28 @@ class GlooCommunicator final : public Communicator {
     return w;
   }
 
+  // Exchanges what every rank is about to do and throws CallMismatch, naming them, if they differ.
+  void checkCall(const CallDesc& mine) {
+    if (!options_.check_calls || size() == 1) return;
+    std::vector<CallDesc> all(static_cast<size_t>(size()));
+    gloo::AllgatherOptions opts(context_);
+    opts.setInput(reinterpret_cast<char*>(const_cast<CallDesc*>(&mine)), sizeof(CallDesc));
+    opts.setOutput(reinterpret_cast<char*>(all.data()), sizeof(CallDesc) * all.size());
+    opts.setTimeout(options_.op_timeout);
+    gloo::allgather(opts);
+    bool same = true;
+    for (const auto& d : all) same = same && d == mine;
+    if (same) return;
+    std::string calls;
+    for (int r = 0; r < size(); ++r) {
+      calls += fmt::format("{}rank {}: {}", r == 0 ? "" : ", ", r, describe(all[r]));
+    }
+    throw CallMismatch(
+        fmt::format("the ranks disagree about this call ({}); every rank must make "
+                    "the same calls in the same order",
+                    calls));
+  }
+
   void allreduceNow(void* data, size_t count, DataType type, ReduceOp op) {
     if (count == 0) return;
     if (size() > 1) {
@@ -423,6 +531,8 @@ class GlooCommunicator final : public Communicator {
           task.work->complete(
               peerLost(fmt::format("{} on {}: a peer is gone: {}", what, where(), msg)));
         }
+      } catch (const CallMismatch& e) {
+        task.work->complete(invalidArgument(fmt::format("{} on {}: {}", what, where(), e.what())));
       } catch (const std::exception& e) {
         task.work->complete(
             aborted_ ? abortedStatus(what)
@@ -431,7 +541,9 @@ class GlooCommunicator final : public Communicator {
     }
   }
 
+  BootstrapStore& store_;  // for split(); outlives the communicator (see the header)
   const CommunicatorOptions options_;
+  std::atomic<std::uint64_t> splits_{0};
   std::shared_ptr<gloo::rendezvous::Context> context_;
   std::vector<std::uint64_t> sent_, received_;  // touched by the worker thread only
   std::mutex mu_;
@@ -484,7 +596,7 @@ Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& sto
                          o.connect_timeout);
     ctx->connectFullMesh(adapter, device);
     ctx->setTimeout(o.op_timeout);
-    return std::unique_ptr<Communicator>(new GlooCommunicator(o, std::move(ctx)));
+    return std::unique_ptr<Communicator>(new GlooCommunicator(store, o, std::move(ctx)));
   } catch (const std::exception& e) {
     return unavailable(
         fmt::format("gloo communicator '{}' (rank {} of {}, generation {}) could not connect: {}",

@@ -16,6 +16,8 @@ namespace rally::collectives {
 // Every rank calls this with the same size, generation and name; it returns once all are connected
 // (or fails after options.connect_timeout, naming the ranks that did not come).
 //
+// `store` must outlive the communicator (split() bootstraps sub-communicators through it).
+//
 // It sets SIGPIPE to ignored if it is at its default: otherwise a write to the socket of a peer
 // that just died kills this process instead of failing the operation with PeerLost (Python already
 // ignores SIGPIPE; a handler the program installed is left alone).

@@ -300,6 +300,83 @@ TEST(GlooAbortTest, PeerThatGoesAwaySurfacesAsPeerLostWithinABound) {
   });
 }
 
+TEST(GlooCallCheckTest, MismatchedCountsAcrossRanksGiveAClearError) {
+  runRanks(3, [&](int rank, Communicator& comm) {
+    std::vector<float> buf(16, 1.0f);
+    const size_t count = rank == 2 ? 12 : 10;
+    const Status s = comm.allreduce(buf.data(), count, DataType::kF32, ReduceOp::kSum)
+                         ->wait(milliseconds(10000));
+    ASSERT_EQ(s.code(), StatusCode::kInvalidArgument) << s.toString();
+    EXPECT_NE(s.message().find("rank 2: allreduce(12 x f32, sum)"), std::string::npos)
+        << s.message();
+    EXPECT_NE(s.message().find("rank 0: allreduce(10 x f32, sum)"), std::string::npos);
+    EXPECT_EQ(buf[0], 1.0f) << "nothing was reduced";
+    // The communicator stays usable once the ranks agree again.
+    ASSERT_TRUE(comm.allreduce(buf.data(), 10, DataType::kF32, ReduceOp::kSum)
+                    ->wait(milliseconds(10000))
+                    .ok());
+    EXPECT_EQ(buf[0], 3.0f);
+    const Status op =
+        (rank == 0 ? comm.barrier() : comm.broadcast(buf.data(), 1, DataType::kF32, 0))
+            ->wait(milliseconds(10000));
+    EXPECT_EQ(op.code(), StatusCode::kInvalidArgument) << "barrier against broadcast";
+  });
+}
+
+TEST(GlooSplitTest, SplitByColorOrdersByKey) {
+  runRanks(4, [&](int rank, Communicator& comm) {
+    auto sub = comm.split(rank % 2, -rank);  // key -rank: reverse order within each color
+    ASSERT_TRUE(sub.ok()) << sub.status().toString();
+    EXPECT_EQ((*sub)->size(), 2);
+    EXPECT_EQ((*sub)->rank(), rank < 2 ? 1 : 0);
+    std::int64_t x = rank;
+    ASSERT_TRUE(
+        (*sub)->allreduce(&x, 1, DataType::kI64, ReduceOp::kSum)->wait(milliseconds(10000)).ok());
+    EXPECT_EQ(x, rank % 2 == 0 ? 0 + 2 : 1 + 3);
+  });
+}
+
+class GlooGridTest : public ::testing::TestWithParam<std::pair<int, int>> {};
+
+TEST_P(GlooGridTest, CollectivesOnDpAndTpGroupsAreCorrect) {
+  const auto [world, tp] = GetParam();
+  runRanks(world, [&, tp = tp, world = world](int rank, Communicator& comm) {
+    auto grid = makeGrid(comm, tp);
+    ASSERT_TRUE(grid.ok()) << grid.status().toString();
+    EXPECT_EQ(grid->tp->size(), tp);
+    EXPECT_EQ(grid->dp->size(), world / tp);
+    EXPECT_EQ(grid->tp->rank(), rank % tp);
+    EXPECT_EQ(grid->dp->rank(), rank / tp);
+    // TP group g holds ranks g*tp .. g*tp+tp-1; DP group j holds ranks j, j+tp, ...
+    std::int64_t t = rank, d = rank;
+    ASSERT_TRUE(
+        grid->tp->allreduce(&t, 1, DataType::kI64, ReduceOp::kSum)->wait(milliseconds(10000)).ok());
+    ASSERT_TRUE(
+        grid->dp->allreduce(&d, 1, DataType::kI64, ReduceOp::kSum)->wait(milliseconds(10000)).ok());
+    std::int64_t want_t = 0, want_d = 0;
+    for (int i = 0; i < tp; ++i) want_t += (rank / tp) * tp + i;
+    for (int j = 0; j < world / tp; ++j) want_d += j * tp + rank % tp;
+    EXPECT_EQ(t, want_t);
+    EXPECT_EQ(d, want_d);
+    std::vector<float> g(world / tp);
+    float mine = static_cast<float>(rank);
+    ASSERT_TRUE(
+        grid->dp->allgather(&mine, g.data(), 1, DataType::kF32)->wait(milliseconds(10000)).ok());
+    for (int j = 0; j < world / tp; ++j) EXPECT_EQ(g[j], j * tp + rank % tp);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Grids, GlooGridTest,
+                         ::testing::Values(std::pair{4, 2}, std::pair{6, 2}, std::pair{6, 3}));
+
+TEST(GlooGridBadInputTest, TpSizeMustDivideTheWorld) {
+  runRanks(1, [&](int, Communicator& comm) {
+    auto grid = makeGrid(comm, 2);
+    EXPECT_EQ(grid.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(grid.status().message().find("multiple"), std::string::npos);
+  });
+}
+
 TEST(GlooBadInputTest, BadRanksAreRefusedWithReasons) {
   MemoryStore store;
   auto c = createGlooCommunicator(store, {.rank = 3, .size = 2});
