@@ -228,36 +228,11 @@ class GlooCommunicator final : public Communicator {
   }
 
   std::shared_ptr<Work> send(const void* data, size_t count, DataType type, int peer) override {
-    if (peer < 0 || peer >= size() || peer == rank()) {
-      return failed(invalidArgument(
-          fmt::format("send to rank {}: not another rank of {} ({})", peer, size(), where())));
-    }
-    return submitP2p(
-        fmt::format("send({} x {} to rank {})", count, dataTypeName(type), peer),
-        [=, this] {
-          const std::uint64_t slot = kP2pSlotBase + sent_[peer]++;
-          auto buf =
-              context_->createUnboundBuffer(const_cast<void*>(data), count * dataTypeSize(type));
-          buf->send(peer, slot);
-          return buf;
-        },
-        /*is_send=*/true);
+    return pointToPoint(const_cast<void*>(data), count, type, peer, /*is_send=*/true);
   }
 
   std::shared_ptr<Work> recv(void* data, size_t count, DataType type, int peer) override {
-    if (peer < 0 || peer >= size() || peer == rank()) {
-      return failed(invalidArgument(
-          fmt::format("recv from rank {}: not another rank of {} ({})", peer, size(), where())));
-    }
-    return submitP2p(
-        fmt::format("recv({} x {} from rank {})", count, dataTypeName(type), peer),
-        [=, this] {
-          const std::uint64_t slot = kP2pSlotBase + received_[peer]++;
-          auto buf = context_->createUnboundBuffer(data, count * dataTypeSize(type));
-          buf->recv(peer, slot);
-          return buf;
-        },
-        /*is_send=*/false);
+    return pointToPoint(data, count, type, peer, /*is_send=*/false);
   }
 
   std::shared_ptr<Work> barrier() override {
@@ -343,6 +318,31 @@ class GlooCommunicator final : public Communicator {
     bool is_send;
     std::shared_ptr<WorkImpl> work;
   };
+
+  std::shared_ptr<Work> pointToPoint(void* data, size_t count, DataType type, int peer,
+                                     bool is_send) {
+    const char* verb = is_send ? "send" : "recv";
+    const char* dir = is_send ? "to" : "from";
+    if (peer < 0 || peer >= size() || peer == rank()) {
+      return failed(invalidArgument(fmt::format("{} {} rank {}: not another rank of {} ({})", verb,
+                                                dir, peer, size(), where())));
+    }
+    return submitP2p(
+        fmt::format("{}({} x {} {} rank {})", verb, count, dataTypeName(type), dir, peer),
+        [=, this] {
+          // The n-th send from a to b matches the n-th recv by b from a.
+          auto& counter = is_send ? sent_[peer] : received_[peer];
+          const std::uint64_t slot = kP2pSlotBase + counter++;
+          auto buf = context_->createUnboundBuffer(data, count * dataTypeSize(type));
+          if (is_send) {
+            buf->send(peer, slot);
+          } else {
+            buf->recv(peer, slot);
+          }
+          return buf;
+        },
+        is_send);
+  }
 
   // Send and recv are posted in issue order by the worker without waiting (a send completes only
   // when the peer posts its recv, which may come after the peer's own send), and completed here.
