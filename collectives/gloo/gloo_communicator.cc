@@ -350,25 +350,18 @@ class GlooCommunicator final : public Communicator {
       std::string what, std::function<std::unique_ptr<gloo::transport::UnboundBuffer>()> post,
       bool is_send) {
     auto w = std::make_shared<WorkImpl>();
-    w->what_ = what;
-    if (aborted_) {
-      w->complete(abortedStatus(what));
-      return w;
-    }
-    {
-      std::lock_guard lock(mu_);
-      queue_.push_back(Task{[this, post, is_send, w] {
-                              auto buf = post();
-                              {
-                                std::lock_guard p2p_lock(p2p_mu_);
-                                p2p_queue_.push_back(PostedP2p{std::move(buf), is_send, w});
-                              }
-                              p2p_cv_.notify_all();
-                            },
-                            w, /*completes_elsewhere=*/true});
-    }
-    cv_.notify_all();
-    return w;
+    w->what_ = std::move(what);
+    return enqueue(
+        w,
+        [this, post = std::move(post), is_send, w] {
+          auto buf = post();
+          {
+            std::lock_guard p2p_lock(p2p_mu_);
+            p2p_queue_.push_back(PostedP2p{std::move(buf), is_send, w});
+          }
+          p2p_cv_.notify_all();
+        },
+        /*completes_elsewhere=*/true);
   }
 
   void waitP2p() {
@@ -431,14 +424,20 @@ class GlooCommunicator final : public Communicator {
 
   std::shared_ptr<Work> submit(std::string what, std::function<void()> fn) {
     auto w = std::make_shared<WorkImpl>();
-    w->what_ = what;
+    w->what_ = std::move(what);
+    return enqueue(w, std::move(fn), /*completes_elsewhere=*/false);
+  }
+
+  // Queues `fn` for the worker, or fails `w` at once if the communicator was aborted.
+  std::shared_ptr<Work> enqueue(const std::shared_ptr<WorkImpl>& w, std::function<void()> fn,
+                                bool completes_elsewhere) {
     if (aborted_) {
-      w->complete(abortedStatus(what));
+      w->complete(abortedStatus(w->what_));
       return w;
     }
     {
       std::lock_guard lock(mu_);
-      queue_.push_back(Task{std::move(fn), w});
+      queue_.push_back(Task{std::move(fn), w, completes_elsewhere});
     }
     cv_.notify_all();
     return w;

@@ -1,8 +1,8 @@
 #include "collectives/internal/reduce.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
-#include <cstring>
 
 namespace rally::collectives::internal {
 namespace {
@@ -68,14 +68,11 @@ float halfToFloat(std::uint16_t h) {
   } else {
     bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
   }
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
+  return std::bit_cast<float>(bits);
 }
 
 std::uint16_t floatToHalf(float f) {
-  std::uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
+  std::uint32_t x = std::bit_cast<std::uint32_t>(f);
   const std::uint16_t sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
   const std::uint32_t abs = x & 0x7fffffffu;
   if (abs >= 0x7f800000u) {  // inf or nan
@@ -101,14 +98,11 @@ std::uint16_t floatToHalf(float f) {
 
 float bf16ToFloat(std::uint16_t b) {
   const std::uint32_t bits = static_cast<std::uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
+  return std::bit_cast<float>(bits);
 }
 
 std::uint16_t floatToBf16(float f) {
-  std::uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
+  std::uint32_t x = std::bit_cast<std::uint32_t>(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);  // nan
   const std::uint32_t lsb = (x >> 16) & 1u;
   x += 0x7fffu + lsb;  // round to nearest even

@@ -344,7 +344,7 @@ bool WorkerGroup::waitAll(Milliseconds timeout) {
 void WorkerGroup::stop(int sig, Milliseconds grace) {
   if (sig != SIGKILL) {
     signalAll(sig);
-    if (waitAll(grace)) sig = 0;
+    waitAll(grace);
   }
   // SIGKILL to every group, exited or not: a worker's children may outlive it in its group.
   for (const auto& w : workers_) {

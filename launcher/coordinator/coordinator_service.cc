@@ -44,12 +44,12 @@ v1::GenerationEvent toProto(const GenerationEvent& e) {
   return out;
 }
 
-// Compares without an early exit, so the time taken does not reveal how much of a token matched.
+// Compares without an early exit, so the time taken does not reveal how much of a token matched
+// (its length is not secret).
 bool tokensEqual(std::string_view a, std::string_view b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < a.size(); ++i) {
-    diff |= static_cast<unsigned char>(a[i] ^ (b.empty() ? 0 : b[i % b.size()]));
-  }
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
   return diff == 0;
 }
 

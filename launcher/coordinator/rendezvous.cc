@@ -135,7 +135,6 @@ void Rendezvous::leave(const std::vector<Departure>& departures, TimePoint now, 
         if (state_ == RoundState::kFormed) {
           if (causes.size() < 3) causes.push_back(fmt::format("node '{}' {}", d.node_id, d.cause));
           if (d.failed) failed_members.push_back(d.node_id);
-          if (causes.size() == 3 && failed_members.size() > 3) causes.back() += " ...";
         }
         break;
     }
