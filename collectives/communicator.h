@@ -38,6 +38,15 @@ size_t dataTypeSize(DataType t);
 std::string_view dataTypeName(DataType t);
 std::string_view reduceOpName(ReduceOp op);
 
+// What a backend can do; the registry (collectives/registry.h) chooses backends by these.
+struct Capabilities {
+  bool host_memory = false;     // buffers in host memory
+  bool device_memory = false;   // buffers in CUDA device memory (stream-ordered)
+  bool can_shrink = false;      // shrink(): survivors drop ranks without a full re-initialisation
+  bool elastic = false;         // can be re-created with another size in the same processes
+  bool needs_launcher = false;  // only in jobs started by mpirun or srun (fixed size)
+};
+
 // An operation in flight.
 class Work {
  public:
@@ -56,6 +65,7 @@ class Communicator {
   virtual int size() const = 0;
   virtual std::uint64_t generation() const = 0;
   virtual std::string_view backend() const = 0;
+  virtual Capabilities capabilities() const = 0;
 
   // In place: every rank ends with the reduction of all ranks' `data`.
   virtual std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) = 0;
@@ -82,6 +92,12 @@ class Communicator {
   // A sub-communicator of the ranks that pass the same `color`, ranked by `key` (then by rank).
   // Collective: every rank calls it, in the same order as its other operations.
   virtual Result<std::unique_ptr<Communicator>> split(int color, int key) = 0;
+
+  // A communicator of the ranks not in `excluded` (ranks of this communicator, e.g. the dead ones),
+  // renumbered in order. Called by every surviving rank, also after abort(); the excluded ranks
+  // take no part. Unimplemented where capabilities().can_shrink is false: the caller then builds a
+  // new communicator from scratch.
+  virtual Result<std::unique_ptr<Communicator>> shrink(const std::vector<int>& excluded) = 0;
 };
 
 // A data-parallel x tensor-parallel grid: `tp` groups consecutive ranks (0..T-1, T..2T-1, ...);
@@ -116,6 +132,11 @@ struct CommunicatorOptions {
   // root) and fail with InvalidArgument, naming the ranks, if it differs: a small extra exchange
   // per operation, instead of corrupted data or a hang. Off for the last microseconds.
   bool check_calls = true;
+  // Ranks on one host exchange data through a shared-memory segment instead of TCP (Gloo; it
+  // falls back to TCP, and logs why, when the ranks are not all on one host or /dev/shm refuses).
+  bool shared_memory = true;
+  // The CUDA device of this rank (NCCL); -1: the device current on the calling thread.
+  int device = -1;
 };
 
 }  // namespace rally::collectives

@@ -2,9 +2,6 @@
 
 #include <fmt/format.h>
 #include <gloo/allgather.h>
-#include <gloo/allreduce.h>
-#include <gloo/alltoall.h>
-#include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/common/error.h>
 #include <gloo/rendezvous/context.h>
@@ -13,8 +10,11 @@
 #include <gloo/transport/unbound_buffer.h>
 #include <signal.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -22,7 +22,10 @@
 #include <thread>
 #include <vector>
 
+#include "collectives/gloo/tcp_collectives.h"
 #include "collectives/internal/reduce.h"
+#include "collectives/internal/shm_group.h"
+#include "kernels/base/logging.h"
 
 namespace rally::collectives {
 namespace {
@@ -124,16 +127,30 @@ struct CallMismatch : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Slots for send/recv, apart from those Gloo's collectives derive from their tags.
+// A failed shared-memory step inside an operation: its status, to be prefixed with the
+// operation and the rank.
+struct OpFailed : std::runtime_error {
+  explicit OpFailed(Status s) : std::runtime_error(s.message()), status(std::move(s)) {}
+  Status status;
+};
+void throwIfError(Status s) {
+  if (!s.ok()) throw OpFailed(std::move(s));
+}
+
+// Slots for send/recv, apart from those of the collectives (tcp_collectives.cc) and of Gloo's
+// own algorithms (used while connecting).
 constexpr std::uint64_t kP2pSlotBase = 0x5241ull << 48;
 
 class GlooCommunicator final : public Communicator {
  public:
   GlooCommunicator(BootstrapStore& store, const CommunicatorOptions& o,
-                   std::shared_ptr<gloo::rendezvous::Context> ctx)
+                   std::shared_ptr<gloo::rendezvous::Context> ctx,
+                   std::unique_ptr<internal::ShmGroup> shm)
       : store_(store),
         options_(o),
         context_(std::move(ctx)),
+        shm_(std::move(shm)),
+        tcp_(context_, o.op_timeout),
         sent_(o.size, 0),
         received_(o.size, 0) {
     worker_ = std::thread([this] { run(); });
@@ -154,6 +171,11 @@ class GlooCommunicator final : public Communicator {
   int size() const override { return options_.size; }
   std::uint64_t generation() const override { return options_.generation; }
   std::string_view backend() const override { return "gloo"; }
+  Capabilities capabilities() const override {
+    return {.host_memory = true, .can_shrink = true, .elastic = true};
+  }
+  // Whether collectives go through shared memory (every rank on this host) rather than TCP.
+  bool usesSharedMemory() const { return shm_ != nullptr; }
   bool aborted() const override { return aborted_.load(); }
 
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) override {
@@ -173,13 +195,11 @@ class GlooCommunicator final : public Communicator {
         [=, this] {
           checkCall({kReduceScatter, static_cast<std::uint32_t>(type), count, -1,
                      static_cast<std::int32_t>(op)});
-          // Allreduce of the whole buffer, then this rank's block: twice the traffic
-          // of a ring reduce-scatter (see the note in collectives/README.md).
-          const size_t bytes = count * dataTypeSize(type);
-          std::vector<char> all(bytes * size());
-          if (!all.empty()) std::memcpy(all.data(), in, all.size());
-          allreduceNow(all.data(), count * size(), type, op);
-          if (bytes > 0) std::memcpy(out, all.data() + bytes * rank(), bytes);
+          if (shm_) {
+            throwIfError(shm_->reduceScatter(in, out, count, type, op));
+          } else {
+            tcp_.reduceScatter(in, out, count, type, op);
+          }
         });
   }
 
@@ -188,11 +208,8 @@ class GlooCommunicator final : public Communicator {
       checkCall({kAllgather, static_cast<std::uint32_t>(type), count, -1, -1});
       const size_t bytes = count * dataTypeSize(type);
       if (bytes == 0) return;
-      gloo::AllgatherOptions opts(context_);
-      opts.setInput(static_cast<char*>(const_cast<void*>(in)), bytes);
-      opts.setOutput(static_cast<char*>(out), bytes * size());
-      opts.setTimeout(options_.op_timeout);
-      gloo::allgather(opts);
+      if (shm_) return throwIfError(shm_->allgather(in, out, bytes));
+      tcp_.allgather(in, out, bytes);
     });
   }
 
@@ -206,11 +223,8 @@ class GlooCommunicator final : public Communicator {
                     checkCall({kBroadcast, static_cast<std::uint32_t>(type), count, root, -1});
                     const size_t bytes = count * dataTypeSize(type);
                     if (bytes == 0 || size() == 1) return;
-                    gloo::BroadcastOptions opts(context_);
-                    opts.setOutput(static_cast<char*>(data), bytes);
-                    opts.setRoot(root);
-                    opts.setTimeout(options_.op_timeout);
-                    gloo::broadcast(opts);
+                    if (shm_) return throwIfError(shm_->broadcast(data, bytes, root));
+                    tcp_.broadcast(data, bytes, root);
                   });
   }
 
@@ -219,11 +233,8 @@ class GlooCommunicator final : public Communicator {
       checkCall({kAlltoall, static_cast<std::uint32_t>(type), count, -1, -1});
       const size_t bytes = count * dataTypeSize(type) * size();
       if (bytes == 0) return;
-      gloo::AlltoallOptions opts(context_);
-      opts.setInput(static_cast<char*>(const_cast<void*>(in)), bytes);
-      opts.setOutput(static_cast<char*>(out), bytes);
-      opts.setTimeout(options_.op_timeout);
-      gloo::alltoall(opts);
+      if (shm_) return throwIfError(shm_->alltoall(in, out, bytes / size()));
+      tcp_.alltoall(in, out, bytes / size());
     });
   }
 
@@ -239,9 +250,8 @@ class GlooCommunicator final : public Communicator {
     return submit("barrier", [this] {
       checkCall({kBarrier, 0, 0, -1, -1});
       if (size() == 1) return;
-      gloo::BarrierOptions opts(context_);
-      opts.setTimeout(options_.op_timeout);
-      gloo::barrier(opts);
+      if (shm_) return throwIfError(shm_->barrier());
+      tcp_.barrier();
     });
   }
 
@@ -254,14 +264,10 @@ class GlooCommunicator final : public Communicator {
       // Every rank's (color, key), by rank.
       std::vector<std::int32_t> mine = {color, key};
       std::vector<std::int32_t> all(2 * static_cast<size_t>(size()));
-      if (size() > 1) {
-        gloo::AllgatherOptions opts(context_);
-        opts.setInput(mine.data(), mine.size());
-        opts.setOutput(all.data(), all.size());
-        opts.setTimeout(options_.op_timeout);
-        gloo::allgather(opts);
+      if (shm_) {
+        throwIfError(shm_->allgather(mine.data(), all.data(), sizeof(std::int32_t) * mine.size()));
       } else {
-        all = mine;
+        tcp_.allgather(mine.data(), all.data(), sizeof(std::int32_t) * mine.size());
       }
       std::vector<std::pair<std::int32_t, int>> members;  // (key, rank) of my color
       for (int r = 0; r < size(); ++r) {
@@ -280,6 +286,28 @@ class GlooCommunicator final : public Communicator {
     return std::move(*result);
   }
 
+  Result<std::unique_ptr<Communicator>> shrink(const std::vector<int>& excluded) override {
+    std::vector<bool> out(size(), false);
+    for (int r : excluded) {
+      if (r < 0 || r >= size()) {
+        return invalidArgument(
+            fmt::format("shrink: rank {} is not a rank of {} ({})", r, size(), where()));
+      }
+      if (r == rank()) {
+        return invalidArgument(fmt::format(
+            "shrink: rank {} cannot exclude itself; only the surviving ranks call shrink ({})", r,
+            where()));
+      }
+      out[r] = true;
+    }
+    CommunicatorOptions sub = options_;
+    sub.name = fmt::format("{}/shrink{}", options_.name, shrinks_++);
+    sub.size = static_cast<int>(std::count(out.begin(), out.end(), false));
+    sub.rank = static_cast<int>(std::count(out.begin(), out.begin() + rank(), false));
+    // Bootstraps afresh through the store (also after abort(): the old connections play no part).
+    return createGlooCommunicator(store_, sub);
+  }
+
   void abort(const std::string& reason) override {
     {
       std::lock_guard lock(mu_);
@@ -294,6 +322,8 @@ class GlooCommunicator final : public Communicator {
         waiting_p2p_->abortWaitRecv();
       }
     }
+    if (shm_) shm_->abort();  // wakes this rank's waiter; the peers see PeerLost
+    tcp_.abort();             // interrupts a wait for a peer at once
     // Closing the connections makes an operation blocked on a peer fail at once.
     for (int i = 0; i < size(); ++i) {
       if (i == rank()) continue;
@@ -447,11 +477,11 @@ class GlooCommunicator final : public Communicator {
   void checkCall(const CallDesc& mine) {
     if (!options_.check_calls || size() == 1) return;
     std::vector<CallDesc> all(static_cast<size_t>(size()));
-    gloo::AllgatherOptions opts(context_);
-    opts.setInput(reinterpret_cast<char*>(const_cast<CallDesc*>(&mine)), sizeof(CallDesc));
-    opts.setOutput(reinterpret_cast<char*>(all.data()), sizeof(CallDesc) * all.size());
-    opts.setTimeout(options_.op_timeout);
-    gloo::allgather(opts);
+    if (shm_) {
+      throwIfError(shm_->exchange(&mine, sizeof(CallDesc), all.data()));
+    } else {
+      tcp_.allgather(&mine, all.data(), sizeof(CallDesc));
+    }
     bool same = true;
     for (const auto& d : all) same = same && d == mine;
     if (same) return;
@@ -467,31 +497,8 @@ class GlooCommunicator final : public Communicator {
 
   void allreduceNow(void* data, size_t count, DataType type, ReduceOp op) {
     if (count == 0) return;
-    if (size() > 1) {
-      gloo::AllreduceOptions opts(context_);
-      const size_t esize = dataTypeSize(type);
-      // Gloo moves elements of `esize` bytes and reduces them with our reference reductions.
-      switch (esize) {
-        case 1:
-          opts.setOutput(static_cast<std::uint8_t*>(data), count);
-          break;
-        case 2:
-          opts.setOutput(static_cast<std::uint16_t*>(data), count);
-          break;
-        case 4:
-          opts.setOutput(static_cast<std::uint32_t*>(data), count);
-          break;
-        default:
-          opts.setOutput(static_cast<std::uint64_t*>(data), count);
-          break;
-      }
-      opts.setReduceFunction([type, op](void* c, const void* a, const void* b, size_t n) {
-        internal::reduce(type, op, c, a, b, n);
-      });
-      opts.setTimeout(options_.op_timeout);
-      gloo::allreduce(opts);
-    }
-    if (op == ReduceOp::kAvg) internal::finishAverage(type, data, count, size());
+    if (shm_) return throwIfError(shm_->allreduce(data, count, type, op));
+    tcp_.allreduce(data, count, type, op);
   }
 
   void run() {
@@ -530,6 +537,11 @@ class GlooCommunicator final : public Communicator {
           task.work->complete(
               peerLost(fmt::format("{} on {}: a peer is gone: {}", what, where(), msg)));
         }
+      } catch (const OpFailed& e) {
+        task.work->complete(aborted_
+                                ? abortedStatus(what)
+                                : Status(e.status.code(), fmt::format("{} on {}: {}", what, where(),
+                                                                      e.status.message())));
       } catch (const CallMismatch& e) {
         task.work->complete(invalidArgument(fmt::format("{} on {}: {}", what, where(), e.what())));
       } catch (const std::exception& e) {
@@ -543,7 +555,10 @@ class GlooCommunicator final : public Communicator {
   BootstrapStore& store_;  // for split(); outlives the communicator (see the header)
   const CommunicatorOptions options_;
   std::atomic<std::uint64_t> splits_{0};
+  std::atomic<std::uint64_t> shrinks_{0};
   std::shared_ptr<gloo::rendezvous::Context> context_;
+  std::unique_ptr<internal::ShmGroup> shm_;  // every rank on this host: collectives go through it
+  internal::TcpCollectives tcp_;             // otherwise these
   std::vector<std::uint64_t> sent_, received_;  // touched by the worker thread only
   std::mutex mu_;
   std::condition_variable cv_;
@@ -576,6 +591,68 @@ void ignoreSigpipeIfDefault() {
   }
 }
 
+// Per-rank slot size: large enough that a step's synchronisation is small next to its copies,
+// small enough that the segment (2 x size slots) stays within 16 MiB of /dev/shm.
+size_t shmSlotBytes(int size) {
+  const size_t budget = 16u << 20;
+  return std::clamp<size_t>(budget / (2 * static_cast<size_t>(size)), 64u << 10, 2u << 20);
+}
+
+// Collective over the connected context: rank 0 creates a segment, the others try to open it,
+// and all use it only if every rank could (otherwise TCP, and rank 0 says why).
+std::unique_ptr<internal::ShmGroup> setUpSharedMemory(
+    const std::shared_ptr<gloo::rendezvous::Context>& context, const CommunicatorOptions& o) {
+  auto log = log::get("collectives");
+  std::array<char, 128> name{};
+  std::unique_ptr<internal::ShmGroup> group;
+  std::string problem;
+  if (o.rank == 0) {
+    auto created = internal::ShmGroup::create(o.size, shmSlotBytes(o.size), o.op_timeout);
+    if (created.ok()) {
+      group = std::move(*created);
+      std::snprintf(name.data(), name.size(), "%s", group->name().c_str());
+    } else {
+      problem = created.status().toString();
+    }
+  }
+  gloo::BroadcastOptions bcast(context);
+  bcast.setOutput(name.data(), name.size());
+  bcast.setRoot(0);
+  gloo::broadcast(bcast);
+  if (o.rank != 0 && name[0] != '\0') {
+    auto opened = internal::ShmGroup::open(name.data(), o.rank, o.size, o.op_timeout);
+    if (opened.ok()) {
+      group = std::move(*opened);
+    } else {
+      problem = opened.status().toString();
+    }
+  }
+  std::uint8_t ok = group != nullptr;
+  std::vector<std::uint8_t> all(static_cast<size_t>(o.size));
+  gloo::AllgatherOptions gather(context);
+  gather.setInput(&ok, 1);
+  gather.setOutput(all.data(), all.size());
+  gloo::allgather(gather);
+  std::string without;
+  for (int r = 0; r < o.size; ++r) {
+    if (!all[r]) without += fmt::format("{}{}", without.empty() ? "" : ", ", r);
+  }
+  if (!without.empty()) {
+    if (!problem.empty()) {
+      log->info("communicator '{}' rank {}: no shared memory: {}", o.name, o.rank, problem);
+    }
+    if (o.rank == 0) {
+      log->info(
+          "communicator '{}' (generation {}): rank(s) {} cannot share memory with rank 0; "
+          "collectives go over TCP",
+          o.name, o.generation, without);
+    }
+    return nullptr;  // rank 0's segment is removed with its group
+  }
+  group->ready();  // every rank has opened it: the name can go
+  return group;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& store,
@@ -595,12 +672,20 @@ Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& sto
                          o.connect_timeout);
     ctx->connectFullMesh(adapter, device);
     ctx->setTimeout(o.op_timeout);
-    return std::unique_ptr<Communicator>(new GlooCommunicator(store, o, std::move(ctx)));
+    std::unique_ptr<internal::ShmGroup> shm;
+    if (o.shared_memory && o.size > 1) shm = setUpSharedMemory(ctx, o);
+    return std::unique_ptr<Communicator>(
+        new GlooCommunicator(store, o, std::move(ctx), std::move(shm)));
   } catch (const std::exception& e) {
     return unavailable(
         fmt::format("gloo communicator '{}' (rank {} of {}, generation {}) could not connect: {}",
                     o.name, o.rank, o.size, o.generation, e.what()));
   }
+}
+
+bool usesSharedMemory(const Communicator& comm) {
+  const auto* gloo = dynamic_cast<const GlooCommunicator*>(&comm);
+  return gloo != nullptr && gloo->usesSharedMemory();
 }
 
 }  // namespace rally::collectives

@@ -21,7 +21,14 @@ namespace rally::collectives {
 // It sets SIGPIPE to ignored if it is at its default: otherwise a write to the socket of a peer
 // that just died kills this process instead of failing the operation with PeerLost (Python already
 // ignores SIGPIPE; a handler the program installed is left alone).
+//
+// When every rank is on this host (and options.shared_memory), collectives go through one
+// shared-memory segment (collectives/internal/shm_group.h) instead of TCP; send and recv stay on
+// TCP. The segment's name is removed from /dev/shm as soon as every rank has opened it.
 Result<std::unique_ptr<Communicator>> createGlooCommunicator(BootstrapStore& store,
                                                              const CommunicatorOptions& options);
+
+// Whether `comm` (a Gloo communicator) moves collective data through shared memory.
+bool usesSharedMemory(const Communicator& comm);
 
 }  // namespace rally::collectives

@@ -1,5 +1,6 @@
 // Element-wise reductions on the host for every DataType and ReduceOp, the reference the backends
-// use (and check against): c[i] = a[i] op b[i]. f16 and bf16 are computed in f32 and rounded to
+// use (and check against): c[i] = a[i] op b[i] (c may be a or b, but must not overlap them
+// otherwise). f16 and bf16 are computed in f32 and rounded to
 // nearest even. kAvg reduces as kSum; the division by the world size is finishAverage().
 #pragma once
 

@@ -32,6 +32,8 @@ std::string_view statusCodeName(StatusCode code) {
       return "Io";
     case StatusCode::kInternal:
       return "Internal";
+    case StatusCode::kUnimplemented:
+      return "Unimplemented";
   }
   return "Unknown";
 }
@@ -64,6 +66,7 @@ Status aborted(std::string m) { return {StatusCode::kAborted, std::move(m)}; }
 Status unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
 Status ioError(std::string m) { return {StatusCode::kIo, std::move(m)}; }
 Status internalError(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+Status unimplemented(std::string m) { return {StatusCode::kUnimplemented, std::move(m)}; }
 
 Status errnoStatus(std::string_view what, int err) {
   std::string m(what);

@@ -38,6 +38,7 @@ enum class StatusCode {
   kAborted,             // the operation was cancelled: abort() or a generation change
   kUnavailable,         // a service is not reachable right now; safe operations may retry
   kIo,                  // the operating system refused (files, sockets, processes)
+  kUnimplemented,       // this backend or build cannot do it; the message says what can
   kInternal,            // a bug in rally
 };
 
@@ -80,6 +81,7 @@ Status aborted(std::string message);
 Status unavailable(std::string message);
 Status ioError(std::string message);
 Status internalError(std::string message);
+Status unimplemented(std::string message);
 // An Io status from errno: "open(/x): No such file or directory".
 Status errnoStatus(std::string_view what, int err);
 

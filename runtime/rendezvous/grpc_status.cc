@@ -48,6 +48,9 @@ grpc::Status toGrpcStatus(const Status& s) {
     case StatusCode::kInternal:
       code = grpc::StatusCode::INTERNAL;
       break;
+    case StatusCode::kUnimplemented:
+      code = grpc::StatusCode::UNIMPLEMENTED;
+      break;
   }
   return grpc::Status(code, s.message());
 }

@@ -4,6 +4,7 @@
 //   collective_rank ENDPOINT TOKEN RANK SIZE [ELEMENTS]
 #include <chrono>
 #include <iostream>
+#include <string>
 #include <vector>
 
 #include "collectives/gloo/gloo_communicator.h"
@@ -12,7 +13,7 @@
 int main(int argc, char** argv) {
   using namespace rally;
   if (argc < 5) {
-    std::cerr << "usage: collective_rank ENDPOINT TOKEN RANK SIZE [ELEMENTS]\n";
+    std::cerr << "usage: collective_rank ENDPOINT TOKEN RANK SIZE [ELEMENTS [tcp|shm]]\n";
     return 2;
   }
   rendezvous::ClientOptions o;
@@ -20,15 +21,20 @@ int main(int argc, char** argv) {
   o.token = argv[2];
   const int rank = std::atoi(argv[3]), size = std::atoi(argv[4]);
   const size_t elements = argc > 5 ? std::strtoull(argv[5], nullptr, 10) : (4u << 20);
+  const bool shared_memory = argc <= 6 || std::string(argv[6]) != "tcp";
   auto conn = rendezvous::CoordinatorConnection::open(o);
   if (!conn.ok()) return 2;
   rendezvous::CoordinatorBootstrapStore boot(rendezvous::StoreClient(*conn).scoped("chaos/", 0));
-  auto comm = collectives::createGlooCommunicator(
-      boot, {.rank = rank, .size = size, .generation = 1, .op_timeout = Milliseconds(60'000)});
+  auto comm = collectives::createGlooCommunicator(boot, {.rank = rank,
+                                                         .size = size,
+                                                         .generation = 1,
+                                                         .op_timeout = Milliseconds(60'000),
+                                                         .shared_memory = shared_memory});
   if (!comm.ok()) {
     std::cout << "bootstrap failed " << comm.status().toString() << std::endl;
     return 1;
   }
+  std::cout << "transport " << (collectives::usesSharedMemory(**comm) ? "shm" : "tcp") << std::endl;
   std::vector<float> data(elements, 1.0f);
   for (int i = 0; i < 1'000'000; ++i) {
     const Status s = (*comm)

@@ -14,18 +14,24 @@ namespace {
 
 using std::chrono::milliseconds;
 
-class CollectiveSigkillTest : public CoordinatorFixture {};
+// Over TCP (ranks on different hosts) and through shared memory (ranks on one host; the dead
+// process is seen through its pidfd).
+class CollectiveSigkillTest : public CoordinatorFixture,
+                              public ::testing::WithParamInterface<std::string> {};
 
-TEST_F(CollectiveSigkillTest, SurvivorsGetPeerLostWithinTwoSeconds) {
+TEST_P(CollectiveSigkillTest, SurvivorsGetPeerLostWithinTwoSeconds) {
   constexpr int kRanks = 3;
+  const std::string transport = GetParam();
   std::vector<std::unique_ptr<ChildProcess>> ranks;
   for (int r = 0; r < kRanks; ++r) {
     ranks.push_back(std::make_unique<ChildProcess>(
         std::vector<std::string>{RALLY_COLLECTIVE_RANK, endpoint_, kToken, std::to_string(r),
-                                 std::to_string(kRanks)},
+                                 std::to_string(kRanks), std::to_string(4u << 20), transport},
         tempPath("rank" + std::to_string(r))));
   }
   for (auto& r : ranks) {
+    ASSERT_TRUE(r->waitForOutput("transport " + transport + "\n", milliseconds(60000)))
+        << r->output() << r->errors();
     ASSERT_TRUE(r->waitForOutput("iteration 2\n", milliseconds(60000)))
         << r->output() << r->errors();
   }
@@ -52,6 +58,8 @@ TEST_F(CollectiveSigkillTest, SurvivorsGetPeerLostWithinTwoSeconds) {
         << m[3].str();
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, CollectiveSigkillTest, ::testing::Values("tcp", "shm"));
 
 }  // namespace
 }  // namespace rally::testing

@@ -4,258 +4,126 @@
 // PeerLost; errors name the rank, the operation and the generation.
 #include "collectives/gloo/gloo_communicator.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
-#include <cmath>
-#include <condition_variable>
-#include <cstring>
+#include <algorithm>
 #include <functional>
-#include <map>
 #include <thread>
+#include <tuple>
 
-#include "collectives/internal/reduce.h"
+#include "tests/unit/collectives/collective_checks.h"
 
 namespace rally::collectives {
 namespace {
 
-using std::chrono::milliseconds;
+using namespace test_support;  // NOLINT(google-build-using-namespace)
 
-class MemoryStore : public BootstrapStore {
- public:
-  Status set(const std::string& key, const std::string& value) override {
-    {
-      std::lock_guard lock(mu_);
-      data_[key] = value;
-    }
-    cv_.notify_all();
-    return okStatus();
-  }
-  Result<std::string> get(const std::string& key) override {
-    std::lock_guard lock(mu_);
-    auto it = data_.find(key);
-    if (it == data_.end()) return notFound(key);
-    return it->second;
-  }
-  Status wait(const std::vector<std::string>& keys, Milliseconds timeout) override {
-    std::unique_lock lock(mu_);
-    const bool ok = cv_.wait_for(lock, timeout, [&] {
-      for (const auto& k : keys) {
-        if (data_.count(k) == 0) return false;
-      }
-      return true;
-    });
-    return ok ? okStatus() : timeoutError("keys never set");
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<std::string, std::string> data_;
-};
+enum class Transport { kTcp, kSharedMemory };
 
 // Creates `n` communicators (one per thread) and runs `body(rank, comm)` on each rank's thread.
+// The ranks share a host, so by default collectives go through shared memory.
 void runRanks(int n, const std::function<void(int, Communicator&)>& body,
-              std::uint64_t generation = 7) {
+              Transport transport = Transport::kSharedMemory, std::uint64_t generation = 7) {
   MemoryStore store;
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r) {
     threads.emplace_back([&, r] {
-      auto comm = createGlooCommunicator(store, {.rank = r,
-                                                 .size = n,
-                                                 .generation = generation,
-                                                 .connect_timeout = Milliseconds(20000),
-                                                 .op_timeout = Milliseconds(20000)});
+      auto comm =
+          createGlooCommunicator(store, {.rank = r,
+                                         .size = n,
+                                         .generation = generation,
+                                         .connect_timeout = Milliseconds(20000),
+                                         .op_timeout = Milliseconds(20000),
+                                         .shared_memory = transport == Transport::kSharedMemory});
       ASSERT_TRUE(comm.ok()) << comm.status().toString();
+      EXPECT_EQ(usesSharedMemory(**comm), transport == Transport::kSharedMemory && n > 1);
       body(r, **comm);
     });
   }
   for (auto& t : threads) t.join();
 }
 
-// Values as doubles, stored in and read from any dtype.
-void store(DataType t, void* p, size_t i, double v) {
-  switch (t) {
-    case DataType::kF32:
-      static_cast<float*>(p)[i] = static_cast<float>(v);
-      break;
-    case DataType::kF64:
-      static_cast<double*>(p)[i] = v;
-      break;
-    case DataType::kI32:
-      static_cast<std::int32_t*>(p)[i] = static_cast<std::int32_t>(v);
-      break;
-    case DataType::kI64:
-      static_cast<std::int64_t*>(p)[i] = static_cast<std::int64_t>(v);
-      break;
-    case DataType::kU8:
-      static_cast<std::uint8_t*>(p)[i] = static_cast<std::uint8_t>(v);
-      break;
-    case DataType::kF16:
-      static_cast<std::uint16_t*>(p)[i] = internal::floatToHalf(static_cast<float>(v));
-      break;
-    case DataType::kBF16:
-      static_cast<std::uint16_t*>(p)[i] = internal::floatToBf16(static_cast<float>(v));
-      break;
-  }
-}
-double load(DataType t, const void* p, size_t i) {
-  switch (t) {
-    case DataType::kF32:
-      return static_cast<const float*>(p)[i];
-    case DataType::kF64:
-      return static_cast<const double*>(p)[i];
-    case DataType::kI32:
-      return static_cast<const std::int32_t*>(p)[i];
-    case DataType::kI64:
-      return static_cast<const std::int64_t*>(p)[i];
-    case DataType::kU8:
-      return static_cast<const std::uint8_t*>(p)[i];
-    case DataType::kF16:
-      return internal::halfToFloat(static_cast<const std::uint16_t*>(p)[i]);
-    case DataType::kBF16:
-      return internal::bf16ToFloat(static_cast<const std::uint16_t*>(p)[i]);
-  }
-  return 0;
-}
-bool isFloat(DataType t) {
-  return t == DataType::kF32 || t == DataType::kF64 || t == DataType::kF16 || t == DataType::kBF16;
-}
-double tolerance(DataType t, double expected) {
-  switch (t) {
-    case DataType::kF16:
-      return 2e-3 * std::abs(expected) + 1e-3;
-    case DataType::kBF16:
-      return 1e-2 * std::abs(expected) + 1e-2;
-    default:
-      return 1e-6 * std::abs(expected) + 1e-9;
-  }
-}
-
-// Small values, so that sums and products are exact in every dtype (u8 products stay below 256).
-double value(ReduceOp op, int rank, size_t i) {
-  if (op == ReduceOp::kProd) return 1 + static_cast<double>((rank + i) % 2);
-  return static_cast<double>((rank * 3 + i * 7) % 6);
-}
-
-double expected(DataType t, ReduceOp op, int n, size_t i) {
-  double acc = value(op, 0, i);
-  for (int r = 1; r < n; ++r) {
-    const double v = value(op, r, i);
-    switch (op) {
-      case ReduceOp::kSum:
-      case ReduceOp::kAvg:
-        acc += v;
-        break;
-      case ReduceOp::kProd:
-        acc *= v;
-        break;
-      case ReduceOp::kMin:
-        acc = std::min(acc, v);
-        break;
-      case ReduceOp::kMax:
-        acc = std::max(acc, v);
-        break;
-    }
-  }
-  if (op == ReduceOp::kAvg) acc = isFloat(t) ? acc / n : std::trunc(acc / n);
-  return acc;
-}
-
-constexpr DataType kTypes[] = {DataType::kF32, DataType::kF64, DataType::kF16, DataType::kBF16,
-                               DataType::kI32, DataType::kI64, DataType::kU8};
-constexpr ReduceOp kOps[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin, ReduceOp::kMax,
-                             ReduceOp::kProd};
-constexpr size_t kCounts[] = {0, 1, 3, 1001};
-
-class GlooWorldTest : public ::testing::TestWithParam<int> {};
+class GlooWorldTest : public ::testing::TestWithParam<std::tuple<int, Transport>> {};
 
 TEST_P(GlooWorldTest, AllreduceEveryTypeAndOp) {
-  const int n = GetParam();
-  runRanks(n, [&](int rank, Communicator& comm) {
-    for (DataType t : kTypes) {
-      for (ReduceOp op : kOps) {
-        for (size_t count : kCounts) {
-          std::vector<char> buf(count * dataTypeSize(t) + 1);
-          for (size_t i = 0; i < count; ++i) store(t, buf.data(), i, value(op, rank, i));
-          ASSERT_TRUE(comm.allreduce(buf.data(), count, t, op)->wait(milliseconds(20000)).ok());
-          for (size_t i = 0; i < count; ++i) {
-            const double want = expected(t, op, n, i);
-            ASSERT_NEAR(load(t, buf.data(), i), want, tolerance(t, want))
-                << "rank " << rank << " " << dataTypeName(t) << " " << reduceOpName(op) << " count "
-                << count << " element " << i;
-          }
-        }
-      }
-    }
-  });
+  const auto [n, transport] = GetParam();
+  runRanks(
+      n, [n = n](int rank, Communicator& comm) { checkAllreduceEveryTypeAndOp(rank, n, comm); },
+      transport);
 }
 
 TEST_P(GlooWorldTest, BroadcastAllgatherAlltoallReduceScatter) {
-  const int n = GetParam();
-  runRanks(n, [&](int rank, Communicator& comm) {
-    for (DataType t : kTypes) {
-      for (size_t count : kCounts) {
-        const size_t es = dataTypeSize(t);
-        for (int root = 0; root < n; ++root) {  // broadcast from every root
-          std::vector<char> b(count * es + 1);
-          for (size_t i = 0; i < count; ++i)
-            store(t, b.data(), i, rank == root ? (i + root) % 7 : 99);
-          ASSERT_TRUE(comm.broadcast(b.data(), count, t, root)->wait(milliseconds(20000)).ok());
-          for (size_t i = 0; i < count; ++i) ASSERT_EQ(load(t, b.data(), i), (i + root) % 7);
-        }
-        std::vector<char> in(count * es * n + 1), out(count * es * n + 1);
-        for (size_t i = 0; i < count; ++i) store(t, in.data(), i, (rank + i) % 5);
-        ASSERT_TRUE(
-            comm.allgather(in.data(), out.data(), count, t)->wait(milliseconds(20000)).ok());
-        for (int r = 0; r < n; ++r) {
-          for (size_t i = 0; i < count; ++i)
-            ASSERT_EQ(load(t, out.data(), r * count + i), (r + i) % 5);
-        }
-        // alltoall: block j of rank r's input holds r*10 + j; rank r receives j*10 + r from rank j.
-        for (int j = 0; j < n; ++j) {
-          for (size_t i = 0; i < count; ++i)
-            store(t, in.data(), j * count + i, (rank * 10 + j) % 100);
-        }
-        ASSERT_TRUE(comm.alltoall(in.data(), out.data(), count, t)->wait(milliseconds(20000)).ok());
-        for (int j = 0; j < n; ++j) {
-          for (size_t i = 0; i < count; ++i) {
-            ASSERT_EQ(load(t, out.data(), j * count + i), (j * 10 + rank) % 100);
-          }
-        }
-        // reduce_scatter (sum): element i of block b is sum over ranks of (r + b + i) % 3.
-        for (int b = 0; b < n; ++b) {
-          for (size_t i = 0; i < count; ++i) store(t, in.data(), b * count + i, (rank + b + i) % 3);
-        }
-        ASSERT_TRUE(comm.reduceScatter(in.data(), out.data(), count, t, ReduceOp::kSum)
-                        ->wait(milliseconds(20000))
-                        .ok());
-        for (size_t i = 0; i < count; ++i) {
-          double want = 0;
-          for (int r = 0; r < n; ++r) want += (r + rank + i) % 3;
-          ASSERT_NEAR(load(t, out.data(), i), want, tolerance(t, want));
-        }
-      }
-    }
-    ASSERT_TRUE(comm.barrier()->wait(milliseconds(20000)).ok());
-  });
+  const auto [n, transport] = GetParam();
+  runRanks(
+      n,
+      [n = n](int rank, Communicator& comm) {
+        checkBroadcastAllgatherAlltoallReduceScatter(rank, n, comm);
+      },
+      transport);
 }
 
 TEST_P(GlooWorldTest, SendRecvAroundARing) {
-  const int n = GetParam();
+  const auto [n, transport] = GetParam();
   if (n == 1) GTEST_SKIP() << "send/recv need a peer";
-  runRanks(n, [&](int rank, Communicator& comm) {
-    for (int round = 0; round < 3; ++round) {
-      std::vector<std::int64_t> out(257, rank * 1000 + round), in(257, -1);
-      auto s = comm.send(out.data(), out.size(), DataType::kI64, (rank + 1) % n);
-      auto r = comm.recv(in.data(), in.size(), DataType::kI64, (rank + n - 1) % n);
-      ASSERT_TRUE(r->wait(milliseconds(20000)).ok());
-      ASSERT_TRUE(s->wait(milliseconds(20000)).ok());
-      EXPECT_EQ(in.front(), ((rank + n - 1) % n) * 1000 + round);
-    }
-  });
+  runRanks(
+      n, [n = n](int rank, Communicator& comm) { checkSendRecvAroundARing(rank, n, comm); },
+      transport);
 }
 
-INSTANTIATE_TEST_SUITE_P(WorldSizes, GlooWorldTest, ::testing::Values(1, 2, 3, 4));
+// Buffers larger than one shared-memory step (several steps, both buffers, a partial last step)
+// and than one TCP message: every element checked.
+TEST_P(GlooWorldTest, LargeBuffersSpanManySteps) {
+  const auto [n, transport] = GetParam();
+  runRanks(
+      n,
+      [n = n](int rank, Communicator& comm) {
+        const size_t count = (5u << 20) / 4 + 7;  // 5 MiB of f32 and a bit
+        std::vector<float> data(count);
+        for (size_t i = 0; i < count; ++i) data[i] = static_cast<float>((rank + i) % 13);
+        ASSERT_TRUE(comm.allreduce(data.data(), count, DataType::kF32, ReduceOp::kSum)
+                        ->wait(milliseconds(60000))
+                        .ok());
+        for (size_t i = 0; i < count; ++i) {
+          float want = 0;
+          for (int r = 0; r < n; ++r) want += static_cast<float>((r + i) % 13);
+          ASSERT_EQ(data[i], want) << "element " << i;
+        }
+        std::vector<std::int32_t> in(count * n), out(count);
+        for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<std::int32_t>(i % 1000 + rank);
+        ASSERT_TRUE(comm.reduceScatter(in.data(), out.data(), count, DataType::kI32, ReduceOp::kMax)
+                        ->wait(milliseconds(60000))
+                        .ok());
+        for (size_t i = 0; i < count; ++i) {
+          ASSERT_EQ(out[i], static_cast<std::int32_t>((rank * count + i) % 1000 + n - 1))
+              << "element " << i;
+        }
+        std::vector<std::int32_t> gathered(count * n);
+        ASSERT_TRUE(comm.allgather(out.data(), gathered.data(), count, DataType::kI32)
+                        ->wait(milliseconds(60000))
+                        .ok());
+        for (size_t i = 0; i < gathered.size(); ++i) {
+          ASSERT_EQ(gathered[i], static_cast<std::int32_t>(i % 1000 + n - 1)) << "element " << i;
+        }
+        std::vector<std::uint8_t> bytes(count * 4 + 3, static_cast<std::uint8_t>(rank));
+        ASSERT_TRUE(comm.broadcast(bytes.data(), bytes.size(), DataType::kU8, n - 1)
+                        ->wait(milliseconds(60000))
+                        .ok());
+        ASSERT_EQ(std::count(bytes.begin(), bytes.end(), n - 1),
+                  static_cast<std::ptrdiff_t>(bytes.size()));
+      },
+      transport);
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, GlooWorldTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(Transport::kTcp,
+                                                              Transport::kSharedMemory)),
+                         [](const auto& info) {
+                           return fmt::format(
+                               "{}ranks_{}", std::get<0>(info.param),
+                               std::get<1>(info.param) == Transport::kTcp ? "tcp" : "shm");
+                         });
 
 TEST(GlooAbortTest, AbortFromAnotherThreadUnblocksAWaitingCallAtOnce) {
   runRanks(2, [&](int rank, Communicator& comm) {
@@ -282,23 +150,90 @@ TEST(GlooAbortTest, AbortFromAnotherThreadUnblocksAWaitingCallAtOnce) {
   });
 }
 
-TEST(GlooAbortTest, PeerThatGoesAwaySurfacesAsPeerLostWithinABound) {
-  runRanks(2, [&](int rank, Communicator& comm) {
-    std::vector<float> big(1 << 20, 1.0f);
-    if (rank == 1) {
-      std::this_thread::sleep_for(milliseconds(300));
-      comm.abort("test: this rank dies");  // its connections close, as when its process dies
-      return;
-    }
-    const auto t0 = std::chrono::steady_clock::now();
-    const Status s = comm.allreduce(big.data(), big.size(), DataType::kF32, ReduceOp::kSum)
-                         ->wait(milliseconds(15000));
-    EXPECT_EQ(s.code(), StatusCode::kPeerLost) << s.toString();
-    EXPECT_NE(s.message().find("allreduce"), std::string::npos);
-    EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(3000))
-        << "a peer's broken connection is seen at once, not at the operation timeout";
-  });
+class GlooTransportTest : public ::testing::TestWithParam<Transport> {};
+
+TEST_P(GlooTransportTest, PeerThatGoesAwaySurfacesAsPeerLostWithinABound) {
+  runRanks(
+      2,
+      [&](int rank, Communicator& comm) {
+        std::vector<float> big(1 << 20, 1.0f);
+        if (rank == 1) {
+          std::this_thread::sleep_for(milliseconds(300));
+          comm.abort("test: this rank dies");  // its connections close, as when it dies
+          return;
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        const Status s = comm.allreduce(big.data(), big.size(), DataType::kF32, ReduceOp::kSum)
+                             ->wait(milliseconds(15000));
+        EXPECT_EQ(s.code(), StatusCode::kPeerLost) << s.toString();
+        EXPECT_NE(s.message().find("allreduce"), std::string::npos);
+        EXPECT_NE(s.message().find("rank 0 of 2, generation 7"), std::string::npos) << s.message();
+        EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(3000))
+            << "a peer that went away is seen at once, not at the operation timeout";
+      },
+      GetParam());
 }
+
+TEST_P(GlooTransportTest, AbortUnblocksACollectiveWaitingForALatePeer) {
+  runRanks(
+      3,
+      [&](int rank, Communicator& comm) {
+        std::vector<double> buf(1000, 1.0);
+        if (rank == 2) {
+          std::this_thread::sleep_for(milliseconds(1500));  // late: never joins in time
+          return;
+        }
+        auto work = comm.allreduce(buf.data(), buf.size(), DataType::kF64, ReduceOp::kSum);
+        std::this_thread::sleep_for(milliseconds(200));
+        EXPECT_FALSE(work->done()) << work->wait(milliseconds(0)).toString();
+        if (rank == 0) std::this_thread::sleep_for(milliseconds(200));  // after rank 1's check
+        const auto t0 = std::chrono::steady_clock::now();
+        if (rank == 0) std::thread([&] { comm.abort("test: generation moved"); }).join();
+        const Status s = work->wait(milliseconds(5000));
+        // Every rank returns at once: the one that aborted, and rank 1, which was waiting on the
+        // late rank 2 but sees rank 0's connection (TCP) or flag (shared memory) go.
+        EXPECT_LT(std::chrono::steady_clock::now() - t0, milliseconds(rank == 0 ? 500 : 700))
+            << s.toString();
+        // The rank that aborted sees Aborted; the other one loses its peer.
+        EXPECT_EQ(s.code(), rank == 0 ? StatusCode::kAborted : StatusCode::kPeerLost)
+            << s.toString();
+      },
+      GetParam());
+}
+
+TEST_P(GlooTransportTest, SurvivorsShrinkAroundADeadRank) {
+  runRanks(
+      3,
+      [&](int rank, Communicator& comm) {
+        EXPECT_TRUE(comm.capabilities().can_shrink);
+        if (rank == 1) {
+          comm.abort("test: rank 1 dies");
+          return;
+        }
+        std::int64_t x = 1;
+        EXPECT_FALSE(
+            comm.allreduce(&x, 1, DataType::kI64, ReduceOp::kSum)->wait(milliseconds(5000)).ok());
+        auto small = comm.shrink({1});
+        ASSERT_TRUE(small.ok()) << small.status().toString();
+        EXPECT_EQ((*small)->size(), 2);
+        EXPECT_EQ((*small)->rank(), rank == 0 ? 0 : 1);
+        x = rank;
+        ASSERT_TRUE((*small)
+                        ->allreduce(&x, 1, DataType::kI64, ReduceOp::kSum)
+                        ->wait(milliseconds(10000))
+                        .ok());
+        EXPECT_EQ(x, 0 + 2);
+        EXPECT_EQ(comm.shrink({rank}).status().code(), StatusCode::kInvalidArgument);
+        EXPECT_EQ(comm.shrink({7}).status().code(), StatusCode::kInvalidArgument);
+      },
+      GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, GlooTransportTest,
+                         ::testing::Values(Transport::kTcp, Transport::kSharedMemory),
+                         [](const auto& info) {
+                           return info.param == Transport::kTcp ? "tcp" : "shm";
+                         });
 
 TEST(GlooCallCheckTest, MismatchedCountsAcrossRanksGiveAClearError) {
   runRanks(3, [&](int rank, Communicator& comm) {
