@@ -1,0 +1,973 @@
+#include "collectives/mpi/mpi_communicator.h"
+
+#include <fmt/format.h>
+
+// The C API only: without these, mpi.h in a C++ file pulls in the deprecated C++ bindings, which
+// live in a library (libmpi_cxx) that MPI::MPI_C does not link.
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <shared_mutex>
+#include <thread>
+#include <vector>
+
+#include "collectives/internal/reduce.h"
+
+namespace rally::collectives {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::microseconds;
+
+std::string_view threadLevelName(int level) {
+  switch (level) {
+    case MPI_THREAD_SINGLE:
+      return "MPI_THREAD_SINGLE";
+    case MPI_THREAD_FUNNELED:
+      return "MPI_THREAD_FUNNELED";
+    case MPI_THREAD_SERIALIZED:
+      return "MPI_THREAD_SERIALIZED";
+    case MPI_THREAD_MULTIPLE:
+      return "MPI_THREAD_MULTIPLE";
+  }
+  return "an unknown MPI thread level";
+}
+
+std::string mpiErrorString(int rc) {
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  if (MPI_Error_string(rc, text, &length) != MPI_SUCCESS) return fmt::format("MPI error {}", rc);
+  return std::string(text, static_cast<size_t>(length));
+}
+
+// The one wrapper for MPI's return codes: the call, file:line and MPI's own error string. Errors
+// MPI does not classify further get `fallback`: Internal where rally posts an operation (it checked
+// the arguments), PeerLost where an operation the other ranks took part in completes with an error.
+Status mpiStatus(int rc, std::string_view call, const char* file, int line, StatusCode fallback) {
+  if (rc == MPI_SUCCESS) return okStatus();
+  int error_class = rc;
+  MPI_Error_class(rc, &error_class);
+  StatusCode code = fallback;
+  std::string hint;
+  if (error_class == MPI_ERR_TRUNCATE) {
+    code = StatusCode::kInvalidArgument;
+    hint =
+        " (a message was longer than its receive buffer: send and recv must agree on count and "
+        "type)";
+  } else if (error_class == MPI_ERR_NO_MEM) {
+    code = StatusCode::kResourceExhausted;
+  }
+  const char* slash = std::strrchr(file, '/');
+  return Status(code, fmt::format("{} failed ({}:{}): {}{}", call, slash ? slash + 1 : file, line,
+                                  mpiErrorString(rc), hint));
+}
+
+// A request MPI may still complete, and the buffers it may still write: an operation that was
+// aborted or timed out cannot be cancelled (a collective) or freed before it completes.
+struct AbandonedRequest {
+  MPI_Request request = MPI_REQUEST_NULL;
+  std::shared_ptr<void> buffers;
+};
+
+// f16 and bf16 have no MPI type: they travel as MPI_UINT16_T and are reduced by these user-defined
+// operations (MPI: inout[i] = in[i] op inout[i]; every op here is commutative).
+template <DataType kType, ReduceOp kOp>
+void reduce16(void* in, void* inout, int* len, MPI_Datatype* /*type*/) {
+  internal::reduce(kType, kOp, inout, in, inout, static_cast<size_t>(*len));
+}
+
+// Indexed by ReduceOp (kSum, kAvg, kMin, kMax, kProd); internal::reduce sums for kAvg.
+constexpr size_t kReduceOps = 5;
+static_assert(static_cast<size_t>(ReduceOp::kProd) == kReduceOps - 1, "the tables follow ReduceOp");
+static_assert(static_cast<size_t>(DataType::kU8) == 6, "mpiType's table follows DataType");
+template <DataType kType>
+constexpr std::array<MPI_User_function*, kReduceOps> kReduce16 = {
+    &reduce16<kType, ReduceOp::kSum>, &reduce16<kType, ReduceOp::kAvg>,
+    &reduce16<kType, ReduceOp::kMin>, &reduce16<kType, ReduceOp::kMax>,
+    &reduce16<kType, ReduceOp::kProd>};
+
+// MPI as this process has it. MPI can be initialised once per process and finalized once, so this
+// is the backend's one process-wide object, and it holds only MPI's process state: the thread
+// level, the lock that serialises MPI calls where MPI asks for it, the f16/bf16 operations and the
+// requests communicators abandoned. Created by the first createMpiCommunicator() or
+// mpiWorldOptions(); never destroyed (MPI_Finalize runs at exit, see the header).
+class MpiProcess {
+ public:
+  // Held around each MPI call: shared under MPI_THREAD_MULTIPLE, exclusive under
+  // MPI_THREAD_SERIALIZED. False once MPI_Finalize ran: then nothing may be called.
+  class Entry {
+   public:
+    explicit Entry(MpiProcess& p) {
+      if (p.serialized_) {
+        exclusive_ = std::unique_lock(p.mu_);
+      } else {
+        shared_ = std::shared_lock(p.mu_);
+      }
+      ok_ = !p.finalized_;
+    }
+    explicit operator bool() const { return ok_; }
+
+   private:
+    std::unique_lock<std::shared_mutex> exclusive_;
+    std::shared_lock<std::shared_mutex> shared_;
+    bool ok_ = false;
+  };
+
+  static Result<MpiProcess*> get() {
+    static const Result<MpiProcess*> process = initialise();  // once, thread-safe
+    return process;
+  }
+
+  Entry enter() { return Entry(*this); }
+
+  MPI_Op op16(DataType type, ReduceOp op) const {
+    return ops16_[type == DataType::kF16 ? 0 : 1][static_cast<size_t>(op)];
+  }
+
+  // Frees `comm` (if not null) once the requests a communicator abandoned have completed: Open MPI
+  // does not keep a communicator alive for its pending non-blocking collectives, and would progress
+  // them on a freed one. Until then MPI progresses them whenever any MPI call runs; each retire()
+  // and sweep() tests every pending request and frees what it can. (At exit MPI_Finalize cleans up
+  // what is left.)
+  void retire(std::shared_ptr<MPI_Comm> comm, std::vector<AbandonedRequest> requests) {
+    std::lock_guard lock(retired_mu_);
+    retired_.push_back(Retired{std::move(comm), std::move(requests)});
+    sweepLocked();
+  }
+  void sweep() {
+    std::lock_guard lock(retired_mu_);
+    sweepLocked();
+  }
+
+ private:
+  explicit MpiProcess(int thread_level) : serialized_(thread_level < MPI_THREAD_MULTIPLE) {
+    for (auto& ops : ops16_) std::fill(std::begin(ops), std::end(ops), MPI_OP_NULL);
+  }
+
+  static Result<MpiProcess*> initialise() {
+    int initialised = 0, finalized = 0;
+    MPI_Initialized(&initialised);
+    MPI_Finalized(&finalized);
+    if (finalized) {
+      return failedPrecondition(
+          "the MPI backend cannot start: MPI was already finalized in this process, and MPI can be "
+          "initialised only once per process; create MPI communicators before MPI_Finalize");
+    }
+    int provided = MPI_THREAD_SINGLE;
+    if (!initialised) {
+      if (!launchedByMpi()) {
+        return failedPrecondition(
+            "the MPI backend serves only jobs started by mpirun/mpiexec or srun, and none of "
+            "OMPI_COMM_WORLD_SIZE, PMI_SIZE or PMIX_RANK is set; start the job with "
+            "`mpirun -n N ...`, or use the gloo (CPU) or nccl (GPU) backend");
+      }
+      const int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
+      if (rc != MPI_SUCCESS) {
+        return mpiStatus(rc, "MPI_Init_thread", __FILE__, __LINE__, StatusCode::kUnavailable);
+      }
+      // Errors of calls on no communicator of ours (MPI_Comm_idup of the world, MPI_Op_create)
+      // are returned, not fatal; MPI is ours, so this changes nothing the program set.
+      MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    } else {
+      MPI_Query_thread(&provided);
+    }
+    // Lives as long as MPI: never deleted. Finalizes at exit what rally initialised, also when
+    // the thread level below turns out too low.
+    auto* process = new MpiProcess(provided);
+    if (!initialised) {
+      instance_ = process;
+      std::atexit(&finalizeAtExit);
+    }
+    if (provided < MPI_THREAD_SERIALIZED) {
+      return failedPrecondition(fmt::format(
+          "the MPI backend needs MPI_THREAD_SERIALIZED or MPI_THREAD_MULTIPLE (it calls MPI from "
+          "its executor threads), but MPI gives {}; {}",
+          threadLevelName(provided),
+          initialised
+              ? "initialise MPI with MPI_Init_thread(..., MPI_THREAD_MULTIPLE, ...), or let "
+                "createMpiCommunicator() initialise it"
+              : "use an MPI library built with thread support"));
+    }
+    for (int t = 0; t < 2; ++t) {
+      const auto& fns = t == 0 ? kReduce16<DataType::kF16> : kReduce16<DataType::kBF16>;
+      for (size_t i = 0; i < kReduceOps; ++i) {
+        const int rc = MPI_Op_create(fns[i], /*commute=*/1, &process->ops16_[t][i]);
+        if (rc != MPI_SUCCESS) {
+          return mpiStatus(rc, "MPI_Op_create", __FILE__, __LINE__, StatusCode::kInternal)
+              .addContext("while creating the f16/bf16 reductions");
+        }
+      }
+    }
+    return process;
+  }
+
+  // Runs at exit if rally initialised MPI. Communicators still alive stop calling MPI: their
+  // operations fail with Aborted.
+  static void finalizeAtExit() {
+    MpiProcess* p = instance_;
+    std::unique_lock lock(p->mu_);
+    p->finalized_ = true;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;  // the program did it
+    for (auto& ops : p->ops16_) {
+      for (auto& op : ops) {
+        if (op != MPI_OP_NULL) MPI_Op_free(&op);
+      }
+    }
+    MPI_Finalize();
+  }
+
+  static inline MpiProcess* instance_ = nullptr;  // set once, read at exit
+
+  const bool serialized_;
+  std::shared_mutex mu_;
+  bool finalized_ = false;       // guarded by mu_
+  MPI_Op ops16_[2][kReduceOps];  // [f16, bf16][ReduceOp]
+  // Communicators destroyed with requests still pending, and what the requests may still write.
+  struct Retired {
+    std::shared_ptr<MPI_Comm> comm;  // written by an abandoned MPI_Comm_idup when it completes
+    std::vector<AbandonedRequest> requests;
+  };
+  void sweepLocked() {
+    auto entry = enter();
+    if (!entry) return;
+    std::erase_if(retired_, [](Retired& r) {
+      std::erase_if(r.requests, [](AbandonedRequest& a) {
+        int done = 0;
+        // An error completes the request as well; there is nobody left to report it to.
+        return MPI_Test(&a.request, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || done != 0;
+      });
+      if (!r.requests.empty()) return false;
+      if (r.comm != nullptr && *r.comm != MPI_COMM_NULL) MPI_Comm_free(r.comm.get());
+      return true;
+    });
+  }
+  std::mutex retired_mu_;
+  std::vector<Retired> retired_;  // guarded by retired_mu_
+};
+
+Status finalizedCause() {
+  return aborted("MPI was finalized (the process is exiting), so no operation can run");
+}
+
+// Calls one MPI function while holding MpiProcess::Entry, through mpiStatus.
+template <typename F>
+Status callMpi(MpiProcess& process, const char* name, const char* file, int line, F&& f) {
+  auto entry = process.enter();
+  if (!entry) return finalizedCause();
+  return mpiStatus(f(), name, file, line, StatusCode::kInternal);
+}
+#define RALLY_MPI_CALL(process, fn, args) \
+  callMpi(process, #fn, __FILE__, __LINE__, [&] { return fn args; })
+
+MPI_Datatype mpiType(DataType t) {
+  // By DataType: kF32, kF64, kF16, kBF16, kI32, kI64, kU8 (16-bit floats travel as 16-bit words).
+  static const MPI_Datatype kTypes[] = {MPI_FLOAT,   MPI_DOUBLE,  MPI_UINT16_T, MPI_UINT16_T,
+                                        MPI_INT32_T, MPI_INT64_T, MPI_UINT8_T};
+  return kTypes[static_cast<size_t>(t)];
+}
+
+// kAvg is a sum here; the division follows (internal::finishAverage).
+MPI_Op mpiOp(const MpiProcess& process, DataType t, ReduceOp op) {
+  if (t == DataType::kF16 || t == DataType::kBF16) return process.op16(t, op);
+  static const MPI_Op kOps[kReduceOps] = {MPI_SUM, MPI_SUM, MPI_MIN, MPI_MAX, MPI_PROD};
+  return kOps[static_cast<size_t>(op)];
+}
+
+class WorkImpl final : public Work {
+ public:
+  explicit WorkImpl(std::string what) : what_(std::move(what)) {}
+  Status wait(Milliseconds timeout) override {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return done_; })) {
+      return timeoutError(fmt::format("{} still running after {}", what_, formatDuration(timeout)));
+    }
+    return status_;
+  }
+  bool done() const override {
+    std::lock_guard lock(mu_);
+    return done_;
+  }
+  void complete(Status s) {
+    {
+      std::lock_guard lock(mu_);
+      status_ = std::move(s);
+      done_ = true;
+    }
+    cv_.notify_all();
+  }
+  const std::string& what() const { return what_; }
+
+ private:
+  const std::string what_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  Status status_;
+};
+
+// What a rank is about to do, exchanged before each collective when check_calls is on (the same
+// descriptor and wording as the Gloo backend's).
+struct CallDesc {
+  std::uint32_t kind = 0;  // index into kKindNames
+  std::uint32_t type = 0;
+  std::uint64_t count = 0;
+  std::int32_t root = -1;
+  std::int32_t op = -1;
+  bool operator==(const CallDesc&) const = default;
+};
+static_assert(sizeof(CallDesc) == 24, "CallDesc travels as bytes: no padding");
+constexpr const char* kKindNames[] = {"allreduce", "reduce_scatter", "allgather", "broadcast",
+                                      "alltoall",  "barrier",        "split"};
+enum Kind : std::uint32_t {
+  kAllreduce,
+  kReduceScatter,
+  kAllgather,
+  kBroadcast,
+  kAlltoall,
+  kBarrier,
+  kSplit
+};
+
+std::string describe(const CallDesc& d) {
+  const char* kind = d.kind < std::size(kKindNames) ? kKindNames[d.kind] : "unknown";
+  if (d.kind == kBarrier || d.kind == kSplit) return kind;
+  std::string s =
+      fmt::format("{}({} x {}", kind, d.count, dataTypeName(static_cast<DataType>(d.type)));
+  if (d.op >= 0) s += fmt::format(", {}", reduceOpName(static_cast<ReduceOp>(d.op)));
+  if (d.root >= 0) s += fmt::format(", root {}", d.root);
+  return s + ")";
+}
+
+CallDesc callDesc(Kind kind, DataType type, size_t count, int root, std::optional<ReduceOp> op) {
+  return {kind, static_cast<std::uint32_t>(type), count, root,
+          op ? static_cast<std::int32_t>(*op) : -1};
+}
+
+// Polling an MPI request: spin (yielding the core) for the first kSpinFor, then sleep, doubling
+// from kFirstSleep to kMaxSleep. Open MPI progresses a non-blocking operation only inside MPI calls
+// (it has no progress thread as built here), so the sleeps stay short.
+constexpr microseconds kSpinFor{50};
+constexpr microseconds kFirstSleep{10};
+constexpr microseconds kMaxSleep{200};
+
+class Backoff {
+ public:
+  // Zero while spinning, then the next sleep.
+  microseconds next() {
+    if (Clock::now() - start_ < kSpinFor) return microseconds(0);
+    sleep_ = sleep_.count() == 0 ? kFirstSleep : std::min(sleep_ * 2, kMaxSleep);
+    return sleep_;
+  }
+  void reset() {
+    start_ = Clock::now();
+    sleep_ = microseconds(0);
+  }
+
+ private:
+  Clock::time_point start_ = Clock::now();
+  microseconds sleep_{0};
+};
+
+Result<std::unique_ptr<Communicator>> makeCommunicator(MpiProcess& process, MPI_Comm comm,
+                                                       CommunicatorOptions options);
+
+// One MPI communicator and its executor thread. Thread-safety: every method may be called from any
+// thread; operations run in issue order (collectives one at a time, send/recv posted in order and
+// completed while later operations run), and every rank must issue the same collectives in the same
+// order. The destructor waits until the queued and posted operations end (each within op_timeout);
+// abort() first to end them at once.
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator(MpiProcess& process, MPI_Comm comm, CommunicatorOptions o)
+      : process_(process), comm_(comm), options_(std::move(o)) {
+    executor_ = std::thread([this] { run(); });
+  }
+  ~MpiCommunicator() override {
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    executor_.join();
+    // The communicator is freed once MPI has finished what was abandoned on it (at once if
+    // nothing was); not at all if MPI is already finalized.
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) process_.retire(std::make_shared<MPI_Comm>(comm_), std::move(abandoned_));
+  }
+
+  int rank() const override { return options_.rank; }
+  int size() const override { return options_.size; }
+  std::uint64_t generation() const override { return options_.generation; }
+  std::string_view backend() const override { return "mpi"; }
+  Capabilities capabilities() const override {
+    return {.host_memory = true,
+            .device_memory = false,
+            .can_shrink = false,
+            .elastic = false,
+            .needs_launcher = true};
+  }
+  bool aborted() const override { return aborted_.load(); }
+
+  // The counts below fit in an int: collective() refuses larger ones before anything runs.
+  std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) override {
+    const int n = static_cast<int>(count);
+    return collective(
+        fmt::format("allreduce({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
+        callDesc(kAllreduce, type, count, -1, op), "MPI_Iallreduce",
+        [=, this](MPI_Request* req) {
+          return MPI_Iallreduce(MPI_IN_PLACE, data, n, mpiType(type), mpiOp(process_, type, op),
+                                comm_, req);
+        },
+        [=, this] {
+          if (op == ReduceOp::kAvg) internal::finishAverage(type, data, count, size());
+        });
+  }
+
+  std::shared_ptr<Work> reduceScatter(const void* in, void* out, size_t count, DataType type,
+                                      ReduceOp op) override {
+    const int n = static_cast<int>(count);
+    return collective(
+        fmt::format("reduce_scatter({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
+        callDesc(kReduceScatter, type, count, -1, op), "MPI_Ireduce_scatter_block",
+        [=, this](MPI_Request* req) {
+          return MPI_Ireduce_scatter_block(in, out, n, mpiType(type), mpiOp(process_, type, op),
+                                           comm_, req);
+        },
+        [=, this] {
+          if (op == ReduceOp::kAvg) internal::finishAverage(type, out, count, size());
+        });
+  }
+
+  std::shared_ptr<Work> allgather(const void* in, void* out, size_t count, DataType type) override {
+    const int n = static_cast<int>(count);
+    return collective(fmt::format("allgather({} x {})", count, dataTypeName(type)),
+                      callDesc(kAllgather, type, count, -1, std::nullopt), "MPI_Iallgather",
+                      [=, this](MPI_Request* req) {
+                        return MPI_Iallgather(in, n, mpiType(type), out, n, mpiType(type), comm_,
+                                              req);
+                      });
+  }
+
+  std::shared_ptr<Work> broadcast(void* data, size_t count, DataType type, int root) override {
+    auto what = fmt::format("broadcast({} x {}, root {})", count, dataTypeName(type), root);
+    if (root < 0 || root >= size()) {
+      return failed(
+          invalidArgument(fmt::format("{} on {}: root {} is not a rank of {} (0 <= root < {})",
+                                      what, where(), root, size(), size())));
+    }
+    const int n = static_cast<int>(count);
+    return collective(std::move(what), callDesc(kBroadcast, type, count, root, std::nullopt),
+                      "MPI_Ibcast", [=, this](MPI_Request* req) {
+                        return MPI_Ibcast(data, n, mpiType(type), root, comm_, req);
+                      });
+  }
+
+  std::shared_ptr<Work> alltoall(const void* in, void* out, size_t count, DataType type) override {
+    const int n = static_cast<int>(count);
+    return collective(fmt::format("alltoall({} x {})", count, dataTypeName(type)),
+                      callDesc(kAlltoall, type, count, -1, std::nullopt), "MPI_Ialltoall",
+                      [=, this](MPI_Request* req) {
+                        return MPI_Ialltoall(in, n, mpiType(type), out, n, mpiType(type), comm_,
+                                             req);
+                      });
+  }
+
+  std::shared_ptr<Work> send(const void* data, size_t count, DataType type, int peer) override {
+    return pointToPoint(const_cast<void*>(data), count, type, peer, /*is_recv=*/false);
+  }
+
+  std::shared_ptr<Work> recv(void* data, size_t count, DataType type, int peer) override {
+    return pointToPoint(data, count, type, peer, /*is_recv=*/true);
+  }
+
+  std::shared_ptr<Work> barrier() override {
+    return collective("barrier", callDesc(kBarrier, DataType::kF32, 0, -1, std::nullopt),
+                      "MPI_Ibarrier",
+                      [this](MPI_Request* req) { return MPI_Ibarrier(comm_, req); });
+  }
+
+  Result<std::unique_ptr<Communicator>> split(int color, int key) override {
+    auto result =
+        std::make_shared<Result<std::unique_ptr<Communicator>>>(internalError("split did not run"));
+    const std::uint64_t seq = splits_++;
+    auto work = submit(
+        fmt::format("split(color {}, key {})", color, key),
+        [=, this](const std::string& what) { return splitNow(color, key, seq, what, *result); });
+    RALLY_RETURN_IF_ERROR(work->wait(options_.connect_timeout + 2 * options_.op_timeout));
+    return std::move(*result);
+  }
+
+  Result<std::unique_ptr<Communicator>> shrink(const std::vector<int>& excluded) override {
+    return unimplemented(fmt::format(
+        "shrink on {}: the MPI backend cannot shrink: Open MPI as built by Debian has no ULFM "
+        "(User-Level Failure Mitigation), so the surviving ranks cannot drop a dead rank from an "
+        "MPI communicator; restart the job with mpirun, or use the gloo (CPU) or nccl (GPU) "
+        "backend for elastic jobs",
+        where()));
+  }
+
+  void abort(const std::string& reason) override {
+    {
+      std::lock_guard lock(mu_);
+      if (aborted_) return;
+      abort_reason_ = reason;
+      aborted_ = true;
+    }
+    cv_.notify_all();  // wakes the executor from its poll sleep
+  }
+
+ private:
+  // A collective (or split): runs on the executor, posting and completing its MPI requests. Gets
+  // the operation's description for its messages.
+  using Run = std::function<Status(const std::string& what)>;
+  struct Task {
+    std::shared_ptr<WorkImpl> work;
+    Run run;  // a collective
+    // send/recv: posted without waiting; the executor completes it (pollPosted).
+    std::function<Status(MPI_Request*)> post;
+    bool is_recv = false;
+    int peer = -1;
+  };
+  struct Posted {
+    MPI_Request request = MPI_REQUEST_NULL;
+    std::shared_ptr<WorkImpl> work;
+    Clock::time_point deadline;
+    bool is_recv = false;
+    int peer = -1;
+  };
+
+  std::string where() const {
+    return fmt::format("rank {} of {}, generation {}, communicator '{}'", rank(), size(),
+                       generation(), options_.name);
+  }
+
+  Status inContext(const std::string& what, const Status& cause) const {
+    return Status(cause.code(), fmt::format("{} on {}: {}", what, where(), cause.message()));
+  }
+
+  Status abortCause() {
+    std::lock_guard lock(mu_);
+    return ::rally::aborted(fmt::format("the communicator was aborted: {}", abort_reason_));
+  }
+
+  std::optional<Status> checkCount(const std::string& what, size_t count) const {
+    if (count <= static_cast<size_t>(INT_MAX)) return std::nullopt;
+    return invalidArgument(
+        fmt::format("{} on {}: MPI counts are int, so one call moves at most {} elements; split "
+                    "the buffer into pieces of at most that many",
+                    what, where(), INT_MAX));
+  }
+
+  std::shared_ptr<Work> failed(Status s) {
+    auto w = std::make_shared<WorkImpl>("");
+    w->complete(std::move(s));
+    return w;
+  }
+
+  std::shared_ptr<Work> submit(std::string what, Run run) {
+    auto w = std::make_shared<WorkImpl>(std::move(what));
+    return enqueue(Task{.work = w, .run = std::move(run)});
+  }
+
+  // Queues a collective: the call check, then `start` posts it (not when its count is 0: every
+  // rank's is, when the check passes) and the executor polls it to completion; `finish` after.
+  std::shared_ptr<Work> collective(std::string what, CallDesc desc, const char* mpi_call,
+                                   std::function<int(MPI_Request*)> start,
+                                   std::function<void()> finish = nullptr) {
+    if (auto bad = checkCount(what, desc.count)) return failed(std::move(*bad));
+    return submit(std::move(what), [=, this](const std::string& what) -> Status {
+      RALLY_RETURN_IF_ERROR(checkCall(desc, what));
+      if (desc.count == 0 && desc.kind != kBarrier) return okStatus();
+      MPI_Request req = MPI_REQUEST_NULL;
+      RALLY_RETURN_IF_ERROR(
+          callMpi(process_, mpi_call, __FILE__, __LINE__, [&] { return start(&req); }));
+      RALLY_RETURN_IF_ERROR(waitFor(req, nullptr, what));
+      if (finish) finish();
+      return okStatus();
+    });
+  }
+
+  // split() on the executor: sets `result` to the sub-communicator.
+  Status splitNow(int color, int key, std::uint64_t seq, const std::string& what,
+                  Result<std::unique_ptr<Communicator>>& result) {
+    RALLY_RETURN_IF_ERROR(checkCall(callDesc(kSplit, DataType::kF32, 0, -1, std::nullopt), what));
+    // Every rank's (color, key), by rank, then mine. The exchange shows that every rank has
+    // arrived, so the blocking MPI_Comm_split below returns at once; and it turns any int color
+    // into the non-negative one MPI needs: the lowest rank with that color.
+    const size_t n = static_cast<size_t>(size());
+    auto pairs = std::make_shared<std::vector<int>>(2 * n + 2);
+    (*pairs)[2 * n] = color;
+    (*pairs)[2 * n + 1] = key;
+    MPI_Request req = MPI_REQUEST_NULL;
+    RALLY_RETURN_IF_ERROR(RALLY_MPI_CALL(
+        process_, MPI_Iallgather,
+        (pairs->data() + 2 * n, 2, MPI_INT, pairs->data(), 2, MPI_INT, comm_, &req)));
+    RALLY_RETURN_IF_ERROR(waitFor(req, pairs, what));
+    int mpi_color = -1;
+    for (size_t r = 0; r < n && mpi_color < 0; ++r) {
+      if ((*pairs)[2 * r] == color) mpi_color = static_cast<int>(r);
+    }
+    if (mpi_color < 0 || mpi_color > rank()) {
+      return internalError(
+          fmt::format("the exchanged colors do not hold this rank's color {} at or before rank {}",
+                      color, rank()));
+    }
+    // MPI ranks the members by key, then by rank in this communicator: the contract's order.
+    MPI_Comm sub = MPI_COMM_NULL;
+    RALLY_RETURN_IF_ERROR(RALLY_MPI_CALL(process_, MPI_Comm_split, (comm_, mpi_color, key, &sub)));
+    CommunicatorOptions sub_options = options_;
+    sub_options.name = fmt::format("{}/split{}/color{}", options_.name, seq, color);
+    result = makeCommunicator(process_, sub, std::move(sub_options));
+    return result.status();
+  }
+
+  std::shared_ptr<Work> pointToPoint(void* data, size_t count, DataType type, int peer,
+                                     bool is_recv) {
+    const char* verb = is_recv ? "recv" : "send";
+    const char* dir = is_recv ? "from" : "to";
+    auto what = fmt::format("{}({} x {} {} rank {})", verb, count, dataTypeName(type), dir, peer);
+    if (peer < 0 || peer >= size() || peer == rank()) {
+      return failed(invalidArgument(
+          fmt::format("{} on {}: rank {} is not another rank of {}", what, where(), peer, size())));
+    }
+    if (auto bad = checkCount(what, count)) return failed(std::move(*bad));
+    auto w = std::make_shared<WorkImpl>(std::move(what));
+    // One tag: MPI does not let messages between two ranks on one communicator overtake each other,
+    // so the n-th send from a to b matches the n-th recv by b from a.
+    constexpr int kTag = 0;
+    const int n = static_cast<int>(count);
+    auto post = [=, this](MPI_Request* req) {
+      return is_recv ? RALLY_MPI_CALL(process_, MPI_Irecv,
+                                      (data, n, mpiType(type), peer, kTag, comm_, req))
+                     : RALLY_MPI_CALL(process_, MPI_Isend,
+                                      (data, n, mpiType(type), peer, kTag, comm_, req));
+    };
+    return enqueue(Task{.work = w, .post = std::move(post), .is_recv = is_recv, .peer = peer});
+  }
+
+  // Queues the task for the executor, or fails it at once if the communicator was aborted.
+  std::shared_ptr<Work> enqueue(Task task) {
+    auto w = task.work;
+    if (aborted_) {
+      w->complete(inContext(w->what(), abortCause()));
+      return w;
+    }
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(std::move(task));
+    }
+    cv_.notify_all();
+    return w;
+  }
+
+  // Exchanges what every rank is about to do; InvalidArgument naming every rank's call if they
+  // differ (then no rank runs the operation, and the communicator stays usable).
+  Status checkCall(const CallDesc& mine, const std::string& what) {
+    if (!options_.check_calls || size() == 1) return okStatus();
+    // [0, size): every rank's call; [size]: mine. Shared: an abandoned exchange may still write it.
+    const size_t n = static_cast<size_t>(size());
+    auto descs = std::make_shared<std::vector<CallDesc>>(n + 1);
+    (*descs)[n] = mine;
+    MPI_Request req = MPI_REQUEST_NULL;
+    RALLY_RETURN_IF_ERROR(
+        RALLY_MPI_CALL(process_, MPI_Iallgather,
+                       (&(*descs)[n], static_cast<int>(sizeof(CallDesc)), MPI_BYTE, descs->data(),
+                        static_cast<int>(sizeof(CallDesc)), MPI_BYTE, comm_, &req)))
+        << "while exchanging the calls of the ranks (CommunicatorOptions::check_calls)";
+    RALLY_RETURN_IF_ERROR(waitFor(req, descs, what))
+        << "while exchanging the calls of the ranks (CommunicatorOptions::check_calls)";
+    bool same = true;
+    for (size_t r = 0; r < n; ++r) same = same && (*descs)[r] == mine;
+    if (same) return okStatus();
+    std::string calls;
+    for (size_t r = 0; r < n; ++r) {
+      calls += fmt::format("{}rank {}: {}", r == 0 ? "" : ", ", r, describe((*descs)[r]));
+    }
+    return invalidArgument(
+        fmt::format("the ranks disagree about this call ({}); every rank must make the same calls "
+                    "in the same order",
+                    calls));
+  }
+
+  // Polls `req` until it completes, the communicator is aborted, or op_timeout passes; posted
+  // send/recv are completed meanwhile. On abort or timeout the request is abandoned (MPI cannot
+  // cancel a collective), with `buffers` kept alive for it; a timeout also aborts the communicator,
+  // since its ranks no longer agree on which operation comes next.
+  Status waitFor(MPI_Request& req, std::shared_ptr<void> buffers, const std::string& what) {
+    const auto deadline = Clock::now() + options_.op_timeout;
+    Backoff backoff;
+    for (;;) {
+      int done = 0;
+      {
+        auto entry = process_.enter();
+        if (!entry) return finalizedCause();
+        const int rc = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) {
+          return mpiStatus(rc, "MPI_Test", __FILE__, __LINE__, StatusCode::kPeerLost);
+        }
+      }
+      pollPosted();
+      if (done) return okStatus();
+      if (aborted_) {
+        abandoned_.push_back({req, std::move(buffers)});
+        return abortCause();
+      }
+      if (Clock::now() >= deadline) {
+        abandoned_.push_back({req, std::move(buffers)});
+        return timedOut(what, "not every rank took part");
+      }
+      pause(backoff.next());
+    }
+  }
+
+  Status timedOut(const std::string& what, std::string_view who) {
+    const std::string limit = formatDuration(options_.op_timeout);
+    abort(
+        fmt::format("{} timed out after {} (MPI cannot cancel an operation that has started, so "
+                    "the ranks no longer agree on which operation comes next)",
+                    what, limit));
+    return timeoutError(fmt::format(
+        "{} within {} (CommunicatorOptions::op_timeout); the communicator is aborted", who, limit));
+  }
+
+  // Sleeps for `d` (or yields the core when zero), waking at once on abort().
+  void pause(microseconds d) {
+    if (d.count() == 0) {
+      std::this_thread::yield();
+      return;
+    }
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, d, [&] { return aborted_.load(); });
+  }
+
+  // Completes the posted send/recv that are done, aborted or past their deadline. True if any was.
+  bool pollPosted() {
+    bool any = false;
+    for (auto it = posted_.begin(); it != posted_.end();) {
+      std::optional<Status> result;
+      int done = 0;
+      int rc = MPI_SUCCESS;
+      {
+        auto entry = process_.enter();
+        if (!entry) {
+          result = finalizedCause();
+        } else {
+          rc = MPI_Test(&it->request, &done, MPI_STATUS_IGNORE);
+        }
+      }
+      if (result) {
+        // MPI is gone: nothing to cancel.
+      } else if (rc != MPI_SUCCESS) {
+        result = mpiStatus(rc, "MPI_Test", __FILE__, __LINE__, StatusCode::kPeerLost);
+      } else if (done) {
+        result = okStatus();
+      } else if (aborted_) {
+        dropPosted(*it);
+        result = abortCause();
+      } else if (Clock::now() >= it->deadline) {
+        dropPosted(*it);
+        result = timedOut(it->work->what(),
+                          it->is_recv ? fmt::format("rank {} sent nothing to match it", it->peer)
+                                      : fmt::format("rank {} did not receive it", it->peer));
+      }
+      if (result) {
+        it->work->complete(result->ok() ? *result : inContext(it->work->what(), *result));
+        it = posted_.erase(it);
+        any = true;
+      } else {
+        ++it;
+      }
+    }
+    return any;
+  }
+
+  // A send or recv given up: a recv is cancelled; either is freed (a send MPI already started goes
+  // on reading its buffer until the peer takes it).
+  void dropPosted(Posted& p) {
+    auto entry = process_.enter();
+    if (!entry) return;
+    if (p.is_recv) MPI_Cancel(&p.request);
+    MPI_Request_free(&p.request);
+  }
+
+  void execute(Task& task) {
+    const std::string& what = task.work->what();
+    if (aborted_) {
+      task.work->complete(inContext(what, abortCause()));
+      return;
+    }
+    Status s;
+    try {
+      if (task.post) {
+        MPI_Request req = MPI_REQUEST_NULL;
+        s = task.post(&req);
+        if (s.ok()) {
+          posted_.push_back(
+              Posted{req, task.work, Clock::now() + options_.op_timeout, task.is_recv, task.peer});
+          return;
+        }
+      } else {
+        s = task.run(what);
+      }
+    } catch (const std::exception& e) {
+      s = internalError(e.what());
+    }
+    task.work->complete(s.ok() ? s : inContext(what, s));
+  }
+
+  // The executor: runs the queued operations one at a time in issue order and completes posted
+  // send/recv. Ends once stopping and nothing is queued or posted.
+  void run() {
+    Backoff idle;
+    std::unique_lock lock(mu_);
+    for (;;) {
+      if (!queue_.empty()) {
+        Task task = std::move(queue_.front());
+        queue_.pop_front();
+        lock.unlock();
+        execute(task);
+        task = Task{};  // release what it holds (a split's result) outside the lock
+        idle.reset();
+        lock.lock();
+        continue;
+      }
+      if (posted_.empty()) {
+        if (stopping_) return;
+        cv_.wait(lock);
+        continue;
+      }
+      lock.unlock();
+      const bool progressed = pollPosted();
+      lock.lock();
+      if (progressed || !queue_.empty() || posted_.empty()) {
+        idle.reset();
+        continue;
+      }
+      const microseconds d = idle.next();
+      if (d.count() == 0) {
+        lock.unlock();
+        std::this_thread::yield();
+        lock.lock();
+      } else {
+        cv_.wait_for(lock, d);
+      }
+    }
+  }
+
+  MpiProcess& process_;
+  MPI_Comm comm_;
+  const CommunicatorOptions options_;
+  std::atomic<std::uint64_t> splits_{0};
+
+  std::mutex mu_;
+  std::condition_variable cv_;  // new tasks, abort(), stopping
+  std::deque<Task> queue_;
+  bool stopping_ = false;
+  std::atomic<bool> aborted_{false};
+  std::string abort_reason_;  // guarded by mu_
+
+  // The executor's own.
+  std::vector<Posted> posted_;
+  std::vector<AbandonedRequest> abandoned_;
+  std::thread executor_;
+};
+
+// Takes ownership of `comm`: errors returned, not fatal; rank and size from MPI.
+Result<std::unique_ptr<Communicator>> makeCommunicator(MpiProcess& process, MPI_Comm comm,
+                                                       CommunicatorOptions options) {
+  Status s = RALLY_MPI_CALL(process, MPI_Comm_set_errhandler, (comm, MPI_ERRORS_RETURN));
+  if (s.ok()) s = RALLY_MPI_CALL(process, MPI_Comm_rank, (comm, &options.rank));
+  if (s.ok()) s = RALLY_MPI_CALL(process, MPI_Comm_size, (comm, &options.size));
+  if (!s.ok()) {
+    if (auto entry = process.enter()) MPI_Comm_free(&comm);
+    return s.addContext(fmt::format("while setting up MPI communicator '{}'", options.name));
+  }
+  return std::unique_ptr<Communicator>(new MpiCommunicator(process, comm, std::move(options)));
+}
+
+}  // namespace
+
+bool launchedByMpi() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
+    if (std::getenv(name) != nullptr) return true;
+  }
+  return false;
+}
+
+Result<CommunicatorOptions> mpiWorldOptions() {
+  RALLY_ASSIGN_OR_RETURN(MpiProcess * process, MpiProcess::get());
+  CommunicatorOptions options;
+  RALLY_RETURN_IF_ERROR(RALLY_MPI_CALL(*process, MPI_Comm_rank, (MPI_COMM_WORLD, &options.rank)));
+  RALLY_RETURN_IF_ERROR(RALLY_MPI_CALL(*process, MPI_Comm_size, (MPI_COMM_WORLD, &options.size)));
+  return options;
+}
+
+Result<std::unique_ptr<Communicator>> createMpiCommunicator(const CommunicatorOptions& options) {
+  RALLY_ASSIGN_OR_RETURN(MpiProcess * process, MpiProcess::get());
+  process->sweep();  // communicators destroyed earlier whose requests have completed since
+  int world_rank = -1, world_size = 0;
+  RALLY_RETURN_IF_ERROR(RALLY_MPI_CALL(*process, MPI_Comm_rank, (MPI_COMM_WORLD, &world_rank)));
+  RALLY_RETURN_IF_ERROR(RALLY_MPI_CALL(*process, MPI_Comm_size, (MPI_COMM_WORLD, &world_size)));
+  if (options.size != 0 && options.size != world_size) {
+    return invalidArgument(fmt::format(
+        "createMpiCommunicator('{}'): options.size is {}, but the job has {} processes (the size "
+        "of MPI_COMM_WORLD, which mpirun/srun decides); pass {}, or 0 to take MPI's "
+        "(mpiWorldOptions() fills both rank and size)",
+        options.name, options.size, world_size, world_size));
+  }
+  if (options.rank != -1 && options.rank != world_rank) {
+    return invalidArgument(fmt::format(
+        "createMpiCommunicator('{}'): options.rank is {}, but this process is rank {} of "
+        "MPI_COMM_WORLD (mpirun/srun decides); pass {}, or -1 to take MPI's (mpiWorldOptions() "
+        "fills both rank and size)",
+        options.name, options.rank, world_rank, world_rank));
+  }
+  // A non-blocking duplicate, so that a process that never comes is a Timeout, not a hang. The
+  // handle is shared: an abandoned MPI_Comm_idup still writes it when it completes.
+  auto dup = std::make_shared<MPI_Comm>(MPI_COMM_NULL);
+  MPI_Request req = MPI_REQUEST_NULL;
+  RALLY_RETURN_IF_ERROR(RALLY_MPI_CALL(*process, MPI_Comm_idup, (MPI_COMM_WORLD, dup.get(), &req)))
+      << "while creating MPI communicator '" << options.name << "'";
+  const auto deadline = Clock::now() + options.connect_timeout;
+  Backoff backoff;
+  for (int done = 0; !done;) {
+    RALLY_RETURN_IF_ERROR(
+        RALLY_MPI_CALL(*process, MPI_Test, (&req, &done, MPI_STATUS_IGNORE))
+            .addContext(fmt::format("while creating MPI communicator '{}'", options.name)));
+    if (done) break;
+    if (Clock::now() >= deadline) {
+      process->retire(dup, {AbandonedRequest{req, dup}});
+      return timeoutError(fmt::format(
+          "createMpiCommunicator('{}') on rank {} of {}, generation {}: not every process of "
+          "MPI_COMM_WORLD called it within {} (CommunicatorOptions::connect_timeout); every "
+          "process must create its communicators in the same order",
+          options.name, world_rank, world_size, options.generation,
+          formatDuration(options.connect_timeout)));
+    }
+    const microseconds d = backoff.next();
+    if (d.count() == 0) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(d);
+    }
+  }
+  return makeCommunicator(*process, *dup, options);
+}
+
+}  // namespace rally::collectives
