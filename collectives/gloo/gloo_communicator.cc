@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "collectives/gloo/tcp_collectives.h"
+#include "collectives/internal/call_check.h"
 #include "collectives/internal/reduce.h"
 #include "collectives/internal/shm_group.h"
 #include "kernels/base/logging.h"
@@ -91,36 +92,8 @@ class WorkImpl final : public Work {
   Status status_;
 };
 
-// What a rank is about to do, exchanged before each collective when check_calls is on.
-struct CallDesc {
-  std::uint32_t kind = 0;  // index into kKindNames
-  std::uint32_t type = 0;
-  std::uint64_t count = 0;
-  std::int32_t root = -1;
-  std::int32_t op = -1;
-  bool operator==(const CallDesc&) const = default;
-};
-constexpr const char* kKindNames[] = {"allreduce", "reduce_scatter", "allgather", "broadcast",
-                                      "alltoall",  "barrier",        "split"};
-enum Kind : std::uint32_t {
-  kAllreduce,
-  kReduceScatter,
-  kAllgather,
-  kBroadcast,
-  kAlltoall,
-  kBarrier,
-  kSplit
-};
-
-std::string describe(const CallDesc& d) {
-  const char* kind = d.kind < std::size(kKindNames) ? kKindNames[d.kind] : "unknown";
-  if (d.kind == kBarrier || d.kind == kSplit) return kind;
-  std::string s =
-      fmt::format("{}({} x {}", kind, d.count, dataTypeName(static_cast<DataType>(d.type)));
-  if (d.op >= 0) s += fmt::format(", {}", reduceOpName(static_cast<ReduceOp>(d.op)));
-  if (d.root >= 0) s += fmt::format(", root {}", d.root);
-  return s + ")";
-}
+using internal::CallDesc;
+using namespace internal;  // the CallKind values
 
 // Thrown inside an operation when the ranks disagree about it.
 struct CallMismatch : std::runtime_error {
@@ -482,17 +455,9 @@ class GlooCommunicator final : public Communicator {
     } else {
       tcp_.allgather(&mine, all.data(), sizeof(CallDesc));
     }
-    bool same = true;
-    for (const auto& d : all) same = same && d == mine;
-    if (same) return;
-    std::string calls;
-    for (int r = 0; r < size(); ++r) {
-      calls += fmt::format("{}rank {}: {}", r == 0 ? "" : ", ", r, describe(all[r]));
+    if (std::string problem = internal::mismatch(mine, all); !problem.empty()) {
+      throw CallMismatch(problem);
     }
-    throw CallMismatch(
-        fmt::format("the ranks disagree about this call ({}); every rank must make "
-                    "the same calls in the same order",
-                    calls));
   }
 
   void allreduceNow(void* data, size_t count, DataType type, ReduceOp op) {

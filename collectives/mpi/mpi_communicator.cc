@@ -24,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "collectives/internal/call_check.h"
 #include "collectives/internal/reduce.h"
 
 namespace rally::collectives {
@@ -322,36 +323,9 @@ class WorkImpl final : public Work {
 
 // What a rank is about to do, exchanged before each collective when check_calls is on (the same
 // descriptor and wording as the Gloo backend's).
-struct CallDesc {
-  std::uint32_t kind = 0;  // index into kKindNames
-  std::uint32_t type = 0;
-  std::uint64_t count = 0;
-  std::int32_t root = -1;
-  std::int32_t op = -1;
-  bool operator==(const CallDesc&) const = default;
-};
-static_assert(sizeof(CallDesc) == 24, "CallDesc travels as bytes: no padding");
-constexpr const char* kKindNames[] = {"allreduce", "reduce_scatter", "allgather", "broadcast",
-                                      "alltoall",  "barrier",        "split"};
-enum Kind : std::uint32_t {
-  kAllreduce,
-  kReduceScatter,
-  kAllgather,
-  kBroadcast,
-  kAlltoall,
-  kBarrier,
-  kSplit
-};
-
-std::string describe(const CallDesc& d) {
-  const char* kind = d.kind < std::size(kKindNames) ? kKindNames[d.kind] : "unknown";
-  if (d.kind == kBarrier || d.kind == kSplit) return kind;
-  std::string s =
-      fmt::format("{}({} x {}", kind, d.count, dataTypeName(static_cast<DataType>(d.type)));
-  if (d.op >= 0) s += fmt::format(", {}", reduceOpName(static_cast<ReduceOp>(d.op)));
-  if (d.root >= 0) s += fmt::format(", root {}", d.root);
-  return s + ")";
-}
+using internal::CallDesc;
+using Kind = internal::CallKind;
+using namespace internal;  // the CallKind values
 
 CallDesc callDesc(Kind kind, DataType type, size_t count, int root, std::optional<ReduceOp> op) {
   return {kind, static_cast<std::uint32_t>(type), count, root,
@@ -692,17 +666,9 @@ class MpiCommunicator final : public Communicator {
         << "while exchanging the calls of the ranks (CommunicatorOptions::check_calls)";
     RALLY_RETURN_IF_ERROR(waitFor(req, descs, what))
         << "while exchanging the calls of the ranks (CommunicatorOptions::check_calls)";
-    bool same = true;
-    for (size_t r = 0; r < n; ++r) same = same && (*descs)[r] == mine;
-    if (same) return okStatus();
-    std::string calls;
-    for (size_t r = 0; r < n; ++r) {
-      calls += fmt::format("{}rank {}: {}", r == 0 ? "" : ", ", r, describe((*descs)[r]));
-    }
-    return invalidArgument(
-        fmt::format("the ranks disagree about this call ({}); every rank must make the same calls "
-                    "in the same order",
-                    calls));
+    const std::string problem =
+        internal::mismatch(mine, std::vector<CallDesc>(descs->begin(), descs->begin() + n));
+    return problem.empty() ? okStatus() : invalidArgument(problem);
   }
 
   // Polls `req` until it completes, the communicator is aborted, or op_timeout passes; posted
