@@ -1,5 +1,5 @@
 // Collectives benchmark in the manner of nccl-tests: for each size from --min to --max bytes
-// (doubling), the time per operation, algorithm bandwidth (bytes / time) and bus bandwidth (algbw x
+// (doubling), the time per operation (the median of 5 timed rounds), algorithm bandwidth (bytes / time) and bus bandwidth (algbw x
 // the operation's factor, comparable across rank counts), and a correctness check (the number of
 // wrong elements on any rank). Ranks are processes forked by this program, bootstrapped through a
 // directory of files.
@@ -54,11 +54,17 @@ struct Args {
   bool check_calls = true;
 };
 
+constexpr const char* kUsage =
+    "usage: collectives_bench [--backend gloo|mpi-raw] [--ranks N] [--op allreduce|"
+    "reduce_scatter|allgather|broadcast|alltoall|all] [--min BYTES] [--max BYTES] "
+    "[--transport shm|tcp] [--no-check-calls]\n"
+    "  BYTES takes units: 4B, 64KiB, 256MiB. Sizes double from --min to --max; each line is the\n"
+    "  time per operation (5 rounds, each timed on its slowest rank; the median round), algbw and\n"
+    "  busbw (as nccl-tests), and wrong elements after a check.\n"
+    "  mpi-raw is Open MPI's own MPI_Allreduce: run it under mpirun (--ranks is then ignored).\n";
+
 [[noreturn]] void usage(const std::string& problem) {
-  std::cerr << "collectives_bench: " << problem
-            << "\nusage: collectives_bench [--backend gloo|mpi-raw] [--ranks N] [--op allreduce|"
-               "reduce_scatter|allgather|broadcast|alltoall|all] [--min BYTES] [--max BYTES] "
-               "[--transport shm|tcp] [--no-check-calls]\n";
+  std::cerr << "collectives_bench: " << problem << "\n" << kUsage;
   std::exit(2);
 }
 
@@ -75,7 +81,10 @@ Args parse(int argc, char** argv) {
       if (!b.ok()) usage(fmt::format("{} {}: {}", k, v, b.status().message()));
       return static_cast<size_t>(*b);
     };
-    if (k == "--backend") {
+    if (k == "--help" || k == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (k == "--backend") {
       a.backend = value();
     } else if (k == "--op") {
       a.op = value();
@@ -214,6 +223,20 @@ size_t check(Communicator& comm, const std::string& op, const OpShape& s, std::v
   return wrong;
 }
 
+// Each size is timed in kRounds rounds, each ~0.04 s of work at a few GB/s (between 1 and 200
+// iterations); a round's time is its slowest rank's, and the line shows the median round, so one
+// round disturbed by another process on the machine does not move the result.
+constexpr int kRounds = 5;
+
+int iterationsPerRound(size_t bytes) {
+  return static_cast<int>(std::clamp<size_t>((100u << 20) / std::max<size_t>(bytes, 1), 1, 200));
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 double maxOver(Communicator& comm, double v) {
   (void)comm.allreduce(&v, 1, DataType::kF64, ReduceOp::kMax)->wait(Milliseconds(600'000));
   return v;
@@ -235,22 +258,24 @@ int benchRank(Communicator& comm, const Args& a, const std::vector<std::string>&
           (op == "allreduce" || op == "broadcast") ? s.count * 4 : s.count * 4 * n;
       std::vector<float> in(std::max<size_t>(s.in_elems, 1)), out(std::max<size_t>(s.out_elems, 1));
       std::fill(in.begin(), in.end(), 1.0f);
-      // Enough iterations for ~0.2 s of work at a few GB/s, within [5, 1000].
-      const int iters =
-          static_cast<int>(std::clamp<size_t>((512u << 20) / std::max<size_t>(bytes, 1), 5, 1000));
+      const int iters = iterationsPerRound(bytes);
       for (int i = 0; i < 3; ++i) (void)runOnce(comm, op, s, in.data(), out.data());
-      (void)comm.barrier()->wait(Milliseconds(600'000));
-      const auto t0 = Clock::now();
-      for (int i = 0; i < iters; ++i) {
-        const Status st = runOnce(comm, op, s, in.data(), out.data());
-        if (!st.ok()) {
-          std::cerr << "rank " << comm.rank() << ": " << st.toString() << "\n";
-          return 1;
+      std::vector<double> rounds(kRounds);
+      for (double& round_us : rounds) {
+        (void)comm.barrier()->wait(Milliseconds(600'000));
+        const auto t0 = Clock::now();
+        for (int i = 0; i < iters; ++i) {
+          const Status st = runOnce(comm, op, s, in.data(), out.data());
+          if (!st.ok()) {
+            std::cerr << "rank " << comm.rank() << ": " << st.toString() << "\n";
+            return 1;
+          }
         }
+        round_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / iters;
       }
-      const double us =
-          std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / iters;
-      const double worst_us = maxOver(comm, us);
+      (void)comm.allreduce(rounds.data(), rounds.size(), DataType::kF64, ReduceOp::kMax)
+          ->wait(Milliseconds(600'000));
+      const double worst_us = median(rounds);
       const double wrong = maxOver(comm, static_cast<double>(check(comm, op, s, in, out)));
       if (comm.rank() == 0) {
         const double algbw = reported / worst_us / 1e3;  // GB/s
@@ -319,6 +344,9 @@ int runMpiRaw(const Args& a) {
   int rank = 0, n = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &n);
+  if (n == 1) {
+    std::cerr << "note: mpi-raw has one rank (start it under mpirun -n N to compare with N)\n";
+  }
   if (rank == 0) {
     std::cout << fmt::format("# backend=mpi-raw ranks={} op=allreduce\n", n)
               << fmt::format("{:>12} {:>10} {:>5} {:>5} {:>11} {:>8} {:>8} {:>6}\n", "size",
@@ -327,21 +355,23 @@ int runMpiRaw(const Args& a) {
   for (size_t bytes = a.min_bytes; bytes <= a.max_bytes; bytes *= 2) {
     const size_t count = bytes / 4;
     std::vector<float> in(count, 1.0f), out(count);
-    const int iters =
-        static_cast<int>(std::clamp<size_t>((512u << 20) / std::max<size_t>(bytes, 1), 5, 1000));
+    const int iters = iterationsPerRound(bytes);
     for (int i = 0; i < 3; ++i) {
       MPI_Allreduce(in.data(), out.data(), static_cast<int>(count), MPI_FLOAT, MPI_SUM,
                     MPI_COMM_WORLD);
     }
-    MPI_Barrier(MPI_COMM_WORLD);
-    const auto t0 = Clock::now();
-    for (int i = 0; i < iters; ++i) {
-      MPI_Allreduce(MPI_IN_PLACE, in.data(), static_cast<int>(count), MPI_FLOAT, MPI_SUM,
-                    MPI_COMM_WORLD);
+    std::vector<double> rounds(kRounds), slowest(kRounds);
+    for (double& round_us : rounds) {
+      MPI_Barrier(MPI_COMM_WORLD);
+      const auto t0 = Clock::now();
+      for (int i = 0; i < iters; ++i) {
+        MPI_Allreduce(MPI_IN_PLACE, in.data(), static_cast<int>(count), MPI_FLOAT, MPI_SUM,
+                      MPI_COMM_WORLD);
+      }
+      round_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / iters;
     }
-    double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / iters;
-    double worst = 0;
-    MPI_Allreduce(&us, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(rounds.data(), slowest.data(), kRounds, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    const double worst = median(slowest);
     for (size_t i = 0; i < count; ++i) in[i] = static_cast<float>((rank * 7 + i) % 11);
     MPI_Allreduce(MPI_IN_PLACE, in.data(), static_cast<int>(count), MPI_FLOAT, MPI_SUM,
                   MPI_COMM_WORLD);

@@ -25,15 +25,19 @@ def rank_main(rank, n, init_file, min_bytes, max_bytes):
     while size <= max_bytes:
         count = size // 4
         t = torch.ones(count, dtype=torch.float32)
-        iters = max(5, min(1000, (512 << 20) // max(size, 1)))
+        # As collectives_bench: 5 rounds, each timed on its slowest rank; the median round.
+        iters = max(1, min(200, (100 << 20) // max(size, 1)))
         for _ in range(3):
             dist.all_reduce(t)
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            dist.all_reduce(t)
-        us = torch.tensor([(time.perf_counter() - t0) / iters * 1e6], dtype=torch.float64)
-        dist.all_reduce(us, op=dist.ReduceOp.MAX)
+        rounds = torch.zeros(5, dtype=torch.float64)
+        for r in range(5):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                dist.all_reduce(t)
+            rounds[r] = (time.perf_counter() - t0) / iters * 1e6
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+        us = rounds.median()
         idx = torch.arange(count, dtype=torch.int64)
         x = ((rank * 7 + idx) % 11).to(torch.float32)
         dist.all_reduce(x)

@@ -322,28 +322,62 @@ Result<std::uint64_t> ShmGroup::beginStep() {
   return k;
 }
 
+// Reduces block [b0, b1) of the step's elements over every rank, in rank order (so the result does
+// not depend on which rank reduces it): `source(r)` is where rank r's elements of the step lie.
+// The result goes to `out` and, when `also` is set, to `also` too; in pieces that stay in the
+// first-level cache between the two writes.
+template <typename Source>
+void ShmGroup::reduceBlock(DataType type, ReduceOp op, size_t b0, size_t b1, Source source,
+                           char* out, char* also) const {
+  const size_t es = dataTypeSize(type);
+  const size_t piece = std::max<size_t>(kReducePieceBytes / es, 1);
+  for (size_t p0 = b0; p0 < b1; p0 += piece) {
+    const size_t n = std::min(piece, b1 - p0);
+    char* dst = out + (p0 - b0) * es;
+    const auto at = [&](int r) { return source(r) + p0 * es; };
+    if (size_ == 1) {
+      std::memmove(dst, at(0), n * es);
+    } else {
+      reduce(type, op, dst, at(0), at(1), n);
+      for (int r = 2; r < size_; ++r) reduce(type, op, dst, dst, at(r), n);
+    }
+    if (op == ReduceOp::kAvg) finishAverage(type, dst, n, size_);
+    if (also != nullptr) std::memcpy(also + (p0 - b0) * es, dst, n * es);
+  }
+}
+
 Status ShmGroup::allreduce(void* data, size_t count, DataType type, ReduceOp op) {
+  if (size_ == 1) return okStatus();  // the sum, min, max, product or average of one is itself
   const size_t es = dataTypeSize(type);
   const size_t per_step = slot_bytes_ / es;
   auto* bytes = static_cast<char*>(data);
+  // Step layout: rank r's slot holds, at block j != r, its input for block j (which rank j
+  // reduces) and, at block r, the reduced block r (which every other rank copies out). A rank thus
+  // copies in and out only the blocks it does not reduce, and reduces straight from its own buffer.
   for (size_t off = 0; off < count; off += per_step) {
     const size_t n = std::min(per_step, count - off);
+    char* user = bytes + off * es;
+    const auto block = [&](int r) { return partBegin(n, size_, r); };
     RALLY_ASSIGN_OR_RETURN(const std::uint64_t k, beginStep());
-    std::memcpy(slot(k, rank_), bytes + off * es, n * es);
+    char* own = slot(k, rank_);
+    for (int j = 0; j < size_; ++j) {
+      if (j != rank_) {
+        std::memcpy(own + block(j) * es, user + block(j) * es, (block(j + 1) - block(j)) * es);
+      }
+    }
     publish(kArrive, k + 1);
     RALLY_RETURN_IF_ERROR(waitFor(kArrive, k + 1, -1));
-    // This rank's block, reduced in place in its own slot (which only it writes).
-    const size_t b0 = partBegin(n, size_, rank_), b1 = partBegin(n, size_, rank_ + 1);
-    char* mine = slot(k, rank_) + b0 * es;
-    for (int r = 0; r < size_; ++r) {
-      if (r != rank_) reduce(type, op, mine, mine, slot(k, r) + b0 * es, b1 - b0);
-    }
-    if (op == ReduceOp::kAvg) finishAverage(type, mine, b1 - b0, size_);
+    const size_t b0 = block(rank_), b1 = block(rank_ + 1);
+    reduceBlock(
+        type, op, b0, b1, [&](int r) { return r == rank_ ? user : slot(k, r); }, own + b0 * es,
+        user + b0 * es);
     publish(kReduced, k + 1);
     RALLY_RETURN_IF_ERROR(waitFor(kReduced, k + 1, -1));
     for (int r = 0; r < size_; ++r) {
-      const size_t s0 = partBegin(n, size_, r), s1 = partBegin(n, size_, r + 1);
-      std::memcpy(bytes + (off + s0) * es, slot(k, r) + s0 * es, (s1 - s0) * es);
+      if (r != rank_) {
+        std::memcpy(user + block(r) * es, slot(k, r) + block(r) * es,
+                    (block(r + 1) - block(r)) * es);
+      }
     }
     publish(kDone, k + 1);
   }
@@ -359,16 +393,21 @@ Status ShmGroup::reduceScatter(const void* in, void* out, size_t count, DataType
   for (size_t off = 0; off < count; off += per_step) {
     const size_t n = std::min(per_step, count - off);
     RALLY_ASSIGN_OR_RETURN(const std::uint64_t k, beginStep());
-    for (int b = 0; b < size_; ++b) {  // piece b of this step: elements off..off+n of block b
-      std::memcpy(slot(k, rank_) + b * n * es, src + (b * count + off) * es, n * es);
+    // Piece b of this step (elements off..off+n of block b) at b * n in the slot; this rank's own
+    // piece is reduced straight from its input, so it is not copied.
+    for (int b = 0; b < size_; ++b) {
+      if (b != rank_) {
+        std::memcpy(slot(k, rank_) + b * n * es, src + (b * count + off) * es, n * es);
+      }
     }
     publish(kArrive, k + 1);
     RALLY_RETURN_IF_ERROR(waitFor(kArrive, k + 1, -1));
-    char* result = dst + off * es;
-    const size_t piece = static_cast<size_t>(rank_) * n * es;
-    std::memcpy(result, slot(k, 0) + piece, n * es);
-    for (int r = 1; r < size_; ++r) reduce(type, op, result, result, slot(k, r) + piece, n);
-    if (op == ReduceOp::kAvg) finishAverage(type, result, n, size_);
+    const size_t piece = static_cast<size_t>(rank_) * n;
+    const char* mine = src + (static_cast<size_t>(rank_) * count + off) * es;
+    reduceBlock(
+        type, op, 0, n,
+        [&](int r) { return r == rank_ ? mine : slot(k, r) + piece * es; }, dst + off * es,
+        nullptr);
     publish(kDone, k + 1);
   }
   return okStatus();

@@ -89,6 +89,17 @@ TEST_P(GlooWorldTest, LargeBuffersSpanManySteps) {
           for (int r = 0; r < n; ++r) want += static_cast<float>((r + i) % 13);
           ASSERT_EQ(data[i], want) << "element " << i;
         }
+        // An average over many steps and reduction pieces: the division happens once per element.
+        std::vector<double> avg(300'001);
+        for (size_t i = 0; i < avg.size(); ++i) avg[i] = static_cast<double>((rank * 5 + i) % 17);
+        ASSERT_TRUE(comm.allreduce(avg.data(), avg.size(), DataType::kF64, ReduceOp::kAvg)
+                        ->wait(milliseconds(60000))
+                        .ok());
+        for (size_t i = 0; i < avg.size(); ++i) {
+          double sum = 0;
+          for (int r = 0; r < n; ++r) sum += static_cast<double>((r * 5 + i) % 17);
+          ASSERT_EQ(avg[i], sum / n) << "element " << i;
+        }
         std::vector<std::int32_t> in(count * n), out(count);
         for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<std::int32_t>(i % 1000 + rank);
         ASSERT_TRUE(comm.reduceScatter(in.data(), out.data(), count, DataType::kI32, ReduceOp::kMax)
