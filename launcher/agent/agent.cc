@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <ifaddrs.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -11,6 +12,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <set>
 #include <filesystem>
 #include <iostream>
 #include <random>
@@ -23,6 +25,7 @@
 #include "launcher/coordinator/coordinator_server.h"
 #include "runtime/rendezvous/agent_session.h"
 #include "runtime/rendezvous/coordinator_client.h"
+#include "runtime/faults/fault_plan.h"
 
 namespace rally::agent {
 namespace {
@@ -156,6 +159,10 @@ class Agent::Impl {
   void signalLoop(sigset_t set);
   Milliseconds tunable(const char* name) { return *o_.tunables.duration(name); }
   Status spawn(const v1::RoundFormed& r, int master_port);
+  WorkerSpec specFor(const v1::RoundFormed& r, int local_rank, int master_port);
+  // In-place recovery: a failed worker is replaced at the next round, the others keep running.
+  Status spawnReplacements(const v1::RoundFormed& r);
+  bool allLocalWorkersSucceeded() const;
 
   cli::RunOptions o_;
   std::string node_id_;
@@ -168,6 +175,11 @@ class Agent::Impl {
   std::unique_ptr<rendezvous::AgentSession> session_;
   EventQueue queue_;
   std::unique_ptr<WorkerGroup> group_;
+  std::vector<std::unique_ptr<WorkerGroup>> replacements_;  // in-place: one group per replacement
+  std::set<int> missing_;                // in-place: local ranks that failed, not yet replaced
+  std::map<int, bool> last_exit_ok_;     // local rank -> its latest process exited with 0
+  int master_port_ = 0;
+  std::string fault_plan_text_;  // --fault-plan, for the workers' RALLY_FAULTS
   std::uint64_t epoch_ = 0;  // tags worker exits with the group they came from
   std::optional<v1::RoundFormed> round_;
   std::uint64_t generation_ = 0;
@@ -251,6 +263,17 @@ Status Agent::Impl::setup() {
   std::error_code ec;
   std::filesystem::create_directories(run_dir_, ec);
   if (ec) return ioError(fmt::format("--log-dir: cannot create {}: {}", run_dir_, ec.message()));
+  if (!o_.fault_plan.empty()) {
+    RALLY_ASSIGN_OR_RETURN(FaultPlan plan, FaultPlan::fromFile(o_.fault_plan));
+    fault_plan_text_ = plan.toText();
+    for (const Fault& f : plan.faults()) {
+      if (f.time) {
+        log_->warn("fault plan: '{}' (a time trigger) is not applied yet: only step triggers are, "
+                   "by the workers' runtime",
+                   f.describe());
+      }
+    }
+  }
   return okStatus();
 }
 
@@ -374,6 +397,11 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
       {"RALLY_NODE_ID", node_id_},
   };
   for (const auto& [k, v] : vars) env[k] = v;
+  env["RALLY_RECOVERY"] = o_.recovery;
+  if (!fault_plan_text_.empty()) env["RALLY_FAULTS"] = fault_plan_text_;
+  if (!o_.events_file.empty()) {
+    env["RALLY_EVENTS"] = std::filesystem::absolute(o_.events_file).string();
+  }
   if (conn_) {  // none with the static backend
     env["RALLY_COORDINATOR"] = conn_->options().endpoint;
     env["RALLY_TOKEN"] = conn_->options().token;
@@ -404,26 +432,31 @@ Status Agent::Impl::startWorkers(const v1::RoundFormed& r) {
   return spawn(r, master_port);
 }
 
+WorkerSpec Agent::Impl::specFor(const v1::RoundFormed& r, int lr, int master_port) {
+  const std::string dir = fmt::format("{}/attempt_{}/{}", run_dir_, restart_count_, lr);
+  std::filesystem::create_directories(dir);
+  WorkerSpec spec;
+  spec.local_rank = lr;
+  spec.argv = o_.command();
+  spec.env = workerEnv(r, lr, master_port, dir + "/error.json");
+  std::filesystem::remove(dir + "/error.json");
+  const cli::StdStreams redirect = o_.redirects.forRank(lr);
+  const cli::StdStreams tee = o_.tee.forRank(lr);
+  const bool shown = !o_.local_ranks_filter || o_.local_ranks_filter->count(lr) != 0;
+  spec.stdout_to_console = shown && (!redirect.out || tee.out);
+  spec.stderr_to_console = shown && (!redirect.err || tee.err);
+  if (redirect.out || tee.out) spec.stdout_file = dir + "/stdout.log";
+  if (redirect.err || tee.err) spec.stderr_file = dir + "/stderr.log";
+  if (tee.out || tee.err) spec.console_prefix = fmt::format("[{}{}]:", o_.role, lr);
+  return spec;
+}
+
 Status Agent::Impl::spawn(const v1::RoundFormed& r, int master_port) {
   std::vector<WorkerSpec> specs;
-  for (int lr = 0; lr < o_.local_world_size; ++lr) {
-    const std::string dir = fmt::format("{}/attempt_{}/{}", run_dir_, restart_count_, lr);
-    std::filesystem::create_directories(dir);
-    WorkerSpec spec;
-    spec.local_rank = lr;
-    spec.argv = o_.command();
-    spec.env = workerEnv(r, lr, master_port, dir + "/error.json");
-    std::filesystem::remove(dir + "/error.json");
-    const cli::StdStreams redirect = o_.redirects.forRank(lr);
-    const cli::StdStreams tee = o_.tee.forRank(lr);
-    const bool shown = !o_.local_ranks_filter || o_.local_ranks_filter->count(lr) != 0;
-    spec.stdout_to_console = shown && (!redirect.out || tee.out);
-    spec.stderr_to_console = shown && (!redirect.err || tee.err);
-    if (redirect.out || tee.out) spec.stdout_file = dir + "/stdout.log";
-    if (redirect.err || tee.err) spec.stderr_file = dir + "/stderr.log";
-    if (tee.out || tee.err) spec.console_prefix = fmt::format("[{}{}]:", o_.role, lr);
-    specs.push_back(std::move(spec));
-  }
+  for (int lr = 0; lr < o_.local_world_size; ++lr) specs.push_back(specFor(r, lr, master_port));
+  master_port_ = master_port;
+  missing_.clear();
+  last_exit_ok_.clear();
   const std::uint64_t epoch = ++epoch_;
   RALLY_ASSIGN_OR_RETURN(group_,
                          WorkerGroup::start(std::move(specs), [this, epoch](const WorkerExit& e) {
@@ -446,20 +479,58 @@ Status Agent::Impl::spawn(const v1::RoundFormed& r, int master_port) {
   return okStatus();
 }
 
+Status Agent::Impl::spawnReplacements(const v1::RoundFormed& r) {
+  std::vector<WorkerSpec> specs;
+  for (int lr : missing_) specs.push_back(specFor(r, lr, master_port_));
+  if (specs.empty()) return okStatus();
+  const std::uint64_t epoch = epoch_;  // the same group as the survivors, for exits
+  RALLY_ASSIGN_OR_RETURN(auto group,
+                         WorkerGroup::start(std::move(specs), [this, epoch](const WorkerExit& e) {
+                           queue_.push(WorkerExited{epoch, e});
+                         }));
+  log_->info("generation {}: started replacement(s) for local rank(s) {} (ranks from {}); the "
+             "other workers recover in place",
+             r.generation(), fmt::join(missing_, ","), r.rank_offset());
+  events_->write("workers_replaced", {{"generation", r.generation()},
+                                      {"local_ranks", std::vector<int>(missing_.begin(),
+                                                                       missing_.end())},
+                                      {"pids", group->pids()}});
+  replacements_.push_back(std::move(group));
+  missing_.clear();
+  return okStatus();
+}
+
+bool Agent::Impl::allLocalWorkersSucceeded() const {
+  if (!group_ || group_->running() > 0 || !missing_.empty()) return false;
+  for (const auto& g : replacements_) {
+    if (g->running() > 0) return false;
+  }
+  for (int lr = 0; lr < o_.local_world_size; ++lr) {
+    auto it = last_exit_ok_.find(lr);
+    if (it == last_exit_ok_.end() || !it->second) return false;
+  }
+  return true;
+}
+
 void Agent::Impl::stopWorkers(int sig, const std::string& why) {
   if (!group_) return;
-  const size_t running = group_->running();
+  size_t running = group_->running();
+  for (const auto& g : replacements_) running += g->running();
   ++epoch_;  // exits of this group from now on are expected
   if (running > 0) {
     log_->info("stopping {} worker(s) ({}): {} then SIGKILL after {}", running, why,
                cli::signalName(sig), formatDuration(tunable("grace_period")));
     const auto t0 = Clock::now();
+    for (const auto& g : replacements_) g->signalAll(sig);
     group_->stop(sig, tunable("grace_period"));
+    for (const auto& g : replacements_) g->stop(SIGKILL, Milliseconds(0));
     events_->write("workers_stopped",
                    {{"reason", why},
                     {"ms", std::chrono::duration_cast<Milliseconds>(Clock::now() - t0).count()}});
   }
   group_.reset();
+  replacements_.clear();
+  missing_.clear();
   in_barrier_ = false;
 }
 
@@ -488,7 +559,17 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   events_->write("worker_failed", f.toJson());
   (void)store_->set(fmt::format("failures/{:08}/{}/{}", r.generation(), node_id_, e.local_rank),
                     f.toJson().dump());
-  stopWorkers(SIGTERM, "a worker failed");
+  // When it died, in microseconds since the epoch: in-place recovery times its detection from it.
+  (void)store_->set(
+      fmt::format("failure_times/{:08}/{}/{}", r.generation(), node_id_, e.local_rank),
+      std::to_string(std::chrono::duration_cast<std::chrono::microseconds>(
+                         e.when.time_since_epoch())
+                         .count()));
+  if (o_.inPlace()) {
+    missing_.insert(e.local_rank);  // replaced when the next round forms; the others go on
+  } else {
+    stopWorkers(SIGTERM, "a worker failed");
+  }
 
   // One restart per failed generation, however many nodes saw failures in it.
   auto claim = store_->compareAndSet(fmt::format("restart_claim/{}", r.generation()), std::nullopt,
@@ -497,9 +578,9 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   auto restarts = store_->add("restarts", 1);
   if (restarts.ok() && *restarts <= o_.max_restarts) {
     session_->requestReform(
-        fmt::format("worker failed on node '{}' (local rank {}: {}); restart "
-                    "{} of {}",
-                    node_id_, e.local_rank, e.describe(), *restarts, o_.max_restarts));
+        fmt::format("worker failed on node '{}' (local rank {}: {}); {} {} of {}", node_id_,
+                    e.local_rank, e.describe(), o_.inPlace() ? "in-place recovery" : "restart",
+                    *restarts, o_.max_restarts));
     return std::nullopt;
   }
   // Out of restarts: report the job's failures of this generation, first by time as root cause.
@@ -518,6 +599,7 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
       failures, fmt::format("rally run: job '{}' failed after {} restart(s) (--max-restarts {})",
                             o_.rdzv_id, restart_count_, o_.max_restarts));
   std::cerr << report << std::flush;
+  if (o_.inPlace()) stopWorkers(SIGTERM, "the job failed");
   events_->write("job_failed", {{"root_cause", failures.front().toJson()}});
   session_->close("failed:\n" + report);
   return 1;
@@ -647,12 +729,11 @@ int Agent::Impl::loop() {
     if (auto* exited = std::get_if<WorkerExited>(&*next)) {
       if (exited->epoch != epoch_ || !group_) continue;  // from a group already stopped
       std::optional<int> done;
+      last_exit_ok_[exited->exit.local_rank] = exited->exit.ok();
       if (!exited->exit.ok()) {
         done = onWorkerFailure(exited->exit);
-      } else if (group_->running() == 0) {
-        bool all_ok = true;
-        for (const auto& e : group_->exits()) all_ok = all_ok && e.ok();
-        if (all_ok) done = onAllWorkersSucceeded();
+      } else if (allLocalWorkersSucceeded()) {
+        done = onAllWorkersSucceeded();
       }
       if (done) return *done;
       continue;
@@ -661,6 +742,32 @@ int Agent::Impl::loop() {
     welcomed = welcomed || m.has_welcome();
     if (m.has_welcome() && m.welcome().waiting()) {
       log_->info("joined; held until the running round admits new nodes");
+    } else if (m.has_round_formed() && m.round_formed().generation() > generation_ &&
+               o_.inPlace() && group_) {
+      // In place: the running workers re-form by themselves (their generation watch aborts
+      // their communicators, they read the new round); only failed ones are started anew.
+      const auto& r = m.round_formed();
+      generation_ = r.generation();
+      round_ = r;
+      log_->info("generation {}: node rank {} of {}, ranks {}..{} of {}, recovering in place ({})",
+                 r.generation(), r.node_rank(), r.num_nodes(), r.rank_offset(),
+                 r.rank_offset() + o_.local_world_size - 1, r.world_size(), r.cause());
+      events_->write("round_reformed_in_place", {{"generation", r.generation()},
+                                                 {"node_rank", r.node_rank()},
+                                                 {"world_size", r.world_size()},
+                                                 {"cause", r.cause()}});
+      if (r.node_rank() == 0 && !o_.master_port_given) {
+        // New nodes' workers take MASTER_PORT from node rank 0, as in a fresh start.
+        (void)rendezvous::StoreClient(conn_)
+            .scoped("rally/run/", r.generation())
+            .set("master_port", std::to_string(master_port_));
+      }
+      if (Status s = spawnReplacements(r); !s.ok()) {
+        log_->error("cannot start a replacement worker: {}", s.message());
+        stopWorkers(SIGTERM, "a replacement could not start");
+        session_->close("failed: " + s.message());
+        return 1;
+      }
     } else if (m.has_round_formed() && m.round_formed().generation() > generation_) {
       const auto& r = m.round_formed();
       stopWorkers(SIGTERM, fmt::format("the job re-formed: {}", r.cause()));
@@ -687,7 +794,8 @@ int Agent::Impl::loop() {
         log_->info("the job ended: {}", failed ? "failed" : "every worker finished");
         return failed ? 1 : 0;
       }
-      if (g.state() == v1::GenerationEvent::REFORMING && g.generation() > generation_) {
+      if (g.state() == v1::GenerationEvent::REFORMING && g.generation() > generation_ &&
+          !o_.inPlace()) {
         stopWorkers(SIGTERM, fmt::format("the job is re-forming: {}", g.cause()));
       }
     } else if (m.has_nodes_waiting()) {

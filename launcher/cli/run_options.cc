@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "launcher/cli/tunable_flags.h"
+#include "runtime/faults/fault_plan.h"
 
 extern char** environ;
 
@@ -274,6 +275,12 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   opt("local-addr", &o.local_addr, "This node's address for other nodes [its host name]");
   opt("signals-to-handle", &signals,
       "Signals forwarded to the workers [SIGTERM,SIGINT,SIGHUP,SIGQUIT]");
+  app.add_option("--recovery", o.recovery,
+                 "rally: restart (stop and restart every worker, as torchrun) or in-place "
+                 "(survivors re-form without restarting; programs using librally) [restart]");
+  app.add_option("--fault-plan", o.fault_plan,
+                 "rally: a fault plan FILE (kill, hang, delay or fail a rank at a step or time); "
+                 "see docs/faults.md");
   app.add_option("--node-id", o.node_id, "rally: this node's id in the job [HOST-PID]");
   app.add_option("--events", o.events_file, "rally: append JSON-lines events to FILE");
   app.add_flag("--print-config", o.print_config,
@@ -365,6 +372,14 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   if (o.start_method != "spawn" && o.start_method != "fork" && o.start_method != "forkserver") {
     return invalidArgument(
         fmt::format("--start-method '{}' is not spawn, fork or forkserver", o.start_method));
+  }
+  if (o.recovery != "restart" && o.recovery != "in-place") {
+    return invalidArgument(
+        fmt::format("--recovery '{}' is not restart or in-place", o.recovery));
+  }
+  if (!o.fault_plan.empty()) {
+    auto plan = FaultPlan::fromFile(o.fault_plan);
+    if (!plan.ok()) return invalidArgument(fmt::format("--fault-plan: {}", plan.status().message()));
   }
   RALLY_ASSIGN_OR_RETURN(o.redirects, parseStdSpec("--redirects", redirects));
   RALLY_ASSIGN_OR_RETURN(o.tee, parseStdSpec("--tee", tee));

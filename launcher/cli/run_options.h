@@ -69,6 +69,12 @@ struct RunOptions {
   std::vector<std::string> script_args;
 
   // rally's own.
+  // restart: any worker failure stops the job's workers and restarts them (torchrun's way);
+  // in-place: the survivors keep running and re-form the group themselves (programs that use
+  // librally's World and ElasticState); the agent starts only a replacement for the failed worker.
+  std::string recovery = "restart";
+  bool inPlace() const { return recovery == "in-place"; }
+  std::string fault_plan;  // --fault-plan FILE, checked and given to the workers as RALLY_FAULTS
   std::string node_id;
   std::string events_file;
   bool print_config = false;

@@ -1,0 +1,169 @@
+#include "runtime/elastic/elastic_run.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+
+#include "kernels/base/logging.h"
+
+namespace rally {
+namespace {
+
+double msBetween(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+std::string isoNow() {
+  const auto now = std::chrono::system_clock::now();
+  const std::time_t t = std::chrono::system_clock::to_time_t(now);
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()) %
+                  1000;
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", tm.tm_year + 1900,
+                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms.count());
+}
+
+// One JSON line appended to the job's event log (the agents write theirs to the same file; a
+// single write() of a line with O_APPEND does not interleave with theirs).
+void appendEvent(const nlohmann::json& event) {
+  const char* path = std::getenv("RALLY_EVENTS");
+  if (path == nullptr || *path == '\0') return;
+  const int fd = ::open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  const std::string line = event.dump() + "\n";
+  (void)!::write(fd, line.data(), line.size());
+  ::close(fd);
+}
+
+}  // namespace
+
+bool isRecoverable(const Status& s) {
+  return s.code() == StatusCode::kPeerLost || s.code() == StatusCode::kAborted ||
+         s.code() == StatusCode::kTimeout;
+}
+
+ElasticRun::ElasticRun(World& world, ElasticState& state, ElasticRunOptions options)
+    : world_(world), state_(state), options_(std::move(options)) {
+  auto plan = FaultPlan::fromEnvironment();
+  if (!plan.ok()) {
+    log::get("elastic")->error("RALLY_FAULTS ignored: {}", plan.status().message());
+  } else if (!plan->empty()) {
+    faults_.emplace(std::move(*plan), world_.firedFaults());
+  }
+}
+
+Status ElasticRun::atStep(std::int64_t step) {
+  if (pending_) {
+    if (!pending_->first_step) {
+      pending_->first_step = step;
+    } else if (step > *pending_->first_step) {
+      writeRecoveryEvent();
+    }
+  }
+  if (faults_) {
+    RALLY_RETURN_IF_ERROR(faults_->atStep(world_.rank(), step));
+  }
+  return okStatus();
+}
+
+void ElasticRun::writeRecoveryEvent() {
+  Pending& p = *pending_;
+  const double first_step = msBetween(p.restored, Clock::now());
+  const double total = (p.detect_ms > 0 ? p.detect_ms : 0) + p.abort_ms + p.rendezvous_ms +
+                       p.rebuild_ms + p.restore_ms + first_step;
+  auto log = log::get("elastic");
+  if (world_.rank() == 0) {
+    log->info(
+        "recovered in place: generation {} -> {}, world size {}, commit {}; detect {} ms, abort "
+        "{:.1f} ms, rendezvous {:.1f} ms, rebuild {:.1f} ms, restore {:.1f} ms, first step {:.1f} "
+        "ms ({:.1f} ms in all)",
+        p.from_generation, p.generation, p.world_size, p.commit,
+        p.detect_ms >= 0 ? fmt::format("{:.1f}", p.detect_ms) : "?", p.abort_ms, p.rendezvous_ms,
+        p.rebuild_ms, p.restore_ms, first_step, total);
+    nlohmann::json phases = {{"abort", p.abort_ms},       {"rendezvous", p.rendezvous_ms},
+                             {"rebuild", p.rebuild_ms},   {"restore", p.restore_ms},
+                             {"first_step", first_step}};
+    if (p.detect_ms >= 0) phases["detect"] = p.detect_ms;
+    appendEvent({{"time", isoNow()},
+                 {"node", world_.nodeRank()},
+                 {"rank", world_.rank()},
+                 {"event", "recovery"},
+                 {"from_generation", p.from_generation},
+                 {"generation", p.generation},
+                 {"world_size", p.world_size},
+                 {"commit", p.commit},
+                 {"cause", p.cause},
+                 {"phases_ms", phases},
+                 {"total_ms", total}});
+  }
+  pending_.reset();
+}
+
+Status ElasticRun::recoverOnce(const Status& cause) {
+  const auto returned = Clock::now();
+  const auto returned_sys = std::chrono::system_clock::now();
+  Pending p;
+  p.from_generation = world_.generation();
+  p.cause = cause.toString();
+  RALLY_RETURN_IF_ERROR(world_.recover(options_.recover_timeout))
+      << "recovering in place after: " << cause.toString();
+  const auto rebuilt = Clock::now();
+  p.rendezvous_ms = msBetween(returned, world_.roundReadAt());
+  p.rebuild_ms = msBetween(world_.roundReadAt(), rebuilt);
+  p.generation = world_.generation();
+  p.world_size = world_.size();
+  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(world_.comm(), options_.sync));
+  p.restored = Clock::now();
+  p.restore_ms = msBetween(rebuilt, p.restored);
+  p.commit = synced.commit;
+  // Told: the watch's news or the error, whichever came first.
+  auto told = world_.lastMovedAt();
+  if (told.time_since_epoch().count() == 0 || told > returned_sys) told = returned_sys;
+  p.abort_ms = std::chrono::duration<double, std::milli>(returned_sys - told).count();
+  if (auto failed = world_.failureTime(p.from_generation); failed && *failed <= told) {
+    p.detect_ms = std::chrono::duration<double, std::milli>(told - *failed).count();
+  }
+  pending_ = p;
+  return okStatus();
+}
+
+Status ElasticRun::run(const std::function<Status()>& train) {
+  auto log = log::get("elastic");
+  // Everyone starts from the same state: rank 0's, or the newest commit a survivor holds (a
+  // replacement or a new node arrives here while the others are in recoverOnce()).
+  for (;;) {
+    auto synced = state_.sync(world_.comm(), options_.sync);
+    if (synced.ok()) break;
+    if (!isRecoverable(synced.status()) || !world_.canRecoverInPlace()) return synced.status();
+    RALLY_RETURN_IF_ERROR(world_.recover(options_.recover_timeout))
+        << "re-forming before the first step";
+  }
+  for (;;) {
+    Status s = train();
+    if (s.ok()) {
+      if (pending_) writeRecoveryEvent();
+      return s;
+    }
+    if (!isRecoverable(s) && !world_.generationChanged()) return s;
+    if (!world_.canRecoverInPlace()) return s;
+    if (++recoveries_ > options_.max_recoveries) {
+      RALLY_RETURN_IF_ERROR(s) << "after " << options_.max_recoveries
+                               << " in-place recoveries (ElasticRunOptions::max_recoveries)";
+    }
+    log->warn("rank {}: {}; recovering in place", world_.rank(), s.toString());
+    for (;;) {
+      const Status r = recoverOnce(s);
+      if (r.ok()) break;
+      // The generation moved again during recovery (a second failure): follow it.
+      if (r.code() != StatusCode::kAborted && r.code() != StatusCode::kPeerLost) return r;
+      log->warn("rank {}: recovery interrupted ({}); following the job", world_.rank(),
+                r.toString());
+    }
+  }
+}
+
+}  // namespace rally

@@ -1,0 +1,92 @@
+// Runs a training function and recovers it in place when a peer fails, in the manner of Horovod's
+// `hvd.elastic.run`: the function runs; when it returns PeerLost, Aborted or Timeout (a peer died,
+// the job's generation moved, a peer hung), the world re-forms without restarting this process,
+// every rank is brought to the newest commit held by any survivor, and the function is called
+// again. A replacement worker or a new node goes through the same sync at its start.
+//
+//   rally::ElasticRun run(*world, state);
+//   RALLY_RETURN_IF_ERROR(run.run([&]() -> Status {
+//     while (step < steps) {
+//       RALLY_RETURN_IF_ERROR(run.atStep(step));           // fault plan; recovery timing
+//       RALLY_RETURN_IF_ERROR(train_one_step(world->comm()));  // fetch comm() each time
+//       ++step;
+//       if (step % 10 == 0) RALLY_RETURN_IF_ERROR(state.commit());
+//     }
+//     return okStatus();
+//   }));
+//
+// Each recovery is logged, and written as a "recovery" event to the job's event log (RALLY_EVENTS,
+// set by `rally run --events FILE`) by the new rank 0, with its phases in milliseconds:
+//   detect      the failed worker's exit (as its agent recorded it) -> this worker told by the watch
+//   abort       told -> the training function returned its error
+//   rendezvous  -> the new round read
+//   rebuild     -> the new generation's communicator built
+//   restore     -> the state synced from the newest commit
+//   first_step  -> the first step after recovery done (atStep() of the step after it)
+// "Told" is the earlier of the watch's news and the training function's error (a peer's abort can
+// arrive first); detect is missing when the failure's time is not known (a node lost, not a
+// worker's exit).
+//
+// Thread-safety: one training thread.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <optional>
+
+#include "kernels/base/status.h"
+#include "runtime/elastic/elastic_state.h"
+#include "runtime/faults/fault_injector.h"
+#include "runtime/world/world.h"
+
+namespace rally {
+
+struct ElasticRunOptions {
+  int max_recoveries = 1000;
+  Milliseconds recover_timeout{120'000};  // waiting for the next round to form
+  SyncOptions sync;
+};
+
+// PeerLost, Aborted and Timeout: what a failure elsewhere in the job looks like from here.
+bool isRecoverable(const Status& s);
+
+class ElasticRun {
+ public:
+  ElasticRun(World& world, ElasticState& state, ElasticRunOptions options = {});
+
+  // Syncs the state (every rank starts from the same commit), then calls `train` until it returns
+  // OK (then OK) or an error that is not recoverable here (then that error): a non-recoverable
+  // code, a world that cannot re-form in place, or more than max_recoveries.
+  Status run(const std::function<Status()>& train);
+
+  // Call at the start of every step: applies the fault plan (RALLY_FAULTS) for this rank, and
+  // times the first step after a recovery.
+  Status atStep(std::int64_t step);
+
+  int recoveries() const { return recoveries_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  Status recoverOnce(const Status& cause);
+  void writeRecoveryEvent();
+
+  World& world_;
+  ElasticState& state_;
+  ElasticRunOptions options_;
+  std::optional<FaultInjector> faults_;
+  int recoveries_ = 0;
+  // The recovery whose first step is still running, if any.
+  struct Pending {
+    std::uint64_t from_generation = 0;
+    std::uint64_t generation = 0;
+    std::uint64_t commit = 0;
+    int world_size = 0;
+    std::string cause;
+    double detect_ms = -1, abort_ms = 0, rendezvous_ms = 0, rebuild_ms = 0, restore_ms = 0;
+    Clock::time_point restored;
+    std::optional<std::int64_t> first_step;  // the step atStep() saw first after recovery
+  };
+  std::optional<Pending> pending_;
+};
+
+}  // namespace rally

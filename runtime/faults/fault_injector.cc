@@ -1,0 +1,64 @@
+#include "runtime/faults/fault_injector.h"
+
+#include <fmt/format.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <thread>
+
+namespace rally {
+namespace {
+
+void announce(const Fault& f) {
+  // Straight to stderr, unbuffered: the process may die right after.
+  const std::string line = fmt::format("rally: fault plan: {} (pid {})\n", f.describe(), ::getpid());
+  (void)!::write(STDERR_FILENO, line.data(), line.size());
+}
+
+}  // namespace
+
+FaultActions FaultActions::onThisProcess() {
+  return {
+      .kill = [](const Fault& f) { announce(f), ::raise(SIGKILL); },
+      .hang = [](const Fault& f) { announce(f), ::raise(SIGSTOP); },
+      .delay = [](const Fault& f) { announce(f), std::this_thread::sleep_for(f.delay); },
+      .fail = [](const Fault& f) { announce(f), std::fflush(nullptr), ::_exit(f.exit_code); },
+  };
+}
+
+FaultInjector::FaultInjector(FaultPlan plan, std::shared_ptr<FiredFaults> fired,
+                             FaultActions actions)
+    : plan_(std::move(plan)), fired_(std::move(fired)), actions_(std::move(actions)) {}
+
+Status FaultInjector::atStep(int rank, std::int64_t step) {
+  const auto& faults = plan_.faults();
+  for (size_t i = 0; i < faults.size(); ++i) {
+    const Fault& f = faults[i];
+    if (f.target != Fault::Target::kRank || f.index != rank || !f.step || *f.step > step ||
+        done_here_.count(i) != 0) {
+      continue;
+    }
+    auto mine = fired_->claim(i);
+    RALLY_RETURN_IF_ERROR(mine.status()) << "claiming fault '" << f.describe() << "'";
+    done_here_.insert(i);
+    if (!*mine) continue;  // fired before, by an earlier incarnation of this rank
+    switch (f.action) {
+      case Fault::Action::kKill:
+        actions_.kill(f);
+        break;
+      case Fault::Action::kHang:
+        actions_.hang(f);
+        break;
+      case Fault::Action::kDelay:
+        actions_.delay(f);
+        break;
+      case Fault::Action::kFail:
+        actions_.fail(f);
+        break;
+    }
+  }
+  return okStatus();
+}
+
+}  // namespace rally

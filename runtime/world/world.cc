@@ -1,0 +1,394 @@
+#include "runtime/world/world.h"
+
+#include <fmt/format.h>
+
+#include <condition_variable>
+#include <cstdlib>
+#include <unistd.h>
+
+#include "collectives/registry.h"
+#include "kernels/base/logging.h"
+#include "runtime/rendezvous/coordinator_bootstrap_store.h"
+#include "runtime/rendezvous/coordinator_client.h"
+#include "runtime/rendezvous/generation_watcher.h"
+
+extern char** environ;
+
+namespace rally {
+namespace {
+
+using Env = std::map<std::string, std::string>;
+
+// Bootstrap for a world of one process (no launcher): nothing leaves the process.
+class LocalStore final : public collectives::BootstrapStore {
+ public:
+  Status set(const std::string& key, const std::string& value) override {
+    {
+      std::lock_guard lock(mu_);
+      data_[key] = value;
+    }
+    cv_.notify_all();
+    return okStatus();
+  }
+  Result<std::string> get(const std::string& key) override {
+    std::lock_guard lock(mu_);
+    auto it = data_.find(key);
+    if (it == data_.end()) return notFound(fmt::format("bootstrap key '{}' is not set", key));
+    return it->second;
+  }
+  Status wait(const std::vector<std::string>& keys, Milliseconds timeout) override {
+    std::unique_lock lock(mu_);
+    const bool ok = cv_.wait_for(lock, timeout, [&] {
+      for (const auto& k : keys) {
+        if (data_.count(k) == 0) return false;
+      }
+      return true;
+    });
+    return ok ? okStatus() : timeoutError("a world of one waited for bootstrap keys of another");
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::string, std::string> data_;
+};
+
+// "Once per job" for fault firings, through the coordinator's job-scoped store.
+class StoreFiredFaults final : public FiredFaults {
+ public:
+  explicit StoreFiredFaults(rendezvous::StoreClient store) : store_(std::move(store)) {}
+  Result<bool> claim(size_t index) override {
+    RALLY_ASSIGN_OR_RETURN(auto r, store_.compareAndSet(std::to_string(index), std::nullopt,
+                                                        std::to_string(::getpid())));
+    return r.swapped;
+  }
+
+ private:
+  rendezvous::StoreClient store_;
+};
+
+const std::string* find(const Env& env, const std::string& name) {
+  auto it = env.find(name);
+  return it == env.end() ? nullptr : &it->second;
+}
+
+Result<std::int64_t> intVar(const Env& env, const std::string& name, std::int64_t min,
+                            const char* who) {
+  const std::string* v = find(env, name);
+  if (v == nullptr) {
+    return invalidArgument(fmt::format("environment variable {} is not set ({} sets it)", name, who));
+  }
+  char* end = nullptr;
+  const long long n = std::strtoll(v->c_str(), &end, 10);
+  if (v->empty() || *end != '\0' || n < min) {
+    return invalidArgument(fmt::format(
+        "environment variable {}='{}' is not a whole number of at least {} ({} sets it)", name, *v,
+        min, who));
+  }
+  return static_cast<std::int64_t>(n);
+}
+
+std::int64_t intVarOr(const Env& env, const std::string& name, std::int64_t fallback) {
+  auto v = intVar(env, name, 0, "");
+  return v.ok() ? *v : fallback;
+}
+
+}  // namespace
+
+std::string_view launcherName(Launcher l) {
+  switch (l) {
+    case Launcher::kNone:
+      return "no launcher";
+    case Launcher::kMpi:
+      return "MPI";
+    case Launcher::kRally:
+      return "rally run";
+  }
+  return "?";
+}
+
+World::~World() {
+  watcher_.reset();  // no more aborts from the watch
+  std::lock_guard lock(comm_mu_);
+  comm_.reset();
+}
+
+std::string World::describe() const {
+  return fmt::format("rank {} of {} (local {} of {}, node {} of {}), generation {}, {}, backend {}",
+                     rank_, size_, local_rank_, local_size_, node_rank_, num_nodes_, generation(),
+                     launcherName(launcher_), backend_);
+}
+
+void World::onGeneration(std::uint64_t generation, const std::string& cause, bool closed) {
+  std::uint64_t seen = latest_.load();
+  while (generation > seen && !latest_.compare_exchange_weak(seen, generation)) {
+  }
+  if (closed) closed_ = true;
+  gen_cv_.notify_all();
+  if (generation <= generation_ && !closed) return;
+  std::int64_t none = 0;
+  moved_at_us_.compare_exchange_strong(
+      none, std::chrono::duration_cast<std::chrono::microseconds>(
+                std::chrono::system_clock::now().time_since_epoch())
+                .count());
+  std::lock_guard lock(comm_mu_);
+  if (comm_ && !comm_->aborted()) {
+    const std::string what =
+        closed ? "the job was closed"
+               : fmt::format("the job moved to generation {}{}{}", generation,
+                             cause.empty() ? "" : ": ", cause);
+    log::get("world")->info("rank {}: {}; aborting generation {}'s communicator", rank_, what,
+                            generation_.load());
+    comm_->abort(what);
+  }
+}
+
+Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& options) {
+  auto world = std::unique_ptr<World>(new World());
+  World& w = *world;
+  std::string backend = options.backend;
+  if (backend.empty()) {
+    const std::string* b = find(env, "RALLY_BACKEND");
+    backend = b != nullptr && !b->empty() ? *b : "auto";
+  }
+  collectives::CommunicatorOptions co;
+  co.connect_timeout = options.connect_timeout;
+  co.op_timeout = options.op_timeout;
+  const collectives::Requirements needs{.device_memory = options.device_memory};
+
+  if (const std::string* endpoint = find(env, "RALLY_COORDINATOR")) {
+    constexpr const char* kWho = "rally run";
+    w.launcher_ = Launcher::kRally;
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t size, intVar(env, "RALLY_WORLD_SIZE", 1, kWho));
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t rank, intVar(env, "RALLY_RANK", 0, kWho));
+    if (rank >= size) {
+      return invalidArgument(
+          fmt::format("RALLY_RANK={} is not below RALLY_WORLD_SIZE={}", rank, size));
+    }
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t lsize,
+                           intVar(env, "RALLY_LOCAL_WORLD_SIZE", 1, kWho));
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t lrank, intVar(env, "RALLY_LOCAL_RANK", 0, kWho));
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t nodes, intVar(env, "RALLY_NUM_NODES", 1, kWho));
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t node, intVar(env, "RALLY_NODE_RANK", 0, kWho));
+    RALLY_ASSIGN_OR_RETURN(const std::int64_t gen, intVar(env, "RALLY_GENERATION", 1, kWho));
+    w.rank_ = static_cast<int>(rank);
+    w.size_ = static_cast<int>(size);
+    w.local_rank_ = static_cast<int>(lrank);
+    w.local_size_ = static_cast<int>(lsize);
+    w.node_rank_ = static_cast<int>(node);
+    w.num_nodes_ = static_cast<int>(nodes);
+    w.generation_ = static_cast<std::uint64_t>(gen);
+    w.latest_ = w.generation_.load();
+    const std::string* recovery = find(env, "RALLY_RECOVERY");
+    w.in_place_ = recovery != nullptr && *recovery == "in-place";
+    if (const std::string* id = find(env, "RALLY_NODE_ID")) w.node_id_ = *id;
+    if (w.in_place_ && w.node_id_.empty()) {
+      return invalidArgument("RALLY_RECOVERY=in-place needs RALLY_NODE_ID (rally run sets both)");
+    }
+    const std::string* token = find(env, "RALLY_TOKEN");
+    rendezvous::ClientOptions client;
+    client.endpoint = *endpoint;
+    client.token = token != nullptr ? *token : "";
+    client.connect_timeout = options.connect_timeout;
+    auto conn = rendezvous::CoordinatorConnection::open(client);
+    RALLY_RETURN_IF_ERROR(conn.status())
+        << "connecting to the job's coordinator at " << *endpoint;
+    w.conn_ = std::move(*conn);
+    // The watch first, so that a generation that moves while the communicator is being built
+    // aborts it (or ends its bootstrap, whose keys live in the generation's scope).
+    World* self = &w;
+    auto watcher = rendezvous::GenerationWatcher::start(
+        w.conn_, [self](const rally::v1::GenerationEvent& ev) {
+          self->onGeneration(ev.generation(), ev.cause(),
+                             ev.state() == rally::v1::GenerationEvent::CLOSED);
+        });
+    RALLY_RETURN_IF_ERROR(watcher.status()) << "watching the job's generation";
+    w.watcher_ = std::move(*watcher);
+    w.bootstrap_ = std::make_unique<rendezvous::CoordinatorBootstrapStore>(
+        rendezvous::StoreClient(w.conn_).scoped("rally/comm/", w.generation()));
+    w.fired_ = std::make_shared<StoreFiredFaults>(
+        rendezvous::StoreClient(w.conn_).scoped("rally/faults/fired/", 0));
+    co.rank = w.rank_;
+    co.size = w.size_;
+    co.generation = w.generation();
+  } else if (find(env, "OMPI_COMM_WORLD_SIZE") || find(env, "PMI_SIZE") ||
+             find(env, "PMIX_RANK")) {
+    w.launcher_ = Launcher::kMpi;
+    if (options.backend.empty() && find(env, "RALLY_BACKEND") == nullptr) backend = "mpi";
+    w.bootstrap_ = std::make_unique<LocalStore>();  // MPI bootstraps itself
+    w.fired_ = std::make_shared<LocalFiredFaults>();
+    co.rank = -1;  // MPI's own
+    co.size = 0;
+    co.generation = 1;
+    w.generation_ = 1;
+    w.latest_ = 1;
+  } else {
+    if (const std::string* ws = find(env, "WORLD_SIZE"); ws != nullptr && *ws != "1") {
+      return failedPrecondition(fmt::format(
+          "WORLD_SIZE={} says this process is one of several, but it was not started by a "
+          "launcher rally can join (RALLY_COORDINATOR is unset and this is not an MPI job): start "
+          "it with `rally run --nproc-per-node N ...` (as you would torchrun) or with mpirun",
+          *ws));
+    }
+    w.launcher_ = Launcher::kNone;
+    w.bootstrap_ = std::make_unique<LocalStore>();
+    w.fired_ = std::make_shared<LocalFiredFaults>();
+    co.rank = 0;
+    co.size = 1;
+    co.generation = 1;
+    w.generation_ = 1;
+    w.latest_ = 1;
+  }
+
+  w.backend_choice_ = backend;
+  w.device_memory_ = options.device_memory;
+  w.connect_timeout_ = options.connect_timeout;
+  w.op_timeout_ = options.op_timeout;
+  RALLY_ASSIGN_OR_RETURN(w.backend_, collectives::chooseBackend(backend, needs));
+  auto comm = collectives::createCommunicator(w.backend_, *w.bootstrap_, co, needs);
+  RALLY_RETURN_IF_ERROR(comm.status())
+ << "creating generation " << w.generation() << "'s " << w.backend_ << " communicator";
+  if (w.launcher_ == Launcher::kMpi) {
+    w.rank_ = (*comm)->rank();
+    w.size_ = (*comm)->size();
+    // Placement: Slurm says it; Open MPI gives the local rank and size (nodes are then assumed
+    // filled in order, as mpirun's default --map-by slot does).
+    w.local_rank_ = static_cast<int>(
+        intVarOr(env, "SLURM_LOCALID", intVarOr(env, "OMPI_COMM_WORLD_LOCAL_RANK", w.rank_)));
+    w.local_size_ = static_cast<int>(intVarOr(env, "OMPI_COMM_WORLD_LOCAL_SIZE", w.size_));
+    const int per_node = std::max(1, w.local_size_);
+    w.node_rank_ = static_cast<int>(intVarOr(env, "SLURM_NODEID", w.rank_ / per_node));
+    w.num_nodes_ =
+        static_cast<int>(intVarOr(env, "SLURM_NNODES", (w.size_ + per_node - 1) / per_node));
+  }
+  {
+    std::lock_guard lock(w.comm_mu_);
+    w.comm_ = std::move(*comm);
+  }
+  // A move seen before the communicator existed aborts it now.
+  if (w.generationChanged() || w.closed_) {
+    w.onGeneration(w.latest_.load(), "seen while starting", w.closed_.load());
+  }
+  log::get("world")->debug("{}", w.describe());
+  return world;
+}
+
+Status World::recover(Milliseconds timeout) {
+  if (launcher_ != Launcher::kRally || !in_place_) {
+    return failedPrecondition(fmt::format(
+        "this world cannot re-form in place ({}{}): start the job with `rally run --recovery "
+        "in-place`",
+        launcherName(launcher_),
+        launcher_ == Launcher::kRally ? ", which restarts workers instead" : ""));
+  }
+  auto log = log::get("world");
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    RALLY_ASSIGN_OR_RETURN(const rally::v1::RoundInfo round, conn_->getRound());
+    if (round.state() == rally::v1::GenerationEvent::CLOSED) {
+      return aborted("the job was closed while this worker waited to re-form");
+    }
+    if (round.state() == rally::v1::GenerationEvent::FORMED && round.generation() > generation_) {
+      int offset = 0, total = 0, node = -1;
+      for (const auto& m : round.members()) {
+        if (m.node_id() == node_id_) {
+          node = static_cast<int>(m.node_rank());
+          offset = total;
+        }
+        total += static_cast<int>(m.local_world_size());
+      }
+      if (node < 0) {
+        return failedPrecondition(fmt::format(
+            "node '{}' is not a member of generation {}'s round: the job went on without it",
+            node_id_, round.generation()));
+      }
+      round_read_at_ = std::chrono::steady_clock::now();
+      {
+        std::lock_guard lock(comm_mu_);
+        comm_.reset();  // frees the old generation's connections and shared memory
+        generation_ = round.generation();
+        rank_ = offset + local_rank_;
+        size_ = total;
+        node_rank_ = node;
+        num_nodes_ = round.members_size();
+      }
+      bootstrap_ = std::make_unique<rendezvous::CoordinatorBootstrapStore>(
+          rendezvous::StoreClient(conn_).scoped("rally/comm/", generation()));
+      const Status built = buildCommunicator();
+      if (built.ok()) {
+        last_moved_at_ = movedAt();
+        moved_at_us_ = 0;
+        log->info("re-formed in place: {}", describe());
+        return okStatus();
+      }
+      if (built.code() != StatusCode::kAborted && !generationChanged()) return built;
+      log->info("generation {} ended while its communicator was built ({}); following the job",
+                generation(), built.message());
+    }
+    std::unique_lock lock(comm_mu_);
+    const std::uint64_t seen = latest_.load();
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return timeoutError(fmt::format(
+          "no round newer than generation {} formed within {} (the job's newest generation: {})",
+          generation(), formatDuration(timeout), seen));
+    }
+    // Woken by the watch; polls as well, so a missed event costs at most 50 ms.
+    gen_cv_.wait_for(lock, std::chrono::milliseconds(50),
+                     [&] { return latest_.load() != seen || closed_.load(); });
+  }
+}
+
+std::chrono::system_clock::time_point World::movedAt() const {
+  return std::chrono::system_clock::time_point(std::chrono::microseconds(moved_at_us_.load()));
+}
+
+std::optional<std::chrono::system_clock::time_point> World::failureTime(std::uint64_t from) {
+  if (!conn_) return std::nullopt;
+  rendezvous::StoreClient store =
+      rendezvous::StoreClient(conn_).scoped(fmt::format("rally/run/failure_times/{:08}/", from), 0);
+  auto keys = store.list();
+  if (!keys.ok()) return std::nullopt;
+  std::optional<std::int64_t> earliest;
+  for (const auto& k : *keys) {
+    auto v = store.get(k);
+    if (!v.ok() || !v->has_value()) continue;
+    const std::int64_t us = std::strtoll((*v)->c_str(), nullptr, 10);
+    if (us > 0 && (!earliest || us < *earliest)) earliest = us;
+  }
+  if (!earliest) return std::nullopt;
+  return std::chrono::system_clock::time_point(std::chrono::microseconds(*earliest));
+}
+
+Status World::buildCommunicator() {
+  collectives::CommunicatorOptions co;
+  co.rank = rank_;
+  co.size = size_;
+  co.generation = generation();
+  co.connect_timeout = connect_timeout_;
+  co.op_timeout = op_timeout_;
+  auto comm = collectives::createCommunicator(backend_, *bootstrap_, co,
+                                              {.device_memory = device_memory_});
+  RALLY_RETURN_IF_ERROR(comm.status())
+ << "creating generation " << generation() << "'s " << backend_ << " communicator";
+  {
+    std::lock_guard lock(comm_mu_);
+    comm_ = std::move(*comm);
+  }
+  if (generationChanged()) {
+    onGeneration(latest_.load(), "seen while re-forming", closed_.load());
+    return aborted(fmt::format("generation {} ended as soon as it formed", generation()));
+  }
+  return okStatus();
+}
+
+Result<std::unique_ptr<World>> init(const InitOptions& options) {
+  Env env;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    const std::string kv = *e;
+    const auto eq = kv.find('=');
+    if (eq != std::string::npos) env[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  return initFrom(env, options);
+}
+
+}  // namespace rally

@@ -1,0 +1,136 @@
+// rally::init(): this process's place in the job (rank, size, local rank, node, generation) and a
+// communicator over the whole world, from the environment the process was started in:
+//   - under `rally run` (RALLY_COORDINATOR set by the agent): the communicator bootstraps through
+//     the coordinator's store in this generation's scope, and a generation watch aborts it the
+//     moment the job's generation moves (a worker exit seen by its agent, a lost node, a node
+//     waiting to join): a collective blocked on a dead peer returns Aborted in milliseconds;
+//   - under mpirun or srun with MPI (static: the world never changes): an MPI communicator;
+//   - with no launcher at all: a world of one.
+//
+//   RALLY_ASSIGN_OR_RETURN(std::unique_ptr<rally::World> world, rally::init());
+//   RALLY_RETURN_IF_ERROR(world->comm().allreduce(g, n, DataType::kF32, ReduceOp::kAvg)
+//                             ->wait(10s));
+//
+// Thread-safety: one training thread uses a World (recover() changes rank, size and comm());
+// generation(), latestGeneration() and generationChanged() may be read from any thread. The
+// communicator follows its own contract; the generation watch runs on a gRPC thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <chrono>
+#include <map>
+#include <optional>
+#include <memory>
+#include <mutex>
+#include <condition_variable>
+#include <string>
+
+#include "collectives/communicator.h"
+#include "kernels/base/status.h"
+#include "runtime/faults/fault_injector.h"
+
+namespace rally {
+
+namespace rendezvous {
+class CoordinatorConnection;
+class GenerationWatcher;
+}  // namespace rendezvous
+
+enum class Launcher { kNone, kMpi, kRally };
+std::string_view launcherName(Launcher l);
+
+struct InitOptions {
+  // A backend name for collectives::createCommunicator ("auto", "gloo", "mpi", "nccl"); empty:
+  // RALLY_BACKEND if set, else "auto" ("mpi" under an MPI launcher).
+  std::string backend;
+  bool device_memory = false;  // the collectives will be on CUDA buffers
+  Milliseconds connect_timeout{60'000};
+  Milliseconds op_timeout{600'000};
+};
+
+class World {
+ public:
+  ~World();
+  World(const World&) = delete;
+  World& operator=(const World&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int localRank() const { return local_rank_; }
+  int localSize() const { return local_size_; }
+  int nodeRank() const { return node_rank_; }
+  int numNodes() const { return num_nodes_; }
+  std::uint64_t generation() const { return generation_.load(); }
+  Launcher launcher() const { return launcher_; }
+  collectives::Communicator& comm() { return *comm_; }
+  // The newest generation the job has announced (the watch's view; this world's otherwise).
+  std::uint64_t latestGeneration() const { return latest_.load(); }
+  // The job moved past this world's generation, or was closed: its communicator has been aborted.
+  bool generationChanged() const { return latestGeneration() > generation() || closed_.load(); }
+  // Where fault firings are recorded for "once per job": the coordinator's store under rally run,
+  // this process otherwise.
+  std::shared_ptr<FiredFaults> firedFaults() const { return fired_; }
+  // "rank 1 of 4 (local 1 of 2, node 0 of 2), generation 3, rally run, backend gloo".
+  std::string describe() const;
+
+  // Under `rally run --recovery in-place` (RALLY_RECOVERY=in-place): the job can re-form around a
+  // failure without restarting this process.
+  bool canRecoverInPlace() const { return in_place_; }
+  // Re-forms this process's world in place: waits (up to `timeout`) for a round of a newer
+  // generation than this world's to form, takes this worker's rank in it (nodes in node-rank
+  // order, each contributing its local workers), and builds that generation's communicator
+  // (the old one is destroyed first, so comm() must be fetched again afterwards). If the
+  // generation moves again meanwhile, it follows to the newest. Errors: FailedPrecondition when
+  // in-place recovery is not possible here (another launcher, restart mode) or this node is not in
+  // the new round; Timeout; Aborted when the job was closed.
+  Status recover(Milliseconds timeout = Milliseconds(120'000));
+  // When the watch first told this process that the job moved past this world's generation (the
+  // epoch: it has not); after recover(), when it was told that the generation it left ended.
+  // failureTime(g): when the earliest worker failure of generation g happened, as its agent
+  // recorded it (nullopt: none recorded, or not under rally run). For recovery timing.
+  std::chrono::system_clock::time_point movedAt() const;
+  std::chrono::system_clock::time_point lastMovedAt() const { return last_moved_at_; }
+  // When the last recover() read the round it re-formed into (its communicator was built after).
+  std::chrono::steady_clock::time_point roundReadAt() const { return round_read_at_; }
+  std::optional<std::chrono::system_clock::time_point> failureTime(std::uint64_t from);
+
+ private:
+  friend Result<std::unique_ptr<World>> initFrom(const std::map<std::string, std::string>&,
+                                                 const InitOptions&);
+  World() = default;
+  // From the watch: a newer generation, or the job closed, aborts the communicator.
+  void onGeneration(std::uint64_t generation, const std::string& cause, bool closed);
+
+  Status buildCommunicator();
+
+  bool in_place_ = false;
+  std::string node_id_;
+  std::string backend_choice_;
+  bool device_memory_ = false;
+  Milliseconds connect_timeout_{60'000}, op_timeout_{600'000};
+  std::condition_variable gen_cv_;  // with comm_mu_: the watch saw a new generation
+  int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1, node_rank_ = 0, num_nodes_ = 1;
+  std::atomic<std::uint64_t> generation_{0};
+  Launcher launcher_ = Launcher::kNone;
+  std::string backend_;
+  std::atomic<std::uint64_t> latest_{0};
+  std::atomic<bool> closed_{false};
+  std::atomic<std::int64_t> moved_at_us_{0};
+  std::chrono::steady_clock::time_point round_read_at_{};
+  std::chrono::system_clock::time_point last_moved_at_{};  // system clock, when the watch saw a newer generation
+  std::shared_ptr<FiredFaults> fired_;
+  std::unique_ptr<collectives::BootstrapStore> bootstrap_;
+  std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
+  std::mutex comm_mu_;  // guards comm_ against the watch while it is being set
+  std::unique_ptr<collectives::Communicator> comm_;
+  std::unique_ptr<rendezvous::GenerationWatcher> watcher_;
+};
+
+// From this process's environment.
+Result<std::unique_ptr<World>> init(const InitOptions& options = {});
+// From `env` instead (tests; embedding with an explicit environment).
+Result<std::unique_ptr<World>> initFrom(const std::map<std::string, std::string>& env,
+                                        const InitOptions& options = {});
+
+}  // namespace rally

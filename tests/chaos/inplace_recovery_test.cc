@@ -1,0 +1,164 @@
+// In-place recovery through `rally run --recovery in-place`, on loopback, with the minimal example
+// (regression by data-parallel gradient descent, librally's World, ElasticState, ElasticSampler
+// and ElasticRun) as the workers:
+//   - 2 agents x 2 workers, one worker killed with SIGKILL by the fault plan: the other three
+//     keep their processes (no worker group is restarted; one replacement is started), the job
+//     finishes, every sample is used exactly once per epoch, and with MIN = MAX the final weights
+//     are bitwise identical to an uninterrupted run's;
+//   - a whole node killed: the survivors go on with 2 ranks; a new node joins and the world grows
+//     back to 4; every sample exactly once per epoch; the weights within 2e-2 of the
+//     uninterrupted run's (the data are split differently while the world is smaller, so the
+//     sums are rounded differently; the model converges to the same least-squares solution).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cmath>
+#include <memory>
+#include <sstream>
+
+#include "tests/integration/process.h"
+
+namespace rally::testing {
+namespace {
+
+using std::chrono::milliseconds;
+
+int freePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+size_t count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+int exitCode(ChildProcess& p, milliseconds timeout = milliseconds(60000)) {
+  const int status = p.waitExit(timeout);
+  if (status == -1) return -1;
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return WEXITSTATUS(status);
+}
+
+// The minimal example's summary ("weights ..." and "steps ... uses_max N"), from whichever
+// agent ran rank 0.
+struct Result {
+  std::vector<double> weights;
+  std::string weights_text;
+  std::string summary;
+};
+
+Result parse(const std::string& output) {
+  Result r;
+  std::istringstream in(output);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("weights ", 0) == 0) {
+      r.weights_text = line;
+      std::istringstream w(line.substr(8));
+      for (std::string v; w >> v;) r.weights.push_back(std::strtod(v.c_str(), nullptr));
+    } else if (line.rfind("steps ", 0) == 0) {
+      r.summary = line;
+    }
+  }
+  return r;
+}
+
+class InPlaceRecoveryTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<ChildProcess> agent(const std::string& name, std::vector<std::string> args,
+                                      const std::vector<std::string>& program_args) {
+    std::vector<std::string> argv = {RALLY_BINARY, "run", "--node-id", name, "--local-addr",
+                                     "127.0.0.1", "--heartbeat-interval", "500ms",
+                                     "--grace-period", "2s", "--recovery", "in-place",
+                                     "--events", events_};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.push_back(RALLY_MINIMAL);
+    argv.insert(argv.end(), program_args.begin(), program_args.end());
+    return std::make_unique<ChildProcess>(argv, tempPath(name + ".out"));
+  }
+  // The uninterrupted run: one node of 4 workers (the same world of 4 ranks).
+  Result reference(const std::vector<std::string>& program_args) {
+    std::vector<std::string> argv = {RALLY_BINARY, "run", "--standalone", "--nproc-per-node",
+                                     "4", RALLY_MINIMAL};
+    argv.insert(argv.end(), program_args.begin(), program_args.end());
+    ChildProcess ref(argv, tempPath("inplace-ref.out"));
+    EXPECT_EQ(exitCode(ref), 0) << ref.errors();
+    return parse(ref.output());
+  }
+  std::string events() const { return ChildProcess::readFile(events_); }
+
+  std::string endpoint_ = "127.0.0.1:" + std::to_string(freePort());
+  std::string events_ = tempPath("inplace-events.jsonl");
+  void SetUp() override { std::remove(events_.c_str()); }
+};
+
+TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwiseIdentical) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "2", "--batch", "12",
+                                            "--commit-every", "4", "--step-ms", "5"};
+  const Result ref = reference(program);
+  ASSERT_EQ(ref.weights.size(), 8u);
+  const std::string plan = tempPath("inplace-plan.txt");
+  { std::ofstream(plan) << "kill rank=1 step=27   # between commits: 3 steps are redone\n"; }
+  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-w",
+                                         "--max-restarts", "2", "--fault-plan", plan};
+  auto a = agent("ip-w-a", args, program);
+  auto b = agent("ip-w-b", args, program);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  const std::string out = a->output() + b->output(), log = events();
+  const Result got = parse(out);
+  EXPECT_EQ(got.weights_text, ref.weights_text) << "not bitwise identical to the uninterrupted run";
+  EXPECT_NE(got.summary.find("recoveries 1 world 4 uses_min 2 uses_max 2"), std::string::npos)
+      << got.summary;
+  // The other three kept their processes: each node started its workers once, one replacement
+  // was started, and no worker group was stopped.
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 1u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_stopped\""), 0u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"recovery\""), 1u) << log;
+  for (const char* phase : {"\"detect\":", "\"abort\":", "\"rendezvous\":", "\"rebuild\":",
+                            "\"restore\":", "\"first_step\":"}) {
+    EXPECT_NE(log.find(phase), std::string::npos) << phase << " missing from " << log;
+  }
+}
+
+TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "4", "--batch", "12",
+                                            "--commit-every", "4", "--step-ms", "25"};
+  const Result ref = reference(program);
+  ASSERT_EQ(ref.weights.size(), 8u);
+  const std::vector<std::string> args = {"--nnodes", "1:2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-n",
+                                         "--last-call", "300ms"};
+  auto a = agent("ip-n-a", args, program);
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-n-b", args, program);
+  ASSERT_TRUE(a->waitForOutput("world 4 generation", milliseconds(30000))) << a->errors();
+  b->signal(SIGKILL);  // the whole node: its agent, and with it its workers
+  EXPECT_EQ(exitCode(*b, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(a->waitForOutput("world 2 generation", milliseconds(30000))) << a->errors();
+  auto c = agent("ip-n-c", args, program);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  const Result got = parse(a->output() + c->output());
+  EXPECT_NE(got.summary.find("recoveries 2 world 4 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n" << a->output();
+  ASSERT_EQ(got.weights.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_NEAR(got.weights[i], ref.weights[i], 2e-2) << i;
+  const std::string log = events();
+  EXPECT_NE(log.find("\"event\":\"recovery\""), std::string::npos) << log;
+  EXPECT_NE(log.find("\"world_size\":2"), std::string::npos) << log;
+}
+
+}  // namespace
+}  // namespace rally::testing

@@ -1,0 +1,117 @@
+// rally::init() in each environment: no launcher (a world of one; a torchrun-style WORLD_SIZE
+// without a launcher is refused with what to do), bad variables named, and under `rally run`
+// (RALLY_COORDINATOR): two workers build their communicator through the coordinator's store, and
+// when the job's generation moves (a node's stream breaks) a collective blocked on a peer returns
+// Aborted within 2 s, not at its 60 s timeout. Fault firings are claimed once per job.
+#include "runtime/world/world.h"
+
+#include <thread>
+
+#include "tests/integration/coordinator/coordinator_fixture.h"
+
+namespace rally::testing {
+namespace {
+
+using collectives::DataType;
+using collectives::ReduceOp;
+using std::chrono::milliseconds;
+
+TEST(WorldWithoutLauncher, IsAWorldOfOne) {
+  auto w = initFrom({});
+  ASSERT_TRUE(w.ok()) << w.status().toString();
+  EXPECT_EQ((*w)->rank(), 0);
+  EXPECT_EQ((*w)->size(), 1);
+  EXPECT_EQ((*w)->launcher(), Launcher::kNone);
+  EXPECT_FALSE((*w)->generationChanged());
+  float x = 2.5f;
+  ASSERT_TRUE((*w)->comm().allreduce(&x, 1, DataType::kF32, ReduceOp::kSum)->wait(milliseconds(5000)).ok());
+  EXPECT_EQ(x, 2.5f);
+  EXPECT_NE((*w)->describe().find("rank 0 of 1"), std::string::npos) << (*w)->describe();
+  auto claim = (*w)->firedFaults()->claim(0);
+  ASSERT_TRUE(claim.ok());
+  EXPECT_TRUE(*claim);
+  EXPECT_FALSE(*(*w)->firedFaults()->claim(0));
+}
+
+TEST(WorldWithoutLauncher, RefusesAMultiProcessEnvironmentItCannotJoin) {
+  auto w = initFrom({{"WORLD_SIZE", "4"}, {"RANK", "1"}});
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(w.status().message().find("rally run"), std::string::npos) << w.status().message();
+}
+
+TEST(WorldUnderRally, NamesAMissingOrBadVariable) {
+  std::map<std::string, std::string> env = {
+      {"RALLY_COORDINATOR", "127.0.0.1:1"}, {"RALLY_WORLD_SIZE", "2"}, {"RALLY_RANK", "x"}};
+  auto w = initFrom(env);
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(w.status().message().find("RALLY_RANK='x' is not a whole number"), std::string::npos)
+      << w.status().message();
+  env["RALLY_RANK"] = "2";
+  w = initFrom(env);
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find("RALLY_RANK=2 is not below RALLY_WORLD_SIZE=2"),
+            std::string::npos);
+  env["RALLY_RANK"] = "0";
+  w = initFrom(env);
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find("RALLY_LOCAL_WORLD_SIZE is not set (rally run sets it)"),
+            std::string::npos)
+      << w.status().message();
+}
+
+class WorldUnderRallyTest : public CoordinatorFixture {
+ protected:
+  std::map<std::string, std::string> env(int rank, std::uint64_t gen) {
+    return {{"RALLY_COORDINATOR", endpoint_}, {"RALLY_TOKEN", kToken},
+            {"RALLY_RANK", std::to_string(rank)}, {"RALLY_WORLD_SIZE", "2"},
+            {"RALLY_LOCAL_RANK", "0"}, {"RALLY_LOCAL_WORLD_SIZE", "1"},
+            {"RALLY_NODE_RANK", std::to_string(rank)}, {"RALLY_NUM_NODES", "2"},
+            {"RALLY_GENERATION", std::to_string(gen)}, {"RALLY_BACKEND", "gloo"}};
+  }
+};
+
+TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
+  auto a = join("a");
+  auto b = join("b");
+  for (auto* s : {a.get(), b.get()}) ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  const std::uint64_t gen = server_->service().stats().generation;
+  std::vector<std::unique_ptr<World>> worlds(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      auto w = initFrom(env(r, gen), {.op_timeout = Milliseconds(60'000)});
+      ASSERT_TRUE(w.ok()) << w.status().toString();
+      float x = static_cast<float>(r + 1);
+      ASSERT_TRUE((*w)->comm().allreduce(&x, 1, DataType::kF32, ReduceOp::kSum)
+                      ->wait(milliseconds(10000)).ok());
+      EXPECT_EQ(x, 3.0f);
+      worlds[r] = std::move(*w);
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_TRUE(worlds[0] && worlds[1]);
+  EXPECT_EQ(worlds[1]->launcher(), Launcher::kRally);
+  EXPECT_EQ(worlds[1]->generation(), gen);
+  // Fault firings: once per job, whichever world asks.
+  EXPECT_TRUE(*worlds[0]->firedFaults()->claim(5));
+  EXPECT_FALSE(*worlds[1]->firedFaults()->claim(5));
+
+  // Rank 0 waits in an allreduce that rank 1 never joins; node b's session breaks.
+  float x = 1;
+  auto work = worlds[0]->comm().allreduce(&x, 1, DataType::kF32, ReduceOp::kSum);
+  std::this_thread::sleep_for(milliseconds(100));
+  const auto t0 = std::chrono::steady_clock::now();
+  b->cancel();
+  const Status s = work->wait(milliseconds(30'000));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(s.code(), StatusCode::kAborted) << s.toString();
+  EXPECT_NE(s.toString().find("the job moved to generation"), std::string::npos) << s.toString();
+  EXPECT_LT(took, milliseconds(2000));
+  EXPECT_TRUE(worlds[0]->generationChanged());
+  EXPECT_GT(worlds[0]->latestGeneration(), gen);
+}
+
+}  // namespace
+}  // namespace rally::testing
