@@ -154,6 +154,7 @@ void TcpCollectives::ringAllgatherInPlace(char* data, const std::vector<size_t>&
 }
 
 void TcpCollectives::allreduce(void* data, size_t count, DataType type, ReduceOp op) {
+  if (count == 0) return;  // every rank has nothing (the call check saw to that)
   const size_t es = dataTypeSize(type);
   std::vector<size_t> begin(size_ + 1), bytes(size_ + 1);
   for (int j = 0; j <= size_; ++j) {
@@ -170,6 +171,7 @@ void TcpCollectives::allreduce(void* data, size_t count, DataType type, ReduceOp
 
 void TcpCollectives::reduceScatter(const void* in, void* out, size_t count, DataType type,
                                    ReduceOp op) {
+  if (count == 0) return;
   const size_t es = dataTypeSize(type);
   std::vector<char> all(static_cast<const char*>(in),
                         static_cast<const char*>(in) + count * es * size_);
@@ -181,6 +183,7 @@ void TcpCollectives::reduceScatter(const void* in, void* out, size_t count, Data
 }
 
 void TcpCollectives::allgather(const void* in, void* out, size_t bytes) {
+  if (bytes == 0) return;
   auto* p = static_cast<char*>(out);
   std::memcpy(p + bytes * rank_, in, bytes);
   std::vector<size_t> begin(size_ + 1);
@@ -189,6 +192,7 @@ void TcpCollectives::allgather(const void* in, void* out, size_t bytes) {
 }
 
 void TcpCollectives::broadcast(void* data, size_t bytes, int root) {
+  if (bytes == 0) return;
   const std::uint64_t slot = slots(1);
   if (size_ == 1) return;
   auto buf = buffer(data, bytes);
@@ -207,6 +211,7 @@ void TcpCollectives::broadcast(void* data, size_t bytes, int root) {
 }
 
 void TcpCollectives::alltoall(const void* in, void* out, size_t bytes_per_rank) {
+  if (bytes_per_rank == 0) return;
   const std::uint64_t slot = slots(1);
   std::memcpy(static_cast<char*>(out) + bytes_per_rank * rank_,
               static_cast<const char*>(in) + bytes_per_rank * rank_, bytes_per_rank);

@@ -34,6 +34,9 @@ constexpr TunableSpec kSpecs[] = {
      "after forwarding a signal to workers, how long to wait before SIGKILL (torchrun: fixed 30s)"},
     {"exit_barrier_timeout", "RALLY_EXIT_BARRIER_TIMEOUT", TunableKind::kDuration, "300s",
      "how long a node whose workers finished waits for the others (torchrun: fixed 300s)"},
+    {"hang_timeout", "RALLY_HANG_TIMEOUT", TunableKind::kDuration, "10s",
+     "a worker stopped this long (SIGSTOP, state T) is hung: its agent kills it and handles it as a "
+     "failure; 0 turns the check off"},
 };
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <deque>
 #include <set>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <random>
 #include <variant>
@@ -163,6 +164,8 @@ class Agent::Impl {
   // In-place recovery: a failed worker is replaced at the next round, the others keep running.
   Status spawnReplacements(const v1::RoundFormed& r);
   bool allLocalWorkersSucceeded() const;
+  // Kills workers that have been stopped (SIGSTOP) longer than --hang-timeout.
+  void checkHungWorkers();
 
   cli::RunOptions o_;
   std::string node_id_;
@@ -180,6 +183,8 @@ class Agent::Impl {
   std::map<int, bool> last_exit_ok_;     // local rank -> its latest process exited with 0
   int master_port_ = 0;
   std::string fault_plan_text_;  // --fault-plan, for the workers' RALLY_FAULTS
+  std::map<pid_t, Clock::time_point> stopped_since_;  // workers seen stopped, since when
+  std::map<pid_t, Milliseconds> hung_killed_;        // workers killed as hung, stopped how long
   std::uint64_t epoch_ = 0;  // tags worker exits with the group they came from
   std::optional<v1::RoundFormed> round_;
   std::uint64_t generation_ = 0;
@@ -500,6 +505,44 @@ Status Agent::Impl::spawnReplacements(const v1::RoundFormed& r) {
   return okStatus();
 }
 
+// The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
+char processState(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string stat;
+  if (!std::getline(in, stat)) return 0;
+  const auto paren = stat.rfind(')');  // the command name may hold spaces and parentheses
+  return paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : 0;
+}
+
+void Agent::Impl::checkHungWorkers() {
+  const Milliseconds limit = tunable("hang_timeout");
+  if (limit.count() <= 0 || !group_) return;
+  std::vector<pid_t> pids = group_->pids();
+  for (const auto& g : replacements_) {
+    const auto more = g->pids();
+    pids.insert(pids.end(), more.begin(), more.end());
+  }
+  const auto now = Clock::now();
+  std::map<pid_t, Clock::time_point> still;
+  for (pid_t pid : pids) {
+    if (processState(pid) != 'T') continue;  // running, sleeping, exited ('t': a debugger's)
+    auto it = stopped_since_.find(pid);
+    const auto since = it != stopped_since_.end() ? it->second : now;
+    still[pid] = since;
+    const auto stopped = std::chrono::duration_cast<Milliseconds>(now - since);
+    if (stopped >= limit && hung_killed_.count(pid) == 0) {
+      hung_killed_[pid] = stopped;
+      log_->error("worker pid {} has been stopped for {} (--hang-timeout {}): it is hung; killing "
+                  "it",
+                  pid, formatDuration(stopped), formatDuration(limit));
+      events_->write("worker_hung", {{"pid", pid}, {"stopped_ms", stopped.count()}});
+      ::kill(-pid, SIGKILL);  // its process group
+      ::kill(pid, SIGKILL);
+    }
+  }
+  stopped_since_ = std::move(still);
+}
+
 bool Agent::Impl::allLocalWorkersSucceeded() const {
   if (!group_ || group_->running() > 0 || !missing_.empty()) return false;
   for (const auto& g : replacements_) {
@@ -554,6 +597,11 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   f.restart = restart_count_;
   readErrorFile(fmt::format("{}/attempt_{}/{}/error.json", run_dir_, restart_count_, e.local_rank),
                 &f.error_message, &f.error_traceback);
+  if (auto hung = hung_killed_.find(e.pid); hung != hung_killed_.end()) {
+    f.error_message = fmt::format("hung: stopped for {} (--hang-timeout {}); killed by its agent",
+                                  formatDuration(hung->second),
+                                  formatDuration(tunable("hang_timeout")));
+  }
   log_->error("worker local rank {} (rank {}) failed: {}", e.local_rank, f.global_rank,
               e.describe());
   events_->write("worker_failed", f.toJson());
@@ -696,7 +744,8 @@ int Agent::Impl::loop() {
                   formatDuration(tunable("exit_barrier_timeout")));
       return 1;
     }
-    auto next = queue_.pop(Milliseconds(500));
+    checkHungWorkers();
+    auto next = queue_.pop(Milliseconds(100));
     if (!next) continue;
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {
       log_->warn("received {}: forwarding it to the workers", cli::signalName(sig->sig));

@@ -112,6 +112,9 @@ Status ElasticRun::recoverOnce(const Status& cause) {
   RALLY_RETURN_IF_ERROR(world_.recover(options_.recover_timeout))
       << "recovering in place after: " << cause.toString();
   const auto rebuilt = Clock::now();
+  if (faults_) {  // a fault plan's "during the N-th recovery"
+    RALLY_RETURN_IF_ERROR(faults_->atRecovery(world_.rank(), recoveries_));
+  }
   p.rendezvous_ms = msBetween(returned, world_.roundReadAt());
   p.rebuild_ms = msBetween(world_.roundReadAt(), rebuilt);
   p.generation = world_.generation();

@@ -35,28 +35,45 @@ Status FaultInjector::atStep(int rank, std::int64_t step) {
   const auto& faults = plan_.faults();
   for (size_t i = 0; i < faults.size(); ++i) {
     const Fault& f = faults[i];
-    if (f.target != Fault::Target::kRank || f.index != rank || !f.step || *f.step > step ||
-        done_here_.count(i) != 0) {
-      continue;
+    if (f.target == Fault::Target::kRank && f.index == rank && f.step && *f.step <= step) {
+      RALLY_RETURN_IF_ERROR(fire(i));
     }
-    auto mine = fired_->claim(i);
-    RALLY_RETURN_IF_ERROR(mine.status()) << "claiming fault '" << f.describe() << "'";
-    done_here_.insert(i);
-    if (!*mine) continue;  // fired before, by an earlier incarnation of this rank
-    switch (f.action) {
-      case Fault::Action::kKill:
-        actions_.kill(f);
-        break;
-      case Fault::Action::kHang:
-        actions_.hang(f);
-        break;
-      case Fault::Action::kDelay:
-        actions_.delay(f);
-        break;
-      case Fault::Action::kFail:
-        actions_.fail(f);
-        break;
+  }
+  return okStatus();
+}
+
+Status FaultInjector::atRecovery(int rank, std::int64_t recovery) {
+  const auto& faults = plan_.faults();
+  for (size_t i = 0; i < faults.size(); ++i) {
+    const Fault& f = faults[i];
+    if (f.target == Fault::Target::kRank && f.index == rank && f.recovery &&
+        *f.recovery == recovery) {
+      RALLY_RETURN_IF_ERROR(fire(i));
     }
+  }
+  return okStatus();
+}
+
+Status FaultInjector::fire(size_t i) {
+  if (done_here_.count(i) != 0) return okStatus();
+  const Fault& f = plan_.faults()[i];
+  auto mine = fired_->claim(i);
+  RALLY_RETURN_IF_ERROR(mine.status()) << "claiming fault '" << f.describe() << "'";
+  done_here_.insert(i);
+  if (!*mine) return okStatus();  // fired before, by an earlier incarnation of this rank
+  switch (f.action) {
+    case Fault::Action::kKill:
+      actions_.kill(f);
+      break;
+    case Fault::Action::kHang:
+      actions_.hang(f);
+      break;
+    case Fault::Action::kDelay:
+      actions_.delay(f);
+      break;
+    case Fault::Action::kFail:
+      actions_.fail(f);
+      break;
   }
   return okStatus();
 }

@@ -60,9 +60,15 @@ class FaultInjector {
   // in this job. Returns what claiming said if the store could not be reached (the fault is then
   // not fired: a drill must not turn into a real failure of another kind).
   Status atStep(int rank, std::int64_t step);
+  // Fires the plan's recovery faults for `rank` whose recovery number is `recovery` (1 = the job's
+  // first in-place recovery).
+  Status atRecovery(int rank, std::int64_t recovery);
   bool empty() const { return plan_.empty(); }
 
  private:
+  // Fires fault i if it has not fired in this job.
+  Status fire(size_t i);
+
   FaultPlan plan_;
   std::shared_ptr<FiredFaults> fired_;
   FaultActions actions_;

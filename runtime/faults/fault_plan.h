@@ -7,10 +7,13 @@
 //   delay rank=0 step=10 for=500ms  # stall it for 500 ms at that step
 //   fail  rank=3 time=5s code=3   # make it exit with code 3, 5 s after it started
 //   kill  node=1 time=3s          # kill node 1's agent and workers, 3 s after the job started
+//   kill  rank=2 recovery=1       # kill rank 2 during its first in-place recovery
 //
 // Targets: rank=R (a worker, by global rank) or node=N (a whole node, by node rank; kill only).
-// Triggers: step=S (at the first step boundary at or after S, applied by the worker's runtime) or
-// time=T (applied by the agent, T after the job's workers first started). Each fault fires once
+// Triggers: step=S (at the first step boundary at or after S, applied by the worker's runtime);
+// recovery=N (during the N-th in-place recovery that the worker holding rank R goes through, once
+// the new round has formed and before the state is restored: a failure during recovery); or time=T (T after the job's workers first
+// started; applied by the agent). Each fault fires once
 // per job: the firing is claimed (in the coordinator's store under `rally run`), so a replacement
 // worker that passes step S again does not fire it again.
 //
@@ -37,7 +40,8 @@ struct Fault {
   Target target = Target::kRank;
   int index = 0;                        // the rank or the node rank
   std::optional<std::int64_t> step;     // step trigger, or
-  std::optional<Milliseconds> time;     // time trigger
+  std::optional<Milliseconds> time;     // time trigger, or
+  std::optional<std::int64_t> recovery;  // during the N-th in-place recovery
   Milliseconds delay{0};                // delay: how long
   int exit_code = 1;                    // fail: the exit code
   int line = 0;                         // where it was written (1-based), for messages

@@ -246,8 +246,15 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
   w.op_timeout_ = options.op_timeout;
   RALLY_ASSIGN_OR_RETURN(w.backend_, collectives::chooseBackend(backend, needs));
   auto comm = collectives::createCommunicator(w.backend_, *w.bootstrap_, co, needs);
+  if (!comm.ok() && w.in_place_ && w.jobMovedOn()) {
+    // A replacement or a new node that starts while the job moves on again: follow it.
+    log::get("world")->info("generation {} ended while this worker started ({}); following the job",
+                            w.generation(), comm.status().message());
+    RALLY_RETURN_IF_ERROR(w.recover(options.connect_timeout)) << "joining the job";
+    return world;
+  }
   RALLY_RETURN_IF_ERROR(comm.status())
- << "creating generation " << w.generation() << "'s " << w.backend_ << " communicator";
+      << "creating generation " << w.generation() << "'s " << w.backend_ << " communicator";
   if (w.launcher_ == Launcher::kMpi) {
     w.rank_ = (*comm)->rank();
     w.size_ = (*comm)->size();
@@ -321,7 +328,7 @@ Status World::recover(Milliseconds timeout) {
         log->info("re-formed in place: {}", describe());
         return okStatus();
       }
-      if (built.code() != StatusCode::kAborted && !generationChanged()) return built;
+      if (!jobMovedOn()) return built;
       log->info("generation {} ended while its communicator was built ({}); following the job",
                 generation(), built.message());
     }
@@ -357,6 +364,14 @@ std::optional<std::chrono::system_clock::time_point> World::failureTime(std::uin
   }
   if (!earliest) return std::nullopt;
   return std::chrono::system_clock::time_point(std::chrono::microseconds(*earliest));
+}
+
+bool World::jobMovedOn() {
+  if (generationChanged()) return true;
+  if (!conn_) return false;
+  // The store can tell before the watch does ("generation 4 has ended (current is 5)").
+  auto round = conn_->getRound();
+  return round.ok() && round->generation() > generation();
 }
 
 Status World::buildCommunicator() {

@@ -103,6 +103,8 @@ class World {
   void onGeneration(std::uint64_t generation, const std::string& cause, bool closed);
 
   Status buildCommunicator();
+  // The job is past this world's generation (the watch said so, or the coordinator does).
+  bool jobMovedOn();
 
   bool in_place_ = false;
   std::string node_id_;

@@ -5,6 +5,10 @@
 //     keep their processes (no worker group is restarted; one replacement is started), the job
 //     finishes, every sample is used exactly once per epoch, and with MIN = MAX the final weights
 //     are bitwise identical to an uninterrupted run's;
+//   - two failures in a row, and a failure during a recovery (a second worker killed while the
+//     group re-forms): bitwise identical again;
+//   - a hung rank (SIGSTOP): its agent kills it once it has been stopped for --hang-timeout (1 s
+//     here; bound asserted: stopped at most 1.5 s when killed), and the job recovers in place;
 //   - a whole node killed: the survivors go on with 2 ranks; a new node joins and the world grows
 //     back to 4; every sample exactly once per epoch; the weights within 2e-2 of the
 //     uninterrupted run's (the data are split differently while the world is smaller, so the
@@ -130,6 +134,63 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
                             "\"restore\":", "\"first_step\":"}) {
     EXPECT_NE(log.find(phase), std::string::npos) << phase << " missing from " << log;
   }
+}
+
+TEST_F(InPlaceRecoveryTest, TwoFailuresInARowAndAFailureDuringRecovery) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "2", "--batch", "12",
+                                            "--commit-every", "4", "--step-ms", "5"};
+  const Result ref = reference(program);
+  const std::string plan = tempPath("inplace-plan2.txt");
+  {
+    std::ofstream(plan) << "kill rank=1 step=18\n"
+                           "kill rank=3 step=40   # after the first recovery\n"
+                           "kill rank=0 recovery=2   # while the group re-forms after the second\n";
+  }
+  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-2",
+                                         "--max-restarts", "5", "--fault-plan", plan};
+  auto a = agent("ip-2-a", args, program);
+  auto b = agent("ip-2-b", args, program);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  const Result got = parse(a->output() + b->output());
+  EXPECT_EQ(got.weights_text, ref.weights_text) << "not bitwise identical to the uninterrupted run";
+  EXPECT_NE(got.summary.find("world 4 uses_min 2 uses_max 2"), std::string::npos) << got.summary;
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 3u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_stopped\""), 0u) << log;
+  EXPECT_NE((a->errors() + b->errors()).find("fault plan: kill rank=0 recovery=2"),
+            std::string::npos);
+}
+
+TEST_F(InPlaceRecoveryTest, HungRankIsDetectedAndReplaced) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "2", "--batch", "12",
+                                            "--commit-every", "4", "--step-ms", "5"};
+  const Result ref = reference(program);
+  const std::string plan = tempPath("inplace-plan-hang.txt");
+  { std::ofstream(plan) << "hang rank=2 step=22\n"; }
+  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-h",
+                                         "--max-restarts", "2", "--fault-plan", plan,
+                                         "--hang-timeout", "1s"};
+  auto a = agent("ip-h-a", args, program);
+  auto b = agent("ip-h-b", args, program);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  const Result got = parse(a->output() + b->output());
+  EXPECT_EQ(got.weights_text, ref.weights_text);
+  EXPECT_NE(got.summary.find("recoveries 1 world 4 uses_min 2 uses_max 2"), std::string::npos)
+      << got.summary;
+  const std::string log = events();
+  ASSERT_EQ(count(log, "\"event\":\"worker_hung\""), 1u) << log;
+  const auto at = log.find("\"stopped_ms\":");
+  ASSERT_NE(at, std::string::npos);
+  const long stopped_ms = std::strtol(log.c_str() + at + 13, nullptr, 10);
+  EXPECT_GE(stopped_ms, 1000);
+  EXPECT_LE(stopped_ms, 1500) << "killed later than --hang-timeout plus the 100 ms check";
+  EXPECT_NE(log.find("hung: stopped for"), std::string::npos) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 1u) << log;
 }
 
 TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {

@@ -2,7 +2,7 @@
 // without a launcher is refused with what to do), bad variables named, and under `rally run`
 // (RALLY_COORDINATOR): two workers build their communicator through the coordinator's store, and
 // when the job's generation moves (a node's stream breaks) a collective blocked on a peer returns
-// Aborted within 2 s, not at its 60 s timeout. Fault firings are claimed once per job.
+// Aborted (or PeerLost) within 2 s, not at its 60 s timeout. Fault firings are claimed once per job.
 #include "runtime/world/world.h"
 
 #include <thread>
@@ -106,9 +106,14 @@ TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
   b->cancel();
   const Status s = work->wait(milliseconds(30'000));
   const auto took = std::chrono::steady_clock::now() - t0;
-  EXPECT_EQ(s.code(), StatusCode::kAborted) << s.toString();
-  EXPECT_NE(s.toString().find("the job moved to generation"), std::string::npos) << s.toString();
+  // Aborted by its own watch, or PeerLost when rank 1's watch aborted the shared communicator
+  // first: either way at once.
+  EXPECT_TRUE(s.code() == StatusCode::kAborted || s.code() == StatusCode::kPeerLost)
+      << s.toString();
   EXPECT_LT(took, milliseconds(2000));
+  for (int i = 0; i < 200 && !worlds[0]->generationChanged(); ++i) {
+    std::this_thread::sleep_for(milliseconds(5));
+  }
   EXPECT_TRUE(worlds[0]->generationChanged());
   EXPECT_GT(worlds[0]->latestGeneration(), gen);
 }

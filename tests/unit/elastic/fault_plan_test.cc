@@ -21,13 +21,14 @@ TEST(FaultPlan, ParsesEveryFormAndPrintsItBack) {
       "hang  rank=2   step=30   # SIGSTOP\n"
       "\n"
       "delay rank=0 step=10 for=500ms; fail rank=3 time=5s code=3\n"
-      "kill node=1 time=3s\n",
+      "kill node=1 time=3s\n"
+      "kill rank=2 recovery=1\n",
       "drill.txt");
   ASSERT_TRUE(plan.ok()) << plan.status().toString();
-  ASSERT_EQ(plan->faults().size(), 5u);
+  ASSERT_EQ(plan->faults().size(), 6u);
   EXPECT_EQ(plan->toText(),
             "kill rank=1 step=20\nhang rank=2 step=30\ndelay rank=0 step=10 for=500ms\n"
-            "fail rank=3 time=5s code=3\nkill node=1 time=3s\n");
+            "fail rank=3 time=5s code=3\nkill node=1 time=3s\nkill rank=2 recovery=1\n");
   EXPECT_EQ(plan->faults()[3].line, 5);
   EXPECT_EQ(plan->faults()[4].target, Fault::Target::kNode);
   auto again = FaultPlan::parse(plan->toText(), "round trip");
@@ -41,6 +42,8 @@ TEST(FaultPlan, RefusesBadLinesSayingWhereAndWhatWouldBeRight) {
       {"kill step=2", "no target: add rank=R"},
       {"kill rank=1", "give exactly one trigger"},
       {"kill rank=1 step=2 time=1s", "give exactly one trigger"},
+      {"kill rank=1 step=2 recovery=1", "give exactly one trigger"},
+      {"kill rank=1 recovery=0", "recovery=0 is not a whole number of at least 1"},
       {"kill rank=-1 step=2", "rank=-1 is not a whole number of at least 0"},
       {"kill rank=1 step=x", "step=x is not a whole number"},
       {"kill rank=1 time=5parsecs", "time=5parsecs"},
@@ -112,6 +115,20 @@ TEST(FaultInjector, FiresEachStepFaultOnceForItsRankAtOrAfterItsStep) {
   EXPECT_TRUE(again.fired.empty());
   for (std::int64_t step = 0; step < 10; ++step) ASSERT_TRUE(rank0.atStep(0, step).ok());
   EXPECT_EQ(r0.fired, std::vector<std::string>{"fail rank=0 step=4 code=1"});
+}
+
+TEST(FaultInjector, FiresRecoveryFaultsDuringTheirRecoveryOnly) {
+  auto plan = FaultPlan::parse("kill rank=2 recovery=2; hang rank=1 step=0", "t");
+  ASSERT_TRUE(plan.ok());
+  Recorder r;
+  FaultInjector f(*plan, std::make_shared<LocalFiredFaults>(), r.actions());
+  ASSERT_TRUE(f.atRecovery(2, 1).ok());
+  ASSERT_TRUE(f.atRecovery(1, 2).ok());
+  ASSERT_TRUE(f.atStep(2, 100).ok());  // steps never fire a recovery fault
+  EXPECT_TRUE(r.fired.empty());
+  ASSERT_TRUE(f.atRecovery(2, 2).ok());
+  ASSERT_TRUE(f.atRecovery(2, 2).ok());
+  EXPECT_EQ(r.fired, std::vector<std::string>{"kill rank=2 recovery=2"});
 }
 
 class FailingClaims final : public FiredFaults {
