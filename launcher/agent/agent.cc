@@ -166,6 +166,8 @@ class Agent::Impl {
   bool allLocalWorkersSucceeded() const;
   // Kills workers that have been stopped (SIGSTOP) longer than --hang-timeout.
   void checkHungWorkers();
+  // The fault plan's time-triggered faults for this node's ranks or this node.
+  void applyTimedFaults();
 
   cli::RunOptions o_;
   std::string node_id_;
@@ -183,6 +185,10 @@ class Agent::Impl {
   std::map<int, bool> last_exit_ok_;     // local rank -> its latest process exited with 0
   int master_port_ = 0;
   std::string fault_plan_text_;  // --fault-plan, for the workers' RALLY_FAULTS
+  std::optional<FaultPlan> fault_plan_;
+  std::optional<Clock::time_point> workers_started_at_;  // this node's first workers
+  std::set<size_t> timed_faults_done_;
+  std::map<pid_t, Clock::time_point> resume_at_;  // delay faults: SIGCONT then
   std::map<pid_t, Clock::time_point> stopped_since_;  // workers seen stopped, since when
   std::map<pid_t, Milliseconds> hung_killed_;        // workers killed as hung, stopped how long
   std::uint64_t epoch_ = 0;  // tags worker exits with the group they came from
@@ -271,15 +277,76 @@ Status Agent::Impl::setup() {
   if (!o_.fault_plan.empty()) {
     RALLY_ASSIGN_OR_RETURN(FaultPlan plan, FaultPlan::fromFile(o_.fault_plan));
     fault_plan_text_ = plan.toText();
-    for (const Fault& f : plan.faults()) {
-      if (f.time) {
-        log_->warn("fault plan: '{}' (a time trigger) is not applied yet: only step triggers are, "
-                   "by the workers' runtime",
-                   f.describe());
-      }
-    }
+    fault_plan_ = std::move(plan);
   }
   return okStatus();
+}
+
+void Agent::Impl::applyTimedFaults() {
+  if (!fault_plan_ || !round_ || !group_ || !workers_started_at_) return;
+  const auto elapsed = Clock::now() - *workers_started_at_;
+  const auto& faults = fault_plan_->faults();
+  for (size_t i = 0; i < faults.size(); ++i) {
+    const Fault& f = faults[i];
+    if (!f.time || elapsed < *f.time || timed_faults_done_.count(i) != 0) continue;
+    const int first = static_cast<int>(round_->rank_offset());
+    const bool here = f.target == Fault::Target::kNode
+                          ? f.index == static_cast<int>(round_->node_rank())
+                          : f.index >= first && f.index < first + o_.local_world_size;
+    if (!here) continue;
+    timed_faults_done_.insert(i);
+    // Once per job, as the workers' step faults: claimed in the coordinator's store.
+    auto claim = rendezvous::StoreClient(conn_)
+                     .scoped("rally/faults/fired/", 0)
+                     .compareAndSet(std::to_string(i), std::nullopt, node_id_);
+    if (!claim.ok() || !claim->swapped) continue;
+    log_->warn("fault plan: {}", f.describe());
+    events_->write("fault_injected", {{"fault", f.describe()}});
+    if (f.target == Fault::Target::kNode) {
+      // The whole node, as a crash would: every worker's process group, then this agent.
+      for (pid_t pid : group_->pids()) ::kill(-pid, SIGKILL);
+      for (const auto& g : replacements_) {
+        for (pid_t pid : g->pids()) ::kill(-pid, SIGKILL);
+      }
+      ::raise(SIGKILL);
+    }
+    const int lr = f.index - first;
+    std::optional<pid_t> pid;
+    for (const auto& g : replacements_) {  // the newest process of that local rank
+      for (const auto& [p, l] : g->localRanks()) {
+        if (l == lr) pid = p;
+      }
+    }
+    if (!pid) {
+      for (const auto& [p, l] : group_->localRanks()) {
+        if (l == lr) pid = p;
+      }
+    }
+    if (!pid) continue;
+    switch (f.action) {
+      case Fault::Action::kKill:
+        ::kill(*pid, SIGKILL);
+        break;
+      case Fault::Action::kHang:
+        ::kill(*pid, SIGSTOP);
+        break;
+      case Fault::Action::kDelay:
+        ::kill(*pid, SIGSTOP);
+        resume_at_[*pid] = Clock::now() + f.delay;
+        break;
+      case Fault::Action::kFail:
+        ::kill(*pid, SIGTERM);  // from outside, a failure is a signal; the program picks its code
+        break;
+    }
+  }
+  for (auto it = resume_at_.begin(); it != resume_at_.end();) {
+    if (Clock::now() >= it->second) {
+      ::kill(it->first, SIGCONT);
+      it = resume_at_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 Status Agent::Impl::connect() {
@@ -462,6 +529,7 @@ Status Agent::Impl::spawn(const v1::RoundFormed& r, int master_port) {
   master_port_ = master_port;
   missing_.clear();
   last_exit_ok_.clear();
+  if (!workers_started_at_) workers_started_at_ = Clock::now();
   const std::uint64_t epoch = ++epoch_;
   RALLY_ASSIGN_OR_RETURN(group_,
                          WorkerGroup::start(std::move(specs), [this, epoch](const WorkerExit& e) {
@@ -745,7 +813,8 @@ int Agent::Impl::loop() {
       return 1;
     }
     checkHungWorkers();
-    auto next = queue_.pop(Milliseconds(100));
+    applyTimedFaults();
+    auto next = queue_.pop(Milliseconds(fault_plan_ ? 20 : 100));
     if (!next) continue;
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {
       log_->warn("received {}: forwarding it to the workers", cli::signalName(sig->sig));

@@ -369,6 +369,15 @@ std::vector<pid_t> WorkerGroup::pids() const {
   return out;
 }
 
+std::vector<std::pair<pid_t, int>> WorkerGroup::localRanks() const {
+  std::lock_guard lock(mu_);
+  std::vector<std::pair<pid_t, int>> out;
+  for (const auto& w : workers_) {
+    if (!w->exited) out.emplace_back(w->pid, w->spec.local_rank);
+  }
+  return out;
+}
+
 std::vector<WorkerExit> WorkerGroup::exits() const {
   std::lock_guard lock(mu_);
   return exits_;

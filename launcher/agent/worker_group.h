@@ -78,6 +78,8 @@ class WorkerGroup {
   bool waitAll(Milliseconds timeout);
 
   std::vector<pid_t> pids() const;
+  // The running workers: (pid, local rank).
+  std::vector<std::pair<pid_t, int>> localRanks() const;
   std::vector<WorkerExit> exits() const;
   size_t running() const;
 

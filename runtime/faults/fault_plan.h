@@ -13,7 +13,7 @@
 // Triggers: step=S (at the first step boundary at or after S, applied by the worker's runtime);
 // recovery=N (during the N-th in-place recovery that the worker holding rank R goes through, once
 // the new round has formed and before the state is restored: a failure during recovery); or time=T (T after the job's workers first
-// started; applied by the agent). Each fault fires once
+// started; applied by the agent, to any program: SIGKILL, SIGSTOP, SIGSTOP + SIGCONT, SIGTERM). Each fault fires once
 // per job: the firing is claimed (in the coordinator's store under `rally run`), so a replacement
 // worker that passes step S again does not fire it again.
 //

@@ -9,6 +9,7 @@
 //     group re-forms): bitwise identical again;
 //   - a hung rank (SIGSTOP): its agent kills it once it has been stopped for --hang-timeout (1 s
 //     here; bound asserted: stopped at most 1.5 s when killed), and the job recovers in place;
+//   - time-triggered faults applied by the agents (a delay, then a kill): bitwise identical;
 //   - a whole node killed: the survivors go on with 2 ranks; a new node joins and the world grows
 //     back to 4; every sample exactly once per epoch; the weights within 2e-2 of the
 //     uninterrupted run's (the data are split differently while the world is smaller, so the
@@ -191,6 +192,28 @@ TEST_F(InPlaceRecoveryTest, HungRankIsDetectedAndReplaced) {
   EXPECT_LE(stopped_ms, 1500) << "killed later than --hang-timeout plus the 100 ms check";
   EXPECT_NE(log.find("hung: stopped for"), std::string::npos) << log;
   EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 1u) << log;
+}
+
+TEST_F(InPlaceRecoveryTest, TimeTriggeredFaultsAreAppliedByTheAgents) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "4", "--batch", "12",
+                                            "--commit-every", "4", "--step-ms", "15"};
+  const Result ref = reference(program);
+  const std::string plan = tempPath("inplace-plan-time.txt");
+  { std::ofstream(plan) << "delay rank=0 time=300ms for=200ms\nkill rank=3 time=900ms\n"; }
+  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-t",
+                                         "--max-restarts", "2", "--fault-plan", plan};
+  auto a = agent("ip-t-a", args, program);
+  auto b = agent("ip-t-b", args, program);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  const Result got = parse(a->output() + b->output());
+  EXPECT_EQ(got.weights_text, ref.weights_text);
+  EXPECT_NE(got.summary.find("recoveries 1 world 4 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary;
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"fault_injected\""), 2u) << log;
+  EXPECT_NE(log.find("kill rank=3 time=900ms"), std::string::npos) << log;
 }
 
 TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
