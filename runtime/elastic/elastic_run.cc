@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <climits>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 
@@ -57,6 +58,7 @@ ElasticRun::ElasticRun(World& world, ElasticState& state, ElasticRunOptions opti
 }
 
 Status ElasticRun::atStep(std::int64_t step) {
+  last_step_ = std::max(last_step_, step);
   if (pending_) {
     if (!pending_->first_step) {
       pending_->first_step = step;
@@ -76,7 +78,7 @@ void ElasticRun::writeRecoveryEvent() {
   const double total = (p.detect_ms > 0 ? p.detect_ms : 0) + p.abort_ms + p.rendezvous_ms +
                        p.rebuild_ms + p.restore_ms + first_step;
   auto log = log::get("elastic");
-  if (world_.rank() == 0) {
+  if (world_.rank() == p.writer) {
     log->info(
         "recovered in place: generation {} -> {}, world size {}, commit {}; detect {} ms, abort "
         "{:.1f} ms, rendezvous {:.1f} ms, rebuild {:.1f} ms, restore {:.1f} ms, first step {:.1f} "
@@ -98,9 +100,30 @@ void ElasticRun::writeRecoveryEvent() {
                  {"commit", p.commit},
                  {"cause", p.cause},
                  {"phases_ms", phases},
+                 {"last_step", p.last_step},
+                 {"resumed_step", p.first_step.value_or(-1)},
+                 {"steps_redone", p.last_step >= 0 && p.first_step
+                                      ? std::max<std::int64_t>(0, p.last_step - *p.first_step)
+                                      : 0},
                  {"total_ms", total}});
   }
   pending_.reset();
+}
+
+Result<SyncResult> ElasticRun::syncState(std::int64_t* last_step, int* writer) {
+  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(world_.comm(), options_.sync));
+  // One allreduce (max) for two things: the newest step any rank had begun (a replacement or a
+  // new node has begun none), for steps_redone; and the lowest rank that recovered in place
+  // (-rank; newcomers give the least value), which writes the recovery event. Survivors (in
+  // recoverOnce) and newcomers (in run) make the same calls.
+  std::int64_t v[2] = {*last_step, writer != nullptr ? -std::int64_t{world_.rank()} : INT64_MIN};
+  RALLY_RETURN_IF_ERROR(
+      world_.comm().allreduce(v, 2, DataType::kI64, collectives::ReduceOp::kMax)
+          ->wait(options_.sync.timeout))
+      << "ElasticRun: agreeing on the newest step";
+  *last_step = v[0];
+  if (writer != nullptr) *writer = static_cast<int>(-v[1]);
+  return synced;
 }
 
 Status ElasticRun::recoverOnce(const Status& cause) {
@@ -109,6 +132,7 @@ Status ElasticRun::recoverOnce(const Status& cause) {
   Pending p;
   p.from_generation = world_.generation();
   p.cause = cause.toString();
+  p.last_step = last_step_;
   RALLY_RETURN_IF_ERROR(world_.recover(options_.recover_timeout))
       << "recovering in place after: " << cause.toString();
   const auto rebuilt = Clock::now();
@@ -119,7 +143,7 @@ Status ElasticRun::recoverOnce(const Status& cause) {
   p.rebuild_ms = msBetween(world_.roundReadAt(), rebuilt);
   p.generation = world_.generation();
   p.world_size = world_.size();
-  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(world_.comm(), options_.sync));
+  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, syncState(&p.last_step, &p.writer));
   p.restored = Clock::now();
   p.restore_ms = msBetween(rebuilt, p.restored);
   p.commit = synced.commit;
@@ -139,7 +163,8 @@ Status ElasticRun::run(const std::function<Status()>& train) {
   // Everyone starts from the same state: rank 0's, or the newest commit a survivor holds (a
   // replacement or a new node arrives here while the others are in recoverOnce()).
   for (;;) {
-    auto synced = state_.sync(world_.comm(), options_.sync);
+    std::int64_t last_step = last_step_;
+    auto synced = syncState(&last_step, nullptr);
     if (synced.ok()) break;
     if (!isRecoverable(synced.status()) || !world_.canRecoverInPlace()) return synced.status();
     RALLY_RETURN_IF_ERROR(world_.recover(options_.recover_timeout))

@@ -16,13 +16,16 @@
 //   }));
 //
 // Each recovery is logged, and written as a "recovery" event to the job's event log (RALLY_EVENTS,
-// set by `rally run --events FILE`) by the new rank 0, with its phases in milliseconds:
+// set by `rally run --events FILE`) by the lowest rank that recovered in place (a replacement
+// knows nothing of the failure), with its phases in milliseconds:
 //   detect      the failed worker's exit (as its agent recorded it) -> this worker told by the watch
 //   abort       told -> the training function returned its error
 //   rendezvous  -> the new round read
 //   rebuild     -> the new generation's communicator built
 //   restore     -> the state synced from the newest commit
 //   first_step  -> the first step after recovery done (atStep() of the step after it)
+// with "steps_redone": steps begun before the failure that run again (the newest one begun minus
+// the one resumed at: at most the commit interval when the newest commit was restored).
 // "Told" is the earlier of the watch's news and the training function's error (a peer's abort can
 // arrive first); detect is missing when the failure's time is not known (a node lost, not a
 // worker's exit).
@@ -68,6 +71,9 @@ class ElasticRun {
  private:
   using Clock = std::chrono::steady_clock;
   Status recoverOnce(const Status& cause);
+  // state_.sync(), then the newest step begun on any rank into *last_step and, for a rank that
+  // recovered in place (writer set), the lowest such rank into *writer (collective).
+  Result<SyncResult> syncState(std::int64_t* last_step, int* writer);
   void writeRecoveryEvent();
 
   World& world_;
@@ -75,6 +81,7 @@ class ElasticRun {
   ElasticRunOptions options_;
   std::optional<FaultInjector> faults_;
   int recoveries_ = 0;
+  std::int64_t last_step_ = -1;  // the newest step atStep() was called for
   // The recovery whose first step is still running, if any.
   struct Pending {
     std::uint64_t from_generation = 0;
@@ -85,6 +92,8 @@ class ElasticRun {
     double detect_ms = -1, abort_ms = 0, rendezvous_ms = 0, rebuild_ms = 0, restore_ms = 0;
     Clock::time_point restored;
     std::optional<std::int64_t> first_step;  // the step atStep() saw first after recovery
+    std::int64_t last_step = -1;             // the newest step begun before the failure
+    int writer = 0;                          // the rank that writes the event
   };
   std::optional<Pending> pending_;
 };

@@ -1,5 +1,8 @@
 #include "runtime/rendezvous/grpc_status.h"
 
+#include <atomic>
+#include <cstdlib>
+
 #include <fmt/format.h>
 #include <grpc/support/log.h>
 
@@ -59,9 +62,24 @@ namespace {
 constexpr char kFinalMarker[] = "rally:final";
 }  // namespace
 
+namespace {
+// gRPC logs from its own threads, also while the process exits (grpc_shutdown from a transport's
+// destructor); by then spdlog's registry may be destroyed. An exit handler registered after the
+// registry exists runs before the registry is destroyed, and stops the forwarding.
+std::atomic<bool> forward_grpc_logs{false};
+}  // namespace
+
 void routeGrpcLogs() {
+  (void)rally::log::get("grpc");  // the registry exists before the exit handler below
+  static const bool registered = [] {
+    std::atexit([] { forward_grpc_logs = false; });
+    return true;
+  }();
+  (void)registered;
+  forward_grpc_logs = true;
   gpr_set_log_verbosity(GPR_LOG_SEVERITY_DEBUG);
   gpr_set_log_function([](gpr_log_func_args* args) {
+    if (!forward_grpc_logs.load()) return;
     rally::log::get("grpc")->debug("{}:{}: {}", args->file, args->line, args->message);
   });
 }
