@@ -196,6 +196,8 @@ ShmGroup::ShmGroup(std::string name, int rank, int size, void* base, size_t byte
   data_ = static_cast<char*>(base) + headerBytes(size);
   state(rank_).pid.store(static_cast<std::int32_t>(::getpid()));
   state(rank_).opened.store(1);
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  spins_ = cpus > 0 && size_ > cpus ? 0 : kSpins;
 }
 
 ShmGroup::~ShmGroup() {
@@ -276,7 +278,9 @@ Status ShmGroup::checkPeers() {
 }
 
 Status ShmGroup::waitFor(Counter c, std::uint64_t value, int r) {
-  for (int i = 0; i < kSpins; ++i) {
+  // Spinning only pays when every rank has a core; with more ranks than cores the rank being
+  // waited for is usually not running, so yield to it at once.
+  for (int i = 0; i < spins_; ++i) {
     if (reached(c, value, r)) return okStatus();
     cpuRelax();
   }

@@ -15,7 +15,8 @@
 // and reduces from where the data already is: the bus traffic of a reduce-scatter plus an
 // allgather, with no network stack and no extra copy.
 //
-// Waiting spins briefly, then yields, then sleeps on a futex that publishers wake; while asleep it
+// Waiting spins briefly (not at all when the ranks outnumber the cores: the rank waited for is
+// then usually not running), then yields, then sleeps on a futex that publishers wake; while asleep it
 // checks, every few milliseconds, whether a peer's process exited (pidfd) or a peer aborted, and
 // the operation timeout. So a dead peer surfaces as PeerLost within milliseconds.
 //
@@ -114,6 +115,7 @@ class ShmGroup {
   bool owner_;
   bool unlinked_ = false;
   std::uint64_t step_ = 0;
+  int spins_ = 0;  // pause-spins before yielding (0 with more ranks than cores)
   std::atomic<bool> aborted_{false};
   std::vector<int> peer_pidfds_;  // -1: this process, or pidfd_open unavailable
   std::vector<int> peer_pids_;
