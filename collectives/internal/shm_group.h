@@ -16,9 +16,9 @@
 // allgather, with no network stack and no extra copy.
 //
 // Waiting spins briefly (not at all when the ranks outnumber the cores: the rank waited for is
-// then usually not running), then yields, then sleeps on a futex that publishers wake; while asleep it
-// checks, every few milliseconds, whether a peer's process exited (pidfd) or a peer aborted, and
-// the operation timeout. So a dead peer surfaces as PeerLost within milliseconds.
+// then usually not running), then yields, then sleeps on a futex that publishers wake; while
+// asleep it checks, every few milliseconds, whether a peer's process exited (pidfd) or a peer
+// aborted, and the operation timeout. So a dead peer surfaces as PeerLost within milliseconds.
 //
 // Not thread-safe: one thread runs the operations (the communicator's executor); abort() may come
 // from any thread.

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,20 +36,32 @@ void sample(std::uint64_t i, float* x, float* y) {
 }
 
 int main(int argc, char** argv) {
-  std::uint64_t samples = 4096, epochs = 3, batch = 16, commit_every = 5, step_ms = 0;
-  float lr = 0.05f;
+  std::map<std::string, double> opt = {{"--samples", 4096},   {"--epochs", 3}, {"--batch", 16},
+                                       {"--commit-every", 5}, {"--lr", 0.05},  {"--step-ms", 0}};
   std::string out;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--samples") samples = std::stoull(v);
-    else if (k == "--epochs") epochs = std::stoull(v);
-    else if (k == "--batch") batch = std::stoull(v);
-    else if (k == "--commit-every") commit_every = std::stoull(v);
-    else if (k == "--lr") lr = std::stof(v);
-    else if (k == "--step-ms") step_ms = std::stoull(v);
-    else if (k == "--out") out = v;
-    else return std::fprintf(stderr, "minimal: unknown option %s\n", k.c_str()), 2;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i], v = i + 1 < argc ? argv[i + 1] : "";
+    char* end = nullptr;
+    const double x = std::strtod(v.c_str(), &end);
+    if (k == "--out" && !v.empty()) {
+      out = v;
+    } else if (opt.count(k) == 0 || v.empty() || *end != '\0' || x < 0) {
+      std::fprintf(stderr,
+                   "minimal: bad option '%s %s' (--samples N --epochs E --batch B "
+                   "--commit-every K --lr X --step-ms MS --out FILE)\n",
+                   k.c_str(), v.c_str());
+      return 2;
+    } else {
+      opt[k] = x;
+    }
   }
+  const auto samples = static_cast<std::uint64_t>(opt["--samples"]);
+  const auto epochs = static_cast<std::uint64_t>(opt["--epochs"]);
+  const auto batch = static_cast<std::uint64_t>(opt["--batch"]);
+  const auto commit_every =
+      std::max<std::int64_t>(1, static_cast<std::int64_t>(opt["--commit-every"]));
+  const auto step_ms = static_cast<int>(opt["--step-ms"]);
+  const auto lr = static_cast<float>(opt["--lr"]);
   auto world = init();
   if (!world.ok()) return std::fprintf(stderr, "%s\n", world.status().toString().c_str()), 1;
   World& w = **world;
@@ -57,10 +70,16 @@ int main(int argc, char** argv) {
   std::vector<float> weights(kDim, 0.0f);
   std::vector<std::int32_t> uses(samples, 0);
   std::int64_t step = 0;
-  ElasticSampler sampler({.dataset_size = samples, .seed = 1234});
+  auto sampler_or = ElasticSampler::create({.dataset_size = samples, .seed = 1234});
+  if (!sampler_or.ok() || batch == 0) {
+    std::fprintf(stderr, "minimal: need --samples and --batch of at least 1\n");
+    return 2;
+  }
+  ElasticSampler& sampler = *sampler_or;
   ElasticState state;
   Status s = state.registerBuffer("weights", weights.data(), DataType::kF32, {kDim});
-  if (s.ok()) s = state.registerBuffer("uses", uses.data(), DataType::kI32, {(std::int64_t)samples});
+  if (s.ok())
+    s = state.registerBuffer("uses", uses.data(), DataType::kI32, {(std::int64_t)samples});
   if (s.ok()) s = state.registerScalar("step", &step);
   if (s.ok()) s = sampler.attach(state);
   if (!s.ok()) return std::fprintf(stderr, "%s\n", s.toString().c_str()), 1;
@@ -83,10 +102,10 @@ int main(int argc, char** argv) {
         grad[kDim] += 1, grad[kDim + 1] += err * err, used[i] += 1;
       }
       auto& comm = w.comm();
-      RALLY_RETURN_IF_ERROR(comm.allreduce(grad.data(), grad.size(), DataType::kF32,
-                                           ReduceOp::kSum)->wait(Milliseconds(60'000)));
-      RALLY_RETURN_IF_ERROR(comm.allreduce(used.data(), used.size(), DataType::kI32,
-                                           ReduceOp::kSum)->wait(Milliseconds(60'000)));
+      RALLY_RETURN_IF_ERROR(comm.allreduce(grad.data(), grad.size(), DataType::kF32, ReduceOp::kSum)
+                                ->wait(Milliseconds(60'000)));
+      RALLY_RETURN_IF_ERROR(comm.allreduce(used.data(), used.size(), DataType::kI32, ReduceOp::kSum)
+                                ->wait(Milliseconds(60'000)));
       for (int d = 0; d < kDim; ++d) weights[d] -= lr * grad[d] / std::max(grad[kDim], 1.0f);
       for (std::uint64_t i = 0; i < samples; ++i) uses[i] += used[i];
       if (step_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(step_ms));
@@ -109,7 +128,8 @@ int main(int argc, char** argv) {
     std::string text = "weights";
     for (float v : weights) text += fmt::format(" {:a}", v);
     std::int64_t min_use = INT32_MAX, max_use = 0;
-    for (std::int32_t u : uses) min_use = std::min<std::int64_t>(min_use, u), max_use = std::max<std::int64_t>(max_use, u);
+    for (std::int32_t u : uses)
+      min_use = std::min<std::int64_t>(min_use, u), max_use = std::max<std::int64_t>(max_use, u);
     text += fmt::format("\nsteps {} recoveries {} world {} uses_min {} uses_max {}\n", step,
                         run.recoveries(), w.size(), min_use, max_use);
     std::printf("%s", text.c_str());

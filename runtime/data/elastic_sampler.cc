@@ -57,7 +57,8 @@ ElasticSampler::ElasticSampler(ElasticSamplerOptions options)
 
 Result<ElasticSampler> ElasticSampler::create(ElasticSamplerOptions options) {
   if (options.dataset_size == 0) {
-    return invalidArgument("ElasticSampler: dataset_size is 0; a dataset needs at least one sample");
+    return invalidArgument(
+        "ElasticSampler: dataset_size is 0; a dataset needs at least one sample");
   }
   if (options.dataset_size > (std::uint64_t{1} << 62)) {
     return invalidArgument(fmt::format(
@@ -84,8 +85,7 @@ std::uint64_t ElasticSampler::remaining() const {
   return options_.dataset_size - used;
 }
 
-ElasticSampler::Batch ElasticSampler::next(int rank, int world_size,
-                                           std::uint64_t batch_per_rank) {
+ElasticSampler::Batch ElasticSampler::next(int rank, int world_size, std::uint64_t batch_per_rank) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     throw std::invalid_argument(fmt::format(
         "ElasticSampler::next: rank {} is not in a world of {} (need 0 <= rank < world_size)", rank,

@@ -9,8 +9,8 @@
 //   RALLY_RETURN_IF_ERROR(sampler.attach(state));           // epoch and consumed are committed
 //   while (sampler.epoch() < epochs) {
 //     Batch b = sampler.next(world.rank(), world.size(), 32);  // this rank's share of 32 x size
-//     if (b.indices.empty() && b.epoch_finished) { sampler.startEpoch(sampler.epoch() + 1); continue; }
-//     train(b.indices);
+//     if (b.indices.empty() && b.epoch_finished) { sampler.startEpoch(sampler.epoch() + 1);
+//     continue; } train(b.indices);
 //   }
 //
 // The order needs no memory: a keyed Feistel permutation of [0, dataset_size) maps position i of
@@ -87,7 +87,7 @@ class ElasticSampler {
   void refreshPermutation() const;
 
   ElasticSamplerOptions options_;
-  std::int64_t epoch_ = 0;     // int64: registered as ElasticState scalars
+  std::int64_t epoch_ = 0;  // int64: registered as ElasticState scalars
   std::int64_t consumed_ = 0;
   mutable EpochPermutation permutation_;
   mutable std::int64_t permutation_epoch_ = 0;

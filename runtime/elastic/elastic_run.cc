@@ -20,12 +20,12 @@ double msBetween(std::chrono::steady_clock::time_point a, std::chrono::steady_cl
 std::string isoNow() {
   const auto now = std::chrono::system_clock::now();
   const std::time_t t = std::chrono::system_clock::to_time_t(now);
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()) %
-                  1000;
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()) % 1000;
   std::tm tm{};
   gmtime_r(&t, &tm);
-  return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", tm.tm_year + 1900,
-                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms.count());
+  return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", tm.tm_year + 1900, tm.tm_mon + 1,
+                     tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ms.count());
 }
 
 // One JSON line appended to the job's event log (the agents write theirs to the same file; a
@@ -80,14 +80,16 @@ void ElasticRun::writeRecoveryEvent() {
   auto log = log::get("elastic");
   if (world_.rank() == p.writer) {
     log->info(
-        "recovered in place: generation {} -> {}, world size {}, commit {}; detect {} ms, abort "
+        "recovered in place: generation {} -> {}, world size {}, commit {}; detect {}, abort "
         "{:.1f} ms, rendezvous {:.1f} ms, rebuild {:.1f} ms, restore {:.1f} ms, first step {:.1f} "
         "ms ({:.1f} ms in all)",
         p.from_generation, p.generation, p.world_size, p.commit,
-        p.detect_ms >= 0 ? fmt::format("{:.1f}", p.detect_ms) : "?", p.abort_ms, p.rendezvous_ms,
-        p.rebuild_ms, p.restore_ms, first_step, total);
-    nlohmann::json phases = {{"abort", p.abort_ms},       {"rendezvous", p.rendezvous_ms},
-                             {"rebuild", p.rebuild_ms},   {"restore", p.restore_ms},
+        p.detect_ms >= 0 ? fmt::format("{:.1f} ms", p.detect_ms) : "not measured", p.abort_ms,
+        p.rendezvous_ms, p.rebuild_ms, p.restore_ms, first_step, total);
+    nlohmann::json phases = {{"abort", p.abort_ms},
+                             {"rendezvous", p.rendezvous_ms},
+                             {"rebuild", p.rebuild_ms},
+                             {"restore", p.restore_ms},
                              {"first_step", first_step}};
     if (p.detect_ms >= 0) phases["detect"] = p.detect_ms;
     appendEvent({{"time", isoNow()},
@@ -117,9 +119,9 @@ Result<SyncResult> ElasticRun::syncState(std::int64_t* last_step, int* writer) {
   // (-rank; newcomers give the least value), which writes the recovery event. Survivors (in
   // recoverOnce) and newcomers (in run) make the same calls.
   std::int64_t v[2] = {*last_step, writer != nullptr ? -std::int64_t{world_.rank()} : INT64_MIN};
-  RALLY_RETURN_IF_ERROR(
-      world_.comm().allreduce(v, 2, DataType::kI64, collectives::ReduceOp::kMax)
-          ->wait(options_.sync.timeout))
+  RALLY_RETURN_IF_ERROR(world_.comm()
+                            .allreduce(v, 2, DataType::kI64, collectives::ReduceOp::kMax)
+                            ->wait(options_.sync.timeout))
       << "ElasticRun: agreeing on the newest step";
   *last_step = v[0];
   if (writer != nullptr) *writer = static_cast<int>(-v[1]);

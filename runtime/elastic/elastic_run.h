@@ -18,12 +18,11 @@
 // Each recovery is logged, and written as a "recovery" event to the job's event log (RALLY_EVENTS,
 // set by `rally run --events FILE`) by the lowest rank that recovered in place (a replacement
 // knows nothing of the failure), with its phases in milliseconds:
-//   detect      the failed worker's exit (as its agent recorded it) -> this worker told by the watch
-//   abort       told -> the training function returned its error
-//   rendezvous  -> the new round read
-//   rebuild     -> the new generation's communicator built
-//   restore     -> the state synced from the newest commit
-//   first_step  -> the first step after recovery done (atStep() of the step after it)
+//   detect      the failed worker's exit (as its agent recorded it) -> this worker told by the
+//   watch abort       told -> the training function returned its error rendezvous  -> the new round
+//   read rebuild     -> the new generation's communicator built restore     -> the state synced
+//   from the newest commit first_step  -> the first step after recovery done (atStep() of the step
+//   after it)
 // with "steps_redone": steps begun before the failure that run again (the newest one begun minus
 // the one resumed at: at most the commit interval when the newest commit was restored).
 // "Told" is the earlier of the watch's news and the training function's error (a peer's abort can

@@ -79,13 +79,23 @@ Status ElasticState::registerBuffer(const std::string& name, void* data, DataTyp
 }
 
 Status ElasticState::registerScalar(const std::string& name, std::int64_t* value) {
-  return add({.name = name, .kind = Kind::kInt, .data = value, .type = DataType::kI64,
-              .shape = {}, .bytes = 8, .offset = 0});
+  return add({.name = name,
+              .kind = Kind::kInt,
+              .data = value,
+              .type = DataType::kI64,
+              .shape = {},
+              .bytes = 8,
+              .offset = 0});
 }
 
 Status ElasticState::registerScalar(const std::string& name, double* value) {
-  return add({.name = name, .kind = Kind::kDouble, .data = value, .type = DataType::kF64,
-              .shape = {}, .bytes = 8, .offset = 0});
+  return add({.name = name,
+              .kind = Kind::kDouble,
+              .data = value,
+              .type = DataType::kF64,
+              .shape = {},
+              .bytes = 8,
+              .offset = 0});
 }
 
 Status ElasticState::unregister(const std::string& name) {
@@ -152,7 +162,7 @@ Status ElasticState::restore() {
 std::string ElasticState::layout() const {
   std::string out;
   for (const Entry& e : entries_) {
-    const char* kind = e.kind == Kind::kInt ? "int64 scalar"
+    const char* kind = e.kind == Kind::kInt      ? "int64 scalar"
                        : e.kind == Kind::kDouble ? "float64 scalar"
                                                  : nullptr;
     if (kind != nullptr) {
@@ -174,8 +184,8 @@ Result<SyncResult> ElasticState::sync(Communicator& comm, SyncOptions options) {
   //    on every rank, and all fail together if any differs (none may go on to the broadcast).
   const std::string mine = layout();
   std::int64_t length = static_cast<std::int64_t>(mine.size());
-  const std::int64_t longest = allreduceOne(comm, length, ReduceOp::kMax, timeout,
-                                            "comparing registrations (length)", st);
+  const std::int64_t longest =
+      allreduceOne(comm, length, ReduceOp::kMax, timeout, "comparing registrations (length)", st);
   RALLY_RETURN_IF_ERROR(st);
   std::string reference(static_cast<size_t>(longest) + 8, '\0');
   std::memcpy(reference.data(), &length, 8);
@@ -214,11 +224,11 @@ Result<SyncResult> ElasticState::sync(Communicator& comm, SyncOptions options) {
     }
     newest = 1;
   }
-  const std::int64_t oldest = allreduceOne(comm, static_cast<std::int64_t>(commit_),
-                                           ReduceOp::kMin, timeout, "finding the oldest commit", st);
-  const std::int64_t source = allreduceOne(
-      comm, static_cast<std::int64_t>(commit_) == newest ? rank : INT_MAX, ReduceOp::kMin, timeout,
-      "choosing the source rank", st);
+  const std::int64_t oldest = allreduceOne(comm, static_cast<std::int64_t>(commit_), ReduceOp::kMin,
+                                           timeout, "finding the oldest commit", st);
+  const std::int64_t source =
+      allreduceOne(comm, static_cast<std::int64_t>(commit_) == newest ? rank : INT_MAX,
+                   ReduceOp::kMin, timeout, "choosing the source rank", st);
   RALLY_RETURN_IF_ERROR(st);
   result.commit = static_cast<std::uint64_t>(newest);
   if (options.known_newest > result.commit) {
@@ -234,13 +244,12 @@ Result<SyncResult> ElasticState::sync(Communicator& comm, SyncOptions options) {
   if (oldest != newest) {
     result.source_rank = static_cast<int>(source);
     result.received = static_cast<std::int64_t>(commit_) != newest;
-    RALLY_RETURN_IF_ERROR(run(comm.broadcast(arena_.data(), arena_.size(), DataType::kU8,
-                                             static_cast<int>(source)),
-                              timeout, fmt::format("receiving commit {} from rank {}", newest,
-                                                   source)));
-    RALLY_RETURN_IF_ERROR(run(comm.broadcast(scalars_.data(), scalars_.size(), DataType::kI64,
-                                             static_cast<int>(source)),
-                              timeout, "receiving the scalars"));
+    RALLY_RETURN_IF_ERROR(
+        run(comm.broadcast(arena_.data(), arena_.size(), DataType::kU8, static_cast<int>(source)),
+            timeout, fmt::format("receiving commit {} from rank {}", newest, source)));
+    RALLY_RETURN_IF_ERROR(run(
+        comm.broadcast(scalars_.data(), scalars_.size(), DataType::kI64, static_cast<int>(source)),
+        timeout, "receiving the scalars"));
     commit_ = static_cast<std::uint64_t>(newest);
   }
   putBack();

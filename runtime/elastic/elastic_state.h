@@ -58,9 +58,9 @@ struct SyncOptions {
 };
 
 struct SyncResult {
-  std::uint64_t commit = 0;     // the commit every rank now holds and has restored
-  int source_rank = -1;         // the rank it came from; -1 when every rank had it already
-  bool received = false;        // this rank's state changed to the source's
+  std::uint64_t commit = 0;          // the commit every rank now holds and has restored
+  int source_rank = -1;              // the rank it came from; -1 when every rank had it already
+  bool received = false;             // this rank's state changed to the source's
   std::uint64_t fell_back_from = 0;  // known_newest when it was lost with its holders; else 0
 };
 
@@ -114,7 +114,7 @@ class ElasticState {
   void putBack();
 
   std::vector<Entry> entries_;
-  std::vector<unsigned char> arena_;  // buffers' snapshot
+  std::vector<unsigned char> arena_;   // buffers' snapshot
   std::vector<std::int64_t> scalars_;  // scalars' snapshot (doubles by their bits)
   std::uint64_t commit_ = 0;
 };

@@ -12,7 +12,8 @@ namespace {
 
 void announce(const Fault& f) {
   // Straight to stderr, unbuffered: the process may die right after.
-  const std::string line = fmt::format("rally: fault plan: {} (pid {})\n", f.describe(), ::getpid());
+  const std::string line =
+      fmt::format("rally: fault plan: {} (pid {})\n", f.describe(), ::getpid());
   (void)!::write(STDERR_FILENO, line.data(), line.size());
 }
 

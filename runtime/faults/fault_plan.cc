@@ -75,7 +75,8 @@ Result<Fault> parseLine(const std::string& line, int number) {
       has_for = true;
     } else if (key == "code") {
       RALLY_ASSIGN_OR_RETURN(const std::int64_t c, parseInt(value, key, 1));
-      if (c > 255) return invalidArgument(fmt::format("code={} is not an exit code (1-255)", value));
+      if (c > 255)
+        return invalidArgument(fmt::format("code={} is not an exit code (1-255)", value));
       f.exit_code = static_cast<int>(c);
     } else {
       return invalidArgument(

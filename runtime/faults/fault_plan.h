@@ -12,10 +12,11 @@
 // Targets: rank=R (a worker, by global rank) or node=N (a whole node, by node rank; kill only).
 // Triggers: step=S (at the first step boundary at or after S, applied by the worker's runtime);
 // recovery=N (during the N-th in-place recovery that the worker holding rank R goes through, once
-// the new round has formed and before the state is restored: a failure during recovery); or time=T (T after the job's workers first
-// started; applied by the agent, to any program: SIGKILL, SIGSTOP, SIGSTOP + SIGCONT, SIGTERM). Each fault fires once
-// per job: the firing is claimed (in the coordinator's store under `rally run`), so a replacement
-// worker that passes step S again does not fire it again.
+// the new round has formed and before the state is restored: a failure during recovery); or time=T
+// (T after the job's workers first started; applied by the agent, to any program: SIGKILL, SIGSTOP,
+// SIGSTOP + SIGCONT, SIGTERM). Each fault fires once per job: the firing is claimed (in the
+// coordinator's store under `rally run`), so a replacement worker that passes step S again does not
+// fire it again.
 //
 //   RALLY_ASSIGN_OR_RETURN(FaultPlan plan, FaultPlan::parse(text, "faults.txt"));
 //   RALLY_ASSIGN_OR_RETURN(FaultPlan plan, FaultPlan::fromEnvironment());  // RALLY_FAULTS
@@ -38,13 +39,13 @@ struct Fault {
   enum class Target { kRank, kNode };
   Action action = Action::kKill;
   Target target = Target::kRank;
-  int index = 0;                        // the rank or the node rank
-  std::optional<std::int64_t> step;     // step trigger, or
-  std::optional<Milliseconds> time;     // time trigger, or
+  int index = 0;                         // the rank or the node rank
+  std::optional<std::int64_t> step;      // step trigger, or
+  std::optional<Milliseconds> time;      // time trigger, or
   std::optional<std::int64_t> recovery;  // during the N-th in-place recovery
-  Milliseconds delay{0};                // delay: how long
-  int exit_code = 1;                    // fail: the exit code
-  int line = 0;                         // where it was written (1-based), for messages
+  Milliseconds delay{0};                 // delay: how long
+  int exit_code = 1;                     // fail: the exit code
+  int line = 0;                          // where it was written (1-based), for messages
   // The fault as a plan line: "kill rank=1 step=20".
   std::string describe() const;
 };

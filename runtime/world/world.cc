@@ -1,10 +1,10 @@
 #include "runtime/world/world.h"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <condition_variable>
 #include <cstdlib>
-#include <unistd.h>
 
 #include "collectives/registry.h"
 #include "kernels/base/logging.h"
@@ -76,7 +76,8 @@ Result<std::int64_t> intVar(const Env& env, const std::string& name, std::int64_
                             const char* who) {
   const std::string* v = find(env, name);
   if (v == nullptr) {
-    return invalidArgument(fmt::format("environment variable {} is not set ({} sets it)", name, who));
+    return invalidArgument(
+        fmt::format("environment variable {} is not set ({} sets it)", name, who));
   }
   char* end = nullptr;
   const long long n = std::strtoll(v->c_str(), &end, 10);
@@ -127,16 +128,15 @@ void World::onGeneration(std::uint64_t generation, const std::string& cause, boo
   gen_cv_.notify_all();
   if (generation <= generation_ && !closed) return;
   std::int64_t none = 0;
-  moved_at_us_.compare_exchange_strong(
-      none, std::chrono::duration_cast<std::chrono::microseconds>(
-                std::chrono::system_clock::now().time_since_epoch())
-                .count());
+  moved_at_us_.compare_exchange_strong(none,
+                                       std::chrono::duration_cast<std::chrono::microseconds>(
+                                           std::chrono::system_clock::now().time_since_epoch())
+                                           .count());
   std::lock_guard lock(comm_mu_);
   if (comm_ && !comm_->aborted()) {
-    const std::string what =
-        closed ? "the job was closed"
-               : fmt::format("the job moved to generation {}{}{}", generation,
-                             cause.empty() ? "" : ": ", cause);
+    const std::string what = closed ? "the job was closed"
+                                    : fmt::format("the job moved to generation {}{}{}", generation,
+                                                  cause.empty() ? "" : ": ", cause);
     log::get("world")->info("rank {}: {}; aborting generation {}'s communicator", rank_, what,
                             generation_.load());
     comm_->abort(what);
@@ -191,14 +191,13 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     client.token = token != nullptr ? *token : "";
     client.connect_timeout = options.connect_timeout;
     auto conn = rendezvous::CoordinatorConnection::open(client);
-    RALLY_RETURN_IF_ERROR(conn.status())
-        << "connecting to the job's coordinator at " << *endpoint;
+    RALLY_RETURN_IF_ERROR(conn.status()) << "connecting to the job's coordinator at " << *endpoint;
     w.conn_ = std::move(*conn);
     // The watch first, so that a generation that moves while the communicator is being built
     // aborts it (or ends its bootstrap, whose keys live in the generation's scope).
     World* self = &w;
-    auto watcher = rendezvous::GenerationWatcher::start(
-        w.conn_, [self](const rally::v1::GenerationEvent& ev) {
+    auto watcher =
+        rendezvous::GenerationWatcher::start(w.conn_, [self](const rally::v1::GenerationEvent& ev) {
           self->onGeneration(ev.generation(), ev.cause(),
                              ev.state() == rally::v1::GenerationEvent::CLOSED);
         });
@@ -211,8 +210,7 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     co.rank = w.rank_;
     co.size = w.size_;
     co.generation = w.generation();
-  } else if (find(env, "OMPI_COMM_WORLD_SIZE") || find(env, "PMI_SIZE") ||
-             find(env, "PMIX_RANK")) {
+  } else if (find(env, "OMPI_COMM_WORLD_SIZE") || find(env, "PMI_SIZE") || find(env, "PMIX_RANK")) {
     w.launcher_ = Launcher::kMpi;
     if (options.backend.empty() && find(env, "RALLY_BACKEND") == nullptr) backend = "mpi";
     w.bootstrap_ = std::make_unique<LocalStore>();  // MPI bootstraps itself
@@ -381,10 +379,10 @@ Status World::buildCommunicator() {
   co.generation = generation();
   co.connect_timeout = connect_timeout_;
   co.op_timeout = op_timeout_;
-  auto comm = collectives::createCommunicator(backend_, *bootstrap_, co,
-                                              {.device_memory = device_memory_});
+  auto comm =
+      collectives::createCommunicator(backend_, *bootstrap_, co, {.device_memory = device_memory_});
   RALLY_RETURN_IF_ERROR(comm.status())
- << "creating generation " << generation() << "'s " << backend_ << " communicator";
+      << "creating generation " << generation() << "'s " << backend_ << " communicator";
   {
     std::lock_guard lock(comm_mu_);
     comm_ = std::move(*comm);

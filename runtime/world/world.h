@@ -17,13 +17,13 @@
 #pragma once
 
 #include <atomic>
-#include <cstdint>
 #include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <map>
-#include <optional>
 #include <memory>
 #include <mutex>
-#include <condition_variable>
+#include <optional>
 #include <string>
 
 #include "collectives/communicator.h"
@@ -120,7 +120,8 @@ class World {
   std::atomic<bool> closed_{false};
   std::atomic<std::int64_t> moved_at_us_{0};
   std::chrono::steady_clock::time_point round_read_at_{};
-  std::chrono::system_clock::time_point last_moved_at_{};  // system clock, when the watch saw a newer generation
+  std::chrono::system_clock::time_point
+      last_moved_at_{};  // system clock, when the watch saw a newer generation
   std::shared_ptr<FiredFaults> fired_;
   std::unique_ptr<collectives::BootstrapStore> bootstrap_;
   std::shared_ptr<rendezvous::CoordinatorConnection> conn_;

@@ -81,10 +81,20 @@ class InPlaceRecoveryTest : public ::testing::Test {
  protected:
   std::unique_ptr<ChildProcess> agent(const std::string& name, std::vector<std::string> args,
                                       const std::vector<std::string>& program_args) {
-    std::vector<std::string> argv = {RALLY_BINARY, "run", "--node-id", name, "--local-addr",
-                                     "127.0.0.1", "--heartbeat-interval", "500ms",
-                                     "--grace-period", "2s", "--recovery", "in-place",
-                                     "--events", events_};
+    std::vector<std::string> argv = {RALLY_BINARY,
+                                     "run",
+                                     "--node-id",
+                                     name,
+                                     "--local-addr",
+                                     "127.0.0.1",
+                                     "--heartbeat-interval",
+                                     "500ms",
+                                     "--grace-period",
+                                     "2s",
+                                     "--recovery",
+                                     "in-place",
+                                     "--events",
+                                     events_};
     argv.insert(argv.end(), args.begin(), args.end());
     argv.push_back(RALLY_MINIMAL);
     argv.insert(argv.end(), program_args.begin(), program_args.end());
@@ -92,8 +102,8 @@ class InPlaceRecoveryTest : public ::testing::Test {
   }
   // The uninterrupted run: one node of 4 workers (the same world of 4 ranks).
   Result reference(const std::vector<std::string>& program_args) {
-    std::vector<std::string> argv = {RALLY_BINARY, "run", "--standalone", "--nproc-per-node",
-                                     "4", RALLY_MINIMAL};
+    std::vector<std::string> argv = {RALLY_BINARY,       "run", "--standalone",
+                                     "--nproc-per-node", "4",   RALLY_MINIMAL};
     argv.insert(argv.end(), program_args.begin(), program_args.end());
     ChildProcess ref(argv, tempPath("inplace-ref.out"));
     EXPECT_EQ(exitCode(ref), 0) << ref.errors();
@@ -107,15 +117,18 @@ class InPlaceRecoveryTest : public ::testing::Test {
 };
 
 TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwiseIdentical) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "2", "--batch", "12",
-                                            "--commit-every", "4", "--step-ms", "5"};
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "5"};
   const Result ref = reference(program);
   ASSERT_EQ(ref.weights.size(), 8u);
   const std::string plan = tempPath("inplace-plan.txt");
-  { std::ofstream(plan) << "kill rank=0 step=27   # between commits; rank 0 writes no event then\n"; }
-  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-w",
-                                         "--max-restarts", "2", "--fault-plan", plan};
+  {
+    std::ofstream(plan) << "kill rank=0 step=27   # between commits; rank 0 writes no event then\n";
+  }
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-w",
+                                         "--max-restarts",  "2",       "--fault-plan",     plan};
   auto a = agent("ip-w-a", args, program);
   auto b = agent("ip-w-b", args, program);
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
@@ -139,8 +152,9 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
 }
 
 TEST_F(InPlaceRecoveryTest, TwoFailuresInARowAndAFailureDuringRecovery) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "2", "--batch", "12",
-                                            "--commit-every", "4", "--step-ms", "5"};
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "5"};
   const Result ref = reference(program);
   const std::string plan = tempPath("inplace-plan2.txt");
   {
@@ -148,9 +162,9 @@ TEST_F(InPlaceRecoveryTest, TwoFailuresInARowAndAFailureDuringRecovery) {
                            "kill rank=3 step=40   # after the first recovery\n"
                            "kill rank=0 recovery=2   # while the group re-forms after the second\n";
   }
-  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-2",
-                                         "--max-restarts", "5", "--fault-plan", plan};
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-2",
+                                         "--max-restarts",  "5",       "--fault-plan",     plan};
   auto a = agent("ip-2-a", args, program);
   auto b = agent("ip-2-b", args, program);
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
@@ -167,15 +181,16 @@ TEST_F(InPlaceRecoveryTest, TwoFailuresInARowAndAFailureDuringRecovery) {
 }
 
 TEST_F(InPlaceRecoveryTest, HungRankIsDetectedAndReplaced) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "2", "--batch", "12",
-                                            "--commit-every", "4", "--step-ms", "5"};
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "5"};
   const Result ref = reference(program);
   const std::string plan = tempPath("inplace-plan-hang.txt");
   { std::ofstream(plan) << "hang rank=2 step=22\n"; }
-  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-h",
-                                         "--max-restarts", "2", "--fault-plan", plan,
-                                         "--hang-timeout", "1s"};
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-h",
+                                         "--max-restarts",  "2",       "--fault-plan",     plan,
+                                         "--hang-timeout",  "1s"};
   auto a = agent("ip-h-a", args, program);
   auto b = agent("ip-h-b", args, program);
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
@@ -196,14 +211,15 @@ TEST_F(InPlaceRecoveryTest, HungRankIsDetectedAndReplaced) {
 }
 
 TEST_F(InPlaceRecoveryTest, TimeTriggeredFaultsAreAppliedByTheAgents) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "4", "--batch", "12",
-                                            "--commit-every", "4", "--step-ms", "15"};
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "15"};
   const Result ref = reference(program);
   const std::string plan = tempPath("inplace-plan-time.txt");
   { std::ofstream(plan) << "delay rank=0 time=300ms for=200ms\nkill rank=3 time=900ms\n"; }
-  const std::vector<std::string> args = {"--nnodes", "2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-t",
-                                         "--max-restarts", "2", "--fault-plan", plan};
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-t",
+                                         "--max-restarts",  "2",       "--fault-plan",     plan};
   auto a = agent("ip-t-a", args, program);
   auto b = agent("ip-t-b", args, program);
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
@@ -218,13 +234,14 @@ TEST_F(InPlaceRecoveryTest, TimeTriggeredFaultsAreAppliedByTheAgents) {
 }
 
 TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs", "4", "--batch", "12",
-                                            "--commit-every", "4", "--step-ms", "25"};
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
   const Result ref = reference(program);
   ASSERT_EQ(ref.weights.size(), 8u);
-  const std::vector<std::string> args = {"--nnodes", "1:2", "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-n",
-                                         "--last-call", "300ms"};
+  const std::vector<std::string> args = {"--nnodes",        "1:2",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-n",
+                                         "--last-call",     "300ms"};
   auto a = agent("ip-n-a", args, program);
   ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
   auto b = agent("ip-n-b", args, program);
@@ -237,7 +254,8 @@ TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
   EXPECT_EQ(exitCode(*c), 0) << c->errors();
   const Result got = parse(a->output() + c->output());
   EXPECT_NE(got.summary.find("recoveries 2 world 4 uses_min 4 uses_max 4"), std::string::npos)
-      << got.summary << "\n" << a->output();
+      << got.summary << "\n"
+      << a->output();
   ASSERT_EQ(got.weights.size(), 8u);
   for (size_t i = 0; i < 8; ++i) EXPECT_NEAR(got.weights[i], ref.weights[i], 2e-2) << i;
   const std::string log = events();

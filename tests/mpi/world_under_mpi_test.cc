@@ -27,8 +27,10 @@ TEST(WorldUnderMpi, TakesRankAndSizeFromMpiAndItsCommunicatorWorks) {
   EXPECT_EQ(w.recover(Milliseconds(10)).code(), StatusCode::kFailedPrecondition);
 
   double x = w.rank() + 1.0;
-  ASSERT_TRUE(w.comm().allreduce(&x, 1, DataType::kF64, collectives::ReduceOp::kSum)
-                  ->wait(Milliseconds(20'000)).ok());
+  ASSERT_TRUE(w.comm()
+                  .allreduce(&x, 1, DataType::kF64, collectives::ReduceOp::kSum)
+                  ->wait(Milliseconds(20'000))
+                  .ok());
   EXPECT_EQ(x, w.size() * (w.size() + 1) / 2.0);
 
   // Every rank starts from rank 0's values.

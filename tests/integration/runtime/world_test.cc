@@ -2,7 +2,8 @@
 // without a launcher is refused with what to do), bad variables named, and under `rally run`
 // (RALLY_COORDINATOR): two workers build their communicator through the coordinator's store, and
 // when the job's generation moves (a node's stream breaks) a collective blocked on a peer returns
-// Aborted (or PeerLost) within 2 s, not at its 60 s timeout. Fault firings are claimed once per job.
+// Aborted (or PeerLost) within 2 s, not at its 60 s timeout. Fault firings are claimed once per
+// job.
 #include "runtime/world/world.h"
 
 #include <thread>
@@ -24,7 +25,8 @@ TEST(WorldWithoutLauncher, IsAWorldOfOne) {
   EXPECT_EQ((*w)->launcher(), Launcher::kNone);
   EXPECT_FALSE((*w)->generationChanged());
   float x = 2.5f;
-  ASSERT_TRUE((*w)->comm().allreduce(&x, 1, DataType::kF32, ReduceOp::kSum)->wait(milliseconds(5000)).ok());
+  ASSERT_TRUE(
+      (*w)->comm().allreduce(&x, 1, DataType::kF32, ReduceOp::kSum)->wait(milliseconds(5000)).ok());
   EXPECT_EQ(x, 2.5f);
   EXPECT_NE((*w)->describe().find("rank 0 of 1"), std::string::npos) << (*w)->describe();
   auto claim = (*w)->firedFaults()->claim(0);
@@ -64,18 +66,24 @@ TEST(WorldUnderRally, NamesAMissingOrBadVariable) {
 class WorldUnderRallyTest : public CoordinatorFixture {
  protected:
   std::map<std::string, std::string> env(int rank, std::uint64_t gen) {
-    return {{"RALLY_COORDINATOR", endpoint_}, {"RALLY_TOKEN", kToken},
-            {"RALLY_RANK", std::to_string(rank)}, {"RALLY_WORLD_SIZE", "2"},
-            {"RALLY_LOCAL_RANK", "0"}, {"RALLY_LOCAL_WORLD_SIZE", "1"},
-            {"RALLY_NODE_RANK", std::to_string(rank)}, {"RALLY_NUM_NODES", "2"},
-            {"RALLY_GENERATION", std::to_string(gen)}, {"RALLY_BACKEND", "gloo"}};
+    return {{"RALLY_COORDINATOR", endpoint_},
+            {"RALLY_TOKEN", kToken},
+            {"RALLY_RANK", std::to_string(rank)},
+            {"RALLY_WORLD_SIZE", "2"},
+            {"RALLY_LOCAL_RANK", "0"},
+            {"RALLY_LOCAL_WORLD_SIZE", "1"},
+            {"RALLY_NODE_RANK", std::to_string(rank)},
+            {"RALLY_NUM_NODES", "2"},
+            {"RALLY_GENERATION", std::to_string(gen)},
+            {"RALLY_BACKEND", "gloo"}};
   }
 };
 
 TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
   auto a = join("a");
   auto b = join("b");
-  for (auto* s : {a.get(), b.get()}) ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  for (auto* s : {a.get(), b.get()})
+    ASSERT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
   const std::uint64_t gen = server_->service().stats().generation;
   std::vector<std::unique_ptr<World>> worlds(2);
   std::vector<std::thread> threads;
@@ -84,8 +92,10 @@ TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
       auto w = initFrom(env(r, gen), {.op_timeout = Milliseconds(60'000)});
       ASSERT_TRUE(w.ok()) << w.status().toString();
       float x = static_cast<float>(r + 1);
-      ASSERT_TRUE((*w)->comm().allreduce(&x, 1, DataType::kF32, ReduceOp::kSum)
-                      ->wait(milliseconds(10000)).ok());
+      ASSERT_TRUE((*w)->comm()
+                      .allreduce(&x, 1, DataType::kF32, ReduceOp::kSum)
+                      ->wait(milliseconds(10000))
+                      .ok());
       EXPECT_EQ(x, 3.0f);
       worlds[r] = std::move(*w);
     });

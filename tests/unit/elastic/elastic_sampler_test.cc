@@ -17,8 +17,8 @@ namespace rally {
 namespace {
 
 TEST(EpochPermutation, IsABijectionForManySizes) {
-  for (std::uint64_t n : {1ull, 2ull, 3ull, 4ull, 5ull, 7ull, 64ull, 1000ull, 1023ull, 1025ull,
-                          100'003ull}) {
+  for (std::uint64_t n :
+       {1ull, 2ull, 3ull, 4ull, 5ull, 7ull, 64ull, 1000ull, 1023ull, 1025ull, 100'003ull}) {
     EpochPermutation p(n, 42, 3);
     std::vector<char> seen(n, 0);
     for (std::uint64_t i = 0; i < n; ++i) {
@@ -93,8 +93,8 @@ TEST(ElasticSampler, ExactlyOncePerEpochAcrossResizesAndRollbacks) {
   ElasticState state;
   ASSERT_TRUE(sampler.attach(state).ok());
   ASSERT_TRUE(state.commit().ok());
-  std::multiset<std::uint64_t> used;           // committed steps' samples
-  std::vector<std::uint64_t> since_commit;     // samples of steps after the last commit
+  std::multiset<std::uint64_t> used;        // committed steps' samples
+  std::vector<std::uint64_t> since_commit;  // samples of steps after the last commit
   int world = 4, step = 0;
   while (sampler.remaining() > 0) {
     // Every rank's share of this step (ranks as loop iterations over copies of one state).

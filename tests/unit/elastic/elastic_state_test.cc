@@ -69,7 +69,8 @@ TEST(ElasticState, CommitThenRestoreRollsBack) {
   m.fill(9);
   ASSERT_TRUE(s.restore().ok());
   EXPECT_TRUE(m == committed);
-  EXPECT_EQ(s.layout(), "w f32 [3, 4] 48 B\nrng u8 [5] 5 B\nstep int64 scalar\nscale float64 scalar\n");
+  EXPECT_EQ(s.layout(),
+            "w f32 [3, 4] 48 B\nrng u8 [5] 5 B\nstep int64 scalar\nscale float64 scalar\n");
 }
 
 TEST(ElasticState, EveryDtypeRoundTripsBitForBit) {
@@ -79,8 +80,11 @@ TEST(ElasticState, EveryDtypeRoundTripsBitForBit) {
                             DataType::kI32, DataType::kI64, DataType::kU8};
   for (DataType t : types) {
     bufs.emplace_back(7 * collectives::dataTypeSize(t));
-    for (size_t i = 0; i < bufs.back().size(); ++i) bufs.back()[i] = static_cast<unsigned char>(i * 37 + 1);
-    ASSERT_TRUE(s.registerBuffer(std::string(collectives::dataTypeName(t)), bufs.back().data(), t, {7}).ok());
+    for (size_t i = 0; i < bufs.back().size(); ++i)
+      bufs.back()[i] = static_cast<unsigned char>(i * 37 + 1);
+    ASSERT_TRUE(
+        s.registerBuffer(std::string(collectives::dataTypeName(t)), bufs.back().data(), t, {7})
+            .ok());
   }
   const auto saved = bufs;
   ASSERT_TRUE(s.commit().ok());
@@ -96,7 +100,8 @@ TEST(ElasticState, RefusesBadRegistrationsAndDropsTheSnapshotOnChange) {
   const Status dup = s.registerBuffer("x", x, DataType::kF32, {4});
   EXPECT_EQ(dup.code(), StatusCode::kAlreadyExists);
   EXPECT_NE(dup.message().find("'x' is already registered"), std::string::npos);
-  EXPECT_EQ(s.registerBuffer("neg", x, DataType::kF32, {2, -1}).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.registerBuffer("neg", x, DataType::kF32, {2, -1}).code(),
+            StatusCode::kInvalidArgument);
   EXPECT_EQ(s.registerBuffer("null", nullptr, DataType::kF32, {2}).code(),
             StatusCode::kInvalidArgument);
   EXPECT_EQ(s.registerBuffer("gpu", x, DataType::kF32, {4}, Device::cuda(0)).code(),
@@ -191,8 +196,9 @@ TEST(ElasticStateSync, MismatchedRegistrationsFailOnEveryRankNamingTheEntries) {
   runRanks(3, [&](int rank, Communicator& comm) {
     std::vector<float> w(rank == 2 ? 5 : 4);
     ElasticState s;
-    ASSERT_TRUE(s.registerBuffer("w", w.data(), DataType::kF32,
-                                 {static_cast<std::int64_t>(w.size())}).ok());
+    ASSERT_TRUE(
+        s.registerBuffer("w", w.data(), DataType::kF32, {static_cast<std::int64_t>(w.size())})
+            .ok());
     auto r = s.sync(comm);
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);

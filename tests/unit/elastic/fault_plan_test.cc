@@ -105,8 +105,8 @@ TEST(FaultInjector, FiresEachStepFaultOnceForItsRankAtOrAfterItsStep) {
   ASSERT_TRUE(rank1.atStep(1, 4).ok());  // step 3 was skipped over: fires at the next boundary
   EXPECT_EQ(r1.fired, std::vector<std::string>{"kill rank=1 step=3"});
   for (std::int64_t step = 4; step < 10; ++step) ASSERT_TRUE(rank1.atStep(1, step).ok());
-  EXPECT_EQ(r1.fired, (std::vector<std::string>{"kill rank=1 step=3",
-                                                "delay rank=1 step=5 for=10ms"}));
+  EXPECT_EQ(r1.fired,
+            (std::vector<std::string>{"kill rank=1 step=3", "delay rank=1 step=5 for=10ms"}));
   // A replacement for rank 1 (same record of fired faults) rolls back to step 2 and passes 3 and 5
   // again: nothing fires twice. The time fault is the agent's, never the injector's.
   Recorder again;
