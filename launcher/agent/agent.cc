@@ -282,6 +282,15 @@ Status Agent::Impl::setup() {
   return okStatus();
 }
 
+// The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
+char processState(pid_t pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string stat;
+  if (!std::getline(in, stat)) return 0;
+  const auto paren = stat.rfind(')');  // the command name may hold spaces and parentheses
+  return paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : 0;
+}
+
 void Agent::Impl::applyTimedFaults() {
   if (!fault_plan_ || !round_ || !group_ || !workers_started_at_) return;
   const auto elapsed = Clock::now() - *workers_started_at_;
@@ -294,35 +303,38 @@ void Agent::Impl::applyTimedFaults() {
                           ? f.index == static_cast<int>(round_->node_rank())
                           : f.index >= first && f.index < first + o_.local_world_size;
     if (!here) continue;
+    // The target: this node, or the newest running process of that local rank.
+    const int lr = f.index - first;
+    std::optional<pid_t> pid;
+    std::vector<pid_t> running;
+    for (const auto& [p, l] : group_->localRanks()) {
+      running.push_back(p);
+      if (l == lr) pid = p;
+    }
+    for (const auto& g : replacements_) {
+      for (const auto& [p, l] : g->localRanks()) {
+        running.push_back(p);
+        if (l == lr) pid = p;
+      }
+    }
+    if (f.target == Fault::Target::kRank && !pid) continue;  // between processes: try again
     timed_faults_done_.insert(i);
     // Once per job, as the workers' step faults: claimed in the coordinator's store.
     auto claim = rendezvous::StoreClient(conn_)
                      .scoped("rally/faults/fired/", 0)
                      .compareAndSet(std::to_string(i), std::nullopt, node_id_);
-    if (!claim.ok() || !claim->swapped) continue;
+    if (!claim.ok()) {
+      log_->warn("fault plan: '{}' not applied: {}", f.describe(), claim.status().message());
+      continue;
+    }
+    if (!claim->swapped) continue;
     log_->warn("fault plan: {}", f.describe());
     events_->write("fault_injected", {{"fault", f.describe()}});
     if (f.target == Fault::Target::kNode) {
       // The whole node, as a crash would: every worker's process group, then this agent.
-      for (pid_t pid : group_->pids()) ::kill(-pid, SIGKILL);
-      for (const auto& g : replacements_) {
-        for (pid_t pid : g->pids()) ::kill(-pid, SIGKILL);
-      }
+      for (pid_t p : running) ::kill(-p, SIGKILL);
       ::raise(SIGKILL);
     }
-    const int lr = f.index - first;
-    std::optional<pid_t> pid;
-    for (const auto& g : replacements_) {  // the newest process of that local rank
-      for (const auto& [p, l] : g->localRanks()) {
-        if (l == lr) pid = p;
-      }
-    }
-    if (!pid) {
-      for (const auto& [p, l] : group_->localRanks()) {
-        if (l == lr) pid = p;
-      }
-    }
-    if (!pid) continue;
     switch (f.action) {
       case Fault::Action::kKill:
         ::kill(*pid, SIGKILL);
@@ -341,7 +353,7 @@ void Agent::Impl::applyTimedFaults() {
   }
   for (auto it = resume_at_.begin(); it != resume_at_.end();) {
     if (Clock::now() >= it->second) {
-      ::kill(it->first, SIGCONT);
+      if (processState(it->first) != 0) ::kill(it->first, SIGCONT);
       it = resume_at_.erase(it);
     } else {
       ++it;
@@ -573,27 +585,19 @@ Status Agent::Impl::spawnReplacements(const v1::RoundFormed& r) {
   return okStatus();
 }
 
-// The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
-char processState(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/stat", pid));
-  std::string stat;
-  if (!std::getline(in, stat)) return 0;
-  const auto paren = stat.rfind(')');  // the command name may hold spaces and parentheses
-  return paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : 0;
-}
-
 void Agent::Impl::checkHungWorkers() {
   const Milliseconds limit = tunable("hang_timeout");
   if (limit.count() <= 0 || !group_) return;
-  std::vector<pid_t> pids = group_->pids();
+  std::vector<pid_t> pids;  // running workers only: an exited worker's pid may be reused
+  for (const auto& [pid, lr] : group_->localRanks()) pids.push_back(pid);
   for (const auto& g : replacements_) {
-    const auto more = g->pids();
-    pids.insert(pids.end(), more.begin(), more.end());
+    for (const auto& [pid, lr] : g->localRanks()) pids.push_back(pid);
   }
   const auto now = Clock::now();
   std::map<pid_t, Clock::time_point> still;
   for (pid_t pid : pids) {
-    if (processState(pid) != 'T') continue;  // running, sleeping, exited ('t': a debugger's)
+    if (resume_at_.count(pid) != 0) continue;  // stopped on purpose by a delay fault
+    if (processState(pid) != 'T') continue;    // running, sleeping, exited ('t': a debugger's)
     auto it = stopped_since_.find(pid);
     const auto since = it != stopped_since_.end() ? it->second : now;
     still[pid] = since;
@@ -669,6 +673,7 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
     f.error_message = fmt::format("hung: stopped for {} (--hang-timeout {}); killed by its agent",
                                   formatDuration(hung->second),
                                   formatDuration(tunable("hang_timeout")));
+    hung_killed_.erase(hung);  // the pid may be reused
   }
   log_->error("worker local rank {} (rank {}) failed: {}", e.local_rank, f.global_rank,
               e.describe());
@@ -918,6 +923,7 @@ int Agent::Impl::loop() {
       }
     } else if (m.has_nodes_waiting()) {
       if (m.nodes_waiting().count() > 0 && round_ && round_->node_rank() == 0 && group_ &&
+          !in_barrier_ &&
           reform_requested_for_ != generation_) {
         reform_requested_for_ = generation_;
         log_->info("{} node(s) waiting to join: restarting the job to admit them",

@@ -45,6 +45,10 @@ std::uint64_t EpochPermutation::encrypt(std::uint64_t x) const {
 }
 
 std::uint64_t EpochPermutation::operator()(std::uint64_t position) const {
+  if (position >= n_) {
+    throw std::out_of_range(fmt::format(
+        "EpochPermutation: position {} is outside the epoch of {} samples", position, n_));
+  }
   // A bijection of [0, 2^bits) restricted to [0, n) by walking the cycle until it lands inside:
   // still a bijection, and every position's walk ends because its cycle contains it.
   std::uint64_t x = encrypt(position);

@@ -37,6 +37,7 @@ struct ElasticSamplerOptions {
 };
 
 // A bijection of [0, n) keyed by (seed, epoch), computed per index (cycle-walking Feistel network).
+// A position outside [0, n) throws std::out_of_range.
 class EpochPermutation {
  public:
   EpochPermutation(std::uint64_t n, std::uint64_t seed, std::uint64_t epoch);
@@ -59,6 +60,7 @@ class ElasticSampler {
     bool epoch_finished = false;         // this was the epoch's last batch (or it had none left)
   };
 
+  // Prefer create(), which checks the options; a dataset_size of 0 gives an empty epoch.
   explicit ElasticSampler(ElasticSamplerOptions options);
   // Checks the options: a dataset must have at least one sample.
   static Result<ElasticSampler> create(ElasticSamplerOptions options);
@@ -80,7 +82,8 @@ class ElasticSampler {
 
   // Registers the epoch and the consumed count as scalars "<prefix>.epoch" and
   // "<prefix>.consumed" of `state`, so commit() saves them and restore()/sync() bring them back.
-  // The sampler must outlive the registration.
+  // The state holds pointers into this object: it must neither move nor die while registered
+  // (copies are not registered; assigning to it keeps the registration).
   Status attach(ElasticState& state, const std::string& prefix = "sampler");
 
  private:

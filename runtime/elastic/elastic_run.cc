@@ -42,6 +42,13 @@ void appendEvent(const nlohmann::json& event) {
 
 }  // namespace
 
+// Worth following the job after: a peer lost or the generation moved (not a closed job, not a
+// timeout waiting for a round).
+bool ElasticRun::followable(const Status& s) const {
+  if (world_.closed()) return false;
+  return s.code() == StatusCode::kAborted || s.code() == StatusCode::kPeerLost;
+}
+
 bool isRecoverable(const Status& s) {
   return s.code() == StatusCode::kPeerLost || s.code() == StatusCode::kAborted ||
          s.code() == StatusCode::kTimeout;
@@ -164,11 +171,14 @@ Status ElasticRun::run(const std::function<Status()>& train) {
   auto log = log::get("elastic");
   // Everyone starts from the same state: rank 0's, or the newest commit a survivor holds (a
   // replacement or a new node arrives here while the others are in recoverOnce()).
-  for (;;) {
+  for (int attempt = 0;; ++attempt) {
     std::int64_t last_step = last_step_;
     auto synced = syncState(&last_step, nullptr);
     if (synced.ok()) break;
-    if (!isRecoverable(synced.status()) || !world_.canRecoverInPlace()) return synced.status();
+    if (!followable(synced.status()) || !world_.canRecoverInPlace() ||
+        attempt >= options_.max_recoveries) {
+      return synced.status();
+    }
     RALLY_RETURN_IF_ERROR(world_.recover(options_.recover_timeout))
         << "re-forming before the first step";
   }
@@ -179,7 +189,7 @@ Status ElasticRun::run(const std::function<Status()>& train) {
       return s;
     }
     if (!isRecoverable(s) && !world_.generationChanged()) return s;
-    if (!world_.canRecoverInPlace()) return s;
+    if (!world_.canRecoverInPlace() || world_.closed()) return s;
     if (++recoveries_ > options_.max_recoveries) {
       RALLY_RETURN_IF_ERROR(s) << "after " << options_.max_recoveries
                                << " in-place recoveries (ElasticRunOptions::max_recoveries)";
@@ -188,8 +198,13 @@ Status ElasticRun::run(const std::function<Status()>& train) {
     for (;;) {
       const Status r = recoverOnce(s);
       if (r.ok()) break;
-      // The generation moved again during recovery (a second failure): follow it.
-      if (r.code() != StatusCode::kAborted && r.code() != StatusCode::kPeerLost) return r;
+      // The generation moved again during recovery (a second failure): follow it, within the
+      // same budget.
+      if (!followable(r)) return r;
+      if (++recoveries_ > options_.max_recoveries) {
+        RALLY_RETURN_IF_ERROR(r) << "after " << options_.max_recoveries
+                                 << " in-place recoveries (ElasticRunOptions::max_recoveries)";
+      }
       log->warn("rank {}: recovery interrupted ({}); following the job", world_.rank(),
                 r.toString());
     }

@@ -70,6 +70,7 @@ class ElasticRun {
  private:
   using Clock = std::chrono::steady_clock;
   Status recoverOnce(const Status& cause);
+  bool followable(const Status& s) const;
   // state_.sync(), then the newest step begun on any rank into *last_step and, for a rank that
   // recovered in place (writer set), the lowest such rank into *writer (collective).
   Result<SyncResult> syncState(std::int64_t* last_step, int* writer);

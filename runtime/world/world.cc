@@ -5,6 +5,7 @@
 
 #include <condition_variable>
 #include <cstdlib>
+#include <stdexcept>
 
 #include "collectives/registry.h"
 #include "kernels/base/logging.h"
@@ -127,12 +128,15 @@ void World::onGeneration(std::uint64_t generation, const std::string& cause, boo
   if (closed) closed_ = true;
   gen_cv_.notify_all();
   if (generation <= generation_ && !closed) return;
+  std::lock_guard lock(comm_mu_);
+  // Again under the lock: recover() may have moved to this generation meanwhile, and its new
+  // communicator must not be aborted.
+  if (generation <= generation_ && !closed) return;
   std::int64_t none = 0;
   moved_at_us_.compare_exchange_strong(none,
                                        std::chrono::duration_cast<std::chrono::microseconds>(
                                            std::chrono::system_clock::now().time_since_epoch())
                                            .count());
-  std::lock_guard lock(comm_mu_);
   if (comm_ && !comm_->aborted()) {
     const std::string what = closed ? "the job was closed"
                                     : fmt::format("the job moved to generation {}{}{}", generation,
@@ -341,6 +345,14 @@ Status World::recover(Milliseconds timeout) {
     gen_cv_.wait_for(lock, std::chrono::milliseconds(50),
                      [&] { return latest_.load() != seen || closed_.load(); });
   }
+}
+
+collectives::Communicator& World::comm() {
+  if (!comm_) {
+    throw std::logic_error(
+        "rally::World::comm(): this world has no communicator: the last recover() failed");
+  }
+  return *comm_;
 }
 
 std::chrono::system_clock::time_point World::movedAt() const {

@@ -63,7 +63,11 @@ class World {
   int numNodes() const { return num_nodes_; }
   std::uint64_t generation() const { return generation_.load(); }
   Launcher launcher() const { return launcher_; }
-  collectives::Communicator& comm() { return *comm_; }
+  // The current generation's communicator. After a failed recover() there is none: a call is a
+  // programming error and throws std::logic_error.
+  collectives::Communicator& comm();
+  // The job was closed (finished or failed): nothing to recover into.
+  bool closed() const { return closed_.load(); }
   // The newest generation the job has announced (the watch's view; this world's otherwise).
   std::uint64_t latestGeneration() const { return latest_.load(); }
   // The job moved past this world's generation, or was closed: its communicator has been aborted.

@@ -30,6 +30,12 @@ TEST(EpochPermutation, IsABijectionForManySizes) {
   }
 }
 
+TEST(EpochPermutation, RefusesPositionsOutsideTheEpoch) {
+  EpochPermutation p(10, 1, 0);
+  EXPECT_THROW(p(10), std::out_of_range);
+  EXPECT_THROW(EpochPermutation(0, 1, 0)(0), std::out_of_range);
+}
+
 TEST(EpochPermutation, DependsOnSeedAndEpochAndIsReproducible) {
   const std::uint64_t n = 10'000;
   auto order = [&](std::uint64_t seed, std::uint64_t epoch) {
