@@ -118,7 +118,7 @@ int main(int argc, char** argv) {
       }
       if (b.epoch_finished) sampler.startEpoch(sampler.epoch() + 1);
       if (step % commit_every == 0 || b.epoch_finished) {
-        RALLY_RETURN_IF_ERROR(state.commit());
+        RALLY_RETURN_IF_ERROR(run.commit());
       }
     }
     return okStatus();

@@ -12,11 +12,11 @@
 
 #include <condition_variable>
 #include <deque>
-#include <set>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <set>
 #include <variant>
 
 #include "kernels/base/logging.h"
@@ -24,9 +24,9 @@
 #include "launcher/agent/failure_report.h"
 #include "launcher/agent/worker_group.h"
 #include "launcher/coordinator/coordinator_server.h"
+#include "runtime/faults/fault_plan.h"
 #include "runtime/rendezvous/agent_session.h"
 #include "runtime/rendezvous/coordinator_client.h"
-#include "runtime/faults/fault_plan.h"
 
 namespace rally::agent {
 namespace {
@@ -168,6 +168,8 @@ class Agent::Impl {
   void checkHungWorkers();
   // The fault plan's time-triggered faults for this node's ranks or this node.
   void applyTimedFaults();
+  // In place: re-forms to admit waiting nodes once the workers reached a commit point.
+  void checkAdmission();
 
   cli::RunOptions o_;
   std::string node_id_;
@@ -181,16 +183,18 @@ class Agent::Impl {
   EventQueue queue_;
   std::unique_ptr<WorkerGroup> group_;
   std::vector<std::unique_ptr<WorkerGroup>> replacements_;  // in-place: one group per replacement
-  std::set<int> missing_;                // in-place: local ranks that failed, not yet replaced
-  std::map<int, bool> last_exit_ok_;     // local rank -> its latest process exited with 0
+  std::set<int> missing_;             // in-place: local ranks that failed, not yet replaced
+  std::map<int, bool> last_exit_ok_;  // local rank -> its latest process exited with 0
   int master_port_ = 0;
   std::string fault_plan_text_;  // --fault-plan, for the workers' RALLY_FAULTS
   std::optional<FaultPlan> fault_plan_;
+  std::optional<Clock::time_point> admit_pending_since_;  // admission asked of the workers
+  std::uint32_t admit_waiting_ = 0;
   std::optional<Clock::time_point> workers_started_at_;  // this node's first workers
   std::set<size_t> timed_faults_done_;
-  std::map<pid_t, Clock::time_point> resume_at_;  // delay faults: SIGCONT then
+  std::map<pid_t, Clock::time_point> resume_at_;      // delay faults: SIGCONT then
   std::map<pid_t, Clock::time_point> stopped_since_;  // workers seen stopped, since when
-  std::map<pid_t, Milliseconds> hung_killed_;        // workers killed as hung, stopped how long
+  std::map<pid_t, Milliseconds> hung_killed_;         // workers killed as hung, stopped how long
   std::uint64_t epoch_ = 0;  // tags worker exits with the group they came from
   std::optional<v1::RoundFormed> round_;
   std::uint64_t generation_ = 0;
@@ -289,6 +293,18 @@ char processState(pid_t pid) {
   if (!std::getline(in, stat)) return 0;
   const auto paren = stat.rfind(')');  // the command name may hold spaces and parentheses
   return paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : 0;
+}
+
+void Agent::Impl::checkAdmission() {
+  if (!admit_pending_since_) return;
+  // Programs that never mark a commit point (no ElasticRun::commit) are admitted after this.
+  constexpr Milliseconds kAdmitWait{30'000};
+  auto ready = store_->get("admit/ready");
+  const bool at_commit = ready.ok() && ready->has_value() && **ready == std::to_string(generation_);
+  if (!at_commit && Clock::now() - *admit_pending_since_ < kAdmitWait) return;
+  admit_pending_since_.reset();
+  session_->requestReform(fmt::format("admit {} waiting node(s){}", admit_waiting_,
+                                      at_commit ? " at a commit point" : ""));
 }
 
 void Agent::Impl::applyTimedFaults() {
@@ -573,13 +589,14 @@ Status Agent::Impl::spawnReplacements(const v1::RoundFormed& r) {
                          WorkerGroup::start(std::move(specs), [this, epoch](const WorkerExit& e) {
                            queue_.push(WorkerExited{epoch, e});
                          }));
-  log_->info("generation {}: started replacement(s) for local rank(s) {} (ranks from {}); the "
-             "other workers recover in place",
-             r.generation(), fmt::join(missing_, ","), r.rank_offset());
-  events_->write("workers_replaced", {{"generation", r.generation()},
-                                      {"local_ranks", std::vector<int>(missing_.begin(),
-                                                                       missing_.end())},
-                                      {"pids", group->pids()}});
+  log_->info(
+      "generation {}: started replacement(s) for local rank(s) {} (ranks from {}); the "
+      "other workers recover in place",
+      r.generation(), fmt::join(missing_, ","), r.rank_offset());
+  events_->write("workers_replaced",
+                 {{"generation", r.generation()},
+                  {"local_ranks", std::vector<int>(missing_.begin(), missing_.end())},
+                  {"pids", group->pids()}});
   replacements_.push_back(std::move(group));
   missing_.clear();
   return okStatus();
@@ -604,9 +621,10 @@ void Agent::Impl::checkHungWorkers() {
     const auto stopped = std::chrono::duration_cast<Milliseconds>(now - since);
     if (stopped >= limit && hung_killed_.count(pid) == 0) {
       hung_killed_[pid] = stopped;
-      log_->error("worker pid {} has been stopped for {} (--hang-timeout {}): it is hung; killing "
-                  "it",
-                  pid, formatDuration(stopped), formatDuration(limit));
+      log_->error(
+          "worker pid {} has been stopped for {} (--hang-timeout {}): it is hung; killing "
+          "it",
+          pid, formatDuration(stopped), formatDuration(limit));
       events_->write("worker_hung", {{"pid", pid}, {"stopped_ms", stopped.count()}});
       ::kill(-pid, SIGKILL);  // its process group
       ::kill(pid, SIGKILL);
@@ -670,9 +688,9 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   readErrorFile(fmt::format("{}/attempt_{}/{}/error.json", run_dir_, restart_count_, e.local_rank),
                 &f.error_message, &f.error_traceback);
   if (auto hung = hung_killed_.find(e.pid); hung != hung_killed_.end()) {
-    f.error_message = fmt::format("hung: stopped for {} (--hang-timeout {}); killed by its agent",
-                                  formatDuration(hung->second),
-                                  formatDuration(tunable("hang_timeout")));
+    f.error_message =
+        fmt::format("hung: stopped for {} (--hang-timeout {}); killed by its agent",
+                    formatDuration(hung->second), formatDuration(tunable("hang_timeout")));
     hung_killed_.erase(hung);  // the pid may be reused
   }
   log_->error("worker local rank {} (rank {}) failed: {}", e.local_rank, f.global_rank,
@@ -683,9 +701,9 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   // When it died, in microseconds since the epoch: in-place recovery times its detection from it.
   (void)store_->set(
       fmt::format("failure_times/{:08}/{}/{}", r.generation(), node_id_, e.local_rank),
-      std::to_string(std::chrono::duration_cast<std::chrono::microseconds>(
-                         e.when.time_since_epoch())
-                         .count()));
+      std::to_string(
+          std::chrono::duration_cast<std::chrono::microseconds>(e.when.time_since_epoch())
+              .count()));
   if (o_.inPlace()) {
     missing_.insert(e.local_rank);  // replaced when the next round forms; the others go on
   } else {
@@ -698,10 +716,9 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   if (!claim.ok() || !claim->swapped) return std::nullopt;  // another node decides
   auto restarts = store_->add("restarts", 1);
   if (restarts.ok() && *restarts <= o_.max_restarts) {
-    session_->requestReform(
-        fmt::format("worker failed on node '{}' (local rank {}: {}); {} {} of {}", node_id_,
-                    e.local_rank, e.describe(), o_.inPlace() ? "in-place recovery" : "restart",
-                    *restarts, o_.max_restarts));
+    session_->requestReform(fmt::format(
+        "worker failed on node '{}' (local rank {}: {}); {} {} of {}", node_id_, e.local_rank,
+        e.describe(), o_.inPlace() ? "in-place recovery" : "restart", *restarts, o_.max_restarts));
     return std::nullopt;
   }
   // Out of restarts: report the job's failures of this generation, first by time as root cause.
@@ -819,6 +836,7 @@ int Agent::Impl::loop() {
     }
     checkHungWorkers();
     applyTimedFaults();
+    checkAdmission();
     auto next = queue_.pop(Milliseconds(fault_plan_ ? 20 : 100));
     if (!next) continue;
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {
@@ -875,6 +893,7 @@ int Agent::Impl::loop() {
       log_->info("generation {}: node rank {} of {}, ranks {}..{} of {}, recovering in place ({})",
                  r.generation(), r.node_rank(), r.num_nodes(), r.rank_offset(),
                  r.rank_offset() + o_.local_world_size - 1, r.world_size(), r.cause());
+      admit_pending_since_.reset();  // whatever the cause, the waiting nodes are in this round
       events_->write("round_reformed_in_place", {{"generation", r.generation()},
                                                  {"node_rank", r.node_rank()},
                                                  {"world_size", r.world_size()},
@@ -923,12 +942,22 @@ int Agent::Impl::loop() {
       }
     } else if (m.has_nodes_waiting()) {
       if (m.nodes_waiting().count() > 0 && round_ && round_->node_rank() == 0 && group_ &&
-          !in_barrier_ &&
-          reform_requested_for_ != generation_) {
+          !in_barrier_ && reform_requested_for_ != generation_) {
         reform_requested_for_ = generation_;
-        log_->info("{} node(s) waiting to join: restarting the job to admit them",
-                   m.nodes_waiting().count());
-        session_->requestReform(fmt::format("admit {} waiting node(s)", m.nodes_waiting().count()));
+        if (o_.inPlace()) {
+          // Admit at the workers' next commit point, so that nobody rolls back: ask, and re-form
+          // when rank 0 says it has committed (or after admit_wait, for programs that never do).
+          log_->info("{} node(s) waiting to join: admitting them at the next commit",
+                     m.nodes_waiting().count());
+          (void)store_->set("admit/requested", std::to_string(generation_));
+          admit_pending_since_ = Clock::now();
+          admit_waiting_ = m.nodes_waiting().count();
+        } else {
+          log_->info("{} node(s) waiting to join: restarting the job to admit them",
+                     m.nodes_waiting().count());
+          session_->requestReform(
+              fmt::format("admit {} waiting node(s)", m.nodes_waiting().count()));
+        }
       }
     } else if (m.has_shutdown()) {
       stopWorkers(SIGTERM, "the coordinator dismissed this node");

@@ -79,6 +79,11 @@ Status ElasticRun::atStep(std::int64_t step) {
   return okStatus();
 }
 
+Status ElasticRun::commit() {
+  RALLY_RETURN_IF_ERROR(state_.commit());
+  return world_.atCommitPoint();
+}
+
 void ElasticRun::writeRecoveryEvent() {
   Pending& p = *pending_;
   const double first_step = msBetween(p.restored, Clock::now());

@@ -10,7 +10,8 @@
 //       RALLY_RETURN_IF_ERROR(run.atStep(step));           // fault plan; recovery timing
 //       RALLY_RETURN_IF_ERROR(train_one_step(world->comm()));  // fetch comm() each time
 //       ++step;
-//       if (step % 10 == 0) RALLY_RETURN_IF_ERROR(state.commit());
+//       if (step % 10 == 0) RALLY_RETURN_IF_ERROR(run.commit());
+//       ...
 //     }
 //     return okStatus();
 //   }));
@@ -64,6 +65,9 @@ class ElasticRun {
   // Call at the start of every step: applies the fault plan (RALLY_FAULTS) for this rank, and
   // times the first step after a recovery.
   Status atStep(std::int64_t step);
+  // The state's commit(), and a commit point at which waiting nodes are admitted
+  // (World::atCommitPoint). Every rank calls it at the same steps.
+  Status commit();
 
   int recoveries() const { return recoveries_; }
 

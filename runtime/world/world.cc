@@ -347,6 +347,18 @@ Status World::recover(Milliseconds timeout) {
   }
 }
 
+Status World::atCommitPoint(Milliseconds wait) {
+  if (launcher_ != Launcher::kRally || !in_place_ || rank_ != 0 || !conn_) return okStatus();
+  rendezvous::StoreClient store = rendezvous::StoreClient(conn_).scoped("rally/run/", 0);
+  const std::string gen = std::to_string(generation());
+  auto requested = store.get("admit/requested");
+  if (!requested.ok() || !requested->has_value() || **requested != gen) return okStatus();
+  RALLY_RETURN_IF_ERROR(store.set("admit/ready", gen)) << "telling the agents of a commit point";
+  std::unique_lock lock(comm_mu_);
+  gen_cv_.wait_for(lock, wait, [&] { return generationChanged(); });
+  return okStatus();
+}
+
 collectives::Communicator& World::comm() {
   if (!comm_) {
     throw std::logic_error(

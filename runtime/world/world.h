@@ -89,6 +89,12 @@ class World {
   // in-place recovery is not possible here (another launcher, restart mode) or this node is not in
   // the new round; Timeout; Aborted when the job was closed.
   Status recover(Milliseconds timeout = Milliseconds(120'000));
+  // Call at every commit point (ElasticRun::commit does). Under `rally run --recovery in-place`,
+  // when nodes wait to join, rank 0 tells the agents that the job is at a commit point and waits
+  // (up to `wait`) for the job to re-form, so the newcomers join without anyone rolling back more
+  // than the step the others have begun. Costs rank 0 one store read per call; OK elsewhere.
+  Status atCommitPoint(Milliseconds wait = Milliseconds(10'000));
+
   // When the watch first told this process that the job moved past this world's generation (the
   // epoch: it has not); after recover(), when it was told that the generation it left ended.
   // failureTime(g): when the earliest worker failure of generation g happened, as its agent

@@ -10,8 +10,8 @@
 //   - a hung rank (SIGSTOP): its agent kills it once it has been stopped for --hang-timeout (1 s
 //     here; bound asserted: stopped at most 1.5 s when killed), and the job recovers in place;
 //   - time-triggered faults applied by the agents (a delay, then a kill): bitwise identical;
-//   - a whole node killed: the survivors go on with 2 ranks; a new node joins and the world grows
-//     back to 4; every sample exactly once per epoch; the weights within 2e-2 of the
+//   - a whole node killed: the survivors go on with 2 ranks; a new node joins at the next commit
+//     point (no step redone) and the world grows back to 4; every sample exactly once per epoch; the weights within 2e-2 of the
 //     uninterrupted run's (the data are split differently while the world is smaller, so the
 //     sums are rounded differently; the model converges to the same least-squares solution).
 #include <arpa/inet.h>
@@ -261,6 +261,19 @@ TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
   const std::string log = events();
   EXPECT_NE(log.find("\"event\":\"recovery\""), std::string::npos) << log;
   EXPECT_NE(log.find("\"world_size\":2"), std::string::npos) << log;
+  // The new node was admitted at a commit point: the growth redid no step.
+  std::istringstream lines(log);
+  bool grew = false;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("\"event\":\"recovery\"") == std::string::npos ||
+        line.find("\"world_size\":4") == std::string::npos) {
+      continue;
+    }
+    grew = true;
+    EXPECT_NE(line.find("\"steps_redone\":0"), std::string::npos) << line;
+  }
+  EXPECT_TRUE(grew) << log;
+  EXPECT_NE(a->errors().find("at a commit point"), std::string::npos);
 }
 
 }  // namespace
