@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <fstream>
+
 namespace rally::cli {
 namespace {
 
@@ -167,6 +169,40 @@ TEST(RunOptionsTest, Signals) {
   EXPECT_EQ(*s, (std::vector<int>{SIGTERM, SIGINT, 10}));
   EXPECT_FALSE(parseSignals("SIGKILL").ok()) << "SIGKILL cannot be handled";
   EXPECT_STREQ(signalName(SIGTERM), "SIGTERM");
+}
+
+}  // namespace
+}  // namespace rally::cli
+
+namespace rally::cli {
+namespace {
+
+TEST(RunOptionsTest, RecoveryModeAndFaultPlanAreChecked) {
+  auto o = parseRunOptions({"train.py"}, {});
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->recovery, "restart");
+  EXPECT_FALSE(o->inPlace());
+  o = parseRunOptions({"--recovery", "in-place", "train.py"}, {});
+  ASSERT_TRUE(o.ok());
+  EXPECT_TRUE(o->inPlace());
+  auto bad = parseRunOptions({"--recovery", "sideways", "train.py"}, {});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().message(), "--recovery 'sideways' is not restart or in-place");
+
+  const std::string plan = ::testing::TempDir() + "run_options_plan.txt";
+  { std::ofstream(plan) << "kill rank=1 step=5\nkil rank=2 step=3\n"; }
+  bad = parseRunOptions({"--fault-plan", plan, "train.py"}, {});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("line 2: 'kil rank=2 step=3': unknown action 'kil'"),
+            std::string::npos)
+      << bad.status().message();
+  { std::ofstream(plan) << "kill rank=1 step=5\n"; }
+  o = parseRunOptions({"--fault-plan", plan, "train.py"}, {});
+  ASSERT_TRUE(o.ok()) << o.status().toString();
+  EXPECT_EQ(o->fault_plan, plan);
+  bad = parseRunOptions({"--fault-plan", "/nonexistent/plan.txt", "train.py"}, {});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("/nonexistent/plan.txt"), std::string::npos);
 }
 
 }  // namespace
