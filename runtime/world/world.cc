@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#include "collectives/memory_bootstrap_store.h"
 #include "collectives/registry.h"
 #include "kernels/base/logging.h"
 #include "runtime/rendezvous/coordinator_bootstrap_store.h"
@@ -19,40 +20,6 @@ namespace rally {
 namespace {
 
 using Env = std::map<std::string, std::string>;
-
-// Bootstrap for a world of one process (no launcher): nothing leaves the process.
-class LocalStore final : public collectives::BootstrapStore {
- public:
-  Status set(const std::string& key, const std::string& value) override {
-    {
-      std::lock_guard lock(mu_);
-      data_[key] = value;
-    }
-    cv_.notify_all();
-    return okStatus();
-  }
-  Result<std::string> get(const std::string& key) override {
-    std::lock_guard lock(mu_);
-    auto it = data_.find(key);
-    if (it == data_.end()) return notFound(fmt::format("bootstrap key '{}' is not set", key));
-    return it->second;
-  }
-  Status wait(const std::vector<std::string>& keys, Milliseconds timeout) override {
-    std::unique_lock lock(mu_);
-    const bool ok = cv_.wait_for(lock, timeout, [&] {
-      for (const auto& k : keys) {
-        if (data_.count(k) == 0) return false;
-      }
-      return true;
-    });
-    return ok ? okStatus() : timeoutError("a world of one waited for bootstrap keys of another");
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<std::string, std::string> data_;
-};
 
 // "Once per job" for fault firings, through the coordinator's job-scoped store.
 class StoreFiredFaults final : public FiredFaults {
@@ -217,7 +184,7 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
   } else if (find(env, "OMPI_COMM_WORLD_SIZE") || find(env, "PMI_SIZE") || find(env, "PMIX_RANK")) {
     w.launcher_ = Launcher::kMpi;
     if (options.backend.empty() && find(env, "RALLY_BACKEND") == nullptr) backend = "mpi";
-    w.bootstrap_ = std::make_unique<LocalStore>();  // MPI bootstraps itself
+    w.bootstrap_ = std::make_unique<collectives::MemoryBootstrapStore>();  // MPI bootstraps itself
     w.fired_ = std::make_shared<LocalFiredFaults>();
     co.rank = -1;  // MPI's own
     co.size = 0;
@@ -233,7 +200,7 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
           *ws));
     }
     w.launcher_ = Launcher::kNone;
-    w.bootstrap_ = std::make_unique<LocalStore>();
+    w.bootstrap_ = std::make_unique<collectives::MemoryBootstrapStore>();
     w.fired_ = std::make_shared<LocalFiredFaults>();
     co.rank = 0;
     co.size = 1;

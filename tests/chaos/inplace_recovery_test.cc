@@ -11,13 +11,10 @@
 //     here; bound asserted: stopped at most 1.5 s when killed), and the job recovers in place;
 //   - time-triggered faults applied by the agents (a delay, then a kill): bitwise identical;
 //   - a whole node killed: the survivors go on with 2 ranks; a new node joins at the next commit
-//     point (no step redone) and the world grows back to 4; every sample exactly once per epoch; the weights within 2e-2 of the
-//     uninterrupted run's (the data are split differently while the world is smaller, so the
-//     sums are rounded differently; the model converges to the same least-squares solution).
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-
+//     point (no step redone) and the world grows back to 4; every sample exactly once per epoch;
+//     the weights within 2e-2 of the uninterrupted run's (the data are split differently while the
+//     world is smaller, so the sums are rounded differently; the model converges to the same
+//     least-squares solution).
 #include <cmath>
 #include <memory>
 #include <sstream>
@@ -28,31 +25,6 @@ namespace rally::testing {
 namespace {
 
 using std::chrono::milliseconds;
-
-int freePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-size_t count(const std::string& text, const std::string& what) {
-  size_t n = 0;
-  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
-  return n;
-}
-
-int exitCode(ChildProcess& p, milliseconds timeout = milliseconds(60000)) {
-  const int status = p.waitExit(timeout);
-  if (status == -1) return -1;
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return WEXITSTATUS(status);
-}
 
 // The minimal example's summary ("weights ..." and "steps ... uses_max N"), from whichever
 // agent ran rank 0.

@@ -1,10 +1,13 @@
 // Child processes for integration tests: spawn with output to files, signal, wait with a bound.
 #pragma once
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -99,6 +102,35 @@ inline bool isRunning(pid_t pid) {
   std::string content((std::istreambuf_iterator<char>(stat)), {});
   const auto close = content.rfind(')');
   return close != std::string::npos && content.size() > close + 2 && content[close + 2] != 'Z';
+}
+
+// A free port on loopback now (another process could take it before it is used; fine for tests).
+inline int freePort() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// The exit code (128+N when killed by signal N), or -1 if it did not exit within `timeout`.
+inline int exitCode(ChildProcess& p,
+                    std::chrono::milliseconds timeout = std::chrono::milliseconds(60000)) {
+  const int status = p.waitExit(timeout);
+  if (status == -1) return -1;
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return WEXITSTATUS(status);
+}
+
+// How often `what` occurs in `text`.
+inline size_t count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
 }
 
 inline std::string tempPath(const std::string& name) {

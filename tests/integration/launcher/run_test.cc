@@ -16,18 +16,6 @@ namespace {
 
 using std::chrono::milliseconds;
 
-int freePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
 // `env VARS... rally run --rdzv-endpoint ... ARGS... worker.sh`, its output in a temp file.
 std::unique_ptr<ChildProcess> agent(const std::string& name, std::vector<std::string> vars,
                                     std::vector<std::string> args) {
@@ -40,13 +28,6 @@ std::unique_ptr<ChildProcess> agent(const std::string& name, std::vector<std::st
   return std::make_unique<ChildProcess>(argv, tempPath(name + ".out"));
 }
 
-int exitCode(ChildProcess& p, milliseconds timeout = milliseconds(30000)) {
-  const int status = p.waitExit(timeout);
-  if (status == -1) return -1;
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return WEXITSTATUS(status);
-}
-
 // Every "pid=N" a worker printed with `marker` on its line.
 std::vector<pid_t> workerPids(const ChildProcess& p, const std::string& marker) {
   std::vector<pid_t> pids;
@@ -57,12 +38,6 @@ std::vector<pid_t> workerPids(const ChildProcess& p, const std::string& marker) 
     if (at != std::string::npos) pids.push_back(std::stoi(line.substr(at + 4)));
   }
   return pids;
-}
-
-size_t count(const std::string& text, const std::string& what) {
-  size_t n = 0;
-  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
-  return n;
 }
 
 class RunTest : public ::testing::Test {

@@ -19,43 +19,13 @@
 
 #include "collectives/communicator.h"
 #include "collectives/internal/reduce.h"
+#include "collectives/memory_bootstrap_store.h"
 
 namespace rally::collectives::test_support {
 
 using std::chrono::milliseconds;
 
-class MemoryStore : public BootstrapStore {
- public:
-  Status set(const std::string& key, const std::string& value) override {
-    {
-      std::lock_guard lock(mu_);
-      data_[key] = value;
-    }
-    cv_.notify_all();
-    return okStatus();
-  }
-  Result<std::string> get(const std::string& key) override {
-    std::lock_guard lock(mu_);
-    auto it = data_.find(key);
-    if (it == data_.end()) return notFound(key);
-    return it->second;
-  }
-  Status wait(const std::vector<std::string>& keys, Milliseconds timeout) override {
-    std::unique_lock lock(mu_);
-    const bool ok = cv_.wait_for(lock, timeout, [&] {
-      for (const auto& k : keys) {
-        if (data_.count(k) == 0) return false;
-      }
-      return true;
-    });
-    return ok ? okStatus() : timeoutError("keys never set");
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<std::string, std::string> data_;
-};
+using MemoryStore = MemoryBootstrapStore;
 
 // Values as doubles, stored in and read from any dtype.
 inline void store(DataType t, void* p, size_t i, double v) {
