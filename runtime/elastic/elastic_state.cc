@@ -55,6 +55,13 @@ Status ElasticState::add(Entry e) {
 
 Status ElasticState::registerBuffer(const std::string& name, void* data, DataType type,
                                     std::vector<std::int64_t> shape, Device device) {
+  Sharding whole{shape, std::vector<std::int64_t>(shape.size(), 0)};
+  return registerShard(name, data, type, std::move(shape), std::move(whole), device);
+}
+
+Status ElasticState::registerShard(const std::string& name, void* data, DataType type,
+                                   std::vector<std::int64_t> shape, Sharding sharding,
+                                   Device device) {
   if (device.kind != DeviceKind::kHost) {
     return unimplemented(fmt::format(
         "ElasticState: '{}' is in CUDA device memory; only host buffers can be registered in this "
@@ -69,11 +76,29 @@ Status ElasticState::registerBuffer(const std::string& name, void* data, DataTyp
     }
     elements *= d;
   }
+  if (sharding.global_shape.size() != shape.size() || sharding.offset.size() != shape.size()) {
+    return invalidArgument(fmt::format(
+        "ElasticState: '{}' is a [{}] shard, but its global shape [{}] and offset [{}] need one "
+        "entry per dimension ({})",
+        name, fmt::join(shape, ", "), fmt::join(sharding.global_shape, ", "),
+        fmt::join(sharding.offset, ", "), shape.size()));
+  }
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (sharding.offset[d] < 0 || sharding.offset[d] + shape[d] > sharding.global_shape[d]) {
+      return invalidArgument(fmt::format(
+          "ElasticState: '{}': a [{}] shard at offset [{}] does not fit in the global shape [{}] "
+          "(dimension {})",
+          name, fmt::join(shape, ", "), fmt::join(sharding.offset, ", "),
+          fmt::join(sharding.global_shape, ", "), d));
+    }
+  }
   return add({.name = name,
               .kind = Kind::kBuffer,
               .data = data,
               .type = type,
               .shape = std::move(shape),
+              .global_shape = std::move(sharding.global_shape),
+              .global_offset = std::move(sharding.offset),
               .bytes = static_cast<size_t>(elements) * collectives::dataTypeSize(type),
               .offset = 0});
 }
@@ -150,6 +175,13 @@ Status ElasticState::commit() {
   return okStatus();
 }
 
+Status ElasticState::adopt(std::uint64_t commit) {
+  if (commit == 0) return invalidArgument("ElasticState::adopt: commit numbers start at 1");
+  takeSnapshot();
+  commit_ = commit;
+  return okStatus();
+}
+
 Status ElasticState::restore() {
   if (commit_ == 0) {
     return failedPrecondition(
@@ -168,8 +200,13 @@ std::string ElasticState::layout() const {
     if (kind != nullptr) {
       out += fmt::format("{} {}\n", e.name, kind);
     } else {
-      out += fmt::format("{} {} [{}] {} B\n", e.name, collectives::dataTypeName(e.type),
-                         fmt::join(e.shape, ", "), e.bytes);
+      const bool shard = e.global_shape != e.shape;
+      out += fmt::format("{} {} [{}]{} {} B\n", e.name, collectives::dataTypeName(e.type),
+                         fmt::join(e.shape, ", "),
+                         shard ? fmt::format(" of [{}] at [{}]", fmt::join(e.global_shape, ", "),
+                                             fmt::join(e.global_offset, ", "))
+                               : "",
+                         e.bytes);
     }
   }
   return out;

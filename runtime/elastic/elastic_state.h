@@ -49,6 +49,14 @@ struct Device {
   static Device cuda(int i) { return {DeviceKind::kCuda, i}; }
 };
 
+// A buffer that holds one box of a larger tensor (tensor parallelism): the tensor's global shape
+// and where the buffer's first element lies in it (one offset per dimension). Checkpoints store
+// boxes by these global coordinates, so a load can cut the tensor differently.
+struct Sharding {
+  std::vector<std::int64_t> global_shape;
+  std::vector<std::int64_t> offset;
+};
+
 struct SyncOptions {
   // The newest commit number the job is known to have made (e.g. recorded in the coordinator's
   // store). If no participant holds it, sync() still completes with the newest one they have and
@@ -74,6 +82,11 @@ class ElasticState {
   // the state holds no reference to the name after the call.
   Status registerBuffer(const std::string& name, void* data, DataType type,
                         std::vector<std::int64_t> shape, Device device = Device::host());
+  // A shard of a larger tensor (see Sharding); `shape` is the local box's. sync() still treats it
+  // as replicated among the ranks of its communicator (sync over the data-parallel group).
+  Status registerShard(const std::string& name, void* data, DataType type,
+                       std::vector<std::int64_t> shape, Sharding sharding,
+                       Device device = Device::host());
   Status registerScalar(const std::string& name, std::int64_t* value);
   Status registerScalar(const std::string& name, double* value);
   Status unregister(const std::string& name);
@@ -88,26 +101,39 @@ class ElasticState {
   // rank, naming the entry, if the ranks' registrations differ.
   Result<SyncResult> sync(collectives::Communicator& comm, SyncOptions options = {});
 
+  // Makes the registered memory's current values this rank's snapshot, numbered `commit` (after a
+  // checkpoint was loaded into it: every rank adopts the checkpoint's number, so sync() agrees).
+  Status adopt(std::uint64_t commit);
+  // Drops this rank's snapshot (the next sync() fetches one from a peer, or starts from rank 0's
+  // values if nobody has one).
+  void forget() { commit_ = 0; }
+
   // The number of this rank's snapshot; 0: none.
   std::uint64_t commitNumber() const { return commit_; }
   bool hasCommit() const { return commit_ > 0; }
   // Bytes of registered buffers (and of the snapshot).
   size_t bytes() const { return arena_.size(); }
   size_t entries() const { return entries_.size(); }
-  // One line per entry: "w f32 [3, 4] 48 B", in registration order (what sync() compares).
+  // One line per entry: "w f32 [3, 4] 48 B", in registration order (what sync() compares); a shard
+  // adds "of [6, 4] at [3, 0]".
   std::string layout() const;
 
- private:
   enum class Kind { kBuffer, kInt, kDouble };
   struct Entry {
     std::string name;
     Kind kind;
     void* data;
     DataType type;
-    std::vector<std::int64_t> shape;
+    std::vector<std::int64_t> shape;         // the local buffer's
+    std::vector<std::int64_t> global_shape;  // == shape unless registered as a shard
+    std::vector<std::int64_t> global_offset; // zeros unless registered as a shard
     size_t bytes;
     size_t offset;  // in arena_ (buffers) or scalars_ (scalars: index)
   };
+  // What is registered, in registration order (checkpoints read and write through these).
+  const std::vector<Entry>& registered() const { return entries_; }
+
+ private:
   Status add(Entry e);
   void discardSnapshot(const char* why);
   void takeSnapshot();
