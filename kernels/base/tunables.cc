@@ -37,6 +37,13 @@ constexpr TunableSpec kSpecs[] = {
     {"hang_timeout", "RALLY_HANG_TIMEOUT", TunableKind::kDuration, "10s",
      "a worker stopped this long (SIGSTOP, state T) is hung: its agent kills it and handles it as a "
      "failure; 0 turns the check off"},
+    {"checkpoint_dir", "RALLY_CHECKPOINT_DIR", TunableKind::kString, "",
+     "ElasticRun saves every checkpoint_every-th commit here in the background, and a job that "
+     "starts with no commit in memory resumes from the newest checkpoint here; empty: off"},
+    {"checkpoint_every", "RALLY_CHECKPOINT_EVERY", TunableKind::kInteger, "10",
+     "with checkpoint_dir: save every N-th commit (commit numbers, the same on every rank)"},
+    {"checkpoint_keep", "RALLY_CHECKPOINT_KEEP", TunableKind::kInteger, "3",
+     "with checkpoint_dir: how many complete checkpoints to keep, newest first; 0: all"},
 };
 
 }  // namespace

@@ -1,8 +1,9 @@
 // The `rally` executable: `rally run` (the torchrun-compatible launcher and node agent) and
-// `rally coordinator` (a job's coordinator on its own).
+// `rally coordinator` (a job's coordinator on its own) and `rally checkpoint` (look into checkpoints).
 #include <CLI/CLI.hpp>
 #include <iostream>
 
+#include "launcher/cli/checkpoint_command.h"
 #include "launcher/cli/coordinator_command.h"
 #include "launcher/cli/run_command.h"
 #include "rally/config.h"
@@ -23,6 +24,7 @@ int main(int argc, char** argv) {
                      "Run a training program on this node's workers, torchrun-compatible "
                      "(rally run --help)");
   rally::cli::addCoordinatorCommand(app, &run);
+  rally::cli::addCheckpointCommand(app, &run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

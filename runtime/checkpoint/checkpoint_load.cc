@@ -143,13 +143,17 @@ Status readRuns(const std::string& dir, ShardFiles& files, const Manifest& m,
 Status Checkpointer::loadOne(std::uint64_t step, LoadReport* report) {
   const std::string path = dir_ + "/" + stepDirectoryName(step);
   RALLY_ASSIGN_OR_RETURN(const Manifest m, readManifest(path));
+  if (m.step != step) {
+    return invalidArgument(fmt::format("{}: the manifest says step {}", path, m.step));
+  }
   report->step = m.step;
   report->commit = m.commit;
   report->path = path;
   report->bytes_read = report->bytes_needed = 0;
 
-  // Everything is checked before any registered memory is touched: names, types, shapes, and
-  // that the saved shards cover every box this rank holds.
+  // Names, types, shapes, and that the saved shards cover every box this rank holds, are checked
+  // before any registered memory is touched; checksums as the blocks are read (a corrupt block
+  // can leave earlier boxes loaded: the callers restore the state's commit then).
   struct Plan {
     const ElasticState::Entry* entry;
     const TensorRecord* tensor;
@@ -223,6 +227,9 @@ Result<LoadReport> Checkpointer::load(std::uint64_t step) {
   const Status st = loadOne(step, &report);
   bool all_ok = false;
   RALLY_RETURN_IF_ERROR(agree(st.ok(), "agreeing on the loaded checkpoint", &all_ok));
+  if (!all_ok && report.bytes_read > 0 && state_->hasCommit()) {
+    RALLY_RETURN_IF_ERROR(state_->restore());  // undo a partial load
+  }
   if (!st.ok()) return st;
   if (!all_ok) {
     return ioError(fmt::format("{}/{} could not be loaded on another rank (see its log)", dir_,

@@ -57,7 +57,7 @@ std::string partialName(std::uint64_t step, std::uint64_t token, std::uint64_t s
 // ".partial-step-<step>-<token>-<seq>" -> token and seq; false for other names.
 bool parsePartialName(const std::string& name, std::uint64_t* token, std::uint64_t* seq) {
   unsigned long long step = 0, tok = 0, sq = 0;
-  if (std::sscanf(name.c_str(), ".partial-step-%12llu-%16llx-%llu", &step, &tok, &sq) != 3) {
+  if (std::sscanf(name.c_str(), ".partial-step-%llu-%16llx-%llu", &step, &tok, &sq) != 3) {
     return false;
   }
   *token = tok;
@@ -153,6 +153,7 @@ std::vector<CheckpointEntry> listCheckpoints(const std::string& dir) {
     unsigned long long step = 0;
     char rest = 0;
     if (std::sscanf(name.c_str(), "step-%llu%c", &step, &rest) != 1) continue;
+    if (name != stepDirectoryName(step)) continue;  // only names this format writes
     if (!de.is_directory()) continue;
     CheckpointEntry e;
     e.step = step;
@@ -360,11 +361,12 @@ Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state
             "checkpoint: cannot allocate {} of host memory for this rank's part of the state",
             formatBytes(static_cast<std::int64_t>(offset))));
       }
-      std::memset(p, 0, offset);
       staging_ = static_cast<unsigned char*>(p);
       staging_bytes_ = offset;
     }
   }
+  // Touched now so that save() only copies; the gaps between boxes stay zero.
+  if (staging_bytes_ > 0) std::memset(staging_, 0, staging_bytes_);
   items_ = std::move(items);
   tensors_.clear();
   for (const std::string& name : order) {
@@ -424,8 +426,12 @@ Result<bool> Checkpointer::save(std::uint64_t step) {
                  step, writing);
       return false;
     }
-  } else {
-    (void)wait(options_.finalize_timeout);
+  } else if (wait(options_.finalize_timeout).code() == StatusCode::kTimeout) {
+    // The host memory is still being written from: it cannot take this save.
+    log::get("checkpoint")
+        ->warn("checkpoint step {} skipped: the previous save is still being written after {} ms",
+               step, options_.finalize_timeout.count());
+    return false;
   }
 
   const auto start = std::chrono::steady_clock::now();
@@ -472,7 +478,7 @@ void Checkpointer::writerLoop() {
     lock.unlock();
     const auto start = std::chrono::steady_clock::now();
     Status st = writeJob(job);
-    if (st.ok() && rank_ == 0) st = finalize(job);
+    if (rank_ == 0) st = finalize(job, st);
     if (!st.ok()) {
       log::get("checkpoint")
           ->error("checkpoint step {} was not saved: {}; earlier checkpoints are unchanged and "
@@ -565,7 +571,7 @@ Status Checkpointer::writeJob(Job& job) {
   return okStatus();
 }
 
-Status Checkpointer::finalize(Job& job) {
+Status Checkpointer::finalize(Job& job, Status own) {
   const std::string partial_name = partialName(job.step, job.token, job.seq);
   const std::string partial = dir_ + "/" + partial_name;
   auto abandon = [&](Status st) {
@@ -581,6 +587,7 @@ Status Checkpointer::finalize(Job& job) {
   for (;;) {
     missing.clear();
     for (int r = 0; r < size_; ++r) {
+      if (r == 0 && !own.ok()) continue;  // this rank failed: the others only need to stop
       if (fs::exists(partial + "/" + shardFailedName(r))) {
         auto why = internal::readWholeFile(partial + "/" + shardFailedName(r));
         return abandon(ioError(fmt::format("rank {} could not write its shard: {}", r,
@@ -590,6 +597,7 @@ Status Checkpointer::finalize(Job& job) {
     }
     if (missing.empty()) break;
     std::unique_lock lock(mu_);
+    if (!own.ok() && (cancel_ || std::chrono::steady_clock::now() > deadline)) return abandon(own);
     if (cancel_) {
       return abandon(aborted(fmt::format(
           "abandoned while waiting for rank(s) {} (the world changed)", fmt::join(missing, ", "))));
@@ -602,6 +610,8 @@ Status Checkpointer::finalize(Job& job) {
     cv_.wait_for(lock, pause, [&] { return cancel_; });
     pause = std::min(pause * 2, Milliseconds(20));
   }
+
+  if (!own.ok()) return abandon(own);  // removed once no other rank writes into it
 
   // 2. The manifest: every rank's shards, tensors in the ranks' registration order.
   Manifest m;
@@ -621,9 +631,9 @@ Status Checkpointer::finalize(Job& job) {
     if (index.is_discarded()) {
       return abandon(internalError(fmt::format("rank {}'s shard index is not valid JSON", r)));
     }
+    try {
     FileRecord f{index["file"].get<std::string>(), index["bytes"].get<std::uint64_t>(), r};
     listed.insert(f.name);
-    listed.insert(shardIndexName(r));
     if (f.bytes > 0) m.files.push_back(f);
     for (const json& sj : index["shards"]) {
       ShardRecord s;
@@ -636,6 +646,9 @@ Status Checkpointer::finalize(Job& job) {
       s.checksum = std::stoull(sj["checksum"].get<std::string>(), nullptr, 16);
       for (const json& b : sj["blocks"]) s.blocks.push_back(std::stoull(b.get<std::string>(), nullptr, 16));
       tensors[sj["tensor"].get<std::string>()].shards.push_back(std::move(s));
+    }
+    } catch (const std::exception& e) {
+      return abandon(internalError(fmt::format("rank {}'s shard index: {}", r, e.what())));
     }
   }
   if (m.files.empty()) {  // nothing but scalars: keep one (empty) file so the format stays regular
@@ -686,6 +699,10 @@ Status Checkpointer::finalize(Job& job) {
   //    retention.
   for (const auto& de : fs::directory_iterator(dir_, ec)) {
     std::uint64_t token = 0, seq = 0;
+    if (de.path().filename().string().rfind(".removing-", 0) == 0) {  // a removal interrupted
+      fs::remove_all(de.path(), ec);
+      continue;
+    }
     if (!parsePartialName(de.path().filename().string(), &token, &seq)) continue;
     if (token != job.token || seq < job.seq) fs::remove_all(de.path(), ec);
   }
@@ -705,8 +722,12 @@ void Checkpointer::applyRetention() {
     if (options_.keep_every > 0 && e.step % static_cast<std::uint64_t>(options_.keep_every) == 0) {
       continue;
     }
+    // Renamed first, so that a crash in the middle of the removal cannot leave a checkpoint that
+    // has a manifest but lacks files.
     std::error_code ec;
-    fs::remove_all(e.path, ec);
+    const std::string doomed = dir_ + "/.removing-" + fs::path(e.path).filename().string();
+    if (::rename(e.path.c_str(), doomed.c_str()) == 0) (void)internal::syncDirectory(dir_);
+    fs::remove_all(::access(doomed.c_str(), F_OK) == 0 ? doomed : e.path, ec);
     if (ec) {
       log::get("checkpoint")->warn("retention: cannot remove {}: {}", e.path, ec.message());
     } else {

@@ -128,7 +128,9 @@ class Checkpointer {
   Status loadOne(std::uint64_t step, LoadReport* report);
   void writerLoop();
   Status writeJob(Job& job);
-  Status finalize(Job& job);
+  // Rank 0: waits for every rank's part and commits the checkpoint; with `own` failed, waits for
+  // the others to stop and removes what was written.
+  Status finalize(Job& job, Status own);
   void applyRetention();
   Status agree(bool ok, const char* what, bool* all_ok);
 

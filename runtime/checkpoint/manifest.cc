@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -67,8 +68,9 @@ class Reader {
     const json* v = array(obj, path, key);
     if (v == nullptr) return out;
     for (const json& d : *v) {
-      if (!d.is_number_integer() || d.get<std::int64_t>() < 0) {
-        fail(path + "." + key, "expected non-negative integers");
+      if (!d.is_number_integer() || d.get<std::int64_t>() < 0 ||
+          d.get<std::int64_t>() > (std::int64_t{1} << 48)) {
+        fail(path + "." + key, "expected integers between 0 and 2^48");
         return {};
       }
       out.push_back(d.get<std::int64_t>());
@@ -195,7 +197,7 @@ std::string toJson(const Manifest& m) {
                {"scalars", scalars},
                {"files", files},
                {"tensors", tensors}};
-  return root.dump(1) + "\n";
+  return root.dump(1, ' ', false, json::error_handler_t::replace) + "\n";
 }
 
 Result<Manifest> parseManifest(const std::string& text) {
@@ -208,7 +210,7 @@ Result<Manifest> parseManifest(const std::string& text) {
   if (r.str(root, "", "format") != kFormatName && r.error.ok()) {
     r.fail(".format", fmt::format("expected \"{}\"", kFormatName));
   }
-  m.version = static_cast<int>(r.u64(root, "", "version"));
+  m.version = static_cast<int>(std::min<std::uint64_t>(r.u64(root, "", "version"), 1u << 30));
   if (r.error.ok() && m.version != kFormatVersion) {
     r.fail(".version", fmt::format("version {} is not supported (this build reads version {})",
                                    m.version, kFormatVersion));
@@ -221,7 +223,10 @@ Result<Manifest> parseManifest(const std::string& text) {
   m.created = r.str(root, "", "created");
   m.block_bytes = r.u64(root, "", "block_bytes");
   if (r.error.ok() && m.block_bytes == 0) r.fail(".block_bytes", "must be positive");
-  m.world_size = static_cast<int>(r.u64(root, "", "world_size"));
+  m.world_size = static_cast<int>(std::min<std::uint64_t>(r.u64(root, "", "world_size"), 1u << 30));
+  if (r.error.ok() && (m.world_size < 1 || m.world_size >= (1 << 30))) {
+    r.fail(".world_size", "must be between 1 and 2^30");
+  }
   m.layout = r.str(root, "", "layout");
   if (const json* scalars = r.field(root, "", "scalars"); scalars != nullptr) {
     if (!scalars->is_object()) r.fail(".scalars", "expected an object");
@@ -250,6 +255,9 @@ Result<Manifest> parseManifest(const std::string& text) {
       if (r.error.ok() && (f.name.empty() || f.name.find('/') != std::string::npos ||
                            f.name[0] == '.')) {
         r.fail(path + ".name", "must be a plain file name within the checkpoint directory");
+      }
+      if (r.error.ok() && file_bytes.count(f.name) > 0) {
+        r.fail(path + ".name", fmt::format("'{}' is listed twice", f.name));
       }
       file_bytes[f.name] = f.bytes;
       m.files.push_back(f);
@@ -306,8 +314,21 @@ Result<Manifest> parseManifest(const std::string& text) {
             break;
           }
         }
-        const std::uint64_t want = static_cast<std::uint64_t>(s.box.elements()) *
-                                   collectives::dataTypeSize(t.type);
+        std::uint64_t want = collectives::dataTypeSize(t.type);
+        for (std::int64_t d : s.box.shape) {
+          if (__builtin_mul_overflow(want, static_cast<std::uint64_t>(d), &want) ||
+              want > (std::uint64_t{1} << 56)) {
+            r.fail(sp, fmt::format("box {} is too large", describe(s.box)));
+            break;
+          }
+        }
+        for (const ShardRecord& other : t.shards) {
+          if (r.error.ok() && !s.box.empty() && !intersect(s.box, other.box).empty()) {
+            r.fail(sp, fmt::format("box {} overlaps box {} of the same tensor", describe(s.box),
+                                   describe(other.box)));
+          }
+        }
+        if (!r.error.ok()) break;
         if (r.error.ok() && s.bytes != want) {
           r.fail(sp + ".bytes", fmt::format("{} bytes for box {} of {}: expected {}", s.bytes,
                                             describe(s.box), dtype, want));
@@ -339,13 +360,12 @@ Result<Manifest> parseManifest(const std::string& text) {
 
 Result<Manifest> readManifest(const std::string& dir) {
   const std::string path = dir + "/" + kManifestName;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    if (errno == ENOENT) {
-      return notFound(fmt::format("{} is missing: the checkpoint is incomplete", path));
-    }
-    return errnoStatus("open(" + path + ")", errno);
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) {
+    return notFound(fmt::format("{} is missing: the checkpoint is incomplete", path));
   }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return ioError(fmt::format("cannot open {}", path));
   std::ostringstream text;
   text << in.rdbuf();
   auto m = parseManifest(text.str());

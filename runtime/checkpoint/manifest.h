@@ -73,7 +73,7 @@ struct Manifest {
   std::uint64_t step = 0;
   std::uint64_t commit = 0;  // ElasticState's commit number when saved
   std::string created;       // ISO 8601, UTC
-  std::uint64_t block_bytes = 1 << 20;
+  std::uint64_t block_bytes = 64 << 10;
   int world_size = 1;        // ranks that saved it
   std::string layout;        // the saver's description of its parallel layout ("dp=2 tp=2"), if any
   std::map<std::string, ScalarRecord> scalars;

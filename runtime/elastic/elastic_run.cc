@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/base/logging.h"
+#include "kernels/base/tunables.h"
 
 namespace rally {
 namespace {
@@ -56,6 +57,20 @@ bool isRecoverable(const Status& s) {
 
 ElasticRun::ElasticRun(World& world, ElasticState& state, ElasticRunOptions options)
     : world_(world), state_(state), options_(std::move(options)) {
+  if (options_.checkpoint_dir.empty()) {
+    auto tunables = Tunables::fromEnvironment();
+    if (!tunables.ok()) {
+      log::get("elastic")->error("checkpoint settings ignored: {}", tunables.status().message());
+    } else if (auto dir = tunables->string("checkpoint_dir"); dir.ok() && !dir->empty()) {
+      options_.checkpoint_dir = *dir;
+      options_.checkpoint_every = static_cast<int>(tunables->integer("checkpoint_every").value());
+      options_.checkpoint.keep_last = static_cast<int>(tunables->integer("checkpoint_keep").value());
+    }
+  }
+  if (!options_.checkpoint_dir.empty()) {
+    checkpointer_ =
+        std::make_unique<checkpoint::Checkpointer>(options_.checkpoint_dir, options_.checkpoint);
+  }
   auto plan = FaultPlan::fromEnvironment();
   if (!plan.ok()) {
     log::get("elastic")->error("RALLY_FAULTS ignored: {}", plan.status().message());
@@ -81,7 +96,48 @@ Status ElasticRun::atStep(std::int64_t step) {
 
 Status ElasticRun::commit() {
   RALLY_RETURN_IF_ERROR(state_.commit());
+  if (checkpointer_ && options_.checkpoint_every > 0 &&
+      state_.commitNumber() % static_cast<std::uint64_t>(options_.checkpoint_every) == 0) {
+    // Named by the "step" scalar when there is one, else by the commit number.
+    std::uint64_t step = state_.commitNumber();
+    for (const ElasticState::Entry& e : state_.registered()) {
+      if (e.name == "step" && e.kind == ElasticState::Kind::kInt) {
+        step = static_cast<std::uint64_t>(*static_cast<const std::int64_t*>(e.data));
+      }
+    }
+    RALLY_RETURN_IF_ERROR(checkpointer_->save(step).status());
+  }
   return world_.atCommitPoint();
+}
+
+Status ElasticRun::attachCheckpoints() {
+  auto log = log::get("elastic");
+  RALLY_RETURN_IF_ERROR(checkpointer_->attach(world_.comm(), state_));
+  std::int64_t newest = static_cast<std::int64_t>(state_.commitNumber());
+  RALLY_RETURN_IF_ERROR(world_.comm()
+                            .allreduce(&newest, 1, DataType::kI64, collectives::ReduceOp::kMax)
+                            ->wait(options_.sync.timeout))
+      << "ElasticRun: looking for a commit in memory";
+  if (newest > 0) return okStatus();  // survivors hold the state: no storage needed
+  // The whole job starts without a commit: from the newest checkpoint, if there is one. The
+  // starting values are kept aside in case every checkpoint turns out unreadable.
+  RALLY_RETURN_IF_ERROR(state_.commit());
+  auto loaded = checkpointer_->loadNewest();
+  if (loaded.ok()) {
+    resumed_from_ = loaded->step;
+    if (world_.rank() == 0) {
+      log->info("resumed from checkpoint step {} ({}, commit {})", loaded->step, loaded->path,
+                loaded->commit);
+    }
+    return okStatus();
+  }
+  RALLY_RETURN_IF_ERROR(state_.restore());
+  state_.forget();
+  if (loaded.status().code() != StatusCode::kNotFound) return loaded.status();
+  if (world_.rank() == 0) {
+    log->info("{}: starting from rank 0's values", loaded.status().message());
+  }
+  return okStatus();
 }
 
 void ElasticRun::writeRecoveryEvent() {
@@ -125,6 +181,9 @@ void ElasticRun::writeRecoveryEvent() {
 }
 
 Result<SyncResult> ElasticRun::syncState(std::int64_t* last_step, int* writer) {
+  if (checkpointer_) {
+    RALLY_RETURN_IF_ERROR(attachCheckpoints());
+  }
   RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(world_.comm(), options_.sync));
   // One allreduce (max) for two things: the newest step any rank had begun (a replacement or a
   // new node has begun none), for steps_redone; and the lowest rank that recovered in place
@@ -191,6 +250,10 @@ Status ElasticRun::run(const std::function<Status()>& train) {
     Status s = train();
     if (s.ok()) {
       if (pending_) writeRecoveryEvent();
+      if (checkpointer_) {  // the last save in flight: finish it before the process ends
+        const Status saved = checkpointer_->wait(options_.checkpoint.finalize_timeout);
+        if (!saved.ok()) log->error("the last checkpoint was not saved: {}", saved.toString());
+      }
       return s;
     }
     if (!isRecoverable(s) && !world_.generationChanged()) return s;

@@ -30,6 +30,10 @@
 // arrive first); detect is missing when the failure's time is not known (a node lost, not a
 // worker's exit).
 //
+// With a checkpoint directory (ElasticRunOptions::checkpoint_dir or RALLY_CHECKPOINT_DIR), commit()
+// also saves every N-th commit to storage in the background, and a whole-job restart resumes from
+// the newest complete checkpoint (logged: "resumed from checkpoint step S").
+//
 // Thread-safety: one training thread.
 #pragma once
 
@@ -38,6 +42,7 @@
 #include <optional>
 
 #include "kernels/base/status.h"
+#include "runtime/checkpoint/checkpointer.h"
 #include "runtime/elastic/elastic_state.h"
 #include "runtime/faults/fault_injector.h"
 #include "runtime/world/world.h"
@@ -48,6 +53,14 @@ struct ElasticRunOptions {
   int max_recoveries = 1000;
   Milliseconds recover_timeout{120'000};  // waiting for the next round to form
   SyncOptions sync;
+  // Checkpoints on storage as well as commits in memory: every `checkpoint_every`-th commit (by
+  // commit number, the same on every rank) is also saved to `checkpoint_dir` in the background,
+  // and a job whose ranks all start without a commit in memory (a whole-job restart) resumes from
+  // the newest complete checkpoint there. Empty: RALLY_CHECKPOINT_DIR, RALLY_CHECKPOINT_EVERY and
+  // RALLY_CHECKPOINT_KEEP (off when that is empty too).
+  std::string checkpoint_dir;
+  int checkpoint_every = 10;
+  checkpoint::CheckpointOptions checkpoint;
 };
 
 // PeerLost, Aborted and Timeout: what a failure elsewhere in the job looks like from here.
@@ -70,6 +83,10 @@ class ElasticRun {
   Status commit();
 
   int recoveries() const { return recoveries_; }
+  // The checkpoint the job resumed from at its start (0: none), and the checkpointer (null when
+  // checkpoints are off).
+  std::uint64_t resumedFromStep() const { return resumed_from_; }
+  checkpoint::Checkpointer* checkpointer() { return checkpointer_.get(); }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -79,12 +96,17 @@ class ElasticRun {
   // recovered in place (writer set), the lowest such rank into *writer (collective).
   Result<SyncResult> syncState(std::int64_t* last_step, int* writer);
   void writeRecoveryEvent();
+  // Attaches the checkpointer to this generation's world and, when no rank holds a commit, loads
+  // the newest checkpoint (collective; part of syncState).
+  Status attachCheckpoints();
 
   World& world_;
   ElasticState& state_;
   ElasticRunOptions options_;
   std::optional<FaultInjector> faults_;
   int recoveries_ = 0;
+  std::unique_ptr<checkpoint::Checkpointer> checkpointer_;
+  std::uint64_t resumed_from_ = 0;
   std::int64_t last_step_ = -1;  // the newest step atStep() was called for
   // The recovery whose first step is still running, if any.
   struct Pending {
