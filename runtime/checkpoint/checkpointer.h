@@ -47,9 +47,11 @@
 
 namespace rally::checkpoint {
 
-// What save() does when the previous save is still being written: skip this one (the training
-// thread never waits for the disk; every rank skips together) or wait for the previous one.
-enum class WhileBusy { kSkip, kWait };
+// What save() does when the previous save is still being written (the disk is slower than the
+// save interval): wait for it (every requested checkpoint is written; the training thread then
+// waits for the disk), or skip this one (the training thread never waits for the disk; every rank
+// skips together, which costs each save() one 8-byte allreduce to agree).
+enum class WhileBusy { kWait, kSkip };
 
 // A fault seam for tests: called before every write of shard data and metadata. Returning an
 // error makes that write fail with it (e.g. ResourceExhausted: a full disk).
@@ -62,7 +64,7 @@ class WriteHook {
 struct CheckpointOptions {
   int keep_last = 3;   // complete checkpoints kept, newest first; 0: keep all
   int keep_every = 0;  // also kept for good: steps that are multiples of this; 0: none
-  WhileBusy while_busy = WhileBusy::kSkip;
+  WhileBusy while_busy = WhileBusy::kWait;
   std::uint64_t block_bytes = 64 << 10;       // checksum granularity (a load verifies whole blocks)
   std::uint64_t write_chunk_bytes = 16 << 20; // one write() call
   Milliseconds finalize_timeout{300'000};     // rank 0 waits this long for the others' shards
@@ -103,9 +105,9 @@ class Checkpointer {
   // finished (rank 0 stops waiting for ranks that are gone: that checkpoint is abandoned).
   Status attach(collectives::Communicator& comm, ElasticState& state);
 
-  // Copies this rank's part of the state into host memory and hands it to the writer: true. With
-  // WhileBusy::kSkip, false (and every rank skips) while the previous save is being written.
-  // Collective only for the skip decision (one allreduce of 8 bytes).
+  // Copies this rank's part of the state into host memory and hands it to the writer: true. While
+  // the previous save is being written: with WhileBusy::kWait (the default) waits for it first;
+  // with kSkip returns false, on every rank (collective then: one allreduce of 8 bytes per call).
   Result<bool> save(std::uint64_t step);
   // Waits for this rank's part of the save in flight (rank 0: until the checkpoint is committed)
   // and returns its status (OK when none was in flight). Timeout if it takes longer.

@@ -452,7 +452,8 @@ TEST(Checkpoint, WhileASaveIsWrittenTheNextIsSkippedOnEveryRank) {
     ElasticState state;
     ASSERT_TRUE(registerAll(state, parts, sc).ok());
     // Only rank 0's writes are held: rank 1 is idle, yet it must skip too.
-    Checkpointer ckpt(dir.path(), {.write_hook = r == 0 ? &gate : nullptr});
+    Checkpointer ckpt(dir.path(),
+                      {.while_busy = WhileBusy::kSkip, .write_hook = r == 0 ? &gate : nullptr});
     ASSERT_TRUE(ckpt.attach(comm, state).ok());
     ASSERT_TRUE(*ckpt.save(1));
     if (r == 0) gate.waitForWriter(1);
