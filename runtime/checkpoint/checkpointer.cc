@@ -473,7 +473,7 @@ Result<bool> Checkpointer::save(std::uint64_t step) {
 void Checkpointer::writerLoop() {
   // Below the training threads: on a busy machine, checksums and copies into the page cache wait
   // for them rather than the other way round (Linux: nice applies per thread).
-  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10);
+  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 19);
   for (;;) {
     std::unique_lock lock(mu_);
     cv_.wait(lock, [&] { return stop_ || (job_ != nullptr && !last_.finished); });

@@ -14,8 +14,13 @@
 //     point (no step redone) and the world grows back to 4; every sample exactly once per epoch;
 //     the weights within 2e-2 of the uninterrupted run's (the data are split differently while the
 //     world is smaller, so the sums are rounded differently; the model converges to the same
-//     least-squares solution).
+//     least-squares solution);
+//   - the whole job lost (both agents SIGKILLed, with RALLY_CHECKPOINT_DIR set): a new job
+//     resumes from the newest complete checkpoint on its own; every sample is still used exactly
+//     once per epoch over both jobs, and the weights are bitwise identical to the uninterrupted
+//     run's (resharding to other world sizes is checkpoint_test's).
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <sstream>
 
@@ -246,6 +251,56 @@ TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
   }
   EXPECT_TRUE(grew) << log;
   EXPECT_NE(a->errors().find("at a commit point"), std::string::npos);
+}
+
+TEST_F(InPlaceRecoveryTest, WholeJobLostANewJobResumesFromTheNewestCheckpoint) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "3",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "10"};
+  const Result ref = reference(program);
+  ASSERT_EQ(ref.weights.size(), 8u);
+  const std::string dir = tempPath("inplace-ckpt");
+  std::filesystem::remove_all(dir);
+  ::setenv("RALLY_CHECKPOINT_DIR", dir.c_str(), 1);
+  ::setenv("RALLY_CHECKPOINT_EVERY", "2", 1);
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-c"};
+  {
+    auto a = agent("ip-c-a", args, program);
+    auto b = agent("ip-c-b", args, program);
+    // Lost in the second epoch, after some checkpoints (rank 0, which prints, is on either node).
+    const auto deadline = std::chrono::steady_clock::now() + milliseconds(60000);
+    while ((a->output() + b->output()).find("epoch 1 loss") == std::string::npos) {
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline) << a->errors() << b->errors();
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    a->signal(SIGKILL);
+    b->signal(SIGKILL);
+    EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+    EXPECT_EQ(exitCode(*b, milliseconds(5000)), 128 + SIGKILL);
+  }
+  // Every complete checkpoint left behind verifies (partial saves may be left: they are ignored).
+  ChildProcess verify({RALLY_BINARY, "checkpoint", "verify", dir}, tempPath("inplace-verify.out"));
+  EXPECT_EQ(exitCode(verify), 0) << verify.output() << verify.errors();
+  // A new job, on one node of 4 workers, finds the checkpoint on its own.
+  std::vector<std::string> argv = {RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "4",
+                                   RALLY_MINIMAL};
+  argv.insert(argv.end(), program.begin(), program.end());
+  ChildProcess again(argv, tempPath("inplace-resume.out"));
+  EXPECT_EQ(exitCode(again), 0) << again.errors();
+  ::unsetenv("RALLY_CHECKPOINT_DIR");
+  ::unsetenv("RALLY_CHECKPOINT_EVERY");
+  const std::string err = again.errors();
+  const auto at = err.find("resumed from checkpoint step ");
+  ASSERT_NE(at, std::string::npos) << err;
+  EXPECT_GT(std::atoll(err.c_str() + at + 29), 0) << err.substr(at, 80);
+  const Result got = parse(again.output());
+  EXPECT_NE(got.summary.find("world 4 uses_min 3 uses_max 3"), std::string::npos)
+      << got.summary;
+  // The checkpoint holds the exact state (weights, sampler, step): the same world size goes on
+  // as if nothing had happened.
+  EXPECT_EQ(got.weights_text, ref.weights_text) << "not bitwise identical to the uninterrupted run";
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
