@@ -1,9 +1,8 @@
 // Checkpoint benchmark: for states of each --sizes across each --ranks (ranks as threads over
 // Gloo, each holding 1/N of every tensor: 8 f32 tensors [rows, 1024] split along rows), measures
 //   - the training thread's stall per save() against a plain memcpy of the same bytes (all ranks
-//     copying at once in both cases), medians over --saves saves;
-//   - the background write bandwidth (from save() to the checkpoint committed on rank 0, retention
-//     included) against `dd if=/dev/zero bs=16M conv=fsync` of the same number of bytes in the
+//     copying at once in both cases; each round copies, then saves), medians over --saves rounds;
+//   - the background write bandwidth (from save() to the checkpoint committed on rank 0) against `dd if=/dev/zero bs=16M conv=fsync` of the same number of bytes in the
 //     same directory, through the page cache and with oflag=direct, whichever is faster (each the
 //     median of 3);
 //   - the bytes read by a resharded load (N ranks saved, N+1 and N-1 load) against the bytes
@@ -189,20 +188,17 @@ int main(int argc, char** argv) {
         checkpoint::Checkpointer ckpt(cdir, {.keep_last = 1});
         check(ckpt.attach(comm, shard.state), "attach");
         auto barrier = [&] { check(comm.barrier()->wait(Milliseconds(600000)), "barrier"); };
-        for (int i = 0; i < saves; ++i) {  // the baseline: the same bytes, copied at once
+        // Each round: the baseline (the same bytes copied by every rank at once), then a save;
+        // interleaved so that both see the same state of the machine.
+        for (int i = 0; i < saves; ++i) {
           barrier();
-          const auto t0 = Clock::now();
+          const auto c0 = Clock::now();
           size_t off = 0;
           for (const auto& t : shard.tensors) {
             std::memcpy(dst.data() + off, t.data(), t.size() * 4);
             off += t.size() * 4;
           }
-          const double m = ms(t0, Clock::now());
-          barrier();
-          std::lock_guard lock(mu);
-          memcpy_ms.push_back(m);
-        }
-        for (int i = 0; i < saves; ++i) {
+          const double copy = ms(c0, Clock::now());
           barrier();
           shard.step = i + 1;
           const auto t0 = Clock::now();
@@ -210,18 +206,18 @@ int main(int argc, char** argv) {
           const double stall = ms(t0, Clock::now());
           if (!started.ok() || !*started) check(started.status(), "save");
           if (std::getenv("RALLY_BENCH_DEBUG")) {
-            std::fprintf(stderr, "rank %d save %d: save() %.2f ms, copy %.2f ms\n", r, i, stall,
-                         ckpt.lastSave().stall_ms);
+            std::fprintf(stderr, "rank %d save %d: memcpy %.2f ms, save() %.2f ms, copy %.2f ms\n",
+                         r, i, copy, stall, ckpt.lastSave().stall_ms);
           }
           check(ckpt.wait(Milliseconds(600000)), "writing");
           const double write = ms(t0, Clock::now());
           barrier();
           std::lock_guard lock(mu);
+          memcpy_ms.push_back(copy);
           stall_ms.push_back(stall);
           if (r == 0) write_ms.push_back(write);
         }
       });
-      // The disk's speed: dd through the page cache and with direct I/O, whichever is faster.
       const double dd_s = std::min(ddSeconds(dir, size, ""), ddSeconds(dir, size, "oflag=direct"));
       // Resharded loads: N -> N+1 and N -> N-1 (at least 1).
       double worst_ratio = 0;

@@ -496,6 +496,10 @@ void Checkpointer::writerLoop() {
     job_.reset();
     lock.unlock();
     cv_.notify_all();
+    // Housekeeping after the checkpoint is committed and wait() has returned: removing old
+    // checkpoints takes a while on some filesystems, and nothing waits for it (a next save is
+    // picked up right after).
+    if (rank_ == 0 && st.ok()) applyRetention();
   }
 }
 
@@ -750,7 +754,6 @@ Status Checkpointer::finalize(Job& job, Status own) {
     if (!parsePartialName(de.path().filename().string(), &token, &seq)) continue;
     if (token != job.token || seq < job.seq) fs::remove_all(de.path(), ec);
   }
-  applyRetention();
   return okStatus();
 }
 
