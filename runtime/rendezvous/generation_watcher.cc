@@ -33,7 +33,9 @@ class GenerationWatcher::Reactor final : public grpc::ClientReadReactor<v1::Gene
     StartRead(&event_);
   }
   void OnDone(const grpc::Status& s) override {
-    owner_->inbox_.end(fromGrpcStatus(s, "the generation watch"));
+    const Status end = fromGrpcStatus(s, "the generation watch");
+    if (owner_->on_end_) owner_->on_end_(end.ok() ? unavailable("the generation watch ended") : end);
+    owner_->inbox_.end(end);
     owner_->done_.signal();  // last: the owner may be destroyed from here on
   }
 
@@ -44,12 +46,14 @@ class GenerationWatcher::Reactor final : public grpc::ClientReadReactor<v1::Gene
   v1::GenerationEvent event_;
 };
 
-GenerationWatcher::GenerationWatcher(std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event)
-    : conn_(std::move(conn)), on_event_(std::move(on_event)) {}
+GenerationWatcher::GenerationWatcher(std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event,
+                                     OnEnd on_end)
+    : conn_(std::move(conn)), on_event_(std::move(on_event)), on_end_(std::move(on_end)) {}
 
 Result<std::unique_ptr<GenerationWatcher>> GenerationWatcher::start(
-    std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event) {
-  std::unique_ptr<GenerationWatcher> w(new GenerationWatcher(std::move(conn), std::move(on_event)));
+    std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event, OnEnd on_end) {
+  std::unique_ptr<GenerationWatcher> w(
+      new GenerationWatcher(std::move(conn), std::move(on_event), std::move(on_end)));
   w->reactor_ = std::make_unique<Reactor>(w.get());
   w->reactor_->begin();
   return w;

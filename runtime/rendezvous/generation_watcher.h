@@ -20,10 +20,12 @@ namespace rally::rendezvous {
 class GenerationWatcher {
  public:
   using OnEvent = std::function<void(const rally::v1::GenerationEvent&)>;
+  using OnEnd = std::function<void(const Status&)>;
   // The first event is the current state. If `on_event` is set, events go there instead of the
-  // inbox that next()/waitFor() read.
+  // inbox that next()/waitFor() read. `on_end` is told once when the stream ends (the coordinator
+  // unreachable, or this watcher destroyed: then Aborted/Cancelled); it runs on a gRPC thread.
   static Result<std::unique_ptr<GenerationWatcher>> start(
-      std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event = {});
+      std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event = {}, OnEnd on_end = {});
   ~GenerationWatcher();
   GenerationWatcher(const GenerationWatcher&) = delete;
   GenerationWatcher& operator=(const GenerationWatcher&) = delete;
@@ -37,10 +39,11 @@ class GenerationWatcher {
 
  private:
   class Reactor;
-  GenerationWatcher(std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event);
+  GenerationWatcher(std::shared_ptr<CoordinatorConnection> conn, OnEvent on_event, OnEnd on_end);
 
   std::shared_ptr<CoordinatorConnection> conn_;
   OnEvent on_event_;
+  OnEnd on_end_;
   std::atomic<std::uint64_t> latest_{0};
   internal::Inbox<rally::v1::GenerationEvent> inbox_;
   internal::DoneLatch done_;

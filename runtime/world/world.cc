@@ -77,7 +77,18 @@ std::string_view launcherName(Launcher l) {
 }
 
 World::~World() {
-  watcher_.reset();  // no more aborts from the watch
+  std::unique_ptr<rendezvous::GenerationWatcher> watcher;
+  {
+    std::lock_guard lock(watch_mu_);
+    stopping_ = true;
+  }
+  watch_cv_.notify_all();
+  if (rewatch_.joinable()) rewatch_.join();
+  {
+    std::lock_guard lock(watch_mu_);
+    watcher = std::move(watcher_);
+  }
+  watcher.reset();  // no more aborts from the watch (its end is ignored: stopping_)
   std::lock_guard lock(comm_mu_);
   comm_.reset();
 }
@@ -105,7 +116,7 @@ void World::onGeneration(std::uint64_t generation, const std::string& cause, boo
                                            std::chrono::system_clock::now().time_since_epoch())
                                            .count());
   if (comm_ && !comm_->aborted()) {
-    const std::string what = closed ? "the job was closed"
+    const std::string what = closed ? (cause.empty() ? "the job was closed" : cause)
                                     : fmt::format("the job moved to generation {}{}{}", generation,
                                                   cause.empty() ? "" : ": ", cause);
     log::get("world")->info("rank {}: {}; aborting generation {}'s communicator", rank_, what,
@@ -166,14 +177,9 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     w.conn_ = std::move(*conn);
     // The watch first, so that a generation that moves while the communicator is being built
     // aborts it (or ends its bootstrap, whose keys live in the generation's scope).
-    World* self = &w;
-    auto watcher =
-        rendezvous::GenerationWatcher::start(w.conn_, [self](const rally::v1::GenerationEvent& ev) {
-          self->onGeneration(ev.generation(), ev.cause(),
-                             ev.state() == rally::v1::GenerationEvent::CLOSED);
-        });
-    RALLY_RETURN_IF_ERROR(watcher.status()) << "watching the job's generation";
-    w.watcher_ = std::move(*watcher);
+    w.connect_timeout_ = options.connect_timeout;
+    RALLY_RETURN_IF_ERROR(w.startWatch()) << "watching the job's generation";
+    w.rewatch_ = std::thread([self = &w] { self->rewatchLoop(); });
     w.bootstrap_ = std::make_unique<rendezvous::CoordinatorBootstrapStore>(
         rendezvous::StoreClient(w.conn_).scoped("rally/comm/", w.generation()));
     w.fired_ = std::make_shared<StoreFiredFaults>(
@@ -247,6 +253,81 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
   }
   log::get("world")->debug("{}", w.describe());
   return world;
+}
+
+Status World::startWatch() {
+  auto watcher = rendezvous::GenerationWatcher::start(
+      conn_,
+      [this](const rally::v1::GenerationEvent& ev) {
+        onGeneration(ev.generation(), ev.cause(), ev.state() == rally::v1::GenerationEvent::CLOSED);
+        {
+          std::lock_guard lock(watch_mu_);  // so that rewatchLoop cannot miss the wake-up
+          watch_events_.fetch_add(1);
+        }
+        watch_cv_.notify_all();
+      },
+      [this](const Status& end) {
+        std::lock_guard lock(watch_mu_);
+        if (stopping_) return;
+        watch_ended_ = true;
+        watch_end_ = end;
+        watch_cv_.notify_all();
+      });
+  RALLY_RETURN_IF_ERROR(watcher.status());
+  std::unique_ptr<rendezvous::GenerationWatcher> old;
+  {
+    std::lock_guard lock(watch_mu_);
+    old = std::exchange(watcher_, std::move(*watcher));
+  }
+  return okStatus();  // `old` (an ended watch) goes here, outside the lock its end takes
+}
+
+void World::rewatchLoop() {
+  auto log = log::get("world");
+  std::unique_lock lock(watch_mu_);
+  for (;;) {
+    watch_cv_.wait(lock, [&] { return watch_ended_ || stopping_; });
+    if (stopping_ || closed_) return;
+    const Status why = watch_end_;
+    log->warn("rank {}: the generation watch ended ({}); watching again", rank_, why.toString());
+    const auto deadline = std::chrono::steady_clock::now() + connect_timeout_;
+    Milliseconds backoff(50);
+    bool back = false;
+    while (!stopping_ && std::chrono::steady_clock::now() < deadline) {
+      watch_ended_ = false;
+      const std::uint64_t before = watch_events_.load();
+      lock.unlock();
+      const Status started = startWatch();
+      lock.lock();
+      // A healthy watch delivers the job's current state at once.
+      if (started.ok()) {
+        const auto patience = std::chrono::steady_clock::now() + Milliseconds(1000) + 5 * backoff;
+        watch_cv_.wait_until(lock, std::min(deadline, patience), [&] {
+          return stopping_ || watch_ended_ || watch_events_.load() > before;
+        });
+        if (watch_events_.load() > before && !watch_ended_) {
+          back = true;
+          break;
+        }
+      }
+      watch_cv_.wait_for(lock, backoff, [&] { return stopping_; });
+      backoff = std::min(backoff * 2, Milliseconds(2000));
+    }
+    if (stopping_) return;
+    if (back) {
+      log->info("rank {}: watching the job's generation again", rank_);
+      continue;
+    }
+    lock.unlock();
+    onGeneration(latest_.load(),
+                 fmt::format("lost the job's coordinator: the generation watch ended ({}) and "
+                             "could not be restarted within {}",
+                             why.toString(), formatDuration(connect_timeout_)),
+                 /*closed=*/true);
+    log->error("rank {}: lost the job's coordinator ({}); this world is closed", rank_,
+               why.toString());
+    return;
+  }
 }
 
 Status World::recover(Milliseconds timeout) {

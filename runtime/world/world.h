@@ -25,6 +25,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "collectives/communicator.h"
 #include "kernels/base/status.h"
@@ -111,6 +112,12 @@ class World {
   World() = default;
   // From the watch: a newer generation, or the job closed, aborts the communicator.
   void onGeneration(std::uint64_t generation, const std::string& cause, bool closed);
+  // Starts (again) the generation watch. If its stream ends (the coordinator unreachable), the
+  // rewatch thread starts a new one with backoff; when none delivers an event within
+  // connect_timeout, the job is treated as closed: the communicator is aborted, naming the cause,
+  // and nothing is recovered into (the coordinator holds the job's membership).
+  Status startWatch();
+  void rewatchLoop();
 
   Status buildCommunicator();
   // The job is past this world's generation (the watch said so, or the coordinator does).
@@ -137,7 +144,13 @@ class World {
   std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
   std::mutex comm_mu_;  // guards comm_ against the watch while it is being set
   std::unique_ptr<collectives::Communicator> comm_;
+  std::mutex watch_mu_;  // guards watcher_ and the rewatch state
+  std::condition_variable watch_cv_;
   std::unique_ptr<rendezvous::GenerationWatcher> watcher_;
+  bool watch_ended_ = false, stopping_ = false;
+  Status watch_end_;
+  std::atomic<std::uint64_t> watch_events_{0};
+  std::thread rewatch_;
 };
 
 // From this process's environment.

@@ -3,12 +3,16 @@
 // (RALLY_COORDINATOR): two workers build their communicator through the coordinator's store, and
 // when the job's generation moves (a node's stream breaks) a collective blocked on a peer returns
 // Aborted (or PeerLost) within 2 s, not at its 60 s timeout. Fault firings are claimed once per
-// job.
+// job. When the coordinator dies (a `rally coordinator` process SIGKILLed: the watch's stream
+// breaks with no event), the worlds try to watch again for connect_timeout, then close: a blocked
+// collective ends within that bound instead of at its timeout, and the message names the cause.
 #include "runtime/world/world.h"
 
+#include <fstream>
 #include <thread>
 
 #include "tests/integration/coordinator/coordinator_fixture.h"
+#include "tests/integration/process.h"
 
 namespace rally::testing {
 namespace {
@@ -126,6 +130,80 @@ TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
   }
   EXPECT_TRUE(worlds[0]->generationChanged());
   EXPECT_GT(worlds[0]->latestGeneration(), gen);
+}
+
+TEST(WorldUnderRallyCoordinatorLost, ABlockedCollectiveEndsAndTheWorldCloses) {
+  const std::string token_file = tempPath("world-lost.token"), port_file = tempPath("world-lost.port");
+  std::ofstream(token_file) << kToken;
+  std::remove(port_file.c_str());
+  ChildProcess coordinator({RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port", "0",
+                            "--port-file", port_file, "--token-file", token_file, "--nnodes",
+                            "1:4", "--job-id", "job", "--last-call", "200ms"},
+                           tempPath("world-lost.out"));
+  ASSERT_TRUE(coordinator.waitForOutput("listening", milliseconds(20000)) ||
+              coordinator.waitForErrors("listening", milliseconds(100)))
+      << coordinator.errors();
+  const std::string endpoint = "127.0.0.1:" + ChildProcess::readFile(port_file);
+  auto session = [&](const std::string& node) {
+    rendezvous::ClientOptions o;
+    o.endpoint = endpoint;
+    o.token = kToken;
+    o.dedicated_connection = true;
+    auto conn = rendezvous::CoordinatorConnection::open(o);
+    EXPECT_TRUE(conn.ok()) << conn.status().toString();
+    auto s = rendezvous::AgentSession::open(
+        *conn, {.node_id = node, .job_id = "job", .local_world_size = 1, .address = node});
+    EXPECT_TRUE(s.ok()) << s.status().toString();
+    return std::move(*s);
+  };
+  auto a = session("a");
+  auto b = session("b");
+  for (auto* s : {a.get(), b.get()}) {
+    ASSERT_TRUE(s->waitFor([](const rally::v1::CoordinatorMessage& m) { return m.has_round_formed(); },
+                           milliseconds(5000))
+                    .ok());
+  }
+  std::vector<std::unique_ptr<World>> worlds(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      std::map<std::string, std::string> env = {{"RALLY_COORDINATOR", endpoint},
+                                                {"RALLY_TOKEN", kToken},
+                                                {"RALLY_RANK", std::to_string(r)},
+                                                {"RALLY_WORLD_SIZE", "2"},
+                                                {"RALLY_LOCAL_RANK", "0"},
+                                                {"RALLY_LOCAL_WORLD_SIZE", "1"},
+                                                {"RALLY_NODE_RANK", std::to_string(r)},
+                                                {"RALLY_NUM_NODES", "2"},
+                                                {"RALLY_GENERATION", "1"},
+                                                {"RALLY_BACKEND", "gloo"}};
+      auto w = initFrom(env, {.connect_timeout = Milliseconds(1500),
+                              .op_timeout = Milliseconds(60'000)});
+      ASSERT_TRUE(w.ok()) << w.status().toString();
+      worlds[r] = std::move(*w);
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_TRUE(worlds[0] && worlds[1]);
+  float x = 1;
+  auto work = worlds[0]->comm().allreduce(&x, 1, DataType::kF32, ReduceOp::kSum);
+  const auto t0 = std::chrono::steady_clock::now();
+  coordinator.signal(SIGKILL);
+  const Status s = work->wait(milliseconds(30'000));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_TRUE(s.code() == StatusCode::kAborted || s.code() == StatusCode::kPeerLost)
+      << s.toString();
+  EXPECT_LT(took, milliseconds(6000)) << "not bounded by connect_timeout (1.5 s) plus retries";
+  for (int i = 0; i < 400 && !(worlds[0]->closed() && worlds[1]->closed()); ++i) {
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(worlds[0]->closed());
+  EXPECT_TRUE(worlds[1]->closed());
+  EXPECT_TRUE(worlds[0]->generationChanged());
+  // Whichever rank noticed first aborted with the cause; the other may see its peer go.
+  if (s.code() == StatusCode::kAborted) {
+    EXPECT_NE(s.message().find("lost the job's coordinator"), std::string::npos) << s.message();
+  }
 }
 
 }  // namespace
