@@ -25,7 +25,10 @@ struct Args {
   bool json = false;
 };
 
-std::string size(std::uint64_t b) { return formatBytes(static_cast<std::int64_t>(b)); }
+std::string size(std::uint64_t b) {
+  const std::string s = formatBytes(static_cast<std::int64_t>(b));
+  return s.find_first_not_of("0123456789") == std::string::npos ? s + " B" : s;
+}
 
 bool isCheckpoint(const std::string& path) {
   return fs::exists(fs::path(path) / checkpoint::kManifestName) ||
@@ -87,8 +90,11 @@ int list(const Args& a) {
                              m->layout.empty() ? "-" : m->layout);
   }
   for (const auto& de : fs::directory_iterator(a.path)) {
-    if (de.path().filename().string().rfind(".partial-", 0) == 0) {
-      std::cout << "(being saved, or interrupted: " << de.path().filename().string() << ")\n";
+    const std::string name = de.path().filename().string();
+    if (name.rfind(".partial-", 0) == 0) {
+      std::cout << "(being saved, or interrupted: " << name << ")\n";
+    } else if (name.rfind(".corrupt-", 0) == 0) {
+      std::cout << "(moved aside by a load that found it damaged: " << name << ")\n";
     }
   }
   return problems > 0 ? 1 : 0;

@@ -2,6 +2,7 @@
 // that hold needed bytes, verifying each block read), listing and full verification.
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <unistd.h>
 #include <fmt/ranges.h>
 
 #include <algorithm>
@@ -277,8 +278,16 @@ Result<LoadReport> Checkpointer::loadNewest() {
     LoadReport report;
     const Status st = loadOne(static_cast<std::uint64_t>(step), &report);
     touched = touched || report.bytes_read > 0;
-    bool all_ok = false;
-    RALLY_RETURN_IF_ERROR(agree(st.ok(), "agreeing on the loaded checkpoint", &all_ok));
+    // 2: loaded; 1: does not fit this state (another model, a missing tensor); 0: damaged data
+    // (a checksum, a short or unreadable file). The least over the ranks decides.
+    std::int64_t verdict = st.ok() ? 2 : st.code() == StatusCode::kIo ? 0 : 1;
+    if (size_ > 1) {
+      RALLY_RETURN_IF_ERROR(
+          comm_->allreduce(&verdict, 1, DataType::kI64, collectives::ReduceOp::kMin)
+              ->wait(options_.timeout))
+          << "checkpoint: agreeing on the loaded checkpoint";
+    }
+    const bool all_ok = verdict == 2;
     const std::string path = dir_ + "/" + stepDirectoryName(static_cast<std::uint64_t>(step));
     if (all_ok) {
       RALLY_RETURN_IF_ERROR(state_->adopt(report.commit));
@@ -296,6 +305,18 @@ Result<LoadReport> Checkpointer::loadNewest() {
     skipped.push_back(path + ": " +
                       (st.ok() ? std::string("unreadable on another rank (see its log)")
                                : st.message()));
+    if (verdict == 0 && rank_ == 0) {
+      // Damaged: moved aside (kept for inspection), so that retention does not count it among
+      // the checkpoints to keep and a new save of this step can take its name.
+      std::string aside = dir_ + "/.corrupt-" + stepDirectoryName(static_cast<std::uint64_t>(step));
+      for (int n = 1; ::access(aside.c_str(), F_OK) == 0; ++n) {
+        aside = fmt::format("{}/.corrupt-{}.{}", dir_,
+                            stepDirectoryName(static_cast<std::uint64_t>(step)), n);
+      }
+      if (::rename(path.c_str(), aside.c_str()) == 0) {
+        log->warn("{} is damaged; moved aside to {}", path, aside);
+      }
+    }
   }
 }
 

@@ -159,7 +159,8 @@ std::vector<CheckpointEntry> listCheckpoints(const std::string& dir) {
     CheckpointEntry e;
     e.step = step;
     e.path = de.path().string();
-    e.complete = fs::exists(de.path() / kManifestName);
+    std::error_code exists_ec;
+    e.complete = fs::exists(de.path() / kManifestName, exists_ec);
     out.push_back(e);
   }
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.step > b.step; });
@@ -169,7 +170,8 @@ std::vector<CheckpointEntry> listCheckpoints(const std::string& dir) {
 Checkpointer::Checkpointer(std::string dir, CheckpointOptions options)
     : dir_(std::move(dir)), options_(std::move(options)) {
   if (options_.block_bytes == 0) options_.block_bytes = 64 << 10;
-  if (options_.write_chunk_bytes == 0) options_.write_chunk_bytes = 16 << 20;
+  // Direct I/O needs every write's offset and length to be a multiple of the page size.
+  options_.write_chunk_bytes = std::max<std::uint64_t>(alignUp(options_.write_chunk_bytes), kAlign);
   writer_ = std::thread([this] { writerLoop(); });
 }
 
@@ -205,16 +207,14 @@ Status Checkpointer::wait(Milliseconds timeout) {
 }
 
 Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state) {
-  // A save of the previous attachment: let this rank's part finish, but do not wait for ranks
-  // that may be gone.
+  // A save of the previous attachment is abandoned (its ranks may be gone): the writer stops
+  // between two writes, rank 0 stops waiting for the others, and nothing the writer uses changes
+  // until it is idle (retention included).
   {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
     cancel_ = true;
-  }
-  cv_.notify_all();
-  (void)wait(options_.finalize_timeout);
-  {
-    std::lock_guard lock(mu_);
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return job_ == nullptr && !housekeeping_; });
     cancel_ = false;
   }
   comm_ = nullptr;
@@ -358,6 +358,8 @@ Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state
     if (offset > 0) {
       void* p = nullptr;
       if (::posix_memalign(&p, kAlign, offset) != 0) {
+        std::int64_t ok = 0;  // tell the others before failing
+        (void)runWork(comm.allreduce(&ok, 1, DataType::kI64, ReduceOp::kMin), timeout, "attach");
         return resourceExhausted(fmt::format(
             "checkpoint: cannot allocate {} of host memory for this rank's part of the state",
             formatBytes(static_cast<std::int64_t>(offset))));
@@ -368,6 +370,15 @@ Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state
   }
   // Touched now so that save() only copies; the gaps between boxes stay zero.
   if (staging_bytes_ > 0) std::memset(staging_, 0, staging_bytes_);
+  // 5. Every rank got this far (one that could not allocate must not leave the others waiting in
+  //    the caller's next collective).
+  std::int64_t ok = 1;
+  RALLY_RETURN_IF_ERROR(runWork(comm.allreduce(&ok, 1, DataType::kI64, ReduceOp::kMin), timeout,
+                                "finishing attach"));
+  if (ok == 0) {
+    return resourceExhausted(
+        "checkpoint: another rank could not allocate host memory for its part (see its log)");
+  }
   items_ = std::move(items);
   tensors_.clear();
   for (const std::string& name : order) {
@@ -427,12 +438,12 @@ Result<bool> Checkpointer::save(std::uint64_t step) {
                  step, writing);
       return false;
     }
-  } else if (wait(options_.finalize_timeout).code() == StatusCode::kTimeout) {
-    // The host memory is still being written from: it cannot take this save.
-    log::get("checkpoint")
-        ->warn("checkpoint step {} skipped: the previous save is still being written after {} ms",
-               step, options_.finalize_timeout.count());
-    return false;
+  } else {
+    // Every rank waits for its own writer, however long: deciding to skip on a timeout would be a
+    // per-rank decision, and the ranks' saves would no longer match. (The writer is bounded by
+    // the disk, and rank 0's wait for the others by finalize_timeout.)
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return job_ == nullptr; });
   }
 
   const auto start = std::chrono::steady_clock::now();
@@ -481,8 +492,13 @@ void Checkpointer::writerLoop() {
     Job& job = *job_;
     lock.unlock();
     const auto start = std::chrono::steady_clock::now();
-    Status st = writeJob(job);
-    if (rank_ == 0) st = finalize(job, st);
+    Status st;
+    try {
+      st = writeJob(job);
+      if (rank_ == 0) st = finalize(job, st);
+    } catch (const std::exception& e) {  // a filesystem call that throws: reported, not fatal
+      st = internalError(fmt::format("checkpoint writer: {}", e.what()));
+    }
     if (!st.ok()) {
       log::get("checkpoint")
           ->error("checkpoint step {} was not saved: {}; earlier checkpoints are unchanged and "
@@ -494,12 +510,23 @@ void Checkpointer::writerLoop() {
     last_.status = st;
     last_.write_ms = msSince(start);
     job_.reset();
+    // Housekeeping after the checkpoint is committed and wait() has returned: removing old
+    // checkpoints takes a while on some filesystems, and only attach() waits for it (a next save
+    // is picked up right after).
+    housekeeping_ = rank_ == 0 && st.ok();
     lock.unlock();
     cv_.notify_all();
-    // Housekeeping after the checkpoint is committed and wait() has returned: removing old
-    // checkpoints takes a while on some filesystems, and nothing waits for it (a next save is
-    // picked up right after).
-    if (rank_ == 0 && st.ok()) applyRetention();
+    if (housekeeping_) {
+      try {
+        applyRetention();
+      } catch (const std::exception& e) {
+        log::get("checkpoint")->warn("retention: {}", e.what());
+      }
+      lock.lock();
+      housekeeping_ = false;
+      lock.unlock();
+      cv_.notify_all();
+    }
   }
 }
 
@@ -539,28 +566,35 @@ Status Checkpointer::writeJob(Job& job) {
   }
   const auto t1 = std::chrono::steady_clock::now();
   auto t2 = t1;
-  {
-    // Direct I/O where the filesystem has it: the data goes from the page-aligned host memory to
-    // the disk without a copy into the page cache (and without the writeback throttling that
-    // concurrent ranks' buffered writes run into). Offsets and lengths are multiples of 4 KiB.
-    auto f = internal::openFile(file_path, O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT);
-    if (!f.ok() && f.status().code() == StatusCode::kIo) {  // e.g. tmpfs: EINVAL
-      f = internal::openFile(file_path, O_WRONLY | O_CREAT | O_TRUNC);
-    }
-    if (!f.ok()) return fail(f.status());
+  // Direct I/O where the filesystem has it: the data goes from the page-aligned host memory to
+  // the disk without a copy into the page cache (and without the writeback throttling that
+  // concurrent ranks' buffered writes run into). Offsets and lengths are multiples of 4 KiB. Where
+  // open() or the first write refuses it (e.g. tmpfs: EINVAL), buffered writes instead.
+  auto writeAll = [&](bool direct) -> Status {
+    RALLY_ASSIGN_OR_RETURN(internal::File f,
+                           internal::openFile(file_path, O_WRONLY | O_CREAT | O_TRUNC |
+                                                             (direct ? O_DIRECT : 0)));
     for (std::uint64_t off = 0; off < staging_bytes_; off += options_.write_chunk_bytes) {
+      {
+        std::lock_guard lock(mu_);
+        if (cancel_) return aborted("abandoned: the world changed (attach() again)");
+      }
       const std::uint64_t n = std::min(options_.write_chunk_bytes, staging_bytes_ - off);
       if (options_.write_hook != nullptr) {
-        if (Status h = options_.write_hook->beforeWrite(file_path, off, n); !h.ok()) {
-          return fail(h);
-        }
+        RALLY_RETURN_IF_ERROR(options_.write_hook->beforeWrite(file_path, off, n));
       }
-      if (Status w = internal::writeAt(*f, staging_ + off, n, off); !w.ok()) return fail(w);
+      RALLY_RETURN_IF_ERROR(internal::writeAt(f, staging_ + off, n, off));
     }
     t2 = std::chrono::steady_clock::now();
-    if (Status s = internal::syncData(*f); !s.ok()) return fail(s);
-    if (Status s = f->close(); !s.ok()) return fail(s);
+    RALLY_RETURN_IF_ERROR(internal::syncData(f));
+    return f.close();
+  };
+  Status written = writeAll(true);
+  if (!written.ok() && written.code() == StatusCode::kIo &&
+      written.message().find("Invalid argument") != std::string::npos) {
+    written = writeAll(false);
   }
+  if (!written.ok()) return fail(written);
   log::get("checkpoint")
       ->debug("step {}: rank {} checksums {:.1f} ms, write {:.1f} ms, fdatasync {:.1f} ms ({})",
               job.step, rank_, std::chrono::duration<double, std::milli>(t1 - t0).count(),
@@ -583,7 +617,7 @@ Status Checkpointer::writeJob(Job& job) {
   const std::string index =
       json{{"rank", rank_}, {"file", shardFileName(rank_)}, {"bytes", staging_bytes_},
            {"shards", shards}}
-          .dump();
+          .dump(-1, ' ', false, json::error_handler_t::replace);
   const std::string index_path = partial + "/" + shardIndexName(rank_);
   if (options_.write_hook != nullptr) {
     if (Status h = options_.write_hook->beforeWrite(index_path, 0, index.size()); !h.ok()) {
@@ -622,12 +656,13 @@ Status Checkpointer::finalize(Job& job, Status own) {
     missing.clear();
     for (int r = 0; r < size_; ++r) {
       if (r == 0 && !own.ok()) continue;  // this rank failed: the others only need to stop
-      if (fs::exists(partial + "/" + shardFailedName(r))) {
+      std::error_code exists_ec;
+      if (fs::exists(partial + "/" + shardFailedName(r), exists_ec)) {
         auto why = internal::readWholeFile(partial + "/" + shardFailedName(r));
         return abandon(ioError(fmt::format("rank {} could not write its shard: {}", r,
                                            why.ok() && !why->empty() ? *why : "see its log")));
       }
-      if (!fs::exists(partial + "/" + shardIndexName(r))) missing.push_back(r);
+      if (!fs::exists(partial + "/" + shardIndexName(r), exists_ec)) missing.push_back(r);
     }
     if (missing.empty()) break;
     std::unique_lock lock(mu_);
@@ -671,7 +706,7 @@ Status Checkpointer::finalize(Job& job, Status own) {
     try {
     FileRecord f{index["file"].get<std::string>(), index["bytes"].get<std::uint64_t>(), r};
     listed.insert(f.name);
-    if (f.bytes > 0) m.files.push_back(f);
+    m.files.push_back(f);  // every rank's, even empty: a 0-byte shard may name it
     for (const json& sj : index["shards"]) {
       ShardRecord s;
       s.rank = r;
@@ -687,9 +722,6 @@ Status Checkpointer::finalize(Job& job, Status own) {
     } catch (const std::exception& e) {
       return abandon(internalError(fmt::format("rank {}'s shard index: {}", r, e.what())));
     }
-  }
-  if (m.files.empty()) {  // nothing but scalars: keep one (empty) file so the format stays regular
-    m.files.push_back({shardFileName(0), 0, 0});
   }
   for (const TensorRecord& known : tensors_) {
     auto it = tensors.find(known.name);
@@ -727,7 +759,8 @@ Status Checkpointer::finalize(Job& job, Status own) {
     if (!st.ok()) return abandon(st);
   }
   const std::string final_path = dir_ + "/" + stepDirectoryName(job.step);
-  if (fs::exists(final_path + "/" + kManifestName)) {
+  std::error_code exists_ec;
+  if (fs::exists(final_path + "/" + kManifestName, exists_ec)) {
     log::get("checkpoint")
         ->warn("step {} already has a complete checkpoint at {}; keeping that one", job.step,
                final_path);
@@ -773,8 +806,13 @@ void Checkpointer::applyRetention() {
     // has a manifest but lacks files.
     std::error_code ec;
     const std::string doomed = dir_ + "/.removing-" + fs::path(e.path).filename().string();
-    if (::rename(e.path.c_str(), doomed.c_str()) == 0) (void)internal::syncDirectory(dir_);
-    fs::remove_all(::access(doomed.c_str(), F_OK) == 0 ? doomed : e.path, ec);
+    if (::rename(e.path.c_str(), doomed.c_str()) != 0) {
+      log::get("checkpoint")
+          ->warn("retention: cannot rename {} away ({}); keeping it", e.path, std::strerror(errno));
+      continue;
+    }
+    (void)internal::syncDirectory(dir_);
+    fs::remove_all(doomed, ec);
     if (ec) {
       log::get("checkpoint")->warn("retention: cannot remove {}: {}", e.path, ec.message());
     } else {

@@ -21,8 +21,9 @@
 // write in parallel. DIR must be one filesystem that all ranks see (shared storage across nodes).
 //
 // Failures: a save that fails (a full disk, an I/O error, a rank that died) is logged, reported
-// by lastSave() and at the next wait(), and leaves every earlier checkpoint as it was; training
-// goes on. A load skips a checkpoint that is incomplete or corrupt (naming it and the reason) and
+// by lastSave() and wait() (until the next save starts), and leaves every earlier checkpoint as it
+// was; training goes on. A checkpoint that a load skips as corrupt is moved aside to
+// DIR/.corrupt-step-... (kept for inspection, out of retention's way and of the next save's). A load skips a checkpoint that is incomplete or corrupt (naming it and the reason) and
 // takes the next older one; every rank loads the same one.
 //
 // Thread-safety: one training thread calls attach, save, wait and load; the writer thread is
@@ -102,7 +103,7 @@ class Checkpointer {
   // Collective: every rank tells every other which boxes of which tensors it holds; the split of
   // the writing is planned and its host memory allocated. Again after the world changes (a new
   // communicator) or the registrations do. A save of the previous attachment still in flight is
-  // finished (rank 0 stops waiting for ranks that are gone: that checkpoint is abandoned).
+  // abandoned (its ranks may be gone; earlier checkpoints are unaffected).
   Status attach(collectives::Communicator& comm, ElasticState& state);
 
   // Copies this rank's part of the state into host memory and hands it to the writer: true. While
@@ -151,7 +152,8 @@ class Checkpointer {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::unique_ptr<Job> job_;  // handed to the writer; null when idle
-  bool cancel_ = false;       // stop waiting for other ranks (re-attach, destruction)
+  bool cancel_ = false;       // abandon the save in flight (re-attach, destruction)
+  bool housekeeping_ = false; // rank 0's writer removes old checkpoints (after a commit)
   bool stop_ = false;
   SaveReport last_;
   std::thread writer_;

@@ -95,7 +95,20 @@ Status ElasticRun::atStep(std::int64_t step) {
 }
 
 Status ElasticRun::commit() {
+  const auto next = static_cast<std::int64_t>(state_.commitNumber() + 1);
+  if (faults_) {
+    RALLY_RETURN_IF_ERROR(faults_->beforeCommit(world_.rank(), next,
+                                                [this] { return world_.generationChanged(); }));
+  }
   RALLY_RETURN_IF_ERROR(state_.commit());
+  if (Status p = world_.publishCommit(state_.commitNumber()); !p.ok()) {
+    log::get("elastic")->warn("commit {} taken, but not recorded: {}", state_.commitNumber(),
+                              p.toString());
+  }
+  if (faults_) {
+    RALLY_RETURN_IF_ERROR(faults_->afterCommit(world_.rank(), world_.nodeRank(), world_.localRank(),
+                                               static_cast<std::int64_t>(state_.commitNumber())));
+  }
   if (checkpointer_ && options_.checkpoint_every > 0 &&
       state_.commitNumber() % static_cast<std::uint64_t>(options_.checkpoint_every) == 0) {
     // Named by the "step" scalar when there is one, else by the commit number.
@@ -148,10 +161,14 @@ void ElasticRun::writeRecoveryEvent() {
   auto log = log::get("elastic");
   if (world_.rank() == p.writer) {
     log->info(
-        "recovered in place: generation {} -> {}, world size {}, commit {}; detect {}, abort "
+        "recovered in place: generation {} -> {}, world size {}, commit {}{}; detect {}, abort "
         "{:.1f} ms, rendezvous {:.1f} ms, rebuild {:.1f} ms, restore {:.1f} ms, first step {:.1f} "
         "ms ({:.1f} ms in all)",
         p.from_generation, p.generation, p.world_size, p.commit,
+        p.fell_back_from > 0
+            ? fmt::format(" (fell back: commit {} was held only by workers that are gone)",
+                          p.fell_back_from)
+            : "",
         p.detect_ms >= 0 ? fmt::format("{:.1f} ms", p.detect_ms) : "not measured", p.abort_ms,
         p.rendezvous_ms, p.rebuild_ms, p.restore_ms, first_step, total);
     nlohmann::json phases = {{"abort", p.abort_ms},
@@ -168,6 +185,7 @@ void ElasticRun::writeRecoveryEvent() {
                  {"generation", p.generation},
                  {"world_size", p.world_size},
                  {"commit", p.commit},
+                 {"fell_back_from", p.fell_back_from},
                  {"cause", p.cause},
                  {"phases_ms", phases},
                  {"last_step", p.last_step},
@@ -184,7 +202,9 @@ Result<SyncResult> ElasticRun::syncState(std::int64_t* last_step, int* writer) {
   if (checkpointer_) {
     RALLY_RETURN_IF_ERROR(attachCheckpoints());
   }
-  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(world_.comm(), options_.sync));
+  SyncOptions sync = options_.sync;
+  if (sync.known_newest == 0) sync.known_newest = world_.newestCommit();
+  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(world_.comm(), sync));
   // One allreduce (max) for two things: the newest step any rank had begun (a replacement or a
   // new node has begun none), for steps_redone; and the lowest rank that recovered in place
   // (-rank; newcomers give the least value), which writes the recovery event. Survivors (in
@@ -220,6 +240,7 @@ Status ElasticRun::recoverOnce(const Status& cause) {
   p.restored = Clock::now();
   p.restore_ms = msBetween(rebuilt, p.restored);
   p.commit = synced.commit;
+  p.fell_back_from = synced.fell_back_from;
   // Told: the watch's news or the error, whichever came first.
   auto told = world_.lastMovedAt();
   if (told.time_since_epoch().count() == 0 || told > returned_sys) told = returned_sys;

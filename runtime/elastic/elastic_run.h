@@ -25,7 +25,9 @@
 //   from the newest commit first_step  -> the first step after recovery done (atStep() of the step
 //   after it)
 // with "steps_redone": steps begun before the failure that run again (the newest one begun minus
-// the one resumed at: at most the commit interval when the newest commit was restored).
+// the one resumed at: at most the commit interval when the newest commit was restored), and
+// "fell_back_from": the job's newest commit when no survivor held it (its holders all died right
+// after taking it; each node's local rank 0 records commits in the coordinator's store), else 0.
 // "Told" is the earlier of the watch's news and the training function's error (a peer's abort can
 // arrive first); detect is missing when the failure's time is not known (a node lost, not a
 // worker's exit).
@@ -113,6 +115,7 @@ class ElasticRun {
     std::uint64_t from_generation = 0;
     std::uint64_t generation = 0;
     std::uint64_t commit = 0;
+    std::uint64_t fell_back_from = 0;  // the newest commit, lost with its holders; 0: not lost
     int world_size = 0;
     std::string cause;
     double detect_ms = -1, abort_ms = 0, rendezvous_ms = 0, rebuild_ms = 0, restore_ms = 0;

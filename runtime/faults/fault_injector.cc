@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <thread>
 
@@ -22,6 +23,12 @@ void announce(const Fault& f) {
 FaultActions FaultActions::onThisProcess() {
   return {
       .kill = [](const Fault& f) { announce(f), ::raise(SIGKILL); },
+      .kill_node =
+          [](const Fault& f) {
+            announce(f);
+            if (const pid_t agent = ::getppid(); agent > 1) ::kill(agent, SIGKILL);
+            ::raise(SIGKILL);
+          },
       .hang = [](const Fault& f) { announce(f), ::raise(SIGSTOP); },
       .delay = [](const Fault& f) { announce(f), std::this_thread::sleep_for(f.delay); },
       .fail = [](const Fault& f) { announce(f), std::fflush(nullptr), ::_exit(f.exit_code); },
@@ -50,6 +57,50 @@ Status FaultInjector::atRecovery(int rank, std::int64_t recovery) {
     if (f.target == Fault::Target::kRank && f.index == rank && f.recovery &&
         *f.recovery == recovery) {
       RALLY_RETURN_IF_ERROR(fire(i));
+    }
+  }
+  return okStatus();
+}
+
+Status FaultInjector::beforeCommit(int rank, std::int64_t commit,
+                                   const std::function<bool()>& moved) {
+  const auto& faults = plan_.faults();
+  for (size_t i = 0; i < faults.size(); ++i) {
+    const Fault& f = faults[i];
+    if (f.target != Fault::Target::kRank || f.index != rank || !f.commit || *f.commit != commit ||
+        f.action != Fault::Action::kDelay || done_here_.count(i) != 0) {
+      continue;
+    }
+    auto mine = fired_->claim(i);
+    RALLY_RETURN_IF_ERROR(mine.status()) << "claiming fault '" << f.describe() << "'";
+    done_here_.insert(i);
+    if (!*mine) continue;
+    announce(f);
+    const auto until = std::chrono::steady_clock::now() + f.delay;
+    while (std::chrono::steady_clock::now() < until) {
+      if (moved()) {
+        return aborted(fmt::format("the job moved on while '{}' held this rank before commit {}",
+                                   f.describe(), commit));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+  return okStatus();
+}
+
+Status FaultInjector::afterCommit(int rank, int node, int local_rank, std::int64_t commit) {
+  const auto& faults = plan_.faults();
+  for (size_t i = 0; i < faults.size(); ++i) {
+    const Fault& f = faults[i];
+    if (!f.commit || *f.commit != commit || f.action == Fault::Action::kDelay) continue;
+    if (f.target == Fault::Target::kRank && f.index == rank) {
+      RALLY_RETURN_IF_ERROR(fire(i));
+    } else if (f.target == Fault::Target::kNode && f.index == node && local_rank == 0) {
+      if (done_here_.count(i) != 0) continue;
+      auto mine = fired_->claim(i);
+      RALLY_RETURN_IF_ERROR(mine.status()) << "claiming fault '" << f.describe() << "'";
+      done_here_.insert(i);
+      if (*mine) actions_.kill_node(f);
     }
   }
   return okStatus();

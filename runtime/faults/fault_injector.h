@@ -45,10 +45,12 @@ class LocalFiredFaults final : public FiredFaults {
 
 struct FaultActions {
   std::function<void(const Fault&)> kill;
+  std::function<void(const Fault&)> kill_node;  // this process's agent (its parent), then itself
   std::function<void(const Fault&)> hang;
   std::function<void(const Fault&)> delay;
   std::function<void(const Fault&)> fail;
-  // SIGKILL, SIGSTOP, sleep, exit(code): on this process.
+  // SIGKILL, SIGSTOP, sleep, exit(code): on this process; kill_node: SIGKILL to the parent (the
+  // node's agent; its other workers follow by their parent-death signal), then to this process.
   static FaultActions onThisProcess();
 };
 
@@ -63,6 +65,13 @@ class FaultInjector {
   // Fires the plan's recovery faults for `rank` whose recovery number is `recovery` (1 = the job's
   // first in-place recovery).
   Status atRecovery(int rank, std::int64_t recovery);
+  // Before the rank takes commit `commit`: its delay faults. A delay waits for the fault's
+  // duration, or until `moved()` says the job's generation moved: then Aborted (the rank must not
+  // take the commit). `moved` is polled every few milliseconds.
+  Status beforeCommit(int rank, std::int64_t commit, const std::function<bool()>& moved);
+  // After it took commit `commit`: kill, hang and fail faults of the rank, and kill faults of its
+  // node when it is the node's local rank 0.
+  Status afterCommit(int rank, int node, int local_rank, std::int64_t commit);
   bool empty() const { return plan_.empty(); }
 
  private:

@@ -64,6 +64,9 @@ Result<Fault> parseLine(const std::string& line, int number) {
     } else if (key == "recovery") {
       RALLY_ASSIGN_OR_RETURN(const std::int64_t n, parseInt(value, key, 1));
       f.recovery = n;
+    } else if (key == "commit") {
+      RALLY_ASSIGN_OR_RETURN(const std::int64_t k, parseInt(value, key, 1));
+      f.commit = k;
     } else if (key == "time") {
       auto t = parseDuration(value);
       if (!t.ok()) return invalidArgument(fmt::format("time={}: {}", value, t.status().message()));
@@ -80,22 +83,26 @@ Result<Fault> parseLine(const std::string& line, int number) {
       f.exit_code = static_cast<int>(c);
     } else {
       return invalidArgument(
-          fmt::format("unknown key '{}' (rank, node, step, recovery, time, for, code)", key));
+          fmt::format("unknown key '{}' (rank, node, step, recovery, commit, time, for, code)",
+                      key));
     }
   }
   if (!has_target) return invalidArgument("no target: add rank=R (a worker) or node=N (a node)");
-  if (int{f.step.has_value()} + int{f.time.has_value()} + int{f.recovery.has_value()} != 1) {
+  if (int{f.step.has_value()} + int{f.time.has_value()} + int{f.recovery.has_value()} +
+          int{f.commit.has_value()} !=
+      1) {
     return invalidArgument(
         "give exactly one trigger: step=S (a step boundary), recovery=N (during the N-th "
-        "recovery) or time=T (e.g. 5s)");
+        "recovery), commit=K (at the commit point taking commit K) or time=T (e.g. 5s)");
   }
   if (f.target == Fault::Target::kNode && f.action != Fault::Action::kKill) {
     return invalidArgument(
         fmt::format("a node can only be killed (kill node=N), not '{}'", action));
   }
-  if (f.target == Fault::Target::kNode && !f.time) {
+  if (f.target == Fault::Target::kNode && !f.time && !f.commit) {
     return invalidArgument(
-        "a node fault needs time=T: nodes have no steps (use rank=R for step= and recovery=)");
+        "a node fault needs time=T or commit=K: nodes have no steps (use rank=R for step= and "
+        "recovery=)");
   }
   if (f.action == Fault::Action::kDelay && (!has_for || f.delay.count() <= 0)) {
     return invalidArgument("delay needs for=D, a positive duration (e.g. for=500ms)");
@@ -130,6 +137,7 @@ std::string Fault::describe() const {
                               target == Target::kRank ? "rank" : "node", index);
   if (step) s += fmt::format(" step={}", *step);
   if (recovery) s += fmt::format(" recovery={}", *recovery);
+  if (commit) s += fmt::format(" commit={}", *commit);
   if (time) s += fmt::format(" time={}", formatDuration(*time));
   if (action == Action::kDelay) s += fmt::format(" for={}", formatDuration(delay));
   if (action == Action::kFail) s += fmt::format(" code={}", exit_code);

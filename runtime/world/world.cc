@@ -407,6 +407,28 @@ Status World::atCommitPoint(Milliseconds wait) {
   return okStatus();
 }
 
+Status World::publishCommit(std::uint64_t commit) {
+  if (launcher_ != Launcher::kRally || local_rank_ != 0 || !conn_) return okStatus();
+  rendezvous::StoreClient store = rendezvous::StoreClient(conn_).scoped("rally/run/", 0);
+  std::optional<std::string> seen;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    if (seen && std::strtoull(seen->c_str(), nullptr, 10) >= commit) return okStatus();
+    auto swapped = store.compareAndSet("newest_commit", seen, std::to_string(commit));
+    RALLY_RETURN_IF_ERROR(swapped.status()) << "recording commit " << commit;
+    const rendezvous::CompareAndSetResult& r = *swapped;
+    if (r.swapped) return okStatus();
+    seen = r.present ? std::optional<std::string>(r.value) : std::nullopt;
+  }
+  return okStatus();  // others keep raising it: one of them holds a newer commit
+}
+
+std::uint64_t World::newestCommit() {
+  if (launcher_ != Launcher::kRally || !conn_) return 0;
+  auto v = rendezvous::StoreClient(conn_).scoped("rally/run/", 0).get("newest_commit");
+  if (!v.ok() || !v->has_value()) return 0;
+  return std::strtoull((*v)->c_str(), nullptr, 10);
+}
+
 collectives::Communicator& World::comm() {
   if (!comm_) {
     throw std::logic_error(

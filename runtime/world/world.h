@@ -95,6 +95,13 @@ class World {
   // (up to `wait`) for the job to re-form, so the newcomers join without anyone rolling back more
   // than the step the others have begun. Costs rank 0 one store read per call; OK elsewhere.
   Status atCommitPoint(Milliseconds wait = Milliseconds(10'000));
+  // Under `rally run`: records that this worker took commit number `commit`, as the job's newest
+  // commit if it is newer than the recorded one (a compare-and-set in the coordinator's store; the
+  // node's local rank 0 writes, the others return at once). newestCommit(): the record (0: none,
+  // or not under rally run). A recovery compares it with what the survivors hold, to say when the
+  // newest commit was lost with its holders.
+  Status publishCommit(std::uint64_t commit);
+  std::uint64_t newestCommit();
 
   // When the watch first told this process that the job moved past this world's generation (the
   // epoch: it has not); after recover(), when it was told that the generation it left ended.

@@ -15,6 +15,10 @@
 //     the weights within 2e-2 of the uninterrupted run's (the data are split differently while the
 //     world is smaller, so the sums are rounded differently; the model converges to the same
 //     least-squares solution);
+//   - the last node holding the newest commit lost (node 1 killed right after taking commit 6,
+//     while node 0's ranks were held before theirs): the survivors fall back to commit 5 and say
+//     so (the log, and "fell_back_from": 6 in the recovery event), redo the lost steps, and still
+//     use every sample exactly once per epoch;
 //   - the whole job lost (both agents SIGKILLed, with RALLY_CHECKPOINT_DIR set): a new job
 //     resumes from the newest complete checkpoint on its own; every sample is still used exactly
 //     once per epoch over both jobs, and the weights are bitwise identical to the uninterrupted
@@ -251,6 +255,49 @@ TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
   }
   EXPECT_TRUE(grew) << log;
   EXPECT_NE(a->errors().find("at a commit point"), std::string::npos);
+}
+
+TEST_F(InPlaceRecoveryTest, LastNodeWithTheNewestCommitLostFallsBackAndSaysSo) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "5"};
+  const std::string plan = tempPath("inplace-fallback-plan.txt");
+  {
+    // Node 1 loses: node 0's agent hosts the coordinator (losing that host ends the job).
+    std::ofstream(plan) << "delay rank=0 commit=6 for=20s   # node 0 held before commit 6\n"
+                           "delay rank=1 commit=6 for=20s\n"
+                           "kill node=1 commit=6             # node 1 lost right after it\n";
+  }
+  const std::vector<std::string> args = {"--nnodes",        "1:2",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-f",
+                                         "--fault-plan",    plan};
+  auto a = agent("ip-f-a", args, program);
+  // a hosts the coordinator and joins first (node 0); then b.
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-f-b", args, program);
+  const int ca = exitCode(*a), cb = exitCode(*b);
+  // Node 1 was killed (its agent by its own worker), node 0 finished.
+  EXPECT_EQ(ca, 0) << a->errors();
+  EXPECT_EQ(cb, 128 + SIGKILL) << b->errors();
+  const std::string log = events(), err = a->errors() + b->errors();
+  const Result got = parse(a->output() + b->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 2 uses_max 2"), std::string::npos)
+      << got.summary;
+  EXPECT_NE(err.find("falling back to commit 5: commit 6 was held only by ranks that are gone"),
+            std::string::npos)
+      << err;
+  EXPECT_NE(err.find("fell back: commit 6 was held only by workers that are gone"),
+            std::string::npos)
+      << err;
+  std::istringstream lines(log);
+  bool found = false;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("\"event\":\"recovery\"") == std::string::npos) continue;
+    found = true;
+    EXPECT_NE(line.find("\"fell_back_from\":6"), std::string::npos) << line;
+    EXPECT_NE(line.find("\"commit\":5"), std::string::npos) << line;
+  }
+  EXPECT_TRUE(found) << log;
 }
 
 TEST_F(InPlaceRecoveryTest, WholeJobLostANewJobResumesFromTheNewestCheckpoint) {

@@ -237,6 +237,17 @@ std::vector<Part> tpModel(int tp_rank, int tp) {
           {"norm", DataType::kF32, {5}, {0}, {5}, {}}};
 }
 
+TEST(Checkpoint, RanksWithNothingToWriteStillMakeAValidCheckpoint) {
+  TempDir dir;
+  // One row for two replicas, and an empty tensor: rank 1 writes no bytes at all.
+  auto parts = [](int, int) {
+    return std::vector<Part>{{"w", DataType::kF32, {1, 4}, {0, 0}, {1, 4}, {}},
+                             {"e", DataType::kF32, {0}, {0}, {0}, {}}};
+  };
+  saveWith(dir.path(), 2, 9, 4, parts);
+  loadAndCheck(dir.path(), 3, 9, 4, parts);
+}
+
 TEST(Checkpoint, TensorParallelSplitChangesAtLoad) {
   TempDir dir;
   // 4 ranks as DP=2 x TP=2 (tp rank = rank % 2).
@@ -290,6 +301,14 @@ void expectFallback(const std::function<void(const std::string&)>& damage,
   ASSERT_EQ(skipped.size(), 1u);
   EXPECT_NE(skipped[0].find("step-000000000002"), std::string::npos) << skipped[0];
   EXPECT_NE(skipped[0].find(named), std::string::npos) << skipped[0];
+  // Damaged data is moved aside; an incomplete one stays (it has no manifest to be trusted).
+  const bool damaged = named != "incomplete";
+  EXPECT_EQ(fs::exists(dir.path() + "/.corrupt-step-000000000002"), damaged);
+  EXPECT_EQ(fs::exists(step2), !damaged);
+  if (damaged) {  // the step can be saved again, and then it loads
+    saveWith(dir.path(), 2, 3, 2, parts);
+    loadAndCheck(dir.path(), 2, 3, 2, parts);
+  }
 }
 
 TEST(Checkpoint, TruncatedShardIsNamedAndThePreviousOneLoads) {

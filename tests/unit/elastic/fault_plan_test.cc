@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <chrono>
 #include <vector>
 
 #include "runtime/faults/fault_injector.h"
@@ -22,13 +23,15 @@ TEST(FaultPlan, ParsesEveryFormAndPrintsItBack) {
       "\n"
       "delay rank=0 step=10 for=500ms; fail rank=3 time=5s code=3\n"
       "kill node=1 time=3s\n"
-      "kill rank=2 recovery=1\n",
+      "kill rank=2 recovery=1\n"
+      "kill node=0 commit=6; delay rank=2 commit=6 for=2s\n",
       "drill.txt");
   ASSERT_TRUE(plan.ok()) << plan.status().toString();
-  ASSERT_EQ(plan->faults().size(), 6u);
+  ASSERT_EQ(plan->faults().size(), 8u);
   EXPECT_EQ(plan->toText(),
             "kill rank=1 step=20\nhang rank=2 step=30\ndelay rank=0 step=10 for=500ms\n"
-            "fail rank=3 time=5s code=3\nkill node=1 time=3s\nkill rank=2 recovery=1\n");
+            "fail rank=3 time=5s code=3\nkill node=1 time=3s\nkill rank=2 recovery=1\n"
+            "kill node=0 commit=6\ndelay rank=2 commit=6 for=2s\n");
   EXPECT_EQ(plan->faults()[3].line, 5);
   EXPECT_EQ(plan->faults()[4].target, Fault::Target::kNode);
   auto again = FaultPlan::parse(plan->toText(), "round trip");
@@ -48,7 +51,9 @@ TEST(FaultPlan, RefusesBadLinesSayingWhereAndWhatWouldBeRight) {
       {"kill rank=1 step=x", "step=x is not a whole number"},
       {"kill rank=1 time=5parsecs", "time=5parsecs"},
       {"hang node=1 time=1s", "a node can only be killed"},
-      {"kill node=1 step=3", "a node fault needs time=T"},
+      {"kill node=1 step=3", "a node fault needs time=T or commit=K"},
+      {"kill rank=1 commit=0", "commit=0 is not a whole number of at least 1"},
+      {"kill rank=1 commit=2 step=2", "give exactly one trigger"},
       {"delay rank=0 step=1", "delay needs for=D"},
       {"kill rank=0 step=1 for=1s", "for=D is only for delay"},
       {"kill rank=0 step=1 code=2", "code=N is only for fail"},
@@ -87,7 +92,11 @@ struct Recorder {
   std::vector<std::string> fired;
   FaultActions actions() {
     auto rec = [this](const Fault& f) { fired.push_back(f.describe()); };
-    return {.kill = rec, .hang = rec, .delay = rec, .fail = rec};
+    return {.kill = rec,
+            .kill_node = [this](const Fault& f) { fired.push_back("node: " + f.describe()); },
+            .hang = rec,
+            .delay = rec,
+            .fail = rec};
   }
 };
 
@@ -129,6 +138,39 @@ TEST(FaultInjector, FiresRecoveryFaultsDuringTheirRecoveryOnly) {
   ASSERT_TRUE(f.atRecovery(2, 2).ok());
   ASSERT_TRUE(f.atRecovery(2, 2).ok());
   EXPECT_EQ(r.fired, std::vector<std::string>{"kill rank=2 recovery=2"});
+}
+
+TEST(FaultInjector, CommitFaultsStrikeAroundTheirCommit) {
+  auto plan = FaultPlan::parse(
+      "kill node=0 commit=3; fail rank=1 commit=3; delay rank=2 commit=3 for=10s; "
+      "delay rank=3 commit=2 for=20ms",
+      "t");
+  ASSERT_TRUE(plan.ok());
+  auto fired = std::make_shared<LocalFiredFaults>();
+  Recorder r;
+  FaultInjector f(*plan, fired, r.actions());
+  const auto never = [] { return false; };
+  // Kills and fails: after the commit, the node's by its local rank 0 only.
+  ASSERT_TRUE(f.afterCommit(1, 0, 1, 2).ok());
+  EXPECT_TRUE(r.fired.empty());
+  ASSERT_TRUE(f.afterCommit(1, 0, 1, 3).ok());  // rank 1: its fail; not local rank 0: no node kill
+  ASSERT_TRUE(f.afterCommit(0, 0, 0, 3).ok());
+  ASSERT_TRUE(f.afterCommit(0, 0, 0, 3).ok());  // once
+  EXPECT_EQ(r.fired, (std::vector<std::string>{"fail rank=1 commit=3 code=1",
+                                                "node: kill node=0 commit=3"}));
+  // Delays: before the commit; they never go through afterCommit.
+  ASSERT_TRUE(f.afterCommit(2, 1, 0, 3).ok());
+  EXPECT_EQ(r.fired.size(), 2u);
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(f.beforeCommit(3, 2, never).ok());  // waited its 20 ms
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(20));
+  // A delay ends early, with Aborted, when the job moves on: the rank must not take the commit.
+  int polls = 0;
+  const auto t1 = std::chrono::steady_clock::now();
+  const Status s = f.beforeCommit(2, 3, [&] { return ++polls > 3; });
+  EXPECT_EQ(s.code(), StatusCode::kAborted) << s.toString();
+  EXPECT_LT(std::chrono::steady_clock::now() - t1, std::chrono::seconds(2));
+  EXPECT_TRUE(f.beforeCommit(2, 3, never).ok());  // fired once
 }
 
 class FailingClaims final : public FiredFaults {
