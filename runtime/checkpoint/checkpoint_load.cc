@@ -208,12 +208,21 @@ Status Checkpointer::loadOne(std::uint64_t step, LoadReport* report) {
   }
 
   ShardFiles files(path);
-  std::vector<unsigned char> buf;
+  std::vector<unsigned char> buf, bounce;
   for (const Plan& p : plans) {
+    // A device buffer is assembled in host memory, then copied up in one piece.
+    const bool on_device = p.entry->device.kind != DeviceKind::kHost;
+    if (on_device) bounce.resize(p.entry->bytes);
+    unsigned char* dst = on_device ? bounce.data() : static_cast<unsigned char*>(p.entry->data);
     for (const auto& [shard, runs] : p.reads) {
-      RALLY_RETURN_IF_ERROR(readRuns(path, files, m, *p.tensor, *shard, runs,
-                                     static_cast<unsigned char*>(p.entry->data), buf,
-                                     &report->bytes_read));
+      RALLY_RETURN_IF_ERROR(
+          readRuns(path, files, m, *p.tensor, *shard, runs, dst, buf, &report->bytes_read));
+    }
+    if (on_device && p.entry->bytes > 0) {
+      DeviceCopier* copier = state_->deviceCopier();
+      RALLY_RETURN_IF_ERROR(copier->toDevice(p.entry->data, dst, p.entry->bytes, p.entry->device))
+          << "copying '" << p.entry->name << "' to its device";
+      RALLY_RETURN_IF_ERROR(copier->synchronize());
     }
   }
   for (const ElasticState::Entry& e : state_->registered()) {

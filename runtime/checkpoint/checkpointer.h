@@ -26,6 +26,9 @@
 // DIR/.corrupt-step-... (kept for inspection, out of retention's way and of the next save's). A load skips a checkpoint that is incomplete or corrupt (naming it and the reason) and
 // takes the next older one; every rank loads the same one.
 //
+// Device buffers (registered with Device::cuda(i) and a DeviceCopier): save() copies them on the
+// copier's stream into page-locked host memory; a load reads into host memory and copies up.
+//
 // Thread-safety: one training thread calls attach, save, wait and load; the writer thread is
 // internal. Cross-rank contract: attach, save and load are called by every rank of the
 // communicator in the same order (with the same steps).
@@ -146,8 +149,10 @@ class Checkpointer {
   std::uint64_t token_ = 0, seq_ = 0;
   std::vector<Item> items_;
   std::vector<TensorRecord> tensors_;  // every rank's tensors (no shards), rank 0's order first
+  void freeStaging();
   unsigned char* staging_ = nullptr;       // this rank's shard file image, page aligned
   std::uint64_t staging_bytes_ = 0;
+  DeviceCopier* staging_copier_ = nullptr; // allocated the staging memory (page-locked), if any
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -62,10 +62,10 @@ Status ElasticState::registerBuffer(const std::string& name, void* data, DataTyp
 Status ElasticState::registerShard(const std::string& name, void* data, DataType type,
                                    std::vector<std::int64_t> shape, Sharding sharding,
                                    Device device) {
-  if (device.kind != DeviceKind::kHost) {
-    return unimplemented(fmt::format(
-        "ElasticState: '{}' is in CUDA device memory; only host buffers can be registered in this "
-        "build (copy it to host memory, or register the tensor through librally_torch)",
+  if (device.kind != DeviceKind::kHost && copier_ == nullptr) {
+    return failedPrecondition(fmt::format(
+        "ElasticState: '{}' is in CUDA device memory: set a DeviceCopier first "
+        "(setDeviceCopier(), e.g. rally::cuda::createCudaCopier()), or register a host copy",
         name));
   }
   std::int64_t elements = 1;
@@ -99,6 +99,7 @@ Status ElasticState::registerShard(const std::string& name, void* data, DataType
               .shape = std::move(shape),
               .global_shape = std::move(sharding.global_shape),
               .global_offset = std::move(sharding.offset),
+              .device = device,
               .bytes = static_cast<size_t>(elements) * collectives::dataTypeSize(type),
               .offset = 0});
 }
@@ -149,35 +150,55 @@ void ElasticState::discardSnapshot(const char* why) {
   commit_ = 0;
 }
 
-void ElasticState::takeSnapshot() {
+Status ElasticState::takeSnapshot() {
+  bool device = false;
   for (const Entry& e : entries_) {
-    if (e.kind == Kind::kBuffer) {
-      if (e.bytes > 0) std::memcpy(arena_.data() + e.offset, e.data, e.bytes);
-    } else {
+    if (e.kind != Kind::kBuffer) {
       std::memcpy(&scalars_[e.offset], e.data, 8);
+    } else if (e.bytes == 0) {
+    } else if (e.device.kind == DeviceKind::kHost) {
+      std::memcpy(arena_.data() + e.offset, e.data, e.bytes);
+    } else {
+      RALLY_RETURN_IF_ERROR(copier_->toHost(arena_.data() + e.offset, e.data, e.bytes, e.device))
+          << "ElasticState: copying '" << e.name << "' from its device";
+      device = true;
     }
   }
+  if (device) {
+    RALLY_RETURN_IF_ERROR(copier_->synchronize()) << "ElasticState: device copies";
+  }
+  return okStatus();
 }
 
-void ElasticState::putBack() {
+Status ElasticState::putBack() {
+  bool device = false;
   for (const Entry& e : entries_) {
-    if (e.kind == Kind::kBuffer) {
-      if (e.bytes > 0) std::memcpy(e.data, arena_.data() + e.offset, e.bytes);
-    } else {
+    if (e.kind != Kind::kBuffer) {
       std::memcpy(e.data, &scalars_[e.offset], 8);
+    } else if (e.bytes == 0) {
+    } else if (e.device.kind == DeviceKind::kHost) {
+      std::memcpy(e.data, arena_.data() + e.offset, e.bytes);
+    } else {
+      RALLY_RETURN_IF_ERROR(copier_->toDevice(e.data, arena_.data() + e.offset, e.bytes, e.device))
+          << "ElasticState: copying '" << e.name << "' to its device";
+      device = true;
     }
   }
+  if (device) {
+    RALLY_RETURN_IF_ERROR(copier_->synchronize()) << "ElasticState: device copies";
+  }
+  return okStatus();
 }
 
 Status ElasticState::commit() {
-  takeSnapshot();
+  RALLY_RETURN_IF_ERROR(takeSnapshot());
   ++commit_;
   return okStatus();
 }
 
 Status ElasticState::adopt(std::uint64_t commit) {
   if (commit == 0) return invalidArgument("ElasticState::adopt: commit numbers start at 1");
-  takeSnapshot();
+  RALLY_RETURN_IF_ERROR(takeSnapshot());
   commit_ = commit;
   return okStatus();
 }
@@ -187,8 +208,7 @@ Status ElasticState::restore() {
     return failedPrecondition(
         "ElasticState::restore: there is no commit to restore (commit() or sync() first)");
   }
-  putBack();
-  return okStatus();
+  return putBack();
 }
 
 std::string ElasticState::layout() const {
@@ -255,9 +275,15 @@ Result<SyncResult> ElasticState::sync(Communicator& comm, SyncOptions options) {
                                      timeout, "finding the newest commit", st);
   RALLY_RETURN_IF_ERROR(st);
   if (newest == 0) {  // nobody has committed: start everyone from rank 0's values
-    if (rank == 0) {
-      takeSnapshot();
-      commit_ = 1;
+    Status snap = rank == 0 ? takeSnapshot() : okStatus();
+    if (rank == 0 && snap.ok()) commit_ = 1;
+    // Every rank learns whether rank 0's values could be taken (a device copy can fail).
+    const std::int64_t taken =
+        allreduceOne(comm, snap.ok() ? 1 : 0, ReduceOp::kMin, timeout, "taking rank 0's values", st);
+    RALLY_RETURN_IF_ERROR(st);
+    RALLY_RETURN_IF_ERROR(snap);
+    if (taken == 0) {
+      return unavailable("ElasticState::sync: rank 0 could not copy its values (see its error)");
     }
     newest = 1;
   }
@@ -289,7 +315,7 @@ Result<SyncResult> ElasticState::sync(Communicator& comm, SyncOptions options) {
         timeout, "receiving the scalars"));
     commit_ = static_cast<std::uint64_t>(newest);
   }
-  putBack();
+  RALLY_RETURN_IF_ERROR(putBack());
   return result;
 }
 

@@ -21,8 +21,8 @@
 // no longer matches), so the next sync() fetches one from a peer.
 //
 // Memory: one host copy of every registered byte, allocated at registration (so commit() never
-// allocates). Host buffers only for now: a device buffer needs a copier, which librally_torch
-// (CUDA tensors) will provide; registering one without it is refused.
+// allocates). Device buffers (Device::cuda(i)) go through a DeviceCopier (runtime/elastic/
+// device_copier.h; the CUDA one is runtime/cuda/cuda_copier.h), set before registering them.
 //
 // Thread-safety: none; one training thread uses it. sync() is collective: every rank of `comm`
 // calls it, with the same registrations (names, dtypes, shapes) in the same order.
@@ -35,6 +35,7 @@
 
 #include "collectives/communicator.h"
 #include "kernels/base/status.h"
+#include "runtime/elastic/device_copier.h"
 
 namespace rally {
 
@@ -77,6 +78,11 @@ class ElasticState {
   ElasticState() = default;
   ElasticState(const ElasticState&) = delete;
   ElasticState& operator=(const ElasticState&) = delete;
+
+  // How device buffers are copied (not owned; it must outlive this state). Needed before a buffer
+  // with Device::cuda(i) is registered.
+  void setDeviceCopier(DeviceCopier* copier) { copier_ = copier; }
+  DeviceCopier* deviceCopier() const { return copier_; }
 
   // `shape` gives the element count (the product; {} is a scalar of one element). Names are unique;
   // the state holds no reference to the name after the call.
@@ -127,6 +133,7 @@ class ElasticState {
     std::vector<std::int64_t> shape;         // the local buffer's
     std::vector<std::int64_t> global_shape;  // == shape unless registered as a shard
     std::vector<std::int64_t> global_offset; // zeros unless registered as a shard
+    Device device;                           // where `data` lives
     size_t bytes;
     size_t offset;  // in arena_ (buffers) or scalars_ (scalars: index)
   };
@@ -136,13 +143,14 @@ class ElasticState {
  private:
   Status add(Entry e);
   void discardSnapshot(const char* why);
-  void takeSnapshot();
-  void putBack();
+  Status takeSnapshot();
+  Status putBack();
 
   std::vector<Entry> entries_;
   std::vector<unsigned char> arena_;   // buffers' snapshot
   std::vector<std::int64_t> scalars_;  // scalars' snapshot (doubles by their bits)
   std::uint64_t commit_ = 0;
+  DeviceCopier* copier_ = nullptr;
 };
 
 }  // namespace rally

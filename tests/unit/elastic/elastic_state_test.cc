@@ -104,8 +104,9 @@ TEST(ElasticState, RefusesBadRegistrationsAndDropsTheSnapshotOnChange) {
             StatusCode::kInvalidArgument);
   EXPECT_EQ(s.registerBuffer("null", nullptr, DataType::kF32, {2}).code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(s.registerBuffer("gpu", x, DataType::kF32, {4}, Device::cuda(0)).code(),
-            StatusCode::kUnimplemented);
+  const Status gpu = s.registerBuffer("gpu", x, DataType::kF32, {4}, Device::cuda(0));
+  EXPECT_EQ(gpu.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(gpu.message().find("set a DeviceCopier first"), std::string::npos) << gpu.message();
   EXPECT_EQ(s.unregister("nope").code(), StatusCode::kNotFound);
   ASSERT_TRUE(s.commit().ok());
   std::int64_t y = 5;
