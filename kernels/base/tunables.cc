@@ -37,6 +37,10 @@ constexpr TunableSpec kSpecs[] = {
     {"hang_timeout", "RALLY_HANG_TIMEOUT", TunableKind::kDuration, "10s",
      "a worker stopped this long (SIGSTOP, state T) is hung: its agent kills it and handles it as a "
      "failure; 0 turns the check off"},
+    {"progress_timeout", "RALLY_PROGRESS_TIMEOUT", TunableKind::kDuration, "0s",
+     "a worker whose step (ElasticRun::atStep) has not moved for this long while it is not waiting "
+     "in a collective is hung (a deadlock, an endless loop): its agent kills it and handles it as "
+     "a failure; 0 turns the watchdog off. Set it to a few times the slowest step"},
     {"checkpoint_dir", "RALLY_CHECKPOINT_DIR", TunableKind::kString, "",
      "ElasticRun saves every checkpoint_every-th commit here in the background, and a job that "
      "starts with no commit in memory resumes from the newest checkpoint here; empty: off"},

@@ -20,54 +20,10 @@
 #include <variant>
 
 #include "kernels/base/logging.h"
-#include "launcher/agent/event_log.h"
-#include "launcher/agent/failure_report.h"
-#include "launcher/agent/worker_group.h"
-#include "launcher/coordinator/coordinator_server.h"
-#include "runtime/faults/fault_plan.h"
-#include "runtime/rendezvous/agent_session.h"
-#include "runtime/rendezvous/coordinator_client.h"
+#include "launcher/agent/internal/agent_impl.h"
 
 namespace rally::agent {
 namespace {
-
-namespace v1 = rally::v1;
-using Clock = std::chrono::steady_clock;
-
-struct SessionEnded {
-  Status status;
-};
-struct WorkerExited {
-  std::uint64_t epoch;
-  WorkerExit exit;
-};
-struct SignalReceived {
-  int sig;
-};
-using AgentEvent = std::variant<v1::CoordinatorMessage, SessionEnded, WorkerExited, SignalReceived>;
-
-class EventQueue {
- public:
-  void push(AgentEvent e) {
-    {
-      std::lock_guard lock(mu_);
-      q_.push_back(std::move(e));
-    }
-    cv_.notify_one();
-  }
-  std::optional<AgentEvent> pop(Milliseconds timeout) {
-    std::unique_lock lock(mu_);
-    if (!cv_.wait_for(lock, timeout, [&] { return !q_.empty(); })) return std::nullopt;
-    AgentEvent e = std::move(q_.front());
-    q_.pop_front();
-    return e;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<AgentEvent> q_;
-};
 
 std::string hostName() {
   char buf[256] = {};
@@ -140,73 +96,6 @@ std::string randomHex(int bytes) {
 
 }  // namespace
 
-class Agent::Impl {
- public:
-  explicit Impl(cli::RunOptions o) : o_(std::move(o)) {}
-  int run();
-
- private:
-  Status setup();
-  Status connect();
-  int loop();
-  int runStatic();
-  Status startWorkers(const v1::RoundFormed& round);
-  void stopWorkers(int sig, const std::string& why);
-  std::optional<int> onWorkerFailure(const WorkerExit& e);
-  std::optional<int> onAllWorkersSucceeded();
-  int finish(int code);
-  std::map<std::string, std::string> workerEnv(const v1::RoundFormed& r, int local_rank,
-                                               int master_port, const std::string& error_file);
-  void signalLoop(sigset_t set);
-  Milliseconds tunable(const char* name) { return *o_.tunables.duration(name); }
-  Status spawn(const v1::RoundFormed& r, int master_port);
-  WorkerSpec specFor(const v1::RoundFormed& r, int local_rank, int master_port);
-  // In-place recovery: a failed worker is replaced at the next round, the others keep running.
-  Status spawnReplacements(const v1::RoundFormed& r);
-  bool allLocalWorkersSucceeded() const;
-  // Kills workers that have been stopped (SIGSTOP) longer than --hang-timeout.
-  void checkHungWorkers();
-  // The fault plan's time-triggered faults for this node's ranks or this node.
-  void applyTimedFaults();
-  // In place: re-forms to admit waiting nodes once the workers reached a commit point.
-  void checkAdmission();
-
-  cli::RunOptions o_;
-  std::string node_id_;
-  std::string address_;
-  std::shared_ptr<spdlog::logger> log_;
-  std::unique_ptr<EventLog> events_;
-  std::unique_ptr<coordinator::CoordinatorServer> embedded_;
-  std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
-  std::unique_ptr<rendezvous::StoreClient> store_;
-  std::unique_ptr<rendezvous::AgentSession> session_;
-  EventQueue queue_;
-  std::unique_ptr<WorkerGroup> group_;
-  std::vector<std::unique_ptr<WorkerGroup>> replacements_;  // in-place: one group per replacement
-  std::set<int> missing_;             // in-place: local ranks that failed, not yet replaced
-  std::map<int, bool> last_exit_ok_;  // local rank -> its latest process exited with 0
-  int master_port_ = 0;
-  std::string fault_plan_text_;  // --fault-plan, for the workers' RALLY_FAULTS
-  std::optional<FaultPlan> fault_plan_;
-  std::optional<Clock::time_point> admit_pending_since_;  // admission asked of the workers
-  std::uint32_t admit_waiting_ = 0;
-  std::optional<Clock::time_point> workers_started_at_;  // this node's first workers
-  std::set<size_t> timed_faults_done_;
-  std::map<pid_t, Clock::time_point> resume_at_;      // delay faults: SIGCONT then
-  std::map<pid_t, Clock::time_point> stopped_since_;  // workers seen stopped, since when
-  std::map<pid_t, Milliseconds> hung_killed_;         // workers killed as hung, stopped how long
-  std::uint64_t epoch_ = 0;  // tags worker exits with the group they came from
-  std::optional<v1::RoundFormed> round_;
-  std::uint64_t generation_ = 0;
-  std::uint64_t reform_requested_for_ = 0;
-  int restart_count_ = 0;
-  std::string run_dir_;
-  bool in_barrier_ = false;
-  Clock::time_point barrier_deadline_;
-  std::atomic<bool> stop_signals_{false};
-  std::thread signal_thread_;
-};
-
 Agent::Agent(cli::RunOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
 Agent::~Agent() = default;
 int Agent::run() { return impl_->run(); }
@@ -278,103 +167,17 @@ Status Agent::Impl::setup() {
   std::error_code ec;
   std::filesystem::create_directories(run_dir_, ec);
   if (ec) return ioError(fmt::format("--log-dir: cannot create {}: {}", run_dir_, ec.message()));
+  if (const Milliseconds t = tunable("progress_timeout"); t.count() > 0) {
+    auto dog = ProgressWatchdog::open(t);
+    RALLY_RETURN_IF_ERROR(dog.status()) << "--progress-timeout";
+    watchdog_ = std::move(*dog);
+  }
   if (!o_.fault_plan.empty()) {
     RALLY_ASSIGN_OR_RETURN(FaultPlan plan, FaultPlan::fromFile(o_.fault_plan));
     fault_plan_text_ = plan.toText();
     fault_plan_ = std::move(plan);
   }
   return okStatus();
-}
-
-// The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
-char processState(pid_t pid) {
-  std::ifstream in(fmt::format("/proc/{}/stat", pid));
-  std::string stat;
-  if (!std::getline(in, stat)) return 0;
-  const auto paren = stat.rfind(')');  // the command name may hold spaces and parentheses
-  return paren != std::string::npos && paren + 2 < stat.size() ? stat[paren + 2] : 0;
-}
-
-void Agent::Impl::checkAdmission() {
-  if (!admit_pending_since_) return;
-  // Programs that never mark a commit point (no ElasticRun::commit) are admitted after this.
-  constexpr Milliseconds kAdmitWait{30'000};
-  auto ready = store_->get("admit/ready");
-  const bool at_commit = ready.ok() && ready->has_value() && **ready == std::to_string(generation_);
-  if (!at_commit && Clock::now() - *admit_pending_since_ < kAdmitWait) return;
-  admit_pending_since_.reset();
-  session_->requestReform(fmt::format("admit {} waiting node(s){}", admit_waiting_,
-                                      at_commit ? " at a commit point" : ""));
-}
-
-void Agent::Impl::applyTimedFaults() {
-  if (!fault_plan_ || !round_ || !group_ || !workers_started_at_) return;
-  const auto elapsed = Clock::now() - *workers_started_at_;
-  const auto& faults = fault_plan_->faults();
-  for (size_t i = 0; i < faults.size(); ++i) {
-    const Fault& f = faults[i];
-    if (!f.time || elapsed < *f.time || timed_faults_done_.count(i) != 0) continue;
-    const int first = static_cast<int>(round_->rank_offset());
-    const bool here = f.target == Fault::Target::kNode
-                          ? f.index == static_cast<int>(round_->node_rank())
-                          : f.index >= first && f.index < first + o_.local_world_size;
-    if (!here) continue;
-    // The target: this node, or the newest running process of that local rank.
-    const int lr = f.index - first;
-    std::optional<pid_t> pid;
-    std::vector<pid_t> running;
-    for (const auto& [p, l] : group_->localRanks()) {
-      running.push_back(p);
-      if (l == lr) pid = p;
-    }
-    for (const auto& g : replacements_) {
-      for (const auto& [p, l] : g->localRanks()) {
-        running.push_back(p);
-        if (l == lr) pid = p;
-      }
-    }
-    if (f.target == Fault::Target::kRank && !pid) continue;  // between processes: try again
-    timed_faults_done_.insert(i);
-    // Once per job, as the workers' step faults: claimed in the coordinator's store.
-    auto claim = rendezvous::StoreClient(conn_)
-                     .scoped("rally/faults/fired/", 0)
-                     .compareAndSet(std::to_string(i), std::nullopt, node_id_);
-    if (!claim.ok()) {
-      log_->warn("fault plan: '{}' not applied: {}", f.describe(), claim.status().message());
-      continue;
-    }
-    if (!claim->swapped) continue;
-    log_->warn("fault plan: {}", f.describe());
-    events_->write("fault_injected", {{"fault", f.describe()}});
-    if (f.target == Fault::Target::kNode) {
-      // The whole node, as a crash would: every worker's process group, then this agent.
-      for (pid_t p : running) ::kill(-p, SIGKILL);
-      ::raise(SIGKILL);
-    }
-    switch (f.action) {
-      case Fault::Action::kKill:
-        ::kill(*pid, SIGKILL);
-        break;
-      case Fault::Action::kHang:
-        ::kill(*pid, SIGSTOP);
-        break;
-      case Fault::Action::kDelay:
-        ::kill(*pid, SIGSTOP);
-        resume_at_[*pid] = Clock::now() + f.delay;
-        break;
-      case Fault::Action::kFail:
-        ::kill(*pid, SIGTERM);  // from outside, a failure is a signal; the program picks its code
-        break;
-    }
-  }
-  for (auto it = resume_at_.begin(); it != resume_at_.end();) {
-    if (Clock::now() >= it->second) {
-      if (processState(it->first) != 0) ::kill(it->first, SIGCONT);
-      it = resume_at_.erase(it);
-    } else {
-      ++it;
-    }
-  }
 }
 
 Status Agent::Impl::connect() {
@@ -499,6 +302,10 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
   for (const auto& [k, v] : vars) env[k] = v;
   env["RALLY_RECOVERY"] = o_.recovery;
   if (!fault_plan_text_.empty()) env["RALLY_FAULTS"] = fault_plan_text_;
+  if (watchdog_) {
+    env["RALLY_PROGRESS_SOCKET"] = watchdog_->socketName();
+    env["RALLY_PROGRESS_INTERVAL"] = std::to_string(watchdog_->reportInterval().count());
+  }
   if (!o_.events_file.empty()) {
     env["RALLY_EVENTS"] = std::filesystem::absolute(o_.events_file).string();
   }
@@ -602,37 +409,6 @@ Status Agent::Impl::spawnReplacements(const v1::RoundFormed& r) {
   return okStatus();
 }
 
-void Agent::Impl::checkHungWorkers() {
-  const Milliseconds limit = tunable("hang_timeout");
-  if (limit.count() <= 0 || !group_) return;
-  std::vector<pid_t> pids;  // running workers only: an exited worker's pid may be reused
-  for (const auto& [pid, lr] : group_->localRanks()) pids.push_back(pid);
-  for (const auto& g : replacements_) {
-    for (const auto& [pid, lr] : g->localRanks()) pids.push_back(pid);
-  }
-  const auto now = Clock::now();
-  std::map<pid_t, Clock::time_point> still;
-  for (pid_t pid : pids) {
-    if (resume_at_.count(pid) != 0) continue;  // stopped on purpose by a delay fault
-    if (processState(pid) != 'T') continue;    // running, sleeping, exited ('t': a debugger's)
-    auto it = stopped_since_.find(pid);
-    const auto since = it != stopped_since_.end() ? it->second : now;
-    still[pid] = since;
-    const auto stopped = std::chrono::duration_cast<Milliseconds>(now - since);
-    if (stopped >= limit && hung_killed_.count(pid) == 0) {
-      hung_killed_[pid] = stopped;
-      log_->error(
-          "worker pid {} has been stopped for {} (--hang-timeout {}): it is hung; killing "
-          "it",
-          pid, formatDuration(stopped), formatDuration(limit));
-      events_->write("worker_hung", {{"pid", pid}, {"stopped_ms", stopped.count()}});
-      ::kill(-pid, SIGKILL);  // its process group
-      ::kill(pid, SIGKILL);
-    }
-  }
-  stopped_since_ = std::move(still);
-}
-
 bool Agent::Impl::allLocalWorkersSucceeded() const {
   if (!group_ || group_->running() > 0 || !missing_.empty()) return false;
   for (const auto& g : replacements_) {
@@ -692,6 +468,10 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
         fmt::format("hung: stopped for {} (--hang-timeout {}); killed by its agent",
                     formatDuration(hung->second), formatDuration(tunable("hang_timeout")));
     hung_killed_.erase(hung);  // the pid may be reused
+  }
+  if (auto stalled = stalled_killed_.find(e.pid); stalled != stalled_killed_.end()) {
+    f.error_message = stalled->second;
+    stalled_killed_.erase(stalled);
   }
   log_->error("worker local rank {} (rank {}) failed: {}", e.local_rank, f.global_rank,
               e.describe());
@@ -837,7 +617,7 @@ int Agent::Impl::loop() {
     checkHungWorkers();
     applyTimedFaults();
     checkAdmission();
-    auto next = queue_.pop(Milliseconds(fault_plan_ ? 20 : 100));
+    auto next = queue_.pop(Milliseconds(fault_plan_ || watchdog_ ? 20 : 100));
     if (!next) continue;
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {
       log_->warn("received {}: forwarding it to the workers", cli::signalName(sig->sig));

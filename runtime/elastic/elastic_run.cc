@@ -81,6 +81,7 @@ ElasticRun::ElasticRun(World& world, ElasticState& state, ElasticRunOptions opti
 
 Status ElasticRun::atStep(std::int64_t step) {
   last_step_ = std::max(last_step_, step);
+  world_.reportProgress(step);
   if (pending_) {
     if (!pending_->first_step) {
       pending_->first_step = step;

@@ -32,6 +32,11 @@ FaultActions FaultActions::onThisProcess() {
       .hang = [](const Fault& f) { announce(f), ::raise(SIGSTOP); },
       .delay = [](const Fault& f) { announce(f), std::this_thread::sleep_for(f.delay); },
       .fail = [](const Fault& f) { announce(f), std::fflush(nullptr), ::_exit(f.exit_code); },
+      .stall =
+          [](const Fault& f) {
+            announce(f);
+            for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+          },
   };
 }
 
@@ -125,6 +130,9 @@ Status FaultInjector::fire(size_t i) {
       break;
     case Fault::Action::kFail:
       actions_.fail(f);
+      break;
+    case Fault::Action::kStall:
+      actions_.stall(f);
       break;
   }
   return okStatus();

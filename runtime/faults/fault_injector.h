@@ -49,7 +49,9 @@ struct FaultActions {
   std::function<void(const Fault&)> hang;
   std::function<void(const Fault&)> delay;
   std::function<void(const Fault&)> fail;
-  // SIGKILL, SIGSTOP, sleep, exit(code): on this process; kill_node: SIGKILL to the parent (the
+  std::function<void(const Fault&)> stall;  // never returns
+  // SIGKILL, SIGSTOP, sleep, exit(code), sleep forever (the thread blocks, as in a deadlock; the
+  // process keeps running): on this process; kill_node: SIGKILL to the parent (the
   // node's agent; its other workers follow by their parent-death signal), then to this process.
   static FaultActions onThisProcess();
 };

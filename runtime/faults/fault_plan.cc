@@ -41,9 +41,11 @@ Result<Fault> parseLine(const std::string& line, int number) {
     f.action = Fault::Action::kDelay;
   } else if (action == "fail") {
     f.action = Fault::Action::kFail;
+  } else if (action == "stall") {
+    f.action = Fault::Action::kStall;
   } else {
     return invalidArgument(
-        fmt::format("unknown action '{}' (one of kill, hang, delay, fail)", action));
+        fmt::format("unknown action '{}' (one of kill, hang, delay, fail, stall)", action));
   }
   bool has_target = false, has_for = false;
   for (std::string word; words >> word;) {
@@ -104,6 +106,11 @@ Result<Fault> parseLine(const std::string& line, int number) {
         "a node fault needs time=T or commit=K: nodes have no steps (use rank=R for step= and "
         "recovery=)");
   }
+  if (f.action == Fault::Action::kStall && f.time) {
+    return invalidArgument(
+        "stall happens inside the worker (it stops making progress but keeps running): use "
+        "step=S, recovery=N or commit=K, not time=T");
+  }
   if (f.action == Fault::Action::kDelay && (!has_for || f.delay.count() <= 0)) {
     return invalidArgument("delay needs for=D, a positive duration (e.g. for=500ms)");
   }
@@ -128,6 +135,8 @@ std::string_view faultActionName(Fault::Action a) {
       return "delay";
     case Fault::Action::kFail:
       return "fail";
+    case Fault::Action::kStall:
+      return "stall";
   }
   return "?";
 }

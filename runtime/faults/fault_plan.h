@@ -3,6 +3,7 @@
 // starts a comment:
 //
 //   kill  rank=1 step=20          # SIGKILL worker rank 1 when it reaches step 20
+//   stall rank=1 step=20          # it stops making progress but keeps running (a deadlock)
 //   hang  rank=2 step=30          # SIGSTOP it (a hung rank: alive, but silent)
 //   delay rank=0 step=10 for=500ms  # stall it for 500 ms at that step
 //   fail  rank=3 time=5s code=3   # make it exit with code 3, 5 s after it started
@@ -41,7 +42,7 @@
 namespace rally {
 
 struct Fault {
-  enum class Action { kKill, kHang, kDelay, kFail };
+  enum class Action { kKill, kHang, kDelay, kFail, kStall };
   enum class Target { kRank, kNode };
   Action action = Action::kKill;
   Target target = Target::kRank;

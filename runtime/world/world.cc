@@ -11,6 +11,7 @@
 #include "collectives/registry.h"
 #include "kernels/base/logging.h"
 #include "runtime/rendezvous/coordinator_bootstrap_store.h"
+#include "runtime/world/internal/progress.h"
 #include "runtime/rendezvous/coordinator_client.h"
 #include "runtime/rendezvous/generation_watcher.h"
 
@@ -179,6 +180,21 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     // aborts it (or ends its bootstrap, whose keys live in the generation's scope).
     w.connect_timeout_ = options.connect_timeout;
     RALLY_RETURN_IF_ERROR(w.startWatch()) << "watching the job's generation";
+    // The agent's progress watchdog (rally run --progress-timeout): report the training thread's
+    // step over the local channel.
+    if (const std::string* sock = find(env, "RALLY_PROGRESS_SOCKET"); sock && !sock->empty()) {
+      const std::int64_t every = intVarOr(env, "RALLY_PROGRESS_INTERVAL", 1000);
+      w.progress_ = std::make_shared<internal::ProgressTracker>();
+      auto reporter = internal::ProgressReporter::start(
+          *sock, Milliseconds(std::clamp<std::int64_t>(every, 10, 60'000)), w.progress_);
+      if (reporter.ok()) {
+        w.reporter_ = std::move(*reporter);
+      } else {
+        log::get("world")->warn("no progress reports to the agent: {}",
+                                reporter.status().message());
+        w.progress_.reset();
+      }
+    }
     w.rewatch_ = std::thread([self = &w] { self->rewatchLoop(); });
     w.bootstrap_ = std::make_unique<rendezvous::CoordinatorBootstrapStore>(
         rendezvous::StoreClient(w.conn_).scoped("rally/comm/", w.generation()));
@@ -245,7 +261,7 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
   }
   {
     std::lock_guard lock(w.comm_mu_);
-    w.comm_ = std::move(*comm);
+    w.comm_ = w.progress_ ? internal::trackWaits(std::move(*comm), w.progress_) : std::move(*comm);
   }
   // A move seen before the communicator existed aborts it now.
   if (w.generationChanged() || w.closed_) {
@@ -331,6 +347,16 @@ void World::rewatchLoop() {
 }
 
 Status World::recover(Milliseconds timeout) {
+  // Waiting for the others, as far as the progress watchdog is concerned.
+  struct Waiting {
+    internal::ProgressTracker* t;
+    explicit Waiting(internal::ProgressTracker* p) : t(p) {
+      if (t) t->waiting.fetch_add(1);
+    }
+    ~Waiting() {
+      if (t) t->waiting.fetch_sub(1);
+    }
+  } waiting(progress_.get());
   if (launcher_ != Launcher::kRally || !in_place_) {
     return failedPrecondition(fmt::format(
         "this world cannot re-form in place ({}{}): start the job with `rally run --recovery "
@@ -407,6 +433,10 @@ Status World::atCommitPoint(Milliseconds wait) {
   return okStatus();
 }
 
+void World::reportProgress(std::int64_t step) {
+  if (progress_) progress_->step.store(step);
+}
+
 Status World::publishCommit(std::uint64_t commit) {
   if (launcher_ != Launcher::kRally || local_rank_ != 0 || !conn_) return okStatus();
   rendezvous::StoreClient store = rendezvous::StoreClient(conn_).scoped("rally/run/", 0);
@@ -479,7 +509,7 @@ Status World::buildCommunicator() {
       << "creating generation " << generation() << "'s " << backend_ << " communicator";
   {
     std::lock_guard lock(comm_mu_);
-    comm_ = std::move(*comm);
+    comm_ = progress_ ? internal::trackWaits(std::move(*comm), progress_) : std::move(*comm);
   }
   if (generationChanged()) {
     onGeneration(latest_.load(), "seen while re-forming", closed_.load());

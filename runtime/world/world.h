@@ -37,6 +37,10 @@ namespace rendezvous {
 class CoordinatorConnection;
 class GenerationWatcher;
 }  // namespace rendezvous
+namespace internal {
+struct ProgressTracker;
+class ProgressReporter;
+}  // namespace internal
 
 enum class Launcher { kNone, kMpi, kRally };
 std::string_view launcherName(Launcher l);
@@ -101,6 +105,10 @@ class World {
   // or not under rally run). A recovery compares it with what the survivors hold, to say when the
   // newest commit was lost with its holders.
   Status publishCommit(std::uint64_t commit);
+  // The training thread began step `step` (ElasticRun::atStep calls it). Under `rally run
+  // --progress-timeout`, reported to the agent, whose watchdog kills a worker whose step stands
+  // still while it is not waiting in a collective. Cheap (an atomic store); no-op otherwise.
+  void reportProgress(std::int64_t step);
   std::uint64_t newestCommit();
 
   // When the watch first told this process that the job moved past this world's generation (the
@@ -158,6 +166,8 @@ class World {
   Status watch_end_;
   std::atomic<std::uint64_t> watch_events_{0};
   std::thread rewatch_;
+  std::shared_ptr<internal::ProgressTracker> progress_;  // set under the progress watchdog
+  std::unique_ptr<internal::ProgressReporter> reporter_;
 };
 
 // From this process's environment.

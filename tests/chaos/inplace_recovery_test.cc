@@ -9,6 +9,10 @@
 //     group re-forms): bitwise identical again;
 //   - a hung rank (SIGSTOP): its agent kills it once it has been stopped for --hang-timeout (1 s
 //     here; bound asserted: stopped at most 1.5 s when killed), and the job recovers in place;
+//   - a rank that stops making progress while running (a deadlock: "stall"), found by the agents'
+//     progress watchdog (--progress-timeout 1 s; bound asserted: killed within 1.5 s of its last
+//     step), while the ranks waiting for it in a collective are not blamed; replaced in place,
+//     bitwise identical;
 //   - time-triggered faults applied by the agents (a delay, then a kill): bitwise identical;
 //   - a whole node killed: the survivors go on with 2 ranks; a new node joins at the next commit
 //     point (no step redone) and the world grows back to 4; every sample exactly once per epoch;
@@ -188,6 +192,38 @@ TEST_F(InPlaceRecoveryTest, HungRankIsDetectedAndReplaced) {
   EXPECT_GE(stopped_ms, 1000);
   EXPECT_LE(stopped_ms, 1500) << "killed later than --hang-timeout plus the 100 ms check";
   EXPECT_NE(log.find("hung: stopped for"), std::string::npos) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 1u) << log;
+}
+
+TEST_F(InPlaceRecoveryTest, AStalledRankIsFoundByTheProgressWatchdogAndReplaced) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "5"};
+  const Result ref = reference(program);
+  const std::string plan = tempPath("inplace-plan-stall.txt");
+  { std::ofstream(plan) << "stall rank=1 step=22   # blocks forever, but keeps running\n"; }
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-s",
+                                         "--max-restarts",  "2",       "--fault-plan",     plan,
+                                         "--progress-timeout", "1s"};
+  auto a = agent("ip-s-a", args, program);
+  auto b = agent("ip-s-b", args, program);
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  const Result got = parse(a->output() + b->output());
+  EXPECT_EQ(got.weights_text, ref.weights_text);
+  EXPECT_NE(got.summary.find("world 4 uses_min 2 uses_max 2"), std::string::npos) << got.summary;
+  const std::string log = events();
+  // Only the stalled rank is blamed: the three waiting for it in the allreduce are not.
+  ASSERT_EQ(count(log, "\"event\":\"worker_hung\""), 1u) << log;
+  EXPECT_NE(log.find("\"step\":22"), std::string::npos) << log;
+  const auto at = log.find("\"no_progress_ms\":");
+  ASSERT_NE(at, std::string::npos);
+  const long still_ms = std::strtol(log.c_str() + at + 17, nullptr, 10);
+  EXPECT_GE(still_ms, 1000);
+  // The bound: the timeout, plus one report interval (250 ms) and one check (20 ms), with room.
+  EXPECT_LE(still_ms, 1500) << "killed later than --progress-timeout plus a report interval";
+  EXPECT_NE(log.find("hung: no progress for"), std::string::npos) << log;
   EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 1u) << log;
 }
 

@@ -41,7 +41,8 @@ TEST(FaultPlan, ParsesEveryFormAndPrintsItBack) {
 
 TEST(FaultPlan, RefusesBadLinesSayingWhereAndWhatWouldBeRight) {
   const std::pair<const char*, const char*> cases[] = {
-      {"kil rank=1 step=2", "unknown action 'kil' (one of kill, hang, delay, fail)"},
+      {"kil rank=1 step=2", "unknown action 'kil' (one of kill, hang, delay, fail, stall)"},
+      {"stall rank=1 time=2s", "stall happens inside the worker"},
       {"kill step=2", "no target: add rank=R"},
       {"kill rank=1", "give exactly one trigger"},
       {"kill rank=1 step=2 time=1s", "give exactly one trigger"},
@@ -96,7 +97,8 @@ struct Recorder {
             .kill_node = [this](const Fault& f) { fired.push_back("node: " + f.describe()); },
             .hang = rec,
             .delay = rec,
-            .fail = rec};
+            .fail = rec,
+            .stall = rec};
   }
 };
 

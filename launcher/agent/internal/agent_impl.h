@@ -1,0 +1,144 @@
+// The agent's internals, shared by its source files (agent.cc: rendezvous, workers, failures;
+// agent_checks.cc: the periodic checks of its loop). Not part of any public API.
+#pragma once
+
+#include <signal.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <variant>
+#include <vector>
+
+#include "launcher/agent/agent.h"
+#include "launcher/agent/event_log.h"
+#include "launcher/agent/failure_report.h"
+#include "launcher/agent/progress_watchdog.h"
+#include "launcher/agent/worker_group.h"
+#include "launcher/coordinator/coordinator_server.h"
+#include "runtime/faults/fault_plan.h"
+#include "runtime/rendezvous/agent_session.h"
+#include "runtime/rendezvous/coordinator_client.h"
+
+namespace rally::agent {
+
+namespace v1 = rally::v1;
+using Clock = std::chrono::steady_clock;
+
+struct SessionEnded {
+  Status status;
+};
+struct WorkerExited {
+  std::uint64_t epoch;
+  WorkerExit exit;
+};
+struct SignalReceived {
+  int sig;
+};
+using AgentEvent = std::variant<v1::CoordinatorMessage, SessionEnded, WorkerExited, SignalReceived>;
+
+class EventQueue {
+ public:
+  void push(AgentEvent e) {
+    {
+      std::lock_guard lock(mu_);
+      q_.push_back(std::move(e));
+    }
+    cv_.notify_one();
+  }
+  std::optional<AgentEvent> pop(Milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return !q_.empty(); })) return std::nullopt;
+    AgentEvent e = std::move(q_.front());
+    q_.pop_front();
+    return e;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<AgentEvent> q_;
+};
+
+// The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
+char processState(pid_t pid);
+
+class Agent::Impl {
+ public:
+  explicit Impl(cli::RunOptions o) : o_(std::move(o)) {}
+  int run();
+
+ private:
+  Status setup();
+  Status connect();
+  int loop();
+  int runStatic();
+  Status startWorkers(const v1::RoundFormed& round);
+  void stopWorkers(int sig, const std::string& why);
+  std::optional<int> onWorkerFailure(const WorkerExit& e);
+  std::optional<int> onAllWorkersSucceeded();
+  int finish(int code);
+  std::map<std::string, std::string> workerEnv(const v1::RoundFormed& r, int local_rank,
+                                               int master_port, const std::string& error_file);
+  void signalLoop(sigset_t set);
+  Milliseconds tunable(const char* name) { return *o_.tunables.duration(name); }
+  Status spawn(const v1::RoundFormed& r, int master_port);
+  WorkerSpec specFor(const v1::RoundFormed& r, int local_rank, int master_port);
+  // In-place recovery: a failed worker is replaced at the next round, the others keep running.
+  Status spawnReplacements(const v1::RoundFormed& r);
+  bool allLocalWorkersSucceeded() const;
+  // Kills workers that have been stopped (SIGSTOP) longer than --hang-timeout, and (with
+  // --progress-timeout) workers whose step stands still while they are not waiting.
+  void checkHungWorkers();
+  std::vector<pid_t> runningWorkers() const;
+  // The fault plan's time-triggered faults for this node's ranks or this node.
+  void applyTimedFaults();
+  // In place: re-forms to admit waiting nodes once the workers reached a commit point.
+  void checkAdmission();
+
+  cli::RunOptions o_;
+  std::string node_id_;
+  std::string address_;
+  std::shared_ptr<spdlog::logger> log_;
+  std::unique_ptr<EventLog> events_;
+  std::unique_ptr<coordinator::CoordinatorServer> embedded_;
+  std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
+  std::unique_ptr<rendezvous::StoreClient> store_;
+  std::unique_ptr<rendezvous::AgentSession> session_;
+  EventQueue queue_;
+  std::unique_ptr<WorkerGroup> group_;
+  std::vector<std::unique_ptr<WorkerGroup>> replacements_;  // in-place: one group per replacement
+  std::set<int> missing_;             // in-place: local ranks that failed, not yet replaced
+  std::map<int, bool> last_exit_ok_;  // local rank -> its latest process exited with 0
+  int master_port_ = 0;
+  std::string fault_plan_text_;  // --fault-plan, for the workers' RALLY_FAULTS
+  std::optional<FaultPlan> fault_plan_;
+  std::optional<Clock::time_point> admit_pending_since_;  // admission asked of the workers
+  std::uint32_t admit_waiting_ = 0;
+  std::optional<Clock::time_point> workers_started_at_;  // this node's first workers
+  std::set<size_t> timed_faults_done_;
+  std::map<pid_t, Clock::time_point> resume_at_;      // delay faults: SIGCONT then
+  std::map<pid_t, Clock::time_point> stopped_since_;  // workers seen stopped, since when
+  std::map<pid_t, Milliseconds> hung_killed_;         // workers killed as hung, stopped how long
+  std::unique_ptr<ProgressWatchdog> watchdog_;        // --progress-timeout
+  std::map<pid_t, std::string> stalled_killed_;       // workers killed by it, and why
+  std::uint64_t epoch_ = 0;  // tags worker exits with the group they came from
+  std::optional<v1::RoundFormed> round_;
+  std::uint64_t generation_ = 0;
+  std::uint64_t reform_requested_for_ = 0;
+  int restart_count_ = 0;
+  std::string run_dir_;
+  bool in_barrier_ = false;
+  Clock::time_point barrier_deadline_;
+  std::atomic<bool> stop_signals_{false};
+  std::thread signal_thread_;
+};
+
+}  // namespace rally::agent
