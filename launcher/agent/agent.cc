@@ -302,6 +302,13 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
   for (const auto& [k, v] : vars) env[k] = v;
   env["RALLY_RECOVERY"] = o_.recovery;
   if (!fault_plan_text_.empty()) env["RALLY_FAULTS"] = fault_plan_text_;
+  // Checkpoint settings are the workers' (ElasticRun reads them): given as flags to rally run, or
+  // in the agent's environment, they reach the workers as variables.
+  if (auto dir = o_.tunables.string("checkpoint_dir"); dir.ok() && !dir->empty()) {
+    env["RALLY_CHECKPOINT_DIR"] = std::filesystem::absolute(*dir).string();
+    env["RALLY_CHECKPOINT_EVERY"] = std::to_string(o_.tunables.integer("checkpoint_every").value());
+    env["RALLY_CHECKPOINT_KEEP"] = std::to_string(o_.tunables.integer("checkpoint_keep").value());
+  }
   if (watchdog_) {
     env["RALLY_PROGRESS_SOCKET"] = watchdog_->socketName();
     env["RALLY_PROGRESS_INTERVAL"] = std::to_string(watchdog_->reportInterval().count());

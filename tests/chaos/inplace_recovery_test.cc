@@ -365,14 +365,16 @@ TEST_F(InPlaceRecoveryTest, WholeJobLostANewJobResumesFromTheNewestCheckpoint) {
   // Every complete checkpoint left behind verifies (partial saves may be left: they are ignored).
   ChildProcess verify({RALLY_BINARY, "checkpoint", "verify", dir}, tempPath("inplace-verify.out"));
   EXPECT_EQ(exitCode(verify), 0) << verify.output() << verify.errors();
-  // A new job, on one node of 4 workers, finds the checkpoint on its own.
-  std::vector<std::string> argv = {RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "4",
-                                   RALLY_MINIMAL};
+  // A new job, on one node of 4 workers, finds the checkpoint on its own (told where by flags
+  // this time, which the agent passes on to its workers).
+  ::unsetenv("RALLY_CHECKPOINT_DIR");
+  ::unsetenv("RALLY_CHECKPOINT_EVERY");
+  std::vector<std::string> argv = {RALLY_BINARY,       "run", "--standalone",     "--nproc-per-node",
+                                   "4",                "--checkpoint-dir",        dir,
+                                   "--checkpoint-every", "2",  RALLY_MINIMAL};
   argv.insert(argv.end(), program.begin(), program.end());
   ChildProcess again(argv, tempPath("inplace-resume.out"));
   EXPECT_EQ(exitCode(again), 0) << again.errors();
-  ::unsetenv("RALLY_CHECKPOINT_DIR");
-  ::unsetenv("RALLY_CHECKPOINT_EVERY");
   const std::string err = again.errors();
   const auto at = err.find("resumed from checkpoint step ");
   ASSERT_NE(at, std::string::npos) << err;
