@@ -1,0 +1,174 @@
+// Kernels benchmark (needs a CUDA device; run it with the `device` tool): for each kernel and size,
+// the time (median of 10), the bytes it moves, the achieved GB/s and its fraction of this device's
+// copy bandwidth (a device-to-device cudaMemcpy of the same size, measured in the same run); and
+// the multi-tensor operations beside the same work done with one launch per tensor (what a
+// framework does), for 500 small tensors.
+//
+//   kernels_bench [--sizes 64MiB,256MiB,1GiB] [--tensors 500]
+//
+// Last line: "kernels min_fraction_of_copy_bw=F vs_per_tensor_speedup=S" (F over sizes of 64 MiB
+// and up; S the smallest speedup of the fused pack, unpack and AdamW over one launch per tensor).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/base/units.h"
+#include "kernels/ops/cuda_kernels.h"
+
+namespace {
+
+using namespace rally;           // NOLINT(google-build-using-namespace): a benchmark
+using namespace rally::kernels;  // NOLINT
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "kernels_bench: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+void check(const Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "kernels_bench: %s: %s\n", what, s.toString().c_str());
+    std::exit(1);
+  }
+}
+
+// Median seconds of `reps` runs of f (each followed by a device synchronize).
+double timeIt(const std::function<void()>& f, int reps = 10) {
+  f();  // warm up
+  check(cudaDeviceSynchronize(), "warm-up");
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    check(cudaDeviceSynchronize(), "sync");
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string sizes_arg = "64MiB,256MiB,1GiB";
+  int tensors = 500;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--sizes") sizes_arg = argv[i + 1];
+    else if (a == "--tensors") tensors = std::max(1, std::atoi(argv[i + 1]));
+  }
+  std::vector<std::int64_t> sizes;
+  for (size_t pos = 0; pos <= sizes_arg.size();) {
+    size_t end = sizes_arg.find(',', pos);
+    if (end == std::string::npos) end = sizes_arg.size();
+    auto v = parseBytes(sizes_arg.substr(pos, end - pos));
+    if (!v.ok()) return std::fprintf(stderr, "kernels_bench: bad size\n"), 2;
+    sizes.push_back(*v);
+    pos = end + 1;
+  }
+  auto k = cudaKernels({.device = 0});
+  check(k.status(), "starting the CUDA kernels");
+  Kernels& K = **k;
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "device properties");
+  std::printf("device: %s\n", prop.name);
+  std::printf("%-22s %10s %10s %10s %9s\n", "kernel", "size", "time_us", "GB/s", "of_copy");
+  double min_fraction = 1e9;
+  for (std::int64_t size : sizes) {
+    const size_t bytes = static_cast<size_t>(size), n = bytes / 4;
+    void *a = nullptr, *b = nullptr, *c = nullptr, *d = nullptr, *e = nullptr;
+    for (void** p : {&a, &b, &c, &d, &e}) check(cudaMalloc(p, bytes), "cudaMalloc");
+    check(cudaMemset(a, 1, bytes), "memset");
+    check(cudaMemset(b, 0, bytes), "memset");
+    check(cudaMemset(c, 0, bytes), "memset");
+    check(cudaMemset(d, 0, bytes), "memset");
+    const double copy = timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
+    const double copy_bw = 2.0 * bytes / copy / 1e9;
+    std::printf("%-22s %10s %10.1f %10.1f %9.3f\n", "memcpy (reference)", formatBytes(size).c_str(),
+                copy * 1e6, copy_bw, 1.0);
+    std::vector<std::uint64_t> sums(bytes / 65536 + 1);
+    struct Row {
+      const char* name;
+      double moved;  // bytes read + written
+      std::function<void()> run;
+    };
+    const std::vector<Row> rows = {
+        {"pack (1 tensor)", 2.0 * bytes,
+         [&] { check(K.pack({{a, n}}, b, DType::kF32), "pack"); }},
+        {"scale_and_check f32", 2.0 * bytes,
+         [&] { check(K.scaleAndCheck(b, n, DType::kF32, 0.5f).status(), "scale"); }},
+        {"compress_bf16", n * (4.0 + 4 + 4 + 2),
+         [&] { check(K.compressBf16(static_cast<float*>(a), static_cast<float*>(c),
+                                    static_cast<std::uint16_t*>(d), n), "compress"); }},
+        {"decompress_bf16", n * (2.0 + 4),
+         [&] { check(K.decompressBf16(static_cast<std::uint16_t*>(d), static_cast<float*>(b), n),
+                     "decompress"); }},
+        {"block_checksums 64KiB", 1.0 * bytes,
+         [&] { check(K.blockChecksums(a, bytes, 65536, sums.data()), "checksums"); }},
+        {"adamw (+bf16 copy)", (n / 4) * (16.0 + 14),
+         [&] {
+           const size_t q = n / 4;
+           check(K.adamw({{static_cast<float*>(b), static_cast<const float*>(a),
+                           static_cast<float*>(c), static_cast<float*>(d),
+                           static_cast<std::uint16_t*>(e), q}},
+                         {.lr = 1e-4f, .step = 1}),
+                 "adamw");
+         }},
+    };
+    for (const Row& r : rows) {
+      const double t = timeIt(r.run);
+      const double bw = r.moved / t / 1e9, fraction = bw / copy_bw;
+      std::printf("%-22s %10s %10.1f %10.1f %9.3f\n", r.name, formatBytes(size).c_str(), t * 1e6,
+                  bw, fraction);
+      if (size >= (64 << 20)) min_fraction = std::min(min_fraction, fraction);
+    }
+    for (void* p : {a, b, c, d, e}) cudaFree(p);
+  }
+  // Many small tensors: one fused launch against one launch (or copy) per tensor.
+  const size_t per = 4096;  // floats per tensor: 16 KiB, a typical bias or norm gradient
+  void *src = nullptr, *dst = nullptr, *m = nullptr, *v = nullptr;
+  const size_t total = per * static_cast<size_t>(tensors);
+  for (void** p : {&src, &dst, &m, &v}) check(cudaMalloc(p, total * 4), "cudaMalloc");
+  check(cudaMemset(src, 1, total * 4), "memset");
+  std::vector<ConstTensorView> in;
+  std::vector<TensorView> out;
+  std::vector<AdamWTensor> adam;
+  for (int i = 0; i < tensors; ++i) {
+    in.push_back({static_cast<float*>(src) + i * per, per});
+    out.push_back({static_cast<float*>(dst) + i * per, per});
+    adam.push_back({static_cast<float*>(dst) + i * per, static_cast<const float*>(src) + i * per,
+                    static_cast<float*>(m) + i * per, static_cast<float*>(v) + i * per, nullptr,
+                    per});
+  }
+  const double fused_pack = timeIt([&] { check(K.pack(in, dst, DType::kF32), "pack"); });
+  const double each_pack = timeIt([&] {
+    for (int i = 0; i < tensors; ++i) {
+      check(cudaMemcpyAsync(static_cast<float*>(dst) + i * per, in[i].data, per * 4,
+                            cudaMemcpyDeviceToDevice),
+            "copy");
+    }
+  });
+  const double fused_unpack = timeIt([&] { check(K.unpack(src, out, DType::kF32), "unpack"); });
+  const double each_unpack = timeIt([&] {
+    for (int i = 0; i < tensors; ++i) check(K.unpack(static_cast<float*>(src) + i * per, {out[i]}, DType::kF32), "unpack");
+  });
+  const double fused_adam = timeIt([&] { check(K.adamw(adam, {.step = 1}), "adamw"); });
+  const double each_adam = timeIt([&] {
+    for (int i = 0; i < tensors; ++i) check(K.adamw({adam[static_cast<size_t>(i)]}, {.step = 1}), "adamw");
+  });
+  std::printf("\n%d tensors of %zu floats: fused vs one launch per tensor (us)\n", tensors, per);
+  std::printf("pack   %10.1f %10.1f  speedup %.1fx\n", fused_pack * 1e6, each_pack * 1e6, each_pack / fused_pack);
+  std::printf("unpack %10.1f %10.1f  speedup %.1fx\n", fused_unpack * 1e6, each_unpack * 1e6, each_unpack / fused_unpack);
+  std::printf("adamw  %10.1f %10.1f  speedup %.1fx\n", fused_adam * 1e6, each_adam * 1e6, each_adam / fused_adam);
+  const double speedup = std::min({each_pack / fused_pack, each_unpack / fused_unpack, each_adam / fused_adam});
+  for (void* p : {src, dst, m, v}) cudaFree(p);
+  std::printf("kernels min_fraction_of_copy_bw=%.3f vs_per_tensor_speedup=%.1f\n", min_fraction, speedup);
+  return 0;
+}
