@@ -1,0 +1,202 @@
+#include "runtime/torch/distributed_data_parallel.h"
+
+#include <fmt/format.h>
+#include <torch/csrc/autograd/engine.h>
+
+#include <algorithm>
+
+namespace rally::parallel {
+namespace {
+
+using collectives::DataType;
+using collectives::ReduceOp;
+using Clock = std::chrono::steady_clock;
+
+Result<DataType> rallyType(::torch::ScalarType t) {
+  switch (t) {
+    case ::torch::kFloat32:
+      return DataType::kF32;
+    case ::torch::kFloat64:
+      return DataType::kF64;
+    case ::torch::kFloat16:
+      return DataType::kF16;
+    case ::torch::kBFloat16:
+      return DataType::kBF16;
+    default:
+      return invalidArgument(fmt::format("DistributedDataParallel: a parameter of dtype {} cannot "
+                                         "be averaged (f32, f64, f16 or bf16)",
+                                         c10::toString(t)));
+  }
+}
+
+double msBetween(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+}  // namespace
+
+DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Module> module,
+                                                 collectives::Communicator& comm,
+                                                 DdpOptions options)
+    : module_(std::move(module)), comm_(&comm), options_(options) {
+  // Parameters in reverse order of registration: the order backward roughly produces them.
+  auto named = module_->named_parameters(/*recurse=*/true);
+  for (auto it = named.end(); it != named.begin();) {
+    --it;
+    if (!it->value().requires_grad()) continue;
+    params_.push_back({it->value(), it->key(), 0, 0});
+  }
+  // Buckets: consecutive parameters of one dtype, up to bucket_bytes each.
+  for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
+    Param& p = params_[i];
+    const auto type = rallyType(p.tensor.scalar_type());
+    if (!type.ok()) {
+      status_ = type.status();
+      continue;
+    }
+    const size_t bytes = static_cast<size_t>(p.tensor.numel()) * p.tensor.element_size();
+    Bucket* b = buckets_.empty() ? nullptr : &buckets_.back();
+    if (b == nullptr || b->type != *type ||
+        (b->flat.numel() > 0 &&
+         static_cast<size_t>(b->flat.numel()) * b->flat.element_size() + bytes >
+             options_.bucket_bytes)) {
+      buckets_.push_back(Bucket{::torch::empty({0}, p.tensor.options().requires_grad(false)),
+                                *type, {}, 0, nullptr, {}});
+      b = &buckets_.back();
+    }
+    p.bucket = static_cast<int>(buckets_.size()) - 1;
+    p.offset = b->flat.numel();
+    b->flat = ::torch::empty({b->flat.numel() + p.tensor.numel()}, b->flat.options());
+    b->params.push_back(i);
+  }
+  ready_.assign(params_.size(), false);
+  stats_.buckets = static_cast<int>(buckets_.size());
+  for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
+    params_[i].tensor.register_hook([this, i](::torch::Tensor grad) {
+      onGradient(i, grad);
+      return grad;
+    });
+  }
+  if (status_.ok() && options_.broadcast_at_start) status_ = broadcastParameters();
+}
+
+DistributedDataParallel::~DistributedDataParallel() {
+  // Reductions still in flight must not write into freed buckets.
+  for (Bucket& b : buckets_) {
+    if (b.work) (void)b.work->wait(options_.timeout);
+  }
+}
+
+Status DistributedDataParallel::broadcastParameters() {
+  ::torch::NoGradGuard no_grad;
+  std::vector<::torch::Tensor> all;
+  for (const auto& p : module_->parameters()) all.push_back(p);
+  for (const auto& b : module_->buffers()) all.push_back(b);
+  for (::torch::Tensor& t : all) {
+    if (!t.is_contiguous()) {
+      return invalidArgument("DistributedDataParallel: parameters must be contiguous");
+    }
+    RALLY_ASSIGN_OR_RETURN(const DataType type, rallyType(t.scalar_type()));
+    RALLY_RETURN_IF_ERROR(
+        comm_->broadcast(t.data_ptr(), static_cast<size_t>(t.numel()), type, 0)->wait(options_.timeout))
+        << "DistributedDataParallel: broadcasting the parameters from rank 0";
+  }
+  return okStatus();
+}
+
+void DistributedDataParallel::beginBackward() {
+  in_backward_ = true;
+  backward_started_ = Clock::now();
+  std::fill(ready_.begin(), ready_.end(), false);
+  for (Bucket& b : buckets_) {
+    b.pending = static_cast<int>(b.params.size());
+    b.work.reset();
+  }
+  status_ = okStatus();
+  // Runs once the whole backward pass is done (every gradient accumulated into .grad).
+  ::torch::autograd::Engine::get_default_engine().queue_callback([this] { finishBackward(); });
+}
+
+void DistributedDataParallel::onGradient(int index, const ::torch::Tensor& grad) {
+  if (no_sync_ > 0) return;  // accumulate locally
+  if (!in_backward_) beginBackward();
+  Param& p = params_[index];
+  if (ready_[index]) return;  // a second gradient for it in one pass: already counted
+  ready_[index] = true;
+  Bucket& b = buckets_[p.bucket];
+  // What .grad will hold once this gradient is accumulated (earlier no_sync passes included).
+  ::torch::NoGradGuard no_grad;
+  auto slot = b.flat.narrow(0, p.offset, p.tensor.numel()).view_as(p.tensor);
+  if (p.tensor.grad().defined()) {
+    ::torch::add_out(slot, p.tensor.grad(), grad);
+  } else {
+    slot.copy_(grad);
+  }
+  if (--b.pending == 0) launch(b);
+}
+
+void DistributedDataParallel::launch(Bucket& b) {
+  b.launched = Clock::now();
+  b.work = comm_->allreduce(b.flat.data_ptr(), static_cast<size_t>(b.flat.numel()), b.type,
+                            ReduceOp::kSum);
+}
+
+void DistributedDataParallel::finishBackward() {
+  in_backward_ = false;
+  const auto ended = Clock::now();
+  // Parameters that got no gradient in this pass.
+  std::vector<std::string> unused;
+  for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
+    if (ready_[i]) continue;
+    if (!options_.find_unused_parameters) {
+      unused.push_back(params_[i].name);
+      continue;
+    }
+    Param& p = params_[i];
+    Bucket& b = buckets_[p.bucket];
+    ::torch::NoGradGuard no_grad;
+    auto slot = b.flat.narrow(0, p.offset, p.tensor.numel());
+    if (p.tensor.grad().defined()) {
+      slot.copy_(p.tensor.grad().reshape({-1}));  // what earlier no_sync passes accumulated
+    } else {
+      slot.zero_();
+    }
+    ready_[i] = true;
+    if (--b.pending == 0) launch(b);
+  }
+  if (!unused.empty()) {
+    status_ = failedPrecondition(fmt::format(
+        "DistributedDataParallel: parameter(s) {} received no gradient in this backward pass, "
+        "so their buckets were never reduced; construct with find_unused_parameters = true if "
+        "some parameters are not used in every step",
+        fmt::join(unused, ", ")));
+    // The other buckets' reductions were started on every rank: let them finish.
+  }
+  double comm = 0, hidden = 0;
+  const int size = comm_->size();
+  for (Bucket& b : buckets_) {
+    if (!b.work) continue;
+    const Status s = b.work->wait(options_.timeout);
+    const auto done = Clock::now();
+    comm += msBetween(b.launched, done);
+    hidden += std::max(0.0, msBetween(b.launched, std::min(done, ended)));
+    if (!s.ok() && status_.ok()) status_ = s;
+    b.work.reset();
+  }
+  stats_.comm_ms = comm;
+  stats_.overlap_fraction = comm > 0 ? hidden / comm : 0;
+  if (!status_.ok()) return;
+  ::torch::NoGradGuard no_grad;
+  for (Param& p : params_) {
+    Bucket& b = buckets_[p.bucket];
+    auto slot = b.flat.narrow(0, p.offset, p.tensor.numel()).view_as(p.tensor);
+    slot.div_(size);
+    if (p.tensor.grad().defined()) {
+      p.tensor.mutable_grad().copy_(slot);
+    } else {
+      p.tensor.mutable_grad() = slot.clone();
+    }
+  }
+}
+
+}  // namespace rally::parallel

@@ -1,0 +1,121 @@
+// Data parallelism for a libtorch module, in the manner of PyTorch's DDP: every rank holds the
+// whole model and trains on its own part of the batch; the gradients are averaged across ranks
+// during the backward pass. Gradients are packed into buckets (DdpOptions::bucket_bytes, in the
+// reverse order of registration, roughly the order backward produces them); a bucket's allreduce
+// starts from the autograd hooks as soon as its last gradient is ready, so communication overlaps
+// the rest of the backward pass; when backward ends, the averaged gradients are written into
+// each parameter's .grad. Parameters and buffers are broadcast from rank 0 at construction (and by
+// broadcastParameters(), after a recovery).
+//
+//   auto model = std::make_shared<Net>();
+//   rally::parallel::DistributedDataParallel ddp(model, world->comm());
+//   torch::optim::SGD opt(model->parameters(), 0.1);
+//   for (auto& batch : my_shard) {
+//     opt.zero_grad();
+//     loss_fn(model->forward(batch.x), batch.y).backward();  // averaged across ranks on return
+//     RALLY_RETURN_IF_ERROR(ddp.status());                  // a collective's error, if any
+//     opt.step();
+//   }
+//
+// Gradient accumulation: backward passes made while a NoSync guard lives only accumulate locally;
+// the next backward without it averages the accumulated gradients. Unused parameters: with
+// find_unused_parameters, a parameter that received no gradient in a backward pass contributes
+// zeros (another rank may have used it); without it, such a pass is an error naming the
+// parameter, as in PyTorch.
+//
+// Thread-safety: one training thread; the hooks run on the autograd thread of that backward.
+// Cross-rank contract: every rank runs the same number of synchronised backward passes, with the
+// same parameters, registered in the same order.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "collectives/communicator.h"
+#include "kernels/base/status.h"
+
+namespace rally::parallel {
+
+struct DdpOptions {
+  size_t bucket_bytes = 25u << 20;  // PyTorch's default
+  bool find_unused_parameters = false;
+  bool broadcast_at_start = true;
+  Milliseconds timeout{600'000};  // waiting for one bucket's allreduce
+};
+
+class DistributedDataParallel {
+ public:
+  DistributedDataParallel(std::shared_ptr<::torch::nn::Module> module,
+                          collectives::Communicator& comm, DdpOptions options = {});
+  ~DistributedDataParallel();
+  DistributedDataParallel(const DistributedDataParallel&) = delete;
+  DistributedDataParallel& operator=(const DistributedDataParallel&) = delete;
+
+  // Collective: every parameter and buffer from rank 0 to every rank.
+  Status broadcastParameters();
+  // After a recovery: the new world's communicator (then broadcastParameters(), or restore the
+  // parameters from a commit).
+  void setCommunicator(collectives::Communicator& comm) { comm_ = &comm; }
+
+  // The outcome of the last synchronised backward pass (a collective's error, an unused
+  // parameter), OK otherwise. Backward itself cannot return it.
+  Status status() const { return status_; }
+
+  // While alive, backward passes accumulate gradients locally, without communication.
+  class NoSync {
+   public:
+    explicit NoSync(DistributedDataParallel& d) : d_(d) { ++d_.no_sync_; }
+    ~NoSync() { --d_.no_sync_; }
+    NoSync(const NoSync&) = delete;
+    NoSync& operator=(const NoSync&) = delete;
+
+   private:
+    DistributedDataParallel& d_;
+  };
+
+  struct Stats {
+    int buckets = 0;
+    double comm_ms = 0;           // allreduce time in the last synchronised backward
+    double overlap_fraction = 0;  // of comm_ms, the part done before backward ended
+  };
+  Stats lastStats() const { return stats_; }
+  const ::torch::nn::Module& module() const { return *module_; }
+
+ private:
+  struct Param {
+    ::torch::Tensor tensor;
+    std::string name;
+    int bucket = 0;
+    std::int64_t offset = 0;  // elements into the bucket
+  };
+  struct Bucket {
+    ::torch::Tensor flat;
+    collectives::DataType type;
+    std::vector<int> params;
+    int pending = 0;
+    std::shared_ptr<collectives::Work> work;
+    std::chrono::steady_clock::time_point launched;
+  };
+  void onGradient(int index, const ::torch::Tensor& grad);
+  void launch(Bucket& b);
+  void finishBackward();
+  void beginBackward();
+
+  std::shared_ptr<::torch::nn::Module> module_;
+  collectives::Communicator* comm_;
+  DdpOptions options_;
+  std::vector<Param> params_;
+  std::vector<Bucket> buckets_;
+  std::vector<bool> ready_;
+  bool in_backward_ = false;
+  int no_sync_ = 0;
+  Status status_;
+  Stats stats_;
+  std::chrono::steady_clock::time_point backward_started_;
+};
+
+}  // namespace rally::parallel

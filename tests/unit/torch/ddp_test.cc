@@ -1,0 +1,218 @@
+// DistributedDataParallel over a Gloo communicator (ranks as threads): parameters start as rank
+// 0's; after k SGD steps on half a batch each, they equal single-process training on the whole
+// batch (within 1e-6: the averaged sums round differently from one big backward pass); bucket
+// sizes (one bucket, or one per parameter) give bitwise-identical results, and small buckets
+// overlap communication with the backward pass; find_unused_parameters with ranks using different
+// branches; an unused parameter without it is an error naming it; no_sync accumulates locally and
+// the next pass averages the sum.
+#include "runtime/torch/distributed_data_parallel.h"
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "collectives/gloo/gloo_communicator.h"
+#include "collectives/memory_bootstrap_store.h"
+
+namespace rally::parallel {
+namespace {
+
+struct MlpImpl : ::torch::nn::Module {
+  MlpImpl() {
+    fc1 = register_module("fc1", ::torch::nn::Linear(8, 32));
+    fc2 = register_module("fc2", ::torch::nn::Linear(32, 32));
+    fc3 = register_module("fc3", ::torch::nn::Linear(32, 4));
+    left = register_module("left", ::torch::nn::Linear(4, 1));
+    right = register_module("right", ::torch::nn::Linear(4, 1));
+  }
+  // branch: 0 both heads, 1 left only, 2 right only.
+  ::torch::Tensor forward(const ::torch::Tensor& x, int branch = 0) {
+    auto h = fc3(::torch::relu(fc2(::torch::relu(fc1(x)))));
+    if (branch == 1) return left(h);
+    if (branch == 2) return right(h);
+    return left(h) + right(h);
+  }
+  ::torch::nn::Linear fc1{nullptr}, fc2{nullptr}, fc3{nullptr}, left{nullptr}, right{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+void runRanks(int n, const std::function<void(int, collectives::Communicator&)>& body) {
+  collectives::MemoryBootstrapStore store;
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      ::torch::set_num_threads(1);
+      auto comm = collectives::createGlooCommunicator(
+          store, {.rank = r, .size = n, .generation = 1, .op_timeout = Milliseconds(60000)});
+      ASSERT_TRUE(comm.ok()) << comm.status().toString();
+      body(r, **comm);
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
+// torch's random generator is one per process: data and initial weights are made on the main
+// thread, before the rank threads start.
+std::pair<::torch::Tensor, ::torch::Tensor> batch(int step) {
+  static std::mutex mu;
+  static std::vector<std::pair<::torch::Tensor, ::torch::Tensor>> made;
+  std::lock_guard lock(mu);
+  while (static_cast<int>(made.size()) <= step) {
+    ::torch::manual_seed(1000 + static_cast<int>(made.size()));
+    made.emplace_back(::torch::randn({16, 8}), ::torch::randn({16, 1}));
+  }
+  return made[static_cast<size_t>(step)];
+}
+
+// Rank r's model, initialised from seed 7 + 100 r (rank 0's is the reference's).
+std::vector<std::shared_ptr<MlpImpl>> models(int n, bool same = false) {
+  for (int s = 0; s < 8; ++s) (void)batch(s);
+  std::vector<std::shared_ptr<MlpImpl>> out;
+  for (int r = 0; r < n; ++r) {
+    ::torch::manual_seed(same ? 7 : 7 + 100 * r);
+    out.push_back(std::make_shared<MlpImpl>());
+  }
+  return out;
+}
+
+std::vector<::torch::Tensor> snapshot(const Mlp& m) {
+  std::vector<::torch::Tensor> out;
+  for (const auto& p : m->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+// k steps of SGD on the whole batch in one process.
+std::vector<::torch::Tensor> reference(int steps) {
+  Mlp m(models(1).front());  // rank 0's initialisation
+  ::torch::optim::SGD opt(m->parameters(), 0.1);
+  for (int s = 0; s < steps; ++s) {
+    auto [x, y] = batch(s);
+    opt.zero_grad();
+    ::torch::mse_loss(m->forward(x), y).backward();
+    opt.step();
+  }
+  return snapshot(m);
+}
+
+// The same with `n` ranks, each on its slice of every batch.
+std::vector<std::vector<::torch::Tensor>> distributed(int n, int steps, DdpOptions options,
+                                                      std::vector<double>* overlap = nullptr) {
+  std::vector<std::vector<::torch::Tensor>> result(n);
+  std::mutex mu;
+  auto nets = models(n);  // different on each rank: DDP must broadcast rank 0's
+  runRanks(n, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    DistributedDataParallel ddp(m, comm, options);
+    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    ::torch::optim::SGD opt(m->parameters(), 0.1);
+    for (int s = 0; s < steps; ++s) {
+      auto [x, y] = batch(s);
+      const int64_t per = 16 / n;
+      opt.zero_grad();
+      ::torch::mse_loss(m->forward(x.narrow(0, r * per, per)), y.narrow(0, r * per, per))
+          .backward();
+      ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+      opt.step();
+    }
+    std::lock_guard lock(mu);
+    result[r] = snapshot(Mlp(m));
+    if (overlap != nullptr && r == 0) overlap->push_back(ddp.lastStats().overlap_fraction);
+  });
+  return result;
+}
+
+TEST(DistributedDataParallel, EqualsSingleProcessTrainingOnTheWholeBatch) {
+  const auto want = reference(4);
+  for (int n : {2, 4}) {
+    const auto got = distributed(n, 4, {});
+    for (int r = 0; r < n; ++r) {
+      ASSERT_EQ(got[r].size(), want.size());
+      for (size_t i = 0; i < want.size(); ++i) {
+        EXPECT_TRUE(::torch::allclose(got[r][i], want[i], 1e-6, 1e-6))
+            << n << " ranks, rank " << r << ", parameter " << i << ": max difference "
+            << (got[r][i] - want[i]).abs().max().item<float>();
+        EXPECT_TRUE(::torch::equal(got[r][i], got[0][i])) << "ranks disagree";
+      }
+    }
+  }
+}
+
+TEST(DistributedDataParallel, BucketSizesDoNotChangeResultsAndSmallBucketsOverlap) {
+  std::vector<double> overlap;
+  const auto one = distributed(2, 3, {.bucket_bytes = 1u << 30});
+  const auto many = distributed(2, 3, {.bucket_bytes = 64}, &overlap);  // one per parameter
+  for (size_t i = 0; i < one[0].size(); ++i) {
+    EXPECT_TRUE(::torch::equal(one[0][i], many[0][i])) << "parameter " << i;
+  }
+  ASSERT_EQ(overlap.size(), 1u);
+  EXPECT_GT(overlap[0], 0.0) << "no bucket was reduced before backward ended";
+}
+
+TEST(DistributedDataParallel, UnusedParametersAcrossRanks) {
+  auto nets = models(2, /*same=*/true), locals = models(2, /*same=*/true);
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    DistributedDataParallel ddp(m, comm, {.find_unused_parameters = true});
+    auto [x, y] = batch(0);
+    // Rank 0 uses the left head, rank 1 the right: each head's gradient is half its user's.
+    ::torch::mse_loss(m->forward(x, r + 1), y).backward();
+    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    auto local = locals[r];
+    ::torch::mse_loss(local->forward(x, r + 1), y).backward();
+    const auto& used = r == 0 ? m->left : m->right;
+    const auto& used_local = r == 0 ? local->left : local->right;
+    EXPECT_TRUE(::torch::allclose(used->weight.grad(), used_local->weight.grad() / 2, 1e-6, 1e-7));
+    const auto& other = r == 0 ? m->right : m->left;
+    EXPECT_TRUE(other->weight.grad().defined());  // the other rank's half
+  });
+}
+
+TEST(DistributedDataParallel, AnUnusedParameterWithoutTheOptionIsAnErrorNamingIt) {
+  auto nets = models(2);
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    DistributedDataParallel ddp(m, comm);
+    auto [x, y] = batch(0);
+    ::torch::mse_loss(m->forward(x, 1), y).backward();  // the right head is unused everywhere
+    EXPECT_EQ(ddp.status().code(), StatusCode::kFailedPrecondition);
+    EXPECT_NE(ddp.status().message().find("right.weight"), std::string::npos)
+        << ddp.status().message();
+    EXPECT_NE(ddp.status().message().find("find_unused_parameters"), std::string::npos);
+  });
+}
+
+TEST(DistributedDataParallel, NoSyncAccumulatesAndTheNextPassAveragesTheSum) {
+  // Two micro-batches per rank: the first under no_sync, the second synchronised. The gradient
+  // equals one pass over both micro-batches of both ranks (the losses summed).
+  std::vector<::torch::Tensor> want;
+  auto nets = models(2, /*same=*/true);
+  {
+    Mlp m(models(1).front());
+    auto [x, y] = batch(0);
+    for (int part = 0; part < 4; ++part) {
+      ::torch::mse_loss(m->forward(x.narrow(0, part * 4, 4)), y.narrow(0, part * 4, 4)).backward();
+    }
+    for (const auto& p : m->parameters()) want.push_back(p.grad().clone() / 2);  // 2 ranks
+  }
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    DistributedDataParallel ddp(m, comm);
+    auto [x, y] = batch(0);
+    {
+      DistributedDataParallel::NoSync guard(ddp);
+      ::torch::mse_loss(m->forward(x.narrow(0, r * 8, 4)), y.narrow(0, r * 8, 4)).backward();
+    }
+    ::torch::mse_loss(m->forward(x.narrow(0, r * 8 + 4, 4)), y.narrow(0, r * 8 + 4, 4)).backward();
+    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    size_t i = 0;
+    for (const auto& p : m->parameters()) {
+      EXPECT_TRUE(::torch::allclose(p.grad(), want[i], 1e-6, 1e-6)) << "parameter " << i;
+      ++i;
+    }
+  });
+}
+
+}  // namespace
+}  // namespace rally::parallel
