@@ -1,0 +1,66 @@
+// Collectives on torch tensors (contiguous, in place), for librally_torch's layers.
+#pragma once
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <stdexcept>
+
+#include "collectives/communicator.h"
+
+namespace rally::parallel::internal {
+
+inline collectives::DataType rallyType(::torch::ScalarType t) {
+  switch (t) {
+    case ::torch::kFloat32:
+      return collectives::DataType::kF32;
+    case ::torch::kFloat64:
+      return collectives::DataType::kF64;
+    case ::torch::kFloat16:
+      return collectives::DataType::kF16;
+    case ::torch::kBFloat16:
+      return collectives::DataType::kBF16;
+    case ::torch::kInt32:
+      return collectives::DataType::kI32;
+    case ::torch::kInt64:
+      return collectives::DataType::kI64;
+    case ::torch::kUInt8:
+      return collectives::DataType::kU8;
+    default:
+      throw std::invalid_argument(fmt::format("rally: no collective for dtype {}", c10::toString(t)));
+  }
+}
+
+// Inside autograd, a peer's failure surfaces as an exception (the public API's error model for
+// training loops); its message carries the Status.
+inline void check(const Status& s, const char* what) {
+  if (!s.ok()) throw std::runtime_error(fmt::format("rally {}: {}", what, s.toString()));
+}
+
+inline constexpr Milliseconds kTimeout{600'000};
+
+inline void allreduceInPlace(collectives::Communicator& comm, ::torch::Tensor& t,
+                             collectives::ReduceOp op = collectives::ReduceOp::kSum) {
+  if (!t.is_contiguous()) t = t.contiguous();
+  check(comm.allreduce(t.data_ptr(), static_cast<size_t>(t.numel()), rallyType(t.scalar_type()), op)
+            ->wait(kTimeout),
+        "allreduce");
+}
+
+// [.., local] from every rank -> [.., size * local], concatenated along the last dimension.
+inline ::torch::Tensor allgatherLastDim(collectives::Communicator& comm, const ::torch::Tensor& x) {
+  auto in = x.contiguous();
+  const int n = comm.size();
+  auto out = ::torch::empty({n * in.numel()}, in.options());
+  check(comm.allgather(in.data_ptr(), out.data_ptr(), static_cast<size_t>(in.numel()),
+                       rallyType(in.scalar_type()))
+            ->wait(kTimeout),
+        "allgather");
+  // [n, rows, local] -> [rows, n, local] -> [.., n * local]
+  const int64_t local = in.size(-1), rows = in.numel() / local;
+  auto sizes = in.sizes().vec();
+  sizes.back() = n * local;
+  return out.view({n, rows, local}).permute({1, 0, 2}).reshape(sizes);
+}
+
+}  // namespace rally::parallel::internal

@@ -1,0 +1,172 @@
+#include "runtime/torch/tensor_parallel.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "runtime/torch/internal/tensor_comm.h"
+
+namespace rally::parallel {
+namespace {
+
+using ::torch::Tensor;
+using ::torch::autograd::AutogradContext;
+using ::torch::autograd::variable_list;
+using collectives::Communicator;
+using collectives::ReduceOp;
+
+Communicator* commOf(AutogradContext* ctx) {
+  return reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+}
+void keep(AutogradContext* ctx, Communicator* c) {
+  ctx->saved_data["comm"] = reinterpret_cast<std::int64_t>(c);
+}
+
+// Forward: the input as it is; backward: the gradients of every TP rank summed (the input was
+// used by all of them).
+struct CopyToTensorParallel : ::torch::autograd::Function<CopyToTensorParallel> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c) {
+    keep(ctx, c);
+    return x.view_as(x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    Tensor grad = g[0].contiguous().clone();
+    internal::allreduceInPlace(*commOf(ctx), grad);
+    return {grad, Tensor()};
+  }
+};
+
+// Forward: the partial results summed; backward: the gradient as it is.
+struct ReduceFromTensorParallel : ::torch::autograd::Function<ReduceFromTensorParallel> {
+  static Tensor forward(AutogradContext*, const Tensor& x, Communicator* c) {
+    Tensor y = x.contiguous().clone();
+    internal::allreduceInPlace(*c, y);
+    return y;
+  }
+  static variable_list backward(AutogradContext*, variable_list g) { return {g[0], Tensor()}; }
+};
+
+// Forward: every rank's last-dimension slice concatenated; backward: this rank's slice.
+struct GatherFromTensorParallel : ::torch::autograd::Function<GatherFromTensorParallel> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c) {
+    keep(ctx, c);
+    ctx->saved_data["local"] = x.size(-1);
+    return internal::allgatherLastDim(*c, x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const std::int64_t local = ctx->saved_data["local"].toInt();
+    const int rank = commOf(ctx)->rank();
+    return {g[0].narrow(-1, rank * local, local).contiguous(), Tensor()};
+  }
+};
+
+// Forward: the last dimension's slice of this rank; backward: the gradient gathered.
+struct ScatterToTensorParallel : ::torch::autograd::Function<ScatterToTensorParallel> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c) {
+    keep(ctx, c);
+    const auto [b, e] = partition(x.size(-1), c->size(), c->rank());
+    return x.narrow(-1, b, e - b).contiguous();
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    return {internal::allgatherLastDim(*commOf(ctx), g[0]), Tensor()};
+  }
+};
+
+struct VocabParallelCrossEntropyFn : ::torch::autograd::Function<VocabParallelCrossEntropyFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
+                        Communicator* c, std::int64_t begin, std::int64_t end) {
+    ::torch::NoGradGuard no_grad;
+    Tensor max = std::get<0>(logits.max(-1)).contiguous();
+    internal::allreduceInPlace(*c, max, ReduceOp::kMax);
+    Tensor shifted = logits - max.unsqueeze(-1);
+    Tensor exp = shifted.exp();
+    Tensor sum = exp.sum(-1).contiguous();
+    internal::allreduceInPlace(*c, sum);
+    // The target's logit: from the rank whose slice holds it, 0 from the others.
+    Tensor mine = (targets >= begin) & (targets < end);
+    Tensor local = (targets - begin).clamp(0, end - begin - 1);
+    Tensor target_logit =
+        shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * mine.to(shifted.scalar_type());
+    target_logit = target_logit.contiguous();
+    internal::allreduceInPlace(*c, target_logit);
+    Tensor loss = (sum.log() - target_logit).mean();
+    Tensor softmax = exp / sum.unsqueeze(-1);
+    ctx->save_for_backward({softmax, local, mine});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    auto saved = ctx->get_saved_variables();
+    Tensor grad = saved[0].clone();
+    const Tensor& local = saved[1];
+    const Tensor& mine = saved[2];
+    grad.scatter_add_(-1, local.unsqueeze(-1), -mine.to(grad.scalar_type()).unsqueeze(-1));
+    grad.mul_(g[0] / static_cast<double>(grad.size(0)));
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+std::pair<std::int64_t, std::int64_t> partition(std::int64_t n, int parts, int rank) {
+  const std::int64_t base = n / parts, extra = n % parts;
+  const std::int64_t begin = rank * base + std::min<std::int64_t>(rank, extra);
+  return {begin, begin + base + (rank < extra ? 1 : 0)};
+}
+
+ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t out,
+                                                   Communicator& tp, bool with_bias,
+                                                   bool gather_output)
+    : tp_(&tp), gather_(gather_output) {
+  std::tie(out_begin, out_end) = partition(out, tp.size(), tp.rank());
+  if (gather_ && out % tp.size() != 0) {
+    throw std::invalid_argument(fmt::format(
+        "ColumnParallelLinear: gathering {} outputs needs them divisible by the TP size {}", out,
+        tp.size()));
+  }
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  weight = register_parameter("weight", ::torch::empty({out_end - out_begin, in}).uniform_(-bound, bound));
+  if (with_bias) {
+    bias = register_parameter("bias", ::torch::empty({out_end - out_begin}).uniform_(-bound, bound));
+  }
+}
+
+::torch::Tensor ColumnParallelLinearImpl::forward(const ::torch::Tensor& x) {
+  auto y = ::torch::nn::functional::linear(CopyToTensorParallel::apply(x, tp_), weight, bias);
+  return gather_ ? GatherFromTensorParallel::apply(y, tp_) : y;
+}
+
+RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, Communicator& tp,
+                                             bool with_bias, bool input_is_parallel)
+    : tp_(&tp), input_is_parallel_(input_is_parallel) {
+  std::tie(in_begin, in_end) = partition(in, tp.size(), tp.rank());
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  weight = register_parameter("weight", ::torch::empty({out, in_end - in_begin}).uniform_(-bound, bound));
+  if (with_bias) bias = register_parameter("bias", ::torch::empty({out}).uniform_(-bound, bound));
+}
+
+::torch::Tensor RowParallelLinearImpl::forward(const ::torch::Tensor& x) {
+  auto in = input_is_parallel_ ? x : ScatterToTensorParallel::apply(x, tp_);
+  auto y = ReduceFromTensorParallel::apply(::torch::nn::functional::linear(in, weight), tp_);
+  return bias.defined() ? y + bias : y;
+}
+
+VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::int64_t dim,
+                                                       Communicator& tp)
+    : tp_(&tp) {
+  std::tie(vocab_begin, vocab_end) = partition(vocab, tp.size(), tp.rank());
+  weight = register_parameter("weight", ::torch::randn({vocab_end - vocab_begin, dim}));
+}
+
+::torch::Tensor VocabParallelEmbeddingImpl::forward(const ::torch::Tensor& ids) {
+  auto mine = (ids >= vocab_begin) & (ids < vocab_end);
+  auto local = (ids - vocab_begin).clamp(0, vocab_end - vocab_begin - 1);
+  auto rows = ::torch::embedding(weight, local) * mine.unsqueeze(-1).to(weight.scalar_type());
+  return ReduceFromTensorParallel::apply(rows, tp_);
+}
+
+::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
+                                          const ::torch::Tensor& targets,
+                                          std::int64_t vocab_begin, Communicator& tp) {
+  return VocabParallelCrossEntropyFn::apply(logits, targets, &tp, vocab_begin,
+                                            vocab_begin + logits.size(-1));
+}
+
+}  // namespace rally::parallel

@@ -1,0 +1,86 @@
+// Megatron-style tensor parallelism for libtorch: layers whose weights are split across the ranks
+// of a tensor-parallel communicator, with the collectives inside autograd functions, so forward
+// and backward match the unsplit layers:
+//   - ColumnParallelLinear: weight rows (output features) split; input replicated; the output
+//     stays split (for a RowParallelLinear next) or is gathered;
+//   - RowParallelLinear: weight columns (input features) split; input split; the partial outputs
+//     are summed (allreduce) and the bias added once;
+//   - VocabParallelEmbedding: vocabulary rows split; each rank looks up its rows, the others add 0;
+//   - vocabParallelCrossEntropy: the loss of logits split along the vocabulary, without gathering
+//     them (max, sum of exponentials and the target logit are reduced instead).
+//
+//   auto grid = collectives::makeGrid(world->comm(), /*tp_size=*/2);
+//   ColumnParallelLinear up(1024, 4096, *grid->tp);
+//   RowParallelLinear down(4096, 1024, *grid->tp);
+//   auto y = down->forward(torch::gelu(up->forward(x)));
+//
+// Each rank's slice of a weight is the one its TP rank owns in the full weight (rows or columns
+// r*n/T .. (r+1)*n/T): shardOf() says where, for checkpoints (ElasticState::registerShard) and for
+// loading a full weight. Initialisation is the caller's (load the full weight's slice, or seed).
+// A failure of a peer inside forward or backward throws std::runtime_error naming it.
+//
+// Thread-safety: one thread per layer instance. Every rank of the TP communicator runs the same
+// layers in the same order.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "collectives/communicator.h"
+
+namespace rally::parallel {
+
+// Rows [begin, end) of n for part `rank` of `parts` (the first n % parts parts one longer).
+std::pair<std::int64_t, std::int64_t> partition(std::int64_t n, int parts, int rank);
+
+class ColumnParallelLinearImpl : public ::torch::nn::Module {
+ public:
+  ColumnParallelLinearImpl(std::int64_t in, std::int64_t out, collectives::Communicator& tp,
+                           bool bias = true, bool gather_output = false);
+  ::torch::Tensor forward(const ::torch::Tensor& x);
+  ::torch::Tensor weight, bias;  // [out_local, in], [out_local]
+  std::int64_t out_begin = 0, out_end = 0;
+
+ private:
+  collectives::Communicator* tp_;
+  bool gather_;
+};
+TORCH_MODULE(ColumnParallelLinear);
+
+class RowParallelLinearImpl : public ::torch::nn::Module {
+ public:
+  RowParallelLinearImpl(std::int64_t in, std::int64_t out, collectives::Communicator& tp,
+                        bool bias = true, bool input_is_parallel = true);
+  ::torch::Tensor forward(const ::torch::Tensor& x);
+  ::torch::Tensor weight, bias;  // [out, in_local], [out]
+  std::int64_t in_begin = 0, in_end = 0;
+
+ private:
+  collectives::Communicator* tp_;
+  bool input_is_parallel_;
+};
+TORCH_MODULE(RowParallelLinear);
+
+class VocabParallelEmbeddingImpl : public ::torch::nn::Module {
+ public:
+  VocabParallelEmbeddingImpl(std::int64_t vocab, std::int64_t dim, collectives::Communicator& tp);
+  ::torch::Tensor forward(const ::torch::Tensor& ids);
+  ::torch::Tensor weight;  // [vocab_local, dim]
+  std::int64_t vocab_begin = 0, vocab_end = 0;
+
+ private:
+  collectives::Communicator* tp_;
+};
+TORCH_MODULE(VocabParallelEmbedding);
+
+// Mean cross-entropy of `logits` [N, vocab_local] (this rank's vocabulary slice, starting at
+// global id `vocab_begin`, as a ColumnParallelLinear without gathering produces: its out_begin)
+// against `targets` [N] (global ids).
+::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
+                                          const ::torch::Tensor& targets,
+                                          std::int64_t vocab_begin,
+                                          collectives::Communicator& tp);
+
+}  // namespace rally::parallel
