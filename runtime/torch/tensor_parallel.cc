@@ -116,6 +116,7 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
                                                    bool gather_output)
     : tp_(&tp), gather_(gather_output) {
   std::tie(out_begin, out_end) = partition(out, tp.size(), tp.rank());
+  out_total = out;
   if (gather_ && out % tp.size() != 0) {
     throw std::invalid_argument(fmt::format(
         "ColumnParallelLinear: gathering {} outputs needs them divisible by the TP size {}", out,
@@ -137,6 +138,7 @@ RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, 
                                              bool with_bias, bool input_is_parallel)
     : tp_(&tp), input_is_parallel_(input_is_parallel) {
   std::tie(in_begin, in_end) = partition(in, tp.size(), tp.rank());
+  in_total = in;
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
   weight = register_parameter("weight", ::torch::empty({out, in_end - in_begin}).uniform_(-bound, bound));
   if (with_bias) bias = register_parameter("bias", ::torch::empty({out}).uniform_(-bound, bound));
@@ -152,6 +154,7 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::
                                                        Communicator& tp)
     : tp_(&tp) {
   std::tie(vocab_begin, vocab_end) = partition(vocab, tp.size(), tp.rank());
+  vocab_total = vocab;
   weight = register_parameter("weight", ::torch::randn({vocab_end - vocab_begin, dim}));
 }
 

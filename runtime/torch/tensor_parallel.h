@@ -41,7 +41,7 @@ class ColumnParallelLinearImpl : public ::torch::nn::Module {
                            bool bias = true, bool gather_output = false);
   ::torch::Tensor forward(const ::torch::Tensor& x);
   ::torch::Tensor weight, bias;  // [out_local, in], [out_local]
-  std::int64_t out_begin = 0, out_end = 0;
+  std::int64_t out_begin = 0, out_end = 0, out_total = 0;
 
  private:
   collectives::Communicator* tp_;
@@ -55,7 +55,7 @@ class RowParallelLinearImpl : public ::torch::nn::Module {
                         bool bias = true, bool input_is_parallel = true);
   ::torch::Tensor forward(const ::torch::Tensor& x);
   ::torch::Tensor weight, bias;  // [out, in_local], [out]
-  std::int64_t in_begin = 0, in_end = 0;
+  std::int64_t in_begin = 0, in_end = 0, in_total = 0;
 
  private:
   collectives::Communicator* tp_;
@@ -68,7 +68,7 @@ class VocabParallelEmbeddingImpl : public ::torch::nn::Module {
   VocabParallelEmbeddingImpl(std::int64_t vocab, std::int64_t dim, collectives::Communicator& tp);
   ::torch::Tensor forward(const ::torch::Tensor& ids);
   ::torch::Tensor weight;  // [vocab_local, dim]
-  std::int64_t vocab_begin = 0, vocab_end = 0;
+  std::int64_t vocab_begin = 0, vocab_end = 0, vocab_total = 0;
 
  private:
   collectives::Communicator* tp_;

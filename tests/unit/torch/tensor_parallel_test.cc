@@ -11,8 +11,12 @@
 #include <mutex>
 #include <thread>
 
+#include <filesystem>
+
 #include "collectives/gloo/gloo_communicator.h"
 #include "collectives/memory_bootstrap_store.h"
+#include "runtime/checkpoint/checkpointer.h"
+#include "runtime/torch/torch_state.h"
 
 namespace rally::parallel {
 namespace {
@@ -160,6 +164,59 @@ TEST_P(TensorParallel, VocabParallelCrossEntropyEqualsTheUnsplitLoss) {
 
 INSTANTIATE_TEST_SUITE_P(TpSizes, TensorParallel, ::testing::Values(2, 3),
                          [](const auto& info) { return "tp" + std::to_string(info.param); });
+
+// A model of tensor-parallel layers checkpointed at TP = 2 (registered through registerModule: the
+// layers' parameters as shards of the full weights) loads at TP = 1 and at TP = 3 with every
+// weight where the full layer has it.
+TEST(TensorParallelCheckpoint, SavedAtTp2LoadsAtTp1AndTp3) {
+  char tmpl[] = "/tmp/rally-tp-ckpt-XXXXXX";
+  const std::string dir = ::mkdtemp(tmpl);
+  ::torch::manual_seed(5);
+  const Tensor w1 = ::torch::randn({12, 9}), b1 = ::torch::randn({12}), w2 = ::torch::randn({9, 12});
+  const Tensor emb = ::torch::randn({10, 4});
+  struct Net : ::torch::nn::Module {
+    Net(collectives::Communicator& tp)
+        : up(register_module("up", ColumnParallelLinear(9, 12, tp))),
+          down(register_module("down", RowParallelLinear(12, 9, tp, /*bias=*/false))),
+          embed(register_module("embed", VocabParallelEmbedding(10, 4, tp))) {}
+    ColumnParallelLinear up;
+    RowParallelLinear down;
+    VocabParallelEmbedding embed;
+  };
+  auto fill = [&](Net& n) {
+    ::torch::NoGradGuard g;
+    n.up->weight.copy_(w1.narrow(0, n.up->out_begin, n.up->out_end - n.up->out_begin));
+    n.up->bias.copy_(b1.narrow(0, n.up->out_begin, n.up->out_end - n.up->out_begin));
+    n.down->weight.copy_(w2.narrow(1, n.down->in_begin, n.down->in_end - n.down->in_begin));
+    n.embed->weight.copy_(emb.narrow(0, n.embed->vocab_begin, n.embed->vocab_end - n.embed->vocab_begin));
+  };
+  runRanks(2, [&](int, collectives::Communicator& tp) {
+    Net net(tp);
+    fill(net);
+    ElasticState state;
+    ASSERT_TRUE(registerModule(state, net).ok());
+    checkpoint::Checkpointer ckpt(dir, {.layout = "tp=2"});
+    ASSERT_TRUE(ckpt.attach(tp, state).ok());
+    ASSERT_TRUE(*ckpt.save(1));
+    ASSERT_TRUE(ckpt.wait(Milliseconds(60000)).ok());
+  });
+  for (int tp_size : {1, 3}) {
+    runRanks(tp_size, [&](int, collectives::Communicator& tp) {
+      Net net(tp);  // fresh random weights
+      ElasticState state;
+      ASSERT_TRUE(registerModule(state, net).ok());
+      checkpoint::Checkpointer ckpt(dir);
+      ASSERT_TRUE(ckpt.attach(tp, state).ok());
+      auto loaded = ckpt.loadNewest();
+      ASSERT_TRUE(loaded.ok()) << loaded.status().toString();
+      EXPECT_TRUE(::torch::equal(net.up->weight, w1.narrow(0, net.up->out_begin, net.up->out_end - net.up->out_begin)));
+      EXPECT_TRUE(::torch::equal(net.up->bias, b1.narrow(0, net.up->out_begin, net.up->out_end - net.up->out_begin)));
+      EXPECT_TRUE(::torch::equal(net.down->weight, w2.narrow(1, net.down->in_begin, net.down->in_end - net.down->in_begin)));
+      EXPECT_TRUE(::torch::equal(net.embed->weight, emb.narrow(0, net.embed->vocab_begin, net.embed->vocab_end - net.embed->vocab_begin)));
+    });
+  }
+  std::filesystem::remove_all(dir);
+}
 
 TEST(Partition, SplitsEvenlyWithTheRemainderFirst) {
   using Range = std::pair<std::int64_t, std::int64_t>;
