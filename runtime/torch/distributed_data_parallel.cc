@@ -72,15 +72,18 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
   ready_.assign(params_.size(), false);
   stats_.buckets = static_cast<int>(buckets_.size());
   for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
-    params_[i].tensor.register_hook([this, i](::torch::Tensor grad) {
+    hooks_.push_back(params_[i].tensor.register_hook([this, i](::torch::Tensor grad) {
       onGradient(i, grad);
       return grad;
-    });
+    }));
   }
   if (status_.ok() && options_.broadcast_at_start) status_ = broadcastParameters();
 }
 
 DistributedDataParallel::~DistributedDataParallel() {
+  // The module outlives this object (a new one may be made after a recovery): its parameters
+  // must not call into a dead one.
+  for (size_t i = 0; i < hooks_.size(); ++i) params_[i].tensor.remove_hook(hooks_[i]);
   // Reductions still in flight must not write into freed buckets.
   for (Bucket& b : buckets_) {
     if (b.work) (void)b.work->wait(options_.timeout);

@@ -109,6 +109,7 @@ class DistributedDataParallel {
   collectives::Communicator* comm_;
   DdpOptions options_;
   std::vector<Param> params_;
+  std::vector<unsigned> hooks_;  // per parameter, removed on destruction
   std::vector<Bucket> buckets_;
   std::vector<bool> ready_;
   bool in_backward_ = false;

@@ -1,0 +1,260 @@
+// A small decoder-only transformer (byte-level tokens) trained data-parallel with librally: DDP
+// over the world, its parameters and AdamW moments in an ElasticState (commits in memory, in-place
+// recovery, checkpoints with RALLY_CHECKPOINT_DIR), an exactly-once sampler over the corpus, and
+// rally's AdamW kernel. The corpus is text already on this machine: every Markdown file under
+// --data (the project's docs by default), read in name order.
+//
+//   rally run --standalone --nproc-per-node 4 --recovery in-place build/default/examples/gpt \
+//       --data docs --steps 300
+//
+// One line per --log-every steps on rank 0: step, loss, tokens/s, world size, generation; at the
+// end a sample of generated text. Options: --data DIR --steps N --batch B (sequences per rank)
+// --context T --layers L --dim D --heads H --lr X --commit-every K --seed S --sample-bytes N.
+// Layers are rally's tensor-parallel ones at a TP degree of 1 (DP x TP recovery is not yet in
+// ElasticRun; see docs/torch.md).
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "collectives/gloo/gloo_communicator.h"
+#include "collectives/memory_bootstrap_store.h"
+#include "kernels/ops/kernels.h"
+#include "runtime/data/elastic_sampler.h"
+#include "runtime/elastic/elastic_run.h"
+#include "runtime/torch/distributed_data_parallel.h"
+#include "runtime/torch/tensor_parallel.h"
+#include "runtime/torch/torch_state.h"
+#include "runtime/world/world.h"
+
+using namespace rally;  // NOLINT(google-build-using-namespace): an example
+using parallel::ColumnParallelLinear;
+using parallel::RowParallelLinear;
+namespace nn = ::torch::nn;
+
+struct Config {
+  std::int64_t vocab = 256, context = 64, dim = 96, heads = 4, layers = 3;
+};
+
+struct BlockImpl : nn::Module {
+  BlockImpl(const Config& c, collectives::Communicator& tp)
+      : heads(c.heads / tp.size()), head_dim(c.dim / c.heads) {
+    ln1 = register_module("ln1", nn::LayerNorm(nn::LayerNormOptions({c.dim})));
+    ln2 = register_module("ln2", nn::LayerNorm(nn::LayerNormOptions({c.dim})));
+    q = register_module("q", ColumnParallelLinear(c.dim, c.dim, tp));
+    k = register_module("k", ColumnParallelLinear(c.dim, c.dim, tp));
+    v = register_module("v", ColumnParallelLinear(c.dim, c.dim, tp));
+    proj = register_module("proj", RowParallelLinear(c.dim, c.dim, tp));
+    up = register_module("up", ColumnParallelLinear(c.dim, 4 * c.dim, tp));
+    down = register_module("down", RowParallelLinear(4 * c.dim, c.dim, tp));
+  }
+  ::torch::Tensor forward(const ::torch::Tensor& x) {
+    const auto B = x.size(0), T = x.size(1);
+    auto h = ln1(x);
+    auto split = [&](const ::torch::Tensor& t) {
+      return t.view({B, T, heads, head_dim}).transpose(1, 2);  // [B, heads, T, head_dim]
+    };
+    auto qh = split(q(h)), kh = split(k(h)), vh = split(v(h));
+    auto att = ::torch::matmul(qh, kh.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
+    auto mask = ::torch::ones({T, T}, ::torch::kBool).triu(1);
+    att = ::torch::softmax(att.masked_fill(mask, -1e9), -1);
+    auto y = ::torch::matmul(att, vh).transpose(1, 2).reshape({B, T, heads * head_dim});
+    auto x1 = x + proj(y);
+    return x1 + down(::torch::gelu(up(ln2(x1))));
+  }
+  std::int64_t heads, head_dim;
+  nn::LayerNorm ln1{nullptr}, ln2{nullptr};
+  ColumnParallelLinear q{nullptr}, k{nullptr}, v{nullptr}, up{nullptr};
+  RowParallelLinear proj{nullptr}, down{nullptr};
+};
+TORCH_MODULE(Block);
+
+struct GptImpl : nn::Module {
+  GptImpl(const Config& c, collectives::Communicator& tp) : cfg(c), tp_(&tp) {
+    tokens = register_module("tokens", parallel::VocabParallelEmbedding(c.vocab, c.dim, tp));
+    positions = register_parameter("positions", ::torch::randn({c.context, c.dim}) * 0.02);
+    for (int i = 0; i < c.layers; ++i) {
+      blocks.push_back(register_module(fmt::format("block{}", i), Block(c, tp)));
+    }
+    ln = register_module("ln", nn::LayerNorm(nn::LayerNormOptions({c.dim})));
+    head = register_module("head", ColumnParallelLinear(c.dim, c.vocab, tp, /*bias=*/false));
+    ::torch::NoGradGuard g;
+    tokens->weight.mul_(0.02);
+  }
+  // Logits of this rank's vocabulary slice, [B, T, vocab_local].
+  ::torch::Tensor forward(const ::torch::Tensor& ids) {
+    const auto T = ids.size(1);
+    auto x = tokens(ids) + positions.narrow(0, 0, T);
+    for (auto& b : blocks) x = b(x);
+    return head(ln(x));
+  }
+  ::torch::Tensor loss(const ::torch::Tensor& ids, const ::torch::Tensor& targets) {
+    auto logits = forward(ids);
+    return parallel::vocabParallelCrossEntropy(logits.reshape({-1, logits.size(-1)}),
+                                               targets.reshape({-1}), head->out_begin, *tp_);
+  }
+  Config cfg;
+  collectives::Communicator* tp_;
+  parallel::VocabParallelEmbedding tokens{nullptr};
+  ::torch::Tensor positions;
+  std::vector<Block> blocks;
+  nn::LayerNorm ln{nullptr};
+  ColumnParallelLinear head{nullptr};
+};
+TORCH_MODULE(Gpt);
+
+std::string readCorpus(const std::string& dir) {
+  std::vector<std::filesystem::path> files;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir, ec)) {
+    if (e.is_regular_file() && e.path().extension() == ".md") files.push_back(e.path());
+  }
+  std::sort(files.begin(), files.end());
+  std::string text;
+  for (const auto& f : files) {
+    std::ifstream in(f, std::ios::binary);
+    text.append(std::istreambuf_iterator<char>(in), {});
+    text += "\n";
+  }
+  return text;
+}
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> opt = {
+      {"--data", "docs"},     {"--steps", "300"},    {"--batch", "8"},   {"--context", "64"},
+      {"--layers", "3"},      {"--dim", "96"},       {"--heads", "4"},   {"--lr", "3e-3"},
+      {"--commit-every", "10"}, {"--seed", "1234"},  {"--log-every", "10"},
+      {"--sample-bytes", "200"}, {"--step-ms", "0"}};
+  for (int i = 1; i < argc; i += 2) {
+    if (opt.count(argv[i]) == 0 || i + 1 >= argc) {
+      std::fprintf(stderr, "gpt: bad option '%s' (see the comment at the top of gpt.cc)\n", argv[i]);
+      return 2;
+    }
+    opt[argv[i]] = argv[i + 1];
+  }
+  auto num = [&](const char* k) { return std::stoll(opt[k]); };
+  ::torch::set_num_threads(1);
+  const std::string text = readCorpus(opt["--data"]);
+  Config cfg;
+  cfg.context = num("--context");
+  cfg.dim = num("--dim");
+  cfg.heads = num("--heads");
+  cfg.layers = num("--layers");
+  const std::int64_t windows = (static_cast<std::int64_t>(text.size()) - 1) / cfg.context;
+  if (windows < 16 || cfg.dim % cfg.heads != 0) {
+    std::fprintf(stderr, "gpt: need at least %lld bytes of *.md text under %s (found %zu), and "
+                 "--dim divisible by --heads\n",
+                 static_cast<long long>(16 * cfg.context + 1), opt["--data"].c_str(), text.size());
+    return 2;
+  }
+  auto world = init();
+  if (!world.ok()) return std::fprintf(stderr, "%s\n", world.status().toString().c_str()), 1;
+  World& w = **world;
+  // TP degree 1: a communicator of this process alone.
+  collectives::MemoryBootstrapStore self_store;
+  auto tp = collectives::createGlooCommunicator(self_store, {.rank = 0, .size = 1});
+  if (!tp.ok()) return std::fprintf(stderr, "%s\n", tp.status().toString().c_str()), 1;
+
+  ::torch::manual_seed(num("--seed"));  // the same model on every rank (and ElasticRun syncs)
+  Gpt model(cfg, **tp);
+  // State: the model, AdamW's moments, the step, the sampler.
+  ElasticState state;
+  std::vector<::torch::Tensor> params, m, v;
+  Status s = parallel::registerModule(state, *model);
+  for (const auto& p : model->named_parameters()) {
+    params.push_back(p.value());
+    m.push_back(::torch::zeros_like(p.value()));
+    v.push_back(::torch::zeros_like(p.value()));
+    if (s.ok()) s = parallel::registerTensor(state, "adam.m." + p.key(), m.back());
+    if (s.ok()) s = parallel::registerTensor(state, "adam.v." + p.key(), v.back());
+  }
+  std::int64_t step = 0;
+  auto sampler = ElasticSampler::create({.dataset_size = static_cast<std::uint64_t>(windows),
+                                         .seed = static_cast<std::uint64_t>(num("--seed"))});
+  if (s.ok()) s = state.registerScalar("step", &step);
+  if (s.ok() && sampler.ok()) s = sampler->attach(state);
+  if (!s.ok() || !sampler.ok()) {
+    std::fprintf(stderr, "%s\n", (!s.ok() ? s : sampler.status()).toString().c_str());
+    return 1;
+  }
+  auto adamw = kernels::cpuKernels();
+  ElasticRun run(w, state);
+  const std::int64_t steps = num("--steps"), batch = num("--batch");
+  const float lr = std::stof(opt["--lr"]);
+  auto t0 = std::chrono::steady_clock::now();
+  s = run.run([&]() -> Status {
+    // Per (re)formed world: DDP over this generation's communicator.
+    parallel::DistributedDataParallel ddp(model.ptr(), w.comm(), {.broadcast_at_start = false});
+    while (step < steps) {
+      RALLY_RETURN_IF_ERROR(run.atStep(step));
+      auto b = sampler->next(w.rank(), w.size(), static_cast<std::uint64_t>(batch));
+      if (b.epoch_finished) sampler->startEpoch(sampler->epoch() + 1);
+      std::vector<std::int64_t> in, out;
+      for (std::uint64_t i : b.indices) {
+        const auto at = static_cast<std::size_t>(i) * static_cast<std::size_t>(cfg.context);
+        for (std::int64_t t = 0; t < cfg.context; ++t) {
+          in.push_back(static_cast<unsigned char>(text[at + t]));
+          out.push_back(static_cast<unsigned char>(text[at + t + 1]));
+        }
+      }
+      const auto rows = static_cast<std::int64_t>(b.indices.size());
+      auto x = ::torch::tensor(in).view({rows, cfg.context});
+      auto y = ::torch::tensor(out).view({rows, cfg.context});
+      for (auto& p : params) p.mutable_grad() = ::torch::Tensor();
+      auto loss = model->loss(x, y);
+      loss.backward();
+      RALLY_RETURN_IF_ERROR(ddp.status());
+      // The loss averaged over the world, for the log line.
+      float l = loss.item<float>();
+      RALLY_RETURN_IF_ERROR(w.comm().allreduce(&l, 1, DataType::kF32, collectives::ReduceOp::kAvg)
+                                ->wait(Milliseconds(60'000)));
+      std::vector<kernels::AdamWTensor> ts;
+      for (size_t i = 0; i < params.size(); ++i) {
+        ts.push_back({params[i].data_ptr<float>(), params[i].grad().data_ptr<float>(),
+                      m[i].data_ptr<float>(), v[i].data_ptr<float>(), nullptr,
+                      static_cast<size_t>(params[i].numel())});
+      }
+      RALLY_RETURN_IF_ERROR(adamw->adamw(ts, {.lr = lr, .weight_decay = 0.01f, .step = step + 1}));
+      if (num("--step-ms") > 0) std::this_thread::sleep_for(std::chrono::milliseconds(num("--step-ms")));
+      ++step;
+      if (w.rank() == 0 && step % num("--log-every") == 0) {
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::printf("step %lld loss %.4f tokens/s %.0f world %d generation %llu\n",
+                    static_cast<long long>(step), l,
+                    static_cast<double>(num("--log-every") * batch * cfg.context * w.size()) / secs,
+                    w.size(), static_cast<unsigned long long>(w.generation()));
+        std::fflush(stdout);
+        t0 = std::chrono::steady_clock::now();
+      }
+      if (step % num("--commit-every") == 0) RALLY_RETURN_IF_ERROR(run.commit());
+    }
+    return okStatus();
+  });
+  if (!s.ok()) return std::fprintf(stderr, "rank %d: %s\n", w.rank(), s.toString().c_str()), 1;
+  if (w.rank() == 0) {  // a sample: a continuation of a prompt from the corpus (temperature 0.8)
+    ::torch::NoGradGuard g;
+    ::torch::manual_seed(num("--seed"));
+    const size_t at = text.find("\n## ");
+    std::string sample = text.substr(at == std::string::npos ? 0 : at + 1, 16);
+    for (std::int64_t i = 0; i < num("--sample-bytes"); ++i) {
+      const std::string ctx = sample.substr(sample.size() > static_cast<size_t>(cfg.context)
+                                                ? sample.size() - static_cast<size_t>(cfg.context)
+                                                : 0);
+      std::vector<std::int64_t> ids;
+      for (unsigned char ch : ctx) ids.push_back(ch);
+      auto logits = model->forward(::torch::tensor(ids).view({1, -1}));
+      auto probs = ::torch::softmax(logits[0][-1] / 0.8, -1);
+      sample += static_cast<char>(::torch::multinomial(probs, 1).item<std::int64_t>());
+    }
+    std::printf("steps %lld recoveries %d world %d\nsample:\n%s\n", static_cast<long long>(step),
+                run.recoveries(), w.size(), sample.c_str());
+  }
+  return 0;
+}
