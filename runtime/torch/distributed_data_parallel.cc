@@ -56,10 +56,11 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
     }
     const size_t bytes = static_cast<size_t>(p.tensor.numel()) * p.tensor.element_size();
     Bucket* b = buckets_.empty() ? nullptr : &buckets_.back();
+    const size_t cap = buckets_.size() <= 1 ? options_.first_bucket_bytes : options_.bucket_bytes;
     if (b == nullptr || b->type != *type ||
         (b->flat.numel() > 0 &&
          static_cast<size_t>(b->flat.numel()) * b->flat.element_size() + bytes >
-             options_.bucket_bytes)) {
+             std::min(cap, options_.bucket_bytes))) {
       buckets_.push_back(Bucket{::torch::empty({0}, p.tensor.options().requires_grad(false)),
                                 *type, {}, 0, nullptr, {}});
       b = &buckets_.back();

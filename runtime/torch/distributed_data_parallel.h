@@ -41,7 +41,8 @@
 namespace rally::parallel {
 
 struct DdpOptions {
-  size_t bucket_bytes = 25u << 20;  // PyTorch's default
+  size_t bucket_bytes = 25u << 20;       // PyTorch's default
+  size_t first_bucket_bytes = 1u << 20;  // smaller, so that communication starts early (PyTorch's)
   bool find_unused_parameters = false;
   bool broadcast_at_start = true;
   Milliseconds timeout{600'000};  // waiting for one bucket's allreduce

@@ -130,6 +130,7 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
 }
 
 ::torch::Tensor ColumnParallelLinearImpl::forward(const ::torch::Tensor& x) {
+  if (tp_->size() == 1) return ::torch::nn::functional::linear(x, weight, bias);  // nothing to share
   auto y = ::torch::nn::functional::linear(CopyToTensorParallel::apply(x, tp_), weight, bias);
   return gather_ ? GatherFromTensorParallel::apply(y, tp_) : y;
 }
@@ -145,6 +146,7 @@ RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, 
 }
 
 ::torch::Tensor RowParallelLinearImpl::forward(const ::torch::Tensor& x) {
+  if (tp_->size() == 1) return ::torch::nn::functional::linear(x, weight, bias);
   auto in = input_is_parallel_ ? x : ScatterToTensorParallel::apply(x, tp_);
   auto y = ReduceFromTensorParallel::apply(::torch::nn::functional::linear(in, weight), tp_);
   return bias.defined() ? y + bias : y;
@@ -159,6 +161,7 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::
 }
 
 ::torch::Tensor VocabParallelEmbeddingImpl::forward(const ::torch::Tensor& ids) {
+  if (tp_->size() == 1) return ::torch::embedding(weight, ids);
   auto mine = (ids >= vocab_begin) & (ids < vocab_end);
   auto local = (ids - vocab_begin).clamp(0, vocab_end - vocab_begin - 1);
   auto rows = ::torch::embedding(weight, local) * mine.unsqueeze(-1).to(weight.scalar_type());
@@ -168,6 +171,7 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::
 ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
                                           const ::torch::Tensor& targets,
                                           std::int64_t vocab_begin, Communicator& tp) {
+  if (tp.size() == 1) return ::torch::nn::functional::cross_entropy(logits, targets);
   return VocabParallelCrossEntropyFn::apply(logits, targets, &tp, vocab_begin,
                                             vocab_begin + logits.size(-1));
 }

@@ -1,0 +1,99 @@
+// rally's C++ DDP step time, for bench/ddp/run to set beside PyTorch's Python DDP on the same
+// models, batch and data: an MLP and the small GPT of examples/gpt, each step being zero_grad,
+// forward, backward (with the gradient allreduce) and an SGD step. Run under rally run:
+//
+//   rally run --standalone --nproc-per-node 2 build/default/bench/ddp/ddp_bench --model mlp
+//
+// Prints (rank 0) "model M step_ms X overlap F comm_ms C" with X the median step over --steps
+// steps after --warmup.
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "collectives/gloo/gloo_communicator.h"
+#include "collectives/memory_bootstrap_store.h"
+#include "examples/gpt/gpt_model.h"
+#include "runtime/torch/distributed_data_parallel.h"
+#include "runtime/world/world.h"
+
+using namespace rally;            // NOLINT(google-build-using-namespace): a benchmark
+using namespace rally::examples;  // NOLINT
+
+struct MlpImpl : ::torch::nn::Module {
+  MlpImpl() {
+    a = register_module("a", ::torch::nn::Linear(512, 2048));
+    b = register_module("b", ::torch::nn::Linear(2048, 2048));
+    c = register_module("c", ::torch::nn::Linear(2048, 512));
+  }
+  ::torch::Tensor forward(const ::torch::Tensor& x) {
+    return c(::torch::relu(b(::torch::relu(a(x)))));
+  }
+  ::torch::nn::Linear a{nullptr}, b{nullptr}, c{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> opt = {{"--model", "mlp"}, {"--steps", "30"},
+                                            {"--warmup", "5"}, {"--batch", "32"}};
+  for (int i = 1; i + 1 < argc; i += 2) opt[argv[i]] = argv[i + 1];
+  ::torch::set_num_threads(1);
+  auto world = init();
+  if (!world.ok()) return std::fprintf(stderr, "%s\n", world.status().toString().c_str()), 1;
+  World& w = **world;
+  collectives::MemoryBootstrapStore self_store;
+  auto tp = collectives::createGlooCommunicator(self_store, {.rank = 0, .size = 1});
+  if (!tp.ok()) return 1;
+  ::torch::manual_seed(1);
+  const std::int64_t batch = std::stoll(opt["--batch"]);
+  std::shared_ptr<::torch::nn::Module> module;
+  std::function<::torch::Tensor()> loss;
+  Config cfg;  // the GPT: vocab 256, context 64, dim 96, 4 heads, 3 layers
+  ::torch::Tensor x, y;
+  if (opt["--model"] == "mlp") {
+    auto m = Mlp();
+    module = m.ptr();
+    x = ::torch::randn({batch, 512});
+    y = ::torch::randn({batch, 512});
+    loss = [m, &x, &y]() mutable { return ::torch::mse_loss(m->forward(x), y); };
+  } else {
+    auto m = Gpt(cfg, **tp);
+    module = m.ptr();
+    x = ::torch::randint(0, 256, {batch, cfg.context});
+    y = ::torch::randint(0, 256, {batch, cfg.context});
+    loss = [m, &x, &y]() mutable { return m->loss(x, y); };
+  }
+  parallel::DistributedDataParallel ddp(module, w.comm());
+  ::torch::optim::SGD opt_sgd(module->parameters(), 0.01);
+  const int steps = std::stoi(opt["--steps"]), warmup = std::stoi(opt["--warmup"]);
+  std::vector<double> times, overlap, comm;
+  for (int s = 0; s < warmup + steps; ++s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    opt_sgd.zero_grad();
+    loss().backward();
+    if (!ddp.status().ok()) return std::fprintf(stderr, "%s\n", ddp.status().toString().c_str()), 1;
+    opt_sgd.step();
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (s >= warmup) {
+      times.push_back(ms);
+      overlap.push_back(ddp.lastStats().overlap_fraction);
+      comm.push_back(ddp.lastStats().comm_ms);
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  if (w.rank() == 0) {
+    std::printf("model %s step_ms %.2f overlap %.3f comm_ms %.2f buckets %d\n",
+                opt["--model"].c_str(), median(times), median(overlap), median(comm),
+                ddp.lastStats().buckets);
+  }
+  return 0;
+}
