@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -98,6 +99,18 @@ class Communicator {
   // take no part. Unimplemented where capabilities().can_shrink is false: the caller then builds a
   // new communicator from scratch.
   virtual Result<std::unique_ptr<Communicator>> shrink(const std::vector<int>& excluded) = 0;
+};
+
+// What code that cannot return a Status (inside autograd, for instance) throws when a collective
+// fails: the Status, kept whole. ElasticRun::run catches it and recovers as from a returned error.
+class CollectiveError : public std::runtime_error {
+ public:
+  explicit CollectiveError(Status status)
+      : std::runtime_error(status.toString()), status_(std::move(status)) {}
+  const Status& status() const { return status_; }
+
+ private:
+  Status status_;
 };
 
 // A data-parallel x tensor-parallel grid: `tp` groups consecutive ranks (0..T-1, T..2T-1, ...);

@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
     y = ::torch::randn({batch, 512});
     loss = [m, &x, &y]() mutable { return ::torch::mse_loss(m->forward(x), y); };
   } else {
-    auto m = Gpt(cfg, **tp);
+    auto m = Gpt(cfg, parallel::TensorParallelGroup::of(**tp));
     module = m.ptr();
     x = ::torch::randint(0, 256, {batch, cfg.context});
     y = ::torch::randint(0, 256, {batch, cfg.context});

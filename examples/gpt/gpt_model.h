@@ -21,8 +21,8 @@ struct Config {
 };
 
 struct BlockImpl : nn::Module {
-  BlockImpl(const Config& c, collectives::Communicator& tp)
-      : heads(c.heads / tp.size()), head_dim(c.dim / c.heads) {
+  BlockImpl(const Config& c, parallel::TpGroup tp)
+      : heads(c.heads / tp->size), head_dim(c.dim / c.heads) {
     ln1 = register_module("ln1", nn::LayerNorm(nn::LayerNormOptions({c.dim})));
     ln2 = register_module("ln2", nn::LayerNorm(nn::LayerNormOptions({c.dim})));
     q = register_module("q", ColumnParallelLinear(c.dim, c.dim, tp));
@@ -54,7 +54,7 @@ struct BlockImpl : nn::Module {
 TORCH_MODULE(Block);
 
 struct GptImpl : nn::Module {
-  GptImpl(const Config& c, collectives::Communicator& tp) : cfg(c), tp_(&tp) {
+  GptImpl(const Config& c, parallel::TpGroup tp) : cfg(c), tp_(tp) {
     tokens = register_module("tokens", parallel::VocabParallelEmbedding(c.vocab, c.dim, tp));
     positions = register_parameter("positions", ::torch::randn({c.context, c.dim}) * 0.02);
     for (int i = 0; i < c.layers; ++i) {
@@ -78,7 +78,7 @@ struct GptImpl : nn::Module {
                                                targets.reshape({-1}), head->out_begin, *tp_);
   }
   Config cfg;
-  collectives::Communicator* tp_;
+  parallel::TpGroup tp_;
   parallel::VocabParallelEmbedding tokens{nullptr};
   ::torch::Tensor positions;
   std::vector<Block> blocks;

@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 
+#include "collectives/memory_bootstrap_store.h"
+#include "collectives/registry.h"
 #include "kernels/base/logging.h"
 #include "kernels/base/tunables.h"
 
@@ -199,13 +201,51 @@ void ElasticRun::writeRecoveryEvent() {
   pending_.reset();
 }
 
+ElasticRun::~ElasticRun() { dropGrid(); }
+
+void ElasticRun::dropGrid() {
+  if (!grid_) return;
+  world_.stopAborting(grid_->dp.get());
+  world_.stopAborting(grid_->tp.get());
+  grid_.reset();
+}
+
+collectives::Communicator& ElasticRun::dp() { return grid_ ? *grid_->dp : world_.comm(); }
+
+collectives::Communicator& ElasticRun::tp() {
+  if (grid_) return *grid_->tp;
+  if (!self_tp_) {
+    self_store_ = std::make_unique<collectives::MemoryBootstrapStore>();
+    auto c = collectives::createCommunicator("gloo", *self_store_, {.rank = 0, .size = 1}, {});
+    if (!c.ok()) throw std::runtime_error("rally: a tensor-parallel group of one: " + c.status().toString());
+    self_tp_ = std::move(*c);
+  }
+  return *self_tp_;
+}
+
 Result<SyncResult> ElasticRun::syncState(std::int64_t* last_step, int* writer) {
+  if (options_.tp_size > 1) {
+    // The grid of this generation (survivors and newcomers build it in the same call order),
+    // aborted with the generation like the world's communicator.
+    dropGrid();
+    if (world_.size() % options_.tp_size != 0) {
+      return failedPrecondition(fmt::format(
+          "ElasticRun: world size {} is not a multiple of tp_size {}: tensor-parallel groups "
+          "cannot be formed (wait for replacements, or set MIN so that it stays a multiple)",
+          world_.size(), options_.tp_size));
+    }
+    auto g = collectives::makeGrid(world_.comm(), options_.tp_size);
+    RALLY_RETURN_IF_ERROR(g.status()) << "ElasticRun: forming the DP x TP grid";
+    grid_ = std::move(*g);
+    world_.abortWithGeneration(grid_->dp.get());
+    world_.abortWithGeneration(grid_->tp.get());
+  }
   if (checkpointer_) {
     RALLY_RETURN_IF_ERROR(attachCheckpoints());
   }
   SyncOptions sync = options_.sync;
   if (sync.known_newest == 0) sync.known_newest = world_.newestCommit();
-  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(world_.comm(), sync));
+  RALLY_ASSIGN_OR_RETURN(const SyncResult synced, state_.sync(dp(), sync));
   // One allreduce (max) for two things: the newest step any rank had begun (a replacement or a
   // new node has begun none), for steps_redone; and the lowest rank that recovered in place
   // (-rank; newcomers give the least value), which writes the recovery event. Survivors (in
@@ -269,7 +309,12 @@ Status ElasticRun::run(const std::function<Status()>& train) {
         << "re-forming before the first step";
   }
   for (;;) {
-    Status s = train();
+    Status s;
+    try {
+      s = train();
+    } catch (const collectives::CollectiveError& e) {  // thrown where no Status can be returned
+      s = e.status();
+    }
     if (s.ok()) {
       if (pending_) writeRecoveryEvent();
       if (checkpointer_) {  // the last save in flight: finish it before the process ends

@@ -63,6 +63,11 @@ struct ElasticRunOptions {
   std::string checkpoint_dir;
   int checkpoint_every = 10;
   checkpoint::CheckpointOptions checkpoint;
+  // Tensor parallelism: groups of tp_size consecutive ranks share a model's slices (tp()); ranks
+  // with the same place in their group are data-parallel replicas (dp()). The state is synced over
+  // dp() (replicas hold the same slices), checkpoints cover the world. The world's size must stay
+  // a multiple of tp_size.
+  int tp_size = 1;
 };
 
 // PeerLost, Aborted and Timeout: what a failure elsewhere in the job looks like from here.
@@ -71,9 +76,11 @@ bool isRecoverable(const Status& s);
 class ElasticRun {
  public:
   ElasticRun(World& world, ElasticState& state, ElasticRunOptions options = {});
+  ~ElasticRun();
 
   // Syncs the state (every rank starts from the same commit), then calls `train` until it returns
-  // OK (then OK) or an error that is not recoverable here (then that error): a non-recoverable
+  // OK (then OK) or an error that is not recoverable here (a collectives::CollectiveError thrown
+  // by `train`, e.g. from inside autograd, counts as its Status) (then that error): a non-recoverable
   // code, a world that cannot re-form in place, or more than max_recoveries.
   Status run(const std::function<Status()>& train);
 
@@ -85,6 +92,10 @@ class ElasticRun {
   Status commit();
 
   int recoveries() const { return recoveries_; }
+  // This generation's data-parallel and tensor-parallel communicators (the world and a group of
+  // one when tp_size is 1). Rebuilt by every recovery: fetch them again in the training function.
+  collectives::Communicator& dp();
+  collectives::Communicator& tp();
   // The checkpoint the job resumed from at its start (0: none), and the checkpointer (null when
   // checkpoints are off).
   std::uint64_t resumedFromStep() const { return resumed_from_; }
@@ -98,6 +109,7 @@ class ElasticRun {
   // recovered in place (writer set), the lowest such rank into *writer (collective).
   Result<SyncResult> syncState(std::int64_t* last_step, int* writer);
   void writeRecoveryEvent();
+  void dropGrid();
   // Attaches the checkpointer to this generation's world and, when no rank holds a commit, loads
   // the newest checkpoint (collective; part of syncState).
   Status attachCheckpoints();
@@ -108,6 +120,9 @@ class ElasticRun {
   std::optional<FaultInjector> faults_;
   int recoveries_ = 0;
   std::unique_ptr<checkpoint::Checkpointer> checkpointer_;
+  std::optional<collectives::Grid> grid_;                    // tp_size > 1
+  std::unique_ptr<collectives::BootstrapStore> self_store_;  // tp_size == 1: a group of one
+  std::unique_ptr<collectives::Communicator> self_tp_;
   std::uint64_t resumed_from_ = 0;
   std::int64_t last_step_ = -1;  // the newest step atStep() was called for
   // The recovery whose first step is still running, if any.

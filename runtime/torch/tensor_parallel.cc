@@ -105,22 +105,35 @@ struct VocabParallelCrossEntropyFn : ::torch::autograd::Function<VocabParallelCr
 
 }  // namespace
 
+collectives::Communicator& TensorParallelGroup::get() const {
+  if (comm == nullptr) {
+    throw std::logic_error(fmt::format(
+        "rally: tensor-parallel group of {} has no communicator: set it (e.g. to ElasticRun::tp()) "
+        "before the first forward",
+        size));
+  }
+  return *comm;
+}
+
+std::shared_ptr<TensorParallelGroup> TensorParallelGroup::of(collectives::Communicator& c) {
+  return std::make_shared<TensorParallelGroup>(TensorParallelGroup{c.size(), c.rank(), &c});
+}
+
 std::pair<std::int64_t, std::int64_t> partition(std::int64_t n, int parts, int rank) {
   const std::int64_t base = n / parts, extra = n % parts;
   const std::int64_t begin = rank * base + std::min<std::int64_t>(rank, extra);
   return {begin, begin + base + (rank < extra ? 1 : 0)};
 }
 
-ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t out,
-                                                   Communicator& tp, bool with_bias,
-                                                   bool gather_output)
-    : tp_(&tp), gather_(gather_output) {
-  std::tie(out_begin, out_end) = partition(out, tp.size(), tp.rank());
+ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t out, TpGroup tp,
+                                                   bool with_bias, bool gather_output)
+    : tp_(std::move(tp)), gather_(gather_output) {
+  std::tie(out_begin, out_end) = partition(out, tp_->size, tp_->rank);
   out_total = out;
-  if (gather_ && out % tp.size() != 0) {
+  if (gather_ && out % tp_->size != 0) {
     throw std::invalid_argument(fmt::format(
         "ColumnParallelLinear: gathering {} outputs needs them divisible by the TP size {}", out,
-        tp.size()));
+        tp_->size));
   }
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
   weight = register_parameter("weight", ::torch::empty({out_end - out_begin, in}).uniform_(-bound, bound));
@@ -130,15 +143,16 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
 }
 
 ::torch::Tensor ColumnParallelLinearImpl::forward(const ::torch::Tensor& x) {
-  if (tp_->size() == 1) return ::torch::nn::functional::linear(x, weight, bias);  // nothing to share
-  auto y = ::torch::nn::functional::linear(CopyToTensorParallel::apply(x, tp_), weight, bias);
-  return gather_ ? GatherFromTensorParallel::apply(y, tp_) : y;
+  if (tp_->size == 1) return ::torch::nn::functional::linear(x, weight, bias);  // nothing to share
+  Communicator* c = &tp_->get();
+  auto y = ::torch::nn::functional::linear(CopyToTensorParallel::apply(x, c), weight, bias);
+  return gather_ ? GatherFromTensorParallel::apply(y, c) : y;
 }
 
-RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, Communicator& tp,
+RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, TpGroup tp,
                                              bool with_bias, bool input_is_parallel)
-    : tp_(&tp), input_is_parallel_(input_is_parallel) {
-  std::tie(in_begin, in_end) = partition(in, tp.size(), tp.rank());
+    : tp_(std::move(tp)), input_is_parallel_(input_is_parallel) {
+  std::tie(in_begin, in_end) = partition(in, tp_->size, tp_->rank);
   in_total = in;
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
   weight = register_parameter("weight", ::torch::empty({out, in_end - in_begin}).uniform_(-bound, bound));
@@ -146,33 +160,35 @@ RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, 
 }
 
 ::torch::Tensor RowParallelLinearImpl::forward(const ::torch::Tensor& x) {
-  if (tp_->size() == 1) return ::torch::nn::functional::linear(x, weight, bias);
-  auto in = input_is_parallel_ ? x : ScatterToTensorParallel::apply(x, tp_);
-  auto y = ReduceFromTensorParallel::apply(::torch::nn::functional::linear(in, weight), tp_);
+  if (tp_->size == 1) return ::torch::nn::functional::linear(x, weight, bias);
+  Communicator* c = &tp_->get();
+  auto in = input_is_parallel_ ? x : ScatterToTensorParallel::apply(x, c);
+  auto y = ReduceFromTensorParallel::apply(::torch::nn::functional::linear(in, weight), c);
   return bias.defined() ? y + bias : y;
 }
 
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::int64_t dim,
-                                                       Communicator& tp)
-    : tp_(&tp) {
-  std::tie(vocab_begin, vocab_end) = partition(vocab, tp.size(), tp.rank());
+                                                       TpGroup tp)
+    : tp_(std::move(tp)) {
+  std::tie(vocab_begin, vocab_end) = partition(vocab, tp_->size, tp_->rank);
   vocab_total = vocab;
   weight = register_parameter("weight", ::torch::randn({vocab_end - vocab_begin, dim}));
 }
 
 ::torch::Tensor VocabParallelEmbeddingImpl::forward(const ::torch::Tensor& ids) {
-  if (tp_->size() == 1) return ::torch::embedding(weight, ids);
+  if (tp_->size == 1) return ::torch::embedding(weight, ids);
   auto mine = (ids >= vocab_begin) & (ids < vocab_end);
   auto local = (ids - vocab_begin).clamp(0, vocab_end - vocab_begin - 1);
   auto rows = ::torch::embedding(weight, local) * mine.unsqueeze(-1).to(weight.scalar_type());
-  return ReduceFromTensorParallel::apply(rows, tp_);
+  return ReduceFromTensorParallel::apply(rows, &tp_->get());
 }
 
 ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
                                           const ::torch::Tensor& targets,
-                                          std::int64_t vocab_begin, Communicator& tp) {
-  if (tp.size() == 1) return ::torch::nn::functional::cross_entropy(logits, targets);
-  return VocabParallelCrossEntropyFn::apply(logits, targets, &tp, vocab_begin,
+                                          std::int64_t vocab_begin,
+                                          const TensorParallelGroup& tp) {
+  if (tp.size == 1) return ::torch::nn::functional::cross_entropy(logits, targets);
+  return VocabParallelCrossEntropyFn::apply(logits, targets, &tp.get(), vocab_begin,
                                             vocab_begin + logits.size(-1));
 }
 

@@ -17,7 +17,8 @@
 // Each rank's slice of a weight is the one its TP rank owns in the full weight (rows or columns
 // r*n/T .. (r+1)*n/T): shardOf() says where, for checkpoints (ElasticState::registerShard) and for
 // loading a full weight. Initialisation is the caller's (load the full weight's slice, or seed).
-// A failure of a peer inside forward or backward throws std::runtime_error naming it.
+// A failure of a peer inside forward or backward throws collectives::CollectiveError with its
+// Status (ElasticRun::run catches it and recovers in place).
 //
 // Thread-safety: one thread per layer instance. Every rank of the TP communicator runs the same
 // layers in the same order.
@@ -26,6 +27,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <memory>
 #include <utility>
 
 #include "collectives/communicator.h"
@@ -35,43 +37,64 @@ namespace rally::parallel {
 // Rows [begin, end) of n for part `rank` of `parts` (the first n % parts parts one longer).
 std::pair<std::int64_t, std::int64_t> partition(std::int64_t n, int parts, int rank);
 
+// The tensor-parallel group a model's layers share: its size and this rank's place in it fix
+// each layer's slice; the communicator may change (a recovery re-forms the group: set `comm` to
+// the new one, e.g. ElasticRun::tp(), before the next forward).
+struct TensorParallelGroup {
+  int size = 1;
+  int rank = 0;
+  collectives::Communicator* comm = nullptr;
+  // The communicator; throws std::logic_error when none is set and size > 1.
+  collectives::Communicator& get() const;
+  static std::shared_ptr<TensorParallelGroup> of(collectives::Communicator& comm);
+};
+using TpGroup = std::shared_ptr<TensorParallelGroup>;
+
 class ColumnParallelLinearImpl : public ::torch::nn::Module {
  public:
+  ColumnParallelLinearImpl(std::int64_t in, std::int64_t out, TpGroup tp, bool bias = true,
+                           bool gather_output = false);
   ColumnParallelLinearImpl(std::int64_t in, std::int64_t out, collectives::Communicator& tp,
-                           bool bias = true, bool gather_output = false);
+                           bool bias = true, bool gather_output = false)
+      : ColumnParallelLinearImpl(in, out, TensorParallelGroup::of(tp), bias, gather_output) {}
   ::torch::Tensor forward(const ::torch::Tensor& x);
   ::torch::Tensor weight, bias;  // [out_local, in], [out_local]
   std::int64_t out_begin = 0, out_end = 0, out_total = 0;
 
  private:
-  collectives::Communicator* tp_;
+  TpGroup tp_;
   bool gather_;
 };
 TORCH_MODULE(ColumnParallelLinear);
 
 class RowParallelLinearImpl : public ::torch::nn::Module {
  public:
+  RowParallelLinearImpl(std::int64_t in, std::int64_t out, TpGroup tp, bool bias = true,
+                        bool input_is_parallel = true);
   RowParallelLinearImpl(std::int64_t in, std::int64_t out, collectives::Communicator& tp,
-                        bool bias = true, bool input_is_parallel = true);
+                        bool bias = true, bool input_is_parallel = true)
+      : RowParallelLinearImpl(in, out, TensorParallelGroup::of(tp), bias, input_is_parallel) {}
   ::torch::Tensor forward(const ::torch::Tensor& x);
   ::torch::Tensor weight, bias;  // [out, in_local], [out]
   std::int64_t in_begin = 0, in_end = 0, in_total = 0;
 
  private:
-  collectives::Communicator* tp_;
+  TpGroup tp_;
   bool input_is_parallel_;
 };
 TORCH_MODULE(RowParallelLinear);
 
 class VocabParallelEmbeddingImpl : public ::torch::nn::Module {
  public:
-  VocabParallelEmbeddingImpl(std::int64_t vocab, std::int64_t dim, collectives::Communicator& tp);
+  VocabParallelEmbeddingImpl(std::int64_t vocab, std::int64_t dim, TpGroup tp);
+  VocabParallelEmbeddingImpl(std::int64_t vocab, std::int64_t dim, collectives::Communicator& tp)
+      : VocabParallelEmbeddingImpl(vocab, dim, TensorParallelGroup::of(tp)) {}
   ::torch::Tensor forward(const ::torch::Tensor& ids);
   ::torch::Tensor weight;  // [vocab_local, dim]
   std::int64_t vocab_begin = 0, vocab_end = 0, vocab_total = 0;
 
  private:
-  collectives::Communicator* tp_;
+  TpGroup tp_;
 };
 TORCH_MODULE(VocabParallelEmbedding);
 
@@ -80,7 +103,12 @@ TORCH_MODULE(VocabParallelEmbedding);
 // against `targets` [N] (global ids).
 ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
                                           const ::torch::Tensor& targets,
-                                          std::int64_t vocab_begin,
-                                          collectives::Communicator& tp);
+                                          std::int64_t vocab_begin, const TensorParallelGroup& tp);
+inline ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
+                                                 const ::torch::Tensor& targets,
+                                                 std::int64_t vocab_begin,
+                                                 collectives::Communicator& tp) {
+  return vocabParallelCrossEntropy(logits, targets, vocab_begin, *TensorParallelGroup::of(tp));
+}
 
 }  // namespace rally::parallel

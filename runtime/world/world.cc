@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstdlib>
 #include <stdexcept>
@@ -124,6 +125,24 @@ void World::onGeneration(std::uint64_t generation, const std::string& cause, boo
                             generation_.load());
     comm_->abort(what);
   }
+  if (comm_ != nullptr || !derived_.empty()) {
+    const std::string what = closed ? "the job was closed"
+                                    : fmt::format("the job moved to generation {}", generation);
+    for (collectives::Communicator* c : derived_) {
+      if (!c->aborted()) c->abort(what);
+    }
+  }
+}
+
+void World::abortWithGeneration(collectives::Communicator* c) {
+  std::lock_guard lock(comm_mu_);
+  derived_.push_back(c);
+  if (latest_.load() > generation_.load() || closed_.load()) c->abort("the job moved on");
+}
+
+void World::stopAborting(collectives::Communicator* c) {
+  std::lock_guard lock(comm_mu_);
+  derived_.erase(std::remove(derived_.begin(), derived_.end(), c), derived_.end());
 }
 
 Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& options) {

@@ -26,6 +26,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "collectives/communicator.h"
 #include "kernels/base/status.h"
@@ -71,6 +72,10 @@ class World {
   // The current generation's communicator. After a failed recover() there is none: a call is a
   // programming error and throws std::logic_error.
   collectives::Communicator& comm();
+  // Communicators made from this generation's (sub-groups: a DP x TP grid) are aborted with it
+  // when the job moves on. Stop before destroying one. Any thread.
+  void abortWithGeneration(collectives::Communicator* c);
+  void stopAborting(collectives::Communicator* c);
   // The job was closed (finished or failed): nothing to recover into.
   bool closed() const { return closed_.load(); }
   // The newest generation the job has announced (the watch's view; this world's otherwise).
@@ -159,6 +164,7 @@ class World {
   std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
   std::mutex comm_mu_;  // guards comm_ against the watch while it is being set
   std::unique_ptr<collectives::Communicator> comm_;
+  std::vector<collectives::Communicator*> derived_;  // with comm_mu_: aborted with comm_
   std::mutex watch_mu_;  // guards watcher_ and the rewatch state
   std::condition_variable watch_cv_;
   std::unique_ptr<rendezvous::GenerationWatcher> watcher_;

@@ -32,9 +32,13 @@ inline collectives::DataType rallyType(::torch::ScalarType t) {
 }
 
 // Inside autograd, a peer's failure surfaces as an exception (the public API's error model for
-// training loops); its message carries the Status.
+// training loops), carrying the Status: ElasticRun::run recovers from it.
 inline void check(const Status& s, const char* what) {
-  if (!s.ok()) throw std::runtime_error(fmt::format("rally {}: {}", what, s.toString()));
+  if (!s.ok()) {
+    Status with = s;
+    with.addContext(fmt::format("in a tensor-parallel {}", what));
+    throw collectives::CollectiveError(std::move(with));
+  }
 }
 
 inline constexpr Milliseconds kTimeout{600'000};
