@@ -95,8 +95,8 @@ int main(int argc, char** argv) {
   auto group = std::make_shared<parallel::TensorParallelGroup>(
       parallel::TensorParallelGroup{tp, w.rank() % tp, nullptr});
 
-  // The same full model on every rank (each keeps its slices; ElasticRun syncs replicas).
-  ::torch::manual_seed(num("--seed") + w.rank() % tp);
+  // The same full model on every rank, each keeping its slices (ElasticRun syncs replicas).
+  ::torch::manual_seed(num("--seed"));
   Gpt model(cfg, group);
   // State: the model, AdamW's moments, the step, the sampler.
   ElasticState state;

@@ -135,10 +135,14 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
         "ColumnParallelLinear: gathering {} outputs needs them divisible by the TP size {}", out,
         tp_->size));
   }
+  // Each rank keeps its slice of the full initial weight, so that a model starts the same
+  // whatever the TP degree (the random generator is drawn as for the unsplit layer).
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  weight = register_parameter("weight", ::torch::empty({out_end - out_begin, in}).uniform_(-bound, bound));
+  weight = register_parameter(
+      "weight", ::torch::empty({out, in}).uniform_(-bound, bound).narrow(0, out_begin, out_end - out_begin).clone());
   if (with_bias) {
-    bias = register_parameter("bias", ::torch::empty({out_end - out_begin}).uniform_(-bound, bound));
+    bias = register_parameter(
+        "bias", ::torch::empty({out}).uniform_(-bound, bound).narrow(0, out_begin, out_end - out_begin).clone());
   }
 }
 
@@ -155,7 +159,8 @@ RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, 
   std::tie(in_begin, in_end) = partition(in, tp_->size, tp_->rank);
   in_total = in;
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  weight = register_parameter("weight", ::torch::empty({out, in_end - in_begin}).uniform_(-bound, bound));
+  weight = register_parameter(
+      "weight", ::torch::empty({out, in}).uniform_(-bound, bound).narrow(1, in_begin, in_end - in_begin).clone());
   if (with_bias) bias = register_parameter("bias", ::torch::empty({out}).uniform_(-bound, bound));
 }
 
@@ -172,7 +177,8 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::
     : tp_(std::move(tp)) {
   std::tie(vocab_begin, vocab_end) = partition(vocab, tp_->size, tp_->rank);
   vocab_total = vocab;
-  weight = register_parameter("weight", ::torch::randn({vocab_end - vocab_begin, dim}));
+  weight = register_parameter(
+      "weight", ::torch::randn({vocab, dim}).narrow(0, vocab_begin, vocab_end - vocab_begin).clone());
 }
 
 ::torch::Tensor VocabParallelEmbeddingImpl::forward(const ::torch::Tensor& ids) {

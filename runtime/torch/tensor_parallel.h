@@ -14,9 +14,10 @@
 //   RowParallelLinear down(4096, 1024, *grid->tp);
 //   auto y = down->forward(torch::gelu(up->forward(x)));
 //
-// Each rank's slice of a weight is the one its TP rank owns in the full weight (rows or columns
-// r*n/T .. (r+1)*n/T): shardOf() says where, for checkpoints (ElasticState::registerShard) and for
-// loading a full weight. Initialisation is the caller's (load the full weight's slice, or seed).
+// Each rank's slice of a weight is the one its TP rank owns in the full weight (the first n % T
+// ranks one row longer): the layers record where (out_begin, in_begin, vocab_begin), for
+// checkpoints (registerModule) and for loading a full weight. Initialisation draws the full
+// weight and keeps the slice, so a model seeded alike starts the same at any TP degree.
 // A failure of a peer inside forward or backward throws collectives::CollectiveError with its
 // Status (ElasticRun::run catches it and recovers in place).
 //
