@@ -106,13 +106,7 @@ class CpuKernels final : public Kernels {
 
   Status adamw(const std::vector<AdamWTensor>& tensors, const AdamWOptions& o) override {
     if (o.step < 1) return invalidArgument(fmt::format("adamw: step {} (steps start at 1)", o.step));
-    const p::AdamWStep s{o.lr,
-                         o.beta1,
-                         o.beta2,
-                         o.eps,
-                         o.weight_decay,
-                         1.0f - std::pow(o.beta1, static_cast<float>(o.step)),
-                         1.0f - std::pow(o.beta2, static_cast<float>(o.step))};
+    const p::AdamWStep s = p::adamwStep(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.step);
     for (const AdamWTensor& t : tensors) {
       for (size_t i = 0; i < t.count; ++i) {
         p::adamwElement(&t.param[i], t.grad[i], &t.exp_avg[i], &t.exp_avg_sq[i], s);

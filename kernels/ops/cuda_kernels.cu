@@ -254,13 +254,7 @@ class CudaKernels final : public Kernels {
       }
     }
     if (chunks.empty()) return okStatus();
-    const p::AdamWStep s{o.lr,
-                         o.beta1,
-                         o.beta2,
-                         o.eps,
-                         o.weight_decay,
-                         1.0f - std::pow(o.beta1, static_cast<float>(o.step)),
-                         1.0f - std::pow(o.beta2, static_cast<float>(o.step))};
+    const p::AdamWStep s = p::adamwStep(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.step);
     RALLY_ASSIGN_OR_RETURN(void* table, upload(chunks.data(), chunks.size() * sizeof(AdamWChunk)));
     adamwChunks<<<static_cast<unsigned>(chunks.size()), kThreads, 0, stream_>>>(
         static_cast<const AdamWChunk*>(table), s);

@@ -221,6 +221,18 @@ struct AdamWStep {
   float bias1, bias2;  // 1 - beta1^t, 1 - beta2^t
 };
 
+// The constants of step `step` (1 for the first), computed once on the host.
+inline AdamWStep adamwStep(float lr, float beta1, float beta2, float eps, float weight_decay,
+                           std::int64_t step) {
+  return {lr,
+          beta1,
+          beta2,
+          eps,
+          weight_decay,
+          1.0f - std::pow(beta1, static_cast<float>(step)),
+          1.0f - std::pow(beta2, static_cast<float>(step))};
+}
+
 RALLY_HD void adamwElement(float* param, float grad, float* m, float* v, const AdamWStep& s) {
   const float mm = s.beta1 * *m + (1.0f - s.beta1) * grad;
   const float vv = s.beta2 * *v + (1.0f - s.beta2) * grad * grad;

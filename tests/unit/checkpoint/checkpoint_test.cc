@@ -19,8 +19,7 @@
 #include <random>
 #include <thread>
 
-#include "collectives/gloo/gloo_communicator.h"
-#include "collectives/memory_bootstrap_store.h"
+#include "tests/unit/collectives/gloo_ranks.h"
 #include "runtime/checkpoint/checksum.h"
 
 namespace rally::checkpoint {
@@ -43,18 +42,8 @@ class TempDir {
 };
 
 void runRanks(int n, const std::function<void(int, Communicator&)>& body) {
-  collectives::MemoryBootstrapStore store;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      auto comm = collectives::createGlooCommunicator(
-          store, {.rank = r, .size = n, .generation = 1, .op_timeout = Milliseconds(30000),
-                  .shared_memory = false});
-      ASSERT_TRUE(comm.ok()) << comm.status().toString();
-      body(r, **comm);
-    });
-  }
-  for (auto& t : threads) t.join();
+  collectives::test_support::runGlooRanks(
+      n, body, {.generation = 1, .op_timeout = Milliseconds(30000), .shared_memory = false});
 }
 
 // Bytes that depend on (seed, tensor name, global element index): any rank can compute what any

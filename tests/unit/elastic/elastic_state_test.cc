@@ -12,6 +12,7 @@
 
 #include "collectives/gloo/gloo_communicator.h"
 #include "tests/unit/collectives/collective_checks.h"
+#include "tests/unit/collectives/gloo_ranks.h"
 
 namespace rally {
 namespace {
@@ -20,17 +21,8 @@ using collectives::Communicator;
 using collectives::test_support::MemoryStore;
 
 void runRanks(int n, const std::function<void(int, Communicator&)>& body) {
-  MemoryStore store;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      auto comm = collectives::createGlooCommunicator(
-          store, {.rank = r, .size = n, .generation = 1, .op_timeout = Milliseconds(20000)});
-      ASSERT_TRUE(comm.ok()) << comm.status().toString();
-      body(r, **comm);
-    });
-  }
-  for (auto& t : threads) t.join();
+  collectives::test_support::runGlooRanks(
+      n, body, {.generation = 1, .op_timeout = Milliseconds(20000)});
 }
 
 // A small model: weights (f32 matrix), a u8 RNG blob, a step and a loss scale.

@@ -13,8 +13,7 @@
 #include <mutex>
 #include <thread>
 
-#include "collectives/gloo/gloo_communicator.h"
-#include "collectives/memory_bootstrap_store.h"
+#include "tests/unit/collectives/gloo_ranks.h"
 
 namespace rally::parallel {
 namespace {
@@ -39,18 +38,10 @@ struct MlpImpl : ::torch::nn::Module {
 TORCH_MODULE(Mlp);
 
 void runRanks(int n, const std::function<void(int, collectives::Communicator&)>& body) {
-  collectives::MemoryBootstrapStore store;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      ::torch::set_num_threads(1);
-      auto comm = collectives::createGlooCommunicator(
-          store, {.rank = r, .size = n, .generation = 1, .op_timeout = Milliseconds(60000)});
-      ASSERT_TRUE(comm.ok()) << comm.status().toString();
-      body(r, **comm);
-    });
-  }
-  for (auto& t : threads) t.join();
+  collectives::test_support::runGlooRanks(n, [&](int r, collectives::Communicator& comm) {
+    ::torch::set_num_threads(1);
+    body(r, comm);
+  });
 }
 
 // torch's random generator is one per process: data and initial weights are made on the main

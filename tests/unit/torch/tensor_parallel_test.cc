@@ -13,8 +13,7 @@
 
 #include <filesystem>
 
-#include "collectives/gloo/gloo_communicator.h"
-#include "collectives/memory_bootstrap_store.h"
+#include "tests/unit/collectives/gloo_ranks.h"
 #include "runtime/checkpoint/checkpointer.h"
 #include "runtime/torch/torch_state.h"
 
@@ -24,18 +23,10 @@ namespace {
 using ::torch::Tensor;
 
 void runRanks(int n, const std::function<void(int, collectives::Communicator&)>& body) {
-  collectives::MemoryBootstrapStore store;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r) {
-    threads.emplace_back([&, r] {
-      ::torch::set_num_threads(1);
-      auto comm = collectives::createGlooCommunicator(
-          store, {.rank = r, .size = n, .generation = 1, .op_timeout = Milliseconds(60000)});
-      ASSERT_TRUE(comm.ok()) << comm.status().toString();
-      body(r, **comm);
-    });
-  }
-  for (auto& t : threads) t.join();
+  collectives::test_support::runGlooRanks(n, [&](int r, collectives::Communicator& comm) {
+    ::torch::set_num_threads(1);
+    body(r, comm);
+  });
 }
 
 void expectClose(const Tensor& got, const Tensor& want, const std::string& what) {
