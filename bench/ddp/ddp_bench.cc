@@ -7,11 +7,15 @@
 // Prints (rank 0) "model M step_ms X overlap F comm_ms C" with X the median step over --steps
 // steps after --warmup.
 #include <fmt/format.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <optional>
 #include <map>
 #include <string>
 #include <vector>
@@ -40,7 +44,8 @@ TORCH_MODULE(Mlp);
 
 int main(int argc, char** argv) {
   std::map<std::string, std::string> opt = {{"--model", "mlp"}, {"--steps", "30"},
-                                            {"--warmup", "5"}, {"--batch", "32"}};
+                                            {"--warmup", "5"}, {"--batch", "32"},
+                                            {"--ddp", "1"}};
   for (int i = 1; i + 1 < argc; i += 2) opt[argv[i]] = argv[i + 1];
   ::torch::set_num_threads(1);
   auto world = init();
@@ -68,24 +73,37 @@ int main(int argc, char** argv) {
     y = ::torch::randint(0, 256, {batch, cfg.context});
     loss = [m, &x, &y]() mutable { return m->loss(x, y); };
   }
-  parallel::DistributedDataParallel ddp(module, w.comm());
+  // --ddp 0: plain local training (no DDP, no gradient allreduce), to measure what DDP adds.
+  const bool use_ddp = opt["--ddp"] != "0";
+  std::optional<parallel::DistributedDataParallel> ddp;
+  if (use_ddp) ddp.emplace(module, w.comm());
   ::torch::optim::SGD opt_sgd(module->parameters(), 0.01);
   const int steps = std::stoi(opt["--steps"]), warmup = std::stoi(opt["--warmup"]);
   std::vector<double> times, overlap, comm;
+  // RALLY_BENCH_PROFILE=FILE: rank 0 records its timed steps with the autograd profiler and
+  // writes a chrome trace to FILE (the step times are then not comparable).
+  const char* profile = std::getenv("RALLY_BENCH_PROFILE");
+  std::unique_ptr<::torch::autograd::profiler::RecordProfile> recording;
   for (int s = 0; s < warmup + steps; ++s) {
+    if (s == warmup && profile != nullptr && w.rank() == 0) {
+      recording = std::make_unique<::torch::autograd::profiler::RecordProfile>(profile);
+    }
     const auto t0 = std::chrono::steady_clock::now();
     opt_sgd.zero_grad();
     loss().backward();
-    if (!ddp.status().ok()) return std::fprintf(stderr, "%s\n", ddp.status().toString().c_str()), 1;
+    if (ddp && !ddp->status().ok()) {
+      return std::fprintf(stderr, "%s\n", ddp->status().toString().c_str()), 1;
+    }
     opt_sgd.step();
     const double ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (s >= warmup) {
       times.push_back(ms);
-      overlap.push_back(ddp.lastStats().overlap_fraction);
-      comm.push_back(ddp.lastStats().comm_ms);
+      overlap.push_back(ddp ? ddp->lastStats().overlap_fraction : 0.0);
+      comm.push_back(ddp ? ddp->lastStats().comm_ms : 0.0);
     }
   }
+  recording.reset();
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
@@ -93,7 +111,7 @@ int main(int argc, char** argv) {
   if (w.rank() == 0) {
     std::printf("model %s step_ms %.2f overlap %.3f comm_ms %.2f buckets %d\n",
                 opt["--model"].c_str(), median(times), median(overlap), median(comm),
-                ddp.lastStats().buckets);
+                ddp ? ddp->lastStats().buckets : 0);
   }
   return 0;
 }

@@ -4,14 +4,14 @@
 // rally's AdamW kernel. The corpus is text already on this machine: every Markdown file under
 // --data (the project's docs by default), read in name order.
 //
-//   rally run --standalone --nproc-per-node 4 --recovery in-place build/default/examples/gpt \
-//       --data docs --steps 300
+//   rally run --standalone --nproc-per-node 4 --recovery in-place build/default/examples/gpt
+//
+// trains on docs/ for 300 steps (--steps).
 //
 // One line per --log-every steps on rank 0: step, loss, tokens/s, world size, generation; at the
 // end a sample of generated text. Options: --data DIR --steps N --batch B (sequences per rank)
-// --context T --layers L --dim D --heads H --lr X --commit-every K --seed S --sample-bytes N.
-// Layers are rally's tensor-parallel ones at a TP degree of 1 (DP x TP recovery is not yet in
-// ElasticRun; see docs/torch.md).
+// --context T --layers L --dim D --heads H --lr X --commit-every K --seed S --sample-bytes N
+// --tp N (tensor-parallel degree: the world is a DP x TP grid; see docs/torch.md).
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -174,7 +174,9 @@ int main(int argc, char** argv) {
         std::fflush(stdout);
         t0 = std::chrono::steady_clock::now();
       }
-      if (step % num("--commit-every") == 0) RALLY_RETURN_IF_ERROR(run.commit());
+      if (step % num("--commit-every") == 0) {
+        RALLY_RETURN_IF_ERROR(run.commit());
+      }
     }
     return okStatus();
   });

@@ -147,9 +147,9 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
 }
 
 ::torch::Tensor ColumnParallelLinearImpl::forward(const ::torch::Tensor& x) {
-  if (tp_->size == 1) return ::torch::nn::functional::linear(x, weight, bias);  // nothing to share
+  if (tp_->size == 1) return ::torch::linear(x, weight, bias);  // nothing to share
   Communicator* c = &tp_->get();
-  auto y = ::torch::nn::functional::linear(CopyToTensorParallel::apply(x, c), weight, bias);
+  auto y = ::torch::linear(CopyToTensorParallel::apply(x, c), weight, bias);
   return gather_ ? GatherFromTensorParallel::apply(y, c) : y;
 }
 
@@ -165,10 +165,10 @@ RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, 
 }
 
 ::torch::Tensor RowParallelLinearImpl::forward(const ::torch::Tensor& x) {
-  if (tp_->size == 1) return ::torch::nn::functional::linear(x, weight, bias);
+  if (tp_->size == 1) return ::torch::linear(x, weight, bias);
   Communicator* c = &tp_->get();
   auto in = input_is_parallel_ ? x : ScatterToTensorParallel::apply(x, c);
-  auto y = ReduceFromTensorParallel::apply(::torch::nn::functional::linear(in, weight), c);
+  auto y = ReduceFromTensorParallel::apply(::torch::linear(in, weight), c);
   return bias.defined() ? y + bias : y;
 }
 

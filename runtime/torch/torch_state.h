@@ -10,6 +10,13 @@
 //
 // The tensors must stay allocated (and contiguous) while registered: an optimizer that replaces
 // a parameter's storage needs the registration made again.
+//
+// An optimizer's state goes in with registerOptimizer (torch::optim::Adam, AdamW, SGD, RMSprop,
+// Adagrad), named by the module's parameter paths:
+//
+//   torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(3e-4));
+//   RALLY_RETURN_IF_ERROR(rally::parallel::registerOptimizer(state, opt, *model));
+//   // "optim.fc1.weight.exp_avg", "optim.fc1.weight.exp_avg_sq", "optim.fc1.weight.step", ...
 #pragma once
 
 #include <torch/torch.h>
@@ -26,5 +33,13 @@ Status registerTensor(ElasticState& state, const std::string& name, const ::torc
 // Every parameter and buffer of `module` (recursively), named "prefix" + its path.
 Status registerModule(ElasticState& state, ::torch::nn::Module& module,
                       const std::string& prefix = "");
+// Each parameter's optimizer state: its tensors in place, with the parameter's sharding (a TP
+// layer's moments are shards like its weight), and its step count as a scalar. State that the
+// optimizer makes lazily in its first step() is made now, as that step would make it (zeros), so
+// it is registered before the first commit and a replacement process can receive it. Every
+// parameter of `optimizer` must be one of `module`'s. Errors: an unsupported optimizer; SGD with
+// dampening != 0 before its first step (its momentum buffer starts as the first gradient).
+Status registerOptimizer(ElasticState& state, ::torch::optim::Optimizer& optimizer,
+                         ::torch::nn::Module& module, const std::string& prefix = "optim.");
 
 }  // namespace rally::parallel

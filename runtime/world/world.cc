@@ -12,9 +12,10 @@
 #include "collectives/registry.h"
 #include "kernels/base/logging.h"
 #include "runtime/rendezvous/coordinator_bootstrap_store.h"
-#include "runtime/world/internal/progress.h"
 #include "runtime/rendezvous/coordinator_client.h"
 #include "runtime/rendezvous/generation_watcher.h"
+#include "runtime/world/internal/malloc_tuning.h"
+#include "runtime/world/internal/progress.h"
 
 extern char** environ;
 
@@ -146,6 +147,10 @@ void World::stopAborting(collectives::Communicator* c) {
 }
 
 Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& options) {
+  if (options.tune_malloc) {
+    const internal::MallocTuning t = internal::tuneMallocForTraining(env);
+    log::get("world")->debug("malloc tuning {}: {}", t.applied ? "applied" : "skipped", t.reason);
+  }
   auto world = std::unique_ptr<World>(new World());
   World& w = *world;
   std::string backend = options.backend;

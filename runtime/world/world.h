@@ -53,6 +53,10 @@ struct InitOptions {
   bool device_memory = false;  // the collectives will be on CUDA buffers
   Milliseconds connect_timeout{60'000};
   Milliseconds op_timeout{600'000};
+  // glibc malloc settings that keep a training step's working set instead of faulting it in
+  // again every step (see runtime/world/internal/malloc_tuning.h). Off also with
+  // RALLY_MALLOC_TUNING=0, and left alone when GLIBC_TUNABLES sets malloc tunables.
+  bool tune_malloc = true;
 };
 
 class World {
