@@ -11,7 +11,7 @@
 // One line per --log-every steps on rank 0: step, loss, tokens/s, world size, generation; at the
 // end a sample of generated text. Options: --data DIR --steps N --batch B (sequences per rank)
 // --context T --layers L --dim D --heads H --lr X --commit-every K --seed S --sample-bytes N
-// --tp N (tensor-parallel degree: the world is a DP x TP grid; see docs/torch.md).
+// --temperature X (of the sample; 0: greedy) --tp N (tensor-parallel degree: the world is a DP x TP grid; see docs/torch.md).
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
       {"--data", "docs"},     {"--steps", "300"},    {"--batch", "8"},   {"--context", "64"},
       {"--layers", "3"},      {"--dim", "96"},       {"--heads", "4"},   {"--lr", "3e-3"},
       {"--commit-every", "10"}, {"--seed", "1234"},  {"--log-every", "10"},
-      {"--sample-bytes", "200"}, {"--step-ms", "0"}, {"--tp", "1"}};
+      {"--sample-bytes", "200"}, {"--temperature", "0.8"}, {"--step-ms", "0"}, {"--tp", "1"}};
   for (int i = 1; i < argc; i += 2) {
     if (opt.count(argv[i]) == 0 || i + 1 >= argc) {
       std::fprintf(stderr, "gpt: bad option '%s' (see the comment at the top of gpt.cc)\n", argv[i]);
@@ -181,13 +181,15 @@ int main(int argc, char** argv) {
     return okStatus();
   });
   if (!s.ok()) return std::fprintf(stderr, "rank %d: %s\n", w.rank(), s.toString().c_str()), 1;
-  if (w.rank() == 0 && tp > 1) {
-    std::printf("steps %lld recoveries %d world %d\n(no sample with --tp > 1 yet)\n",
-                static_cast<long long>(step), run.recoveries(), w.size());
-  }
-  if (w.rank() == 0 && tp == 1) {  // a sample: a continuation of a prompt (temperature 0.8)
+  // A sample: a continuation of a prompt (--temperature; 0: the likeliest byte each time), by
+  // world rank 0's TP group (with
+  // TP > 1 the forward pass is collective within the group, and the logits are gathered from
+  // the vocabulary slices; TP rank 0 draws each byte and the group follows it).
+  if (w.rank() / tp == 0) {
+    const double temperature = std::stod(opt["--temperature"]);
     ::torch::NoGradGuard g;
     ::torch::manual_seed(num("--seed"));
+    group->comm = &run.tp();
     const size_t at = text.find("\n## ");
     std::string sample = text.substr(at == std::string::npos ? 0 : at + 1, 16);
     for (std::int64_t i = 0; i < num("--sample-bytes"); ++i) {
@@ -196,12 +198,27 @@ int main(int argc, char** argv) {
                                                 : 0);
       std::vector<std::int64_t> ids;
       for (unsigned char ch : ctx) ids.push_back(ch);
-      auto logits = model->forward(::torch::tensor(ids).view({1, -1}));
-      auto probs = ::torch::softmax(logits[0][-1] / 0.8, -1);
-      sample += static_cast<char>(::torch::multinomial(probs, 1).item<std::int64_t>());
+      ::torch::Tensor next;
+      try {
+        auto logits = model->forward(::torch::tensor(ids).view({1, -1}));
+        auto full = parallel::gatherFromTensorParallel(logits[0][-1], cfg.vocab, *group);
+        next = temperature > 0 ? ::torch::multinomial(::torch::softmax(full / temperature, -1), 1)
+                               : full.argmax(-1, /*keepdim=*/true);
+        if (tp > 1) {
+          const Status b = run.tp().broadcast(next.data_ptr(), 1, collectives::DataType::kI64, 0)
+                               ->wait(Milliseconds(60'000));
+          if (!b.ok()) throw collectives::CollectiveError(b);
+        }
+      } catch (const collectives::CollectiveError& e) {
+        std::fprintf(stderr, "rank %d: no sample: %s\n", w.rank(), e.what());
+        return 1;
+      }
+      sample += static_cast<char>(next.item<std::int64_t>());
     }
-    std::printf("steps %lld recoveries %d world %d\nsample:\n%s\n", static_cast<long long>(step),
-                run.recoveries(), w.size(), sample.c_str());
+    if (w.rank() == 0) {
+      std::printf("steps %lld recoveries %d world %d\nsample:\n%s\n",
+                  static_cast<long long>(step), run.recoveries(), w.size(), sample.c_str());
+    }
   }
   return 0;
 }

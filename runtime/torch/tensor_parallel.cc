@@ -44,17 +44,18 @@ struct ReduceFromTensorParallel : ::torch::autograd::Function<ReduceFromTensorPa
   static variable_list backward(AutogradContext*, variable_list g) { return {g[0], Tensor()}; }
 };
 
-// Forward: every rank's last-dimension slice concatenated; backward: this rank's slice.
+// Forward: every rank's last-dimension slice concatenated (rank r's being partition(total, size,
+// r)); backward: this rank's slice.
 struct GatherFromTensorParallel : ::torch::autograd::Function<GatherFromTensorParallel> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c, std::int64_t total) {
     keep(ctx, c);
-    ctx->saved_data["local"] = x.size(-1);
-    return internal::allgatherLastDim(*c, x);
+    ctx->saved_data["total"] = total;
+    return internal::allgatherLastDim(*c, x, total);
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
-    const std::int64_t local = ctx->saved_data["local"].toInt();
-    const int rank = commOf(ctx)->rank();
-    return {g[0].narrow(-1, rank * local, local).contiguous(), Tensor()};
+    Communicator* c = commOf(ctx);
+    const auto [b, e] = partition(ctx->saved_data["total"].toInt(), c->size(), c->rank());
+    return {g[0].narrow(-1, b, e - b).contiguous(), Tensor(), Tensor()};
   }
 };
 
@@ -62,11 +63,13 @@ struct GatherFromTensorParallel : ::torch::autograd::Function<GatherFromTensorPa
 struct ScatterToTensorParallel : ::torch::autograd::Function<ScatterToTensorParallel> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c) {
     keep(ctx, c);
+    ctx->saved_data["total"] = x.size(-1);
     const auto [b, e] = partition(x.size(-1), c->size(), c->rank());
     return x.narrow(-1, b, e - b).contiguous();
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
-    return {internal::allgatherLastDim(*commOf(ctx), g[0]), Tensor()};
+    return {internal::allgatherLastDim(*commOf(ctx), g[0], ctx->saved_data["total"].toInt()),
+            Tensor()};
   }
 };
 
@@ -130,11 +133,6 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
     : tp_(std::move(tp)), gather_(gather_output) {
   std::tie(out_begin, out_end) = partition(out, tp_->size, tp_->rank);
   out_total = out;
-  if (gather_ && out % tp_->size != 0) {
-    throw std::invalid_argument(fmt::format(
-        "ColumnParallelLinear: gathering {} outputs needs them divisible by the TP size {}", out,
-        tp_->size));
-  }
   // Each rank keeps its slice of the full initial weight, so that a model starts the same
   // whatever the TP degree (the random generator is drawn as for the unsplit layer).
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
@@ -150,7 +148,7 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
   if (tp_->size == 1) return ::torch::linear(x, weight, bias);  // nothing to share
   Communicator* c = &tp_->get();
   auto y = ::torch::linear(CopyToTensorParallel::apply(x, c), weight, bias);
-  return gather_ ? GatherFromTensorParallel::apply(y, c) : y;
+  return gather_ ? GatherFromTensorParallel::apply(y, c, out_total) : y;
 }
 
 RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, TpGroup tp,
@@ -187,6 +185,19 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::
   auto local = (ids - vocab_begin).clamp(0, vocab_end - vocab_begin - 1);
   auto rows = ::torch::embedding(weight, local) * mine.unsqueeze(-1).to(weight.scalar_type());
   return ReduceFromTensorParallel::apply(rows, &tp_->get());
+}
+
+::torch::Tensor gatherFromTensorParallel(const ::torch::Tensor& x, std::int64_t total,
+                                        const TensorParallelGroup& tp) {
+  if (tp.size == 1) return x;
+  const auto [b, e] = partition(total, tp.size, tp.rank);
+  if (x.size(-1) != e - b) {
+    throw std::invalid_argument(fmt::format(
+        "gatherFromTensorParallel: rank {} of {} holds {} of the last dimension's {}; "
+        "partition() gives it {}",
+        tp.rank, tp.size, x.size(-1), total, e - b));
+  }
+  return GatherFromTensorParallel::apply(x, &tp.get(), total);
 }
 
 ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,

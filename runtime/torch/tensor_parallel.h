@@ -99,6 +99,13 @@ class VocabParallelEmbeddingImpl : public ::torch::nn::Module {
 };
 TORCH_MODULE(VocabParallelEmbedding);
 
+// The full last dimension (`total` long) from every TP rank's slice of it, rank r holding
+// partition(total, size, r): e.g. a ColumnParallelLinear's output, or the vocabulary logits to
+// sample from. Differentiable (the gradient of a slice is its part of the full gradient). At a TP
+// size of 1, `x` itself.
+::torch::Tensor gatherFromTensorParallel(const ::torch::Tensor& x, std::int64_t total,
+                                        const TensorParallelGroup& tp);
+
 // Mean cross-entropy of `logits` [N, vocab_local] (this rank's vocabulary slice, starting at
 // global id `vocab_begin`, as a ColumnParallelLinear without gathering produces: its out_begin)
 // against `targets` [N] (global ids).

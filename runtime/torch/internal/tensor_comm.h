@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <stdexcept>
+#include <vector>
 
 #include "collectives/communicator.h"
 
@@ -51,20 +52,29 @@ inline void allreduceInPlace(collectives::Communicator& comm, ::torch::Tensor& t
         "allreduce");
 }
 
-// [.., local] from every rank -> [.., size * local], concatenated along the last dimension.
-inline ::torch::Tensor allgatherLastDim(collectives::Communicator& comm, const ::torch::Tensor& x) {
-  auto in = x.contiguous();
+// Every rank's slice of the last dimension, concatenated: rank r holds partition(total, size, r)
+// (uneven splits allowed; slices are padded to the longest for the allgather).
+inline ::torch::Tensor allgatherLastDim(collectives::Communicator& comm, const ::torch::Tensor& x,
+                                        std::int64_t total) {
   const int n = comm.size();
+  const std::int64_t chunk = (total + n - 1) / n;
+  auto in = x.size(-1) == chunk ? x.contiguous()
+                                : ::torch::constant_pad_nd(x, {0, chunk - x.size(-1)}).contiguous();
   auto out = ::torch::empty({n * in.numel()}, in.options());
   check(comm.allgather(in.data_ptr(), out.data_ptr(), static_cast<size_t>(in.numel()),
                        rallyType(in.scalar_type()))
             ->wait(kTimeout),
         "allgather");
-  // [n, rows, local] -> [rows, n, local] -> [.., n * local]
-  const int64_t local = in.size(-1), rows = in.numel() / local;
-  auto sizes = in.sizes().vec();
-  sizes.back() = n * local;
-  return out.view({n, rows, local}).permute({1, 0, 2}).reshape(sizes);
+  const std::int64_t rows = in.numel() / chunk;
+  auto parts = out.view({n, rows, chunk});
+  std::vector<::torch::Tensor> pieces;
+  for (int r = 0; r < n; ++r) {
+    const std::int64_t len = total / n + (r < total % n ? 1 : 0);  // as partition() splits
+    pieces.push_back(parts[r].narrow(-1, 0, len));
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = total;
+  return ::torch::cat(pieces, -1).reshape(sizes);
 }
 
 }  // namespace rally::parallel::internal

@@ -96,6 +96,44 @@ TEST_P(TensorParallel, RowParallelLinearEqualsTheUnsplitLayer) {
   });
 }
 
+// 11 columns split unevenly (6+5 at TP = 2, 4+4+3 at TP = 3): a gathering column layer, a
+// scattering row layer, and gatherFromTensorParallel on a 3-D tensor, forward and backward.
+TEST_P(TensorParallel, UnevenSplitsGatherAndScatter) {
+  ::torch::manual_seed(7);
+  const Tensor wc = ::torch::randn({11, 9}), wr = ::torch::randn({9, 11}), full = ::torch::randn({2, 3, 11});
+  const Tensor pc = ::torch::randn({5, 11}), pr = ::torch::randn({5, 9}), pf = ::torch::randn({2, 3, 11});
+  auto xf = x.clone().requires_grad_(true);
+  auto hf = ::torch::nn::functional::linear(xf, wc);
+  auto yf = ::torch::nn::functional::linear(hf, wr);
+  (hf * pc).sum().backward({}, /*retain_graph=*/true);
+  (yf * pr).sum().backward();
+  runRanks(GetParam(), [&](int rank, collectives::Communicator& tp) {
+    ColumnParallelLinear col(9, 11, tp, /*bias=*/false, /*gather_output=*/true);
+    RowParallelLinear row(11, 9, tp, /*bias=*/false, /*input_is_parallel=*/false);
+    {
+      ::torch::NoGradGuard g;
+      col->weight.copy_(wc.narrow(0, col->out_begin, col->out_end - col->out_begin));
+      row->weight.copy_(wr.narrow(1, row->in_begin, row->in_end - row->in_begin));
+    }
+    auto xi = x.clone().requires_grad_(true);
+    auto h = col->forward(xi);
+    expectClose(h, hf.detach(), "gathered column output");
+    auto y = row->forward(h);
+    expectClose(y, yf.detach(), "row output from a scattered input");
+    ((h * pc).sum() + (y * pr).sum()).backward();
+    expectClose(xi.grad(), xf.grad(), "input gradient");
+
+    const auto [b, e] = partition(11, tp.size(), rank);
+    auto slice = full.narrow(-1, b, e - b).clone().requires_grad_(true);
+    auto gathered = gatherFromTensorParallel(slice, 11, *TensorParallelGroup::of(tp));
+    expectClose(gathered, full, "gatherFromTensorParallel");
+    (gathered * pf).sum().backward();
+    expectClose(slice.grad(), pf.narrow(-1, b, e - b), "gatherFromTensorParallel gradient");
+    EXPECT_THROW(gatherFromTensorParallel(full, 11, *TensorParallelGroup::of(tp)),
+                 std::invalid_argument);
+  });
+}
+
 TEST_P(TensorParallel, ColumnThenRowEqualsTheUnsplitMlp) {
   auto xf = x.clone().requires_grad_(true);
   auto yf = ::torch::nn::functional::linear(
