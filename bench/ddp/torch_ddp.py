@@ -28,12 +28,11 @@ class Block(nn.Module):  # as examples/gpt/gpt_model.h at TP degree 1
     def forward(self, x):
         B, T, _ = x.shape
         h = self.ln1(x)
-        split = lambda t: t.view(B, T, self.heads, self.hd).transpose(1, 2)
+        split = lambda t: t.view(B, T, self.heads, self.hd).transpose(1, 2).reshape(B * self.heads, T, self.hd)
         q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-        att = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
-        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
-        att = torch.softmax(att.masked_fill(mask, -1e9), -1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, self.heads * self.hd)
+        causal = torch.full((T, T), float("-inf")).triu(1)
+        att = torch.softmax(torch.baddbmm(causal, q, k.transpose(1, 2), alpha=1 / math.sqrt(self.hd)), -1)
+        y = (att @ v).view(B, self.heads, T, self.hd).transpose(1, 2).reshape(B, T, self.heads * self.hd)
         x1 = x + self.proj(y)
         return x1 + self.down(F.gelu(self.up(self.ln2(x1))))
 

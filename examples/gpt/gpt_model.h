@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "runtime/torch/tensor_parallel.h"
@@ -35,14 +36,19 @@ struct BlockImpl : nn::Module {
   ::torch::Tensor forward(const ::torch::Tensor& x) {
     const auto B = x.size(0), T = x.size(1);
     auto h = ln1(x);
-    auto split = [&](const ::torch::Tensor& t) {
-      return t.view({B, T, heads, head_dim}).transpose(1, 2);  // [B, heads, T, head_dim]
+    auto split = [&](const ::torch::Tensor& t) {  // [B * heads, T, head_dim]
+      return t.view({B, T, heads, head_dim}).transpose(1, 2).reshape({B * heads, T, head_dim});
     };
     auto qh = split(q(h)), kh = split(k(h)), vh = split(v(h));
-    auto att = ::torch::matmul(qh, kh.transpose(-2, -1)) / std::sqrt(static_cast<double>(head_dim));
-    auto mask = ::torch::ones({T, T}, ::torch::kBool).triu(1);
-    att = ::torch::softmax(att.masked_fill(mask, -1e9), -1);
-    auto y = ::torch::matmul(att, vh).transpose(1, 2).reshape({B, T, heads * head_dim});
+    // Scaled scores with the causal mask as an additive -inf above the diagonal, in one baddbmm
+    // (no separate scaling and masking passes over the [B * heads, T, T] scores).
+    auto causal = ::torch::full({T, T}, -std::numeric_limits<float>::infinity()).triu(1);
+    auto att = ::torch::softmax(
+        ::torch::baddbmm(causal, qh, kh.transpose(1, 2), /*beta=*/1,
+                         /*alpha=*/1.0 / std::sqrt(static_cast<double>(head_dim))),
+        -1);
+    auto y = ::torch::bmm(att, vh).view({B, heads, T, head_dim}).transpose(1, 2).reshape(
+        {B, T, heads * head_dim});
     auto x1 = x + proj(y);
     return x1 + down(::torch::gelu(up(ln2(x1))));
   }
