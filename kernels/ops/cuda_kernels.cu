@@ -105,13 +105,47 @@ __global__ void decompress(const std::uint16_t* in, float* out, size_t n) {
   }
 }
 
-// One thread per checksum block (a block's XXH3 is sequential).
-__global__ void checksums(const std::uint8_t* data, size_t bytes, size_t block, std::uint64_t* out,
-                          size_t blocks) {
-  const size_t b = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
-  if (b >= blocks) return;
+// One thread block per checksum block, with XXH3's long path split as portable.h describes:
+// the block's 1 KiB segments in groups of kSegmentsPerGroup, each thread adding up one lane of
+// one segment (16 stripes, all loads independent), then 8 threads chaining the group's scrambles;
+// then the tail and the merge. Blocks of 240 bytes or less take the short paths on one thread.
+constexpr int kSumThreads = 256;
+constexpr int kSegmentsPerGroup = kSumThreads / 8;
+
+template <bool kAligned>
+__global__ void checksums(const std::uint8_t* data, size_t bytes, size_t block, std::uint64_t* out) {
+  __shared__ std::uint8_t secret[p::kSecretSize];
+  __shared__ std::uint64_t contribution[kSegmentsPerGroup][8];
+  __shared__ std::uint64_t acc[8];
+  const int t = static_cast<int>(threadIdx.x), lane = t % 8, slot = t / 8;
+  const size_t b = blockIdx.x;
+  const std::uint8_t* in = data + b * block;
   const size_t len = bytes - b * block < block ? bytes - b * block : block;
-  out[b] = p::xxh3(data + b * block, len, kSecretOnDevice);
+  for (int i = t; i < static_cast<int>(p::kSecretSize); i += kSumThreads) {
+    secret[i] = kSecretOnDevice[i];  // shared: lanes read different secret words at once
+  }
+  if (t < 8) acc[t] = p::xxh3InitLane(t);
+  __syncthreads();
+  if (len <= 240) {
+    if (t == 0) out[b] = p::xxh3(in, len, secret);
+    return;
+  }
+  const size_t full = p::xxh3FullSegments(len);
+  for (size_t first = 0; first < full; first += kSegmentsPerGroup) {
+    const size_t seg = first + static_cast<size_t>(slot);
+    contribution[slot][lane] = seg < full ? p::xxh3SegmentLane<kAligned>(in, seg, secret, lane) : 0;
+    __syncthreads();
+    if (t < 8) {
+      std::uint64_t a = acc[t];
+      const size_t n = full - first < kSegmentsPerGroup ? full - first : kSegmentsPerGroup;
+      for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, contribution[j][t], secret, t);
+      acc[t] = a;
+    }
+    __syncthreads();  // the chain has read the contributions before the next group writes them
+  }
+  if (t < 8) acc[t] += p::xxh3LongTailLane(in, len, secret, t);
+  __syncthreads();
+  if (t == 0) out[b] = p::xxh3LongMerge(acc, len, secret);
 }
 
 struct AdamWChunk {
@@ -233,9 +267,20 @@ class CudaKernels final : public Kernels {
       RALLY_CUDA(cudaMalloc(&device_sums_, blocks * sizeof(std::uint64_t)));
       sums_capacity_ = blocks;
     }
-    const unsigned grid = static_cast<unsigned>((blocks + 127) / 128);
-    checksums<<<grid, 128, 0, stream_>>>(static_cast<const std::uint8_t*>(data), bytes,
-                                         block_bytes, device_sums_, blocks);
+    if (blocks > 0x7fffffffu) {
+      return invalidArgument(fmt::format(
+          "blockChecksums: {} blocks of {} bytes are more than one launch takes (2^31 - 1); use "
+          "larger blocks",
+          blocks, block_bytes));
+    }
+    const auto* in = static_cast<const std::uint8_t*>(data);
+    const bool aligned = reinterpret_cast<std::uintptr_t>(in) % 8 == 0 && block_bytes % 8 == 0;
+    const unsigned grid = static_cast<unsigned>(blocks);
+    if (aligned) {
+      checksums<true><<<grid, kSumThreads, 0, stream_>>>(in, bytes, block_bytes, device_sums_);
+    } else {
+      checksums<false><<<grid, kSumThreads, 0, stream_>>>(in, bytes, block_bytes, device_sums_);
+    }
     RALLY_CUDA(cudaGetLastError());
     RALLY_CUDA(cudaMemcpyAsync(out, device_sums_, blocks * sizeof(std::uint64_t),
                                cudaMemcpyDeviceToHost, stream_));

@@ -214,6 +214,104 @@ RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* se
   return avalanche3(result);
 }
 
+// ---- XXH3-64's long path (more than 240 bytes), split for parallel hardware -----------------
+//
+// The long path keeps 8 accumulator lanes. A 64-byte stripe adds to lane L its neighbour's input
+// word (L ^ 1) plus lo32 * hi32 of its own word xor the secret: a sum, so the 16 stripes of a
+// 1 KiB segment add up in any order. Only the scramble after each full segment is sequential. So:
+//   1. each (segment, lane) contribution, in parallel (xxh3SegmentLane);
+//   2. per lane, the chain: acc = scramble(acc + contribution) per full segment (xxh3Chain);
+//   3. the tail (stripes after the last full segment, and the final stripe) and the merge
+//      (xxh3LongTailLane, xxh3LongMerge).
+// xxh3Segmented below puts them together on one thread and equals xxh3() (tested).
+constexpr size_t kXxhStripesPerSegment = (kSecretSize - 64) / 8;        // 16
+constexpr size_t kXxhSegmentBytes = 64 * kXxhStripesPerSegment;         // 1024
+// Lane `lane`'s starting accumulator (a function: a namespace-scope array is not device data).
+RALLY_HD std::uint64_t xxh3InitLane(int lane) {
+  const std::uint64_t init[8] = {kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1};
+  return init[lane];
+}
+
+// Full 1 KiB segments before the tail, for a long input of `len` bytes.
+RALLY_HD size_t xxh3FullSegments(size_t len) { return (len - 1) / kXxhSegmentBytes; }
+
+// An input word; kAligned: `p` is 8-byte aligned, so one 64-bit load (a device kernel's fast
+// path; memcpy from a byte pointer becomes byte loads there).
+template <bool kAligned = false>
+RALLY_HD std::uint64_t inputWord(const std::uint8_t* p) {
+  if constexpr (kAligned) {
+    return *reinterpret_cast<const std::uint64_t*>(p);
+  } else {
+    return read64(p);
+  }
+}
+
+// One stripe's addition to `lane` (stripe at `in`, secret at `sec` for this stripe).
+template <bool kAligned = false>
+RALLY_HD std::uint64_t xxh3StripeLane(const std::uint8_t* in, const std::uint8_t* sec, int lane) {
+  const std::uint64_t k = inputWord<kAligned>(in + 8 * lane) ^ read64(sec + 8 * lane);
+  return inputWord<kAligned>(in + 8 * (lane ^ 1)) + (k & 0xffffffffull) * (k >> 32);
+}
+
+// What full segment `seg` adds to `lane` before its scramble.
+template <bool kAligned = false>
+RALLY_HD std::uint64_t xxh3SegmentLane(const std::uint8_t* in, size_t seg,
+                                       const std::uint8_t* secret, int lane) {
+  const std::uint8_t* base = in + seg * kXxhSegmentBytes;
+  std::uint64_t sum = 0;
+  for (size_t st = 0; st < kXxhStripesPerSegment; ++st) {
+    sum += xxh3StripeLane<kAligned>(base + 64 * st, secret + 8 * st, lane);
+  }
+  return sum;
+}
+
+// One segment's step of `lane`'s chain.
+RALLY_HD std::uint64_t xxh3Chain(std::uint64_t acc, std::uint64_t contribution,
+                                 const std::uint8_t* secret, int lane) {
+  std::uint64_t a = acc + contribution;
+  a ^= a >> 47;
+  a ^= read64(secret + kSecretSize - 64 + 8 * lane);
+  return a * kP32_1;
+}
+
+// What the tail adds to `lane` after the last scramble.
+RALLY_HD std::uint64_t xxh3LongTailLane(const std::uint8_t* in, size_t len,
+                                        const std::uint8_t* secret, int lane) {
+  const size_t full = xxh3FullSegments(len);
+  const size_t last = ((len - 1) - kXxhSegmentBytes * full) / 64;
+  std::uint64_t sum = 0;
+  for (size_t st = 0; st < last; ++st) {
+    sum += xxh3StripeLane(in + full * kXxhSegmentBytes + 64 * st, secret + 8 * st, lane);
+  }
+  return sum + xxh3StripeLane(in + len - 64, secret + kSecretSize - 64 - 7, lane);
+}
+
+RALLY_HD std::uint64_t xxh3LongMerge(const std::uint64_t* acc, size_t len,
+                                     const std::uint8_t* secret) {
+  std::uint64_t result = len * kP64_1;
+  for (int i = 0; i < 4; ++i) {
+    result += mulFold64(acc[2 * i] ^ read64(secret + 11 + 16 * i),
+                        acc[2 * i + 1] ^ read64(secret + 11 + 16 * i + 8));
+  }
+  return avalanche3(result);
+}
+
+// xxh3() through the parallel decomposition, on one thread: the reference the device kernel's
+// structure is checked against on the CPU.
+RALLY_HD std::uint64_t xxh3Segmented(const void* data, size_t len, const std::uint8_t* secret) {
+  if (len <= 240) return xxh3(data, len, secret);
+  const auto* in = static_cast<const std::uint8_t*>(data);
+  std::uint64_t acc[8];
+  for (int lane = 0; lane < 8; ++lane) {
+    std::uint64_t a = xxh3InitLane(lane);
+    for (size_t seg = 0; seg < xxh3FullSegments(len); ++seg) {
+      a = xxh3Chain(a, xxh3SegmentLane(in, seg, secret, lane), secret, lane);
+    }
+    acc[lane] = a + xxh3LongTailLane(in, len, secret, lane);
+  }
+  return xxh3LongMerge(acc, len, secret);
+}
+
 // ---- AdamW, one element (decoupled weight decay, bias-corrected moments) ----------------------
 
 struct AdamWStep {

@@ -131,14 +131,18 @@ TEST_F(KernelsGpu, DeviceChecksumsEqualTheCpus) {
   std::vector<unsigned char> host(3000017);
   std::mt19937 rng(4);
   for (auto& b : host) b = static_cast<unsigned char>(rng());
-  DeviceBytes d(host.size(), 3);
-  d.put(host);
-  for (size_t block : {65536u, 1000u, 17u}) {
-    const size_t blocks = (host.size() + block - 1) / block;
-    std::vector<std::uint64_t> a(blocks), b(blocks);
-    ASSERT_TRUE(gpu_->blockChecksums(d.get(), host.size(), block, a.data()).ok());
-    ASSERT_TRUE(cpu_->blockChecksums(host.data(), host.size(), block, b.data()).ok());
-    EXPECT_EQ(a, b) << "block " << block;
+  // Offset 0 takes the kernel's aligned loads, 3 its byte loads; 1 MiB blocks span several
+  // groups of segments, 1000 ends in a partial segment, 17 takes the short path.
+  for (size_t offset : {0u, 3u}) {
+    DeviceBytes d(host.size(), offset);
+    d.put(host);
+    for (size_t block : {1u << 20, 65536u, 4104u, 1000u, 17u}) {
+      const size_t blocks = (host.size() + block - 1) / block;
+      std::vector<std::uint64_t> a(blocks), b(blocks);
+      ASSERT_TRUE(gpu_->blockChecksums(d.get(), host.size(), block, a.data()).ok());
+      ASSERT_TRUE(cpu_->blockChecksums(host.data(), host.size(), block, b.data()).ok());
+      EXPECT_EQ(a, b) << "block " << block << ", offset " << offset;
+    }
   }
 }
 

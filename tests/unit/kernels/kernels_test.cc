@@ -58,6 +58,21 @@ TEST(Xxh3, PortableEqualsLibxxhashForEveryLengthAndAlignment) {
   }
 }
 
+// The split of the long path that the device kernel uses (segment contributions in parallel, a
+// chain of scrambles per lane, tail and merge) gives the same hashes.
+TEST(Xxh3, SegmentedLongPathEqualsTheSequentialOne) {
+  const auto data = randomBytes(1 << 20, 2);
+  const auto* secret = reinterpret_cast<const std::uint8_t*>(XXH3_kSecret);
+  for (size_t len = 0; len <= 3200; ++len) {
+    ASSERT_EQ(p::xxh3Segmented(data.data() + 1, len, secret), XXH3_64bits(data.data() + 1, len))
+        << "length " << len;
+  }
+  for (size_t len : {65535u, 65536u, 65537u, 1000003u}) {
+    EXPECT_EQ(p::xxh3Segmented(data.data() + 3, len, secret), XXH3_64bits(data.data() + 3, len))
+        << len;
+  }
+}
+
 TEST(FloatConversions, Bf16RoundsToNearestEven) {
   EXPECT_EQ(p::toBf16(1.0f), 0x3F80);
   EXPECT_EQ(p::toBf16(p::bitsFloat(0x3F808000u)), 0x3F80);  // a tie: to even (down)
