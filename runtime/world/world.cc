@@ -149,6 +149,7 @@ void World::stopAborting(collectives::Communicator* c) {
 Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& options) {
   if (options.tune_malloc) {
     const internal::MallocTuning t = internal::tuneMallocForTraining(env);
+    if (t.bad_value) return invalidArgument(t.reason);
     log::get("world")->debug("malloc tuning {}: {}", t.applied ? "applied" : "skipped", t.reason);
   }
   auto world = std::unique_ptr<World>(new World());

@@ -27,26 +27,33 @@ constexpr bool kSanitizerAllocator = false;
 }  // namespace
 
 MallocTuning tuneMallocForTraining(const std::map<std::string, std::string>& env) {
-  if (auto it = env.find("RALLY_MALLOC_TUNING"); it != env.end()) {
+  if (auto it = env.find("RALLY_MALLOC_TUNING"); it != env.end() && !it->second.empty()) {
     const std::string& v = it->second;
     if (v == "0" || v == "off" || v == "false" || v == "no") {
-      return {false, "RALLY_MALLOC_TUNING=" + v};
+      return {false, false, "RALLY_MALLOC_TUNING=" + v};
+    }
+    if (v != "1" && v != "on" && v != "true" && v != "yes") {
+      return {false, true,
+              fmt::format("RALLY_MALLOC_TUNING={} is not a setting: use on or off (1/0, true/false, "
+                          "yes/no)",
+                          v)};
     }
   }
   if (auto it = env.find("GLIBC_TUNABLES");
       it != env.end() && it->second.find("glibc.malloc.") != std::string::npos) {
-    return {false, "GLIBC_TUNABLES sets malloc tunables"};
+    return {false, false, "GLIBC_TUNABLES sets malloc tunables"};
   }
-  if (kSanitizerAllocator) return {false, "a sanitizer's allocator is in use"};
+  if (kSanitizerAllocator) return {false, false, "a sanitizer's allocator is in use"};
 #if defined(__GLIBC__)
   if (mallopt(M_MMAP_THRESHOLD, kMmapThreshold) != 1 ||
       mallopt(M_TRIM_THRESHOLD, kTrimThreshold) != 1) {
-    return {false, "mallopt refused the settings"};
+    return {false, false, "mallopt refused the settings"};
   }
-  return {true, fmt::format("mmap threshold {} MiB, trim threshold {} MiB", kMmapThreshold >> 20,
-                            kTrimThreshold >> 20)};
+  return {true, false,
+          fmt::format("mmap threshold {} MiB, trim threshold {} MiB", kMmapThreshold >> 20,
+                      kTrimThreshold >> 20)};
 #else
-  return {false, "not glibc"};
+  return {false, false, "not glibc"};
 #endif
 }
 

@@ -19,7 +19,8 @@ namespace rally::internal {
 
 struct MallocTuning {
   bool applied = false;
-  std::string reason;  // why not, when not applied; what was set, when applied
+  bool bad_value = false;  // RALLY_MALLOC_TUNING is not one of on/off/1/0/true/false/yes/no
+  std::string reason;      // why not, when not applied; what was set, when applied
 };
 
 // `env`: the process environment (rally::init() passes its copy). Process-wide and idempotent.

@@ -46,6 +46,16 @@ TEST(WorldWithoutLauncher, RefusesAMultiProcessEnvironmentItCannotJoin) {
   EXPECT_NE(w.status().message().find("rally run"), std::string::npos) << w.status().message();
 }
 
+TEST(WorldWithoutLauncher, RefusesAnUnknownMallocSetting) {
+  auto w = initFrom({{"RALLY_MALLOC_TUNING", "maybe"}});
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(w.status().message().find("RALLY_MALLOC_TUNING=maybe is not a setting: use on or off"),
+            std::string::npos)
+      << w.status().message();
+  EXPECT_TRUE(initFrom({{"RALLY_MALLOC_TUNING", "off"}}).ok());
+}
+
 TEST(WorldUnderRally, NamesAMissingOrBadVariable) {
   std::map<std::string, std::string> env = {
       {"RALLY_COORDINATOR", "127.0.0.1:1"}, {"RALLY_WORLD_SIZE", "2"}, {"RALLY_RANK", "x"}};

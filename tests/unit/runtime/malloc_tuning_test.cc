@@ -86,6 +86,14 @@ TEST(MallocTuning, AppliesUnlessTheUserChose) {
   EXPECT_EQ(off.reason, "RALLY_MALLOC_TUNING=0");
 }
 
+TEST(MallocTuning, AnUnknownSettingIsAnErrorThatSaysWhatWouldDo) {
+  const auto bad = tuneMallocForTraining({{"RALLY_MALLOC_TUNING", "maybe"}});
+  EXPECT_FALSE(bad.applied);
+  EXPECT_TRUE(bad.bad_value);
+  EXPECT_NE(bad.reason.find("RALLY_MALLOC_TUNING=maybe"), std::string::npos) << bad.reason;
+  EXPECT_NE(bad.reason.find("use on or off"), std::string::npos) << bad.reason;
+}
+
 TEST(MallocTuning, StepsStopFaultingTheirPagesInAgain) {
   if (sanitizerAllocator()) GTEST_SKIP() << "a sanitizer's allocator replaces glibc malloc here";
   const std::int64_t untuned = faultsOfSteps(false);
