@@ -2,11 +2,6 @@
 
 #include <fmt/format.h>
 
-// The C API only: without these, mpi.h in a C++ file pulls in the deprecated C++ bindings, which
-// live in a library (libmpi_cxx) that MPI::MPI_C does not link.
-#define OMPI_SKIP_MPICXX 1
-#define MPICH_SKIP_MPICXX 1
-#include <mpi.h>
 
 #include <algorithm>
 #include <array>
@@ -26,6 +21,7 @@
 
 #include "collectives/internal/call_check.h"
 #include "collectives/internal/reduce.h"
+#include "collectives/mpi/internal/mpi_process.h"
 
 namespace rally::collectives {
 namespace {
@@ -33,261 +29,13 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::microseconds;
 
-std::string_view threadLevelName(int level) {
-  switch (level) {
-    case MPI_THREAD_SINGLE:
-      return "MPI_THREAD_SINGLE";
-    case MPI_THREAD_FUNNELED:
-      return "MPI_THREAD_FUNNELED";
-    case MPI_THREAD_SERIALIZED:
-      return "MPI_THREAD_SERIALIZED";
-    case MPI_THREAD_MULTIPLE:
-      return "MPI_THREAD_MULTIPLE";
-  }
-  return "an unknown MPI thread level";
-}
-
-std::string mpiErrorString(int rc) {
-  char text[MPI_MAX_ERROR_STRING];
-  int length = 0;
-  if (MPI_Error_string(rc, text, &length) != MPI_SUCCESS) return fmt::format("MPI error {}", rc);
-  return std::string(text, static_cast<size_t>(length));
-}
-
-// The one wrapper for MPI's return codes: the call, file:line and MPI's own error string. Errors
-// MPI does not classify further get `fallback`: Internal where rally posts an operation (it checked
-// the arguments), PeerLost where an operation the other ranks took part in completes with an error.
-Status mpiStatus(int rc, std::string_view call, const char* file, int line, StatusCode fallback) {
-  if (rc == MPI_SUCCESS) return okStatus();
-  int error_class = rc;
-  MPI_Error_class(rc, &error_class);
-  StatusCode code = fallback;
-  std::string hint;
-  if (error_class == MPI_ERR_TRUNCATE) {
-    code = StatusCode::kInvalidArgument;
-    hint =
-        " (a message was longer than its receive buffer: send and recv must agree on count and "
-        "type)";
-  } else if (error_class == MPI_ERR_NO_MEM) {
-    code = StatusCode::kResourceExhausted;
-  }
-  const char* slash = std::strrchr(file, '/');
-  return Status(code, fmt::format("{} failed ({}:{}): {}{}", call, slash ? slash + 1 : file, line,
-                                  mpiErrorString(rc), hint));
-}
-
-// A request MPI may still complete, and the buffers it may still write: an operation that was
-// aborted or timed out cannot be cancelled (a collective) or freed before it completes.
-struct AbandonedRequest {
-  MPI_Request request = MPI_REQUEST_NULL;
-  std::shared_ptr<void> buffers;
-};
-
-// f16 and bf16 have no MPI type: they travel as MPI_UINT16_T and are reduced by these user-defined
-// operations (MPI: inout[i] = in[i] op inout[i]; every op here is commutative).
-template <DataType kType, ReduceOp kOp>
-void reduce16(void* in, void* inout, int* len, MPI_Datatype* /*type*/) {
-  internal::reduce(kType, kOp, inout, in, inout, static_cast<size_t>(*len));
-}
-
-// Indexed by ReduceOp (kSum, kAvg, kMin, kMax, kProd); internal::reduce sums for kAvg.
-constexpr size_t kReduceOps = 5;
-static_assert(static_cast<size_t>(ReduceOp::kProd) == kReduceOps - 1, "the tables follow ReduceOp");
-static_assert(static_cast<size_t>(DataType::kU8) == 6, "mpiType's table follows DataType");
-template <DataType kType>
-constexpr std::array<MPI_User_function*, kReduceOps> kReduce16 = {
-    &reduce16<kType, ReduceOp::kSum>, &reduce16<kType, ReduceOp::kAvg>,
-    &reduce16<kType, ReduceOp::kMin>, &reduce16<kType, ReduceOp::kMax>,
-    &reduce16<kType, ReduceOp::kProd>};
-
-// MPI as this process has it. MPI can be initialised once per process and finalized once, so this
-// is the backend's one process-wide object, and it holds only MPI's process state: the thread
-// level, the lock that serialises MPI calls where MPI asks for it, the f16/bf16 operations and the
-// requests communicators abandoned. Created by the first createMpiCommunicator() or
-// mpiWorldOptions(); never destroyed (MPI_Finalize runs at exit, see the header).
-class MpiProcess {
- public:
-  // Held around each MPI call: shared under MPI_THREAD_MULTIPLE, exclusive under
-  // MPI_THREAD_SERIALIZED. False once MPI_Finalize ran: then nothing may be called.
-  class Entry {
-   public:
-    explicit Entry(MpiProcess& p) {
-      if (p.serialized_) {
-        exclusive_ = std::unique_lock(p.mu_);
-      } else {
-        shared_ = std::shared_lock(p.mu_);
-      }
-      ok_ = !p.finalized_;
-    }
-    explicit operator bool() const { return ok_; }
-
-   private:
-    std::unique_lock<std::shared_mutex> exclusive_;
-    std::shared_lock<std::shared_mutex> shared_;
-    bool ok_ = false;
-  };
-
-  static Result<MpiProcess*> get() {
-    static const Result<MpiProcess*> process = initialise();  // once, thread-safe
-    return process;
-  }
-
-  Entry enter() { return Entry(*this); }
-
-  MPI_Op op16(DataType type, ReduceOp op) const {
-    return ops16_[type == DataType::kF16 ? 0 : 1][static_cast<size_t>(op)];
-  }
-
-  // Frees `comm` (if not null) once the requests a communicator abandoned have completed: Open MPI
-  // does not keep a communicator alive for its pending non-blocking collectives, and would progress
-  // them on a freed one. Until then MPI progresses them whenever any MPI call runs; each retire()
-  // and sweep() tests every pending request and frees what it can. (At exit MPI_Finalize cleans up
-  // what is left.)
-  void retire(std::shared_ptr<MPI_Comm> comm, std::vector<AbandonedRequest> requests) {
-    std::lock_guard lock(retired_mu_);
-    retired_.push_back(Retired{std::move(comm), std::move(requests)});
-    sweepLocked();
-  }
-  void sweep() {
-    std::lock_guard lock(retired_mu_);
-    sweepLocked();
-  }
-
- private:
-  explicit MpiProcess(int thread_level) : serialized_(thread_level < MPI_THREAD_MULTIPLE) {
-    for (auto& ops : ops16_) std::fill(std::begin(ops), std::end(ops), MPI_OP_NULL);
-  }
-
-  static Result<MpiProcess*> initialise() {
-    int initialised = 0, finalized = 0;
-    MPI_Initialized(&initialised);
-    MPI_Finalized(&finalized);
-    if (finalized) {
-      return failedPrecondition(
-          "the MPI backend cannot start: MPI was already finalized in this process, and MPI can be "
-          "initialised only once per process; create MPI communicators before MPI_Finalize");
-    }
-    int provided = MPI_THREAD_SINGLE;
-    if (!initialised) {
-      if (!launchedByMpi()) {
-        return failedPrecondition(
-            "the MPI backend serves only jobs started by mpirun/mpiexec or srun, and none of "
-            "OMPI_COMM_WORLD_SIZE, PMI_SIZE or PMIX_RANK is set; start the job with "
-            "`mpirun -n N ...`, or use the gloo (CPU) or nccl (GPU) backend");
-      }
-      const int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
-      if (rc != MPI_SUCCESS) {
-        return mpiStatus(rc, "MPI_Init_thread", __FILE__, __LINE__, StatusCode::kUnavailable);
-      }
-      // Errors of calls on no communicator of ours (MPI_Comm_idup of the world, MPI_Op_create)
-      // are returned, not fatal; MPI is ours, so this changes nothing the program set.
-      MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-    } else {
-      MPI_Query_thread(&provided);
-    }
-    // Lives as long as MPI: never deleted. Finalizes at exit what rally initialised, also when
-    // the thread level below turns out too low.
-    auto* process = new MpiProcess(provided);
-    if (!initialised) {
-      instance_ = process;
-      std::atexit(&finalizeAtExit);
-    }
-    if (provided < MPI_THREAD_SERIALIZED) {
-      return failedPrecondition(fmt::format(
-          "the MPI backend needs MPI_THREAD_SERIALIZED or MPI_THREAD_MULTIPLE (it calls MPI from "
-          "its executor threads), but MPI gives {}; {}",
-          threadLevelName(provided),
-          initialised
-              ? "initialise MPI with MPI_Init_thread(..., MPI_THREAD_MULTIPLE, ...), or let "
-                "createMpiCommunicator() initialise it"
-              : "use an MPI library built with thread support"));
-    }
-    for (int t = 0; t < 2; ++t) {
-      const auto& fns = t == 0 ? kReduce16<DataType::kF16> : kReduce16<DataType::kBF16>;
-      for (size_t i = 0; i < kReduceOps; ++i) {
-        const int rc = MPI_Op_create(fns[i], /*commute=*/1, &process->ops16_[t][i]);
-        if (rc != MPI_SUCCESS) {
-          return mpiStatus(rc, "MPI_Op_create", __FILE__, __LINE__, StatusCode::kInternal)
-              .addContext("while creating the f16/bf16 reductions");
-        }
-      }
-    }
-    return process;
-  }
-
-  // Runs at exit if rally initialised MPI. Communicators still alive stop calling MPI: their
-  // operations fail with Aborted.
-  static void finalizeAtExit() {
-    MpiProcess* p = instance_;
-    std::unique_lock lock(p->mu_);
-    p->finalized_ = true;
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (finalized) return;  // the program did it
-    for (auto& ops : p->ops16_) {
-      for (auto& op : ops) {
-        if (op != MPI_OP_NULL) MPI_Op_free(&op);
-      }
-    }
-    MPI_Finalize();
-  }
-
-  static inline MpiProcess* instance_ = nullptr;  // set once, read at exit
-
-  const bool serialized_;
-  std::shared_mutex mu_;
-  bool finalized_ = false;       // guarded by mu_
-  MPI_Op ops16_[2][kReduceOps];  // [f16, bf16][ReduceOp]
-  // Communicators destroyed with requests still pending, and what the requests may still write.
-  struct Retired {
-    std::shared_ptr<MPI_Comm> comm;  // written by an abandoned MPI_Comm_idup when it completes
-    std::vector<AbandonedRequest> requests;
-  };
-  void sweepLocked() {
-    auto entry = enter();
-    if (!entry) return;
-    std::erase_if(retired_, [](Retired& r) {
-      std::erase_if(r.requests, [](AbandonedRequest& a) {
-        int done = 0;
-        // An error completes the request as well; there is nobody left to report it to.
-        return MPI_Test(&a.request, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || done != 0;
-      });
-      if (!r.requests.empty()) return false;
-      if (r.comm != nullptr && *r.comm != MPI_COMM_NULL) MPI_Comm_free(r.comm.get());
-      return true;
-    });
-  }
-  std::mutex retired_mu_;
-  std::vector<Retired> retired_;  // guarded by retired_mu_
-};
-
-Status finalizedCause() {
-  return aborted("MPI was finalized (the process is exiting), so no operation can run");
-}
-
-// Calls one MPI function while holding MpiProcess::Entry, through mpiStatus.
-template <typename F>
-Status callMpi(MpiProcess& process, const char* name, const char* file, int line, F&& f) {
-  auto entry = process.enter();
-  if (!entry) return finalizedCause();
-  return mpiStatus(f(), name, file, line, StatusCode::kInternal);
-}
-#define RALLY_MPI_CALL(process, fn, args) \
-  callMpi(process, #fn, __FILE__, __LINE__, [&] { return fn args; })
-
-MPI_Datatype mpiType(DataType t) {
-  // By DataType: kF32, kF64, kF16, kBF16, kI32, kI64, kU8 (16-bit floats travel as 16-bit words).
-  static const MPI_Datatype kTypes[] = {MPI_FLOAT,   MPI_DOUBLE,  MPI_UINT16_T, MPI_UINT16_T,
-                                        MPI_INT32_T, MPI_INT64_T, MPI_UINT8_T};
-  return kTypes[static_cast<size_t>(t)];
-}
-
-// kAvg is a sum here; the division follows (internal::finishAverage).
-MPI_Op mpiOp(const MpiProcess& process, DataType t, ReduceOp op) {
-  if (t == DataType::kF16 || t == DataType::kBF16) return process.op16(t, op);
-  static const MPI_Op kOps[kReduceOps] = {MPI_SUM, MPI_SUM, MPI_MIN, MPI_MAX, MPI_PROD};
-  return kOps[static_cast<size_t>(op)];
-}
+using internal::AbandonedRequest;
+using internal::callMpi;
+using internal::finalizedCause;
+using internal::MpiProcess;
+using internal::mpiOp;
+using internal::mpiStatus;
+using internal::mpiType;
 
 class WorkImpl final : public Work {
  public:
