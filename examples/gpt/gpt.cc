@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -209,7 +210,7 @@ int main(int argc, char** argv) {
                                ->wait(Milliseconds(60'000));
           if (!b.ok()) throw collectives::CollectiveError(b);
         }
-      } catch (const collectives::CollectiveError& e) {
+      } catch (const std::exception& e) {  // a collective's failure, or a bad argument
         std::fprintf(stderr, "rank %d: no sample: %s\n", w.rank(), e.what());
         return 1;
       }

@@ -42,7 +42,8 @@ struct BlockImpl : nn::Module {
     auto qh = split(q(h)), kh = split(k(h)), vh = split(v(h));
     // Scaled scores with the causal mask as an additive -inf above the diagonal, in one baddbmm
     // (no separate scaling and masking passes over the [B * heads, T, T] scores).
-    auto causal = ::torch::full({T, T}, -std::numeric_limits<float>::infinity()).triu(1);
+    auto causal =
+        ::torch::full({T, T}, -std::numeric_limits<float>::infinity(), qh.options()).triu(1);
     auto att = ::torch::softmax(
         ::torch::baddbmm(causal, qh, kh.transpose(1, 2), /*beta=*/1,
                          /*alpha=*/1.0 / std::sqrt(static_cast<double>(head_dim))),

@@ -260,18 +260,18 @@ class CudaKernels final : public Kernels {
     if (block_bytes == 0) return invalidArgument("blockChecksums: block_bytes must be positive");
     const size_t blocks = (bytes + block_bytes - 1) / block_bytes;
     if (blocks == 0) return okStatus();
+    if (blocks > 0x7fffffffu) {
+      return invalidArgument(fmt::format(
+          "blockChecksums: {} blocks of {} bytes are more than one launch takes (2^31 - 1); use "
+          "larger blocks",
+          blocks, block_bytes));
+    }
     RALLY_CUDA(cudaSetDevice(device_));
     if (blocks > sums_capacity_) {
       cudaFree(device_sums_);
       device_sums_ = nullptr;
       RALLY_CUDA(cudaMalloc(&device_sums_, blocks * sizeof(std::uint64_t)));
       sums_capacity_ = blocks;
-    }
-    if (blocks > 0x7fffffffu) {
-      return invalidArgument(fmt::format(
-          "blockChecksums: {} blocks of {} bytes are more than one launch takes (2^31 - 1); use "
-          "larger blocks",
-          blocks, block_bytes));
     }
     const auto* in = static_cast<const std::uint8_t*>(data);
     const bool aligned = reinterpret_cast<std::uintptr_t>(in) % 8 == 0 && block_bytes % 8 == 0;

@@ -13,13 +13,15 @@
 namespace rally::parallel {
 namespace {
 
-// How registerModule and registerOptimizer name and shard a module's parameters, by data pointer.
+// How registerModule and registerOptimizer name and shard a module's parameters, by TensorImpl
+// (not data pointer: empty parameters, e.g. a TP rank's empty slice, all have a null one).
 struct ParamInfo {
   std::string name;
   std::optional<Sharding> sharding;
 };
 
 std::map<const void*, ParamInfo> parameterInfo(::torch::nn::Module& module) {
+  auto key = [](const ::torch::Tensor& t) -> const void* { return t.unsafeGetTensorImpl(); };
   // Shards: the parameters of rally's tensor-parallel layers, by their layer's slice.
   std::map<const void*, Sharding> shards;
   std::vector<::torch::nn::Module*> all = {&module};  // itself need not live in a shared_ptr
@@ -28,19 +30,19 @@ std::map<const void*, ParamInfo> parameterInfo(::torch::nn::Module& module) {
   }
   for (::torch::nn::Module* m : all) {
     if (auto* c = dynamic_cast<ColumnParallelLinearImpl*>(m)) {
-      shards[c->weight.data_ptr()] = {{c->out_total, c->weight.size(1)}, {c->out_begin, 0}};
-      if (c->bias.defined()) shards[c->bias.data_ptr()] = {{c->out_total}, {c->out_begin}};
+      shards[key(c->weight)] = {{c->out_total, c->weight.size(1)}, {c->out_begin, 0}};
+      if (c->bias.defined()) shards[key(c->bias)] = {{c->out_total}, {c->out_begin}};
     } else if (auto* r = dynamic_cast<RowParallelLinearImpl*>(m)) {
-      shards[r->weight.data_ptr()] = {{r->weight.size(0), r->in_total}, {0, r->in_begin}};
+      shards[key(r->weight)] = {{r->weight.size(0), r->in_total}, {0, r->in_begin}};
     } else if (auto* e = dynamic_cast<VocabParallelEmbeddingImpl*>(m)) {
-      shards[e->weight.data_ptr()] = {{e->vocab_total, e->weight.size(1)}, {e->vocab_begin, 0}};
+      shards[key(e->weight)] = {{e->vocab_total, e->weight.size(1)}, {e->vocab_begin, 0}};
     }
   }
   std::map<const void*, ParamInfo> out;
   for (const auto& p : module.named_parameters(/*recurse=*/true)) {
-    ParamInfo& info = out[p.value().data_ptr()];
+    ParamInfo& info = out[key(p.value())];
     info.name = p.key();
-    if (auto it = shards.find(p.value().data_ptr()); it != shards.end()) info.sharding = it->second;
+    if (auto it = shards.find(key(p.value())); it != shards.end()) info.sharding = it->second;
   }
   return out;
 }
@@ -93,7 +95,8 @@ Status registerModule(ElasticState& state, ::torch::nn::Module& module, const st
   const auto info = parameterInfo(module);
   for (const auto& p : module.named_parameters(/*recurse=*/true)) {
     RALLY_RETURN_IF_ERROR(
-        registerTensor(state, prefix + p.key(), p.value(), info.at(p.value().data_ptr()).sharding));
+        registerTensor(state, prefix + p.key(), p.value(),
+                       info.at(p.value().unsafeGetTensorImpl()).sharding));
   }
   for (const auto& b : module.named_buffers(/*recurse=*/true)) {
     RALLY_RETURN_IF_ERROR(registerTensor(state, prefix + b.key(), b.value()));
@@ -106,24 +109,52 @@ Status registerOptimizer(ElasticState& state, ::torch::optim::Optimizer& optimiz
   namespace optim = ::torch::optim;
   const auto info = parameterInfo(module);
   auto& groups = optimizer.param_groups();
+  auto isAdam = [](optim::OptimizerOptions& o) {
+    return dynamic_cast<optim::AdamOptions*>(&o) != nullptr ||
+           dynamic_cast<optim::AdamWOptions*>(&o) != nullptr;
+  };
+  // Every check first, so that a refusal leaves the state and the optimizer as they were.
   for (size_t g = 0; g < groups.size(); ++g) {
     auto& options = groups[g].options();
+    if (!isAdam(options) && dynamic_cast<optim::SGDOptions*>(&options) == nullptr &&
+        dynamic_cast<optim::RMSpropOptions*>(&options) == nullptr &&
+        dynamic_cast<optim::AdagradOptions*>(&options) == nullptr) {
+      return invalidArgument(
+          "registerOptimizer: supported optimizers are torch::optim::Adam, AdamW, SGD, RMSprop "
+          "and Adagrad (LBFGS keeps no per-parameter state that can be split); register other "
+          "state with registerTensor");
+    }
     for (size_t i = 0; i < groups[g].params().size(); ++i) {
       const ::torch::Tensor& p = groups[g].params()[i];
-      auto it = info.find(p.data_ptr());
+      auto it = info.find(p.unsafeGetTensorImpl());
       if (it == info.end()) {
         return invalidArgument(fmt::format(
             "registerOptimizer: parameter {} of param group {} (shape {}) is not a parameter of "
             "the module given; pass the module whose parameters the optimizer updates",
             i, g, fmt::join(p.sizes(), "x")));
       }
-      const std::string name = prefix + it->second.name + ".";
-      const std::optional<Sharding>& shard = it->second.sharding;
+      auto* sgd = dynamic_cast<optim::SGDOptions*>(&options);
+      if (sgd == nullptr || sgd->momentum() == 0 || sgd->dampening() == 0) continue;
+      const auto found = optimizer.state().find(stateKey(p));
+      if (found == optimizer.state().end() ||
+          !static_cast<optim::SGDParamState&>(*found->second).momentum_buffer().defined()) {
+        return failedPrecondition(fmt::format(
+            "registerOptimizer: SGD with dampening {} makes its momentum buffer from the first "
+            "gradient, so '{}' has no state to register before the first step(); register "
+            "after it, or use dampening 0",
+            sgd->dampening(), it->second.name));
+      }
+    }
+  }
+  for (auto& group : groups) {
+    auto& options = group.options();
+    for (const ::torch::Tensor& p : group.params()) {
+      const ParamInfo& param = info.at(p.unsafeGetTensorImpl());
+      const std::string name = prefix + param.name + ".";
       auto reg = [&](const char* field, const ::torch::Tensor& t) {
-        return registerTensor(state, name + field, t, shard);
+        return registerTensor(state, name + field, t, param.sharding);
       };
-      if (dynamic_cast<optim::AdamOptions*>(&options) != nullptr ||
-          dynamic_cast<optim::AdamWOptions*>(&options) != nullptr) {
+      if (isAdam(options)) {
         const bool adamw = dynamic_cast<optim::AdamWOptions*>(&options) != nullptr;
         const bool amsgrad = adamw ? static_cast<optim::AdamWOptions&>(options).amsgrad()
                                    : static_cast<optim::AdamOptions&>(options).amsgrad();
@@ -143,20 +174,9 @@ Status registerOptimizer(ElasticState& state, ::torch::optim::Optimizer& optimiz
                                     : fill(stateOf<optim::AdamParamState>(optimizer, p)));
       } else if (auto* sgd = dynamic_cast<optim::SGDOptions*>(&options)) {
         if (sgd->momentum() == 0) continue;  // SGD without momentum keeps no state
-        const auto found = optimizer.state().find(stateKey(p));
-        const bool has_buffer =
-            found != optimizer.state().end() &&
-            static_cast<optim::SGDParamState&>(*found->second).momentum_buffer().defined();
-        if (!has_buffer && sgd->dampening() != 0) {
-          return failedPrecondition(fmt::format(
-              "registerOptimizer: SGD with dampening {} makes its momentum buffer from the first "
-              "gradient, so '{}' has no state to register before the first step(); register "
-              "after it, or use dampening 0",
-              sgd->dampening(), it->second.name));
-        }
         // With dampening 0 the first step() on a zero buffer gives the gradient, as libtorch's
-        // own first step (a copy of the gradient) does. (An SGD state without a buffer would make
-        // its step() fail: none is made above when there is nothing to register.)
+        // own first step (a copy of the gradient) does; with another dampening the buffer exists
+        // (checked above).
         auto& s = stateOf<optim::SGDParamState>(optimizer, p);
         zerosUnlessDefined(s.momentum_buffer(), p);
         RALLY_RETURN_IF_ERROR(reg("momentum_buffer", s.momentum_buffer()));
@@ -173,19 +193,17 @@ Status registerOptimizer(ElasticState& state, ::torch::optim::Optimizer& optimiz
         if (rms->centered()) {
           RALLY_RETURN_IF_ERROR(reg("grad_avg", s.grad_avg()));
         }
-      } else if (dynamic_cast<optim::AdagradOptions*>(&options) != nullptr) {
-        auto& s = stateOf<optim::AdagradParamState>(optimizer, p);  // made by its constructor
+      } else {
+        auto& ada = static_cast<optim::AdagradOptions&>(options);
+        // Adagrad's constructor makes the accumulator; add_param_group does not: make it as the
+        // constructor would.
+        auto& s = stateOf<optim::AdagradParamState>(optimizer, p);
         if (!s.sum().defined()) {
-          return internalError(fmt::format(
-              "registerOptimizer: Adagrad has no accumulator for '{}'", it->second.name));
+          s.sum(::torch::full_like(p, ada.initial_accumulator_value(),
+                                   ::torch::MemoryFormat::Contiguous));
         }
         RALLY_RETURN_IF_ERROR(state.registerScalar(name + "step", &s.step()));
         RALLY_RETURN_IF_ERROR(reg("sum", s.sum()));
-      } else {
-        return invalidArgument(
-            "registerOptimizer: supported optimizers are torch::optim::Adam, AdamW, SGD, RMSprop "
-            "and Adagrad (LBFGS keeps no per-parameter state that can be split); register other "
-            "state with registerTensor");
       }
     }
   }

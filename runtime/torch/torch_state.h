@@ -37,8 +37,10 @@ Status registerModule(ElasticState& state, ::torch::nn::Module& module,
 // layer's moments are shards like its weight), and its step count as a scalar. State that the
 // optimizer makes lazily in its first step() is made now, as that step would make it (zeros), so
 // it is registered before the first commit and a replacement process can receive it. Every
-// parameter of `optimizer` must be one of `module`'s. Errors: an unsupported optimizer; SGD with
-// dampening != 0 before its first step (its momentum buffer starts as the first gradient).
+// parameter of `optimizer` must be one of `module`'s. Errors (checked before anything is
+// registered): an unsupported optimizer; a parameter not the module's; SGD with dampening != 0
+// before its first step (its momentum buffer starts as the first gradient). Loading the optimizer
+// (torch::load) replaces its state objects: unregister and register again after it.
 Status registerOptimizer(ElasticState& state, ::torch::optim::Optimizer& optimizer,
                          ::torch::nn::Module& module, const std::string& prefix = "optim.");
 

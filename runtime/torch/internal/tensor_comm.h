@@ -57,6 +57,7 @@ inline void allreduceInPlace(collectives::Communicator& comm, ::torch::Tensor& t
 inline ::torch::Tensor allgatherLastDim(collectives::Communicator& comm, const ::torch::Tensor& x,
                                         std::int64_t total) {
   const int n = comm.size();
+  if (total == 0) return x.new_empty(x.sizes());  // nothing to gather (every slice is empty)
   const std::int64_t chunk = (total + n - 1) / n;
   auto in = x.size(-1) == chunk ? x.contiguous()
                                 : ::torch::constant_pad_nd(x, {0, chunk - x.size(-1)}).contiguous();

@@ -4,6 +4,7 @@
 #include "runtime/world/internal/malloc_tuning.h"
 
 #include <gtest/gtest.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -50,6 +51,9 @@ bool sanitizerAllocator() {
 // varied sizes), touch every page, free them all (the end of a step).
 std::int64_t faultsOfSteps(bool tune) {
   return inChild([tune]() -> std::int64_t {
+    // Page faults counted in 4 KiB pages: where transparent huge pages are "always", the heap
+    // would fault in 2 MiB at a time and the counts would not compare.
+    prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
     if (tune && !tuneMallocForTraining({}).applied) return -2;
     std::int64_t counted = 0;
     for (int round = 0; round < 6; ++round) {

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <ostream>
@@ -149,17 +150,65 @@ TEST(RegisterOptimizer, SaysWhatItCannotRegister) {
   s = registerOptimizer(state, damped, net);
   EXPECT_TRUE(s.ok()) << s.toString();
 
-  optim::AdamW foreign(other.parameters(), optim::AdamWOptions(0.01));
+  // A foreign parameter in a second group: refused before anything is registered.
+  optim::AdamW foreign(net.parameters(), optim::AdamWOptions(0.01));
+  foreign.add_param_group(optim::OptimizerParamGroup(other.parameters()));
   ElasticState state2;
   s = registerOptimizer(state2, foreign, net);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("not a parameter of the module"), std::string::npos) << s.toString();
+  EXPECT_EQ(state2.entries(), 0u) << "nothing registered by a refused call";
 
   optim::LBFGS lbfgs(net.parameters(), optim::LBFGSOptions(1));
   ElasticState state3;
   s = registerOptimizer(state3, lbfgs, net);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("Adam, AdamW, SGD"), std::string::npos) << s.toString();
+}
+
+// Adagrad's constructor makes each parameter's accumulator, add_param_group does not:
+// registerOptimizer makes it as the constructor would, so training equals an Adagrad built with
+// every parameter at once.
+TEST(RegisterOptimizer, AdagradGroupsAddedLaterGetTheirAccumulator) {
+  ::torch::manual_seed(9);
+  Net a, b;
+  {
+    ::torch::NoGradGuard g;
+    for (size_t i = 0; i < a.parameters().size(); ++i) b.parameters()[i].copy_(a.parameters()[i]);
+  }
+  const auto opts = optim::AdagradOptions(0.1).initial_accumulator_value(0.25);
+  optim::Adagrad whole(a.parameters(), opts);
+  optim::Adagrad split(std::vector<Tensor>{b.a->weight, b.a->bias}, opts);
+  split.add_param_group(optim::OptimizerParamGroup({b.b->weight, b.b->bias}));
+  ElasticState state;
+  const Status s = registerOptimizer(state, split, b);
+  ASSERT_TRUE(s.ok()) << s.toString();
+  trainSteps(a, whole, 0, 3);
+  trainSteps(b, split, 0, 3);
+  EXPECT_TRUE(::torch::equal(flat(a), flat(b)));
+}
+
+// Empty parameters (a TP rank's empty slice, say) all have a null data pointer: they are still
+// told apart, each under its own name.
+TEST(RegisterOptimizer, EmptyParametersKeepTheirNames) {
+  struct WithEmpty : ::torch::nn::Module {
+    WithEmpty() {
+      e1 = register_parameter("e1", ::torch::empty({0}));
+      e2 = register_parameter("e2", ::torch::empty({0, 3}));
+      w = register_parameter("w", ::torch::ones({2}));
+    }
+    Tensor e1, e2, w;
+  } m;
+  optim::Adam opt(m.parameters(), optim::AdamOptions(0.1));
+  ElasticState state;
+  ASSERT_TRUE(registerModule(state, m).ok());
+  const Status s = registerOptimizer(state, opt, m);
+  ASSERT_TRUE(s.ok()) << s.toString();
+  std::vector<std::string> names;
+  for (const auto& e : state.registered()) names.push_back(e.name);
+  for (const char* want : {"optim.e1.exp_avg", "optim.e2.exp_avg", "optim.w.exp_avg"}) {
+    EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
+  }
 }
 
 }  // namespace
