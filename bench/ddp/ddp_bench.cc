@@ -45,7 +45,7 @@ TORCH_MODULE(Mlp);
 int main(int argc, char** argv) {
   std::map<std::string, std::string> opt = {{"--model", "mlp"}, {"--steps", "30"},
                                             {"--warmup", "5"}, {"--batch", "32"},
-                                            {"--ddp", "1"}};
+                                            {"--ddp", "1"}, {"--bucket-view", "0"}};
   for (int i = 1; i + 1 < argc; i += 2) opt[argv[i]] = argv[i + 1];
   ::torch::set_num_threads(1);
   auto world = init();
@@ -76,7 +76,11 @@ int main(int argc, char** argv) {
   // --ddp 0: plain local training (no DDP, no gradient allreduce), to measure what DDP adds.
   const bool use_ddp = opt["--ddp"] != "0";
   std::optional<parallel::DistributedDataParallel> ddp;
-  if (use_ddp) ddp.emplace(module, w.comm());
+  // --bucket-view 1: gradients as views of the buckets (DdpOptions::gradient_as_bucket_view).
+  if (use_ddp) {
+    ddp.emplace(module, w.comm(),
+                parallel::DdpOptions{.gradient_as_bucket_view = opt["--bucket-view"] == "1"});
+  }
   ::torch::optim::SGD opt_sgd(module->parameters(), 0.01);
   const int steps = std::stoi(opt["--steps"]), warmup = std::stoi(opt["--warmup"]);
   std::vector<double> times, overlap, comm;

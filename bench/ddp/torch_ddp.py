@@ -59,6 +59,7 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--ddp", type=int, default=1, help="0: plain local training, no DDP")
+    p.add_argument("--bucket-view", type=int, default=0, help="1: gradient_as_bucket_view")
     a = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -71,7 +72,8 @@ def main():
         model = Gpt()
         x, y = torch.randint(0, 256, (a.batch, 64)), torch.randint(0, 256, (a.batch, 64))
         loss_fn = lambda m: F.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1))
-    ddp = nn.parallel.DistributedDataParallel(model) if a.ddp else model
+    ddp = (nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bool(a.bucket_view))
+           if a.ddp else model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
     times = []
     for s in range(a.warmup + a.steps):

@@ -2,8 +2,12 @@
 
 #include <fmt/format.h>
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <functional>
 
 namespace rally::parallel {
 namespace {
@@ -32,6 +36,18 @@ Result<DataType> rallyType(::torch::ScalarType t) {
 double msBetween(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
+
+// Runs after a parameter's AccumulateGrad node, i.e. once its .grad holds this pass's gradient.
+struct AfterAccumulation final : ::torch::autograd::FunctionPostHook {
+  explicit AfterAccumulation(std::function<void()> f) : f_(std::move(f)) {}
+  ::torch::autograd::variable_list operator()(
+      const ::torch::autograd::variable_list& outputs,
+      const ::torch::autograd::variable_list& /*inputs*/) override {
+    f_();
+    return outputs;
+  }
+  std::function<void()> f_;
+};
 
 }  // namespace
 
@@ -73,6 +89,14 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
   ready_.assign(params_.size(), false);
   stats_.buckets = static_cast<int>(buckets_.size());
   for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
+    if (options_.gradient_as_bucket_view) {
+      pointGradAtBucket(params_[i]);
+      auto acc = ::torch::autograd::impl::grad_accumulator(params_[i].tensor);
+      post_hooks_.push_back(
+          acc->add_post_hook(std::make_unique<AfterAccumulation>([this, i] { onAccumulated(i); })));
+      accumulators_.push_back(std::move(acc));
+      continue;
+    }
     hooks_.push_back(params_[i].tensor.register_hook([this, i](::torch::Tensor grad) {
       onGradient(i, grad);
       return grad;
@@ -85,6 +109,7 @@ DistributedDataParallel::~DistributedDataParallel() {
   // The module outlives this object (a new one may be made after a recovery): its parameters
   // must not call into a dead one.
   for (size_t i = 0; i < hooks_.size(); ++i) params_[i].tensor.remove_hook(hooks_[i]);
+  for (size_t i = 0; i < accumulators_.size(); ++i) accumulators_[i]->del_post_hook(post_hooks_[i]);
   // Reductions still in flight must not write into freed buckets.
   for (Bucket& b : buckets_) {
     if (b.work) (void)b.work->wait(options_.timeout);
@@ -139,6 +164,39 @@ void DistributedDataParallel::onGradient(int index, const ::torch::Tensor& grad)
   if (--b.pending == 0) launch(b);
 }
 
+::torch::Tensor DistributedDataParallel::slotOf(const Param& p) const {
+  return buckets_[p.bucket].flat.narrow(0, p.offset, p.tensor.numel()).view_as(p.tensor);
+}
+
+void DistributedDataParallel::pointGradAtBucket(Param& p) {
+  // An alias of the slot with storage of its own rather than a view of the bucket: libtorch's
+  // Optimizer::zero_grad() calls detach_(), which autograd refuses on views. The deleter holds
+  // the bucket, so the memory lives as long as the gradient does.
+  const ::torch::Tensor& flat = buckets_[p.bucket].flat;
+  auto* data = static_cast<char*>(flat.data_ptr()) + p.offset * flat.element_size();
+  auto slot = ::torch::from_blob(data, p.tensor.sizes(), [keep = flat](void*) {}, flat.options());
+  const ::torch::Tensor& grad = p.tensor.grad();
+  if (grad.defined() && grad.numel() > 0 && grad.data_ptr() == slot.data_ptr()) return;
+  ::torch::NoGradGuard no_grad;
+  if (grad.defined()) {
+    slot.copy_(grad);
+  } else {
+    slot.zero_();
+  }
+  p.tensor.mutable_grad() = slot;
+}
+
+void DistributedDataParallel::onAccumulated(int index) {
+  Param& p = params_[index];
+  pointGradAtBucket(p);  // normally .grad is the slot already
+  if (no_sync_ > 0) return;  // accumulated locally, in the bucket
+  if (!in_backward_) beginBackward();
+  if (ready_[index]) return;
+  ready_[index] = true;
+  Bucket& b = buckets_[p.bucket];
+  if (--b.pending == 0) launch(b);
+}
+
 void DistributedDataParallel::launch(Bucket& b) {
   b.launched = Clock::now();
   b.work = comm_->allreduce(b.flat.data_ptr(), static_cast<size_t>(b.flat.numel()), b.type,
@@ -158,12 +216,16 @@ void DistributedDataParallel::finishBackward() {
     }
     Param& p = params_[i];
     Bucket& b = buckets_[p.bucket];
-    ::torch::NoGradGuard no_grad;
-    auto slot = b.flat.narrow(0, p.offset, p.tensor.numel());
-    if (p.tensor.grad().defined()) {
-      slot.copy_(p.tensor.grad().reshape({-1}));  // what earlier no_sync passes accumulated
+    if (options_.gradient_as_bucket_view) {
+      pointGradAtBucket(p);  // the slot holds what earlier no_sync passes accumulated
     } else {
-      slot.zero_();
+      ::torch::NoGradGuard no_grad;
+      auto slot = b.flat.narrow(0, p.offset, p.tensor.numel());
+      if (p.tensor.grad().defined()) {
+        slot.copy_(p.tensor.grad().reshape({-1}));  // what earlier no_sync passes accumulated
+      } else {
+        slot.zero_();
+      }
     }
     ready_[i] = true;
     if (--b.pending == 0) launch(b);
@@ -191,10 +253,10 @@ void DistributedDataParallel::finishBackward() {
   stats_.overlap_fraction = comm > 0 ? hidden / comm : 0;
   if (!status_.ok()) return;
   ::torch::NoGradGuard no_grad;
+  for (Bucket& b : buckets_) b.flat.div_(size);
+  if (options_.gradient_as_bucket_view) return;  // .grad is the bucket
   for (Param& p : params_) {
-    Bucket& b = buckets_[p.bucket];
-    auto slot = b.flat.narrow(0, p.offset, p.tensor.numel()).view_as(p.tensor);
-    slot.div_(size);
+    auto slot = slotOf(p);
     if (p.tensor.grad().defined()) {
       p.tensor.mutable_grad().copy_(slot);
     } else {

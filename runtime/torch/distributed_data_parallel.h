@@ -38,6 +38,10 @@
 #include "collectives/communicator.h"
 #include "kernels/base/status.h"
 
+namespace torch::autograd {
+struct Node;
+}
+
 namespace rally::parallel {
 
 struct DdpOptions {
@@ -45,6 +49,13 @@ struct DdpOptions {
   size_t first_bucket_bytes = 1u << 20;  // smaller, so that communication starts early (PyTorch's)
   bool find_unused_parameters = false;
   bool broadcast_at_start = true;
+  // Each parameter's .grad aliases its part of its bucket (PyTorch's gradient_as_bucket_view): no
+  // second copy of the gradients, and no copies between .grad and the buckets. (An alias with
+  // storage of its own, not an autograd view, so Optimizer::zero_grad() works on it.) Autograd then
+  // accumulates into the bucket, and the bucket is reduced once its gradients are accumulated.
+  // A .grad replaced by the user (set to none, or assigned) is copied back into the bucket and
+  // made the view again at the next backward.
+  bool gradient_as_bucket_view = false;
   Milliseconds timeout{600'000};  // waiting for one bucket's allreduce
 };
 
@@ -102,6 +113,9 @@ class DistributedDataParallel {
     std::chrono::steady_clock::time_point launched;
   };
   void onGradient(int index, const ::torch::Tensor& grad);
+  void onAccumulated(int index);  // gradient_as_bucket_view: after autograd accumulated .grad
+  ::torch::Tensor slotOf(const Param& p) const;
+  void pointGradAtBucket(Param& p);
   void launch(Bucket& b);
   void finishBackward();
   void beginBackward();
@@ -111,6 +125,10 @@ class DistributedDataParallel {
   DdpOptions options_;
   std::vector<Param> params_;
   std::vector<unsigned> hooks_;  // per parameter, removed on destruction
+  // gradient_as_bucket_view: each parameter's gradient accumulator (held, so that autograd keeps
+  // using it and its hook) and the key of the post hook on it.
+  std::vector<std::shared_ptr<::torch::autograd::Node>> accumulators_;
+  std::vector<std::uintptr_t> post_hooks_;
   std::vector<Bucket> buckets_;
   std::vector<bool> ready_;
   bool in_backward_ = false;

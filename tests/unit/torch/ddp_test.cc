@@ -205,5 +205,79 @@ TEST(DistributedDataParallel, NoSyncAccumulatesAndTheNextPassAveragesTheSum) {
   });
 }
 
+// gradient_as_bucket_view: the same training (with the optimizer's zero_grad), bitwise; each .grad
+// aliases its bucket (two parameters of one bucket are adjacent in its memory), also after the
+// user set the gradients to none;
+// no_sync still accumulates, and unused parameters still contribute zeros.
+TEST(DistributedDataParallel, GradientsAsBucketViewsTrainTheSameWithoutACopy) {
+  const auto copies = distributed(2, 4, {});
+  const auto views = distributed(2, 4, {.gradient_as_bucket_view = true});
+  for (size_t i = 0; i < copies[0].size(); ++i) {
+    EXPECT_TRUE(::torch::equal(copies[0][i], views[0][i])) << "parameter " << i;
+    EXPECT_TRUE(::torch::equal(views[1][i], views[0][i])) << "ranks disagree";
+  }
+  auto nets = models(2, /*same=*/true);
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    DistributedDataParallel ddp(m, comm, {.gradient_as_bucket_view = true});
+    auto [x, y] = batch(0);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (auto& p : m->parameters()) p.mutable_grad() = ::torch::Tensor();  // set to none
+      ::torch::mse_loss(m->forward(x.narrow(0, r * 8, 8)), y.narrow(0, r * 8, 8)).backward();
+      ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+      const auto params = m->parameters();
+      ASSERT_GE(params.size(), 2u);
+      for (const auto& p : params) ASSERT_TRUE(p.grad().defined());
+      // Reverse registration order in the bucket: the second parameter's gradient comes first.
+      EXPECT_EQ(static_cast<const char*>(params[1].grad().data_ptr()) + params[1].grad().nbytes(),
+                static_cast<const char*>(params[0].grad().data_ptr()))
+          << "pass " << pass << ": .grad is not in the bucket";
+    }
+  });
+}
+
+TEST(DistributedDataParallel, GradientsAsBucketViewsWithNoSyncAndUnusedParameters) {
+  std::vector<::torch::Tensor> want;
+  {
+    Mlp m(models(1).front());
+    auto [x, y] = batch(0);
+    for (int part = 0; part < 4; ++part) {
+      ::torch::mse_loss(m->forward(x.narrow(0, part * 4, 4)), y.narrow(0, part * 4, 4)).backward();
+    }
+    for (const auto& p : m->parameters()) want.push_back(p.grad().clone() / 2);
+  }
+  auto nets = models(2, /*same=*/true), heads = models(2, /*same=*/true), locals = models(2, true);
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    {
+      auto m = nets[r];
+      DistributedDataParallel ddp(m, comm, {.gradient_as_bucket_view = true});
+      auto [x, y] = batch(0);
+      {
+        DistributedDataParallel::NoSync guard(ddp);
+        ::torch::mse_loss(m->forward(x.narrow(0, r * 8, 4)), y.narrow(0, r * 8, 4)).backward();
+      }
+      ::torch::mse_loss(m->forward(x.narrow(0, r * 8 + 4, 4)), y.narrow(0, r * 8 + 4, 4))
+          .backward();
+      ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+      size_t i = 0;
+      for (const auto& p : m->parameters()) {
+        EXPECT_TRUE(::torch::allclose(p.grad(), want[i], 1e-6, 1e-6)) << "parameter " << i;
+        ++i;
+      }
+    }
+    auto m = heads[r];
+    DistributedDataParallel ddp(
+        m, comm, {.find_unused_parameters = true, .gradient_as_bucket_view = true});
+    auto [x, y] = batch(0);
+    ::torch::mse_loss(m->forward(x, r + 1), y).backward();
+    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    auto local = locals[r];
+    ::torch::mse_loss(local->forward(x, r + 1), y).backward();
+    const auto& used = r == 0 ? m->left : m->right;
+    const auto& used_local = r == 0 ? local->left : local->right;
+    EXPECT_TRUE(::torch::allclose(used->weight.grad(), used_local->weight.grad() / 2, 1e-6, 1e-7));
+  });
+}
+
 }  // namespace
 }  // namespace rally::parallel
