@@ -132,7 +132,8 @@ int main(int argc, char** argv) {
   s = run.run([&]() -> Status {
     // Per (re)formed world: this generation's TP group, and DDP over the data-parallel replicas.
     group->comm = &run.tp();
-    parallel::DistributedDataParallel ddp(model.ptr(), run.dp(), {.broadcast_at_start = false});
+    parallel::DistributedDataParallel ddp(
+        model.ptr(), run.dp(), {.broadcast_at_start = false, .gradient_as_bucket_view = true});
     while (step < steps) {
       RALLY_RETURN_IF_ERROR(run.atStep(step));
       // The TP ranks of a group train on the same sequences.
