@@ -141,13 +141,13 @@ TEST(DistributedDataParallel, BucketSizesDoNotChangeResultsAndSmallBucketsOverla
   EXPECT_GT(overlap[0], 0.0) << "no bucket was reduced before backward ended";
 }
 
-TEST(DistributedDataParallel, UnusedParametersAcrossRanks) {
+// Rank 0 uses the left head, rank 1 the right: each head's gradient is half its user's.
+void expectUnusedParametersContributeZeros(DdpOptions options) {
   auto nets = models(2, /*same=*/true), locals = models(2, /*same=*/true);
   runRanks(2, [&](int r, collectives::Communicator& comm) {
     auto m = nets[r];
-    DistributedDataParallel ddp(m, comm, {.find_unused_parameters = true});
+    DistributedDataParallel ddp(m, comm, options);
     auto [x, y] = batch(0);
-    // Rank 0 uses the left head, rank 1 the right: each head's gradient is half its user's.
     ::torch::mse_loss(m->forward(x, r + 1), y).backward();
     ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
     auto local = locals[r];
@@ -158,6 +158,10 @@ TEST(DistributedDataParallel, UnusedParametersAcrossRanks) {
     const auto& other = r == 0 ? m->right : m->left;
     EXPECT_TRUE(other->weight.grad().defined());  // the other rank's half
   });
+}
+
+TEST(DistributedDataParallel, UnusedParametersAcrossRanks) {
+  expectUnusedParametersContributeZeros({.find_unused_parameters = true});
 }
 
 TEST(DistributedDataParallel, AnUnusedParameterWithoutTheOptionIsAnErrorNamingIt) {
@@ -174,9 +178,9 @@ TEST(DistributedDataParallel, AnUnusedParameterWithoutTheOptionIsAnErrorNamingIt
   });
 }
 
-TEST(DistributedDataParallel, NoSyncAccumulatesAndTheNextPassAveragesTheSum) {
-  // Two micro-batches per rank: the first under no_sync, the second synchronised. The gradient
-  // equals one pass over both micro-batches of both ranks (the losses summed).
+// Two micro-batches per rank: the first under no_sync, the second synchronised. The gradient
+// equals one pass over both micro-batches of both ranks (the losses summed).
+void expectNoSyncAveragesTheSum(DdpOptions options) {
   std::vector<::torch::Tensor> want;
   auto nets = models(2, /*same=*/true);
   {
@@ -189,7 +193,7 @@ TEST(DistributedDataParallel, NoSyncAccumulatesAndTheNextPassAveragesTheSum) {
   }
   runRanks(2, [&](int r, collectives::Communicator& comm) {
     auto m = nets[r];
-    DistributedDataParallel ddp(m, comm);
+    DistributedDataParallel ddp(m, comm, options);
     auto [x, y] = batch(0);
     {
       DistributedDataParallel::NoSync guard(ddp);
@@ -203,6 +207,10 @@ TEST(DistributedDataParallel, NoSyncAccumulatesAndTheNextPassAveragesTheSum) {
       ++i;
     }
   });
+}
+
+TEST(DistributedDataParallel, NoSyncAccumulatesAndTheNextPassAveragesTheSum) {
+  expectNoSyncAveragesTheSum({});
 }
 
 // gradient_as_bucket_view: the same training (with the optimizer's zero_grad), bitwise; each .grad
@@ -237,46 +245,9 @@ TEST(DistributedDataParallel, GradientsAsBucketViewsTrainTheSameWithoutACopy) {
 }
 
 TEST(DistributedDataParallel, GradientsAsBucketViewsWithNoSyncAndUnusedParameters) {
-  std::vector<::torch::Tensor> want;
-  {
-    Mlp m(models(1).front());
-    auto [x, y] = batch(0);
-    for (int part = 0; part < 4; ++part) {
-      ::torch::mse_loss(m->forward(x.narrow(0, part * 4, 4)), y.narrow(0, part * 4, 4)).backward();
-    }
-    for (const auto& p : m->parameters()) want.push_back(p.grad().clone() / 2);
-  }
-  auto nets = models(2, /*same=*/true), heads = models(2, /*same=*/true), locals = models(2, true);
-  runRanks(2, [&](int r, collectives::Communicator& comm) {
-    {
-      auto m = nets[r];
-      DistributedDataParallel ddp(m, comm, {.gradient_as_bucket_view = true});
-      auto [x, y] = batch(0);
-      {
-        DistributedDataParallel::NoSync guard(ddp);
-        ::torch::mse_loss(m->forward(x.narrow(0, r * 8, 4)), y.narrow(0, r * 8, 4)).backward();
-      }
-      ::torch::mse_loss(m->forward(x.narrow(0, r * 8 + 4, 4)), y.narrow(0, r * 8 + 4, 4))
-          .backward();
-      ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
-      size_t i = 0;
-      for (const auto& p : m->parameters()) {
-        EXPECT_TRUE(::torch::allclose(p.grad(), want[i], 1e-6, 1e-6)) << "parameter " << i;
-        ++i;
-      }
-    }
-    auto m = heads[r];
-    DistributedDataParallel ddp(
-        m, comm, {.find_unused_parameters = true, .gradient_as_bucket_view = true});
-    auto [x, y] = batch(0);
-    ::torch::mse_loss(m->forward(x, r + 1), y).backward();
-    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
-    auto local = locals[r];
-    ::torch::mse_loss(local->forward(x, r + 1), y).backward();
-    const auto& used = r == 0 ? m->left : m->right;
-    const auto& used_local = r == 0 ? local->left : local->right;
-    EXPECT_TRUE(::torch::allclose(used->weight.grad(), used_local->weight.grad() / 2, 1e-6, 1e-7));
-  });
+  expectNoSyncAveragesTheSum({.gradient_as_bucket_view = true});
+  expectUnusedParametersContributeZeros(
+      {.find_unused_parameters = true, .gradient_as_bucket_view = true});
 }
 
 }  // namespace
