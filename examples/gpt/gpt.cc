@@ -11,13 +11,15 @@
 // One line per --log-every steps on rank 0: step, loss, tokens/s, world size, generation; at the
 // end a sample of generated text. Options: --data DIR --steps N --batch B (sequences per rank)
 // --context T --layers L --dim D --heads H --lr X --commit-every K --seed S --sample-bytes N
-// --temperature X (of the sample; 0: greedy) --tp N (tensor-parallel degree: the world is a DP x TP grid; see docs/torch.md).
+// --temperature X (of the sample; 0: greedy) --tp N (tensor-parallel degree: the world is a
+// DP x TP grid; see docs/torch.md).
 #include <fmt/format.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -68,6 +70,13 @@ int main(int argc, char** argv) {
     opt[argv[i]] = argv[i + 1];
   }
   auto num = [&](const char* k) { return std::stoll(opt[k]); };
+  char* end = nullptr;
+  const double temperature = std::strtod(opt["--temperature"].c_str(), &end);
+  if (end == opt["--temperature"].c_str() || *end != '\0' || !(temperature >= 0)) {
+    std::fprintf(stderr, "gpt: --temperature '%s' is not a number >= 0 (0: greedy)\n",
+                 opt["--temperature"].c_str());
+    return 2;
+  }
   ::torch::set_num_threads(1);
   const std::string text = readCorpus(opt["--data"]);
   Config cfg;
@@ -103,15 +112,13 @@ int main(int argc, char** argv) {
   ElasticState state;
   std::vector<::torch::Tensor> params, m, v;
   Status s = parallel::registerModule(state, *model);
+  // The moments are sliced as their parameter is (a TP shard's moments are that shard's).
+  const auto shardings = parallel::parameterShardings(*model);
   for (const auto& p : model->named_parameters()) {
     params.push_back(p.value());
     m.push_back(::torch::zeros_like(p.value()));
     v.push_back(::torch::zeros_like(p.value()));
-    // The moments are sliced as their parameter is (a TP shard's moments are that shard's).
-    std::optional<Sharding> shard;
-    for (const auto& e : state.registered()) {
-      if (e.name == p.key() && e.global_shape != e.shape) shard = Sharding{e.global_shape, e.global_offset};
-    }
+    const std::optional<Sharding>& shard = shardings.at(p.key());
     if (s.ok()) s = parallel::registerTensor(state, "adam.m." + p.key(), m.back(), shard);
     if (s.ok()) s = parallel::registerTensor(state, "adam.v." + p.key(), v.back(), shard);
   }
@@ -188,7 +195,6 @@ int main(int argc, char** argv) {
   // TP > 1 the forward pass is collective within the group, and the logits are gathered from
   // the vocabulary slices; TP rank 0 draws each byte and the group follows it).
   if (w.rank() / tp == 0) {
-    const double temperature = std::stod(opt["--temperature"]);
     ::torch::NoGradGuard g;
     ::torch::manual_seed(num("--seed"));
     group->comm = &run.tp();

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <functional>
 
+#include "runtime/torch/internal/tensor_comm.h"
+
 namespace rally::parallel {
 namespace {
 
@@ -16,21 +18,14 @@ using collectives::DataType;
 using collectives::ReduceOp;
 using Clock = std::chrono::steady_clock;
 
+// Gradients are averaged: floating-point parameters only (tensor_comm.h maps the types).
 Result<DataType> rallyType(::torch::ScalarType t) {
-  switch (t) {
-    case ::torch::kFloat32:
-      return DataType::kF32;
-    case ::torch::kFloat64:
-      return DataType::kF64;
-    case ::torch::kFloat16:
-      return DataType::kF16;
-    case ::torch::kBFloat16:
-      return DataType::kBF16;
-    default:
-      return invalidArgument(fmt::format("DistributedDataParallel: a parameter of dtype {} cannot "
-                                         "be averaged (f32, f64, f16 or bf16)",
-                                         c10::toString(t)));
+  if (!c10::isFloatingType(t)) {
+    return invalidArgument(fmt::format("DistributedDataParallel: a parameter of dtype {} cannot "
+                                       "be averaged (f32, f64, f16 or bf16)",
+                                       c10::toString(t)));
   }
+  return internal::rallyType(t);
 }
 
 double msBetween(Clock::time_point a, Clock::time_point b) {
@@ -62,7 +57,9 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
     if (!it->value().requires_grad()) continue;
     params_.push_back({it->value(), it->key(), 0, 0});
   }
-  // Buckets: consecutive parameters of one dtype, up to bucket_bytes each.
+  // Buckets: consecutive parameters of one dtype, up to bucket_bytes each; each bucket's memory
+  // is allocated once its members are known.
+  std::vector<std::int64_t> numel;  // per bucket
   for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
     Param& p = params_[i];
     const auto type = rallyType(p.tensor.scalar_type());
@@ -74,17 +71,20 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
     Bucket* b = buckets_.empty() ? nullptr : &buckets_.back();
     const size_t cap = buckets_.size() <= 1 ? options_.first_bucket_bytes : options_.bucket_bytes;
     if (b == nullptr || b->type != *type ||
-        (b->flat.numel() > 0 &&
-         static_cast<size_t>(b->flat.numel()) * b->flat.element_size() + bytes >
-             std::min(cap, options_.bucket_bytes))) {
+        (numel.back() > 0 && static_cast<size_t>(numel.back()) * b->flat.element_size() + bytes >
+                                 std::min(cap, options_.bucket_bytes))) {
       buckets_.push_back(Bucket{::torch::empty({0}, p.tensor.options().requires_grad(false)),
                                 *type, {}, 0, nullptr, {}});
+      numel.push_back(0);
       b = &buckets_.back();
     }
     p.bucket = static_cast<int>(buckets_.size()) - 1;
-    p.offset = b->flat.numel();
-    b->flat = ::torch::empty({b->flat.numel() + p.tensor.numel()}, b->flat.options());
+    p.offset = numel.back();
+    numel.back() += p.tensor.numel();
     b->params.push_back(i);
+  }
+  for (size_t i = 0; i < buckets_.size(); ++i) {
+    buckets_[i].flat = ::torch::empty({numel[i]}, buckets_[i].flat.options());
   }
   ready_.assign(params_.size(), false);
   stats_.buckets = static_cast<int>(buckets_.size());

@@ -104,6 +104,15 @@ Status registerModule(ElasticState& state, ::torch::nn::Module& module, const st
   return okStatus();
 }
 
+std::map<std::string, std::optional<Sharding>> parameterShardings(::torch::nn::Module& module) {
+  std::map<std::string, std::optional<Sharding>> out;
+  for (auto& [impl, info] : parameterInfo(module)) {
+    (void)impl;
+    out.emplace(info.name, info.sharding);
+  }
+  return out;
+}
+
 Status registerOptimizer(ElasticState& state, ::torch::optim::Optimizer& optimizer,
                          ::torch::nn::Module& module, const std::string& prefix) {
   namespace optim = ::torch::optim;

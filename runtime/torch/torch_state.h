@@ -21,6 +21,7 @@
 
 #include <torch/torch.h>
 
+#include <map>
 #include <optional>
 #include <string>
 
@@ -33,6 +34,9 @@ Status registerTensor(ElasticState& state, const std::string& name, const ::torc
 // Every parameter and buffer of `module` (recursively), named "prefix" + its path.
 Status registerModule(ElasticState& state, ::torch::nn::Module& module,
                       const std::string& prefix = "");
+// Each parameter's sharding by its module path (nullopt: not a TP shard), as registerModule
+// registers it: for registering state sliced like a parameter (an optimizer's own moments).
+std::map<std::string, std::optional<Sharding>> parameterShardings(::torch::nn::Module& module);
 // Each parameter's optimizer state: its tensors in place, with the parameter's sharding (a TP
 // layer's moments are shards like its weight), and its step count as a scalar. State that the
 // optimizer makes lazily in its first step() is made now, as that step would make it (zeros), so
