@@ -105,6 +105,8 @@ int main(int argc, char** argv) {
          [&] { check(K.pack({{a, n}}, b, DType::kF32), "pack"); }},
         {"scale_and_check f32", 2.0 * bytes,
          [&] { check(K.scaleAndCheck(b, n, DType::kF32, 0.5f).status(), "scale"); }},
+        {"scale_and_check bf16", 2.0 * bytes,
+         [&] { check(K.scaleAndCheck(b, bytes / 2, DType::kBF16, 0.5f).status(), "scale"); }},
         {"compress_bf16", n * (4.0 + 4 + 4 + 2),
          [&] { check(K.compressBf16(static_cast<float*>(a), static_cast<float*>(c),
                                     static_cast<std::uint16_t*>(d), n), "compress"); }},

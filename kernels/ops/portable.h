@@ -104,6 +104,18 @@ RALLY_HD std::uint64_t mulFold64(std::uint64_t a, std::uint64_t b) {
 #endif
 }
 
+// a x b, the full 64-bit product: one wide multiply on a GPU (the compiler would otherwise see a
+// 64 x 64-bit multiply of zero-extended values and might emulate it).
+RALLY_HD std::uint64_t mulWide32(std::uint32_t a, std::uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  std::uint64_t r;
+  asm("mul.wide.u32 %0, %1, %2;" : "=l"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  return static_cast<std::uint64_t>(a) * b;
+#endif
+}
+
 constexpr std::uint64_t kP32_1 = 0x9E3779B1u, kP32_2 = 0x85EBCA77u, kP32_3 = 0xC2B2AE3Du;
 constexpr std::uint64_t kP64_1 = 0x9E3779B185EBCA87ull, kP64_2 = 0xC2B2AE3D27D4EB4Full,
                         kP64_3 = 0x165667B19E3779F9ull, kP64_4 = 0x85EBCA77C2B2AE63ull,
@@ -247,30 +259,40 @@ RALLY_HD std::uint64_t inputWord(const std::uint8_t* p) {
 }
 
 // One stripe's addition to `lane` (stripe at `in`, secret at `sec` for this stripe).
-template <bool kAligned = false>
+// kAlignedSecret: `sec` is 8-byte aligned (a device kernel's copy in shared memory), so each of
+// its words is one load rather than eight byte loads.
+template <bool kAligned = false, bool kAlignedSecret = false>
 RALLY_HD std::uint64_t xxh3StripeLane(const std::uint8_t* in, const std::uint8_t* sec, int lane) {
-  const std::uint64_t k = inputWord<kAligned>(in + 8 * lane) ^ read64(sec + 8 * lane);
-  return inputWord<kAligned>(in + 8 * (lane ^ 1)) + (k & 0xffffffffull) * (k >> 32);
+  const std::uint64_t k =
+      inputWord<kAligned>(in + 8 * lane) ^ inputWord<kAlignedSecret>(sec + 8 * lane);
+  return inputWord<kAligned>(in + 8 * (lane ^ 1)) +
+         mulWide32(static_cast<std::uint32_t>(k), static_cast<std::uint32_t>(k >> 32));
 }
 
-// What full segment `seg` adds to `lane` before its scramble.
-template <bool kAligned = false>
+// What full segment `seg` adds to `lane` before its scramble (kAlignedSecret: `secret` is 8-byte
+// aligned; every secret word a segment reads is then aligned too).
+template <bool kAligned = false, bool kAlignedSecret = false>
 RALLY_HD std::uint64_t xxh3SegmentLane(const std::uint8_t* in, size_t seg,
                                        const std::uint8_t* secret, int lane) {
   const std::uint8_t* base = in + seg * kXxhSegmentBytes;
   std::uint64_t sum = 0;
   for (size_t st = 0; st < kXxhStripesPerSegment; ++st) {
-    sum += xxh3StripeLane<kAligned>(base + 64 * st, secret + 8 * st, lane);
+    sum += xxh3StripeLane<kAligned, kAlignedSecret>(base + 64 * st, secret + 8 * st, lane);
   }
   return sum;
 }
 
-// One segment's step of `lane`'s chain.
+// The secret word `lane`'s scrambles use (read once, before a chain).
+RALLY_HD std::uint64_t xxh3ScrambleSecret(const std::uint8_t* secret, int lane) {
+  return read64(secret + kSecretSize - 64 + 8 * lane);
+}
+
+// One segment's step of a lane's chain; `scramble_secret` is xxh3ScrambleSecret's for the lane.
 RALLY_HD std::uint64_t xxh3Chain(std::uint64_t acc, std::uint64_t contribution,
-                                 const std::uint8_t* secret, int lane) {
+                                 std::uint64_t scramble_secret) {
   std::uint64_t a = acc + contribution;
   a ^= a >> 47;
-  a ^= read64(secret + kSecretSize - 64 + 8 * lane);
+  a ^= scramble_secret;
   return a * kP32_1;
 }
 
@@ -305,7 +327,7 @@ RALLY_HD std::uint64_t xxh3Segmented(const void* data, size_t len, const std::ui
   for (int lane = 0; lane < 8; ++lane) {
     std::uint64_t a = xxh3InitLane(lane);
     for (size_t seg = 0; seg < xxh3FullSegments(len); ++seg) {
-      a = xxh3Chain(a, xxh3SegmentLane(in, seg, secret, lane), secret, lane);
+      a = xxh3Chain(a, xxh3SegmentLane(in, seg, secret, lane), xxh3ScrambleSecret(secret, lane));
     }
     acc[lane] = a + xxh3LongTailLane(in, len, secret, lane);
   }

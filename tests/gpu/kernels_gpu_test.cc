@@ -1,5 +1,6 @@
 // The CUDA kernels against the CPU references, on fresh random inputs (never zeros), odd sizes
-// (1, 3, 1,000,003 elements), misaligned pointers and empty tensor lists: pack/unpack,
+// (1, 3, 1,000,003 elements), aligned pointers (the vector paths) and misaligned ones (single
+// elements), and empty tensor lists: pack/unpack,
 // scale-and-check (NaN and infinity found), bf16 compression with error feedback (bit for bit:
 // both use portable.h's rounding), block checksums (the device's equal the CPU's, so a shard can
 // be verified without copying it to the host), and AdamW. Without a CUDA device every case skips,
@@ -15,6 +16,7 @@
 
 #include "kernels/ops/cuda_kernels.h"
 #include "kernels/ops/portable.h"
+#include "tests/unit/kernels/kernel_test_data.h"
 
 namespace rally::kernels {
 namespace {
@@ -41,16 +43,6 @@ struct DeviceBytes {
   }
 };
 
-std::vector<float> randomFloats(size_t n, std::uint32_t seed) {
-  std::vector<float> v(n);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 3.0f);
-  for (auto& x : v) {
-    x = d(rng);
-    if (x == 0.0f) x = 1.0f;
-  }
-  return v;
-}
 
 class KernelsGpu : public ::testing::Test {
  protected:
@@ -60,6 +52,7 @@ class KernelsGpu : public ::testing::Test {
     gpu_ = std::move(*k);
     cpu_ = cpuKernels();
   }
+  void expectAdamWEqualsTheCpu(size_t misalign);
   std::unique_ptr<Kernels> gpu_, cpu_;
 };
 
@@ -92,39 +85,65 @@ TEST_F(KernelsGpu, PackAndUnpackEqualTheCpu) {
   EXPECT_TRUE(gpu_->pack({}, nullptr, DType::kF32).ok());
 }
 
+
 TEST_F(KernelsGpu, ScaleAndCheckEqualsTheCpu) {
-  for (size_t n : {1u, 3u, 1000003u}) {
-    auto host = randomFloats(n, 2);
-    DeviceBytes d(n * 4);
-    d.put(host);
-    auto finite = gpu_->scaleAndCheck(d.get(), n, DType::kF32, 0.125f);
-    ASSERT_TRUE(finite.ok()) << finite.status().toString();
-    EXPECT_TRUE(*finite);
-    ASSERT_TRUE(*cpu_->scaleAndCheck(host.data(), n, DType::kF32, 0.125f));
-    EXPECT_EQ(d.take<float>(n), host);
-    host[n - 1] = std::numeric_limits<float>::infinity();
-    d.put(host);
-    EXPECT_FALSE(*gpu_->scaleAndCheck(d.get(), n, DType::kF32, 1.0f));
+  // Aligned data takes 16-byte vectors (and the tail one element at a time); data one element
+  // off takes single elements throughout.
+  for (DType type : {DType::kF32, DType::kF16, DType::kBF16}) {
+    const size_t es = dtypeSize(type);
+    for (size_t n : {1u, 3u, 1000003u}) {
+      for (size_t misalign : {size_t{0}, es}) {
+        auto host = randomElements(n, type, static_cast<std::uint32_t>(n));
+        DeviceBytes d(host.size(), misalign);
+        d.put(host);
+        auto finite = gpu_->scaleAndCheck(d.get(), n, type, 0.125f);
+        ASSERT_TRUE(finite.ok()) << finite.status().toString();
+        EXPECT_TRUE(*finite);
+        ASSERT_TRUE(*cpu_->scaleAndCheck(host.data(), n, type, 0.125f));
+        EXPECT_EQ(d.take<unsigned char>(host.size()), host)
+            << "dtype size " << es << ", n " << n << ", +" << misalign;
+        for (size_t bad : {size_t{0}, n - 1}) {  // in the vectors, and in the tail
+          auto with_inf = host;
+          setElement(&with_inf, bad, type, std::numeric_limits<float>::infinity());
+          d.put(with_inf);
+          EXPECT_FALSE(*gpu_->scaleAndCheck(d.get(), n, type, 1.0f)) << "infinity at " << bad;
+        }
+      }
+    }
   }
 }
 
 TEST_F(KernelsGpu, CompressionEqualsTheCpuBitForBit) {
   const size_t n = 1000003;
   const auto g = randomFloats(n, 3);
-  std::vector<float> res(n, 0.0f);
-  std::vector<std::uint16_t> out(n);
-  DeviceBytes dg(n * 4, 4), dres(n * 4), dout(n * 2, 2);
-  dg.put(g);
-  dres.put(res);
-  for (int step = 0; step < 3; ++step) {
-    ASSERT_TRUE(gpu_->compressBf16(static_cast<float*>(dg.get()), static_cast<float*>(dres.get()),
-                                   static_cast<std::uint16_t*>(dout.get()), n)
+  // Aligned: 4-element vectors; the input one float off: single elements.
+  for (size_t misalign : {0u, 4u}) {
+    std::vector<float> res(n, 0.0f);
+    std::vector<std::uint16_t> out(n);
+    DeviceBytes dg(n * 4, misalign), dres(n * 4), dout(n * 2);
+    dg.put(g);
+    dres.put(res);
+    for (int step = 0; step < 3; ++step) {
+      ASSERT_TRUE(gpu_->compressBf16(static_cast<float*>(dg.get()), static_cast<float*>(dres.get()),
+                                     static_cast<std::uint16_t*>(dout.get()), n)
+                      .ok());
+      ASSERT_TRUE(cpu_->compressBf16(g.data(), res.data(), out.data(), n).ok());
+    }
+    ASSERT_TRUE(gpu_->synchronize().ok());
+    EXPECT_EQ(dout.take<std::uint16_t>(n), out) << "+" << misalign;
+    EXPECT_EQ(dres.take<float>(n), res) << "+" << misalign;
+
+    // And back: aligned (8-element vectors) and one bf16 off.
+    DeviceBytes dh(n * 2, misalign / 2), dback(n * 4);
+    dh.put(out);
+    ASSERT_TRUE(gpu_->decompressBf16(static_cast<const std::uint16_t*>(dh.get()),
+                                     static_cast<float*>(dback.get()), n)
                     .ok());
-    ASSERT_TRUE(cpu_->compressBf16(g.data(), res.data(), out.data(), n).ok());
+    std::vector<float> want(n);
+    ASSERT_TRUE(cpu_->decompressBf16(out.data(), want.data(), n).ok());
+    ASSERT_TRUE(gpu_->synchronize().ok());
+    EXPECT_EQ(dback.take<float>(n), want) << "+" << misalign / 2;
   }
-  ASSERT_TRUE(gpu_->synchronize().ok());
-  EXPECT_EQ(dout.take<std::uint16_t>(n), out);
-  EXPECT_EQ(dres.take<float>(n), res);
 }
 
 TEST_F(KernelsGpu, DeviceChecksumsEqualTheCpus) {
@@ -147,11 +166,17 @@ TEST_F(KernelsGpu, DeviceChecksumsEqualTheCpus) {
 }
 
 TEST_F(KernelsGpu, AdamWEqualsTheCpu) {
+  for (size_t misalign : {0u, 4u}) {  // the gradient one float off: single elements
+    expectAdamWEqualsTheCpu(misalign);
+  }
+}
+
+void KernelsGpu::expectAdamWEqualsTheCpu(size_t misalign) {
   const size_t n = 1000003;
   auto p = randomFloats(n, 5), g = randomFloats(n, 6);
   std::vector<float> m(n, 0.0f), v(n, 0.0f);
   std::vector<std::uint16_t> b(n);
-  DeviceBytes dp(n * 4), dg(n * 4), dm(n * 4), dv(n * 4), db(n * 2);
+  DeviceBytes dp(n * 4), dg(n * 4, misalign), dm(n * 4), dv(n * 4), db(n * 2);
   dp.put(p);
   dg.put(g);
   dm.put(m);
@@ -169,7 +194,7 @@ TEST_F(KernelsGpu, AdamWEqualsTheCpu) {
   const auto got = dp.take<float>(n);
   for (size_t i = 0; i < n; ++i) {
     // The same formula; fused multiply-adds may differ in the last bit.
-    ASSERT_NEAR(got[i], p[i], 1e-6f * (1 + std::fabs(p[i]))) << i;
+    ASSERT_NEAR(got[i], p[i], 1e-6f * (1 + std::fabs(p[i]))) << i << ", gradient +" << misalign;
   }
 }
 
