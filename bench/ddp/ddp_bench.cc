@@ -45,7 +45,8 @@ TORCH_MODULE(Mlp);
 int main(int argc, char** argv) {
   std::map<std::string, std::string> opt = {{"--model", "mlp"}, {"--steps", "30"},
                                             {"--warmup", "5"}, {"--batch", "32"},
-                                            {"--ddp", "1"}, {"--bucket-view", "0"}};
+                                            {"--ddp", "1"}, {"--bucket-view", "0"},
+                                            {"--compression", "none"}};
   for (int i = 1; i + 1 < argc; i += 2) opt[argv[i]] = argv[i + 1];
   ::torch::set_num_threads(1);
   auto world = init();
@@ -77,9 +78,18 @@ int main(int argc, char** argv) {
   const bool use_ddp = opt["--ddp"] != "0";
   std::optional<parallel::DistributedDataParallel> ddp;
   // --bucket-view 1: gradients as views of the buckets (DdpOptions::gradient_as_bucket_view).
+  // --compression bf16: f32 buckets travel as bf16 with error feedback.
+  if (opt["--compression"] != "none" && opt["--compression"] != "bf16") {
+    std::fprintf(stderr, "ddp_bench: --compression %s (expected none or bf16)\n",
+                 opt["--compression"].c_str());
+    return 2;
+  }
   if (use_ddp) {
     ddp.emplace(module, w.comm(),
-                parallel::DdpOptions{.gradient_as_bucket_view = opt["--bucket-view"] == "1"});
+                parallel::DdpOptions{.gradient_as_bucket_view = opt["--bucket-view"] == "1",
+                                     .compression = opt["--compression"] == "bf16"
+                                                        ? parallel::GradientCompression::kBf16
+                                                        : parallel::GradientCompression::kNone});
   }
   ::torch::optim::SGD opt_sgd(module->parameters(), 0.01);
   const int steps = std::stoi(opt["--steps"]), warmup = std::stoi(opt["--warmup"]);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/ops/internal/kernel_bodies.h"
 #include "kernels/ops/kernels.h"
 #include "kernels/ops/portable.h"
 
@@ -15,30 +16,18 @@ namespace {
 
 namespace p = portable;
 
-float load(const void* data, size_t i, DType t) {
-  switch (t) {
-    case DType::kF32:
-      return static_cast<const float*>(data)[i];
-    case DType::kF16:
-      return p::fromF16(static_cast<const std::uint16_t*>(data)[i]);
-    case DType::kBF16:
-      return p::fromBf16(static_cast<const std::uint16_t*>(data)[i]);
+// One dtype's loop, free of per-element dispatch so that the compiler can vectorise it.
+template <DType T>
+bool scaleAndCheckAll(void* data, size_t count, float factor) {
+  using E = internal::Element<T>;
+  auto* d = static_cast<typename E::Bits*>(data);
+  std::uint32_t nonfinite = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const auto y = E::store(E::load(d[i]) * factor);
+    d[i] = y;
+    nonfinite |= static_cast<std::uint32_t>(!p::finite(E::load(y)));  // what was stored
   }
-  return 0;
-}
-
-void store(void* data, size_t i, DType t, float v) {
-  switch (t) {
-    case DType::kF32:
-      static_cast<float*>(data)[i] = v;
-      return;
-    case DType::kF16:
-      static_cast<std::uint16_t*>(data)[i] = p::toF16(v);
-      return;
-    case DType::kBF16:
-      static_cast<std::uint16_t*>(data)[i] = p::toBf16(v);
-      return;
-  }
+  return nonfinite == 0;
 }
 
 class CpuKernels final : public Kernels {
@@ -70,13 +59,15 @@ class CpuKernels final : public Kernels {
   }
 
   Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) override {
-    bool finite = true;
-    for (size_t i = 0; i < count; ++i) {
-      const float v = load(data, i, type) * factor;
-      store(data, i, type, v);
-      finite = finite && std::isfinite(load(data, i, type));
+    switch (type) {
+      case DType::kF32:
+        return scaleAndCheckAll<DType::kF32>(data, count, factor);
+      case DType::kF16:
+        return scaleAndCheckAll<DType::kF16>(data, count, factor);
+      case DType::kBF16:
+        return scaleAndCheckAll<DType::kBF16>(data, count, factor);
     }
-    return finite;
+    return invalidArgument("scaleAndCheck: unknown dtype");
   }
 
   Status compressBf16(const float* in, float* residual, std::uint16_t* out,

@@ -7,8 +7,11 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
+#include <optional>
 
+#include "kernels/ops/cuda_kernels.h"
 #include "runtime/torch/internal/tensor_comm.h"
 
 namespace rally::parallel {
@@ -21,11 +24,43 @@ using Clock = std::chrono::steady_clock;
 // Gradients are averaged: floating-point parameters only (tensor_comm.h maps the types).
 Result<DataType> rallyType(::torch::ScalarType t) {
   if (!c10::isFloatingType(t)) {
-    return invalidArgument(fmt::format("DistributedDataParallel: a parameter of dtype {} cannot "
-                                       "be averaged (f32, f64, f16 or bf16)",
-                                       c10::toString(t)));
+    return invalidArgument(
+        fmt::format("DistributedDataParallel: a parameter of dtype {} cannot "
+                    "be averaged (f32, f64, f16 or bf16)",
+                    c10::toString(t)));
   }
   return internal::rallyType(t);
+}
+
+// The kernels' dtype for a bucket's, if they have it (not f64).
+std::optional<kernels::DType> kernelType(DataType t) {
+  switch (t) {
+    case DataType::kF32:
+      return kernels::DType::kF32;
+    case DataType::kF16:
+      return kernels::DType::kF16;
+    case DataType::kBF16:
+      return kernels::DType::kBF16;
+    default:
+      return std::nullopt;
+  }
+}
+
+// The kernels for buckets on `device`: the CPU references for host tensors, the CUDA kernels on
+// the tensor's device otherwise ("cuda" without an index: device 0).
+Result<std::unique_ptr<kernels::Kernels>> kernelsOn(const ::torch::Device& device) {
+  if (device.is_cpu()) return kernels::cpuKernels();
+  if (device.is_cuda()) {
+    auto k = kernels::cudaKernels({.device = device.has_index() ? device.index() : 0});
+    if (!k.ok()) {
+      Status s = k.status();
+      s.addContext(fmt::format("DistributedDataParallel: parameters on {}", device.str()));
+      return s;
+    }
+    return k;
+  }
+  return invalidArgument(fmt::format(
+      "DistributedDataParallel: parameters on {} (expected CPU or CUDA tensors)", device.str()));
 }
 
 double msBetween(Clock::time_point a, Clock::time_point b) {
@@ -73,8 +108,10 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
     if (b == nullptr || b->type != *type ||
         (numel.back() > 0 && static_cast<size_t>(numel.back()) * b->flat.element_size() + bytes >
                                  std::min(cap, options_.bucket_bytes))) {
-      buckets_.push_back(Bucket{::torch::empty({0}, p.tensor.options().requires_grad(false)),
-                                *type, {}, 0, nullptr, {}});
+      Bucket fresh;
+      fresh.flat = ::torch::empty({0}, p.tensor.options().requires_grad(false));
+      fresh.type = *type;
+      buckets_.push_back(std::move(fresh));
       numel.push_back(0);
       b = &buckets_.back();
     }
@@ -84,8 +121,21 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
     b->params.push_back(i);
   }
   for (size_t i = 0; i < buckets_.size(); ++i) {
-    buckets_[i].flat = ::torch::empty({numel[i]}, buckets_[i].flat.options());
+    Bucket& b = buckets_[i];
+    b.flat = ::torch::empty({numel[i]}, b.flat.options());
+    if (options_.compression == GradientCompression::kBf16 && b.type == DataType::kF32) {
+      b.residual = ::torch::zeros_like(b.flat);
+      b.bf16 = ::torch::empty({numel[i]}, b.flat.options().dtype(::torch::kBFloat16));
+    }
   }
+  auto k =
+      kernelsOn(params_.empty() ? ::torch::Device(::torch::kCPU) : params_.front().tensor.device());
+  if (k.ok()) {
+    kernels_ = std::move(*k);
+  } else if (status_.ok()) {
+    status_ = k.status();
+  }
+  init_status_ = status_;
   ready_.assign(params_.size(), false);
   stats_.buckets = static_cast<int>(buckets_.size());
   for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
@@ -126,8 +176,8 @@ Status DistributedDataParallel::broadcastParameters() {
       return invalidArgument("DistributedDataParallel: parameters must be contiguous");
     }
     RALLY_ASSIGN_OR_RETURN(const DataType type, rallyType(t.scalar_type()));
-    RALLY_RETURN_IF_ERROR(
-        comm_->broadcast(t.data_ptr(), static_cast<size_t>(t.numel()), type, 0)->wait(options_.timeout))
+    RALLY_RETURN_IF_ERROR(comm_->broadcast(t.data_ptr(), static_cast<size_t>(t.numel()), type, 0)
+                              ->wait(options_.timeout))
         << "DistributedDataParallel: broadcasting the parameters from rank 0";
   }
   return okStatus();
@@ -141,7 +191,7 @@ void DistributedDataParallel::beginBackward() {
     b.pending = static_cast<int>(b.params.size());
     b.work.reset();
   }
-  status_ = okStatus();
+  status_ = init_status_;
   // Runs once the whole backward pass is done (every gradient accumulated into .grad).
   ::torch::autograd::Engine::get_default_engine().queue_callback([this] { finishBackward(); });
 }
@@ -174,7 +224,8 @@ void DistributedDataParallel::pointGradAtBucket(Param& p) {
   // the bucket, so the memory lives as long as the gradient does.
   const ::torch::Tensor& flat = buckets_[p.bucket].flat;
   auto* data = static_cast<char*>(flat.data_ptr()) + p.offset * flat.element_size();
-  auto slot = ::torch::from_blob(data, p.tensor.sizes(), [keep = flat](void*) {}, flat.options());
+  auto slot = ::torch::from_blob(
+      data, p.tensor.sizes(), [keep = flat](void*) {}, flat.options());
   const ::torch::Tensor& grad = p.tensor.grad();
   if (grad.defined() && grad.numel() > 0 && grad.data_ptr() == slot.data_ptr()) return;
   ::torch::NoGradGuard no_grad;
@@ -188,7 +239,7 @@ void DistributedDataParallel::pointGradAtBucket(Param& p) {
 
 void DistributedDataParallel::onAccumulated(int index) {
   Param& p = params_[index];
-  pointGradAtBucket(p);  // normally .grad is the slot already
+  pointGradAtBucket(p);      // normally .grad is the slot already
   if (no_sync_ > 0) return;  // accumulated locally, in the bucket
   if (!in_backward_) beginBackward();
   if (ready_[index]) return;
@@ -199,8 +250,47 @@ void DistributedDataParallel::onAccumulated(int index) {
 
 void DistributedDataParallel::launch(Bucket& b) {
   b.launched = Clock::now();
-  b.work = comm_->allreduce(b.flat.data_ptr(), static_cast<size_t>(b.flat.numel()), b.type,
-                            ReduceOp::kSum);
+  const auto n = static_cast<size_t>(b.flat.numel());
+  if (b.bf16.defined() && kernels_ != nullptr) {
+    const Status s = kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
+                                            static_cast<float*>(b.residual.data_ptr()),
+                                            static_cast<std::uint16_t*>(b.bf16.data_ptr()), n);
+    if (!s.ok() && status_.ok()) status_ = s;  // still reduce: every rank must, in step
+    b.work = comm_->allreduce(b.bf16.data_ptr(), n, DataType::kBF16, ReduceOp::kSum);
+    return;
+  }
+  b.work = comm_->allreduce(b.flat.data_ptr(), n, b.type, ReduceOp::kSum);
+}
+
+Status DistributedDataParallel::setLossScale(float scale) {
+  if (!(scale > 0.0f) || !std::isfinite(scale)) {
+    return invalidArgument(fmt::format(
+        "DistributedDataParallel::setLossScale({}): the scale must be positive and finite (1 for "
+        "no loss scaling)",
+        scale));
+  }
+  loss_scale_ = scale;
+  return okStatus();
+}
+
+Status DistributedDataParallel::average(Bucket& b, float factor, bool* finite) {
+  const auto n = static_cast<size_t>(b.flat.numel());
+  if (b.bf16.defined()) {
+    RALLY_RETURN_IF_ERROR(
+        kernels_->decompressBf16(static_cast<const std::uint16_t*>(b.bf16.data_ptr()),
+                                 static_cast<float*>(b.flat.data_ptr()), n))
+        << "DistributedDataParallel: decompressing a bucket";
+  }
+  const auto type = kernelType(b.type);
+  if (!type) {  // f64: not a kernel dtype
+    b.flat.mul_(static_cast<double>(factor));
+    *finite = ::torch::isfinite(b.flat).all().item<bool>();
+    return okStatus();
+  }
+  auto checked = kernels_->scaleAndCheck(b.flat.data_ptr(), n, *type, factor);
+  RALLY_RETURN_IF_ERROR(checked.status()) << "DistributedDataParallel: averaging a bucket";
+  *finite = *checked;
+  return okStatus();
 }
 
 void DistributedDataParallel::finishBackward() {
@@ -253,7 +343,16 @@ void DistributedDataParallel::finishBackward() {
   stats_.overlap_fraction = comm > 0 ? hidden / comm : 0;
   if (!status_.ok()) return;
   ::torch::NoGradGuard no_grad;
-  for (Bucket& b : buckets_) b.flat.div_(size);
+  // One pass per bucket: decompressed if it travelled as bf16, then scaled by 1 / (world size x
+  // loss scale) and checked for NaN and infinity.
+  const auto factor = static_cast<float>(1.0 / (static_cast<double>(size) * loss_scale_));
+  finite_ = true;
+  for (Bucket& b : buckets_) {
+    bool finite = true;
+    status_ = average(b, factor, &finite);
+    if (!status_.ok()) return;
+    finite_ = finite_ && finite;
+  }
   if (options_.gradient_as_bucket_view) return;  // .grad is the bucket
   for (Param& p : params_) {
     auto slot = slotOf(p);

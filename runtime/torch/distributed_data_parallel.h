@@ -17,6 +17,17 @@
 //     opt.step();
 //   }
 //
+// Averaging scales each reduced bucket by 1/world size and checks it for NaN and infinity in the
+// same pass (rally's kernels: kernels/ops/kernels.h), so gradientsFinite() costs nothing extra;
+// with setLossScale() the same pass also divides out a mixed-precision loss scale:
+//
+//   ddp.setLossScale(scale);
+//   (loss * scale).backward();
+//   if (ddp.gradientsFinite()) { opt.step(); } else { scale /= 2; }  // the same on every rank
+//
+// With DdpOptions::compression = kBf16, f32 buckets travel as bf16 (half the bytes) with error
+// feedback.
+//
 // Gradient accumulation: backward passes made while a NoSync guard lives only accumulate locally;
 // the next backward without it averages the accumulated gradients. Unused parameters: with
 // find_unused_parameters, a parameter that received no gradient in a backward pass contributes
@@ -37,12 +48,23 @@
 
 #include "collectives/communicator.h"
 #include "kernels/base/status.h"
+#include "kernels/ops/kernels.h"
 
 namespace torch::autograd {
 struct Node;
 }
 
 namespace rally::parallel {
+
+// How a bucket of f32 gradients travels in the allreduce.
+enum class GradientCompression {
+  kNone,
+  // As bf16, half the bytes, with error feedback: what rounding to bf16 loses on this rank is kept
+  // and added to the next pass's gradients, so over many steps nothing of this rank's gradients
+  // is lost. (The rounding of the bf16 sums inside the reduction is not fed back.) Each f32
+  // bucket gets a residual (f32) and a bf16 copy. Buckets of other dtypes travel as they are.
+  kBf16,
+};
 
 struct DdpOptions {
   size_t bucket_bytes = 25u << 20;       // PyTorch's default
@@ -56,6 +78,7 @@ struct DdpOptions {
   // A .grad replaced by the user (set to none, or assigned) is copied back into the bucket and
   // made the view again at the next backward.
   bool gradient_as_bucket_view = false;
+  GradientCompression compression = GradientCompression::kNone;
   Milliseconds timeout{600'000};  // waiting for one bucket's allreduce
 };
 
@@ -76,6 +99,15 @@ class DistributedDataParallel {
   // The outcome of the last synchronised backward pass (a collective's error, an unused
   // parameter), OK otherwise. Backward itself cannot return it.
   Status status() const { return status_; }
+
+  // Mixed-precision loss scaling: the loss was multiplied by `scale` before backward, so the
+  // averaged gradients are divided by it as well, in the pass that averages them (PyTorch's
+  // GradScaler.unscale_). 1 until set; InvalidArgument unless positive and finite.
+  Status setLossScale(float scale);
+  // Whether every averaged gradient of the last synchronised backward pass is finite (no NaN, no
+  // infinity), after the loss scale is divided out. The same on every rank: it is checked on the
+  // reduced values.
+  bool gradientsFinite() const { return finite_; }
 
   // While alive, backward passes accumulate gradients locally, without communication.
   class NoSync {
@@ -106,7 +138,8 @@ class DistributedDataParallel {
   };
   struct Bucket {
     ::torch::Tensor flat;
-    collectives::DataType type;
+    collectives::DataType type = collectives::DataType::kF32;
+    ::torch::Tensor residual, bf16;  // GradientCompression::kBf16 on an f32 bucket
     std::vector<int> params;
     int pending = 0;
     std::shared_ptr<collectives::Work> work;
@@ -117,12 +150,17 @@ class DistributedDataParallel {
   ::torch::Tensor slotOf(const Param& p) const;
   void pointGradAtBucket(Param& p);
   void launch(Bucket& b);
+  // A reduced bucket: decompressed if it travelled as bf16, times `factor`, checked for finiteness.
+  Status average(Bucket& b, float factor, bool* finite);
   void finishBackward();
   void beginBackward();
 
   std::shared_ptr<::torch::nn::Module> module_;
   collectives::Communicator* comm_;
   DdpOptions options_;
+  std::unique_ptr<kernels::Kernels> kernels_;  // averaging, checking and compressing buckets
+  float loss_scale_ = 1.0f;
+  bool finite_ = true;
   std::vector<Param> params_;
   std::vector<unsigned> hooks_;  // per parameter, removed on destruction
   // gradient_as_bucket_view: each parameter's gradient accumulator (held, so that autograd keeps
@@ -134,6 +172,7 @@ class DistributedDataParallel {
   bool in_backward_ = false;
   int no_sync_ = 0;
   Status status_;
+  Status init_status_;  // what construction found wrong; every backward pass reports it
   Stats stats_;
   std::chrono::steady_clock::time_point backward_started_;
 };

@@ -5,14 +5,15 @@
 // overlap communication with the backward pass; find_unused_parameters with ranks using different
 // branches; an unused parameter without it is an error naming it; no_sync accumulates locally and
 // the next pass averages the sum.
-#include "runtime/torch/distributed_data_parallel.h"
-
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <thread>
 
+#include "runtime/torch/distributed_data_parallel.h"
 #include "tests/unit/collectives/gloo_ranks.h"
 
 namespace rally::parallel {
@@ -87,9 +88,11 @@ std::vector<::torch::Tensor> reference(int steps) {
   return snapshot(m);
 }
 
-// The same with `n` ranks, each on its slice of every batch.
+// The same with `n` ranks, each on its slice of every batch (the loss times `loss_scale`, which
+// DDP is told to divide out).
 std::vector<std::vector<::torch::Tensor>> distributed(int n, int steps, DdpOptions options,
-                                                      std::vector<double>* overlap = nullptr) {
+                                                      std::vector<double>* overlap = nullptr,
+                                                      float loss_scale = 1.0f) {
   std::vector<std::vector<::torch::Tensor>> result(n);
   std::mutex mu;
   auto nets = models(n);  // different on each rank: DDP must broadcast rank 0's
@@ -97,14 +100,17 @@ std::vector<std::vector<::torch::Tensor>> distributed(int n, int steps, DdpOptio
     auto m = nets[r];
     DistributedDataParallel ddp(m, comm, options);
     ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    ASSERT_TRUE(ddp.setLossScale(loss_scale).ok());
     ::torch::optim::SGD opt(m->parameters(), 0.1);
     for (int s = 0; s < steps; ++s) {
       auto [x, y] = batch(s);
       const int64_t per = 16 / n;
       opt.zero_grad();
-      ::torch::mse_loss(m->forward(x.narrow(0, r * per, per)), y.narrow(0, r * per, per))
+      (::torch::mse_loss(m->forward(x.narrow(0, r * per, per)), y.narrow(0, r * per, per)) *
+       loss_scale)
           .backward();
       ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+      ASSERT_TRUE(ddp.gradientsFinite());
       opt.step();
     }
     std::lock_guard lock(mu);
@@ -248,6 +254,158 @@ TEST(DistributedDataParallel, GradientsAsBucketViewsWithNoSyncAndUnusedParameter
   expectNoSyncAveragesTheSum({.gradient_as_bucket_view = true});
   expectUnusedParametersContributeZeros(
       {.find_unused_parameters = true, .gradient_as_bucket_view = true});
+}
+
+void zeroGrads(const ::torch::nn::Module& m) {
+  for (const auto& p : m.parameters()) {
+    if (p.grad().defined()) p.grad().zero_();
+  }
+}
+
+std::vector<::torch::Tensor> grads(const ::torch::nn::Module& m) {
+  std::vector<::torch::Tensor> out;
+  for (const auto& p : m.parameters()) out.push_back(p.grad().detach().clone());
+  return out;
+}
+
+// A NaN in one rank's input makes every rank's averaged gradients non-finite, for that pass only;
+// for f32 buckets (the kernels' check) and f64 ones (torch's).
+TEST(DistributedDataParallel, AveragedGradientsAreCheckedForNanOnEveryRank) {
+  for (auto dtype : {::torch::kFloat32, ::torch::kFloat64}) {
+    auto nets = models(2);
+    std::vector<std::vector<bool>> finite(2);
+    runRanks(2, [&](int r, collectives::Communicator& comm) {
+      auto m = nets[r];
+      m->to(dtype);
+      DistributedDataParallel ddp(m, comm);
+      for (int s = 0; s < 3; ++s) {
+        auto [x, y] = batch(s);
+        auto xs = x.narrow(0, r * 8, 8).to(dtype).clone();  // the batch is shared
+        if (s == 1 && r == 1) xs[3][5] = std::numeric_limits<double>::quiet_NaN();
+        zeroGrads(*m);
+        ::torch::mse_loss(m->forward(xs), y.narrow(0, r * 8, 8).to(dtype)).backward();
+        ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+        finite[r].push_back(ddp.gradientsFinite());
+      }
+    });
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_EQ(finite[r], (std::vector<bool>{true, false, true})) << "rank " << r << ", " << dtype;
+    }
+  }
+}
+
+// The loss times 1024, with setLossScale(1024): the same training bitwise (powers of two scale
+// exactly), the scale divided out in the averaging pass. A scale that overflows the loss is
+// reported as non-finite gradients; a scale that is not positive and finite is refused.
+TEST(DistributedDataParallel, ALossScaleIsDividedOutWhileAveraging) {
+  const auto plain = distributed(2, 3, {});
+  const auto scaled = distributed(2, 3, {}, nullptr, 1024.0f);
+  for (size_t i = 0; i < plain[0].size(); ++i) {
+    EXPECT_TRUE(::torch::equal(plain[0][i], scaled[0][i])) << "parameter " << i;
+  }
+  auto nets = models(2);
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    DistributedDataParallel ddp(m, comm);
+    for (float bad : {0.0f, -2.0f, std::numeric_limits<float>::infinity(),
+                      std::numeric_limits<float>::quiet_NaN()}) {
+      const Status s = ddp.setLossScale(bad);
+      EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << bad;
+      EXPECT_NE(s.message().find("positive and finite"), std::string::npos) << s.message();
+    }
+    const float huge = 3e38f;  // the loss's gradients overflow f32 once multiplied by it
+    ASSERT_TRUE(ddp.setLossScale(huge).ok());
+    auto [x, y] = batch(0);
+    (::torch::mse_loss(m->forward(x.narrow(0, r * 8, 8) * 100), y.narrow(0, r * 8, 8)) * huge)
+        .backward();
+    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    EXPECT_FALSE(ddp.gradientsFinite());
+  });
+}
+
+// bf16 compression. Error feedback, on a batch both ranks share (so that the reduction's sum of
+// two equal bf16 values is exact, and only the ranks' own rounding is left): 64 passes without a
+// step send gradients whose sum stays within two residuals of 64 x the true one, where compression
+// without feedback would be off by 64 x its rounding error. And with each rank on its own half of
+// a batch, one pass's average is exactly bf16(bf16(g0) + bf16(g1)) / 2: each rank's gradient
+// rounded, and the sum rounded in the reduction.
+void expectBf16CompressionFeedsErrorsBack(bool bucket_view) {
+  const int passes = 64;
+  auto nets = models(2, /*same=*/true);
+  std::vector<std::vector<::torch::Tensor>> half(2), first(2), whole(2), sum(2);
+  const DdpOptions options{.gradient_as_bucket_view = bucket_view,
+                           .compression = GradientCompression::kBf16};
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    auto [x, y] = batch(0);
+    auto pass = [&](const ::torch::Tensor& in, const ::torch::Tensor& out) {
+      zeroGrads(*m);
+      ::torch::mse_loss(m->forward(in), out).backward();
+    };
+    const auto xs = x.narrow(0, r * 8, 8), ys = y.narrow(0, r * 8, 8);
+    {
+      DistributedDataParallel ddp(m, comm, options);
+      {
+        DistributedDataParallel::NoSync guard(ddp);
+        pass(x, y);
+        whole[r] = grads(*m);
+      }
+      for (int k = 0; k < passes; ++k) {
+        pass(x, y);
+        ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+        ASSERT_TRUE(ddp.gradientsFinite());
+        const auto g = grads(*m);
+        for (size_t i = 0; i < g.size(); ++i) {
+          if (k == 0) {
+            sum[r].push_back(g[i].clone());
+          } else {
+            sum[r][i] += g[i];
+          }
+        }
+      }
+    }
+    DistributedDataParallel ddp(m, comm, options);  // residuals zero again
+    {
+      DistributedDataParallel::NoSync guard(ddp);
+      pass(xs, ys);
+      half[r] = grads(*m);
+    }
+    pass(xs, ys);
+    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    first[r] = grads(*m);
+  });
+  auto bf16 = [](const ::torch::Tensor& t) {
+    return t.to(::torch::kBFloat16).to(::torch::kFloat32);
+  };
+  double fed_back = 0, without = 0;
+  for (size_t i = 0; i < half[0].size(); ++i) {
+    const auto once = bf16(bf16(half[0][i]) + bf16(half[1][i])) * 0.5f;
+    EXPECT_TRUE(::torch::equal(first[0][i], once)) << "parameter " << i;
+    EXPECT_TRUE(::torch::equal(sum[1][i], sum[0][i])) << "ranks disagree";
+    const auto& g = whole[0][i];
+    fed_back += (sum[0][i] - g * passes).pow(2).sum().item<double>();
+    without += ((bf16(g) - g) * passes).pow(2).sum().item<double>();
+  }
+  EXPECT_GT(without, 0.0) << "no rounding to compensate: the test's data are too tame";
+  EXPECT_LT(std::sqrt(fed_back), 0.1 * std::sqrt(without))
+      << "error with feedback " << std::sqrt(fed_back) << ", without " << std::sqrt(without);
+}
+
+TEST(DistributedDataParallel, Bf16CompressionFeedsTheRoundingErrorBack) {
+  expectBf16CompressionFeedsErrorsBack(/*bucket_view=*/false);
+  expectBf16CompressionFeedsErrorsBack(/*bucket_view=*/true);
+}
+
+// Training with compression stays within bf16's precision of training without it.
+TEST(DistributedDataParallel, Bf16CompressionTrainsCloseToUncompressed) {
+  const auto plain = distributed(2, 4, {});
+  const auto compressed = distributed(2, 4, {.compression = GradientCompression::kBf16});
+  for (size_t i = 0; i < plain[0].size(); ++i) {
+    EXPECT_TRUE(::torch::allclose(compressed[0][i], plain[0][i], 1e-2, 1e-3))
+        << "parameter " << i << ": max difference "
+        << (compressed[0][i] - plain[0][i]).abs().max().item<float>();
+    EXPECT_TRUE(::torch::equal(compressed[1][i], compressed[0][i])) << "ranks disagree";
+  }
 }
 
 }  // namespace
