@@ -3,7 +3,8 @@
 // copy bandwidth (a device-to-device cudaMemcpy of the same size, measured in the same run); and
 // the multi-tensor operations beside the same work done with one launch per tensor (what a
 // framework does), for 500 small tensors: one cudaMemcpyAsync per tensor for pack and unpack,
-// one AdamW launch per tensor for AdamW.
+// one plain AdamW launch per tensor (per_tensor_adamw.h: pointers as arguments, no table) for
+// AdamW.
 //
 //   kernels_bench [--sizes 64MiB,256MiB,1GiB] [--tensors 500]
 //
@@ -19,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/kernels/per_tensor_adamw.h"
 #include "kernels/base/units.h"
 #include "kernels/ops/cuda_kernels.h"
 
@@ -170,7 +172,7 @@ int main(int argc, char** argv) {
   });
   const double fused_adam = timeIt([&] { check(K.adamw(adam, {.step = 1}), "adamw"); });
   const double each_adam = timeIt([&] {
-    for (int i = 0; i < tensors; ++i) check(K.adamw({adam[static_cast<size_t>(i)]}, {.step = 1}), "adamw");
+    for (const AdamWTensor& t : adam) check(bench::adamwOneTensor(t, {.step = 1}, nullptr), "adamw");
   });
   std::printf("\n%d tensors of %zu floats: fused vs one launch per tensor (us)\n", tensors, per);
   std::printf("pack   %10.1f %10.1f  speedup %.1fx\n", fused_pack * 1e6, each_pack * 1e6, each_pack / fused_pack);
