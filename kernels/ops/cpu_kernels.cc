@@ -72,11 +72,7 @@ class CpuKernels final : public Kernels {
 
   Status compressBf16(const float* in, float* residual, std::uint16_t* out,
                       size_t count) override {
-    for (size_t i = 0; i < count; ++i) {
-      const float want = in[i] + residual[i];
-      out[i] = p::toBf16(want);
-      residual[i] = want - p::fromBf16(out[i]);
-    }
+    for (size_t i = 0; i < count; ++i) out[i] = p::compressBf16Element(in[i], &residual[i]);
     return okStatus();
   }
 

@@ -68,7 +68,8 @@ class Kernels {
                         DType type) = 0;
   // data[i] *= factor; true if every result is finite (no NaN, no infinity).
   virtual Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) = 0;
-  // out[i] = bf16(in[i] + residual[i]); residual[i] = (in[i] + residual[i]) - f32(out[i]).
+  // out[i] = bf16(in[i] + residual[i]); residual[i] = (in[i] + residual[i]) - f32(out[i]), or
+  // 0 where out[i] is not finite (so that one NaN or infinity does not spoil every later step).
   // The residual starts at zero and is the caller's to keep between steps.
   virtual Status compressBf16(const float* in, float* residual, std::uint16_t* out,
                               size_t count) = 0;

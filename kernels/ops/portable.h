@@ -76,6 +76,18 @@ RALLY_HD std::uint16_t toF16(float f) {
 
 RALLY_HD bool finite(float f) { return (floatBits(f) & 0x7f800000u) != 0x7f800000u; }
 
+// One element of bf16 compression with error feedback: in + residual rounded to bf16, and what
+// the rounding lost kept as the new residual. Where the result is not finite (a NaN or an
+// infinity in the input, or a value that rounds up to infinity) the residual is reset to zero:
+// kept, it would be NaN or infinite and spoil every later step.
+RALLY_HD std::uint16_t compressBf16Element(float in, float* residual) {
+  const float want = in + *residual;
+  const std::uint16_t b = toBf16(want);
+  const float sent = fromBf16(b);
+  *residual = finite(sent) ? want - sent : 0.0f;
+  return b;
+}
+
 // ---- XXH3-64 (seed 0, a 192-byte secret), from the XXH3 specification ------------------------
 
 RALLY_HD std::uint64_t read64(const std::uint8_t* p) {
@@ -251,11 +263,10 @@ RALLY_HD size_t xxh3FullSegments(size_t len) { return (len - 1) / kXxhSegmentByt
 // path; memcpy from a byte pointer becomes byte loads there).
 template <bool kAligned = false>
 RALLY_HD std::uint64_t inputWord(const std::uint8_t* p) {
-  if constexpr (kAligned) {
-    return *reinterpret_cast<const std::uint64_t*>(p);
-  } else {
-    return read64(p);
-  }
+#if defined(__CUDA_ARCH__)
+  if constexpr (kAligned) return *reinterpret_cast<const std::uint64_t*>(p);
+#endif
+  return read64(p);  // on a host, memcpy is one load anyway, and well-defined
 }
 
 // One stripe's addition to `lane` (stripe at `in`, secret at `sec` for this stripe).

@@ -128,12 +128,25 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
       b.bf16 = ::torch::empty({numel[i]}, b.flat.options().dtype(::torch::kBFloat16));
     }
   }
-  auto k =
-      kernelsOn(params_.empty() ? ::torch::Device(::torch::kCPU) : params_.front().tensor.device());
+  // One device for every parameter (one device per process, as in PyTorch's DDP), and rally's
+  // kernels for it. Without them (a CUDA device in a build without the CUDA toolkit) buckets are
+  // averaged and checked with torch operations, and compression is refused.
+  const ::torch::Device device =
+      params_.empty() ? ::torch::Device(::torch::kCPU) : params_.front().tensor.device();
+  for (const Param& p : params_) {
+    if (p.tensor.device() != device && status_.ok()) {
+      status_ = invalidArgument(fmt::format(
+          "DistributedDataParallel: parameter {} is on {} and {} on {}; every parameter must be "
+          "on one device (one device per process)",
+          params_.front().name, device.str(), p.name, p.tensor.device().str()));
+    }
+  }
+  auto k = kernelsOn(device);
   if (k.ok()) {
     kernels_ = std::move(*k);
-  } else if (status_.ok()) {
+  } else if (options_.compression != GradientCompression::kNone && status_.ok()) {
     status_ = k.status();
+    status_.addContext("DistributedDataParallel: bf16 compression needs rally's kernels");
   }
   init_status_ = status_;
   ready_.assign(params_.size(), false);
@@ -152,7 +165,12 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
       return grad;
     }));
   }
-  if (status_.ok() && options_.broadcast_at_start) status_ = broadcastParameters();
+  // Broadcast even if construction found something wrong here: that can be this rank alone (its
+  // kernels), and every rank must run the same collectives.
+  if (options_.broadcast_at_start) {
+    const Status s = broadcastParameters();
+    if (status_.ok()) status_ = s;
+  }
 }
 
 DistributedDataParallel::~DistributedDataParallel() {
@@ -167,6 +185,11 @@ DistributedDataParallel::~DistributedDataParallel() {
 }
 
 Status DistributedDataParallel::broadcastParameters() {
+  broadcast_status_ = broadcastAll();
+  return broadcast_status_;
+}
+
+Status DistributedDataParallel::broadcastAll() {
   ::torch::NoGradGuard no_grad;
   std::vector<::torch::Tensor> all;
   for (const auto& p : module_->parameters()) all.push_back(p);
@@ -191,7 +214,7 @@ void DistributedDataParallel::beginBackward() {
     b.pending = static_cast<int>(b.params.size());
     b.work.reset();
   }
-  status_ = init_status_;
+  status_ = !init_status_.ok() ? init_status_ : broadcast_status_;
   // Runs once the whole backward pass is done (every gradient accumulated into .grad).
   ::torch::autograd::Engine::get_default_engine().queue_callback([this] { finishBackward(); });
 }
@@ -251,11 +274,17 @@ void DistributedDataParallel::onAccumulated(int index) {
 void DistributedDataParallel::launch(Bucket& b) {
   b.launched = Clock::now();
   const auto n = static_cast<size_t>(b.flat.numel());
-  if (b.bf16.defined() && kernels_ != nullptr) {
-    const Status s = kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
-                                            static_cast<float*>(b.residual.data_ptr()),
-                                            static_cast<std::uint16_t*>(b.bf16.data_ptr()), n);
-    if (!s.ok() && status_.ok()) status_ = s;  // still reduce: every rank must, in step
+  if (b.bf16.defined()) {  // on every rank alike: each must run the same collectives
+    // Without kernels (construction failed, and status_ says so) the bf16 buffer goes as it is.
+    if (kernels_ != nullptr) {
+      Status s = kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
+                                        static_cast<float*>(b.residual.data_ptr()),
+                                        static_cast<std::uint16_t*>(b.bf16.data_ptr()), n);
+      // On a GPU the compression runs on the kernels' stream, the allreduce on the
+      // communicator's: it must be finished first.
+      if (s.ok()) s = kernels_->synchronize();
+      if (!s.ok() && status_.ok()) status_ = s;  // still reduce: every rank must, in step
+    }
     b.work = comm_->allreduce(b.bf16.data_ptr(), n, DataType::kBF16, ReduceOp::kSum);
     return;
   }
@@ -269,25 +298,31 @@ Status DistributedDataParallel::setLossScale(float scale) {
         "no loss scaling)",
         scale));
   }
+  // The residuals are in the units of the scaled gradients: rescale them with the loss.
+  ::torch::NoGradGuard no_grad;
+  for (Bucket& b : buckets_) {
+    if (b.residual.defined()) b.residual.mul_(static_cast<double>(scale) / loss_scale_);
+  }
   loss_scale_ = scale;
   return okStatus();
 }
 
-Status DistributedDataParallel::average(Bucket& b, float factor, bool* finite) {
+Status DistributedDataParallel::average(Bucket& b, double divisor, bool* finite) {
   const auto n = static_cast<size_t>(b.flat.numel());
+  const auto type = kernelType(b.type);
+  if (kernels_ == nullptr || !type) {  // f64, or no kernels for this device: torch operations
+    b.flat.div_(divisor);
+    *finite = ::torch::isfinite(b.flat).all().item<bool>();
+    return okStatus();
+  }
   if (b.bf16.defined()) {
     RALLY_RETURN_IF_ERROR(
         kernels_->decompressBf16(static_cast<const std::uint16_t*>(b.bf16.data_ptr()),
                                  static_cast<float*>(b.flat.data_ptr()), n))
         << "DistributedDataParallel: decompressing a bucket";
   }
-  const auto type = kernelType(b.type);
-  if (!type) {  // f64: not a kernel dtype
-    b.flat.mul_(static_cast<double>(factor));
-    *finite = ::torch::isfinite(b.flat).all().item<bool>();
-    return okStatus();
-  }
-  auto checked = kernels_->scaleAndCheck(b.flat.data_ptr(), n, *type, factor);
+  auto checked =
+      kernels_->scaleAndCheck(b.flat.data_ptr(), n, *type, static_cast<float>(1.0 / divisor));
   RALLY_RETURN_IF_ERROR(checked.status()) << "DistributedDataParallel: averaging a bucket";
   *finite = *checked;
   return okStatus();
@@ -295,6 +330,7 @@ Status DistributedDataParallel::average(Bucket& b, float factor, bool* finite) {
 
 void DistributedDataParallel::finishBackward() {
   in_backward_ = false;
+  finite_ = false;  // until every bucket is averaged and checked
   const auto ended = Clock::now();
   // Parameters that got no gradient in this pass.
   std::vector<std::string> unused;
@@ -345,14 +381,15 @@ void DistributedDataParallel::finishBackward() {
   ::torch::NoGradGuard no_grad;
   // One pass per bucket: decompressed if it travelled as bf16, then scaled by 1 / (world size x
   // loss scale) and checked for NaN and infinity.
-  const auto factor = static_cast<float>(1.0 / (static_cast<double>(size) * loss_scale_));
-  finite_ = true;
+  const double divisor = static_cast<double>(size) * loss_scale_;
+  bool all_finite = true;
   for (Bucket& b : buckets_) {
     bool finite = true;
-    status_ = average(b, factor, &finite);
+    status_ = average(b, divisor, &finite);
     if (!status_.ok()) return;
-    finite_ = finite_ && finite;
+    all_finite = all_finite && finite;
   }
+  finite_ = all_finite;
   if (options_.gradient_as_bucket_view) return;  // .grad is the bucket
   for (Param& p : params_) {
     auto slot = slotOf(p);

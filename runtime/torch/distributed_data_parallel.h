@@ -102,11 +102,13 @@ class DistributedDataParallel {
 
   // Mixed-precision loss scaling: the loss was multiplied by `scale` before backward, so the
   // averaged gradients are divided by it as well, in the pass that averages them (PyTorch's
-  // GradScaler.unscale_). 1 until set; InvalidArgument unless positive and finite.
+  // GradScaler.unscale_). 1 until set; InvalidArgument unless positive and finite. With bf16
+  // compression the residuals, which are in the scaled units, are rescaled with it.
   Status setLossScale(float scale);
   // Whether every averaged gradient of the last synchronised backward pass is finite (no NaN, no
-  // infinity), after the loss scale is divided out. The same on every rank: it is checked on the
-  // reduced values.
+  // infinity), after the loss scale is divided out; false too if that pass failed (status()).
+  // The same on every rank: it is checked on the reduced values. With bf16 compression a NaN or
+  // infinity resets its element's residual, so it spoils that pass only.
   bool gradientsFinite() const { return finite_; }
 
   // While alive, backward passes accumulate gradients locally, without communication.
@@ -150,8 +152,10 @@ class DistributedDataParallel {
   ::torch::Tensor slotOf(const Param& p) const;
   void pointGradAtBucket(Param& p);
   void launch(Bucket& b);
-  // A reduced bucket: decompressed if it travelled as bf16, times `factor`, checked for finiteness.
-  Status average(Bucket& b, float factor, bool* finite);
+  // A reduced bucket: decompressed if it travelled as bf16, divided by `divisor`, checked for
+  // finiteness.
+  Status average(Bucket& b, double divisor, bool* finite);
+  Status broadcastAll();
   void finishBackward();
   void beginBackward();
 
@@ -172,7 +176,8 @@ class DistributedDataParallel {
   bool in_backward_ = false;
   int no_sync_ = 0;
   Status status_;
-  Status init_status_;  // what construction found wrong; every backward pass reports it
+  Status init_status_;       // what construction found wrong; every backward pass reports it
+  Status broadcast_status_;  // the last broadcastParameters(); every backward pass reports it
   Stats stats_;
   std::chrono::steady_clock::time_point backward_started_;
 };

@@ -77,9 +77,6 @@ inline void splitCopy(const unsigned char* src, unsigned char* dst, size_t bytes
   }
 }
 
-// n items of type W from s to d by thread t of `threads`, four loads in flight before their
-// stores (the stores may alias later loads as far as the compiler knows, so it would not batch
-// them itself).
 // The chunks of pack (tensors, in order, into the bucket) and unpack (back).
 inline std::vector<CopyChunk> packChunks(const std::vector<ConstTensorView>& tensors, void* bucket,
                                          DType type) {
@@ -104,6 +101,9 @@ inline std::vector<CopyChunk> unpackChunks(const void* bucket,
   return chunks;
 }
 
+// n items of type W from s to d by thread t of `threads`, four loads in flight before their
+// stores (the stores may alias later loads as far as the compiler knows, so it would not batch
+// them itself).
 template <class W>
 RALLY_HD void copyItems(unsigned t, unsigned threads, const W* s, W* d, size_t n) {
   size_t i = t;
@@ -204,13 +204,6 @@ RALLY_HD size_t compressVectors(const float* in, const float* residual, const st
   return alignedTo(in, 16) && alignedTo(residual, 16) && alignedTo(out, 8) ? n / 4 : 0;
 }
 
-RALLY_HD std::uint16_t compressOne(float in, float* residual) {
-  const float want = in + *residual;
-  const std::uint16_t b = portable::toBf16(want);
-  *residual = want - portable::fromBf16(b);
-  return b;
-}
-
 template <class Block>
 RALLY_HD void compressBody(const Block& b, const float* in, float* residual, std::uint16_t* out,
                            size_t n) {
@@ -222,12 +215,12 @@ RALLY_HD void compressBody(const Block& b, const float* in, float* residual, std
       const Floats4 x = reinterpret_cast<const Floats4*>(in)[i];
       Floats4 r = reinterpret_cast<const Floats4*>(residual)[i];
       Halves4 o;
-      for (int k = 0; k < 4; ++k) o.v[k] = compressOne(x.v[k], &r.v[k]);
+      for (int k = 0; k < 4; ++k) o.v[k] = portable::compressBf16Element(x.v[k], &r.v[k]);
       reinterpret_cast<Floats4*>(residual)[i] = r;
       reinterpret_cast<Halves4*>(out)[i] = o;
     }
     for (size_t i = vectors * 4 + first; i < n; i += stride)
-      out[i] = compressOne(in[i], &residual[i]);
+      out[i] = portable::compressBf16Element(in[i], &residual[i]);
   });
 }
 

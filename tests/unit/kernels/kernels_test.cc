@@ -197,6 +197,27 @@ TEST(Kernels, Bf16CompressionWithErrorFeedbackTracksTheTrueSum) {
   EXPECT_GT(worst_naive, 20 * worst) << "without feedback the error should grow with the steps";
 }
 
+// A NaN, an infinity, or a finite value that rounds up to infinity in bf16: sent as it is, and
+// the residual of that element reset to zero, so the next step is clean again.
+TEST(Kernels, Bf16CompressionResetsTheResidualOfANonFiniteValue) {
+  auto k = cpuKernels();
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> bad = {std::numeric_limits<float>::quiet_NaN(), inf, -inf,
+                                  std::numeric_limits<float>::max(), 1.001f};
+  std::vector<float> residual(bad.size(), 0.25f / 1024);
+  std::vector<std::uint16_t> packed(bad.size());
+  ASSERT_TRUE(k->compressBf16(bad.data(), residual.data(), packed.data(), bad.size()).ok());
+  EXPECT_TRUE(std::isnan(p::fromBf16(packed[0])));
+  EXPECT_EQ(p::fromBf16(packed[1]), inf);
+  EXPECT_EQ(p::fromBf16(packed[2]), -inf);
+  EXPECT_EQ(p::fromBf16(packed[3]), inf);  // FLT_MAX rounds up
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(residual[i], 0.0f) << i;
+  EXPECT_NE(residual[4], 0.0f);  // a finite element keeps its rounding error
+  const std::vector<float> good(bad.size(), 1.5f);
+  ASSERT_TRUE(k->compressBf16(good.data(), residual.data(), packed.data(), good.size()).ok());
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(p::fromBf16(packed[i]), 1.5f) << i;
+}
+
 TEST(Kernels, BlockChecksumsAreXxh3OfEachBlock) {
   auto k = cpuKernels();
   const auto data = randomBytes(1000003, 6);

@@ -181,6 +181,7 @@ TEST(DistributedDataParallel, AnUnusedParameterWithoutTheOptionIsAnErrorNamingIt
     EXPECT_NE(ddp.status().message().find("right.weight"), std::string::npos)
         << ddp.status().message();
     EXPECT_NE(ddp.status().message().find("find_unused_parameters"), std::string::npos);
+    EXPECT_FALSE(ddp.gradientsFinite()) << "a failed pass's gradients were not averaged";
   });
 }
 
@@ -269,15 +270,18 @@ std::vector<::torch::Tensor> grads(const ::torch::nn::Module& m) {
 }
 
 // A NaN in one rank's input makes every rank's averaged gradients non-finite, for that pass only;
-// for f32 buckets (the kernels' check) and f64 ones (torch's).
+// for f32 buckets (the kernels' check), f64 ones (torch's) and f32 buckets sent as bf16 (whose
+// residuals must not keep the NaN).
 TEST(DistributedDataParallel, AveragedGradientsAreCheckedForNanOnEveryRank) {
-  for (auto dtype : {::torch::kFloat32, ::torch::kFloat64}) {
+  for (auto [dtype, compression] : {std::pair{::torch::kFloat32, GradientCompression::kNone},
+                                    std::pair{::torch::kFloat64, GradientCompression::kNone},
+                                    std::pair{::torch::kFloat32, GradientCompression::kBf16}}) {
     auto nets = models(2);
     std::vector<std::vector<bool>> finite(2);
     runRanks(2, [&](int r, collectives::Communicator& comm) {
       auto m = nets[r];
       m->to(dtype);
-      DistributedDataParallel ddp(m, comm);
+      DistributedDataParallel ddp(m, comm, {.compression = compression});
       for (int s = 0; s < 3; ++s) {
         auto [x, y] = batch(s);
         auto xs = x.narrow(0, r * 8, 8).to(dtype).clone();  // the batch is shared
@@ -289,9 +293,61 @@ TEST(DistributedDataParallel, AveragedGradientsAreCheckedForNanOnEveryRank) {
       }
     });
     for (int r = 0; r < 2; ++r) {
-      EXPECT_EQ(finite[r], (std::vector<bool>{true, false, true})) << "rank " << r << ", " << dtype;
+      EXPECT_EQ(finite[r], (std::vector<bool>{true, false, true}))
+          << "rank " << r << ", " << dtype
+          << (compression == GradientCompression::kBf16 ? ", bf16" : "");
     }
   }
+}
+
+// f64 gradients at 3 ranks are divided by 3 in f64 (not multiplied by a float 1/3, which is off
+// by about 3e-8).
+TEST(DistributedDataParallel, F64GradientsAreAveragedInF64) {
+  auto nets = models(3, /*same=*/true);
+  std::vector<std::vector<::torch::Tensor>> local(3), averaged(3);
+  runRanks(3, [&](int r, collectives::Communicator& comm) {
+    auto m = nets[r];
+    m->to(::torch::kFloat64);
+    DistributedDataParallel ddp(m, comm);
+    auto [x, y] = batch(0);
+    auto pass = [&] {
+      zeroGrads(*m);
+      ::torch::mse_loss(m->forward(x.narrow(0, r * 5, 5).to(::torch::kFloat64)),
+                        y.narrow(0, r * 5, 5).to(::torch::kFloat64))
+          .backward();
+    };
+    {
+      DistributedDataParallel::NoSync guard(ddp);
+      pass();
+      local[r] = grads(*m);
+    }
+    pass();
+    ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    averaged[r] = grads(*m);
+  });
+  for (size_t i = 0; i < local[0].size(); ++i) {
+    const auto want = (local[0][i] + local[1][i] + local[2][i]) / 3;
+    EXPECT_TRUE(::torch::allclose(averaged[0][i], want, 1e-14, 1e-17))
+        << "parameter " << i << ": max difference "
+        << (averaged[0][i] - want).abs().max().item<double>();
+  }
+}
+
+// A module with parameters on two devices is refused, naming one on each.
+TEST(DistributedDataParallel, ParametersOnTwoDevicesAreRefused) {
+  struct TwoDevices : ::torch::nn::Module {
+    TwoDevices() {
+      register_parameter("here", ::torch::zeros({3}));
+      register_parameter("elsewhere", ::torch::empty({3}, ::torch::device(::torch::kMeta)));
+    }
+  };
+  auto m = std::make_shared<TwoDevices>();
+  runRanks(1, [&](int, collectives::Communicator& comm) {
+    DistributedDataParallel ddp(m, comm, {.broadcast_at_start = false});
+    EXPECT_EQ(ddp.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(ddp.status().message().find("meta"), std::string::npos) << ddp.status().message();
+    EXPECT_NE(ddp.status().message().find("one device"), std::string::npos);
+  });
 }
 
 // The loss times 1024, with setLossScale(1024): the same training bitwise (powers of two scale
@@ -325,8 +381,9 @@ TEST(DistributedDataParallel, ALossScaleIsDividedOutWhileAveraging) {
 
 // bf16 compression. Error feedback, on a batch both ranks share (so that the reduction's sum of
 // two equal bf16 values is exact, and only the ranks' own rounding is left): 64 passes without a
-// step send gradients whose sum stays within two residuals of 64 x the true one, where compression
-// without feedback would be off by 64 x its rounding error. And with each rank on its own half of
+// step, the loss scale alternating between 1 and 1024, send gradients whose sum stays within two
+// residuals of 64 x the true one, where compression without feedback would be off by 64 x its
+// rounding error. And with each rank on its own half of
 // a batch, one pass's average is exactly bf16(bf16(g0) + bf16(g1)) / 2: each rank's gradient
 // rounded, and the sum rounded in the reduction.
 void expectBf16CompressionFeedsErrorsBack(bool bucket_view) {
@@ -351,7 +408,11 @@ void expectBf16CompressionFeedsErrorsBack(bool bucket_view) {
         whole[r] = grads(*m);
       }
       for (int k = 0; k < passes; ++k) {
-        pass(x, y);
+        // The loss scale alternates between 1 and 1024: the residuals must follow it.
+        const float scale = k % 2 == 0 ? 1.0f : 1024.0f;
+        ASSERT_TRUE(ddp.setLossScale(scale).ok());
+        zeroGrads(*m);
+        (::torch::mse_loss(m->forward(x), y) * scale).backward();
         ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
         ASSERT_TRUE(ddp.gradientsFinite());
         const auto g = grads(*m);
