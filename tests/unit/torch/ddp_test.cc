@@ -333,6 +333,44 @@ TEST(DistributedDataParallel, F64GradientsAreAveragedInF64) {
   }
 }
 
+// f16 and bf16 parameters: their buckets are reduced in their own dtype (each sum rounded) and
+// halved by the kernels' scale-and-check, so the averaged gradient of sum(w * x_r) is exactly
+// round(x_0 + x_1) / 2. A rank's infinity is found in them too.
+TEST(DistributedDataParallel, HalfPrecisionBucketsAreAveragedAndChecked) {
+  struct Elementwise : ::torch::nn::Module {
+    explicit Elementwise(::torch::ScalarType t) {
+      w = register_parameter("w", ::torch::ones({1000}, ::torch::dtype(t)));
+    }
+    ::torch::Tensor w;
+  };
+  for (auto dtype : {::torch::kFloat16, ::torch::kBFloat16}) {
+    std::vector<::torch::Tensor> x(2), got(2);
+    std::vector<bool> finite(2, true);
+    for (int r = 0; r < 2; ++r) {
+      ::torch::manual_seed(50 + r);
+      x[r] = ::torch::randn({1000}).to(dtype);
+    }
+    runRanks(2, [&](int r, collectives::Communicator& comm) {
+      auto m = std::make_shared<Elementwise>(dtype);
+      DistributedDataParallel ddp(m, comm);
+      (m->w * x[r]).sum().backward();
+      ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+      EXPECT_TRUE(ddp.gradientsFinite());
+      got[r] = m->w.grad().clone();
+      m->w.grad().zero_();
+      auto xs = x[r].clone();
+      if (r == 0) xs[999] = std::numeric_limits<float>::infinity();
+      (m->w * xs).sum().backward();
+      finite[r] = ddp.gradientsFinite();
+    });
+    const auto want = (x[0].to(::torch::kFloat32) + x[1].to(::torch::kFloat32)).to(dtype) * 0.5;
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_TRUE(::torch::equal(got[r], want)) << dtype << ", rank " << r;
+      EXPECT_FALSE(finite[r]) << dtype << ", rank " << r;
+    }
+  }
+}
+
 // A module with parameters on two devices is refused, naming one on each.
 TEST(DistributedDataParallel, ParametersOnTwoDevicesAreRefused) {
   struct TwoDevices : ::torch::nn::Module {
