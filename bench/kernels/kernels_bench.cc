@@ -6,7 +6,10 @@
 // one plain AdamW launch per tensor (per_tensor_adamw.h: pointers as arguments, no table) for
 // AdamW.
 //
-//   kernels_bench [--sizes 64MiB,256MiB,1GiB] [--tensors 500]
+//   kernels_bench [--sizes 64MiB,256MiB,1GiB] [--tensors 500] [--chunks 4096,16384,65536]
+//
+// --chunks: pack and AdamW at the first size again with each chunk size (elements per thread
+// block, CudaKernelsOptions::chunk_elements), to choose the default; the table above uses it.
 //
 // Last line: "kernels min_fraction_of_copy_bw=F vs_per_tensor_speedup=S" (F over sizes of 64 MiB
 // and up; S the smallest speedup of the fused pack, unpack and AdamW over one launch per tensor).
@@ -62,10 +65,12 @@ double timeIt(const std::function<void()>& f, int reps = 10) {
 int main(int argc, char** argv) {
   std::string sizes_arg = "64MiB,256MiB,1GiB";
   int tensors = 500;
+  std::string chunks_arg = "4096,16384,65536";
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--sizes") sizes_arg = argv[i + 1];
     else if (a == "--tensors") tensors = std::max(1, std::atoi(argv[i + 1]));
+    else if (a == "--chunks") chunks_arg = argv[i + 1];
   }
   std::vector<std::int64_t> sizes;
   for (size_t pos = 0; pos <= sizes_arg.size();) {
@@ -180,6 +185,39 @@ int main(int argc, char** argv) {
   std::printf("adamw  %10.1f %10.1f  speedup %.1fx\n", fused_adam * 1e6, each_adam * 1e6, each_adam / fused_adam);
   const double speedup = std::min({each_pack / fused_pack, each_unpack / fused_unpack, each_adam / fused_adam});
   for (void* p : {src, dst, m, v}) cudaFree(p);
+
+  // The chunk size: pack (one tensor) and AdamW at the first size, per chunk size.
+  {
+    const size_t bytes = static_cast<size_t>(sizes.front()), n = bytes / 4, q = n / 4;
+    void *a = nullptr, *b = nullptr, *c = nullptr, *d = nullptr, *e = nullptr;
+    for (void** p : {&a, &b, &c, &d, &e}) check(cudaMalloc(p, bytes), "cudaMalloc");
+    for (void* p : {a, b, c, d, e}) check(cudaMemset(p, 0, bytes), "memset");
+    const double copy = timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
+    const double copy_bw = 2.0 * bytes / copy / 1e9;
+    std::printf("\nchunk size (elements per block), %s: fraction of copy bandwidth\n",
+                formatBytes(sizes.front()).c_str());
+    std::printf("%10s %10s %10s\n", "chunk", "pack", "adamw");
+    for (size_t pos = 0; pos <= chunks_arg.size();) {
+      size_t end = chunks_arg.find(',', pos);
+      if (end == std::string::npos) end = chunks_arg.size();
+      const size_t chunk = std::strtoull(chunks_arg.substr(pos, end - pos).c_str(), nullptr, 10);
+      pos = end + 1;
+      auto kc = cudaKernels({.device = 0, .chunk_elements = chunk});
+      check(kc.status(), "starting the CUDA kernels with --chunks");
+      Kernels& KC = **kc;
+      const double pack = timeIt([&] { check(KC.pack({{a, n}}, b, DType::kF32), "pack"); });
+      const double adam = timeIt([&] {
+        check(KC.adamw({{static_cast<float*>(b), static_cast<const float*>(a),
+                         static_cast<float*>(c), static_cast<float*>(d),
+                         static_cast<std::uint16_t*>(e), q}},
+                       {.lr = 1e-4f, .step = 1}),
+              "adamw");
+      });
+      std::printf("%10zu %10.3f %10.3f\n", chunk, 2.0 * bytes / pack / 1e9 / copy_bw,
+                  q * 30.0 / adam / 1e9 / copy_bw);
+    }
+    for (void* p : {a, b, c, d, e}) cudaFree(p);
+  }
   std::printf("kernels min_fraction_of_copy_bw=%.3f vs_per_tensor_speedup=%.1f\n", min_fraction, speedup);
   return 0;
 }

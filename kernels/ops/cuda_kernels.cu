@@ -28,9 +28,9 @@ Status cudaStatus(cudaError_t e, const char* what, const char* file, int line) {
   return unavailable(fmt::format("{}: {} ({}) at {}:{}", what, cudaGetErrorString(e),
                                  cudaGetErrorName(e), file, line));
 }
-#define RALLY_CUDA(call)                                                     \
-  do {                                                                       \
-    const cudaError_t rally_e = (call);                                      \
+#define RALLY_CUDA(call)                                                               \
+  do {                                                                                 \
+    const cudaError_t rally_e = (call);                                                \
     if (rally_e != cudaSuccess) return cudaStatus(rally_e, #call, __FILE__, __LINE__); \
   } while (0)
 
@@ -83,7 +83,8 @@ void launchScaleCheck(void* data, size_t n, float factor, int* flag, cudaStream_
 
 class CudaKernels final : public Kernels {
  public:
-  CudaKernels(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  CudaKernels(int device, cudaStream_t stream, size_t chunk)
+      : device_(device), stream_(stream), chunk_(chunk) {}
   ~CudaKernels() override {
     (void)cudaSetDevice(device_);
     (void)cudaStreamSynchronize(stream_);
@@ -107,11 +108,11 @@ class CudaKernels final : public Kernels {
   std::string_view name() const override { return "cuda"; }
 
   Status pack(const std::vector<ConstTensorView>& tensors, void* bucket, DType type) override {
-    return launchCopies(packChunks(tensors, bucket, type));
+    return launchCopies(packChunks(tensors, bucket, type, chunk_));
   }
 
   Status unpack(const void* bucket, const std::vector<TensorView>& tensors, DType type) override {
-    return launchCopies(unpackChunks(bucket, tensors, type));
+    return launchCopies(unpackChunks(bucket, tensors, type, chunk_));
   }
 
   Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) override {
@@ -131,7 +132,8 @@ class CudaKernels final : public Kernels {
       }
       RALLY_CUDA(cudaGetLastError());
     }
-    RALLY_CUDA(cudaMemcpyAsync(host_flag_, device_flag_, sizeof(int), cudaMemcpyDeviceToHost, stream_));
+    RALLY_CUDA(
+        cudaMemcpyAsync(host_flag_, device_flag_, sizeof(int), cudaMemcpyDeviceToHost, stream_));
     RALLY_CUDA(cudaStreamSynchronize(stream_));
     return *host_flag_ == 0;
   }
@@ -187,9 +189,10 @@ class CudaKernels final : public Kernels {
   }
 
   Status adamw(const std::vector<AdamWTensor>& tensors, const AdamWOptions& o) override {
-    if (o.step < 1) return invalidArgument(fmt::format("adamw: step {} (steps start at 1)", o.step));
+    if (o.step < 1)
+      return invalidArgument(fmt::format("adamw: step {} (steps start at 1)", o.step));
     std::vector<AdamWChunk> chunks;
-    for (const AdamWTensor& t : tensors) splitAdamW(t, &chunks);
+    for (const AdamWTensor& t : tensors) splitAdamW(t, chunk_, &chunks);
     if (chunks.empty()) return okStatus();
     const p::AdamWStep s = p::adamwStep(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.step);
     RALLY_ASSIGN_OR_RETURN(void* table, upload(chunks.data(), chunks.size() * sizeof(AdamWChunk)));
@@ -238,6 +241,7 @@ class CudaKernels final : public Kernels {
 
   int device_;
   cudaStream_t stream_;
+  size_t chunk_;
   cudaEvent_t uploaded_ = nullptr;
   void* host_table_ = nullptr;
   void* device_table_ = nullptr;
@@ -251,18 +255,20 @@ class CudaKernels final : public Kernels {
 }  // namespace
 
 Result<std::unique_ptr<Kernels>> cudaKernels(const CudaKernelsOptions& options) {
+  RALLY_RETURN_IF_ERROR(checkCudaKernelsOptions(options));
   int n = 0;
   if (const cudaError_t e = cudaGetDeviceCount(&n); e != cudaSuccess || n == 0) {
     (void)cudaGetLastError();
-    return failedPrecondition(fmt::format(
-        "no CUDA device for the CUDA kernels ({})",
-        e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount found none"));
+    return failedPrecondition(
+        fmt::format("no CUDA device for the CUDA kernels ({})",
+                    e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount found none"));
   }
   if (options.device < 0 || options.device >= n) {
-    return invalidArgument(fmt::format("CUDA device {} does not exist (this machine has {})",
-                                       options.device, n));
+    return invalidArgument(
+        fmt::format("CUDA device {} does not exist (this machine has {})", options.device, n));
   }
-  auto k = std::make_unique<CudaKernels>(options.device, static_cast<cudaStream_t>(options.stream));
+  auto k = std::make_unique<CudaKernels>(options.device, static_cast<cudaStream_t>(options.stream),
+                                         options.chunk_elements);
   RALLY_RETURN_IF_ERROR(k->init()) << "starting the CUDA kernels on device " << options.device;
   return std::unique_ptr<Kernels>(std::move(k));
 }

@@ -30,7 +30,9 @@
 namespace rally::kernels::internal {
 
 constexpr unsigned kThreads = 256;  // per block, every kernel
-constexpr size_t kChunk = 16384;    // elements per block in the multi-tensor kernels
+// Elements per block in the multi-tensor kernels, unless CudaKernelsOptions::chunk_elements says
+// otherwise (a multiple of 8, so that every chunk of a 16-byte aligned tensor is aligned too).
+constexpr size_t kDefaultChunk = 16384;
 constexpr unsigned kMaxBlocks = 65535u * 8u;
 
 // N elements moved with one load or store: 16 bytes are one 128-bit access on a GPU.
@@ -68,10 +70,10 @@ struct CopyChunk {
   size_t bytes;
 };
 
-// Appends the chunks (kChunk elements of `element_bytes` at most) that copy `bytes` bytes.
+// Appends the chunks (`chunk` elements of `element_bytes` at most) that copy `bytes` bytes.
 inline void splitCopy(const unsigned char* src, unsigned char* dst, size_t bytes,
-                      size_t element_bytes, std::vector<CopyChunk>* chunks) {
-  const size_t step = kChunk * element_bytes;
+                      size_t element_bytes, size_t chunk, std::vector<CopyChunk>* chunks) {
+  const size_t step = chunk * element_bytes;
   for (size_t at = 0; at < bytes; at += step) {
     chunks->push_back({src + at, dst + at, std::min(step, bytes - at)});
   }
@@ -79,23 +81,24 @@ inline void splitCopy(const unsigned char* src, unsigned char* dst, size_t bytes
 
 // The chunks of pack (tensors, in order, into the bucket) and unpack (back).
 inline std::vector<CopyChunk> packChunks(const std::vector<ConstTensorView>& tensors, void* bucket,
-                                         DType type) {
+                                         DType type, size_t chunk = kDefaultChunk) {
   const size_t es = dtypeSize(type);
   std::vector<CopyChunk> chunks;
   auto* out = static_cast<unsigned char*>(bucket);
   for (const ConstTensorView& t : tensors) {
-    splitCopy(static_cast<const unsigned char*>(t.data), out, t.count * es, es, &chunks);
+    splitCopy(static_cast<const unsigned char*>(t.data), out, t.count * es, es, chunk, &chunks);
     out += t.count * es;
   }
   return chunks;
 }
 inline std::vector<CopyChunk> unpackChunks(const void* bucket,
-                                           const std::vector<TensorView>& tensors, DType type) {
+                                           const std::vector<TensorView>& tensors, DType type,
+                                           size_t chunk = kDefaultChunk) {
   const size_t es = dtypeSize(type);
   std::vector<CopyChunk> chunks;
   const auto* in = static_cast<const unsigned char*>(bucket);
   for (const TensorView& t : tensors) {
-    splitCopy(in, static_cast<unsigned char*>(t.data), t.count * es, es, &chunks);
+    splitCopy(in, static_cast<unsigned char*>(t.data), t.count * es, es, chunk, &chunks);
     in += t.count * es;
   }
   return chunks;
@@ -329,11 +332,11 @@ struct AdamWChunk {
   size_t count;
 };
 
-inline void splitAdamW(const AdamWTensor& t, std::vector<AdamWChunk>* chunks) {
-  for (size_t at = 0; at < t.count; at += kChunk) {
+inline void splitAdamW(const AdamWTensor& t, size_t chunk, std::vector<AdamWChunk>* chunks) {
+  for (size_t at = 0; at < t.count; at += chunk) {
     chunks->push_back({t.param + at, t.grad + at, t.exp_avg + at, t.exp_avg_sq + at,
                        t.bf16_param != nullptr ? t.bf16_param + at : nullptr,
-                       std::min(kChunk, t.count - at)});
+                       std::min(chunk, t.count - at)});
   }
 }
 

@@ -99,38 +99,43 @@ TEST(EmulatedGrid, RefusesBarriersAndVotesInDivergentCode) {
   EXPECT_EQ(flag, 1);
 }
 
+// The default chunk size and the smallest allowed (many chunks per tensor).
+constexpr size_t kChunkSizes[] = {kDefaultChunk, 256};
+
 TEST(KernelBodies, PackAndUnpackChunksMoveEveryByteAtEveryAlignment) {
-  const std::vector<size_t> counts = {1, 3, 0, 2 * kChunk + 7, 5, 100003};
+  const std::vector<size_t> counts = {1, 3, 0, 2 * kDefaultChunk + 7, 5, 100003};
   size_t total = 0;
   for (size_t c : counts) total += c;
-  for (DType type : {DType::kF32, DType::kBF16}) {
-    const size_t es = dtypeSize(type);
-    const auto host = randomElements(total, type, 1);
-    // 0: 16-byte vectors; es and 8: 4-byte words or bytes; 1: bytes only.
-    for (size_t src_off : {size_t{0}, es, size_t{1}}) {
-      for (size_t dst_off : {size_t{0}, size_t{8}}) {
-        for (ThreadOrder order : kOrders) {
-          Buffer src(host.size(), src_off), bucket(host.size(), dst_off),
-              back(host.size(), src_off);
-          src.put(host);
-          std::vector<ConstTensorView> in;
-          std::vector<TensorView> out;
-          for (size_t c = 0, at = 0; c < counts.size(); at += counts[c] * es, ++c) {
-            in.push_back({src.as<unsigned char>() + at, counts[c]});
-            out.push_back({back.as<unsigned char>() + at, counts[c]});
+  for (size_t chunk : kChunkSizes) {
+    for (DType type : {DType::kF32, DType::kBF16}) {
+      const size_t es = dtypeSize(type);
+      const auto host = randomElements(total, type, 1);
+      // 0: 16-byte vectors; es and 8: 4-byte words or bytes; 1: bytes only.
+      for (size_t src_off : {size_t{0}, es, size_t{1}}) {
+        for (size_t dst_off : {size_t{0}, size_t{8}}) {
+          for (ThreadOrder order : kOrders) {
+            Buffer src(host.size(), src_off), bucket(host.size(), dst_off),
+                back(host.size(), src_off);
+            src.put(host);
+            std::vector<ConstTensorView> in;
+            std::vector<TensorView> out;
+            for (size_t c = 0, at = 0; c < counts.size(); at += counts[c] * es, ++c) {
+              in.push_back({src.as<unsigned char>() + at, counts[c]});
+              out.push_back({back.as<unsigned char>() + at, counts[c]});
+            }
+            const auto packing = packChunks(in, bucket.as<void>(), type, chunk);
+            emulateGrid(
+                static_cast<unsigned>(packing.size()), kThreads,
+                [&](const auto& b) { copyChunkBody(b, packing.data()); }, order);
+            ASSERT_EQ(bucket.take<unsigned char>(host.size()), host)
+                << "pack, source +" << src_off << ", bucket +" << dst_off << ", chunk " << chunk;
+            const auto unpacking = unpackChunks(bucket.as<void>(), out, type, chunk);
+            emulateGrid(
+                static_cast<unsigned>(unpacking.size()), kThreads,
+                [&](const auto& b) { copyChunkBody(b, unpacking.data()); }, order);
+            ASSERT_EQ(back.take<unsigned char>(host.size()), host)
+                << "unpack, source +" << src_off << ", bucket +" << dst_off << ", chunk " << chunk;
           }
-          const auto packing = packChunks(in, bucket.as<void>(), type);
-          emulateGrid(
-              static_cast<unsigned>(packing.size()), kThreads,
-              [&](const auto& b) { copyChunkBody(b, packing.data()); }, order);
-          ASSERT_EQ(bucket.take<unsigned char>(host.size()), host)
-              << "pack, source +" << src_off << ", bucket +" << dst_off;
-          const auto unpacking = unpackChunks(bucket.as<void>(), out, type);
-          emulateGrid(
-              static_cast<unsigned>(unpacking.size()), kThreads,
-              [&](const auto& b) { copyChunkBody(b, unpacking.data()); }, order);
-          ASSERT_EQ(back.take<unsigned char>(host.size()), host)
-              << "unpack, source +" << src_off << ", bucket +" << dst_off;
         }
       }
     }
@@ -301,10 +306,11 @@ TEST(KernelBodies, ChecksumsEqualLibxxhashForEveryBlockSizeAndAlignment) {
 
 TEST(KernelBodies, AdamWChunksEqualTheCpuBitForBit) {
   auto cpu = cpuKernels();
-  const std::vector<size_t> counts = {1, 3, kChunk + 5, 100003};
+  const std::vector<size_t> counts = {1, 3, kDefaultChunk + 5, 100003};
   for (size_t misalign : {0u, 4u}) {
     for (bool with_bf16 : {false, true}) {
-      for (ThreadOrder order : kOrders) {
+      for (auto [order, chunk] : {std::pair{ThreadOrder::kForwards, kDefaultChunk},
+                                  std::pair{ThreadOrder::kBackwards, size_t{256}}}) {
         std::vector<Buffer> buffers;
         std::vector<AdamWTensor> emulated, reference;
         std::vector<std::vector<float>> host;  // the CPU's tensors: param, grad, m, v per tensor
@@ -343,7 +349,7 @@ TEST(KernelBodies, AdamWChunksEqualTheCpuBitForBit) {
         for (std::int64_t step = 1; step <= 3; ++step) {
           const AdamWOptions o{.lr = 1e-2f, .step = step};
           std::vector<AdamWChunk> chunks;
-          for (const AdamWTensor& t : emulated) splitAdamW(t, &chunks);
+          for (const AdamWTensor& t : emulated) splitAdamW(t, chunk, &chunks);
           const p::AdamWStep s =
               p::adamwStep(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.step);
           emulateGrid(

@@ -18,8 +18,10 @@
 #include <random>
 #include <vector>
 
+#include "kernels/ops/cuda_kernels.h"
 #include "kernels/ops/kernels.h"
 #include "kernels/ops/portable.h"
+#include "rally/config.h"
 
 namespace rally::kernels {
 namespace {
@@ -84,7 +86,8 @@ TEST(FloatConversions, Bf16RoundsToNearestEven) {
   EXPECT_TRUE(std::isnan(p::fromBf16(p::toBf16(p::bitsFloat(0x7F800001u)))));  // stays a NaN
   for (float x : randomFloats(100000, 2, 1000.0f)) {
     const std::uint32_t u = p::floatBits(x);
-    const float down = p::bitsFloat(u & 0xFFFF0000u), up = p::bitsFloat((u & 0xFFFF0000u) + 0x10000u);
+    const float down = p::bitsFloat(u & 0xFFFF0000u),
+                up = p::bitsFloat((u & 0xFFFF0000u) + 0x10000u);
     const float got = p::fromBf16(p::toBf16(x));
     ASSERT_TRUE(got == down || got == up) << x;
     ASSERT_LE(std::fabs(got - x), std::fabs((got == down ? up : down) - x)) << x;  // the nearer
@@ -107,7 +110,8 @@ TEST(FloatConversions, F16MatchesTheCompilersHalf) {
   for (int i = 0; i < 200000; ++i) {
     // Across the half range and beyond: subnormals, normals, overflow.
     const float x = std::ldexp(static_cast<float>(rng() % 100000 + 1) / 100000.0f,
-                               static_cast<int>(rng() % 50) - 30) * ((rng() & 1) ? -1.0f : 1.0f);
+                               static_cast<int>(rng() % 50) - 30) *
+                    ((rng() & 1) ? -1.0f : 1.0f);
     const _Float16 ref = static_cast<_Float16>(x);
     std::uint16_t want;
     std::memcpy(&want, &ref, 2);
@@ -135,7 +139,8 @@ TEST(Kernels, PackAndUnpackRoundTripAnySizesAndAlignments) {
     std::vector<unsigned char> back(src.size(), 0);
     std::vector<TensorView> out;
     for (const auto& v : in) {
-      out.push_back({back.data() + (static_cast<const unsigned char*>(v.data) - src.data()), v.count});
+      out.push_back(
+          {back.data() + (static_cast<const unsigned char*>(v.data) - src.data()), v.count});
     }
     ASSERT_TRUE(k->unpack(bucket.data() + es, out, t).ok());
     for (size_t i = 0; i < in.size(); ++i) {
@@ -218,6 +223,24 @@ TEST(Kernels, Bf16CompressionResetsTheResidualOfANonFiniteValue) {
   for (size_t i = 0; i < 4; ++i) EXPECT_EQ(p::fromBf16(packed[i]), 1.5f) << i;
 }
 
+// The CUDA kernels' options are checked before any device is looked for, so this runs anywhere
+// the build has them.
+TEST(Kernels, CudaKernelsRefuseChunkSizesOutOfRange) {
+  for (size_t bad : {size_t{0}, size_t{100}, size_t{255}, size_t{1001}, size_t{1} << 21}) {
+    const Status s = checkCudaKernelsOptions({.chunk_elements = bad});
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(s.message().find("multiple of 8 from 256 to 1048576"), std::string::npos)
+        << s.message();
+#if RALLY_HAVE_CUDA
+    EXPECT_EQ(cudaKernels({.chunk_elements = bad}).status().code(), StatusCode::kInvalidArgument)
+        << bad;
+#endif
+  }
+  for (size_t good : {size_t{256}, size_t{4104}, size_t{16384}, size_t{1} << 20}) {
+    EXPECT_TRUE(checkCudaKernelsOptions({.chunk_elements = good}).ok()) << good;
+  }
+}
+
 TEST(Kernels, BlockChecksumsAreXxh3OfEachBlock) {
   auto k = cpuKernels();
   const auto data = randomBytes(1000003, 6);
@@ -233,8 +256,8 @@ TEST(Kernels, BlockChecksumsAreXxh3OfEachBlock) {
 
 TEST(Kernels, AdamWMatchesTheFormulaInDoublePrecision) {
   auto k = cpuKernels();
-  const AdamWOptions o{.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f,
-                       .weight_decay = 0.1f, .step = 1};
+  const AdamWOptions o{
+      .lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f, .weight_decay = 0.1f, .step = 1};
   std::vector<std::vector<float>> params = {randomFloats(3, 7), randomFloats(1000003, 8),
                                             randomFloats(1, 9)};
   std::vector<std::vector<float>> grads = {randomFloats(3, 10), randomFloats(1000003, 11),
@@ -263,7 +286,8 @@ TEST(Kernels, AdamWMatchesTheFormulaInDoublePrecision) {
         const double g = grads[i][j];
         md[i][j] = 0.9 * md[i][j] + 0.1 * g;
         vd[i][j] = 0.99 * vd[i][j] + 0.01 * g * g;
-        const double mh = md[i][j] / (1 - std::pow(0.9, step)), vh = vd[i][j] / (1 - std::pow(0.99, step));
+        const double mh = md[i][j] / (1 - std::pow(0.9, step)),
+                     vh = vd[i][j] / (1 - std::pow(0.99, step));
         pd[i][j] = pd[i][j] * (1 - 1e-2 * 0.1) - 1e-2 * mh / (std::sqrt(vh) + 1e-8);
       }
     }
