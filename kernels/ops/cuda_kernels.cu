@@ -88,17 +88,18 @@ class CudaKernels final : public Kernels {
   ~CudaKernels() override {
     (void)cudaSetDevice(device_);
     (void)cudaStreamSynchronize(stream_);
-    cudaFreeHost(host_table_);
-    cudaFree(device_table_);
+    for (TableSlot& slot : slots_) {
+      cudaFreeHost(slot.host);
+      cudaFree(slot.device);
+      if (slot.uploaded != nullptr) cudaEventDestroy(slot.uploaded);
+    }
     cudaFreeHost(host_flag_);
     cudaFree(device_flag_);
     cudaFree(device_sums_);
-    if (uploaded_ != nullptr) cudaEventDestroy(uploaded_);
   }
 
   Status init() {
     RALLY_CUDA(cudaSetDevice(device_));
-    RALLY_CUDA(cudaEventCreateWithFlags(&uploaded_, cudaEventDisableTiming));
     RALLY_CUDA(cudaMemcpyToSymbol(kSecretOnDevice, XXH3_kSecret, p::kSecretSize));
     RALLY_CUDA(cudaHostAlloc(&host_flag_, sizeof(int), cudaHostAllocDefault));
     RALLY_CUDA(cudaMalloc(&device_flag_, sizeof(int)));
@@ -209,6 +210,13 @@ class CudaKernels final : public Kernels {
   }
 
  private:
+  struct TableSlot {
+    void* host = nullptr;  // page-locked
+    void* device = nullptr;
+    size_t capacity = 0;             // bytes, of each
+    cudaEvent_t uploaded = nullptr;  // recorded after the upload from `host`
+  };
+
   Status launchCopies(const std::vector<CopyChunk>& chunks) {
     if (chunks.empty()) return okStatus();
     RALLY_ASSIGN_OR_RETURN(void* table, upload(chunks.data(), chunks.size() * sizeof(CopyChunk)));
@@ -218,34 +226,61 @@ class CudaKernels final : public Kernels {
     return okStatus();
   }
 
-  // The chunk table to the device, on the stream (the page-locked copy is reused once the
-  // previous upload is done).
+  // The chunk table to the device, on the stream, from a page-locked copy. Several uploads may
+  // be in flight, one per slot: a slot's host copy is reused once its upload has finished (its
+  // event), and its device copy is overwritten only by a later upload on the same stream, after
+  // the kernel that read it. So a call waits for the device only when all kMaxTableSlots slots
+  // are still in flight, rather than whenever the stream is behind.
   Result<void*> upload(const void* table, size_t bytes) {
     RALLY_CUDA(cudaSetDevice(device_));
-    RALLY_CUDA(cudaEventSynchronize(uploaded_));
-    if (bytes > table_capacity_) {
-      cudaFreeHost(host_table_);
-      cudaFree(device_table_);
-      host_table_ = nullptr;
-      device_table_ = nullptr;
-      table_capacity_ = 0;
-      RALLY_CUDA(cudaHostAlloc(&host_table_, bytes, cudaHostAllocDefault));
-      RALLY_CUDA(cudaMalloc(&device_table_, bytes));
-      table_capacity_ = bytes;
+    RALLY_ASSIGN_OR_RETURN(TableSlot * slot, freeSlot());
+    if (bytes > slot->capacity) {
+      // A queued kernel may still read the old device copy: let the stream finish first.
+      RALLY_CUDA(cudaStreamSynchronize(stream_));
+      cudaFreeHost(slot->host);
+      cudaFree(slot->device);
+      *slot = TableSlot{.uploaded = slot->uploaded};
+      RALLY_CUDA(cudaHostAlloc(&slot->host, bytes, cudaHostAllocDefault));
+      RALLY_CUDA(cudaMalloc(&slot->device, bytes));
+      slot->capacity = bytes;
     }
-    std::memcpy(host_table_, table, bytes);
-    RALLY_CUDA(cudaMemcpyAsync(device_table_, host_table_, bytes, cudaMemcpyHostToDevice, stream_));
-    RALLY_CUDA(cudaEventRecord(uploaded_, stream_));
-    return device_table_;
+    std::memcpy(slot->host, table, bytes);
+    RALLY_CUDA(cudaMemcpyAsync(slot->device, slot->host, bytes, cudaMemcpyHostToDevice, stream_));
+    RALLY_CUDA(cudaEventRecord(slot->uploaded, stream_));
+    return slot->device;
+  }
+
+  // A slot whose upload has finished, a new one while there are fewer than kMaxTableSlots, or
+  // else the oldest once it has finished.
+  Result<TableSlot*> freeSlot() {
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      const size_t at = (next_slot_ + i) % slots_.size();
+      const cudaError_t q = cudaEventQuery(slots_[at].uploaded);
+      if (q == cudaSuccess) {
+        next_slot_ = (at + 1) % slots_.size();
+        return &slots_[at];
+      }
+      if (q != cudaErrorNotReady) return cudaStatus(q, "cudaEventQuery", __FILE__, __LINE__);
+    }
+    if (slots_.size() < kMaxTableSlots) {
+      TableSlot fresh;
+      RALLY_CUDA(cudaEventCreateWithFlags(&fresh.uploaded, cudaEventDisableTiming));
+      slots_.push_back(fresh);
+      next_slot_ = 0;  // the oldest in flight is the first slot again
+      return &slots_.back();
+    }
+    TableSlot& oldest = slots_[next_slot_];
+    RALLY_CUDA(cudaEventSynchronize(oldest.uploaded));
+    next_slot_ = (next_slot_ + 1) % slots_.size();
+    return &oldest;
   }
 
   int device_;
   cudaStream_t stream_;
   size_t chunk_;
-  cudaEvent_t uploaded_ = nullptr;
-  void* host_table_ = nullptr;
-  void* device_table_ = nullptr;
-  size_t table_capacity_ = 0;
+  static constexpr size_t kMaxTableSlots = 16;
+  std::vector<TableSlot> slots_;
+  size_t next_slot_ = 0;  // where freeSlot() looks first: the oldest upload
   int* host_flag_ = nullptr;
   int* device_flag_ = nullptr;
   std::uint64_t* device_sums_ = nullptr;

@@ -85,6 +85,33 @@ TEST_F(KernelsGpu, PackAndUnpackEqualTheCpu) {
   EXPECT_TRUE(gpu_->pack({}, nullptr, DType::kF32).ok());
 }
 
+// 40 packs queued back to back without a synchronize, each with its own chunk table (growing,
+// so that table slots are reallocated too): every bucket gets its own tensors.
+TEST_F(KernelsGpu, ManyPacksInFlightKeepTheirOwnChunkTables) {
+  const size_t per = 1000, launches = 40;
+  const auto host = randomFloats(per * launches, 9);
+  DeviceBytes src(host.size() * 4), buckets(host.size() * launches * 4);
+  src.put(host);
+  auto* base = static_cast<const float*>(src.get());
+  for (size_t k = 0; k < launches; ++k) {
+    // Launch k packs the first k + 1 tensors of `per` floats, in reverse order.
+    std::vector<ConstTensorView> in;
+    for (size_t t = 0; t <= k; ++t) in.push_back({base + (k - t) * per, per});
+    ASSERT_TRUE(
+        gpu_->pack(in, static_cast<float*>(buckets.get()) + k * host.size(), DType::kF32).ok());
+  }
+  ASSERT_TRUE(gpu_->synchronize().ok());
+  const auto got = buckets.take<float>(host.size() * launches);
+  for (size_t k = 0; k < launches; ++k) {
+    for (size_t t = 0; t <= k; ++t) {
+      for (size_t i = 0; i < per; i += 97) {
+        ASSERT_EQ(got[k * host.size() + t * per + i], host[(k - t) * per + i])
+            << "launch " << k << ", tensor " << t << ", element " << i;
+      }
+    }
+  }
+}
+
 TEST_F(KernelsGpu, ScaleAndCheckEqualsTheCpu) {
   // Aligned data takes 16-byte vectors (and the tail one element at a time); data one element
   // off takes single elements throughout.
