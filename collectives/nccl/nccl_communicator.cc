@@ -265,12 +265,13 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
       const std::string context = state_->context("destroying the communicator");
       bool healthy = !state_->aborted && !state_->in_progress && state_->failureStatus().ok();
       if (healthy) {
+        // An abort() from another thread (a generation change) ends the wait for the flush;
+        // the communicator is then aborted below.
+        Limit l = limit("op_timeout", state_->options.op_timeout);
+        l.cancelled = [this] { return state_->aborted.load(); };
         const ncclResult_t r = ncclCommFinalize(comm);
         healthy = (r == ncclSuccess || r == ncclInProgress) &&
-                  settle(comm, limit("op_timeout", state_->options.op_timeout), "ncclCommFinalize",
-                         context)
-                      .value_or(timeoutError(""))
-                      .ok();
+                  settle(comm, l, "ncclCommFinalize", context).value_or(timeoutError("")).ok();
       }
       if (healthy) {
         (void)ncclCommDestroy(comm);
@@ -780,6 +781,12 @@ Result<std::unique_ptr<NcclCommunicator>> NcclCommunicator::create(BootstrapStor
   }
   if (!s.ok()) {
     if (comm != nullptr) (void)ncclCommAbort(comm);
+    if (o.size == 1 && s.code() == StatusCode::kPeerLost) {
+      // A one-rank communicator has no peer to lose: NCCL's system error is local (sysfs or
+      // topology detection refused, say, as under some sandboxes).
+      return Status(StatusCode::kUnavailable,
+                    s.message() + " (a local failure: this communicator has no other rank)");
+    }
     return s;
   }
   return NcclCommunicatorImpl::adopt(comm, o, device, who);

@@ -17,6 +17,7 @@
 #include "collectives/memory_bootstrap_store.h"
 #include "runtime/checkpoint/checkpointer.h"
 #include "runtime/cuda/cuda_copier.h"
+#include "tests/gpu/require_gpu.h"
 
 namespace rally {
 namespace {
@@ -57,7 +58,8 @@ std::unique_ptr<DeviceCopier> copierOrSkipReason(std::string* why) {
 TEST(DeviceState, CommitAndRestoreThroughTheCopier) {
   std::string why;
   auto copier = copierOrSkipReason(&why);
-  if (!copier) GTEST_SKIP() << "no CUDA device (" << why << "): device state tests need a GPU";
+  if (!copier)
+    RALLY_SKIP_WITHOUT_GPU("no CUDA device (" << why << "): device state tests need a GPU");
   DeviceFloats w(1 << 20, 1.0f);
   ElasticState state;
   state.setDeviceCopier(copier.get());
@@ -70,7 +72,7 @@ TEST(DeviceState, CommitAndRestoreThroughTheCopier) {
 
 TEST(DeviceState, CheckpointSavedBy2LoadsInto3) {
   std::string why;
-  if (!copierOrSkipReason(&why)) GTEST_SKIP() << "no CUDA device (" << why << ")";
+  if (!copierOrSkipReason(&why)) RALLY_SKIP_WITHOUT_GPU("no CUDA device (" << why << ")");
   char tmpl[] = "/tmp/rally-gpu-ckpt-XXXXXX";
   const std::string dir = ::mkdtemp(tmpl);
   auto ranks = [&](int n, const std::function<void(int, collectives::Communicator&)>& body) {

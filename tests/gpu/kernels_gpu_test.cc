@@ -16,6 +16,7 @@
 
 #include "kernels/ops/cuda_kernels.h"
 #include "kernels/ops/portable.h"
+#include "tests/gpu/require_gpu.h"
 #include "tests/unit/kernels/kernel_test_data.h"
 
 namespace rally::kernels {
@@ -48,7 +49,7 @@ class KernelsGpu : public ::testing::Test {
  protected:
   void SetUp() override {
     auto k = cudaKernels();
-    if (!k.ok()) GTEST_SKIP() << "no CUDA kernels here (" << k.status().message() << ")";
+    if (!k.ok()) RALLY_SKIP_WITHOUT_GPU("no CUDA kernels here (" << k.status().message() << ")");
     gpu_ = std::move(*k);
     cpu_ = cpuKernels();
   }

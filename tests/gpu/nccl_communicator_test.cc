@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <cstring>
 #include <iostream>
@@ -25,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/gpu/require_gpu.h"
 #include "tests/unit/collectives/collective_checks.h"
 
 namespace rally::collectives {
@@ -124,7 +126,8 @@ class NcclTest : public ::testing::Test {
   void SetUp() override {
     const std::string why = noGpuReason();
     if (!why.empty()) {
-      GTEST_SKIP() << "no CUDA device (" << why << "): the NCCL tests run where a GPU exists";
+      RALLY_SKIP_WITHOUT_GPU("no CUDA device (" << why
+                                                << "): the NCCL tests run where a GPU exists");
     }
   }
 
@@ -145,6 +148,13 @@ class NcclTest : public ::testing::Test {
 
 // Runs without a GPU too.
 TEST(NcclBuildTest, CapabilitiesMatchTheNcclHeader) {
+  // The library loaded must be at least the header's version: the build decided from the header
+  // which functions to call (ncclCommShrink, ncclCommRevoke), and an older library's missing
+  // symbol would only show at the first call.
+  int loaded = 0;
+  ASSERT_EQ(ncclGetVersion(&loaded), ncclSuccess);
+  std::printf("NCCL: header %d, library %d\n", NCCL_VERSION_CODE, loaded);
+  EXPECT_GE(loaded, NCCL_VERSION_CODE) << "the NCCL library loaded is older than nccl.h was";
   const Capabilities c = ncclCapabilities();
   EXPECT_TRUE(c.device_memory);
   EXPECT_FALSE(c.host_memory);
@@ -179,6 +189,7 @@ TEST(NcclBuildTest, AMissingOrWrongDeviceIsRefusedWithTheReason) {
   o.connect_timeout = Milliseconds(2000);
   const std::string why = noGpuReason();
   if (!why.empty()) {
+    if (::rally::test_support::gpuRequired()) FAIL() << "RALLY_REQUIRE_GPU=1 but: " << why;
     auto comm = NcclCommunicator::create(store, o);
     ASSERT_FALSE(comm.ok());
     EXPECT_EQ(comm.status().code(), StatusCode::kFailedPrecondition) << comm.status().toString();
