@@ -24,6 +24,7 @@
 
 #include "collectives/gloo/tcp_collectives.h"
 #include "collectives/internal/call_check.h"
+#include "collectives/internal/completable_work.h"
 #include "collectives/internal/reduce.h"
 #include "collectives/internal/shm_group.h"
 #include "kernels/base/logging.h"
@@ -62,35 +63,7 @@ class StoreAdapter : public gloo::rendezvous::Store {
   Milliseconds timeout_;
 };
 
-class WorkImpl final : public Work {
- public:
-  Status wait(Milliseconds timeout) override {
-    std::unique_lock lock(mu_);
-    if (!cv_.wait_for(lock, timeout, [&] { return done_; })) {
-      return timeoutError(fmt::format("{} still running after {}", what_, formatDuration(timeout)));
-    }
-    return status_;
-  }
-  bool done() const override {
-    std::lock_guard lock(mu_);
-    return done_;
-  }
-  void complete(Status s) {
-    {
-      std::lock_guard lock(mu_);
-      status_ = std::move(s);
-      done_ = true;
-    }
-    cv_.notify_all();
-  }
-  std::string what_;
-
- private:
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  Status status_;
-};
+using WorkImpl = internal::CompletableWork;
 
 using internal::CallDesc;
 using namespace internal;  // the CallKind values
@@ -352,8 +325,7 @@ class GlooCommunicator final : public Communicator {
   std::shared_ptr<Work> submitP2p(
       std::string what, std::function<std::unique_ptr<gloo::transport::UnboundBuffer>()> post,
       bool is_send) {
-    auto w = std::make_shared<WorkImpl>();
-    w->what_ = std::move(what);
+    auto w = std::make_shared<WorkImpl>(std::move(what));
     return enqueue(
         w,
         [this, post = std::move(post), is_send, w] {
@@ -393,7 +365,7 @@ class GlooCommunicator final : public Communicator {
         std::lock_guard lock(p2p_mu_);
         waiting_p2p_ = nullptr;
       }
-      const std::string& what = p.work->what_;
+      const std::string& what = p.work->what();
       if (aborted_) {
         p.work->complete(abortedStatus(what));
       } else if (ok) {
@@ -426,8 +398,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   std::shared_ptr<Work> submit(std::string what, std::function<void()> fn) {
-    auto w = std::make_shared<WorkImpl>();
-    w->what_ = std::move(what);
+    auto w = std::make_shared<WorkImpl>(std::move(what));
     return enqueue(w, std::move(fn), /*completes_elsewhere=*/false);
   }
 
@@ -435,7 +406,7 @@ class GlooCommunicator final : public Communicator {
   std::shared_ptr<Work> enqueue(const std::shared_ptr<WorkImpl>& w, std::function<void()> fn,
                                 bool completes_elsewhere) {
     if (aborted_) {
-      w->complete(abortedStatus(w->what_));
+      w->complete(abortedStatus(w->what()));
       return w;
     }
     {
@@ -482,7 +453,7 @@ class GlooCommunicator final : public Communicator {
         task = std::move(queue_.front());
         queue_.pop_front();
       }
-      const std::string& what = task.work->what_;
+      const std::string& what = task.work->what();
       if (aborted_) {
         task.work->complete(abortedStatus(what));
         continue;

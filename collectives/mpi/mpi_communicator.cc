@@ -2,7 +2,6 @@
 
 #include <fmt/format.h>
 
-
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -20,6 +19,7 @@
 #include <vector>
 
 #include "collectives/internal/call_check.h"
+#include "collectives/internal/completable_work.h"
 #include "collectives/internal/reduce.h"
 #include "collectives/mpi/internal/mpi_process.h"
 
@@ -32,42 +32,12 @@ using std::chrono::microseconds;
 using internal::AbandonedRequest;
 using internal::callMpi;
 using internal::finalizedCause;
-using internal::MpiProcess;
 using internal::mpiOp;
+using internal::MpiProcess;
 using internal::mpiStatus;
 using internal::mpiType;
 
-class WorkImpl final : public Work {
- public:
-  explicit WorkImpl(std::string what) : what_(std::move(what)) {}
-  Status wait(Milliseconds timeout) override {
-    std::unique_lock lock(mu_);
-    if (!cv_.wait_for(lock, timeout, [&] { return done_; })) {
-      return timeoutError(fmt::format("{} still running after {}", what_, formatDuration(timeout)));
-    }
-    return status_;
-  }
-  bool done() const override {
-    std::lock_guard lock(mu_);
-    return done_;
-  }
-  void complete(Status s) {
-    {
-      std::lock_guard lock(mu_);
-      status_ = std::move(s);
-      done_ = true;
-    }
-    cv_.notify_all();
-  }
-  const std::string& what() const { return what_; }
-
- private:
-  const std::string what_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  Status status_;
-};
+using WorkImpl = internal::CompletableWork;
 
 // What a rank is about to do, exchanged before each collective when check_calls is on (the same
 // descriptor and wording as the Gloo backend's).
