@@ -48,7 +48,7 @@ function(rally_add_executable)
   rally_target_defaults(${ARG_NAME})
 endfunction()
 
-# Labels: unit, integration, chaos, gpu, slow. Every test gets a timeout so that a hang fails
+# Labels: unit, integration, chaos, mpi, gpu. Every test gets a timeout so that a hang fails
 # instead of stalling CI.
 function(rally_add_test)
   cmake_parse_arguments(ARG "" "NAME;TIMEOUT" "SOURCES;DEPS;LABELS;ENVIRONMENT" ${ARGN})

@@ -9,7 +9,8 @@
 //   kernels_bench [--sizes 64MiB,256MiB,1GiB] [--tensors 500] [--chunks 4096,16384,65536]
 //
 // --chunks: pack and AdamW at the first size again with each chunk size (elements per thread
-// block, CudaKernelsOptions::chunk_elements), to choose the default; the table above uses it.
+// block, CudaKernelsOptions::chunk_elements), to choose the default (the main table uses the
+// current default).
 //
 // Last line: "kernels min_fraction_of_copy_bw=F vs_per_tensor_speedup=S" (F over sizes of 64 MiB
 // and up; S the smallest speedup of the fused pack, unpack and AdamW over one launch per tensor).
@@ -66,11 +67,18 @@ int main(int argc, char** argv) {
   std::string sizes_arg = "64MiB,256MiB,1GiB";
   int tensors = 500;
   std::string chunks_arg = "4096,16384,65536";
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
+    if (i + 1 >= argc || (a != "--sizes" && a != "--tensors" && a != "--chunks")) {
+      std::fprintf(stderr,
+                   "kernels_bench: '%s' is not one of --sizes LIST, --tensors N, --chunks LIST "
+                   "(each with a value)\n",
+                   a.c_str());
+      return 2;
+    }
     if (a == "--sizes") sizes_arg = argv[i + 1];
     else if (a == "--tensors") tensors = std::max(1, std::atoi(argv[i + 1]));
-    else if (a == "--chunks") chunks_arg = argv[i + 1];
+    else chunks_arg = argv[i + 1];
   }
   std::vector<std::int64_t> sizes;
   for (size_t pos = 0; pos <= sizes_arg.size();) {

@@ -1,8 +1,9 @@
 // The CUDA kernels: launches of the bodies in internal/kernel_bodies.h (which the CPU tests also
 // run, on an emulated grid). Each multi-tensor operation is one launch over a table of chunks (at
-// most kChunk elements of one tensor each, one thread block per chunk), uploaded with the launch
-// from page-locked memory owned by this object; element math is portable.h's, shared with the CPU
-// references, so both round the same way.
+// most CudaKernelsOptions::chunk_elements of one tensor each, one thread block per chunk),
+// uploaded with the launch from page-locked memory owned by this object (up to 16 uploads in
+// flight); element math is portable.h's, shared with the CPU references, so both round the same
+// way.
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 

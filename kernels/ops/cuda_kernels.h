@@ -17,12 +17,13 @@ struct CudaKernelsOptions {
   int device = 0;
   void* stream = nullptr;  // a cudaStream_t; nullptr: the legacy default stream
   // Elements of one tensor per thread block in pack, unpack and adamw: a multiple of 8 from 256
-  // to 1,048,576 (the benchmark sweeps it; the default is what it measured best).
+  // to 1,048,576. The benchmark's --chunks sweeps it; the default is not yet measured on a GPU.
   size_t chunk_elements = 16384;
 };
 
-// Unimplemented in a build without the CUDA toolkit; InvalidArgument for options out of range
-// (checked first, device or not); FailedPrecondition, naming why, when there is no usable device.
+// Unimplemented in a build without the CUDA toolkit; otherwise InvalidArgument for options out of
+// range (checked first, device or not), and FailedPrecondition, naming why, when there is no
+// usable device.
 Result<std::unique_ptr<Kernels>> cudaKernels(const CudaKernelsOptions& options = {});
 // The options' range checks alone (what cudaKernels checks first).
 Status checkCudaKernelsOptions(const CudaKernelsOptions& options);

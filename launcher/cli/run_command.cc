@@ -12,21 +12,33 @@ namespace rally::cli {
 namespace {
 
 void printConfig(const RunOptions& o) {
+  std::vector<std::string> signals;
+  for (int sig : o.signals_to_handle) signals.emplace_back(signalName(sig));
   std::cout << fmt::format(
       "nnodes               {}:{}\n"
       "nproc_per_node       {} ({} worker(s))\n"
       "rdzv_backend         {}{}\n"
       "rdzv_endpoint        {}\n"
       "rdzv_id              {}\n"
+      "master_addr:port     {}:{}{}\n"
       "max_restarts         {}\n"
+      "recovery             {}\n"
       "role                 {}\n"
+      "node_id              {}\n"
       "log_dir              {}\n"
+      "fault_plan           {}\n"
+      "events               {}\n"
       "signals_to_handle    {}\n"
       "command              {}\n\n",
       o.min_nodes, o.max_nodes, o.nproc_per_node, o.local_world_size, o.rdzv_backend,
       o.standalone ? " (standalone)" : "", o.rdzv_endpoint.empty() ? "-" : o.rdzv_endpoint,
-      o.rdzv_id, o.max_restarts, o.role, o.log_dir.empty() ? "(a temporary directory)" : o.log_dir,
-      fmt::join(o.signals_to_handle, ","), fmt::join(o.command(), " "));
+      o.rdzv_id, o.master_addr, o.master_port,
+      o.master_port_given ? "" : " (a free port is chosen)", o.max_restarts, o.recovery, o.role,
+      o.node_id.empty() ? "(HOST-PID)" : o.node_id,
+      o.log_dir.empty() ? "(a temporary directory)" : o.log_dir,
+      o.fault_plan.empty() ? "-" : o.fault_plan, o.events_file.empty() ? "-" : o.events_file,
+      fmt::join(signals, ","),
+      o.script.empty() ? "(none given)" : fmt::format("{}", fmt::join(o.command(), " ")));
   o.tunables.print(std::cout);
 }
 

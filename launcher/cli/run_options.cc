@@ -246,7 +246,7 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   opt("nnodes", &nnodes, "Nodes: N, or MIN:MAX for an elastic job [1:1]");
   opt("nproc-per-node", &o.nproc_per_node, "Workers per node: N, auto, cpu or gpu [1]");
   opt("rdzv-backend", &o.rdzv_backend,
-      "rally (rally's coordinator; c10d is accepted as an alias) or static [rally]");
+      "rally (rally's coordinator; c10d and etcd-v2 are accepted as aliases) or static [rally]");
   opt("rdzv-endpoint", &o.rdzv_endpoint,
       "HOST:PORT of the coordinator; the agent on HOST hosts it");
   opt("rdzv-id", &o.rdzv_id, "The job's id; every node of a job must give the same [none]");
@@ -279,12 +279,13 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
                  "rally: restart (stop and restart every worker, as torchrun) or in-place "
                  "(survivors re-form without restarting; programs using librally) [restart]");
   app.add_option("--fault-plan", o.fault_plan,
-                 "rally: a fault plan FILE (kill, hang, delay or fail a rank at a step or time); "
-                 "see docs/faults.md");
+                 "rally: a fault plan FILE (kill, stall, hang, delay or fail a rank or node at a "
+                 "step, time, commit or recovery); see docs/faults.md");
   app.add_option("--node-id", o.node_id, "rally: this node's id in the job [HOST-PID]");
   app.add_option("--events", o.events_file, "rally: append JSON-lines events to FILE");
   app.add_flag("--print-config", o.print_config,
-               "rally: print the resolved options and every tunable, then exit");
+               "rally: print the resolved options and every tunable, then exit (no program "
+               "needed)");
   addTunableFlags(&app, &tunable_flags);
 
   // PET_* variables first, so that the command line (later, last one wins) overrides them.
@@ -311,16 +312,18 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   }
 
   std::vector<std::string> rest = app.remaining();
-  if (rest.empty()) {
+  if (rest.empty() && !o.print_config) {
     return invalidArgument(
         "no program to run: give a script or program, e.g. rally run --nproc-per-node 2 train.py");
   }
-  if (rest[0].size() > 1 && rest[0][0] == '-') {
+  if (!rest.empty() && rest[0].size() > 1 && rest[0][0] == '-') {
     return invalidArgument(
         fmt::format("unknown option '{}' before the program (see rally run --help)", rest[0]));
   }
-  o.script = rest[0];
-  o.script_args.assign(rest.begin() + 1, rest.end());
+  if (!rest.empty()) {
+    o.script = rest[0];
+    o.script_args.assign(rest.begin() + 1, rest.end());
+  }
 
   RALLY_RETURN_IF_ERROR(parseNnodes(nnodes, &o.min_nodes, &o.max_nodes));
   if (o.nproc_per_node == "cpu") {
@@ -346,7 +349,8 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
     o.rdzv_backend = "rally";
   } else if (o.rdzv_backend != "static") {
     return invalidArgument(fmt::format(
-        "--rdzv-backend '{}' is not known: use rally (the default; c10d is an alias) or static",
+        "--rdzv-backend '{}' is not known: use rally (the default; c10d and etcd-v2 are aliases) "
+        "or static",
         o.rdzv_backend));
   }
   for (const std::string& item : split(rdzv_conf, ',')) {
@@ -374,12 +378,12 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
         fmt::format("--start-method '{}' is not spawn, fork or forkserver", o.start_method));
   }
   if (o.recovery != "restart" && o.recovery != "in-place") {
-    return invalidArgument(
-        fmt::format("--recovery '{}' is not restart or in-place", o.recovery));
+    return invalidArgument(fmt::format("--recovery '{}' is not restart or in-place", o.recovery));
   }
   if (!o.fault_plan.empty()) {
     auto plan = FaultPlan::fromFile(o.fault_plan);
-    if (!plan.ok()) return invalidArgument(fmt::format("--fault-plan: {}", plan.status().message()));
+    if (!plan.ok())
+      return invalidArgument(fmt::format("--fault-plan: {}", plan.status().message()));
   }
   RALLY_ASSIGN_OR_RETURN(o.redirects, parseStdSpec("--redirects", redirects));
   RALLY_ASSIGN_OR_RETURN(o.tee, parseStdSpec("--tee", tee));

@@ -17,11 +17,12 @@
 //     opt.step();
 //   }
 //
-// Averaging scales each reduced bucket by 1/world size and checks it for NaN and infinity in the
-// same pass (rally's kernels: kernels/ops/kernels.h), so gradientsFinite() costs nothing extra;
-// with setLossScale() the same pass also divides out a mixed-precision loss scale:
+// Averaging scales each reduced f32/f16/bf16 bucket by 1/world size and checks it for NaN and
+// infinity in the same pass (rally's kernels: kernels/ops/kernels.h; f64 buckets with torch
+// operations), so gradientsFinite() costs nothing extra; with setLossScale() the same pass also
+// divides out a mixed-precision loss scale:
 //
-//   ddp.setLossScale(scale);
+//   RALLY_RETURN_IF_ERROR(ddp.setLossScale(scale));
 //   (loss * scale).backward();
 //   if (ddp.gradientsFinite()) { opt.step(); } else { scale /= 2; }  // the same on every rank
 //

@@ -1,7 +1,8 @@
 // CUDA buffers in ElasticState and checkpoints, through the CUDA copier (its own stream, ordered
 // after the training stream, into page-locked memory): commit and restore round trips, and a
 // checkpoint saved by 2 ranks (both on device 0: one GPU here) loaded by 3 ranks into fresh device
-// buffers, bit for bit. Without a CUDA device every case skips, saying why.
+// buffers, bit for bit. Without a CUDA device every case skips, saying why, or fails where
+// RALLY_REQUIRE_GPU=1 (tests/gpu/require_gpu.h).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 #include <unistd.h>

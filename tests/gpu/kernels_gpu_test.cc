@@ -3,8 +3,9 @@
 // elements), and empty tensor lists: pack/unpack,
 // scale-and-check (NaN and infinity found), bf16 compression with error feedback (bit for bit:
 // both use portable.h's rounding), block checksums (the device's equal the CPU's, so a shard can
-// be verified without copying it to the host), and AdamW. Without a CUDA device every case skips,
-// saying why.
+// be verified without copying it to the host), AdamW, and 40 packs in flight at once (the
+// rotating chunk-table uploads). Without a CUDA device every case skips, saying why, or fails
+// where RALLY_REQUIRE_GPU=1 (tests/gpu/require_gpu.h).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 

@@ -2,8 +2,9 @@
 // operation x dtype x reduce op on device buffers against references computed here (counts 0, 1,
 // 3, 1001), ordering on the caller's stream, split, shrink, abort() from another thread while an
 // operation is queued behind a blocked stream, and refused arguments. Where no CUDA device exists
-// the GPU tests skip (ctest reports the binary as skipped); the checks that need no device run
-// everywhere.
+// the GPU tests skip (ctest reports the binary as skipped), or fail where RALLY_REQUIRE_GPU=1
+// (tests/gpu/require_gpu.h); the checks that need no device run everywhere, among them that the
+// NCCL library loaded is at least the header's version.
 #include "collectives/nccl/nccl_communicator.h"
 
 #include <cuda_runtime_api.h>

@@ -2,8 +2,10 @@
 // (emulated_grid.h), against the CPU references: the same indexing, alignment and vector paths a
 // GPU runs, tested on machines without one. Every case runs with threads and blocks forwards and
 // backwards (a race within one each() would show as a difference), and the element kernels also on
-// a 3-block grid as well as the launch's own (the grid-stride loops' later turns). Inputs are fresh
-// random values (never zeros), at odd sizes, at aligned and misaligned addresses.
+// a 3-block grid as well as the launch's own (the grid-stride loops' later turns), and the
+// multi-tensor ones at 256-element chunks as well as the default. Inputs are fresh random values
+// (never zeros), at odd sizes, at aligned and misaligned addresses. The emulator's own refusals
+// (a missing barrier, a barrier or a vote in divergent code) are tested first.
 #include <gtest/gtest.h>
 
 #define XXH_INLINE_ALL

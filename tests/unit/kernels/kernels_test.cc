@@ -6,7 +6,9 @@
 //     for every half and for random floats, subnormals included);
 //   - pack/unpack round trips; scale-and-check finds NaN and infinity; bf16 compression with error
 //     feedback tracks the uncompressed sum over many steps (and far better than without it);
-//   - block checksums; AdamW against a double-precision formula.
+//   - a non-finite compressed value resets its residual;
+//   - block checksums; AdamW against a double-precision formula;
+//   - the CUDA kernels' chunk size refused out of range (no device needed).
 #include <gtest/gtest.h>
 
 #define XXH_INLINE_ALL

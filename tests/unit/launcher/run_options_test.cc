@@ -155,6 +155,25 @@ TEST(RunOptionsTest, BadValuesGetOneClearLine) {
   EXPECT_FALSE(error({"--bogus-flag", "t.py"}).empty());
 }
 
+TEST(RunOptionsTest, PrintConfigNeedsNoProgram) {
+  auto o = parse({"--print-config", "--nproc-per-node", "2"});
+  ASSERT_TRUE(o.ok()) << o.status().toString();
+  EXPECT_TRUE(o->print_config);
+  EXPECT_TRUE(o->script.empty());
+  EXPECT_EQ(o->local_world_size, 2);
+  auto with = parse({"--print-config", "train.py", "--lr", "1"});
+  ASSERT_TRUE(with.ok()) << with.status().toString();
+  EXPECT_EQ(with->script, "train.py");
+  EXPECT_NE(error({"--print-config", "--bogus-flag"}).find("--bogus-flag"), std::string::npos);
+}
+
+TEST(RunOptionsTest, EtcdV2IsAnAliasOfTheCoordinator) {
+  auto o = parse({"--rdzv-backend", "etcd-v2", "--rdzv-endpoint", "127.0.0.1:29400", "t.py"});
+  ASSERT_TRUE(o.ok()) << o.status().toString();
+  EXPECT_FALSE(o->staticBackend());
+  EXPECT_NE(error({"--rdzv-backend", "zookeeper", "t.py"}).find("etcd-v2"), std::string::npos);
+}
+
 TEST(RunOptionsTest, HelpIsReportedAsText) {
   auto r = parse({"--help"});
   ASSERT_EQ(r.status().code(), StatusCode::kNotFound);

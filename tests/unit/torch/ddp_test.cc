@@ -4,7 +4,9 @@
 // sizes (one bucket, or one per parameter) give bitwise-identical results, and small buckets
 // overlap communication with the backward pass; find_unused_parameters with ranks using different
 // branches; an unused parameter without it is an error naming it; no_sync accumulates locally and
-// the next pass averages the sum.
+// the next pass averages the sum; gradient_as_bucket_view; the averaging pass's NaN check (f32,
+// f64, f16, bf16, with and without compression), loss-scale division and f64 precision; bf16
+// compression with error feedback; parameters on two devices refused.
 #include <gtest/gtest.h>
 
 #include <cmath>
