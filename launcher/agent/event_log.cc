@@ -3,6 +3,9 @@
 #include <fmt/chrono.h>
 #include <fmt/format.h>
 
+#include <filesystem>
+#include <system_error>
+
 namespace rally::agent {
 
 std::string isoTime(std::chrono::system_clock::time_point t) {
@@ -16,6 +19,15 @@ Result<std::unique_ptr<EventLog>> EventLog::open(const std::string& path, std::s
   std::unique_ptr<EventLog> log(new EventLog());
   log->node_id_ = std::move(node_id);
   if (!path.empty()) {
+    // Its directory is made, as --log-dir's is: a fresh volume need not hold it yet.
+    const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+    std::error_code ec;
+    if (!parent.empty()) std::filesystem::create_directories(parent, ec);
+    if (ec) {
+      return errnoStatus(
+          fmt::format("--events: cannot create the directory {} for {}", parent.string(), path),
+          ec.value());
+    }
     log->out_.open(path, std::ios::app);
     if (!log->out_) return errnoStatus(fmt::format("--events: cannot open {}", path), errno);
   }

@@ -132,15 +132,27 @@ if run_args is not None:
           f"parallelism {job['spec']['parallelism']}, --nnodes {nnodes}")
     check(option(coordinator_args or [], "--nnodes") == nnodes,
           "k8s: the coordinator and the workers agree on --nnodes")
+    check(option(coordinator_args or [], "--job-id") == option(run_args, "--rdzv-id"),
+          "k8s: the coordinator's --job-id is the workers' --rdzv-id")
+    least = int(nnodes.split(":")[0])
+    rules = job["spec"].get("successPolicy", {}).get("rules", [])
+    check([r.get("succeededCount") for r in rules] == [least],
+          "k8s: the Job succeeds once --nnodes' MIN pods have", str(rules))
+    for path_option in ("--checkpoint-dir", "--events"):
+        value = option(run_args, path_option)
+        if value is not None:
+            check(any(value.startswith(m["mountPath"] + "/") for m in trainer["volumeMounts"]),
+                  f"k8s: {path_option} is on a mounted volume", value)
     check("recovery             in-place" in config, "k8s: in-place recovery")
-secrets = set()
+secrets = []
 for container in (coordinator, trainer):
-    for e in container.get("env", []):
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            secrets.add((e["name"], ref["name"], ref["key"]))
-check(len(secrets) == 1 and next(iter(secrets))[0] == "RALLY_TOKEN",
-      "k8s: the coordinator and the workers read one RALLY_TOKEN secret", str(secrets))
+    refs = [(e["name"], e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", []) if e.get("valueFrom", {}).get("secretKeyRef")]
+    check([r[0] for r in refs] == ["RALLY_TOKEN"],
+          f"k8s: {container['name']} reads RALLY_TOKEN from a secret", str(refs))
+    secrets.extend(refs)
+check(len(set(secrets)) == 1, "k8s: the coordinator and the workers read the same secret",
+      str(secrets))
 mounts = {m["name"] for m in trainer.get("volumeMounts", [])}
 check(mounts <= {v["name"] for v in pod.get("volumes", [])}, "k8s: every volume mount has a volume")
 
@@ -164,7 +176,7 @@ check(line is not None, "slurm: the script runs rally run")
 if line is not None:
     values = {"MIN_NODES": "2", "SLURM_NNODES": "4", "head_node": "node001", "PORT": "29400",
               "SLURM_JOB_ID": "1234", "checkpoints": "/scratch/ckpt"}
-    line = re.sub(r'"\$\{container\[@\]\}"', "", line)
+    line = line.replace('${container[@]+"${container[@]}"}', "")
     for name in re.findall(r"\$\{?(\w+)\}?", line):
         check(name in values, f"slurm: ${name} has a test value")
         line = re.sub(r"\$\{?" + name + r"\}?", values.get(name, "x"), line)

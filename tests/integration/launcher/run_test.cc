@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 
+#include <fstream>
 #include <regex>
 
 #include "tests/integration/process.h"
@@ -225,6 +226,18 @@ TEST_F(RunTest, JoinsAStandaloneCoordinatorWithItsToken) {
   EXPECT_EQ(exitCode(*ok), 0) << ok->errors();
   coord.signal(SIGTERM);
   ::unlink(token_file.c_str());
+}
+
+// --events in a directory that does not exist yet (a fresh volume): it is made.
+TEST_F(RunTest, TheEventLogsDirectoryIsMade) {
+  const std::string events = tempPath("new-dir") + "/sub/events.jsonl";
+  ChildProcess p({RALLY_BINARY, "run", "--events", events, "--no-python", "/bin/true"},
+                 tempPath("events.out"));
+  ASSERT_EQ(exitCode(p), 0) << p.errors();
+  std::ifstream in(events);
+  std::string first;
+  ASSERT_TRUE(std::getline(in, first)) << "no events in " << events;
+  EXPECT_NE(first.find("\"event\""), std::string::npos) << first;
 }
 
 TEST_F(RunTest, BadInputExitsWithCode2AndOneLine) {
