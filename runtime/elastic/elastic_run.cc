@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
@@ -286,8 +287,11 @@ Status ElasticRun::recoverOnce(const Status& cause) {
   auto told = world_.lastMovedAt();
   if (told.time_since_epoch().count() == 0 || told > returned_sys) told = returned_sys;
   p.abort_ms = std::chrono::duration<double, std::milli>(returned_sys - told).count();
-  if (auto failed = world_.failureTime(p.from_generation); failed && *failed <= told) {
-    p.detect_ms = std::chrono::duration<double, std::milli>(told - *failed).count();
+  // Detection: from the failure, as its agent recorded it, to being told. A survivor whose
+  // communicator saw the peer's connection close can be told before the agent's own clock read
+  // the exit: then it took no time (0), rather than going unreported.
+  if (auto failed = world_.failureTime(p.from_generation)) {
+    p.detect_ms = std::max(0.0, std::chrono::duration<double, std::milli>(told - *failed).count());
   }
   pending_ = p;
   return okStatus();
