@@ -265,8 +265,8 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
       const std::string context = state_->context("destroying the communicator");
       bool healthy = !state_->aborted && !state_->in_progress && state_->failureStatus().ok();
       if (healthy) {
-        // An abort() from another thread (a generation change) ends the wait for the flush;
-        // the communicator is then aborted below.
+        // An abort() through the shared state (a Work's, while this runs) ends the wait for the
+        // flush; the communicator is then aborted below.
         Limit l = limit("op_timeout", state_->options.op_timeout);
         l.cancelled = [this] { return state_->aborted.load(); };
         const ncclResult_t r = ncclCommFinalize(comm);

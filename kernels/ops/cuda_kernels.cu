@@ -216,6 +216,7 @@ class CudaKernels final : public Kernels {
     void* device = nullptr;
     size_t capacity = 0;             // bytes, of each
     cudaEvent_t uploaded = nullptr;  // recorded after the upload from `host`
+    std::uint64_t last_use = 0;      // which upload used it last (uploads are numbered)
   };
 
   Status launchCopies(const std::vector<CopyChunk>& chunks) {
@@ -240,11 +241,14 @@ class CudaKernels final : public Kernels {
       RALLY_CUDA(cudaStreamSynchronize(stream_));
       cudaFreeHost(slot->host);
       cudaFree(slot->device);
-      *slot = TableSlot{.uploaded = slot->uploaded};
+      slot->host = nullptr;
+      slot->device = nullptr;
+      slot->capacity = 0;
       RALLY_CUDA(cudaHostAlloc(&slot->host, bytes, cudaHostAllocDefault));
       RALLY_CUDA(cudaMalloc(&slot->device, bytes));
       slot->capacity = bytes;
     }
+    slot->last_use = ++uploads_;
     std::memcpy(slot->host, table, bytes);
     RALLY_CUDA(cudaMemcpyAsync(slot->device, slot->host, bytes, cudaMemcpyHostToDevice, stream_));
     RALLY_CUDA(cudaEventRecord(slot->uploaded, stream_));
@@ -252,28 +256,24 @@ class CudaKernels final : public Kernels {
   }
 
   // A slot whose upload has finished, a new one while there are fewer than kMaxTableSlots, or
-  // else the oldest once it has finished.
+  // else the least recently used once its upload has finished (the stream runs them in order,
+  // so that is the first to finish).
   Result<TableSlot*> freeSlot() {
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      const size_t at = (next_slot_ + i) % slots_.size();
-      const cudaError_t q = cudaEventQuery(slots_[at].uploaded);
-      if (q == cudaSuccess) {
-        next_slot_ = (at + 1) % slots_.size();
-        return &slots_[at];
-      }
+    TableSlot* oldest = nullptr;
+    for (TableSlot& slot : slots_) {
+      const cudaError_t q = cudaEventQuery(slot.uploaded);
+      if (q == cudaSuccess) return &slot;
       if (q != cudaErrorNotReady) return cudaStatus(q, "cudaEventQuery", __FILE__, __LINE__);
+      if (oldest == nullptr || slot.last_use < oldest->last_use) oldest = &slot;
     }
     if (slots_.size() < kMaxTableSlots) {
       TableSlot fresh;
       RALLY_CUDA(cudaEventCreateWithFlags(&fresh.uploaded, cudaEventDisableTiming));
       slots_.push_back(fresh);
-      next_slot_ = 0;  // the oldest in flight is the first slot again
       return &slots_.back();
     }
-    TableSlot& oldest = slots_[next_slot_];
-    RALLY_CUDA(cudaEventSynchronize(oldest.uploaded));
-    next_slot_ = (next_slot_ + 1) % slots_.size();
-    return &oldest;
+    RALLY_CUDA(cudaEventSynchronize(oldest->uploaded));
+    return oldest;
   }
 
   int device_;
@@ -281,7 +281,7 @@ class CudaKernels final : public Kernels {
   size_t chunk_;
   static constexpr size_t kMaxTableSlots = 16;
   std::vector<TableSlot> slots_;
-  size_t next_slot_ = 0;  // where freeSlot() looks first: the oldest upload
+  std::uint64_t uploads_ = 0;
   int* host_flag_ = nullptr;
   int* device_flag_ = nullptr;
   std::uint64_t* device_sums_ = nullptr;

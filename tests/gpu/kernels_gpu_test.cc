@@ -9,10 +9,13 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "kernels/ops/cuda_kernels.h"
@@ -88,13 +91,30 @@ TEST_F(KernelsGpu, PackAndUnpackEqualTheCpu) {
 }
 
 // 40 packs queued back to back without a synchronize, each with its own chunk table (growing,
-// so that table slots are reallocated too): every bucket gets its own tensors.
+// so that table slots are reallocated too), while the stream is held by a gate that another
+// thread opens after 300 ms: the first 16 uploads fill every slot, the 17th waits for the oldest,
+// and each bucket still gets its own tensors.
 TEST_F(KernelsGpu, ManyPacksInFlightKeepTheirOwnChunkTables) {
   const size_t per = 1000, launches = 40;
   const auto host = randomFloats(per * launches, 9);
   DeviceBytes src(host.size() * 4), buckets(host.size() * launches * 4);
   src.put(host);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   auto* base = static_cast<const float*>(src.get());
+  std::atomic<bool> open{false};
+  ASSERT_EQ(cudaLaunchHostFunc(
+                nullptr,  // the kernels' stream: the legacy default one
+                [](void* flag) {
+                  while (!static_cast<std::atomic<bool>*>(flag)->load()) {
+                    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                  }
+                },
+                &open),
+            cudaSuccess);
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    open = true;
+  });
   for (size_t k = 0; k < launches; ++k) {
     // Launch k packs the first k + 1 tensors of `per` floats, in reverse order.
     std::vector<ConstTensorView> in;
@@ -102,6 +122,7 @@ TEST_F(KernelsGpu, ManyPacksInFlightKeepTheirOwnChunkTables) {
     ASSERT_TRUE(
         gpu_->pack(in, static_cast<float*>(buckets.get()) + k * host.size(), DType::kF32).ok());
   }
+  opener.join();
   ASSERT_TRUE(gpu_->synchronize().ok());
   const auto got = buckets.take<float>(host.size() * launches);
   for (size_t k = 0; k < launches; ++k) {
