@@ -141,6 +141,8 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
           params_.front().name, device.str(), p.name, p.tensor.device().str()));
     }
   }
+  // What is wrong so far is the model's, the same on every rank: then nothing is broadcast.
+  const bool model_ok = status_.ok();
   auto k = kernelsOn(device);
   if (k.ok()) {
     kernels_ = std::move(*k);
@@ -165,9 +167,9 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<::torch::nn::Mo
       return grad;
     }));
   }
-  // Broadcast even if construction found something wrong here: that can be this rank alone (its
-  // kernels), and every rank must run the same collectives.
-  if (options_.broadcast_at_start) {
+  // Broadcast even if this rank alone found something wrong (its kernels): every rank must run
+  // the same collectives. A model that is wrong (dtypes, devices) is wrong on every rank.
+  if (options_.broadcast_at_start && model_ok) {
     const Status s = broadcastParameters();
     if (status_.ok()) status_ = s;
   }

@@ -6,7 +6,8 @@
 // branches; an unused parameter without it is an error naming it; no_sync accumulates locally and
 // the next pass averages the sum; gradient_as_bucket_view; the averaging pass's NaN check (f32,
 // f64, f16, bf16, with and without compression), loss-scale division and f64 precision; bf16
-// compression with error feedback; parameters on two devices refused.
+// compression with error feedback; parameters on two devices refused; a model it cannot average
+// refused on every rank without a broadcast.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -387,6 +388,27 @@ TEST(DistributedDataParallel, ParametersOnTwoDevicesAreRefused) {
     EXPECT_EQ(ddp.status().code(), StatusCode::kInvalidArgument);
     EXPECT_NE(ddp.status().message().find("meta"), std::string::npos) << ddp.status().message();
     EXPECT_NE(ddp.status().message().find("one device"), std::string::npos);
+  });
+}
+
+// A model DDP cannot average (a complex parameter) is refused on every rank alike, and nothing
+// is broadcast from it: rank 1 keeps its own values.
+TEST(DistributedDataParallel, AModelItCannotAverageIsRefusedWithoutABroadcast) {
+  struct Complex : ::torch::nn::Module {
+    explicit Complex(float v) {
+      w = register_parameter("w", ::torch::full({3}, v));
+      register_parameter("z", ::torch::zeros({2}, ::torch::kComplexFloat));
+    }
+    ::torch::Tensor w;
+  };
+  std::vector<std::shared_ptr<Complex>> nets = {std::make_shared<Complex>(1.0f),
+                                                std::make_shared<Complex>(2.0f)};
+  runRanks(2, [&](int r, collectives::Communicator& comm) {
+    DistributedDataParallel ddp(nets[r], comm);
+    EXPECT_EQ(ddp.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(ddp.status().message().find("ComplexFloat"), std::string::npos)
+        << ddp.status().message();
+    EXPECT_EQ(nets[r]->w[0].item<float>(), r == 0 ? 1.0f : 2.0f) << "rank " << r;
   });
 }
 
