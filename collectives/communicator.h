@@ -21,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -56,6 +57,22 @@ class Work {
   // the communicator to stop it).
   virtual Status wait(Milliseconds timeout) = 0;
   virtual bool done() const = 0;
+
+  // What a backend can tell of an operation's life as it happens, for tracing
+  // (collectives/recorder.h): `started` when its worker takes it from the queue and begins,
+  // `completed` with the final status. Each is called once, on the backend's thread, or at once
+  // from observe() for what has already happened; `started` may never come (an operation failed
+  // before it began). Both must be quick and must not call into the communicator.
+  struct Observer {
+    std::function<void()> started;
+    std::function<void(const Status&)> completed;
+  };
+  // Installs `observer` (at most one per Work). False, and nothing will be called, where this Work
+  // cannot tell (the caller then learns of completion only from wait() and done()).
+  virtual bool observe(Observer observer) {
+    (void)observer;
+    return false;
+  }
 };
 
 class Communicator {

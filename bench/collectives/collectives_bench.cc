@@ -6,7 +6,7 @@
 //
 //   collectives_bench --backend gloo --ranks 2 [--op allreduce|reduce_scatter|allgather|
 //                     broadcast|alltoall|all] [--min 4B] [--max 256MiB] [--transport shm|tcp]
-//                     [--no-check-calls]
+//                     [--no-check-calls] [--record]
 //   mpirun -n 2 collectives_bench --backend mpi-raw      (Open MPI's own MPI_Allreduce, baseline)
 //
 // Output: one line per size, "size count type op time_us algbw_GBps busbw_GBps wrong".
@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "collectives/communicator.h"
+#include "collectives/recorder.h"
 #include "kernels/base/units.h"
 #include "rally/config.h"
 #if RALLY_HAVE_GLOO
@@ -52,12 +53,13 @@ struct Args {
   size_t min_bytes = 4;
   size_t max_bytes = 256u << 20;
   bool check_calls = true;
+  bool record = false;  // through collectives::recordCollectives
 };
 
 constexpr const char* kUsage =
     "usage: collectives_bench [--backend gloo|mpi-raw] [--ranks N] [--op allreduce|"
     "reduce_scatter|allgather|broadcast|alltoall|all] [--min BYTES] [--max BYTES] "
-    "[--transport shm|tcp] [--no-check-calls]\n"
+    "[--transport shm|tcp] [--no-check-calls] [--record]\n"
     "  BYTES takes units: 4B, 64KiB, 256MiB. Sizes double from --min to --max; each line is the\n"
     "  time per operation (5 rounds, each timed on its slowest rank; the median round), algbw and\n"
     "  busbw (as nccl-tests), and wrong elements after a check.\n"
@@ -98,6 +100,8 @@ Args parse(int argc, char** argv) {
       a.min_bytes = bytes(value());
     } else if (k == "--max") {
       a.max_bytes = bytes(value());
+    } else if (k == "--record") {
+      a.record = true;
     } else if (k == "--no-check-calls") {
       a.check_calls = false;
     } else {
@@ -246,8 +250,9 @@ int benchRank(Communicator& comm, const Args& a, const std::vector<std::string>&
   const int n = comm.size();
   for (const auto& op : ops) {
     if (comm.rank() == 0) {
-      std::cout << fmt::format("# backend={} ranks={} op={} transport={} check_calls={}\n",
-                               a.backend, n, op, a.transport, a.check_calls)
+      std::cout << fmt::format(
+                       "# backend={} ranks={} op={} transport={} check_calls={} record={}\n",
+                       a.backend, n, op, a.transport, a.check_calls, a.record)
                 << fmt::format("{:>12} {:>10} {:>5} {:>5} {:>11} {:>8} {:>8} {:>6}\n", "size",
                                "count", "type", "redop", "time_us", "algbw", "busbw", "wrong")
                 << std::flush;
@@ -322,7 +327,14 @@ int runGloo(const Args& a) {
       if (r == 0 && a.transport == "shm" && !collectives::usesSharedMemory(**comm)) {
         std::cerr << "note: shared memory was refused; running over TCP\n";
       }
-      std::_Exit(benchRank(**comm, a, opsOf(a)));
+      // --record: through the flight recorder, as rally::World's communicators are (its cost).
+      std::unique_ptr<Communicator> c = std::move(*comm);
+      if (a.record) {
+        c = collectives::recordCollectives(std::move(c),
+                                           std::make_shared<collectives::CollectiveRecorder>(2000),
+                                           "world");
+      }
+      std::_Exit(benchRank(*c, a, opsOf(a)));
     }
     children.push_back(pid);
   }

@@ -458,6 +458,7 @@ class GlooCommunicator final : public Communicator {
         task.work->complete(abortedStatus(what));
         continue;
       }
+      task.work->markStarted();
       try {
         task.fn();
         if (!task.completes_elsewhere) task.work->complete(okStatus());

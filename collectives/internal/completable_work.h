@@ -5,7 +5,8 @@
 //   worker.post([w] { w->complete(doIt()); });
 //   return w;  // the caller's wait() returns doIt()'s status
 //
-// Thread-safety: complete() once, from any thread; wait() and done() from any.
+// Thread-safety: markStarted() and complete() once each, from any thread; wait(), done() and
+// observe() from any.
 #pragma once
 
 #include <fmt/format.h>
@@ -35,10 +36,44 @@ class CompletableWork final : public Work {
     std::lock_guard lock(mu_);
     return done_;
   }
+  // One observer: a second is refused. Completion is told to it before wait() returns.
+  bool observe(Observer observer) override {
+    bool started, completed;
+    {
+      std::lock_guard lock(mu_);
+      if (observed_) return false;
+      observed_ = true;
+      observer_ = std::move(observer);
+      started = started_;
+      completed = completing_;  // status_ is final once completing_ is set
+    }
+    if (started && observer_.started) observer_.started();
+    if (completed && observer_.completed) observer_.completed(status_);
+    return true;
+  }
+  // The backend's worker began the operation (optional: for observers' timing).
+  void markStarted() {
+    std::function<void()> notify;
+    {
+      std::lock_guard lock(mu_);
+      if (started_ || completing_) return;
+      started_ = true;
+      notify = observer_.started;
+    }
+    if (notify) notify();
+  }
   void complete(Status s) {
+    std::function<void(const Status&)> notify;
     {
       std::lock_guard lock(mu_);
       status_ = std::move(s);
+      completing_ = true;
+      notify = observer_.completed;
+    }
+    // The observer first, so that whoever wait() wakes finds the operation's end recorded.
+    if (notify) notify(status_);
+    {
+      std::lock_guard lock(mu_);
       done_ = true;
     }
     cv_.notify_all();
@@ -49,8 +84,12 @@ class CompletableWork final : public Work {
   const std::string what_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
+  bool started_ = false;
+  bool completing_ = false;  // complete() was called: status_ is final (done_ follows)
   bool done_ = false;
+  bool observed_ = false;
   Status status_;
+  Observer observer_;
 };
 
 }  // namespace rally::collectives::internal

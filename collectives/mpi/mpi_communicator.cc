@@ -496,6 +496,7 @@ class MpiCommunicator final : public Communicator {
       task.work->complete(inContext(what, abortCause()));
       return;
     }
+    task.work->markStarted();
     Status s;
     try {
       if (task.post) {

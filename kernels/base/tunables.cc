@@ -48,6 +48,17 @@ constexpr TunableSpec kSpecs[] = {
      "with checkpoint_dir: save every N-th commit (commit numbers, the same on every rank)"},
     {"checkpoint_keep", "RALLY_CHECKPOINT_KEEP", TunableKind::kInteger, "3",
      "with checkpoint_dir: how many complete checkpoints to keep, newest first; 0: all"},
+    {"trace_dir", "RALLY_TRACE_DIR", TunableKind::kString, "",
+     "each worker writes its recent collectives here as a Chrome trace (collectives-*.json; "
+     "`rally trace DIR` merges them and names the ranks a job waits for); empty: off"},
+    {"trace_buffer", "RALLY_TRACE_BUFFER", TunableKind::kInteger, "2000",
+     "how many of its newest collectives each worker keeps for the trace and a failure's log"},
+    {"metrics_dir", "RALLY_METRICS_DIR", TunableKind::kString, "",
+     "each worker writes its metrics here in the Prometheus text format (rally-*.prom, for "
+     "node_exporter's textfile collector); empty: off"},
+    {"telemetry_interval", "RALLY_TELEMETRY_INTERVAL", TunableKind::kDuration, "10s",
+     "how often workers rewrite their trace_dir and metrics_dir files (also at once when the job "
+     "moves past their generation, and at a clean exit)"},
 };
 
 }  // namespace

@@ -167,6 +167,25 @@ Status Agent::Impl::setup() {
   std::error_code ec;
   std::filesystem::create_directories(run_dir_, ec);
   if (ec) return ioError(fmt::format("--log-dir: cannot create {}: {}", run_dir_, ec.message()));
+  // The workers write telemetry (rally::World): refuse what they would refuse, before they start.
+  if (const std::int64_t n = *o_.tunables.integer("trace_buffer"); n < 0) {
+    return invalidArgument(fmt::format("--trace-buffer {}: must be a count of at least 0", n));
+  }
+  if (tunable("telemetry_interval") < Milliseconds(100)) {
+    return invalidArgument(
+        fmt::format("--telemetry-interval {}: must be at least 100ms (e.g. 10s)",
+                    formatDuration(tunable("telemetry_interval"))));
+  }
+  for (const char* name : {"trace_dir", "metrics_dir"}) {
+    if (auto dir = o_.tunables.string(name); dir.ok() && !dir->empty()) {
+      std::filesystem::create_directories(*dir, ec);
+      if (ec) {
+        return ioError(fmt::format("--{}: cannot create {}: {}",
+                                   name == std::string_view("trace_dir") ? "trace-dir" : "metrics-dir",
+                                   *dir, ec.message()));
+      }
+    }
+  }
   if (const Milliseconds t = tunable("progress_timeout"); t.count() > 0) {
     auto dog = ProgressWatchdog::open(t);
     RALLY_RETURN_IF_ERROR(dog.status()) << "--progress-timeout";
@@ -309,6 +328,15 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
     env["RALLY_CHECKPOINT_EVERY"] = std::to_string(o_.tunables.integer("checkpoint_every").value());
     env["RALLY_CHECKPOINT_KEEP"] = std::to_string(o_.tunables.integer("checkpoint_keep").value());
   }
+  for (const char* name : {"trace_dir", "metrics_dir"}) {
+    if (auto dir = o_.tunables.string(name); dir.ok() && !dir->empty()) {
+      env[name == std::string_view("trace_dir") ? "RALLY_TRACE_DIR" : "RALLY_METRICS_DIR"] =
+          std::filesystem::absolute(*dir).string();
+    }
+  }
+  env["RALLY_TRACE_BUFFER"] = std::to_string(o_.tunables.integer("trace_buffer").value());
+  env["RALLY_TELEMETRY_INTERVAL"] =
+      std::to_string(o_.tunables.duration("telemetry_interval").value().count()) + "ms";
   if (watchdog_) {
     env["RALLY_PROGRESS_SOCKET"] = watchdog_->socketName();
     env["RALLY_PROGRESS_INTERVAL"] = std::to_string(watchdog_->reportInterval().count());

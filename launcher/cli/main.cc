@@ -1,11 +1,13 @@
 // The `rally` executable: `rally run` (the torchrun-compatible launcher and node agent) and
-// `rally coordinator` (a job's coordinator on its own) and `rally checkpoint` (look into checkpoints).
+// `rally coordinator` (a job's coordinator on its own), `rally checkpoint` (look into checkpoints)
+// and `rally trace` (read the workers' collective traces).
 #include <CLI/CLI.hpp>
 #include <iostream>
 
 #include "launcher/cli/checkpoint_command.h"
 #include "launcher/cli/coordinator_command.h"
 #include "launcher/cli/run_command.h"
+#include "launcher/cli/trace_command.h"
 #include "rally/config.h"
 #include "runtime/rendezvous/grpc_status.h"
 
@@ -25,6 +27,7 @@ int main(int argc, char** argv) {
                      "(rally run --help)");
   rally::cli::addCoordinatorCommand(app, &run);
   rally::cli::addCheckpointCommand(app, &run);
+  rally::cli::addTraceCommand(app, &run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -333,7 +333,8 @@ Status ElasticRun::run(const std::function<Status()>& train) {
       RALLY_RETURN_IF_ERROR(s) << "after " << options_.max_recoveries
                                << " in-place recoveries (ElasticRunOptions::max_recoveries)";
     }
-    log->warn("rank {}: {}; recovering in place", world_.rank(), s.toString());
+    log->warn("rank {}: {}; recovering in place. Its last collectives:\n{}", world_.rank(),
+              s.toString(), world_.recentCollectives());
     for (;;) {
       const Status r = recoverOnce(s);
       if (r.ok()) break;

@@ -4,8 +4,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <stdexcept>
 
 #include "collectives/memory_bootstrap_store.h"
@@ -65,6 +70,36 @@ std::int64_t intVarOr(const Env& env, const std::string& name, std::int64_t fall
   return v.ok() ? *v : fallback;
 }
 
+// Writes through a temporary file and a rename, so that a reader (a scraper, `rally trace`) never
+// sees half a file. No fsync: these files are rewritten every few seconds.
+Status writeFileReplacing(const std::string& path, const std::string& text) {
+  std::error_code ec;
+  const auto dir = std::filesystem::path(path).parent_path();
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return ioError(fmt::format("creating the directory {}: {}", dir.string(), ec.message()));
+  const std::string tmp = fmt::format("{}.{}.tmp", path, ::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << text;
+    out.close();
+    if (!out) return ioError(fmt::format("writing {}: {}", tmp, std::strerror(errno)));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    std::remove(tmp.c_str());
+    return ioError(fmt::format("renaming {} to {}: {}", tmp, path, std::strerror(err)));
+  }
+  return okStatus();
+}
+
+// A node id as a file name's part: anything but [A-Za-z0-9._-] becomes '_'.
+std::string fileNamePart(std::string s) {
+  for (char& c : s) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') c = '_';
+  }
+  return s;
+}
+
 }  // namespace
 
 std::string_view launcherName(Launcher l) {
@@ -92,8 +127,103 @@ World::~World() {
     watcher = std::move(watcher_);
   }
   watcher.reset();  // no more aborts from the watch (its end is ignored: stopping_)
+  {
+    std::lock_guard lock(telemetry_mu_);
+    telemetry_stop_ = true;
+  }
+  telemetry_cv_.notify_all();
+  if (telemetry_.joinable()) telemetry_.join();
+  if (const Status s = writeTelemetry(); !s.ok()) {
+    log::get("world")->warn("the last telemetry files were not written: {}", s.toString());
+  }
   std::lock_guard lock(comm_mu_);
   comm_.reset();
+}
+
+std::unique_ptr<collectives::Communicator> World::decorate(
+    std::unique_ptr<collectives::Communicator> c) {
+  c = collectives::recordCollectives(std::move(c), recorder_, "world");
+  return progress_ ? internal::trackWaits(std::move(c), progress_) : std::move(c);
+}
+
+std::string World::metricsText() const {
+  char host[256] = {};
+  if (node_id_.empty()) ::gethostname(host, sizeof(host) - 1);
+  std::map<std::string, std::string> labels = {{"node", node_id_.empty() ? host : node_id_},
+                                               {"local_rank", std::to_string(local_rank_)}};
+  if (!run_id_.empty()) labels["run"] = run_id_;
+  std::string out = recorder_->prometheus(labels);
+  const std::string l = collectives::prometheusLabels(labels);
+  int rank, size;
+  {
+    std::lock_guard lock(const_cast<std::mutex&>(comm_mu_));
+    rank = rank_;
+    size = size_;
+  }
+  const auto gauge = [&](const char* name, const char* type, const char* help, auto value) {
+    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n{}{} {}\n", name, help, name, type, name, l,
+                       value);
+  };
+  gauge("rally_world_size", "gauge", "Workers in this process's current generation.", size);
+  gauge("rally_rank", "gauge", "This process's rank in its current generation.", rank);
+  gauge("rally_generation", "gauge", "This process's current generation.", generation());
+  gauge("rally_step", "gauge", "The step the training thread began last (-1: none yet).",
+        step_.load());
+  gauge("rally_recoveries_total", "counter", "Times this process re-formed in place.",
+        recoveries_.load());
+  gauge("rally_telemetry_timestamp_seconds", "gauge",
+        "When this file was written (Unix time): a file that stops changing is a worker gone.",
+        fmt::format("{:.3f}", std::chrono::duration<double>(
+                                  std::chrono::system_clock::now().time_since_epoch())
+                                  .count()));
+  return out;
+}
+
+Status World::writeTelemetry() {
+  if (trace_path_.empty() && metrics_path_.empty()) return okStatus();
+  std::lock_guard lock(telemetry_write_mu_);
+  try {
+    return writeTelemetryFiles();
+  } catch (const std::exception& e) {  // bad_alloc, a JSON error: never the training's end
+    return internalError(fmt::format("writing the telemetry files: {}", e.what()));
+  }
+}
+
+Status World::writeTelemetryFiles() {
+  Status result;
+  if (!trace_path_.empty()) {
+    int rank;
+    {
+      std::lock_guard comm_lock(comm_mu_);
+      rank = rank_;
+    }
+    const std::string who =
+        node_id_.empty() ? fmt::format("rank {}", rank)
+                         : fmt::format("rank {} (node {}, local rank {}, pid {})", rank, node_id_,
+                                       local_rank_, ::getpid());
+    result = writeFileReplacing(
+        trace_path_, recorder_->chromeTrace({.rank = rank, .process_name = who, .run = run_id_}));
+  }
+  if (!metrics_path_.empty()) {
+    Status s = writeFileReplacing(metrics_path_, metricsText());
+    if (result.ok()) result = std::move(s);
+  }
+  return result;
+}
+
+void World::telemetryLoop() {
+  for (;;) {
+    {
+      std::unique_lock lock(telemetry_mu_);
+      telemetry_cv_.wait_for(lock, telemetry_interval_,
+                             [&] { return telemetry_stop_ || telemetry_now_; });
+      if (telemetry_stop_) return;
+      telemetry_now_ = false;
+    }
+    if (const Status s = writeTelemetry(); !s.ok()) {
+      log::get("world")->warn("telemetry not written: {}", s.toString());
+    }
+  }
 }
 
 std::string World::describe() const {
@@ -133,6 +263,13 @@ void World::onGeneration(std::uint64_t generation, const std::string& cause, boo
       if (!c->aborted()) c->abort(what);
     }
   }
+  // The generation this process was in has ended: its collectives to disk now (under `rally run
+  // --recovery restart` the agent stops this process next, and a signal leaves no final write).
+  {
+    std::lock_guard telemetry_lock(telemetry_mu_);
+    telemetry_now_ = true;
+  }
+  telemetry_cv_.notify_all();
 }
 
 void World::abortWithGeneration(collectives::Communicator* c) {
@@ -154,6 +291,21 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
   }
   auto world = std::unique_ptr<World>(new World());
   World& w = *world;
+  {
+    std::int64_t capacity = 2000;
+    if (const std::string* v = find(env, "RALLY_TRACE_BUFFER"); v != nullptr && !v->empty()) {
+      RALLY_ASSIGN_OR_RETURN(capacity, intVar(env, "RALLY_TRACE_BUFFER", 0, "rally run --trace-buffer"));
+    }
+    w.recorder_ = std::make_shared<collectives::CollectiveRecorder>(static_cast<size_t>(capacity));
+    if (const std::string* v = find(env, "RALLY_TELEMETRY_INTERVAL"); v != nullptr && !v->empty()) {
+      auto interval = parseDuration(*v);
+      if (!interval.ok() || interval->count() < 100) {
+        return invalidArgument(fmt::format(
+            "RALLY_TELEMETRY_INTERVAL='{}' is not a duration of at least 100ms (e.g. 10s)", *v));
+      }
+      w.telemetry_interval_ = *interval;
+    }
+  }
   std::string backend = options.backend;
   if (backend.empty()) {
     const std::string* b = find(env, "RALLY_BACKEND");
@@ -256,12 +408,39 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     w.latest_ = 1;
   }
 
+  // Where this process writes its telemetry; MPI ranks are known once the communicator is.
+  if (const std::string* id = find(env, "RALLY_RUN_ID")) w.run_id_ = *id;
+  const std::string* trace_dir = find(env, "RALLY_TRACE_DIR");
+  const std::string* metrics_dir = find(env, "RALLY_METRICS_DIR");
+  const auto telemetryPaths = [&] {
+    // A worker's place: its replacement takes over its metrics file (a counter reset, as
+    // Prometheus expects of a restart) but writes its trace beside the dead process's.
+    const std::string place =
+        w.launcher_ == Launcher::kRally && !w.node_id_.empty()
+            ? fmt::format("{}-local{}", fileNamePart(w.node_id_), w.local_rank_)
+            : fmt::format("rank{}", w.rank_);
+    const std::string process = w.launcher_ == Launcher::kRally && !w.node_id_.empty()
+                                    ? fmt::format("{}-pid{}", place, ::getpid())
+                                    : place;
+    if (trace_dir != nullptr && !trace_dir->empty()) {
+      w.trace_path_ =
+          (std::filesystem::path(*trace_dir) / ("collectives-" + process + ".json")).string();
+    }
+    if (metrics_dir != nullptr && !metrics_dir->empty()) {
+      w.metrics_path_ = (std::filesystem::path(*metrics_dir) / ("rally-" + place + ".prom")).string();
+    }
+    if (!w.trace_path_.empty() || !w.metrics_path_.empty()) {
+      w.telemetry_ = std::thread([self = &w] { self->telemetryLoop(); });
+    }
+  };
+
   w.backend_choice_ = backend;
   w.device_memory_ = options.device_memory;
   w.connect_timeout_ = options.connect_timeout;
   w.op_timeout_ = options.op_timeout;
   RALLY_ASSIGN_OR_RETURN(w.backend_, collectives::chooseBackend(backend, needs));
   auto comm = collectives::createCommunicator(w.backend_, *w.bootstrap_, co, needs);
+  if (w.launcher_ != Launcher::kMpi || !comm.ok()) telemetryPaths();
   if (!comm.ok() && w.in_place_ && w.jobMovedOn()) {
     // A replacement or a new node that starts while the job moves on again: follow it.
     log::get("world")->info("generation {} ended while this worker started ({}); following the job",
@@ -283,10 +462,11 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     w.node_rank_ = static_cast<int>(intVarOr(env, "SLURM_NODEID", w.rank_ / per_node));
     w.num_nodes_ =
         static_cast<int>(intVarOr(env, "SLURM_NNODES", (w.size_ + per_node - 1) / per_node));
+    telemetryPaths();
   }
   {
     std::lock_guard lock(w.comm_mu_);
-    w.comm_ = w.progress_ ? internal::trackWaits(std::move(*comm), w.progress_) : std::move(*comm);
+    w.comm_ = w.decorate(std::move(*comm));
   }
   // A move seen before the communicator existed aborts it now.
   if (w.generationChanged() || w.closed_) {
@@ -390,6 +570,13 @@ Status World::recover(Milliseconds timeout) {
         launcher_ == Launcher::kRally ? ", which restarts workers instead" : ""));
   }
   auto log = log::get("world");
+  // The generation that ended, as this process saw its collectives, goes to disk now: by the
+  // telemetry thread, so that slow storage does not hold up the recovery.
+  {
+    std::lock_guard lock(telemetry_mu_);
+    telemetry_now_ = true;
+  }
+  telemetry_cv_.notify_all();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     RALLY_ASSIGN_OR_RETURN(const rally::v1::RoundInfo round, conn_->getRound());
@@ -424,6 +611,7 @@ Status World::recover(Milliseconds timeout) {
           rendezvous::StoreClient(conn_).scoped("rally/comm/", generation()));
       const Status built = buildCommunicator();
       if (built.ok()) {
+        recoveries_.fetch_add(1);
         last_moved_at_ = movedAt();
         moved_at_us_ = 0;
         log->info("re-formed in place: {}", describe());
@@ -459,6 +647,7 @@ Status World::atCommitPoint(Milliseconds wait) {
 }
 
 void World::reportProgress(std::int64_t step) {
+  step_.store(step, std::memory_order_relaxed);
   if (progress_) progress_->step.store(step);
 }
 
@@ -534,7 +723,7 @@ Status World::buildCommunicator() {
       << "creating generation " << generation() << "'s " << backend_ << " communicator";
   {
     std::lock_guard lock(comm_mu_);
-    comm_ = progress_ ? internal::trackWaits(std::move(*comm), progress_) : std::move(*comm);
+    comm_ = decorate(std::move(*comm));
   }
   if (generationChanged()) {
     onGeneration(latest_.load(), "seen while re-forming", closed_.load());

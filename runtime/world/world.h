@@ -11,6 +11,17 @@
 //   RALLY_RETURN_IF_ERROR(world->comm().allreduce(g, n, DataType::kF32, ReduceOp::kAvg)
 //                             ->wait(10s));
 //
+// Telemetry: every collective of the world's communicators (and of those split from them) is kept
+// in a flight recorder (collectives/recorder.h; RALLY_TRACE_BUFFER records, default 2000). Where
+// RALLY_TRACE_DIR is set (`rally run --trace-dir`), each process writes its records there as a
+// Chrome trace (collectives-<place>-pid<P>.json under rally run, collectives-rank<R>.json
+// otherwise; `rally trace DIR` merges them and finds the rank a job waits for); where
+// RALLY_METRICS_DIR is set (`rally run --metrics-dir`), its metrics in the Prometheus text format
+// (rally-<place>.prom, for node_exporter's textfile collector; a replacement takes over the file
+// of the worker it replaced). <place>: "<node id>-local<L>" under rally run, "rank<R>" otherwise.
+// Both are rewritten every RALLY_TELEMETRY_INTERVAL (default 10s), at once when the job moves past
+// this world's generation (by a background thread), and when the World is destroyed.
+//
 // Thread-safety: one training thread uses a World (recover() changes rank, size and comm());
 // generation(), latestGeneration() and generationChanged() may be read from any thread. The
 // communicator follows its own contract; the generation watch runs on a gRPC thread.
@@ -29,6 +40,7 @@
 #include <vector>
 
 #include "collectives/communicator.h"
+#include "collectives/recorder.h"
 #include "kernels/base/status.h"
 #include "runtime/faults/fault_injector.h"
 
@@ -116,9 +128,17 @@ class World {
   Status publishCommit(std::uint64_t commit);
   // The training thread began step `step` (ElasticRun::atStep calls it). Under `rally run
   // --progress-timeout`, reported to the agent, whose watchdog kills a worker whose step stands
-  // still while it is not waiting in a collective. Cheap (an atomic store); no-op otherwise.
+  // still while it is not waiting in a collective; also the rally_step metric. Cheap (atomic
+  // stores).
   void reportProgress(std::int64_t step);
   std::uint64_t newestCommit();
+
+  // This process's collectives (see Telemetry above).
+  collectives::CollectiveRecorder& recorder() { return *recorder_; }
+  // Writes the trace and metrics files now (where their directories are set; OK otherwise).
+  Status writeTelemetry();
+  // The newest `n` collectives of this process, one per line (for a failure's log).
+  std::string recentCollectives(size_t n = 4) const { return recorder_->describeRecent(n); }
 
   // When the watch first told this process that the job moved past this world's generation (the
   // epoch: it has not); after recover(), when it was told that the generation it left ended.
@@ -144,6 +164,11 @@ class World {
   void rewatchLoop();
 
   Status buildCommunicator();
+  // What every communicator of this world is wrapped in: the recorder, then the progress tracker.
+  std::unique_ptr<collectives::Communicator> decorate(std::unique_ptr<collectives::Communicator> c);
+  void telemetryLoop();
+  Status writeTelemetryFiles();  // with telemetry_write_mu_
+  std::string metricsText() const;
   // The job is past this world's generation (the watch said so, or the coordinator does).
   bool jobMovedOn();
 
@@ -178,6 +203,18 @@ class World {
   std::thread rewatch_;
   std::shared_ptr<internal::ProgressTracker> progress_;  // set under the progress watchdog
   std::unique_ptr<internal::ProgressReporter> reporter_;
+  std::shared_ptr<collectives::CollectiveRecorder> recorder_;
+  std::string trace_path_, metrics_path_;  // empty: not written
+  std::string run_id_;
+  std::atomic<std::int64_t> step_{-1};
+  std::atomic<std::uint64_t> recoveries_{0};
+  Milliseconds telemetry_interval_{10'000};
+  std::mutex telemetry_write_mu_;  // serialises writes
+  std::mutex telemetry_mu_;        // with telemetry_cv_: the loop's stop and wake-up
+  std::condition_variable telemetry_cv_;
+  bool telemetry_stop_ = false;
+  bool telemetry_now_ = false;  // write at once (a generation ended)
+  std::thread telemetry_;
 };
 
 // From this process's environment.

@@ -29,6 +29,7 @@
 //     run's (resharding to other world sizes is checkpoint_test's).
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <sstream>
 
@@ -111,9 +112,14 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
   {
     std::ofstream(plan) << "kill rank=0 step=27   # between commits; rank 0 writes no event then\n";
   }
-  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-w",
-                                         "--max-restarts",  "2",       "--fault-plan",     plan};
+  const std::string trace_dir = tempPath("inplace-trace"), metrics_dir = tempPath("inplace-metrics");
+  std::filesystem::remove_all(trace_dir);
+  std::filesystem::remove_all(metrics_dir);
+  const std::vector<std::string> args = {
+      "--nnodes",      "2",       "--nproc-per-node", "2",        "--rdzv-endpoint",
+      endpoint_,       "--rdzv-id", "ip-w",           "--max-restarts", "2",
+      "--fault-plan",  plan,      "--trace-dir",      trace_dir,  "--metrics-dir",
+      metrics_dir};
   auto a = agent("ip-w-a", args, program);
   auto b = agent("ip-w-b", args, program);
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
@@ -134,6 +140,62 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
                             "\"restore\":", "\"first_step\":"}) {
     EXPECT_NE(log.find(phase), std::string::npos) << phase << " missing from " << log;
   }
+
+  // Each survivor logged the collective it was in when the job moved on.
+  const std::string errors = a->errors() + b->errors();
+  EXPECT_NE(errors.find("recovering in place. Its last collectives:"), std::string::npos)
+      << errors;
+  EXPECT_NE(errors.find(" allreduce "), std::string::npos) << errors;
+
+  // Telemetry: a trace and metrics per worker process that lived to write them (the killed one
+  // died at once; its replacement wrote its own), and `rally trace` names the rank the others
+  // were left waiting for in the generation that failed.
+  size_t traces = 0, metrics = 0;
+  std::string prom;
+  for (const auto& e : std::filesystem::directory_iterator(trace_dir)) {
+    traces += e.path().extension() == ".json";
+  }
+  for (const auto& e : std::filesystem::directory_iterator(metrics_dir)) {
+    if (e.path().extension() != ".prom") continue;
+    ++metrics;
+    prom += ChildProcess::readFile(e.path().string());
+  }
+  EXPECT_EQ(traces, 4u);
+  EXPECT_EQ(metrics, 4u);
+  // The three survivors re-formed once; the replacement started in the new generation.
+  std::map<std::string, int> recoveries;
+  std::istringstream lines(prom);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("rally_recoveries_total{", 0) == 0) ++recoveries[line.substr(line.rfind(' ') + 1)];
+  }
+  EXPECT_EQ(recoveries, (std::map<std::string, int>{{"0", 1}, {"1", 3}})) << prom;
+  EXPECT_EQ(count(prom, "rally_world_size{"), 4u);
+  EXPECT_NE(prom.find("rally_world_size{local_rank=\"0\",node=\"ip-w-a\",run=\"ip-w\"} 4"),
+            std::string::npos)
+      << prom;
+  EXPECT_NE(prom.find("rally_collective_operations_total{comm=\"world\",backend=\"gloo\","
+                      "op=\"allreduce\""),
+            std::string::npos)
+      << prom;
+  const std::string merged = tempPath("inplace-trace-merged.json");
+  ChildProcess trace({RALLY_BINARY, "trace", trace_dir, "-o", merged},
+                     tempPath("inplace-trace.out"));
+  ASSERT_EQ(exitCode(trace), 0) << trace.errors();
+  const std::string summary = trace.output();
+  // Generation 1: rank 0 was killed at the start of a step; the others were in its allreduce.
+  EXPECT_NE(summary.find("world, generation 1, 4 ranks"), std::string::npos) << summary;
+  EXPECT_NE(summary.find("rank 0: no records"), std::string::npos) << summary;
+  EXPECT_NE(summary.find("=> the others wait for rank 0: it never issued #"), std::string::npos)
+      << summary;
+  // The survivors' allreduce failed (PeerLost or Aborted, whichever reached each first); none of
+  // them is behind or still waiting.
+  EXPECT_NE(summary.find(": failed in #"), std::string::npos) << summary;
+  EXPECT_EQ(summary.find("behind:"), std::string::npos) << summary;
+  EXPECT_EQ(summary.find("waiting in"), std::string::npos) << summary;
+  // The generation it recovered into ran to the end on every rank.
+  EXPECT_NE(summary.find("ranks 0, 1, 2, 3: completed #"), std::string::npos) << summary;
+  const std::string merged_text = ChildProcess::readFile(merged);
+  EXPECT_GT(count(merged_text, "\"ph\":\"X\""), 100u);
 }
 
 TEST_F(InPlaceRecoveryTest, TwoFailuresInARowAndAFailureDuringRecovery) {

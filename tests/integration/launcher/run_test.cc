@@ -245,7 +245,10 @@ TEST_F(RunTest, BadInputExitsWithCode2AndOneLine) {
        std::vector<std::vector<std::string>>{{"--nnodes", "3:2", "x.py"},
                                              {"--nproc-per-node", "-1", "x.py"},
                                              {"--rdzv-backend", "etcd3", "x.py"},
-                                             {"--nproc-per-node", "2"}}) {
+                                             {"--nproc-per-node", "2"},
+                                             {"--trace-buffer", "-1", "/bin/true"},
+                                             {"--telemetry-interval", "1ms", "/bin/true"},
+                                             {"--trace-dir", "/proc/none", "/bin/true"}}) {
     std::vector<std::string> argv = {RALLY_BINARY, "run"};
     argv.insert(argv.end(), args.begin(), args.end());
     ChildProcess p(argv, tempPath("bad.out"));

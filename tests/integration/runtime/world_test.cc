@@ -8,6 +8,7 @@
 // collective ends within that bound instead of at its timeout, and the message names the cause.
 #include "runtime/world/world.h"
 
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -56,6 +57,64 @@ TEST(WorldWithoutLauncher, RefusesAnUnknownMallocSetting) {
   EXPECT_TRUE(initFrom({{"RALLY_MALLOC_TUNING", "off"}}).ok());
 }
 
+TEST(WorldWithoutLauncher, WritesItsTraceAndMetricsEveryIntervalAndAtTheEnd) {
+  const std::string dir = tempPath("world-telemetry");
+  std::filesystem::remove_all(dir);
+  const std::string trace = dir + "/trace/collectives-rank0.json";
+  const std::string metrics = dir + "/metrics/rally-rank0.prom";
+  {
+    auto w = initFrom({{"RALLY_TRACE_DIR", dir + "/trace"},
+                       {"RALLY_METRICS_DIR", dir + "/metrics"},
+                       {"RALLY_TRACE_BUFFER", "2"},
+                       {"RALLY_TELEMETRY_INTERVAL", "100ms"}});
+    ASSERT_TRUE(w.ok()) << w.status().toString();
+    std::vector<float> x(6, 1.0f);
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE((*w)->comm()
+                      .allreduce(x.data(), x.size(), DataType::kF32, ReduceOp::kSum)
+                      ->wait(milliseconds(5000))
+                      .ok());
+    }
+    (*w)->reportProgress(41);
+    // The interval's writer, while the world lives (bounded: 5 s).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (ChildProcess::readFile(metrics).find("rally_step{") == std::string::npos &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+    EXPECT_NE(ChildProcess::readFile(metrics).find("} 41\n"), std::string::npos);
+    EXPECT_EQ((*w)->recentCollectives(1).rfind("#3 allreduce 24 B (6 x f32, sum) on world", 0), 0u)
+        << (*w)->recentCollectives(1);
+    (*w)->reportProgress(42);
+  }
+  // At the end: the last step, and the newest 2 of 3 allreduces (RALLY_TRACE_BUFFER).
+  const std::string prom = ChildProcess::readFile(metrics);
+  EXPECT_NE(prom.find("rally_step{local_rank=\"0\",node=\""), std::string::npos) << prom;
+  EXPECT_NE(prom.find("} 42\n"), std::string::npos) << prom;
+  EXPECT_NE(prom.find("rally_collective_operations_total{comm=\"world\",backend=\"gloo\","
+                      "op=\"allreduce\""),
+            std::string::npos)
+      << prom;
+  const std::string json = ChildProcess::readFile(trace);
+  EXPECT_EQ(count(json, "\"ph\":\"X\""), 2u) << json;
+  EXPECT_NE(json.find("\"dropped\":1"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"seq\":3"), std::string::npos) << json;
+}
+
+TEST(WorldWithoutLauncher, RefusesABadTelemetrySetting) {
+  auto w = initFrom({{"RALLY_TRACE_BUFFER", "-1"}});
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find("RALLY_TRACE_BUFFER='-1' is not a whole number of at least 0"),
+            std::string::npos)
+      << w.status().message();
+  w = initFrom({{"RALLY_TELEMETRY_INTERVAL", "5ms"}});
+  ASSERT_FALSE(w.ok());
+  EXPECT_NE(w.status().message().find(
+                "RALLY_TELEMETRY_INTERVAL='5ms' is not a duration of at least 100ms"),
+            std::string::npos)
+      << w.status().message();
+}
+
 TEST(WorldUnderRally, NamesAMissingOrBadVariable) {
   std::map<std::string, std::string> env = {
       {"RALLY_COORDINATOR", "127.0.0.1:1"}, {"RALLY_WORLD_SIZE", "2"}, {"RALLY_RANK", "x"}};
@@ -101,9 +160,14 @@ TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
   const std::uint64_t gen = server_->service().stats().generation;
   std::vector<std::unique_ptr<World>> worlds(2);
   std::vector<std::thread> threads;
+  // Rank 0 keeps a trace (rewritten every 10 s: not within this test, unless the move asks).
+  const std::string trace_dir = tempPath("world-move-trace");
+  std::filesystem::remove_all(trace_dir);
   for (int r = 0; r < 2; ++r) {
     threads.emplace_back([&, r] {
-      auto w = initFrom(env(r, gen), {.op_timeout = Milliseconds(60'000)});
+      auto vars = env(r, gen);
+      if (r == 0) vars["RALLY_TRACE_DIR"] = trace_dir;
+      auto w = initFrom(vars, {.op_timeout = Milliseconds(60'000)});
       ASSERT_TRUE(w.ok()) << w.status().toString();
       float x = static_cast<float>(r + 1);
       ASSERT_TRUE((*w)->comm()
@@ -140,6 +204,14 @@ TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
   }
   EXPECT_TRUE(worlds[0]->generationChanged());
   EXPECT_GT(worlds[0]->latestGeneration(), gen);
+  // The move had rank 0's trace written at once, with the allreduce it was in (bounded: 5 s).
+  const std::string trace = trace_dir + "/collectives-rank0.json";
+  std::string text;
+  for (int i = 0; i < 500 && text.find("\"seq\":2") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(milliseconds(10));
+    text = ChildProcess::readFile(trace);
+  }
+  EXPECT_NE(text.find("\"seq\":2"), std::string::npos) << trace << ": " << text;
 }
 
 TEST(WorldUnderRallyCoordinatorLost, ABlockedCollectiveEndsAndTheWorldCloses) {

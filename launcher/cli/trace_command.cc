@@ -1,0 +1,292 @@
+#include "launcher/cli/trace_command.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <tuple>
+
+namespace rally::cli {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct Op {
+  std::uint64_t seq = 0;
+  std::string op, state, error;
+  std::int64_t dur_us = 0;
+};
+
+// One communicator in one generation, as every rank's records show it.
+struct Group {
+  int size = 0;
+  std::map<int, Op> newest;                  // rank -> its newest operation (highest seq)
+  std::map<std::uint64_t, std::string> ops;  // seq -> operation name
+};
+
+std::string seconds(std::int64_t us) {
+  if (us < 1000) return fmt::format("{} us", us);
+  if (us < 1'000'000) return fmt::format("{:.1f} ms", us / 1e3);
+  return fmt::format("{:.1f} s", us / 1e6);
+}
+
+// "rank 3", "ranks 0, 1, 5"
+std::string rankList(const std::vector<int>& ranks) {
+  std::string out = ranks.size() == 1 ? "rank " : "ranks ";
+  for (size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
+  return out;
+}
+
+std::string firstLine(const std::string& s, size_t max = 240) {
+  std::string out = s.substr(0, s.find('\n'));
+  return out.size() > max ? out.substr(0, max) + "..." : out;
+}
+
+}  // namespace
+
+std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* merged,
+                            std::vector<std::string>* problems) {
+  std::ostringstream out;
+  // (run, generation, comm): files of several jobs in one directory are not mixed up.
+  std::map<std::tuple<std::string, std::uint64_t, std::string>, Group> groups;
+  std::set<std::string> runs;
+  bool any_dropped = false;
+  json merged_events = json::array();
+  int process = 0;
+  for (const TraceFile& f : files) {
+    json trace;
+    try {
+      trace = json::parse(f.text);
+    } catch (const std::exception& e) {
+      problems->push_back(fmt::format("{}: not a JSON trace: {}", f.name, e.what()));
+      continue;
+    }
+    if (!trace.is_object() || !trace.contains("traceEvents") || !trace["traceEvents"].is_array()) {
+      problems->push_back(fmt::format("{}: not a Chrome trace (no traceEvents array)", f.name));
+      continue;
+    }
+    // A file is taken whole or not at all: its operations are read first, then applied.
+    std::string who = f.name;
+    struct Read {
+      std::uint64_t generation;
+      std::string comm;
+      int size, rank;
+      Op op;
+    };
+    std::vector<Read> read;
+    json events = json::array();
+    try {
+      for (json e : trace["traceEvents"]) {
+        if (e.value("ph", "") == "M" && e.value("name", "") == "process_name") {
+          who = e["args"].value("name", who);
+        }
+        if (e.value("ph", "") == "X" && e.value("cat", "") == "collective" &&
+            e.value("name", "") != "send" && e.value("name", "") != "recv") {
+          // send and recv are two ranks' business, numbered per peer: in the timeline only.
+          const json& a = e.at("args");
+          read.push_back({a.at("generation").get<std::uint64_t>(), a.at("comm").get<std::string>(),
+                          a.at("size").get<int>(), a.at("rank").get<int>(),
+                          Op{a.at("seq").get<std::uint64_t>(), e.at("name").get<std::string>(),
+                             a.at("state").get<std::string>(), a.value("error", ""),
+                             e.at("dur").get<std::int64_t>()}});
+        }
+        events.push_back(std::move(e));
+      }
+    } catch (const std::exception& e) {
+      problems->push_back(
+          fmt::format("{}: an event is not as rally writes them: {}", f.name, e.what()));
+      continue;
+    }
+    ++process;
+    for (json& e : events) {
+      e["pid"] = process;  // one process per file, whatever ranks the files' writers held
+      merged_events.push_back(std::move(e));
+    }
+    const json other = trace.value("otherData", json::object());
+    const std::string run = other.value("run", "");
+    runs.insert(run);
+    for (Read& r : read) {
+      Group& g = groups[{run, r.generation, r.comm}];
+      g.size = std::max(g.size, r.size);
+      g.ops[r.op.seq] = r.op.op;
+      Op& newest = g.newest[r.rank];
+      if (r.op.seq >= newest.seq) newest = std::move(r.op);
+    }
+    const size_t count = read.size();
+    const std::uint64_t dropped = other.value("dropped", std::uint64_t{0});
+    any_dropped = any_dropped || dropped > 0;
+    std::string written;
+    if (const std::int64_t us = other.value("written_us", std::int64_t{0}); us > 0) {
+      const std::time_t t = static_cast<std::time_t>(us / 1'000'000);
+      std::tm tm{};
+      gmtime_r(&t, &tm);
+      written = fmt::format(", written {:02}:{:02}:{:02}.{:03} UTC", tm.tm_hour, tm.tm_min,
+                            tm.tm_sec, (us / 1000) % 1000);
+    }
+    out << fmt::format("{}: {}, {} operations{}{}\n", f.name, who, count,
+                       dropped ? fmt::format(" (and {} older ones not kept)", dropped) : "",
+                       written);
+  }
+  if (merged != nullptr) {
+    *merged =
+        json{{"traceEvents", std::move(merged_events)}, {"displayTimeUnit", "ms"}}.dump() + "\n";
+  }
+
+  if (runs.size() > 1) {
+    out << fmt::format("\nnote: these files are of {} jobs (run ids {}); each is read apart\n",
+                       runs.size(), fmt::join(runs, ", "));
+  }
+  for (const auto& [key, g] : groups) {
+    const auto& [run, generation, comm] = key;
+    const std::uint64_t newest = g.ops.empty() ? 0 : g.ops.rbegin()->first;
+    out << fmt::format("\n{}{}, generation {}, {} ranks: operations up to #{} ({})\n",
+                       runs.size() > 1 ? fmt::format("run {}: ", run) : "", comm, generation,
+                       g.size, newest, g.ops.empty() ? "-" : g.ops.rbegin()->second);
+    // Ranks with the same story are told together.
+    std::map<std::string, std::vector<int>> stories;
+    std::vector<int> behind, waiting;
+    for (int r = 0; r < g.size; ++r) {
+      auto it = g.newest.find(r);
+      if (it == g.newest.end()) {
+        if (any_dropped) {  // perhaps only no longer kept: not blamed
+          stories
+              ["no records (no trace file has them: its process died before writing one, "
+               "wrote to another directory, or no longer keeps them: some files dropped their "
+               "oldest records, see --trace-buffer)"]
+                  .push_back(r);
+        } else {
+          stories
+              ["no records (no trace file has them: its process died before writing one, or "
+               "wrote to another directory)"]
+                  .push_back(r);
+          behind.push_back(r);
+        }
+        continue;
+      }
+      const Op& op = it->second;
+      const std::string what = fmt::format("#{} {}", op.seq, op.op);
+      if (op.seq < newest) {
+        stories[fmt::format("behind: its newest is {} ({})", what, op.state)].push_back(r);
+        behind.push_back(r);
+      } else if (op.state == "pending") {
+        stories[fmt::format("waiting in {}", what)].push_back(r);
+        waiting.push_back(r);
+      } else if (op.state == "failed") {
+        // Told together by the status code; the first rank's message is printed as an example.
+        stories[fmt::format("failed in {}: {}", what, op.error.substr(0, op.error.find(':')))]
+            .push_back(r);
+      } else if (op.state == "unknown") {
+        stories[fmt::format("issued {}, whose end it never saw", what)].push_back(r);
+      } else {
+        stories[fmt::format("completed {}", what)].push_back(r);
+      }
+    }
+    for (const auto& [story, ranks] : stories) {
+      std::string extra;
+      if (story.rfind("waiting in", 0) == 0) {
+        std::int64_t longest = 0;
+        for (int r : ranks) longest = std::max(longest, g.newest.at(r).dur_us);
+        extra = fmt::format(" (for up to {})", seconds(longest));
+      } else if (story.rfind("failed in", 0) == 0) {
+        extra = fmt::format("\n    rank {}: {}", ranks[0], firstLine(g.newest.at(ranks[0]).error));
+      }
+      out << fmt::format("  {}: {}{}\n", rankList(ranks), story, extra);
+    }
+    if (!behind.empty() && newest > 0) {
+      out << fmt::format("  => the others wait for {}: it never issued #{} {}\n", rankList(behind),
+                         newest, g.ops.rbegin()->second);
+    } else if (!waiting.empty() && waiting.size() == static_cast<size_t>(g.size)) {
+      out << fmt::format(
+          "  => every rank is in #{}: none is behind (a slow or lost link, or "
+          "the trace was written while it ran)\n",
+          newest);
+    }
+  }
+  if (groups.empty() && process > 0) out << "\nno collectives were recorded\n";
+  return out.str();
+}
+
+void addTraceCommand(CLI::App& app, std::function<int()>* run) {
+  struct Args {
+    std::string dir;
+    std::string output;
+  };
+  auto args = std::make_shared<Args>();
+  auto* cmd = app.add_subcommand(
+      "trace",
+      "Read the collective traces of a job's workers (rally run --trace-dir DIR): how far each "
+      "rank got on each communicator, the ranks the others wait for, and (-o) one merged Chrome "
+      "trace for Perfetto or chrome://tracing");
+  cmd->add_option("DIR", args->dir, "the job's --trace-dir (its collectives-*.json files)")
+      ->required();
+  cmd->add_option("-o,--output", args->output, "write the merged trace to FILE");
+  cmd->callback([run, args] {
+    *run = [args] {
+      std::vector<TraceFile> files;
+      std::error_code ec;
+      if (!fs::is_directory(args->dir, ec)) {
+        std::cerr << fmt::format(
+            "rally trace: {} is not a directory (expected the directory "
+            "given to rally run --trace-dir)\n",
+            args->dir);
+        return 2;
+      }
+      std::vector<fs::path> paths;
+      for (const auto& entry : fs::directory_iterator(args->dir, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (name.rfind("collectives-", 0) == 0 && entry.path().extension() == ".json") {
+          paths.push_back(entry.path());
+        }
+      }
+      std::sort(paths.begin(), paths.end());
+      std::vector<std::string> problems;
+      for (const auto& p : paths) {
+        std::ifstream in(p, std::ios::binary);
+        std::stringstream text;
+        text << in.rdbuf();
+        if (!in) {
+          problems.push_back(fmt::format("{}: cannot be read", p.string()));
+          continue;
+        }
+        files.push_back({p.filename().string(), text.str()});
+      }
+      if (files.empty()) {
+        std::cerr << fmt::format(
+            "rally trace: no collectives-*.json files in {}: start the job with `rally run "
+            "--trace-dir {}` (each worker writes one every --telemetry-interval, when a "
+            "generation ends and at exit)\n",
+            args->dir, args->dir);
+        return 1;
+      }
+      std::string merged;
+      std::cout << summarizeTraces(files, args->output.empty() ? nullptr : &merged, &problems);
+      for (const auto& p : problems) std::cerr << "rally trace: " << p << "\n";
+      if (!args->output.empty()) {
+        std::ofstream out(args->output, std::ios::binary | std::ios::trunc);
+        out << merged;
+        out.close();
+        if (!out) {
+          std::cerr << fmt::format("rally trace: cannot write {}\n", args->output);
+          return 1;
+        }
+        std::cout << fmt::format(
+            "\nmerged trace: {} (open it in https://ui.perfetto.dev or "
+            "chrome://tracing)\n",
+            args->output);
+      }
+      return problems.size() == paths.size() ? 1 : 0;
+    };
+  });
+}
+
+}  // namespace rally::cli

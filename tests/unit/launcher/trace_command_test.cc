@@ -1,0 +1,165 @@
+// `rally trace`'s reading of the workers' trace files (launcher/cli/trace_command.h): each rank's
+// story per communicator and generation, the verdict, the merged trace, and files it cannot read.
+#include "launcher/cli/trace_command.h"
+
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+#include <set>
+
+namespace rally::cli {
+namespace {
+
+using nlohmann::json;
+
+// One worker's file: `ops` as (seq, op, state, dur_us) on communicator `comm` of `size` ranks.
+struct Op {
+  std::uint64_t seq;
+  const char* name;
+  const char* state;
+  std::int64_t dur_us = 10;
+  const char* error = "";
+};
+TraceFile file(const std::string& name, int rank, int size, std::uint64_t generation,
+               const std::vector<Op>& ops, const std::string& comm = "world",
+               const std::string& run = "job", std::uint64_t dropped = 0) {
+  json events = json::array();
+  events.push_back({{"ph", "M"},
+                    {"name", "process_name"},
+                    {"pid", rank},
+                    {"args", {{"name", "rank " + std::to_string(rank)}}}});
+  for (const Op& op : ops) {
+    json args = {{"seq", op.seq}, {"comm", comm}, {"generation", generation},
+                 {"rank", rank},  {"size", size}, {"state", op.state}};
+    if (*op.error) args["error"] = op.error;
+    events.push_back({{"ph", "X"},
+                      {"cat", "collective"},
+                      {"name", op.name},
+                      {"pid", rank},
+                      {"tid", 1},
+                      {"ts", 1000 * op.seq},
+                      {"dur", op.dur_us},
+                      {"args", args}});
+  }
+  return {
+      name,
+      json{{"traceEvents", events}, {"otherData", {{"dropped", dropped}, {"run", run}}}}.dump()};
+}
+
+TEST(RallyTrace, NamesTheRankBehindAndTellsRanksWithTheSameStoryTogether) {
+  std::vector<std::string> problems;
+  std::string merged;
+  const std::string text = summarizeTraces(
+      {file("a.json", 0, 3, 2, {{1, "allreduce", "ok"}, {2, "allreduce", "pending", 4'500'000}}),
+       file("b.json", 1, 3, 2, {{1, "allreduce", "ok"}, {2, "allreduce", "pending", 2'000'000}}),
+       file("c.json", 2, 3, 2, {{1, "allreduce", "ok"}})},
+      &merged, &problems);
+  EXPECT_TRUE(problems.empty());
+  EXPECT_NE(text.find("world, generation 2, 3 ranks: operations up to #2 (allreduce)\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("  ranks 0, 1: waiting in #2 allreduce (for up to 4.5 s)\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("  rank 2: behind: its newest is #1 allreduce (ok)\n"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("  => the others wait for rank 2: it never issued #2 allreduce\n"),
+            std::string::npos)
+      << text;
+  // Merged: every event, one process per file.
+  const json m = json::parse(merged);
+  std::set<int> pids;
+  size_t complete = 0;
+  for (const auto& e : m["traceEvents"]) {
+    pids.insert(e["pid"].get<int>());
+    complete += e["ph"] == "X";
+  }
+  EXPECT_EQ(pids, (std::set<int>{1, 2, 3}));
+  EXPECT_EQ(complete, 5u);
+}
+
+TEST(RallyTrace, EveryRankInTheSameOperationIsNotBlamedOnAnyOfThem) {
+  std::vector<std::string> problems;
+  const std::string text = summarizeTraces({file("a.json", 0, 2, 1, {{7, "broadcast", "pending"}}),
+                                            file("b.json", 1, 2, 1, {{7, "broadcast", "pending"}})},
+                                           nullptr, &problems);
+  EXPECT_NE(text.find("  ranks 0, 1: waiting in #7 broadcast"), std::string::npos) << text;
+  EXPECT_NE(text.find("=> every rank is in #7: none is behind"), std::string::npos) << text;
+  EXPECT_EQ(text.find("the others wait for"), std::string::npos) << text;
+}
+
+TEST(RallyTrace, CommunicatorsAndGenerationsAreToldApartAndFailuresByTheirCode) {
+  std::vector<std::string> problems;
+  const std::string text = summarizeTraces(
+      {file("a.json", 0, 2, 1, {{3, "allreduce", "failed", 10, "PeerLost: rank 1 exited"}}),
+       file("a2.json", 0, 2, 2, {{1, "barrier", "ok"}}),
+       file("b2.json", 1, 2, 2, {{1, "barrier", "ok"}}),
+       file("t.json", 0, 1, 2, {{4, "allgather", "unknown"}}, "world/split(color=0)")},
+      nullptr, &problems);
+  EXPECT_NE(text.find("world, generation 1, 2 ranks"), std::string::npos) << text;
+  EXPECT_NE(text.find("  rank 0: failed in #3 allreduce: PeerLost\n    rank 0: PeerLost: rank 1 "
+                      "exited\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("  rank 1: no records"), std::string::npos) << text;
+  EXPECT_NE(text.find("world, generation 2, 2 ranks: operations up to #1 (barrier)\n  ranks 0, 1: "
+                      "completed #1 barrier\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("world/split(color=0), generation 2, 1 ranks"), std::string::npos) << text;
+  EXPECT_NE(text.find("issued #4 allgather, whose end it never saw"), std::string::npos) << text;
+}
+
+TEST(RallyTrace, SendAndRecvAreLeftOutOfTheVerdictAndJobsAreReadApart) {
+  std::vector<std::string> problems;
+  const std::string text = summarizeTraces(
+      {file("a.json", 0, 2, 1, {{1, "barrier", "ok"}, {1, "send", "ok"}, {2, "send", "pending"}}),
+       file("b.json", 1, 2, 1, {{1, "barrier", "ok"}, {1, "recv", "ok"}}),
+       file("old.json", 0, 2, 1, {{9, "barrier", "pending"}}, "world", "yesterday")},
+      nullptr, &problems);
+  EXPECT_NE(text.find("note: these files are of 2 jobs (run ids job, yesterday)"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("run job: world, generation 1, 2 ranks: operations up to #1 (barrier)\n"
+                      "  ranks 0, 1: completed #1 barrier\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("run yesterday: world, generation 1, 2 ranks"), std::string::npos) << text;
+}
+
+TEST(RallyTrace, ARankWhoseRecordsMayNoLongerBeKeptIsNotBlamed) {
+  std::vector<std::string> problems;
+  const std::string text = summarizeTraces(
+      {file("a.json", 0, 2, 1, {{5, "allreduce", "ok"}}),
+       file("b.json", 1, 2, 2, {{1, "allreduce", "ok"}}, "world", "job", /*dropped=*/40)},
+      nullptr, &problems);
+  EXPECT_NE(text.find("rank 1: no records (no trace file has them: its process died before "
+                      "writing one, wrote to another directory, or no longer keeps them"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("=> the others wait for"), std::string::npos) << text;
+}
+
+TEST(RallyTrace, AFileItCannotReadIsNamedAndTheOthersAreStillRead) {
+  std::vector<std::string> problems;
+  std::string merged;
+  const std::string text = summarizeTraces(
+      {{"broken.json", "{\"traceEvents\": [ {"},
+       {"other.json", "{\"events\": []}"},
+       {"odd.json", R"({"traceEvents": [{"ph": "X", "cat": "collective", "name": "x"}]})"},
+       file("good.json", 0, 1, 1, {{1, "barrier", "ok"}})},
+      &merged, &problems);
+  ASSERT_EQ(problems.size(), 3u);
+  EXPECT_EQ(problems[0].rfind("broken.json: not a JSON trace: ", 0), 0u) << problems[0];
+  EXPECT_EQ(problems[1], "other.json: not a Chrome trace (no traceEvents array)");
+  EXPECT_EQ(problems[2].rfind("odd.json: an event is not as rally writes them: ", 0), 0u)
+      << problems[2];
+  EXPECT_NE(text.find("rank 0: completed #1 barrier"), std::string::npos) << text;
+  // Nothing of the odd file reached the merged trace: the good file's two events, as process 1.
+  const json m = json::parse(merged);
+  ASSERT_EQ(m["traceEvents"].size(), 2u) << merged;
+  for (const auto& e : m["traceEvents"]) EXPECT_EQ(e["pid"], 1);
+}
+
+}  // namespace
+}  // namespace rally::cli
