@@ -160,14 +160,14 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       if (it == g.newest.end()) {
         if (any_dropped) {  // perhaps only no longer kept: not blamed
           stories
-              ["no records (no trace file has them: its process died before writing one, "
-               "wrote to another directory, or no longer keeps them: some files dropped their "
-               "oldest records, see --trace-buffer)"]
+              ["no records (in no trace file: the process died before writing one, wrote to "
+               "another directory, or no longer keeps them: some files dropped their oldest "
+               "records, see --trace-buffer)"]
                   .push_back(r);
         } else {
           stories
-              ["no records (no trace file has them: its process died before writing one, or "
-               "wrote to another directory)"]
+              ["no records (in no trace file: the process died before writing one, or wrote "
+               "to another directory)"]
                   .push_back(r);
           behind.push_back(r);
         }
@@ -203,8 +203,8 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       out << fmt::format("  {}: {}{}\n", rankList(ranks), story, extra);
     }
     if (!behind.empty() && newest > 0) {
-      out << fmt::format("  => the others wait for {}: it never issued #{} {}\n", rankList(behind),
-                         newest, g.ops.rbegin()->second);
+      out << fmt::format("  => the others wait for {}, which never issued #{} {}\n",
+                         rankList(behind), newest, g.ops.rbegin()->second);
     } else if (!waiting.empty() && waiting.size() == static_cast<size_t>(g.size)) {
       out << fmt::format(
           "  => every rank is in #{}: none is behind (a slow or lost link, or "

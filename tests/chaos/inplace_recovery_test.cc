@@ -185,7 +185,7 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
   // Generation 1: rank 0 was killed at the start of a step; the others were in its allreduce.
   EXPECT_NE(summary.find("world, generation 1, 4 ranks"), std::string::npos) << summary;
   EXPECT_NE(summary.find("rank 0: no records"), std::string::npos) << summary;
-  EXPECT_NE(summary.find("=> the others wait for rank 0: it never issued #"), std::string::npos)
+  EXPECT_NE(summary.find("=> the others wait for rank 0, which never issued #"), std::string::npos)
       << summary;
   // The survivors' allreduce failed (PeerLost or Aborted, whichever reached each first); none of
   // them is behind or still waiting.

@@ -63,7 +63,7 @@ TEST(RallyTrace, NamesTheRankBehindAndTellsRanksWithTheSameStoryTogether) {
       << text;
   EXPECT_NE(text.find("  rank 2: behind: its newest is #1 allreduce (ok)\n"), std::string::npos)
       << text;
-  EXPECT_NE(text.find("  => the others wait for rank 2: it never issued #2 allreduce\n"),
+  EXPECT_NE(text.find("  => the others wait for rank 2, which never issued #2 allreduce\n"),
             std::string::npos)
       << text;
   // Merged: every event, one process per file.
@@ -133,8 +133,8 @@ TEST(RallyTrace, ARankWhoseRecordsMayNoLongerBeKeptIsNotBlamed) {
       {file("a.json", 0, 2, 1, {{5, "allreduce", "ok"}}),
        file("b.json", 1, 2, 2, {{1, "allreduce", "ok"}}, "world", "job", /*dropped=*/40)},
       nullptr, &problems);
-  EXPECT_NE(text.find("rank 1: no records (no trace file has them: its process died before "
-                      "writing one, wrote to another directory, or no longer keeps them"),
+  EXPECT_NE(text.find("rank 1: no records (in no trace file: the process died before writing "
+                      "one, wrote to another directory, or no longer keeps them"),
             std::string::npos)
       << text;
   EXPECT_EQ(text.find("=> the others wait for"), std::string::npos) << text;
