@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "kernels/base/telemetry_files.h"
+
 namespace rally::collectives {
 namespace {
 
@@ -47,22 +49,6 @@ const char* stateName(CollectiveRecord::State s) {
       return "unknown";
   }
   return "?";
-}
-
-// A Prometheus label value: backslash, double quote and newline escaped.
-std::string labelValue(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\' || c == '"') {
-      out += '\\';
-      out += c;
-    } else if (c == '\n') {
-      out += "\\n";
-    } else {
-      out += c;
-    }
-  }
-  return out;
 }
 
 class RecordedWork final : public Work {
@@ -465,14 +451,14 @@ std::string CollectiveRecorder::chromeTrace(const TraceOptions& options) const {
 std::string CollectiveRecorder::prometheus(const std::map<std::string, std::string>& labels) const {
   const auto all = totals();
   std::string common;
-  for (const auto& [k, v] : labels) common += fmt::format(",{}=\"{}\"", k, labelValue(v));
+  for (const auto& [k, v] : labels) common += fmt::format(",{}=\"{}\"", k, prometheusLabelValue(v));
   std::string out;
   const auto family = [&](const char* name, const char* type, const char* help, auto value) {
     out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
     for (const auto& t : all) {
       out +=
-          fmt::format("{}{{comm=\"{}\",backend=\"{}\",op=\"{}\"{}}} {}\n", name, labelValue(t.comm),
-                      labelValue(t.backend), labelValue(t.op), common, value(t));
+          fmt::format("{}{{comm=\"{}\",backend=\"{}\",op=\"{}\"{}}} {}\n", name, prometheusLabelValue(t.comm),
+                      prometheusLabelValue(t.backend), prometheusLabelValue(t.op), common, value(t));
     }
   };
   family("rally_collective_operations_total", "counter",
@@ -504,14 +490,6 @@ std::string CollectiveRecorder::describeRecent(size_t n) const {
     out += records[i].describe(now);
   }
   return out;
-}
-
-std::string prometheusLabels(const std::map<std::string, std::string>& labels) {
-  std::string out;
-  for (const auto& [k, v] : labels) {
-    out += fmt::format("{}{}=\"{}\"", out.empty() ? "{" : ",", k, labelValue(v));
-  }
-  return out.empty() ? out : out + "}";
 }
 
 std::unique_ptr<Communicator> recordCollectives(std::unique_ptr<Communicator> inner,

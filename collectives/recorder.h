@@ -145,9 +145,6 @@ class CollectiveRecorder {
   std::map<std::pair<std::string, std::string>, CollectiveTotals> totals_;  // node-stable
 };
 
-// `{k="v",...}` in the Prometheus text format, values escaped ("" for no labels).
-std::string prometheusLabels(const std::map<std::string, std::string>& labels);
-
 // A communicator that records every operation of `inner` in `recorder` under `name`; sub-
 // communicators it splits or shrinks are recorded too ("NAME/splitN(color=C)", "NAME/shrinkN": the
 // N-th communicator derived from NAME, the same on every rank).

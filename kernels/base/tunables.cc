@@ -54,8 +54,8 @@ constexpr TunableSpec kSpecs[] = {
     {"trace_buffer", "RALLY_TRACE_BUFFER", TunableKind::kInteger, "2000",
      "how many of its newest collectives each worker keeps for the trace and a failure's log"},
     {"metrics_dir", "RALLY_METRICS_DIR", TunableKind::kString, "",
-     "each worker writes its metrics here in the Prometheus text format (rally-*.prom, for "
-     "node_exporter's textfile collector); empty: off"},
+     "workers (librally) and agents write their metrics here in the Prometheus text format "
+     "(rally-*.prom, for node_exporter's textfile collector); empty: off"},
     {"telemetry_interval", "RALLY_TELEMETRY_INTERVAL", TunableKind::kDuration, "10s",
      "how often workers rewrite their trace_dir and metrics_dir files (also at once when the job "
      "moves past their generation, and at a clean exit)"},

@@ -20,6 +20,7 @@
 #include <variant>
 
 #include "kernels/base/logging.h"
+#include "kernels/base/telemetry_files.h"
 #include "launcher/agent/internal/agent_impl.h"
 
 namespace rally::agent {
@@ -160,7 +161,13 @@ Status Agent::Impl::setup() {
   RALLY_RETURN_IF_ERROR(
       log::setup(fmt::format("node {}", node_id_), *o_.tunables.string("log_level")));
   log_ = log::get("agent");
-  RALLY_ASSIGN_OR_RETURN(events_, EventLog::open(o_.events_file, node_id_));
+  std::string agent_metrics;
+  if (auto dir = o_.tunables.string("metrics_dir"); dir.ok() && !dir->empty()) {
+    agent_metrics =
+        (std::filesystem::path(*dir) / ("rally-agent-" + fileNameSafe(node_id_) + ".prom")).string();
+  }
+  RALLY_ASSIGN_OR_RETURN(events_, EventLog::open(o_.events_file, node_id_, agent_metrics,
+                                                 {{"node", node_id_}, {"run", o_.rdzv_id}}));
   const std::string base =
       o_.log_dir.empty() ? std::filesystem::temp_directory_path().string() : o_.log_dir;
   run_dir_ = fmt::format("{}/rally_{}_{}", base, o_.rdzv_id, randomHex(4));

@@ -4,7 +4,11 @@
 #include <fmt/format.h>
 
 #include <filesystem>
+#include <string_view>
 #include <system_error>
+
+#include "kernels/base/logging.h"
+#include "kernels/base/telemetry_files.h"
 
 namespace rally::agent {
 
@@ -15,9 +19,17 @@ std::string isoTime(std::chrono::system_clock::time_point t) {
                      fmt::gmtime(std::chrono::system_clock::to_time_t(t)), ms);
 }
 
-Result<std::unique_ptr<EventLog>> EventLog::open(const std::string& path, std::string node_id) {
+Result<std::unique_ptr<EventLog>> EventLog::open(const std::string& path, std::string node_id,
+                                                 std::string metrics_path,
+                                                 std::map<std::string, std::string> labels) {
   std::unique_ptr<EventLog> log(new EventLog());
   log->node_id_ = std::move(node_id);
+  log->metrics_path_ = std::move(metrics_path);
+  log->labels_ = std::move(labels);
+  if (!log->metrics_path_.empty()) {
+    RALLY_RETURN_IF_ERROR(writeFileReplacing(log->metrics_path_, log->metricsText()))
+        << "--metrics-dir";
+  }
   if (!path.empty()) {
     // Its directory is made, as --log-dir's is: a fresh volume need not hold it yet.
     const std::filesystem::path parent = std::filesystem::path(path).parent_path();
@@ -36,12 +48,65 @@ Result<std::unique_ptr<EventLog>> EventLog::open(const std::string& path, std::s
 
 void EventLog::write(const std::string& event, nlohmann::json fields) {
   std::lock_guard lock(mu_);
+  if (!metrics_path_.empty()) {
+    ++counts_[event];
+    // Only the events that describe this node's own round set the gauges (a failure report may
+    // carry another node's rank).
+    const bool round = event == "workers_started" || event == "round_reformed_in_place";
+    for (const char* key : {"generation", "world_size", "node_rank", "restart"}) {
+      if (!round) break;
+      if (auto it = fields.find(key); it != fields.end() && it->is_number_integer()) {
+        gauges_[key] = it->get<std::int64_t>();
+      }
+    }
+    if (Status s = writeFileReplacing(metrics_path_, metricsTextLocked());
+        !s.ok() && !metrics_warned_) {
+      metrics_warned_ = true;  // once: the events go on
+      log::get("agent")->warn("the node's metrics file was not written: {}", s.toString());
+    }
+  }
   if (!out_.is_open()) return;
   nlohmann::json line = {
       {"time", isoTime(std::chrono::system_clock::now())}, {"node", node_id_}, {"event", event}};
   for (auto& [k, v] : fields.items()) line[k] = v;
-  out_ << line.dump() << '\n';
+  out_ << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
   out_.flush();
+}
+
+std::string EventLog::metricsText() const {
+  std::lock_guard lock(mu_);
+  return metricsTextLocked();
+}
+
+std::string EventLog::metricsTextLocked() const {
+  const std::string l = prometheusLabels(labels_);
+  std::string out =
+      "# HELP rally_agent_events_total Events this node's agent recorded (the --events names).\n"
+      "# TYPE rally_agent_events_total counter\n";
+  for (const auto& [event, n] : counts_) {
+    auto labels = labels_;
+    labels["event"] = event;
+    out += fmt::format("rally_agent_events_total{} {}\n", prometheusLabels(labels), n);
+  }
+  const std::pair<const char*, const char*> gauges[] = {
+      {"generation", "The newest generation this node's workers were started or re-formed in."},
+      {"world_size", "The job's world size in that generation."},
+      {"node_rank", "This node's rank in that generation."},
+      {"restart", "The job's restart count when this node last started its workers."}};
+  for (const auto& [key, help] : gauges) {
+    auto it = gauges_.find(key);
+    if (it == gauges_.end()) continue;
+    const std::string name =
+        std::string("rally_agent_") + (key == std::string_view("restart") ? "job_restarts" : key);
+    out += fmt::format("# HELP {} {}\n# TYPE {} gauge\n{}{} {}\n", name, help, name, name, l,
+                       it->second);
+  }
+  out += fmt::format(
+      "# HELP rally_agent_timestamp_seconds When this file was written (Unix time).\n"
+      "# TYPE rally_agent_timestamp_seconds gauge\nrally_agent_timestamp_seconds{} {:.3f}\n",
+      l,
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
+  return out;
 }
 
 }  // namespace rally::agent

@@ -16,6 +16,7 @@
 #include "collectives/memory_bootstrap_store.h"
 #include "collectives/registry.h"
 #include "kernels/base/logging.h"
+#include "kernels/base/telemetry_files.h"
 #include "runtime/rendezvous/coordinator_bootstrap_store.h"
 #include "runtime/rendezvous/coordinator_client.h"
 #include "runtime/rendezvous/generation_watcher.h"
@@ -68,36 +69,6 @@ Result<std::int64_t> intVar(const Env& env, const std::string& name, std::int64_
 std::int64_t intVarOr(const Env& env, const std::string& name, std::int64_t fallback) {
   auto v = intVar(env, name, 0, "");
   return v.ok() ? *v : fallback;
-}
-
-// Writes through a temporary file and a rename, so that a reader (a scraper, `rally trace`) never
-// sees half a file. No fsync: these files are rewritten every few seconds.
-Status writeFileReplacing(const std::string& path, const std::string& text) {
-  std::error_code ec;
-  const auto dir = std::filesystem::path(path).parent_path();
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return ioError(fmt::format("creating the directory {}: {}", dir.string(), ec.message()));
-  const std::string tmp = fmt::format("{}.{}.tmp", path, ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.close();
-    if (!out) return ioError(fmt::format("writing {}: {}", tmp, std::strerror(errno)));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    return ioError(fmt::format("renaming {} to {}: {}", tmp, path, std::strerror(err)));
-  }
-  return okStatus();
-}
-
-// A node id as a file name's part: anything but [A-Za-z0-9._-] becomes '_'.
-std::string fileNamePart(std::string s) {
-  for (char& c : s) {
-    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') c = '_';
-  }
-  return s;
 }
 
 }  // namespace
@@ -153,7 +124,7 @@ std::string World::metricsText() const {
                                                {"local_rank", std::to_string(local_rank_)}};
   if (!run_id_.empty()) labels["run"] = run_id_;
   std::string out = recorder_->prometheus(labels);
-  const std::string l = collectives::prometheusLabels(labels);
+  const std::string l = prometheusLabels(labels);
   int rank, size;
   {
     std::lock_guard lock(const_cast<std::mutex&>(comm_mu_));
@@ -417,7 +388,7 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     // Prometheus expects of a restart) but writes its trace beside the dead process's.
     const std::string place =
         w.launcher_ == Launcher::kRally && !w.node_id_.empty()
-            ? fmt::format("{}-local{}", fileNamePart(w.node_id_), w.local_rank_)
+            ? fmt::format("{}-local{}", fileNameSafe(w.node_id_), w.local_rank_)
             : fmt::format("rank{}", w.rank_);
     const std::string process = w.launcher_ == Launcher::kRally && !w.node_id_.empty()
                                     ? fmt::format("{}-pid{}", place, ::getpid())

@@ -150,18 +150,35 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
   // Telemetry: a trace and metrics per worker process that lived to write them (the killed one
   // died at once; its replacement wrote its own), and `rally trace` names the rank the others
   // were left waiting for in the generation that failed.
-  size_t traces = 0, metrics = 0;
-  std::string prom;
+  size_t traces = 0, metrics = 0, agent_metrics = 0;
+  std::string prom, agent_prom;
   for (const auto& e : std::filesystem::directory_iterator(trace_dir)) {
     traces += e.path().extension() == ".json";
   }
   for (const auto& e : std::filesystem::directory_iterator(metrics_dir)) {
     if (e.path().extension() != ".prom") continue;
-    ++metrics;
-    prom += ChildProcess::readFile(e.path().string());
+    if (e.path().filename().string().rfind("rally-agent-", 0) == 0) {
+      ++agent_metrics;
+      agent_prom += ChildProcess::readFile(e.path().string());
+    } else {
+      ++metrics;
+      prom += ChildProcess::readFile(e.path().string());
+    }
   }
   EXPECT_EQ(traces, 4u);
   EXPECT_EQ(metrics, 4u);
+  // Each agent's node metrics: its events counted, the generation it ended in.
+  EXPECT_EQ(agent_metrics, 2u);
+  EXPECT_EQ(count(agent_prom, "rally_agent_events_total{event=\"workers_started\","), 2u)
+      << agent_prom;
+  EXPECT_EQ(count(agent_prom, "rally_agent_events_total{event=\"workers_replaced\","), 1u)
+      << agent_prom;
+  EXPECT_NE(agent_prom.find("rally_agent_generation{node=\"ip-w-a\",run=\"ip-w\"} 2\n"),
+            std::string::npos)
+      << agent_prom;
+  EXPECT_NE(agent_prom.find("rally_agent_world_size{node=\"ip-w-b\",run=\"ip-w\"} 4\n"),
+            std::string::npos)
+      << agent_prom;
   // The three survivors re-formed once; the replacement started in the new generation.
   std::map<std::string, int> recoveries;
   std::istringstream lines(prom);

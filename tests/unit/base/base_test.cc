@@ -1,10 +1,14 @@
 // Status/Result propagation with context, unit parsing, and the tunables registry.
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
 #include <sstream>
 
 #include "kernels/base/status.h"
+#include "kernels/base/telemetry_files.h"
 #include "kernels/base/tunables.h"
 #include "kernels/base/units.h"
 
@@ -99,4 +103,35 @@ TEST(TunablesTest, SetAndPrint) {
 }
 
 }  // namespace
+TEST(TelemetryFilesTest, PrometheusLabelsAreEscapedAndSorted) {
+  EXPECT_EQ(prometheusLabels({}), "");
+  EXPECT_EQ(prometheusLabels({{"node", "n\"1\\x\ny"}, {"a", "b"}}),
+            "{a=\"b\",node=\"n\\\"1\\\\x\\ny\"}");
+}
+
+TEST(TelemetryFilesTest, AFileIsReplacedWholeAndItsDirectoryMade) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("rally-tf-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  const std::string path = (dir / "sub" / "m.prom").string();
+  ASSERT_TRUE(writeFileReplacing(path, "one\n").ok());
+  ASSERT_TRUE(writeFileReplacing(path, "two\n").ok());
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_EQ(text.str(), "two\n");
+  size_t files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir / "sub")) ++files;
+  EXPECT_EQ(files, 1u);  // no temporary file left behind
+  const Status bad = writeFileReplacing("/proc/no/such/file", "x");
+  EXPECT_EQ(bad.code(), StatusCode::kIo);
+  EXPECT_NE(bad.message().find("/proc/no"), std::string::npos) << bad.toString();
+  std::filesystem::remove_all(dir);
+}
+
+TEST(TelemetryFilesTest, NodeIdsBecomeSafeFileNameParts) {
+  EXPECT_EQ(fileNameSafe("host-1.example_2"), "host-1.example_2");
+  EXPECT_EQ(fileNameSafe("a/b c:d"), "a_b_c_d");
+}
+
 }  // namespace rally
