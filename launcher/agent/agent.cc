@@ -164,7 +164,8 @@ Status Agent::Impl::setup() {
   std::string agent_metrics;
   if (auto dir = o_.tunables.string("metrics_dir"); dir.ok() && !dir->empty()) {
     agent_metrics =
-        (std::filesystem::path(*dir) / ("rally-agent-" + fileNameSafe(node_id_) + ".prom")).string();
+        (std::filesystem::path(*dir) / ("rally-agent-" + fileNameSafe(node_id_) + ".prom"))
+            .string();
   }
   RALLY_ASSIGN_OR_RETURN(events_, EventLog::open(o_.events_file, node_id_, agent_metrics,
                                                  {{"node", node_id_}, {"run", o_.rdzv_id}}));
@@ -179,17 +180,17 @@ Status Agent::Impl::setup() {
     return invalidArgument(fmt::format("--trace-buffer {}: must be a count of at least 0", n));
   }
   if (tunable("telemetry_interval") < Milliseconds(100)) {
-    return invalidArgument(
-        fmt::format("--telemetry-interval {}: must be at least 100ms (e.g. 10s)",
-                    formatDuration(tunable("telemetry_interval"))));
+    return invalidArgument(fmt::format("--telemetry-interval {}: must be at least 100ms (e.g. 10s)",
+                                       formatDuration(tunable("telemetry_interval"))));
   }
   for (const char* name : {"trace_dir", "metrics_dir"}) {
     if (auto dir = o_.tunables.string(name); dir.ok() && !dir->empty()) {
       std::filesystem::create_directories(*dir, ec);
       if (ec) {
-        return ioError(fmt::format("--{}: cannot create {}: {}",
-                                   name == std::string_view("trace_dir") ? "trace-dir" : "metrics-dir",
-                                   *dir, ec.message()));
+        return ioError(
+            fmt::format("--{}: cannot create {}: {}",
+                        name == std::string_view("trace_dir") ? "trace-dir" : "metrics-dir", *dir,
+                        ec.message()));
       }
     }
   }

@@ -67,7 +67,8 @@ ElasticRun::ElasticRun(World& world, ElasticState& state, ElasticRunOptions opti
     } else if (auto dir = tunables->string("checkpoint_dir"); dir.ok() && !dir->empty()) {
       options_.checkpoint_dir = *dir;
       options_.checkpoint_every = static_cast<int>(tunables->integer("checkpoint_every").value());
-      options_.checkpoint.keep_last = static_cast<int>(tunables->integer("checkpoint_keep").value());
+      options_.checkpoint.keep_last =
+          static_cast<int>(tunables->integer("checkpoint_keep").value());
     }
   }
   if (!options_.checkpoint_dir.empty()) {
@@ -101,8 +102,8 @@ Status ElasticRun::atStep(std::int64_t step) {
 Status ElasticRun::commit() {
   const auto next = static_cast<std::int64_t>(state_.commitNumber() + 1);
   if (faults_) {
-    RALLY_RETURN_IF_ERROR(faults_->beforeCommit(world_.rank(), next,
-                                                [this] { return world_.generationChanged(); }));
+    RALLY_RETURN_IF_ERROR(
+        faults_->beforeCommit(world_.rank(), next, [this] { return world_.generationChanged(); }));
   }
   RALLY_RETURN_IF_ERROR(state_.commit());
   if (Status p = world_.publishCommit(state_.commitNumber()); !p.ok()) {
@@ -163,6 +164,9 @@ void ElasticRun::writeRecoveryEvent() {
   const double total = (p.detect_ms > 0 ? p.detect_ms : 0) + p.abort_ms + p.rendezvous_ms +
                        p.rebuild_ms + p.restore_ms + first_step;
   auto log = log::get("elastic");
+  const std::int64_t steps_redone =
+      p.last_step >= 0 && p.first_step ? std::max<std::int64_t>(0, p.last_step - *p.first_step) : 0;
+  world_.noteRecovery(total / 1000.0, steps_redone);
   if (world_.rank() == p.writer) {
     log->info(
         "recovered in place: generation {} -> {}, world size {}, commit {}{}; detect {}, abort "
@@ -194,9 +198,7 @@ void ElasticRun::writeRecoveryEvent() {
                  {"phases_ms", phases},
                  {"last_step", p.last_step},
                  {"resumed_step", p.first_step.value_or(-1)},
-                 {"steps_redone", p.last_step >= 0 && p.first_step
-                                      ? std::max<std::int64_t>(0, p.last_step - *p.first_step)
-                                      : 0},
+                 {"steps_redone", steps_redone},
                  {"total_ms", total}});
   }
   pending_.reset();
@@ -218,7 +220,8 @@ collectives::Communicator& ElasticRun::tp() {
   if (!self_tp_) {
     self_store_ = std::make_unique<collectives::MemoryBootstrapStore>();
     auto c = collectives::createCommunicator("gloo", *self_store_, {.rank = 0, .size = 1}, {});
-    if (!c.ok()) throw std::runtime_error("rally: a tensor-parallel group of one: " + c.status().toString());
+    if (!c.ok())
+      throw std::runtime_error("rally: a tensor-parallel group of one: " + c.status().toString());
     self_tp_ = std::move(*c);
   }
   return *self_tp_;

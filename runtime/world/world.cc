@@ -142,6 +142,16 @@ std::string World::metricsText() const {
         step_.load());
   gauge("rally_recoveries_total", "counter", "Times this process re-formed in place.",
         recoveries_.load());
+  if (const double last = last_recovery_seconds_.load(); last >= 0) {
+    gauge(
+        "rally_last_recovery_seconds", "gauge",
+        "The newest in-place recovery's time, from the failure (or when this rank learnt of it) to "
+        "the first step after it.",
+        fmt::format("{:.6f}", last));
+  }
+  gauge("rally_steps_redone_total", "counter",
+        "Steps done again after in-place recoveries (begun after the commit they rolled back to).",
+        steps_redone_.load());
   gauge("rally_telemetry_timestamp_seconds", "gauge",
         "When this file was written (Unix time): a file that stops changing is a worker gone.",
         fmt::format("{:.3f}", std::chrono::duration<double>(
@@ -168,10 +178,10 @@ Status World::writeTelemetryFiles() {
       std::lock_guard comm_lock(comm_mu_);
       rank = rank_;
     }
-    const std::string who =
-        node_id_.empty() ? fmt::format("rank {}", rank)
-                         : fmt::format("rank {} (node {}, local rank {}, pid {})", rank, node_id_,
-                                       local_rank_, ::getpid());
+    const std::string who = node_id_.empty()
+                                ? fmt::format("rank {}", rank)
+                                : fmt::format("rank {} (node {}, local rank {}, pid {})", rank,
+                                              node_id_, local_rank_, ::getpid());
     result = writeFileReplacing(
         trace_path_, recorder_->chromeTrace({.rank = rank, .process_name = who, .run = run_id_}));
   }
@@ -228,8 +238,8 @@ void World::onGeneration(std::uint64_t generation, const std::string& cause, boo
     comm_->abort(what);
   }
   if (comm_ != nullptr || !derived_.empty()) {
-    const std::string what = closed ? "the job was closed"
-                                    : fmt::format("the job moved to generation {}", generation);
+    const std::string what =
+        closed ? "the job was closed" : fmt::format("the job moved to generation {}", generation);
     for (collectives::Communicator* c : derived_) {
       if (!c->aborted()) c->abort(what);
     }
@@ -265,7 +275,8 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
   {
     std::int64_t capacity = 2000;
     if (const std::string* v = find(env, "RALLY_TRACE_BUFFER"); v != nullptr && !v->empty()) {
-      RALLY_ASSIGN_OR_RETURN(capacity, intVar(env, "RALLY_TRACE_BUFFER", 0, "rally run --trace-buffer"));
+      RALLY_ASSIGN_OR_RETURN(capacity,
+                             intVar(env, "RALLY_TRACE_BUFFER", 0, "rally run --trace-buffer"));
     }
     w.recorder_ = std::make_shared<collectives::CollectiveRecorder>(static_cast<size_t>(capacity));
     if (const std::string* v = find(env, "RALLY_TELEMETRY_INTERVAL"); v != nullptr && !v->empty()) {
@@ -398,7 +409,8 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
           (std::filesystem::path(*trace_dir) / ("collectives-" + process + ".json")).string();
     }
     if (metrics_dir != nullptr && !metrics_dir->empty()) {
-      w.metrics_path_ = (std::filesystem::path(*metrics_dir) / ("rally-" + place + ".prom")).string();
+      w.metrics_path_ =
+          (std::filesystem::path(*metrics_dir) / ("rally-" + place + ".prom")).string();
     }
     if (!w.trace_path_.empty() || !w.metrics_path_.empty()) {
       w.telemetry_ = std::thread([self = &w] { self->telemetryLoop(); });
@@ -615,6 +627,11 @@ Status World::atCommitPoint(Milliseconds wait) {
   std::unique_lock lock(comm_mu_);
   gen_cv_.wait_for(lock, wait, [&] { return generationChanged(); });
   return okStatus();
+}
+
+void World::noteRecovery(double seconds, std::int64_t steps_redone) {
+  last_recovery_seconds_.store(seconds);
+  steps_redone_.fetch_add(std::max<std::int64_t>(0, steps_redone));
 }
 
 void World::reportProgress(std::int64_t step) {

@@ -137,6 +137,10 @@ class World {
   collectives::CollectiveRecorder& recorder() { return *recorder_; }
   // Writes the trace and metrics files now (where their directories are set; OK otherwise).
   Status writeTelemetry();
+  // ElasticRun reports each in-place recovery it finished: its time from the failure (or from
+  // when this rank learnt of it) to the first step after it, and how many steps were done again
+  // (for the metrics).
+  void noteRecovery(double seconds, std::int64_t steps_redone);
   // The newest `n` collectives of this process, one per line (for a failure's log).
   std::string recentCollectives(size_t n = 4) const { return recorder_->describeRecent(n); }
 
@@ -194,7 +198,7 @@ class World {
   std::mutex comm_mu_;  // guards comm_ against the watch while it is being set
   std::unique_ptr<collectives::Communicator> comm_;
   std::vector<collectives::Communicator*> derived_;  // with comm_mu_: aborted with comm_
-  std::mutex watch_mu_;  // guards watcher_ and the rewatch state
+  std::mutex watch_mu_;                              // guards watcher_ and the rewatch state
   std::condition_variable watch_cv_;
   std::unique_ptr<rendezvous::GenerationWatcher> watcher_;
   bool watch_ended_ = false, stopping_ = false;
@@ -208,6 +212,8 @@ class World {
   std::string run_id_;
   std::atomic<std::int64_t> step_{-1};
   std::atomic<std::uint64_t> recoveries_{0};
+  std::atomic<double> last_recovery_seconds_{-1};  // -1: none finished
+  std::atomic<std::int64_t> steps_redone_{0};
   Milliseconds telemetry_interval_{10'000};
   std::mutex telemetry_write_mu_;  // serialises writes
   std::mutex telemetry_mu_;        // with telemetry_cv_: the loop's stop and wake-up

@@ -112,14 +112,14 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
   {
     std::ofstream(plan) << "kill rank=0 step=27   # between commits; rank 0 writes no event then\n";
   }
-  const std::string trace_dir = tempPath("inplace-trace"), metrics_dir = tempPath("inplace-metrics");
+  const std::string trace_dir = tempPath("inplace-trace"),
+                    metrics_dir = tempPath("inplace-metrics");
   std::filesystem::remove_all(trace_dir);
   std::filesystem::remove_all(metrics_dir);
   const std::vector<std::string> args = {
-      "--nnodes",      "2",       "--nproc-per-node", "2",        "--rdzv-endpoint",
-      endpoint_,       "--rdzv-id", "ip-w",           "--max-restarts", "2",
-      "--fault-plan",  plan,      "--trace-dir",      trace_dir,  "--metrics-dir",
-      metrics_dir};
+      "--nnodes",    "2",       "--nproc-per-node", "2",        "--rdzv-endpoint", endpoint_,
+      "--rdzv-id",   "ip-w",    "--max-restarts",   "2",        "--fault-plan",    plan,
+      "--trace-dir", trace_dir, "--metrics-dir",    metrics_dir};
   auto a = agent("ip-w-a", args, program);
   auto b = agent("ip-w-b", args, program);
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
@@ -143,8 +143,7 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
 
   // Each survivor logged the collective it was in when the job moved on.
   const std::string errors = a->errors() + b->errors();
-  EXPECT_NE(errors.find("recovering in place. Its last collectives:"), std::string::npos)
-      << errors;
+  EXPECT_NE(errors.find("recovering in place. Its last collectives:"), std::string::npos) << errors;
   EXPECT_NE(errors.find(" allreduce "), std::string::npos) << errors;
 
   // Telemetry: a trace and metrics per worker process that lived to write them (the killed one
@@ -183,9 +182,12 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
   std::map<std::string, int> recoveries;
   std::istringstream lines(prom);
   for (std::string line; std::getline(lines, line);) {
-    if (line.rfind("rally_recoveries_total{", 0) == 0) ++recoveries[line.substr(line.rfind(' ') + 1)];
+    if (line.rfind("rally_recoveries_total{", 0) == 0)
+      ++recoveries[line.substr(line.rfind(' ') + 1)];
   }
   EXPECT_EQ(recoveries, (std::map<std::string, int>{{"0", 1}, {"1", 3}})) << prom;
+  EXPECT_EQ(count(prom, "rally_last_recovery_seconds{"), 3u) << prom;  // the survivors'
+  EXPECT_EQ(count(prom, "rally_steps_redone_total{"), 4u) << prom;
   EXPECT_EQ(count(prom, "rally_world_size{"), 4u);
   EXPECT_NE(prom.find("rally_world_size{local_rank=\"0\",node=\"ip-w-a\",run=\"ip-w\"} 4"),
             std::string::npos)
@@ -281,10 +283,10 @@ TEST_F(InPlaceRecoveryTest, AStalledRankIsFoundByTheProgressWatchdogAndReplaced)
   const Result ref = reference(program);
   const std::string plan = tempPath("inplace-plan-stall.txt");
   { std::ofstream(plan) << "stall rank=1 step=22   # blocks forever, but keeps running\n"; }
-  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-s",
-                                         "--max-restarts",  "2",       "--fault-plan",     plan,
-                                         "--progress-timeout", "1s"};
+  const std::vector<std::string> args = {
+      "--nnodes",           "2",    "--nproc-per-node", "2", "--rdzv-endpoint", endpoint_,
+      "--rdzv-id",          "ip-s", "--max-restarts",   "2", "--fault-plan",    plan,
+      "--progress-timeout", "1s"};
   auto a = agent("ip-s-a", args, program);
   auto b = agent("ip-s-b", args, program);
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
@@ -396,8 +398,7 @@ TEST_F(InPlaceRecoveryTest, LastNodeWithTheNewestCommitLostFallsBackAndSaysSo) {
   EXPECT_EQ(cb, 128 + SIGKILL) << b->errors();
   const std::string log = events(), err = a->errors() + b->errors();
   const Result got = parse(a->output() + b->output());
-  EXPECT_NE(got.summary.find("world 2 uses_min 2 uses_max 2"), std::string::npos)
-      << got.summary;
+  EXPECT_NE(got.summary.find("world 2 uses_min 2 uses_max 2"), std::string::npos) << got.summary;
   EXPECT_NE(err.find("falling back to commit 5: commit 6 was held only by ranks that are gone"),
             std::string::npos)
       << err;
@@ -448,9 +449,9 @@ TEST_F(InPlaceRecoveryTest, WholeJobLostANewJobResumesFromTheNewestCheckpoint) {
   // this time, which the agent passes on to its workers).
   ::unsetenv("RALLY_CHECKPOINT_DIR");
   ::unsetenv("RALLY_CHECKPOINT_EVERY");
-  std::vector<std::string> argv = {RALLY_BINARY,       "run", "--standalone",     "--nproc-per-node",
-                                   "4",                "--checkpoint-dir",        dir,
-                                   "--checkpoint-every", "2",  RALLY_MINIMAL};
+  std::vector<std::string> argv = {
+      RALLY_BINARY,         "run", "--standalone", "--nproc-per-node", "4", "--checkpoint-dir", dir,
+      "--checkpoint-every", "2",   RALLY_MINIMAL};
   argv.insert(argv.end(), program.begin(), program.end());
   ChildProcess again(argv, tempPath("inplace-resume.out"));
   EXPECT_EQ(exitCode(again), 0) << again.errors();
@@ -459,8 +460,7 @@ TEST_F(InPlaceRecoveryTest, WholeJobLostANewJobResumesFromTheNewestCheckpoint) {
   ASSERT_NE(at, std::string::npos) << err;
   EXPECT_GT(std::atoll(err.c_str() + at + 29), 0) << err.substr(at, 80);
   const Result got = parse(again.output());
-  EXPECT_NE(got.summary.find("world 4 uses_min 3 uses_max 3"), std::string::npos)
-      << got.summary;
+  EXPECT_NE(got.summary.find("world 4 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
   // The checkpoint holds the exact state (weights, sampler, step): the same world size goes on
   // as if nothing had happened.
   EXPECT_EQ(got.weights_text, ref.weights_text) << "not bitwise identical to the uninterrupted run";

@@ -104,8 +104,9 @@ TEST(WorldWithoutLauncher, WritesItsTraceAndMetricsEveryIntervalAndAtTheEnd) {
 TEST(WorldWithoutLauncher, RefusesABadTelemetrySetting) {
   auto w = initFrom({{"RALLY_TRACE_BUFFER", "-1"}});
   ASSERT_FALSE(w.ok());
-  EXPECT_NE(w.status().message().find("RALLY_TRACE_BUFFER='-1' is not a whole number of at least 0"),
-            std::string::npos)
+  EXPECT_NE(
+      w.status().message().find("RALLY_TRACE_BUFFER='-1' is not a whole number of at least 0"),
+      std::string::npos)
       << w.status().message();
   w = initFrom({{"RALLY_TELEMETRY_INTERVAL", "5ms"}});
   ASSERT_FALSE(w.ok());
@@ -215,13 +216,14 @@ TEST_F(WorldUnderRallyTest, GenerationMoveAbortsABlockedCollectiveAtOnce) {
 }
 
 TEST(WorldUnderRallyCoordinatorLost, ABlockedCollectiveEndsAndTheWorldCloses) {
-  const std::string token_file = tempPath("world-lost.token"), port_file = tempPath("world-lost.port");
+  const std::string token_file = tempPath("world-lost.token"),
+                    port_file = tempPath("world-lost.port");
   std::ofstream(token_file) << kToken;
   std::remove(port_file.c_str());
-  ChildProcess coordinator({RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port", "0",
-                            "--port-file", port_file, "--token-file", token_file, "--nnodes",
-                            "1:4", "--job-id", "job", "--last-call", "200ms"},
-                           tempPath("world-lost.out"));
+  ChildProcess coordinator(
+      {RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port", "0", "--port-file", port_file,
+       "--token-file", token_file, "--nnodes", "1:4", "--job-id", "job", "--last-call", "200ms"},
+      tempPath("world-lost.out"));
   ASSERT_TRUE(coordinator.waitForOutput("listening", milliseconds(20000)) ||
               coordinator.waitForErrors("listening", milliseconds(100)))
       << coordinator.errors();
@@ -241,9 +243,10 @@ TEST(WorldUnderRallyCoordinatorLost, ABlockedCollectiveEndsAndTheWorldCloses) {
   auto a = session("a");
   auto b = session("b");
   for (auto* s : {a.get(), b.get()}) {
-    ASSERT_TRUE(s->waitFor([](const rally::v1::CoordinatorMessage& m) { return m.has_round_formed(); },
-                           milliseconds(5000))
-                    .ok());
+    ASSERT_TRUE(
+        s->waitFor([](const rally::v1::CoordinatorMessage& m) { return m.has_round_formed(); },
+                   milliseconds(5000))
+            .ok());
   }
   std::vector<std::unique_ptr<World>> worlds(2);
   std::vector<std::thread> threads;
@@ -259,8 +262,8 @@ TEST(WorldUnderRallyCoordinatorLost, ABlockedCollectiveEndsAndTheWorldCloses) {
                                                 {"RALLY_NUM_NODES", "2"},
                                                 {"RALLY_GENERATION", "1"},
                                                 {"RALLY_BACKEND", "gloo"}};
-      auto w = initFrom(env, {.connect_timeout = Milliseconds(1500),
-                              .op_timeout = Milliseconds(60'000)});
+      auto w = initFrom(
+          env, {.connect_timeout = Milliseconds(1500), .op_timeout = Milliseconds(60'000)});
       ASSERT_TRUE(w.ok()) << w.status().toString();
       worlds[r] = std::move(*w);
     });
