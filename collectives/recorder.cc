@@ -213,7 +213,14 @@ class RecordedCommunicator final : public Communicator {
   Result<std::unique_ptr<Communicator>> derive(const char* op, Make make,
                                                const std::string& suffix) {
     const auto id = begin(op, std::nullopt, std::nullopt, 0, 1, -1);
-    auto sub = make();
+    Result<std::unique_ptr<Communicator>> sub = internalError("not made");
+    try {
+      sub = make();
+    } catch (const std::exception& e) {
+      recorder_->completed(id, internalError(fmt::format("the backend threw: {}", e.what())),
+                           Clock::now());
+      throw;
+    }
     recorder_->completed(id, sub.status(), Clock::now());
     if (!sub.ok()) return sub.status();
     return recordCollectives(std::move(*sub), recorder_, name_ + suffix);
@@ -303,7 +310,7 @@ std::optional<CollectiveRecorder::Running> CollectiveRecorder::findRunningLocked
 CollectiveTotals& CollectiveRecorder::totalsLocked(const std::string& comm,
                                                    const std::string& backend,
                                                    const std::string& op) {
-  auto [it, inserted] = totals_.try_emplace({comm, op});
+  auto [it, inserted] = totals_.try_emplace({comm, backend, op});
   if (inserted) {
     it->second.comm = comm;
     it->second.backend = backend;
@@ -456,9 +463,9 @@ std::string CollectiveRecorder::prometheus(const std::map<std::string, std::stri
   const auto family = [&](const char* name, const char* type, const char* help, auto value) {
     out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
     for (const auto& t : all) {
-      out +=
-          fmt::format("{}{{comm=\"{}\",backend=\"{}\",op=\"{}\"{}}} {}\n", name, prometheusLabelValue(t.comm),
-                      prometheusLabelValue(t.backend), prometheusLabelValue(t.op), common, value(t));
+      out += fmt::format("{}{{comm=\"{}\",backend=\"{}\",op=\"{}\"{}}} {}\n", name,
+                         prometheusLabelValue(t.comm), prometheusLabelValue(t.backend),
+                         prometheusLabelValue(t.op), common, value(t));
     }
   };
   family("rally_collective_operations_total", "counter",

@@ -30,6 +30,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "collectives/communicator.h"
@@ -93,7 +94,7 @@ class CollectiveRecorder {
   std::vector<CollectiveRecord> records() const;
   // Records no longer kept because newer ones took their place.
   std::uint64_t dropped() const;
-  // Sorted by communicator, then operation.
+  // Sorted by communicator, backend, then operation.
   std::vector<CollectiveTotals> totals() const;
 
   struct TraceOptions {
@@ -142,7 +143,8 @@ class CollectiveRecorder {
   std::vector<Slot> ring_;  // slot (id - 1) % capacity_
   std::uint64_t next_id_ = 1;
   std::map<std::uint64_t, Pending> overflow_;  // running operations whose slot was reused
-  std::map<std::pair<std::string, std::string>, CollectiveTotals> totals_;  // node-stable
+  // (comm, backend, op) -> totals; a map's nodes stay put, so Slot and Pending point into it.
+  std::map<std::tuple<std::string, std::string, std::string>, CollectiveTotals> totals_;
 };
 
 // A communicator that records every operation of `inner` in `recorder` under `name`; sub-

@@ -47,7 +47,7 @@ Result<std::unique_ptr<EventLog>> EventLog::open(const std::string& path, std::s
 }
 
 void EventLog::write(const std::string& event, nlohmann::json fields) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   if (!metrics_path_.empty()) {
     ++counts_[event];
     // Only the events that describe this node's own round set the gauges (a failure report may
@@ -59,18 +59,49 @@ void EventLog::write(const std::string& event, nlohmann::json fields) {
         gauges_[key] = it->get<std::int64_t>();
       }
     }
-    if (Status s = writeFileReplacing(metrics_path_, metricsTextLocked());
-        !s.ok() && !metrics_warned_) {
-      metrics_warned_ = true;  // once: the events go on
-      log::get("agent")->warn("the node's metrics file was not written: {}", s.toString());
-    }
+    metrics_text_ = metricsTextLocked();
+    ++metrics_version_;
   }
-  if (!out_.is_open()) return;
   nlohmann::json line = {
       {"time", isoTime(std::chrono::system_clock::now())}, {"node", node_id_}, {"event", event}};
   for (auto& [k, v] : fields.items()) line[k] = v;
-  out_ << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
-  out_.flush();
+  if (out_.is_open()) {
+    out_ << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+    out_.flush();
+  }
+  lock.unlock();
+  writeMetrics();
+}
+
+void EventLog::writeMetrics() {
+  // One writer at a time, outside mu_: a slow metrics directory holds up no thread but the one
+  // writing, which writes the newest text until none is newer than what it wrote. A thread that
+  // finds the writer busy leaves its text to it; the writer looks again after letting go.
+  for (;;) {
+    {
+      std::unique_lock writer(write_mu_, std::try_to_lock);
+      if (!writer.owns_lock()) return;
+      for (;;) {
+        std::string text;
+        std::uint64_t version;
+        {
+          std::lock_guard lock(mu_);
+          if (metrics_path_.empty() || metrics_version_ == written_version_) break;
+          text = metrics_text_;
+          version = metrics_version_;
+        }
+        const Status s = writeFileReplacing(metrics_path_, text);
+        std::lock_guard lock(mu_);
+        written_version_ = version;
+        if (!s.ok() && !metrics_warned_) {
+          metrics_warned_ = true;  // once: the events go on
+          log::get("agent")->warn("the node's metrics file was not written: {}", s.toString());
+        }
+      }
+    }
+    std::lock_guard lock(mu_);
+    if (metrics_path_.empty() || metrics_version_ == written_version_) return;
+  }
 }
 
 std::string EventLog::metricsText() const {

@@ -43,6 +43,10 @@ class EventLog {
   std::map<std::string, std::uint64_t> counts_;  // event -> how many
   std::map<std::string, std::int64_t> gauges_;   // generation, world_size, node_rank, restart
   bool metrics_warned_ = false;
+  std::string metrics_text_;  // the newest, with metrics_version_
+  std::uint64_t metrics_version_ = 0, written_version_ = 0;
+  std::mutex write_mu_;  // held by the one thread writing the metrics file
+  void writeMetrics();
 };
 
 // "2026-11-22T03:40:01.123Z"

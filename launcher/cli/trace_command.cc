@@ -25,13 +25,20 @@ struct Op {
   std::uint64_t seq = 0;
   std::string op, state, error;
   std::int64_t dur_us = 0;
+  std::int64_t issued_us = 0;
+  std::int64_t file_written_us = 0;  // when the file that holds it was written (0: unknown)
+  std::string file;
 };
+
+// Ranks and sizes beyond this are not what rally writes (a corrupt file).
+constexpr int kMaxRanks = 1 << 20;
 
 // One communicator in one generation, as every rank's records show it.
 struct Group {
   int size = 0;
-  std::map<int, Op> newest;                  // rank -> its newest operation (highest seq)
-  std::map<std::uint64_t, std::string> ops;  // seq -> operation name
+  std::map<int, Op> newest;                         // rank -> its newest operation (highest seq)
+  std::map<std::uint64_t, std::string> ops;         // seq -> operation name
+  std::map<std::uint64_t, std::int64_t> issued_us;  // seq -> the latest issue time seen
 };
 
 std::string seconds(std::int64_t us) {
@@ -75,7 +82,7 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       problems->push_back(fmt::format("{}: not a Chrome trace (no traceEvents array)", f.name));
       continue;
     }
-    // A file is taken whole or not at all: its operations are read first, then applied.
+    // A file is taken whole or not at all: everything is read first, then applied.
     std::string who = f.name;
     struct Read {
       std::uint64_t generation;
@@ -85,20 +92,34 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
     };
     std::vector<Read> read;
     json events = json::array();
+    std::string run;
+    std::uint64_t dropped = 0;
+    std::int64_t written_us = 0;
     try {
+      const json other = trace.value("otherData", json::object());
+      if (!other.is_object()) throw std::runtime_error("otherData is not an object");
+      run = other.value("run", std::string());
+      dropped = other.value("dropped", std::uint64_t{0});
+      written_us = other.value("written_us", std::int64_t{0});
       for (json e : trace["traceEvents"]) {
+        if (!e.is_object()) throw std::runtime_error("an event that is not an object");
         if (e.value("ph", "") == "M" && e.value("name", "") == "process_name") {
-          who = e["args"].value("name", who);
+          who = e.at("args").value("name", who);
         }
         if (e.value("ph", "") == "X" && e.value("cat", "") == "collective" &&
             e.value("name", "") != "send" && e.value("name", "") != "recv") {
           // send and recv are two ranks' business, numbered per peer: in the timeline only.
           const json& a = e.at("args");
-          read.push_back({a.at("generation").get<std::uint64_t>(), a.at("comm").get<std::string>(),
-                          a.at("size").get<int>(), a.at("rank").get<int>(),
-                          Op{a.at("seq").get<std::uint64_t>(), e.at("name").get<std::string>(),
-                             a.at("state").get<std::string>(), a.value("error", ""),
-                             e.at("dur").get<std::int64_t>()}});
+          Read r{a.at("generation").get<std::uint64_t>(), a.at("comm").get<std::string>(),
+                 a.at("size").get<int>(), a.at("rank").get<int>(),
+                 Op{a.at("seq").get<std::uint64_t>(), e.at("name").get<std::string>(),
+                    a.at("state").get<std::string>(), a.value("error", std::string()),
+                    e.at("dur").get<std::int64_t>(), a.value("issued_us", std::int64_t{0}),
+                    written_us, f.name}};
+          if (r.size < 1 || r.size > kMaxRanks || r.rank < 0 || r.rank >= r.size) {
+            throw std::runtime_error(fmt::format("rank {} of size {}", r.rank, r.size));
+          }
+          read.push_back(std::move(r));
         }
         events.push_back(std::move(e));
       }
@@ -112,26 +133,34 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       e["pid"] = process;  // one process per file, whatever ranks the files' writers held
       merged_events.push_back(std::move(e));
     }
-    const json other = trace.value("otherData", json::object());
-    const std::string run = other.value("run", "");
     runs.insert(run);
+    std::set<std::pair<std::tuple<std::string, std::uint64_t, std::string>, int>> mine;
     for (Read& r : read) {
-      Group& g = groups[{run, r.generation, r.comm}];
+      const auto key = std::make_tuple(run, r.generation, r.comm);
+      Group& g = groups[key];
       g.size = std::max(g.size, r.size);
       g.ops[r.op.seq] = r.op.op;
-      Op& newest = g.newest[r.rank];
-      if (r.op.seq >= newest.seq) newest = std::move(r.op);
+      auto& issued = g.issued_us[r.op.seq];
+      issued = std::max(issued, r.op.issued_us);
+      auto [it, fresh] = g.newest.try_emplace(r.rank, r.op);
+      if (!fresh && it->second.file != f.name && mine.insert({key, r.rank}).second) {
+        problems->push_back(fmt::format(
+            "{} and {} both hold rank {} of {} in generation {}{}: files of two jobs with the "
+            "same --rdzv-id? The newest operation of either is used",
+            it->second.file, f.name, r.rank, r.comm, r.generation,
+            run.empty() ? "" : fmt::format(" of run {}", run)));
+      }
+      if (r.op.seq >= it->second.seq) it->second = std::move(r.op);
     }
     const size_t count = read.size();
-    const std::uint64_t dropped = other.value("dropped", std::uint64_t{0});
     any_dropped = any_dropped || dropped > 0;
     std::string written;
-    if (const std::int64_t us = other.value("written_us", std::int64_t{0}); us > 0) {
-      const std::time_t t = static_cast<std::time_t>(us / 1'000'000);
+    if (written_us > 0) {
+      const std::time_t t = static_cast<std::time_t>(written_us / 1'000'000);
       std::tm tm{};
       gmtime_r(&t, &tm);
       written = fmt::format(", written {:02}:{:02}:{:02}.{:03} UTC", tm.tm_hour, tm.tm_min,
-                            tm.tm_sec, (us / 1000) % 1000);
+                            tm.tm_sec, (written_us / 1000) % 1000);
     }
     out << fmt::format("{}: {}, {} operations{}{}\n", f.name, who, count,
                        dropped ? fmt::format(" (and {} older ones not kept)", dropped) : "",
@@ -154,7 +183,8 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
                        g.size, newest, g.ops.empty() ? "-" : g.ops.rbegin()->second);
     // Ranks with the same story are told together.
     std::map<std::string, std::vector<int>> stories;
-    std::vector<int> behind, waiting;
+    std::vector<int> behind, waiting, failed;
+    const std::int64_t newest_issued = g.issued_us.empty() ? 0 : g.issued_us.rbegin()->second;
     for (int r = 0; r < g.size; ++r) {
       auto it = g.newest.find(r);
       if (it == g.newest.end()) {
@@ -175,7 +205,13 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       }
       const Op& op = it->second;
       const std::string what = fmt::format("#{} {}", op.seq, op.op);
-      if (op.seq < newest) {
+      if (op.seq < newest && op.file_written_us > 0 && op.file_written_us < newest_issued) {
+        // Its file is older than the newest operation: it says nothing of whether it got there.
+        stories[fmt::format("its newest is {} ({}), but its file was written before #{} was "
+                            "issued elsewhere: read again once it is rewritten",
+                            what, op.state, newest)]
+            .push_back(r);
+      } else if (op.seq < newest) {
         stories[fmt::format("behind: its newest is {} ({})", what, op.state)].push_back(r);
         behind.push_back(r);
       } else if (op.state == "pending") {
@@ -185,6 +221,7 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
         // Told together by the status code; the first rank's message is printed as an example.
         stories[fmt::format("failed in {}: {}", what, op.error.substr(0, op.error.find(':')))]
             .push_back(r);
+        failed.push_back(r);
       } else if (op.state == "unknown") {
         stories[fmt::format("issued {}, whose end it never saw", what)].push_back(r);
       } else {
@@ -202,7 +239,10 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       }
       out << fmt::format("  {}: {}{}\n", rankList(ranks), story, extra);
     }
-    if (!behind.empty() && newest > 0) {
+    // Blame needs someone left waiting (or failed for want of the missing ranks): a collective
+    // cannot complete without them, so "behind" beside ranks that completed it means files of
+    // different moments or jobs, not a rank to wait for.
+    if (!behind.empty() && newest > 0 && (!waiting.empty() || !failed.empty())) {
       out << fmt::format("  => the others wait for {}, which never issued #{} {}\n",
                          rankList(behind), newest, g.ops.rbegin()->second);
     } else if (!waiting.empty() && waiting.size() == static_cast<size_t>(g.size)) {

@@ -10,6 +10,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <stdexcept>
 #include <thread>
 
 #include "collectives/gloo/gloo_communicator.h"
@@ -184,12 +185,16 @@ class SilentWork final : public Work {
 
 class SilentCommunicator final : public Communicator {
  public:
+  bool throws = false;  // allreduce and split throw instead
   int rank() const override { return 0; }
   int size() const override { return 1; }
   std::uint64_t generation() const override { return 4; }
   std::string_view backend() const override { return "silent"; }
   Capabilities capabilities() const override { return {}; }
-  std::shared_ptr<Work> allreduce(void*, size_t, DataType, ReduceOp) override { return next(); }
+  std::shared_ptr<Work> allreduce(void*, size_t, DataType, ReduceOp) override {
+    if (throws) throw std::runtime_error("backend bug");
+    return next();
+  }
   std::shared_ptr<Work> reduceScatter(const void*, void*, size_t, DataType, ReduceOp) override {
     return next();
   }
@@ -201,7 +206,10 @@ class SilentCommunicator final : public Communicator {
   std::shared_ptr<Work> barrier() override { return next(); }
   void abort(const std::string&) override {}
   bool aborted() const override { return false; }
-  Result<std::unique_ptr<Communicator>> split(int, int) override { return unimplemented("split"); }
+  Result<std::unique_ptr<Communicator>> split(int, int) override {
+    if (throws) throw std::runtime_error("backend bug");
+    return unimplemented("split");
+  }
   Result<std::unique_ptr<Communicator>> shrink(const std::vector<int>&) override {
     return unimplemented("shrink");
   }
@@ -256,6 +264,23 @@ TEST(CollectiveRecorder, ABackendThatCannotTellIsTimedByWhatTheCallerSees) {
   EXPECT_NE(recorder->prometheus({}).find(
                 "rally_collective_in_flight{comm=\"world\",backend=\"silent\",op=\"allreduce\"} 0"),
             std::string::npos);
+}
+
+TEST(CollectiveRecorder, ABackendThatThrowsLeavesAFailedRecordNotAPendingOne) {
+  auto recorder = std::make_shared<CollectiveRecorder>(10);
+  auto silent = std::make_unique<SilentCommunicator>();
+  silent->throws = true;
+  auto comm = recordCollectives(std::move(silent), recorder, "world");
+  float x = 0;
+  EXPECT_THROW(comm->allreduce(&x, 1, DataType::kF32, ReduceOp::kSum), std::runtime_error);
+  EXPECT_THROW((void)comm->split(0, 0), std::runtime_error);
+  const auto r = recorder->records();
+  ASSERT_EQ(r.size(), 2u);
+  for (const auto& rec : r) {
+    EXPECT_EQ(rec.state, State::kFailed);
+    EXPECT_NE(rec.error.find("the backend threw: backend bug"), std::string::npos) << rec.error;
+  }
+  for (const auto& t : recorder->totals()) EXPECT_EQ(t.failed, 1u) << t.op;
 }
 
 TEST(CollectiveRecorder, TheRingKeepsTheNewestAndTheTotalsKeepEverything) {

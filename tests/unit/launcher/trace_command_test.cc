@@ -22,15 +22,21 @@ struct Op {
 };
 TraceFile file(const std::string& name, int rank, int size, std::uint64_t generation,
                const std::vector<Op>& ops, const std::string& comm = "world",
-               const std::string& run = "job", std::uint64_t dropped = 0) {
+               const std::string& run = "job", std::uint64_t dropped = 0,
+               std::int64_t written_us = 0) {
   json events = json::array();
   events.push_back({{"ph", "M"},
                     {"name", "process_name"},
                     {"pid", rank},
                     {"args", {{"name", "rank " + std::to_string(rank)}}}});
   for (const Op& op : ops) {
-    json args = {{"seq", op.seq}, {"comm", comm}, {"generation", generation},
-                 {"rank", rank},  {"size", size}, {"state", op.state}};
+    json args = {{"seq", op.seq},
+                 {"comm", comm},
+                 {"generation", generation},
+                 {"rank", rank},
+                 {"size", size},
+                 {"state", op.state},
+                 {"issued_us", 1000 * static_cast<std::int64_t>(op.seq)}};
     if (*op.error) args["error"] = op.error;
     events.push_back({{"ph", "X"},
                       {"cat", "collective"},
@@ -41,9 +47,8 @@ TraceFile file(const std::string& name, int rank, int size, std::uint64_t genera
                       {"dur", op.dur_us},
                       {"args", args}});
   }
-  return {
-      name,
-      json{{"traceEvents", events}, {"otherData", {{"dropped", dropped}, {"run", run}}}}.dump()};
+  const json other = {{"dropped", dropped}, {"run", run}, {"written_us", written_us}};
+  return {name, json{{"traceEvents", events}, {"otherData", other}}.dump()};
 }
 
 TEST(RallyTrace, NamesTheRankBehindAndTellsRanksWithTheSameStoryTogether) {
@@ -140,6 +145,48 @@ TEST(RallyTrace, ARankWhoseRecordsMayNoLongerBeKeptIsNotBlamed) {
   EXPECT_EQ(text.find("=> the others wait for"), std::string::npos) << text;
 }
 
+TEST(RallyTrace, ARankWhoseFileIsOlderThanTheNewestOperationIsNotBlamed) {
+  std::vector<std::string> problems;
+  // Rank 1's file was written (at 2500 us) before #3 was issued (at 3000 us) elsewhere.
+  const std::string text = summarizeTraces(
+      {file("a.json", 0, 2, 1, {{3, "allreduce", "pending"}}, "world", "job", 0, 9000),
+       file("b.json", 1, 2, 1, {{2, "allreduce", "ok"}}, "world", "job", 0, 2500)},
+      nullptr, &problems);
+  EXPECT_NE(text.find("rank 1: its newest is #2 allreduce (ok), but its file was written before "
+                      "#3 was issued elsewhere"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("=> the others wait for"), std::string::npos) << text;
+  // Written after #3 was issued, and still without it: behind, and blamed.
+  const std::string later = summarizeTraces(
+      {file("a.json", 0, 2, 1, {{3, "allreduce", "pending"}}, "world", "job", 0, 9000),
+       file("b.json", 1, 2, 1, {{2, "allreduce", "ok"}}, "world", "job", 0, 8000)},
+      nullptr, &problems);
+  EXPECT_NE(later.find("=> the others wait for rank 1, which never issued #3 allreduce"),
+            std::string::npos)
+      << later;
+}
+
+TEST(RallyTrace, NoBlameWhereTheOthersCompletedTheOperation) {
+  std::vector<std::string> problems;
+  const std::string text = summarizeTraces({file("a.json", 0, 2, 1, {{4, "barrier", "ok"}}),
+                                            file("b.json", 1, 2, 1, {{3, "barrier", "ok"}})},
+                                           nullptr, &problems);
+  EXPECT_NE(text.find("rank 1: behind: its newest is #3 barrier (ok)"), std::string::npos) << text;
+  EXPECT_EQ(text.find("=> the others wait for"), std::string::npos) << text;
+}
+
+TEST(RallyTrace, OneRankInTwoFilesIsReported) {
+  std::vector<std::string> problems;
+  summarizeTraces({file("a.json", 0, 1, 1, {{1, "barrier", "ok"}}),
+                   file("b.json", 0, 1, 1, {{5, "barrier", "ok"}})},
+                  nullptr, &problems);
+  ASSERT_EQ(problems.size(), 1u);
+  EXPECT_EQ(problems[0],
+            "a.json and b.json both hold rank 0 of world in generation 1 of run job: files of two "
+            "jobs with the same --rdzv-id? The newest operation of either is used");
+}
+
 TEST(RallyTrace, AFileItCannotReadIsNamedAndTheOthersAreStillRead) {
   std::vector<std::string> problems;
   std::string merged;
@@ -147,13 +194,21 @@ TEST(RallyTrace, AFileItCannotReadIsNamedAndTheOthersAreStillRead) {
       {{"broken.json", "{\"traceEvents\": [ {"},
        {"other.json", "{\"events\": []}"},
        {"odd.json", R"({"traceEvents": [{"ph": "X", "cat": "collective", "name": "x"}]})"},
+       {"other-data.json", R"({"traceEvents": [], "otherData": {"run": 7}})"},
+       {"huge.json", R"({"traceEvents": [{"ph": "X", "cat": "collective", "name": "barrier",
+          "dur": 1, "args": {"seq": 1, "comm": "world", "generation": 1, "rank": 0,
+          "size": 2000000000, "state": "ok"}}]})"},
        file("good.json", 0, 1, 1, {{1, "barrier", "ok"}})},
       &merged, &problems);
-  ASSERT_EQ(problems.size(), 3u);
+  ASSERT_EQ(problems.size(), 5u);
   EXPECT_EQ(problems[0].rfind("broken.json: not a JSON trace: ", 0), 0u) << problems[0];
   EXPECT_EQ(problems[1], "other.json: not a Chrome trace (no traceEvents array)");
   EXPECT_EQ(problems[2].rfind("odd.json: an event is not as rally writes them: ", 0), 0u)
       << problems[2];
+  EXPECT_EQ(problems[3].rfind("other-data.json: an event is not as rally writes them: ", 0), 0u)
+      << problems[3];
+  EXPECT_EQ(problems[4],
+            "huge.json: an event is not as rally writes them: rank 0 of size 2000000000");
   EXPECT_NE(text.find("rank 0: completed #1 barrier"), std::string::npos) << text;
   // Nothing of the odd file reached the merged trace: the good file's two events, as process 1.
   const json m = json::parse(merged);
