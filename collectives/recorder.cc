@@ -151,16 +151,17 @@ class RecordedCommunicator final : public Communicator {
   void abort(const std::string& reason) override { inner_->abort(reason); }
   bool aborted() const override { return inner_->aborted(); }
 
-  // Sub-communicators are named by their parent's count of them (the same on every rank: split
-  // and shrink are collective) and, for split, the color: "world/split2(color=0)".
+  // Sub-communicators are named as the Gloo and MPI backends name them, so that the records and
+  // the backends' error messages agree: "world/split0/color1" (the parent's first split; split is
+  // collective, so the same on every rank), "world/shrink0".
   Result<std::unique_ptr<Communicator>> split(int color, int key) override {
     return derive(
         "split", [&] { return inner_->split(color, key); },
-        fmt::format("/split{}(color={})", ++derived_, color));
+        fmt::format("/split{}/color{}", splits_++, color));
   }
   Result<std::unique_ptr<Communicator>> shrink(const std::vector<int>& excluded) override {
     return derive(
-        "shrink", [&] { return inner_->shrink(excluded); }, fmt::format("/shrink{}", ++derived_));
+        "shrink", [&] { return inner_->shrink(excluded); }, fmt::format("/shrink{}", shrinks_++));
   }
 
  private:
@@ -232,7 +233,7 @@ class RecordedCommunicator final : public Communicator {
   const std::unique_ptr<Communicator> inner_;
   const std::string name_;
   std::atomic<std::uint64_t> seq_{0};
-  std::atomic<int> derived_{0};
+  std::atomic<int> splits_{0}, shrinks_{0};
   std::mutex p2p_mu_;
   std::map<std::pair<bool, int>, std::uint64_t> p2p_seq_;  // (send?, peer) -> last seq
 };

@@ -46,7 +46,7 @@ struct CollectiveRecord {
   // The operation's number on its communicator, 1-based: the same on every rank. send and recv are
   // numbered per peer instead (the n-th send to a peer matches the n-th recv there).
   std::uint64_t seq = 0;
-  std::string comm;  // the communicator's name ("world", "world/split1(color=0)")
+  std::string comm;  // the communicator's name ("world", "world/split0/color1")
   std::string backend;
   std::uint64_t generation = 0;
   int rank = 0;
@@ -148,8 +148,8 @@ class CollectiveRecorder {
 };
 
 // A communicator that records every operation of `inner` in `recorder` under `name`; sub-
-// communicators it splits or shrinks are recorded too ("NAME/splitN(color=C)", "NAME/shrinkN": the
-// N-th communicator derived from NAME, the same on every rank).
+// communicators it splits or shrinks are recorded too, named as the backends name them:
+// "NAME/splitS/colorC" (its S-th split, from 0: the same on every rank) and "NAME/shrinkK".
 // Everything else is forwarded.
 std::unique_ptr<Communicator> recordCollectives(std::unique_ptr<Communicator> inner,
                                                 std::shared_ptr<CollectiveRecorder> recorder,

@@ -7,6 +7,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -48,11 +49,21 @@ std::string seconds(std::int64_t us) {
 }
 
 // "rank 3", "ranks 0, 1, 5"
-std::string rankList(const std::vector<int>& ranks) {
+// "rank 3", "ranks 0, 1, 5"; `label` may add to each ("1 (world rank 3)").
+std::string rankList(const std::vector<int>& ranks,
+                     const std::function<std::string(int)>& label = nullptr) {
   std::string out = ranks.size() == 1 ? "rank " : "ranks ";
-  for (size_t i = 0; i < ranks.size(); ++i) out += (i ? ", " : "") + std::to_string(ranks[i]);
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    out += (i ? ", " : "") + (label ? label(ranks[i]) : std::to_string(ranks[i]));
+  }
   return out;
 }
+
+// What one file (one process) did last in one generation, over all its communicators.
+struct Latest {
+  std::string comm;
+  Op op;
+};
 
 std::string firstLine(const std::string& s, size_t max = 240) {
   std::string out = s.substr(0, s.find('\n'));
@@ -68,6 +79,9 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
   std::map<std::tuple<std::string, std::uint64_t, std::string>, Group> groups;
   std::set<std::string> runs;
   bool any_dropped = false;
+  // (file, run, generation) -> the process's world rank, and its newest operation anywhere.
+  std::map<std::tuple<std::string, std::string, std::uint64_t>, int> world_rank;
+  std::map<std::tuple<std::string, std::string, std::uint64_t>, Latest> latest;
   json merged_events = json::array();
   int process = 0;
   for (const TraceFile& f : files) {
@@ -136,6 +150,12 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
     runs.insert(run);
     std::set<std::pair<std::tuple<std::string, std::uint64_t, std::string>, int>> mine;
     for (Read& r : read) {
+      const auto where = std::make_tuple(f.name, run, r.generation);
+      if (r.comm == "world") world_rank[where] = r.rank;
+      if (auto [l, fresh] = latest.try_emplace(where, Latest{r.comm, r.op});
+          !fresh && r.op.issued_us >= l->second.op.issued_us) {
+        l->second = Latest{r.comm, r.op};
+      }
       const auto key = std::make_tuple(run, r.generation, r.comm);
       Group& g = groups[key];
       g.size = std::max(g.size, r.size);
@@ -181,6 +201,27 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
     out << fmt::format("\n{}{}, generation {}, {} ranks: operations up to #{} ({})\n",
                        runs.size() > 1 ? fmt::format("run {}: ", run) : "", comm, generation,
                        g.size, newest, g.ops.empty() ? "-" : g.ops.rbegin()->second);
+    // In a sub-communicator, each rank's world rank where its file tells it.
+    const auto label = [&, &run = run, &generation = generation,
+                        &comm = comm](int r) -> std::string {
+      auto it = g.newest.find(r);
+      if (comm == "world" || it == g.newest.end()) return std::to_string(r);
+      auto w = world_rank.find({it->second.file, run, generation});
+      return w == world_rank.end() ? std::to_string(r)
+                                   : fmt::format("{} (world rank {})", r, w->second);
+    };
+    // Where a rank that is behind here went instead: its newest operation on another
+    // communicator of the same generation.
+    const auto elsewhere = [&, &run = run, &generation = generation,
+                            &comm = comm](const Op& op) -> std::string {
+      auto l = latest.find({op.file, run, generation});
+      if (l == latest.end() || l->second.comm == comm) return "";
+      const Op& o = l->second.op;
+      std::string state = o.state;
+      if (o.state == "failed") state += ": " + o.error.substr(0, o.error.find(':'));
+      return fmt::format("; its newest operation is on {}: #{} {} ({})", l->second.comm, o.seq,
+                         o.op, state);
+    };
     // Ranks with the same story are told together.
     std::map<std::string, std::vector<int>> stories;
     std::vector<int> behind, waiting, failed;
@@ -212,7 +253,8 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
                             what, op.state, newest)]
             .push_back(r);
       } else if (op.seq < newest) {
-        stories[fmt::format("behind: its newest is {} ({})", what, op.state)].push_back(r);
+        stories[fmt::format("behind: its newest is {} ({}){}", what, op.state, elsewhere(op))]
+            .push_back(r);
         behind.push_back(r);
       } else if (op.state == "pending") {
         stories[fmt::format("waiting in {}", what)].push_back(r);
@@ -237,14 +279,14 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       } else if (story.rfind("failed in", 0) == 0) {
         extra = fmt::format("\n    rank {}: {}", ranks[0], firstLine(g.newest.at(ranks[0]).error));
       }
-      out << fmt::format("  {}: {}{}\n", rankList(ranks), story, extra);
+      out << fmt::format("  {}: {}{}\n", rankList(ranks, label), story, extra);
     }
     // Blame needs someone left waiting (or failed for want of the missing ranks): a collective
     // cannot complete without them, so "behind" beside ranks that completed it means files of
     // different moments or jobs, not a rank to wait for.
     if (!behind.empty() && newest > 0 && (!waiting.empty() || !failed.empty())) {
       out << fmt::format("  => the others wait for {}, which never issued #{} {}\n",
-                         rankList(behind), newest, g.ops.rbegin()->second);
+                         rankList(behind, label), newest, g.ops.rbegin()->second);
     } else if (!waiting.empty() && waiting.size() == static_cast<size_t>(g.size)) {
       out << fmt::format(
           "  => every rank is in #{}: none is behind (a slow or lost link, or "
@@ -303,8 +345,8 @@ void addTraceCommand(CLI::App& app, std::function<int()>* run) {
       if (files.empty()) {
         std::cerr << fmt::format(
             "rally trace: no collectives-*.json files in {}: start the job with `rally run "
-            "--trace-dir {}` (each worker writes one every --telemetry-interval, when a "
-            "generation ends and at exit)\n",
+            "--trace-dir {}` (each worker using librally writes one every --telemetry-interval, "
+            "when the job moves past its generation, and at a clean exit)\n",
             args->dir, args->dir);
         return 1;
       }

@@ -97,9 +97,9 @@ TEST(CollectiveRecorder, KeepsEveryOperationWithTheSameSeqOnEveryRank) {
     }
     // The sub-communicators' operations are numbered on each, from 1; send and recv per peer,
     // apart from the collectives (only two ranks issue them).
-    EXPECT_EQ(records[5].comm, "world/split1(color=0)");
+    EXPECT_EQ(records[5].comm, "world/split0/color0");
     EXPECT_EQ(records[5].seq, 1u);
-    EXPECT_EQ(records[7].comm, fmt::format("world/split2(color={})", rank));
+    EXPECT_EQ(records[7].comm, fmt::format("world/split1/color{}", rank));
     EXPECT_EQ(records[7].seq, 1u);
     EXPECT_EQ(records[3].seq, 1u);
     EXPECT_EQ(records[4].comm, "world");

@@ -19,6 +19,9 @@ struct Op {
   const char* state;
   std::int64_t dur_us = 10;
   const char* error = "";
+  const char* comm = nullptr;  // the file's communicator unless set
+  int rank = -1, size = -1;    // the file's rank and size unless set
+  std::int64_t issued_us = 0;  // 1000 x seq unless set
 };
 TraceFile file(const std::string& name, int rank, int size, std::uint64_t generation,
                const std::vector<Op>& ops, const std::string& comm = "world",
@@ -30,13 +33,14 @@ TraceFile file(const std::string& name, int rank, int size, std::uint64_t genera
                     {"pid", rank},
                     {"args", {{"name", "rank " + std::to_string(rank)}}}});
   for (const Op& op : ops) {
-    json args = {{"seq", op.seq},
-                 {"comm", comm},
-                 {"generation", generation},
-                 {"rank", rank},
-                 {"size", size},
-                 {"state", op.state},
-                 {"issued_us", 1000 * static_cast<std::int64_t>(op.seq)}};
+    json args = {
+        {"seq", op.seq},
+        {"comm", op.comm ? op.comm : comm},
+        {"generation", generation},
+        {"rank", op.rank >= 0 ? op.rank : rank},
+        {"size", op.size >= 0 ? op.size : size},
+        {"state", op.state},
+        {"issued_us", op.issued_us ? op.issued_us : 1000 * static_cast<std::int64_t>(op.seq)}};
     if (*op.error) args["error"] = op.error;
     events.push_back({{"ph", "X"},
                       {"cat", "collective"},
@@ -99,7 +103,7 @@ TEST(RallyTrace, CommunicatorsAndGenerationsAreToldApartAndFailuresByTheirCode) 
       {file("a.json", 0, 2, 1, {{3, "allreduce", "failed", 10, "PeerLost: rank 1 exited"}}),
        file("a2.json", 0, 2, 2, {{1, "barrier", "ok"}}),
        file("b2.json", 1, 2, 2, {{1, "barrier", "ok"}}),
-       file("t.json", 0, 1, 2, {{4, "allgather", "unknown"}}, "world/split(color=0)")},
+       file("t.json", 0, 1, 2, {{4, "allgather", "unknown"}}, "world/split0/color0")},
       nullptr, &problems);
   EXPECT_NE(text.find("world, generation 1, 2 ranks"), std::string::npos) << text;
   EXPECT_NE(text.find("  rank 0: failed in #3 allreduce: PeerLost\n    rank 0: PeerLost: rank 1 "
@@ -111,7 +115,7 @@ TEST(RallyTrace, CommunicatorsAndGenerationsAreToldApartAndFailuresByTheirCode) 
                       "completed #1 barrier\n"),
             std::string::npos)
       << text;
-  EXPECT_NE(text.find("world/split(color=0), generation 2, 1 ranks"), std::string::npos) << text;
+  EXPECT_NE(text.find("world/split0/color0, generation 2, 1 ranks"), std::string::npos) << text;
   EXPECT_NE(text.find("issued #4 allgather, whose end it never saw"), std::string::npos) << text;
 }
 
@@ -174,6 +178,38 @@ TEST(RallyTrace, NoBlameWhereTheOthersCompletedTheOperation) {
                                            nullptr, &problems);
   EXPECT_NE(text.find("rank 1: behind: its newest is #3 barrier (ok)"), std::string::npos) << text;
   EXPECT_EQ(text.find("=> the others wait for"), std::string::npos) << text;
+}
+
+TEST(RallyTrace, InASubCommunicatorRanksAreShownWithTheirWorldRankAndWhereTheyWentInstead) {
+  std::vector<std::string> problems;
+  // A DP group (world/split1/color1: world ranks 1 and 3) whose rank 1 never issued #40 because
+  // its TP allreduce (world/split0/color1) failed first.
+  const char* dp = "world/split1/color1";
+  const char* tp = "world/split0/color1";
+  const std::string text = summarizeTraces(
+      {file("w1.json", 1, 4, 1,
+            {{7, "allreduce", "ok"},
+             {40, "allreduce", "failed", 10, "PeerLost: rank 1 aborted", dp, 0, 2, 50'000}}),
+       file("w3.json", 3, 4, 1,
+            {{7, "allreduce", "ok"},
+             {39, "allreduce", "ok", 10, "", dp, 1, 2, 40'000},
+             {691, "allreduce", "failed", 10, "PeerLost: rank 0 exited", tp, 1, 2, 45'000}})},
+      nullptr, &problems);
+  EXPECT_TRUE(problems.empty());
+  EXPECT_NE(text.find("world/split1/color1, generation 1, 2 ranks: operations up to #40"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("  rank 1 (world rank 3): behind: its newest is #39 allreduce (ok); its "
+                      "newest operation is on world/split0/color1: #691 allreduce (failed: "
+                      "PeerLost)\n"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("=> the others wait for rank 1 (world rank 3), which never issued #40"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("  rank 0 (world rank 1): failed in #40 allreduce: PeerLost"),
+            std::string::npos)
+      << text;
 }
 
 TEST(RallyTrace, OneRankInTwoFilesIsReported) {
