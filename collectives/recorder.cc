@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "kernels/base/telemetry_files.h"
+#include "kernels/base/units.h"
 
 namespace rally::collectives {
 namespace {
@@ -20,12 +21,7 @@ std::int64_t micros(Time t) {
 }
 
 // "850 us", "3.1 ms", "2.0 s".
-std::string formatSpan(Time from, Time to) {
-  const auto us = std::max<std::int64_t>(0, micros(to) - micros(from));
-  if (us < 1000) return fmt::format("{} us", us);
-  if (us < 1'000'000) return fmt::format("{:.1f} ms", static_cast<double>(us) / 1e3);
-  return fmt::format("{:.1f} s", static_cast<double>(us) / 1e6);
-}
+std::string formatSpan(Time from, Time to) { return formatElapsed(micros(to) - micros(from)); }
 
 // "12 B", "3.9 KiB", "4.0 MiB".
 std::string formatSize(size_t bytes) {
@@ -165,21 +161,25 @@ class RecordedCommunicator final : public Communicator {
   }
 
  private:
-  // Records the operation, then issues it. If the backend throws, the record says so.
+  // Records the operation, then issues it.
   template <typename Issue>
   std::shared_ptr<Work> record(const char* op, std::optional<DataType> type,
                                std::optional<ReduceOp> reduce, size_t count, int blocks, int peer,
                                Issue issue) {
     const auto id = begin(op, type, reduce, count, blocks, peer);
-    std::shared_ptr<Work> w;
+    return std::make_shared<RecordedWork>(guarded(id, issue), recorder_, id);
+  }
+
+  // f()'s result; if the backend throws, operation `id` is recorded as failed, and it rethrows.
+  template <typename F>
+  auto guarded(std::uint64_t id, F f) -> decltype(f()) {
     try {
-      w = issue();
+      return f();
     } catch (const std::exception& e) {
       recorder_->completed(id, internalError(fmt::format("the backend threw: {}", e.what())),
                            Clock::now());
       throw;
     }
-    return std::make_shared<RecordedWork>(std::move(w), recorder_, id);
   }
 
   // Collectives are numbered in one sequence per communicator (every rank issues them all, in
@@ -214,14 +214,7 @@ class RecordedCommunicator final : public Communicator {
   Result<std::unique_ptr<Communicator>> derive(const char* op, Make make,
                                                const std::string& suffix) {
     const auto id = begin(op, std::nullopt, std::nullopt, 0, 1, -1);
-    Result<std::unique_ptr<Communicator>> sub = internalError("not made");
-    try {
-      sub = make();
-    } catch (const std::exception& e) {
-      recorder_->completed(id, internalError(fmt::format("the backend threw: {}", e.what())),
-                           Clock::now());
-      throw;
-    }
+    auto sub = guarded(id, make);
     recorder_->completed(id, sub.status(), Clock::now());
     if (!sub.ok()) return sub.status();
     return recordCollectives(std::move(*sub), recorder_, name_ + suffix);
@@ -458,15 +451,15 @@ std::string CollectiveRecorder::chromeTrace(const TraceOptions& options) const {
 
 std::string CollectiveRecorder::prometheus(const std::map<std::string, std::string>& labels) const {
   const auto all = totals();
-  std::string common;
-  for (const auto& [k, v] : labels) common += fmt::format(",{}=\"{}\"", k, prometheusLabelValue(v));
   std::string out;
   const auto family = [&](const char* name, const char* type, const char* help, auto value) {
-    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+    out += prometheusHeader(name, type, help);
     for (const auto& t : all) {
-      out += fmt::format("{}{{comm=\"{}\",backend=\"{}\",op=\"{}\"{}}} {}\n", name,
-                         prometheusLabelValue(t.comm), prometheusLabelValue(t.backend),
-                         prometheusLabelValue(t.op), common, value(t));
+      auto sample = labels;
+      sample["comm"] = t.comm;
+      sample["backend"] = t.backend;
+      sample["op"] = t.op;
+      out += fmt::format("{}{} {}\n", name, prometheusLabels(sample), value(t));
     }
   };
   family("rally_collective_operations_total", "counter",

@@ -36,6 +36,10 @@ std::string prometheusLabels(const std::map<std::string, std::string>& labels) {
   return out.empty() ? out : out + "}";
 }
 
+std::string prometheusHeader(std::string_view name, std::string_view type, std::string_view help) {
+  return fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+
 Status writeFileReplacing(const std::string& path, const std::string& text) {
   std::error_code ec;
   const auto dir = std::filesystem::path(path).parent_path();

@@ -7,8 +7,10 @@
 
 #include <map>
 #include <string>
+#include <string_view>
 
 #include "kernels/base/status.h"
+#include "kernels/base/units.h"
 
 namespace rally {
 
@@ -16,6 +18,11 @@ namespace rally {
 std::string prometheusLabelValue(const std::string& value);
 // `{k="v",...}` ("" for no labels), values escaped.
 std::string prometheusLabels(const std::map<std::string, std::string>& labels);
+// A metric family's "# HELP" and "# TYPE" lines (type: counter, gauge).
+std::string prometheusHeader(std::string_view name, std::string_view type, std::string_view help);
+
+// The shortest --telemetry-interval (RALLY_TELEMETRY_INTERVAL) workers accept.
+inline constexpr Milliseconds kMinTelemetryInterval{100};
 
 // Writes `text` to a temporary file beside `path` (named for this process) and renames it over
 // `path`; makes the directory. No fsync: these files are rewritten every few seconds, and a crash

@@ -107,6 +107,13 @@ std::string formatDuration(Milliseconds d) {
   return fmt::format("{}ms", ms);
 }
 
+std::string formatElapsed(std::int64_t us) {
+  if (us < 0) us = 0;
+  if (us < 1000) return fmt::format("{} us", us);
+  if (us < 1'000'000) return fmt::format("{:.1f} ms", static_cast<double>(us) / 1e3);
+  return fmt::format("{:.1f} s", static_cast<double>(us) / 1e6);
+}
+
 std::string formatBytes(std::int64_t b) {
   constexpr std::int64_t kKiB = 1024, kMiB = kKiB * 1024, kGiB = kMiB * 1024;
   if (b != 0 && b % kGiB == 0) return fmt::format("{}GiB", b / kGiB);

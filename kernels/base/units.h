@@ -21,6 +21,8 @@ Result<Milliseconds> parseDuration(std::string_view text);
 Result<std::int64_t> parseBytes(std::string_view text);
 Result<std::int64_t> parseInteger(std::string_view text);
 std::string formatDuration(Milliseconds d);
+// An elapsed time for people, rounded: "850 us", "3.1 ms", "2.0 s" (negative counts as 0).
+std::string formatElapsed(std::int64_t microseconds);
 std::string formatBytes(std::int64_t bytes);
 
 }  // namespace rally

@@ -95,6 +95,16 @@ std::string randomHex(int bytes) {
   return out;
 }
 
+// The workers' telemetry directories: made by the agent (a bad path fails before any worker
+// starts) and passed on as absolute paths.
+struct TelemetryDir {
+  const char* tunable;
+  const char* flag;
+  const char* env;
+};
+constexpr TelemetryDir kTelemetryDirs[] = {{"trace_dir", "--trace-dir", "RALLY_TRACE_DIR"},
+                                           {"metrics_dir", "--metrics-dir", "RALLY_METRICS_DIR"}};
+
 }  // namespace
 
 Agent::Agent(cli::RunOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -179,19 +189,15 @@ Status Agent::Impl::setup() {
   if (const std::int64_t n = *o_.tunables.integer("trace_buffer"); n < 0) {
     return invalidArgument(fmt::format("--trace-buffer {}: must be a count of at least 0", n));
   }
-  if (tunable("telemetry_interval") < Milliseconds(100)) {
-    return invalidArgument(fmt::format("--telemetry-interval {}: must be at least 100ms (e.g. 10s)",
-                                       formatDuration(tunable("telemetry_interval"))));
+  if (tunable("telemetry_interval") < kMinTelemetryInterval) {
+    return invalidArgument(fmt::format("--telemetry-interval {}: must be at least {} (e.g. 10s)",
+                                       formatDuration(tunable("telemetry_interval")),
+                                       formatDuration(kMinTelemetryInterval)));
   }
-  for (const char* name : {"trace_dir", "metrics_dir"}) {
-    if (auto dir = o_.tunables.string(name); dir.ok() && !dir->empty()) {
+  for (const TelemetryDir& d : kTelemetryDirs) {
+    if (auto dir = o_.tunables.string(d.tunable); dir.ok() && !dir->empty()) {
       std::filesystem::create_directories(*dir, ec);
-      if (ec) {
-        return ioError(
-            fmt::format("--{}: cannot create {}: {}",
-                        name == std::string_view("trace_dir") ? "trace-dir" : "metrics-dir", *dir,
-                        ec.message()));
-      }
+      if (ec) return ioError(fmt::format("{}: cannot create {}: {}", d.flag, *dir, ec.message()));
     }
   }
   if (const Milliseconds t = tunable("progress_timeout"); t.count() > 0) {
@@ -336,10 +342,9 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
     env["RALLY_CHECKPOINT_EVERY"] = std::to_string(o_.tunables.integer("checkpoint_every").value());
     env["RALLY_CHECKPOINT_KEEP"] = std::to_string(o_.tunables.integer("checkpoint_keep").value());
   }
-  for (const char* name : {"trace_dir", "metrics_dir"}) {
-    if (auto dir = o_.tunables.string(name); dir.ok() && !dir->empty()) {
-      env[name == std::string_view("trace_dir") ? "RALLY_TRACE_DIR" : "RALLY_METRICS_DIR"] =
-          std::filesystem::absolute(*dir).string();
+  for (const TelemetryDir& d : kTelemetryDirs) {
+    if (auto dir = o_.tunables.string(d.tunable); dir.ok() && !dir->empty()) {
+      env[d.env] = std::filesystem::absolute(*dir).string();
     }
   }
   env["RALLY_TRACE_BUFFER"] = std::to_string(o_.tunables.integer("trace_buffer").value());

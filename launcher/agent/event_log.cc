@@ -4,13 +4,29 @@
 #include <fmt/format.h>
 
 #include <filesystem>
-#include <string_view>
 #include <system_error>
 
 #include "kernels/base/logging.h"
 #include "kernels/base/telemetry_files.h"
 
 namespace rally::agent {
+namespace {
+
+// The gauges taken from the events that describe this node's round: the event's field, the metric.
+struct RoundGauge {
+  const char* field;
+  const char* metric;
+  const char* help;
+};
+constexpr RoundGauge kRoundGauges[] = {
+    {"generation", "rally_agent_generation",
+     "The newest generation this node's workers were started or re-formed in."},
+    {"world_size", "rally_agent_world_size", "The job's world size in that generation."},
+    {"node_rank", "rally_agent_node_rank", "This node's rank in that generation."},
+    {"restart", "rally_agent_job_restarts",
+     "The job's restart count when this node last started its workers."}};
+
+}  // namespace
 
 std::string isoTime(std::chrono::system_clock::time_point t) {
   const auto ms =
@@ -53,10 +69,10 @@ void EventLog::write(const std::string& event, nlohmann::json fields) {
     // Only the events that describe this node's own round set the gauges (a failure report may
     // carry another node's rank).
     const bool round = event == "workers_started" || event == "round_reformed_in_place";
-    for (const char* key : {"generation", "world_size", "node_rank", "restart"}) {
+    for (const RoundGauge& g : kRoundGauges) {
       if (!round) break;
-      if (auto it = fields.find(key); it != fields.end() && it->is_number_integer()) {
-        gauges_[key] = it->get<std::int64_t>();
+      if (auto it = fields.find(g.field); it != fields.end() && it->is_number_integer()) {
+        gauges_[g.field] = it->get<std::int64_t>();
       }
     }
     metrics_text_ = metricsTextLocked();
@@ -111,32 +127,25 @@ std::string EventLog::metricsText() const {
 
 std::string EventLog::metricsTextLocked() const {
   const std::string l = prometheusLabels(labels_);
-  std::string out =
-      "# HELP rally_agent_events_total Events this node's agent recorded (the --events names).\n"
-      "# TYPE rally_agent_events_total counter\n";
+  std::string out = prometheusHeader("rally_agent_events_total", "counter",
+                                     "Events this node's agent recorded (the --events names).");
   for (const auto& [event, n] : counts_) {
     auto labels = labels_;
     labels["event"] = event;
     out += fmt::format("rally_agent_events_total{} {}\n", prometheusLabels(labels), n);
   }
-  const std::pair<const char*, const char*> gauges[] = {
-      {"generation", "The newest generation this node's workers were started or re-formed in."},
-      {"world_size", "The job's world size in that generation."},
-      {"node_rank", "This node's rank in that generation."},
-      {"restart", "The job's restart count when this node last started its workers."}};
-  for (const auto& [key, help] : gauges) {
-    auto it = gauges_.find(key);
-    if (it == gauges_.end()) continue;
-    const std::string name =
-        std::string("rally_agent_") + (key == std::string_view("restart") ? "job_restarts" : key);
-    out += fmt::format("# HELP {} {}\n# TYPE {} gauge\n{}{} {}\n", name, help, name, name, l,
-                       it->second);
+  for (const RoundGauge& g : kRoundGauges) {
+    if (auto it = gauges_.find(g.field); it != gauges_.end()) {
+      out += prometheusHeader(g.metric, "gauge", g.help) +
+             fmt::format("{}{} {}\n", g.metric, l, it->second);
+    }
   }
-  out += fmt::format(
-      "# HELP rally_agent_timestamp_seconds When this file was written (Unix time).\n"
-      "# TYPE rally_agent_timestamp_seconds gauge\nrally_agent_timestamp_seconds{} {:.3f}\n",
-      l,
-      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
+  out +=
+      prometheusHeader("rally_agent_timestamp_seconds", "gauge",
+                       "When this file was written (Unix time).") +
+      fmt::format("rally_agent_timestamp_seconds{} {:.3f}\n", l,
+                  std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+                      .count());
   return out;
 }
 

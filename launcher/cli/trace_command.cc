@@ -16,6 +16,8 @@
 #include <sstream>
 #include <tuple>
 
+#include "kernels/base/units.h"
+
 namespace rally::cli {
 namespace {
 
@@ -41,12 +43,6 @@ struct Group {
   std::map<std::uint64_t, std::string> ops;         // seq -> operation name
   std::map<std::uint64_t, std::int64_t> issued_us;  // seq -> the latest issue time seen
 };
-
-std::string seconds(std::int64_t us) {
-  if (us < 1000) return fmt::format("{} us", us);
-  if (us < 1'000'000) return fmt::format("{:.1f} ms", us / 1e3);
-  return fmt::format("{:.1f} s", us / 1e6);
-}
 
 // "rank 3", "ranks 0, 1, 5"
 // "rank 3", "ranks 0, 1, 5"; `label` may add to each ("1 (world rank 3)").
@@ -275,7 +271,7 @@ std::string summarizeTraces(const std::vector<TraceFile>& files, std::string* me
       if (story.rfind("waiting in", 0) == 0) {
         std::int64_t longest = 0;
         for (int r : ranks) longest = std::max(longest, g.newest.at(r).dur_us);
-        extra = fmt::format(" (for up to {})", seconds(longest));
+        extra = fmt::format(" (for up to {})", formatElapsed(longest));
       } else if (story.rfind("failed in", 0) == 0) {
         extra = fmt::format("\n    rank {}: {}", ranks[0], firstLine(g.newest.at(ranks[0]).error));
       }

@@ -4,13 +4,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <condition_variable>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <stdexcept>
 
 #include "collectives/memory_bootstrap_store.h"
@@ -117,7 +113,7 @@ std::unique_ptr<collectives::Communicator> World::decorate(
   return progress_ ? internal::trackWaits(std::move(c), progress_) : std::move(c);
 }
 
-std::string World::metricsText() const {
+std::string World::metricsText() {
   char host[256] = {};
   if (node_id_.empty()) ::gethostname(host, sizeof(host) - 1);
   std::map<std::string, std::string> labels = {{"node", node_id_.empty() ? host : node_id_},
@@ -127,13 +123,12 @@ std::string World::metricsText() const {
   const std::string l = prometheusLabels(labels);
   int rank, size;
   {
-    std::lock_guard lock(const_cast<std::mutex&>(comm_mu_));
+    std::lock_guard lock(comm_mu_);
     rank = rank_;
     size = size_;
   }
   const auto gauge = [&](const char* name, const char* type, const char* help, auto value) {
-    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n{}{} {}\n", name, help, name, type, name, l,
-                       value);
+    out += prometheusHeader(name, type, help) + fmt::format("{}{} {}\n", name, l, value);
   };
   gauge("rally_world_size", "gauge", "Workers in this process's current generation.", size);
   gauge("rally_rank", "gauge", "This process's rank in its current generation.", rank);
@@ -192,6 +187,14 @@ Status World::writeTelemetryFiles() {
   return result;
 }
 
+void World::requestTelemetryWrite() {
+  {
+    std::lock_guard lock(telemetry_mu_);
+    telemetry_now_ = true;
+  }
+  telemetry_cv_.notify_all();
+}
+
 void World::telemetryLoop() {
   for (;;) {
     {
@@ -246,11 +249,7 @@ void World::onGeneration(std::uint64_t generation, const std::string& cause, boo
   }
   // The generation this process was in has ended: its collectives to disk now (under `rally run
   // --recovery restart` the agent stops this process next, and a signal leaves no final write).
-  {
-    std::lock_guard telemetry_lock(telemetry_mu_);
-    telemetry_now_ = true;
-  }
-  telemetry_cv_.notify_all();
+  requestTelemetryWrite();
 }
 
 void World::abortWithGeneration(collectives::Communicator* c) {
@@ -281,9 +280,10 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     w.recorder_ = std::make_shared<collectives::CollectiveRecorder>(static_cast<size_t>(capacity));
     if (const std::string* v = find(env, "RALLY_TELEMETRY_INTERVAL"); v != nullptr && !v->empty()) {
       auto interval = parseDuration(*v);
-      if (!interval.ok() || interval->count() < 100) {
-        return invalidArgument(fmt::format(
-            "RALLY_TELEMETRY_INTERVAL='{}' is not a duration of at least 100ms (e.g. 10s)", *v));
+      if (!interval.ok() || *interval < kMinTelemetryInterval) {
+        return invalidArgument(
+            fmt::format("RALLY_TELEMETRY_INTERVAL='{}' is not a duration of at least {} (e.g. 10s)",
+                        *v, formatDuration(kMinTelemetryInterval)));
       }
       w.telemetry_interval_ = *interval;
     }
@@ -553,13 +553,9 @@ Status World::recover(Milliseconds timeout) {
         launcher_ == Launcher::kRally ? ", which restarts workers instead" : ""));
   }
   auto log = log::get("world");
-  // The generation that ended, as this process saw its collectives, goes to disk now: by the
-  // telemetry thread, so that slow storage does not hold up the recovery.
-  {
-    std::lock_guard lock(telemetry_mu_);
-    telemetry_now_ = true;
-  }
-  telemetry_cv_.notify_all();
+  // The generation that ended, as this process saw its collectives, goes to disk now (the watch
+  // may not have said so yet: a collective's failure can come first).
+  requestTelemetryWrite();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     RALLY_ASSIGN_OR_RETURN(const rally::v1::RoundInfo round, conn_->getRound());

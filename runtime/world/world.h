@@ -171,8 +171,11 @@ class World {
   // What every communicator of this world is wrapped in: the recorder, then the progress tracker.
   std::unique_ptr<collectives::Communicator> decorate(std::unique_ptr<collectives::Communicator> c);
   void telemetryLoop();
+  // Has the telemetry thread write the files now, off the caller's thread (slow storage must not
+  // hold up a recovery). No-op without telemetry files.
+  void requestTelemetryWrite();
   Status writeTelemetryFiles();  // with telemetry_write_mu_
-  std::string metricsText() const;
+  std::string metricsText();
   // The job is past this world's generation (the watch said so, or the coordinator does).
   bool jobMovedOn();
 

@@ -192,8 +192,8 @@ TEST_F(InPlaceRecoveryTest, WorkerKilledOthersKeepTheirProcessesAndResultIsBitwi
   EXPECT_NE(prom.find("rally_world_size{local_rank=\"0\",node=\"ip-w-a\",run=\"ip-w\"} 4"),
             std::string::npos)
       << prom;
-  EXPECT_NE(prom.find("rally_collective_operations_total{comm=\"world\",backend=\"gloo\","
-                      "op=\"allreduce\""),
+  EXPECT_NE(prom.find("rally_collective_operations_total{backend=\"gloo\",comm=\"world\","
+                      "local_rank=\"0\",node=\"ip-w-a\",op=\"allreduce\",run=\"ip-w\"} "),
             std::string::npos)
       << prom;
   const std::string merged = tempPath("inplace-trace-merged.json");

@@ -91,8 +91,8 @@ TEST(WorldWithoutLauncher, WritesItsTraceAndMetricsEveryIntervalAndAtTheEnd) {
   const std::string prom = ChildProcess::readFile(metrics);
   EXPECT_NE(prom.find("rally_step{local_rank=\"0\",node=\""), std::string::npos) << prom;
   EXPECT_NE(prom.find("} 42\n"), std::string::npos) << prom;
-  EXPECT_NE(prom.find("rally_collective_operations_total{comm=\"world\",backend=\"gloo\","
-                      "op=\"allreduce\""),
+  EXPECT_NE(prom.find("rally_collective_operations_total{backend=\"gloo\",comm=\"world\","
+                      "local_rank=\"0\",node=\""),
             std::string::npos)
       << prom;
   const std::string json = ChildProcess::readFile(trace);

@@ -129,6 +129,18 @@ TEST(TelemetryFilesTest, AFileIsReplacedWholeAndItsDirectoryMade) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(UnitsTest, ElapsedTimesForPeople) {
+  EXPECT_EQ(formatElapsed(-5), "0 us");
+  EXPECT_EQ(formatElapsed(850), "850 us");
+  EXPECT_EQ(formatElapsed(3149), "3.1 ms");
+  EXPECT_EQ(formatElapsed(2'049'000), "2.0 s");
+}
+
+TEST(TelemetryFilesTest, PrometheusHeaderLines) {
+  EXPECT_EQ(prometheusHeader("rally_x_total", "counter", "What x counts."),
+            "# HELP rally_x_total What x counts.\n# TYPE rally_x_total counter\n");
+}
+
 TEST(TelemetryFilesTest, NodeIdsBecomeSafeFileNameParts) {
   EXPECT_EQ(fileNameSafe("host-1.example_2"), "host-1.example_2");
   EXPECT_EQ(fileNameSafe("a/b c:d"), "a_b_c_d");
