@@ -22,6 +22,10 @@ constexpr TunableSpec kSpecs[] = {
      "deadline of one call to the coordinator (store operations, joins)"},
     {"connect_timeout", "RALLY_CONNECT_TIMEOUT", TunableKind::kDuration, "60s",
      "how long clients keep retrying, with backoff, to reach an unavailable coordinator"},
+    {"failover_timeout", "RALLY_FAILOVER_TIMEOUT", TunableKind::kDuration, "10s",
+     "when the host of a job's coordinator (an agent's embedded one) is lost, the first surviving "
+     "of the next nodes by rank takes it over: how long the others wait for each one before trying "
+     "the next; 0: no takeover, the job stops"},
     {"max_message_bytes", "RALLY_MAX_MESSAGE_BYTES", TunableKind::kBytes, "4MiB",
      "largest request or response the coordinator accepts"},
     {"max_keys", "RALLY_MAX_KEYS", TunableKind::kInteger, "1000000",
@@ -35,8 +39,8 @@ constexpr TunableSpec kSpecs[] = {
     {"exit_barrier_timeout", "RALLY_EXIT_BARRIER_TIMEOUT", TunableKind::kDuration, "300s",
      "how long a node whose workers finished waits for the others (torchrun: fixed 300s)"},
     {"hang_timeout", "RALLY_HANG_TIMEOUT", TunableKind::kDuration, "10s",
-     "a worker stopped this long (SIGSTOP, state T) is hung: its agent kills it and handles it as a "
-     "failure; 0 turns the check off"},
+     "a worker stopped this long (SIGSTOP, state T) is hung: its agent kills it and handles it "
+     "as a failure; 0 turns the check off"},
     {"progress_timeout", "RALLY_PROGRESS_TIMEOUT", TunableKind::kDuration, "0s",
      "a worker whose step (ElasticRun::atStep) has not moved for this long while it is not waiting "
      "in a collective is hung (a deadlock, an endless loop): its agent kills it and handles it as "

@@ -144,7 +144,16 @@ void Agent::Impl::signalLoop(sigset_t set) {
 
 int Agent::Impl::finish(int code) {
   if (group_) stopWorkers(SIGTERM, "the agent is exiting");
-  if (session_ && !session_->ended()) {
+  // Signalled (e.g. preempted) while hosting the coordinator: the job may go on without this node,
+  // so the round's successors take the coordinator over at once. Not leaving first spares the job
+  // a second re-form: the takeover's round is the one without this node.
+  const bool hand_over = embedded_ && code > 128;
+  if (hand_over) {  // before this node's session ends, which the others would take as a re-form
+    embedded_->handOver(fmt::format("the agent hosting the coordinator was stopped by {}",
+                                    cli::signalName(code - 128)));
+    embedded_.reset();
+  }
+  if (session_ && !session_->ended() && !hand_over) {
     session_->leave(code == 0 ? "finished" : fmt::format("exiting with code {}", code));
     session_->endStatus(Milliseconds(2000));
   }
@@ -253,6 +262,9 @@ Status Agent::Impl::connect() {
     if (!port.ok() || *port < 1 || *port > 65535) {
       return invalidArgument(fmt::format("--rdzv-endpoint '{}' has no valid port", endpoint));
     }
+    rdzv_port_ = static_cast<int>(*port);
+    copt.host_node_id = node_id_;  // so that rounds name its successors
+    coordinator_options_ = copt;
     std::optional<bool> forced;
     if (auto it = o_.rdzv_conf.find("is_host"); it != o_.rdzv_conf.end()) {
       forced = it->second == "1" || it->second == "true" || it->second == "True";
@@ -277,25 +289,144 @@ Status Agent::Impl::connect() {
   RALLY_ASSIGN_OR_RETURN(conn_, rendezvous::CoordinatorConnection::open(client));
   store_ = std::make_unique<rendezvous::StoreClient>(
       rendezvous::StoreClient(conn_).scoped("rally/run/", 0));
-  rendezvous::AgentSessionOptions sopt;
-  sopt.on_message = [this](const v1::CoordinatorMessage& m) { queue_.push(m); };
-  sopt.on_end = [this](const Status& s) { queue_.push(SessionEnded{s}); };
-  RALLY_ASSIGN_OR_RETURN(session_,
-                         rendezvous::AgentSession::open(
-                             conn_,
-                             {.node_id = node_id_,
-                              .job_id = o_.rdzv_id,
-                              .min_nodes = o_.min_nodes,
-                              .max_nodes = o_.max_nodes,
-                              .local_world_size = static_cast<std::uint32_t>(o_.local_world_size),
-                              .address = address_},
-                             std::move(sopt)));
+  RALLY_RETURN_IF_ERROR(openSession(nullptr));
+  coordinator_file_ = run_dir_ + "/coordinator";
+  writeCoordinatorFile();
   events_->write("joining", {{"endpoint", endpoint},
                              {"nnodes", fmt::format("{}:{}", o_.min_nodes, o_.max_nodes)},
                              {"local_world_size", o_.local_world_size}});
   log_->info("joining job '{}' at {} ({} worker(s) here, {}:{} nodes)", o_.rdzv_id, endpoint,
              o_.local_world_size, o_.min_nodes, o_.max_nodes);
   return okStatus();
+}
+
+Status Agent::Impl::openSession(const v1::RoundFormed* last) {
+  const std::uint64_t serial = ++session_serial_;
+  rendezvous::AgentSessionOptions sopt;
+  sopt.on_message = [this, serial](const v1::CoordinatorMessage& m) {
+    queue_.push(CoordinatorPush{m, serial});
+  };
+  sopt.on_end = [this, serial](const Status& s, bool lost) {
+    // Store calls to a lost coordinator (the loop's, maybe blocked in one now) fail at once, so
+    // that the loop gets to the takeover. conn_ itself is only replaced before the loop runs.
+    if (lost && serial == session_serial_.load()) conn_->markLost();
+    queue_.push(SessionEnded{s, serial});
+  };
+  rendezvous::JoinInfo join{.node_id = node_id_,
+                            .job_id = o_.rdzv_id,
+                            .min_nodes = o_.min_nodes,
+                            .max_nodes = o_.max_nodes,
+                            .local_world_size = static_cast<std::uint32_t>(o_.local_world_size),
+                            .address = address_};
+  if (last != nullptr) {
+    join.last_generation = last->generation();
+    join.last_node_rank = last->node_rank();
+  }
+  session_.reset();  // a superseded one: already ended, or cancelled here
+  RALLY_ASSIGN_OR_RETURN(session_, rendezvous::AgentSession::open(conn_, join, std::move(sopt)));
+  return okStatus();
+}
+
+void Agent::Impl::writeCoordinatorFile() {
+  if (coordinator_file_.empty() || !conn_) return;
+  if (Status s = writeFileReplacing(coordinator_file_, conn_->endpoint() + "\n"); !s.ok()) {
+    log_->warn("the workers cannot learn where the coordinator is: {}", s.message());
+  }
+}
+
+namespace {
+
+std::string joinHostPort(const std::string& host, int port) {
+  return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port)
+                                             : fmt::format("{}:{}", host, port);
+}
+
+bool isLoopback(const std::string& host) {
+  return host.rfind("127.", 0) == 0 || host == "localhost" || host == "::1";
+}
+
+}  // namespace
+
+bool Agent::Impl::beginTakeover(const std::string& why) {
+  if (!round_ || round_->successors().empty() || tunable("failover_timeout").count() == 0) {
+    return false;
+  }
+  Takeover t;
+  t.successors.assign(round_->successors().begin(), round_->successors().end());
+  t.lost_at = Clock::now();
+  t.lost_endpoint = conn_->endpoint();
+  t.why = why;
+  std::vector<std::string> names;
+  for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
+  log_->warn(
+      "lost the coordinator at {} (node '{}': {}); the job goes on with the first of {} that "
+      "answers as its coordinator",
+      t.lost_endpoint, round_->coordinator_node(), why, fmt::join(names, ", "));
+  events_->write("coordinator_lost", {{"endpoint", t.lost_endpoint},
+                                      {"node", round_->coordinator_node()},
+                                      {"generation", generation_},
+                                      {"cause", why}});
+  takeover_ = std::move(t);
+  // The generation ended with the coordinator's host. Under restarts, as for any lost node, the
+  // workers stop now (their collectives with the lost node fail anyway; such a failure is not the
+  // job's) and start again in the takeover's round. In place, they re-form by themselves.
+  if (!o_.inPlace()) stopWorkers(SIGTERM, "the job's coordinator was lost; the job re-forms");
+  return true;
+}
+
+std::optional<int> Agent::Impl::tryNextSuccessor() {
+  Takeover& t = *takeover_;
+  while (t.next < t.successors.size()) {
+    const v1::RoundMember& c = t.successors[t.next++];
+    std::string endpoint = joinHostPort(c.address(), rdzv_port_);
+    if (c.node_id() == node_id_) {
+      coordinator::CoordinatorOptions copt = coordinator_options_;
+      copt.host_node_id = node_id_;
+      const std::string lost = round_->coordinator_node();
+      copt.rendezvous.takeover = coordinator::Takeover{
+          .generation = generation_,
+          .expected_nodes = std::max<std::uint32_t>(1, round_->num_nodes() - 1),
+          .cause = fmt::format("the coordinator's host, node '{}', was lost ({})", lost, t.why),
+          .failed_nodes = {lost}};
+      // On loopback (tests, one-machine demos) exactly this node's address; else every interface.
+      const std::string bind = address_.rfind("127.", 0) == 0 ? address_
+                               : isLoopback(address_)         ? "127.0.0.1"
+                                                              : "0.0.0.0";
+      auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = rdzv_port_});
+      if (!server.ok()) {
+        log_->error("cannot take over the job's coordinator here: {}; the others try the next node",
+                    server.status().message());
+        continue;
+      }
+      embedded_ = std::move(*server);
+      if (bind != "0.0.0.0") endpoint = joinHostPort(bind, rdzv_port_);
+      log_->warn("took over the job's coordinator on {} (generation {} ends with node '{}')",
+                 embedded_->address(), generation_, lost);
+    }
+    if (Status s = conn_->retarget(endpoint); !s.ok()) {
+      log_->error("successor '{}': {}", c.node_id(), s.message());
+      continue;
+    }
+    if (embedded_ && c.node_id() == node_id_) {
+      // The job's restart count lives in the store: carry on from the newest this node saw.
+      (void)store_->set("restarts", std::to_string(job_restarts_));
+    }
+    if (Status s = openSession(&*round_); !s.ok()) {
+      log_->error("successor '{}' at {}: {}", c.node_id(), endpoint, s.message());
+      continue;
+    }
+    t.deadline = Clock::now() + tunable("failover_timeout");
+    log_->info("trying the job's coordinator at {} (node '{}')", endpoint, c.node_id());
+    return std::nullopt;
+  }
+  std::vector<std::string> names;
+  for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
+  log_->error(
+      "lost the coordinator at {} ({}), and none of the nodes that take it over ({}) answered "
+      "within {} each (--failover-timeout): this node stops",
+      t.lost_endpoint, t.why, fmt::join(names, ", "), formatDuration(tunable("failover_timeout")));
+  stopWorkers(SIGTERM, "lost the coordinator");
+  return 1;
 }
 
 std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed& r, int local_rank,
@@ -358,7 +489,8 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
     env["RALLY_EVENTS"] = std::filesystem::absolute(o_.events_file).string();
   }
   if (conn_) {  // none with the static backend
-    env["RALLY_COORDINATOR"] = conn_->options().endpoint;
+    env["RALLY_COORDINATOR"] = conn_->endpoint();
+    env["RALLY_COORDINATOR_FILE"] = coordinator_file_;
     env["RALLY_TOKEN"] = conn_->options().token;
   }
   if (env.count("NCCL_ASYNC_ERROR_HANDLING") == 0) env["NCCL_ASYNC_ERROR_HANDLING"] = "1";
@@ -370,6 +502,7 @@ Status Agent::Impl::startWorkers(const v1::RoundFormed& r) {
   auto restarts = store_->get("restarts");
   RALLY_RETURN_IF_ERROR(restarts.status()) << "reading the job's restart count";
   restart_count_ = restarts->has_value() ? std::stoi(**restarts) : 0;
+  job_restarts_ = std::max<std::int64_t>(job_restarts_, restart_count_);
   int master_port = o_.master_port;
   if (!o_.master_port_given) {
     rendezvous::StoreClient gen =
@@ -543,6 +676,7 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
                                      node_id_);
   if (!claim.ok() || !claim->swapped) return std::nullopt;  // another node decides
   auto restarts = store_->add("restarts", 1);
+  if (restarts.ok()) job_restarts_ = std::max(job_restarts_, *restarts);
   if (restarts.ok() && *restarts <= o_.max_restarts) {
     session_->requestReform(fmt::format(
         "worker failed on node '{}' (local rank {}: {}); {} {} of {}", node_id_, e.local_rank,
@@ -654,13 +788,18 @@ int Agent::Impl::loop() {
       log_->error(
           "cannot reach the coordinator at {} within {} (--connect-timeout): is its host "
           "up, is the port right, and is it a rally coordinator that listens there?",
-          conn_->options().endpoint, formatDuration(tunable("connect_timeout")));
+          conn_->endpoint(), formatDuration(tunable("connect_timeout")));
       return 1;
     }
     if (in_barrier_ && Clock::now() > barrier_deadline_) {
       log_->error("exit barrier timed out after {}: the other nodes did not finish",
                   formatDuration(tunable("exit_barrier_timeout")));
       return 1;
+    }
+    if (takeover_ && Clock::now() > takeover_->deadline) {
+      log_->warn("no answer from the coordinator at {} within {} (--failover-timeout)",
+                 conn_->endpoint(), formatDuration(tunable("failover_timeout")));
+      if (auto code = tryNextSuccessor()) return *code;
     }
     checkHungWorkers();
     applyTimedFaults();
@@ -670,29 +809,46 @@ int Agent::Impl::loop() {
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {
       log_->warn("received {}: forwarding it to the workers", cli::signalName(sig->sig));
       stopWorkers(sig->sig, fmt::format("received {}", cli::signalName(sig->sig)));
-      session_->leave(fmt::format("received {}", cli::signalName(sig->sig)));
+      // The coordinator's host hands it over instead (finish()): a leave would re-form the job
+      // once for the leave and again for the takeover.
+      if (!embedded_) session_->leave(fmt::format("received {}", cli::signalName(sig->sig)));
       return 128 + sig->sig;
     }
     if (auto* ended = std::get_if<SessionEnded>(&*next)) {
-      stopWorkers(SIGTERM, "lost the coordinator");
+      if (ended->session != session_serial_.load()) continue;  // superseded by a takeover
+      if (takeover_) {
+        log_->warn("the coordinator at {} did not take this node: {}", conn_->endpoint(),
+                   ended->status.message());
+        if (auto code = tryNextSuccessor()) return *code;
+        continue;
+      }
       const StatusCode code = ended->status.code();
+      if (session_->lostCoordinator() && beginTakeover(ended->status.message())) {
+        if (auto code = tryNextSuccessor()) return *code;
+        continue;
+      }
+      stopWorkers(SIGTERM, "lost the coordinator");
       if (code == StatusCode::kUnauthenticated) {
         log_->error(
             "the coordinator at {} refused this node's job token: give every node the "
             "coordinator's token in RALLY_TOKEN ({})",
-            conn_->options().endpoint, ended->status.message());
+            conn_->endpoint(), ended->status.message());
         return 1;
       }
       if (code == StatusCode::kInvalidArgument || code == StatusCode::kAlreadyExists ||
           code == StatusCode::kFailedPrecondition) {
-        log_->error("the coordinator at {} refused this node: {}", conn_->options().endpoint,
+        log_->error("the coordinator at {} refused this node: {}", conn_->endpoint(),
                     ended->status.message());
         return 1;
       }
       log_->error(
-          "lost the coordinator at {} ({}): its host may be down; rally cannot survive the "
-          "loss of the coordinator's host yet, so this node stops",
-          conn_->options().endpoint, ended->status.message());
+          "lost the coordinator at {} ({}): its host may be down, and {}, so this node stops",
+          conn_->endpoint(), ended->status.message(),
+          !round_ ? "this node was in no round yet (no successor is known)"
+          : round_->successors().empty()
+              ? "the job's coordinator has no successors (a standalone `rally coordinator`, or "
+                "one node)"
+              : "takeover is off (--failover-timeout 0)");
       return 1;
     }
     if (auto* exited = std::get_if<WorkerExited>(&*next)) {
@@ -707,8 +863,22 @@ int Agent::Impl::loop() {
       if (done) return *done;
       continue;
     }
-    const auto& m = std::get<v1::CoordinatorMessage>(*next);
+    const auto& push = std::get<CoordinatorPush>(*next);
+    if (push.session != session_serial_.load()) continue;  // a session a takeover replaced
+    const v1::CoordinatorMessage& m = push.message;
     welcomed = welcomed || m.has_welcome();
+    if (takeover_ && m.has_welcome()) {
+      const auto ms =
+          std::chrono::duration_cast<Milliseconds>(Clock::now() - takeover_->lost_at).count();
+      log_->warn("the job's coordinator is now at {} ({} ms after the loss of {})",
+                 conn_->endpoint(), ms, takeover_->lost_endpoint);
+      events_->write("coordinator_moved", {{"endpoint", conn_->endpoint()},
+                                           {"from", takeover_->lost_endpoint},
+                                           {"here", embedded_ != nullptr},
+                                           {"ms", ms}});
+      takeover_.reset();
+      writeCoordinatorFile();
+    }
     if (m.has_welcome() && m.welcome().waiting()) {
       log_->info("joined; held until the running round admits new nodes");
     } else if (m.has_round_formed() && m.round_formed().generation() > generation_ &&
@@ -743,7 +913,9 @@ int Agent::Impl::loop() {
       stopWorkers(SIGTERM, fmt::format("the job re-formed: {}", r.cause()));
       generation_ = r.generation();
       if (Status s = startWorkers(r); !s.ok()) {
-        if (s.code() == StatusCode::kAborted) continue;  // the generation moved again meanwhile
+        // The generation moved again meanwhile, or the coordinator was lost (the takeover's
+        // round starts them).
+        if (s.code() == StatusCode::kAborted || conn_->lost()) continue;
         if (s.code() == StatusCode::kInvalidArgument) {  // e.g. the program cannot be executed
           std::cerr << "rally run: " << s.message() << "\n";
           session_->close("failed: " + s.message());
@@ -787,6 +959,9 @@ int Agent::Impl::loop() {
               fmt::format("admit {} waiting node(s)", m.nodes_waiting().count()));
         }
       }
+    } else if (m.has_shutdown() && m.shutdown().handover() && !takeover_ &&
+               beginTakeover("its host is leaving: " + m.shutdown().reason())) {
+      if (auto code = tryNextSuccessor()) return *code;
     } else if (m.has_shutdown()) {
       stopWorkers(SIGTERM, "the coordinator dismissed this node");
       log_->error("the coordinator dismissed this node: {}", m.shutdown().reason());

@@ -65,10 +65,18 @@ std::string CoordinatorServer::address() const {
 }
 
 void CoordinatorServer::shutdown(const std::string& reason, Milliseconds grace) {
+  stop(reason, grace, /*handover=*/false);
+}
+
+void CoordinatorServer::handOver(const std::string& reason, Milliseconds grace) {
+  stop(reason, grace, /*handover=*/true);
+}
+
+void CoordinatorServer::stop(const std::string& reason, Milliseconds grace, bool handover) {
   std::lock_guard lock(mu_);
   if (stopped_) return;
   stopped_ = true;
-  if (service_) service_->shutdown(reason);
+  if (service_) service_->shutdown(reason, handover);
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + grace);
 }
 

@@ -39,9 +39,13 @@ class CoordinatorServer {
   // Tells every client why, fails pending calls, then stops the server (waiting at most `grace`
   // for calls in flight). Idempotent.
   void shutdown(const std::string& reason, Milliseconds grace = Milliseconds(2000));
+  // As shutdown(), but the job goes on: the agents' Shutdown message says to hand the coordinator
+  // over to the round's successors.
+  void handOver(const std::string& reason, Milliseconds grace = Milliseconds(2000));
 
  private:
   CoordinatorServer() = default;
+  void stop(const std::string& reason, Milliseconds grace, bool handover);
   std::unique_ptr<CoordinatorService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::string host_;

@@ -62,7 +62,17 @@ CoordinatorService::CoordinatorService(CoordinatorOptions options)
       log_(rally::log::get("rendezvous")),
       rendezvous_(options_.rendezvous),
       liveness_(options_.heartbeat_interval),
-      kv_(options_.kv) {}
+      kv_(options_.kv) {
+  if (const auto& t = options_.rendezvous.takeover) {
+    // Generation t->generation ended with the lost coordinator: its keys and calls are refused
+    // here, and watchers learn at once that the next one is re-forming.
+    kv_.startGeneration(rendezvous_.generation());
+    last_generation_event_ = GenerationEvent{rendezvous_.generation(), RoundState::kReforming,
+                                             t->expected_nodes, t->cause, t->failed_nodes};
+    log_->warn("took over job '{}' after generation {}: generation {} re-forming ({})",
+               options_.rendezvous.job_id, t->generation, rendezvous_.generation(), t->cause);
+  }
+}
 
 CoordinatorService::~CoordinatorService() {
   shutdown("the coordinator is stopping");
@@ -119,7 +129,7 @@ grpc::Status CoordinatorService::checkCall(grpc::CallbackServerContext* ctx) con
   return grpc::Status::OK;
 }
 
-void CoordinatorService::shutdown(const std::string& reason) {
+void CoordinatorService::shutdown(const std::string& reason, bool handover) {
   runLocked([&] {
     if (shutting_down_) return;
     shutting_down_ = true;
@@ -127,6 +137,7 @@ void CoordinatorService::shutdown(const std::string& reason) {
     if (timer_.joinable()) log_->info("shutting down: {}", reason);  // it was started
     v1::CoordinatorMessage msg;
     msg.mutable_shutdown()->set_reason(reason);
+    msg.mutable_shutdown()->set_handover(handover);
     const grpc::Status gone = rendezvous::finalStatus(
         grpc::StatusCode::UNAVAILABLE, fmt::format("the coordinator shut down: {}", reason));
     for (const auto& s : sessions_) {
@@ -237,8 +248,9 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
     return;
   }
   const TimePoint now = Clock::now();
-  NodeInfo info{join.node_id(),   join.job_id(),           join.min_nodes(),
-                join.max_nodes(), join.local_world_size(), join.address()};
+  NodeInfo info{join.node_id(),         join.job_id(),           join.min_nodes(),
+                join.max_nodes(),       join.local_world_size(), join.address(),
+                join.last_generation(), join.last_node_rank()};
   Events events;
   auto admitted = rendezvous_.join(info, now, &events);
   if (!admitted.ok()) {
@@ -320,6 +332,18 @@ void CoordinatorService::deliver(Events events) {
       r->set_master_address(master);
       r->set_cause(formed->cause);
       for (const auto& id : formed->failed_nodes) r->add_failed_nodes(id);
+      if (!options_.host_node_id.empty()) {
+        r->set_coordinator_node(options_.host_node_id);
+        for (const Member& m : formed->members) {
+          if (static_cast<size_t>(r->successors_size()) == kSuccessors) break;
+          if (m.node_id == options_.host_node_id) continue;
+          auto* out = r->add_successors();
+          out->set_node_id(m.node_id);
+          out->set_node_rank(m.node_rank);
+          out->set_local_world_size(m.local_world_size);
+          out->set_address(m.address);
+        }
+      }
       std::uint32_t offset = 0;
       for (const Member& m : formed->members) {
         current_members_.insert(m.node_id);
@@ -419,10 +443,12 @@ void CoordinatorService::timerLoop() {
       if (it == sessions_by_node_.end()) continue;
       const auto session = it->second;
       log_->warn("node '{}' lost: no heartbeat for {}", id, silence);
-      dropSession(session, grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                        fmt::format("no heartbeat for {}: the coordinator "
-                                                    "declared this node failed",
-                                                    silence)));
+      // Final: the coordinator is alive and said so (the agent must not take it over).
+      dropSession(session, rendezvous::finalStatus(grpc::StatusCode::UNAVAILABLE,
+                                                   fmt::format("no heartbeat for {}: the "
+                                                               "coordinator declared this node "
+                                                               "failed",
+                                                               silence)));
       silent.push_back({id, fmt::format("lost: no heartbeat for {}", silence), true});
     }
     if (!silent.empty()) rendezvous_.leave(silent, now, &events);

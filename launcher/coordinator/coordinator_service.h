@@ -43,7 +43,14 @@ struct CoordinatorOptions {
   Milliseconds heartbeat_interval{1000};
   Milliseconds default_wait_timeout{30'000};  // Wait with timeout_ms = 0
   KvLimits kv;
+  // The node whose agent runs this coordinator (empty: a standalone `rally coordinator`). When set,
+  // each RoundFormed names the members that take the coordinator over if that node is lost.
+  std::string host_node_id;
 };
+
+// How many successors each RoundFormed names: the coordinator survives the loss of its host
+// together with up to kSuccessors - 1 of them.
+inline constexpr size_t kSuccessors = 3;
 
 struct CoordinatorStats {
   std::uint64_t generation = 0;
@@ -64,8 +71,9 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   // Starts the timer thread. Call once, after the server is built.
   void start();
   // Tells every session (Shutdown message) and watcher, fails pending waits with UNAVAILABLE, and
-  // refuses later calls. Idempotent. The owner then shuts the gRPC server down.
-  void shutdown(const std::string& reason);
+  // refuses later calls. Idempotent. The owner then shuts the gRPC server down. `handover`: the
+  // job goes on without this coordinator's host; the Shutdown message tells agents to take over.
+  void shutdown(const std::string& reason, bool handover = false);
 
   CoordinatorStats stats();
 

@@ -27,7 +27,16 @@ const char* roundStateName(RoundState state) {
   return "unknown";
 }
 
-Rendezvous::Rendezvous(RendezvousOptions options) : options_(std::move(options)) {}
+Rendezvous::Rendezvous(RendezvousOptions options) : options_(std::move(options)) {
+  if (options_.takeover) {
+    // The lost coordinator's round ended with its host: its generation is over.
+    generation_ = options_.takeover->generation + 1;
+    state_ = RoundState::kReforming;
+    reform_cause_ = options_.takeover->cause;
+    reform_failed_ = options_.takeover->failed_nodes;
+    takeover_expected_ = options_.takeover->expected_nodes;
+  }
+}
 
 Status Rendezvous::validate(const NodeInfo& node) const {
   if (node.node_id.empty()) {
@@ -93,6 +102,17 @@ Result<JoinOutcome> Rendezvous::join(const NodeInfo& node, TimePoint now, Events
   }
 
   Node entry{node, Role::kGathering, next_arrival_++};
+  if (takeover_expected_ && node.last_generation > 0) {
+    // A member of the lost coordinator's round: it keeps its rank where it can. One that saw a
+    // newer round than the successor did moves the generation past it.
+    previous_ranks_.emplace(node.node_id, node.last_node_rank);
+    ++takeover_back_;
+    if (node.last_generation >= generation_) {
+      generation_ = node.last_generation + 1;
+      events->push_back(GenerationEvent{generation_, RoundState::kReforming, gathering_count_ + 1,
+                                        reform_cause_, reform_failed_});
+    }
+  }
   if (state_ == RoundState::kFormed) {
     entry.role = Role::kHeld;
     nodes_.emplace(node.node_id, std::move(entry));
@@ -128,6 +148,7 @@ void Rendezvous::leave(const std::vector<Departure>& departures, TimePoint now, 
         break;
       case Role::kGathering:
         --gathering_count_;
+        if (takeover_expected_ && previous_ranks_.count(d.node_id) != 0) --takeover_back_;
         if (gathering_count_ == 0 && state_ == RoundState::kWaiting) gathering_since_.reset();
         if (gathering_count_ < options_.min_nodes) min_reached_at_.reset();
         break;
@@ -247,7 +268,7 @@ void Rendezvous::maybeForm(TimePoint now, bool at_once_if_min, Events* events) {
     min_reached_at_.reset();
     return;
   }
-  if (at_once_if_min) {
+  if (at_once_if_min || (takeover_expected_ && takeover_back_ >= *takeover_expected_)) {
     form(events);
     return;
   }
@@ -298,7 +319,8 @@ void Rendezvous::form(Events* events) {
     previous_ranks_[m.node_id] = m.node_rank;
   }
   const bool first = state_ == RoundState::kWaiting;
-  if (first) ++generation_;  // the first round; later ones moved at the re-form
+  if (first) ++generation_;
+  takeover_expected_.reset();  // the first round; later ones moved at the re-form
   state_ = RoundState::kFormed;
   gathering_count_ = 0;
   min_reached_at_.reset();

@@ -41,12 +41,26 @@ namespace rally::coordinator {
 using Clock = std::chrono::steady_clock;
 using TimePoint = Clock::time_point;
 
+// A coordinator that takes over a running job whose coordinator was lost with its host (the
+// first surviving successor's agent starts it; docs/design/coordinator.md, "Takeover").
+struct Takeover {
+  std::uint64_t generation = 0;      // the last generation the successor saw formed
+  std::uint32_t expected_nodes = 0;  // the round's other members: formed at once when all are back
+  std::string cause;                 // "the coordinator's host, node 'n0', was lost: ..."
+  std::vector<std::string> failed_nodes;  // the lost host's node, if it was a member
+};
+
 struct RendezvousOptions {
   std::string job_id;           // empty: taken from the first join
   std::uint32_t min_nodes = 0;  // 0: taken from the first join
   std::uint32_t max_nodes = 0;
   Milliseconds last_call{2000};
   Milliseconds join_timeout{600'000};
+  // Set: start re-forming generation `takeover->generation + 1` at once, instead of waiting for a
+  // first round. Members of the lost coordinator's round rejoin with their last generation and
+  // node rank; the round forms as soon as `expected_nodes` are back (or, with MIN of them, after
+  // the last call).
+  std::optional<Takeover> takeover;
 };
 
 struct NodeInfo {
@@ -56,6 +70,8 @@ struct NodeInfo {
   std::uint32_t max_nodes = 0;
   std::uint32_t local_world_size = 1;
   std::string address;
+  std::uint64_t last_generation = 0;  // the agent's round under a lost coordinator, if any
+  std::uint32_t last_node_rank = 0;
 };
 
 struct Member {
@@ -188,6 +204,8 @@ class Rendezvous {
   std::optional<TimePoint> gathering_since_;  // when the gathering round started waiting
   std::string reform_cause_;                  // what ended the last formed round
   std::vector<std::string> reform_failed_;
+  std::optional<std::uint32_t> takeover_expected_;  // until the taken-over round forms
+  std::uint32_t takeover_back_ = 0;                 // old members gathering again
 };
 
 }  // namespace rally::coordinator

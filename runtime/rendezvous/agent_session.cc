@@ -19,7 +19,8 @@ class AgentSession::Reactor final
     owner_->conn_->prepareContext(&ctx_, Milliseconds(0));
     // A session lives as long as the node: no deadline, only the token and wait-for-ready.
     ctx_.set_deadline(std::chrono::system_clock::time_point::max());
-    owner_->conn_->stub().async()->Session(&ctx_, this);
+    stub_ = owner_->conn_->stub();  // the endpoint of this moment, for the stream's life
+    stub_->async()->Session(&ctx_, this);
     StartRead(&in_);
     StartCall();
   }
@@ -49,6 +50,7 @@ class AgentSession::Reactor final
   void OnReadDone(bool ok) override {
     if (!ok) return;  // the stream is ending; OnDone follows
     if (in_.has_welcome()) owner_->setInterval(in_.welcome().heartbeat_interval_ms());
+    if (in_.has_shutdown() && in_.shutdown().handover()) handover_ = true;
     if (owner_->options_.on_message) {
       owner_->options_.on_message(in_);
     } else {
@@ -78,15 +80,19 @@ class AgentSession::Reactor final
       std::lock_guard lock(mu_);
       done_ = true;
     }
+    // Lost: the stream broke under us, or the coordinator said it is going and handed over.
+    owner_->lost_coordinator_ =
+        handover_ || (s.error_code() == grpc::StatusCode::UNAVAILABLE && !isFinal(s));
     const Status status = fromGrpcStatus(s, "the coordinator session");
     owner_->inbox_.end(status);
-    if (owner_->options_.on_end) owner_->options_.on_end(status);
+    if (owner_->options_.on_end) owner_->options_.on_end(status, owner_->lost_coordinator_.load());
     owner_->hb_cv_.notify_all();
     owner_->done_.signal();  // last: the owner may be destroyed from here on
   }
 
  private:
   AgentSession* const owner_;
+  std::shared_ptr<v1::Coordinator::Stub> stub_;
   grpc::ClientContext ctx_;
   v1::CoordinatorMessage in_;
   std::mutex mu_;
@@ -94,6 +100,7 @@ class AgentSession::Reactor final
   bool writing_ = false;
   bool writes_done_ = false;
   bool done_ = false;
+  bool handover_ = false;  // read on gRPC's reader callbacks, which run one at a time
 };
 
 AgentSession::AgentSession(std::shared_ptr<CoordinatorConnection> conn, JoinInfo join,
@@ -115,6 +122,8 @@ Result<std::unique_ptr<AgentSession>> AgentSession::open(
   j->set_max_nodes(s->join_.max_nodes);
   j->set_local_world_size(s->join_.local_world_size);
   j->set_address(s->join_.address);
+  j->set_last_generation(s->join_.last_generation);
+  j->set_last_node_rank(s->join_.last_node_rank);
   s->send(std::move(m));
   if (s->options_.auto_heartbeat) {
     s->heartbeat_thread_ = std::thread([p = s.get()] { p->heartbeatLoop(); });

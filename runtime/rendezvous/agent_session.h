@@ -15,6 +15,7 @@
 // Thread-safety: all methods are thread-safe. on_message runs on a gRPC thread and must not block.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -32,14 +33,18 @@ struct JoinInfo {
   std::uint32_t max_nodes = 0;
   std::uint32_t local_world_size = 1;
   std::string address;
+  // After the job's coordinator was lost: the round this node was in (a successor goes on from it).
+  std::uint64_t last_generation = 0;
+  std::uint32_t last_node_rank = 0;
 };
 
 struct AgentSessionOptions {
   bool auto_heartbeat = true;
   // If set, messages go here instead of the inbox that next()/waitFor() read.
   std::function<void(const rally::v1::CoordinatorMessage&)> on_message;
-  // Called once when the stream ends, with its status.
-  std::function<void(const Status&)> on_end;
+  // Called once when the stream ends, with its status and whether the coordinator is presumed
+  // lost (lostCoordinator()).
+  std::function<void(const Status&, bool lost_coordinator)> on_end;
 };
 
 class AgentSession {
@@ -65,6 +70,11 @@ class AgentSession {
   void cancel();
 
   bool ended() const { return inbox_.ended(); }
+  // True once the stream broke without the coordinator ending it (killed, its host down, the
+  // network cut), or ended after a Shutdown that hands the coordinator over: the coordinator is
+  // lost. False while open, or when the coordinator ended it otherwise (shutdown, dismissal,
+  // refusal, a node declared failed).
+  bool lostCoordinator() const { return lost_coordinator_.load(); }
   // The stream's final status once it has ended (waits at most `timeout`).
   std::optional<Status> endStatus(Milliseconds timeout = Milliseconds(0)) const;
   const JoinInfo& joinInfo() const { return join_; }
@@ -82,6 +92,7 @@ class AgentSession {
   AgentSessionOptions options_;
   internal::Inbox<rally::v1::CoordinatorMessage> inbox_;
   internal::DoneLatch done_;
+  std::atomic<bool> lost_coordinator_{false};
   std::unique_ptr<Reactor> reactor_;
   std::mutex hb_mu_;
   std::condition_variable hb_cv_;

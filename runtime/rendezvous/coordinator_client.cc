@@ -41,28 +41,105 @@ Result<std::string> readTokenFile(const std::string& path) {
 CoordinatorConnection::CoordinatorConnection(ClientOptions options)
     : options_(std::move(options)) {}
 
-Result<std::shared_ptr<CoordinatorConnection>> CoordinatorConnection::open(ClientOptions options) {
-  if (options.endpoint.empty() || options.endpoint.find(':') == std::string::npos) {
-    return invalidArgument(
-        fmt::format("coordinator endpoint '{}' is not HOST:PORT (for example 127.0.0.1:29400)",
-                    options.endpoint));
+namespace {
+
+Status checkEndpoint(const std::string& endpoint) {
+  if (endpoint.empty() || endpoint.find(':') == std::string::npos) {
+    return invalidArgument(fmt::format(
+        "coordinator endpoint '{}' is not HOST:PORT (for example 127.0.0.1:29400)", endpoint));
   }
+  return okStatus();
+}
+
+}  // namespace
+
+Result<std::shared_ptr<CoordinatorConnection>> CoordinatorConnection::open(ClientOptions options) {
+  RALLY_RETURN_IF_ERROR(checkEndpoint(options.endpoint));
   if (options.token.empty()) {
     return invalidArgument("no job token for the coordinator: give the coordinator's token file");
   }
   std::shared_ptr<CoordinatorConnection> conn(new CoordinatorConnection(std::move(options)));
+  conn->target_ = conn->makeTarget(conn->options_.endpoint);
+  return conn;
+}
+
+std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::makeTarget(
+    const std::string& endpoint) const {
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(static_cast<int>(conn->options_.max_message_bytes));
-  args.SetMaxSendMessageSize(static_cast<int>(conn->options_.max_message_bytes));
+  args.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
+  args.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
   // Reconnect quickly after a coordinator restart: the default backoff grows to 120 s.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  if (conn->options_.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  conn->channel_ =
-      grpc::CreateCustomChannel(conn->options_.endpoint, grpc::InsecureChannelCredentials(), args);
-  conn->stub_ = v1::Coordinator::NewStub(conn->channel_);
-  return conn;
+  if (options_.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  auto t = std::make_shared<Target>();
+  t->endpoint = endpoint;
+  t->channel = grpc::CreateCustomChannel(endpoint, grpc::InsecureChannelCredentials(), args);
+  t->stub = v1::Coordinator::NewStub(t->channel);
+  return t;
+}
+
+std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::target() const {
+  std::lock_guard lock(mu_);
+  return target_;
+}
+
+ClientOptions CoordinatorConnection::options() const {
+  ClientOptions o = options_;
+  o.endpoint = target()->endpoint;
+  return o;
+}
+
+std::string CoordinatorConnection::endpoint() const { return target()->endpoint; }
+
+std::shared_ptr<v1::Coordinator::Stub> CoordinatorConnection::stub() const {
+  auto t = target();
+  return std::shared_ptr<v1::Coordinator::Stub>(t, t->stub.get());
+}
+
+std::shared_ptr<grpc::Channel> CoordinatorConnection::channel() const { return target()->channel; }
+
+Status CoordinatorConnection::retarget(const std::string& endpoint) {
+  RALLY_RETURN_IF_ERROR(checkEndpoint(endpoint)) << "retargeting the coordinator connection";
+  auto t = makeTarget(endpoint);
+  std::shared_ptr<Target> old;
+  {
+    std::lock_guard lock(mu_);
+    old = std::exchange(target_, std::move(t));
+    ++target_serial_;
+    lost_ = false;
+    // Calls waiting on the old endpoint end now; callWithRetry sends them again to the new one.
+    for (grpc::ClientContext* ctx : calls_) ctx->TryCancel();
+  }
+  return okStatus();  // `old` goes when its last call ends
+}
+
+void CoordinatorConnection::markLost() {
+  std::lock_guard lock(mu_);
+  lost_ = true;
+  for (grpc::ClientContext* ctx : calls_) ctx->TryCancel();
+}
+
+bool CoordinatorConnection::lost() const {
+  std::lock_guard lock(mu_);
+  return lost_;
+}
+
+std::uint64_t CoordinatorConnection::targetSerial() const {
+  std::lock_guard lock(mu_);
+  return target_serial_;
+}
+
+std::uint64_t CoordinatorConnection::beginCall(grpc::ClientContext* ctx) const {
+  std::lock_guard lock(mu_);
+  calls_.insert(ctx);
+  return target_serial_;
+}
+
+void CoordinatorConnection::endCall(grpc::ClientContext* ctx) const {
+  std::lock_guard lock(mu_);
+  calls_.erase(ctx);
 }
 
 void CoordinatorConnection::prepareContext(grpc::ClientContext* ctx, Milliseconds timeout) const {
@@ -81,7 +158,7 @@ std::unique_ptr<grpc::ClientContext> CoordinatorConnection::newContext(Milliseco
 Result<v1::RoundInfo> CoordinatorConnection::getRound() {
   v1::RoundInfo info;
   RALLY_RETURN_IF_ERROR(internal::callWithRetry(*this, "GetRound", true, [&](auto* ctx) {
-    return stub_->GetRound(ctx, v1::GetRoundRequest(), &info);
+    return stub()->GetRound(ctx, v1::GetRoundRequest(), &info);
   }));
   return info;
 }
@@ -95,6 +172,10 @@ Status callWithRetry(const CoordinatorConnection& conn, std::string_view what, b
   thread_local std::minstd_rand rng(std::random_device{}());
   Milliseconds backoff(50);
   for (int attempt = 1;; ++attempt) {
+    if (conn.lost()) {
+      return unavailable(
+          fmt::format("in {}: the coordinator at {} was lost", what, conn.endpoint()));
+    }
     grpc::ClientContext ctx;
     conn.prepareContext(&ctx, timeout);
     // A retry waits for the coordinator to come back, but not past the retry budget.
@@ -105,14 +186,21 @@ Status callWithRetry(const CoordinatorConnection& conn, std::string_view what, b
         ctx.set_deadline(std::chrono::system_clock::now() + budget_left);
       }
     }
+    const std::uint64_t serial = conn.beginCall(&ctx);
     const grpc::Status s = call(&ctx);
+    conn.endCall(&ctx);
     if (s.ok()) return okStatus();
+    // Retargeted while it waited on the old endpoint: send it to the new one at once.
+    if (idempotent && conn.targetSerial() != serial && !isFinal(s) &&
+        std::chrono::steady_clock::now() < give_up) {
+      continue;
+    }
     const bool retryable =
         idempotent && s.error_code() == grpc::StatusCode::UNAVAILABLE && !isFinal(s);
     if (!retryable || std::chrono::steady_clock::now() + backoff > give_up) {
       Status out = fromGrpcStatus(s, what);
       if (attempt > 1) out.addContext(fmt::format("after {} attempts", attempt));
-      return out.addContext(fmt::format("coordinator {}", conn.options().endpoint));
+      return out.addContext(fmt::format("coordinator {}", conn.endpoint()));
     }
     const auto jitter = Milliseconds(
         std::uniform_int_distribution<int>(0, static_cast<int>(backoff.count() / 2))(rng));
@@ -141,7 +229,7 @@ Status StoreClient::set(const std::string& key, const std::string& value) {
   req.set_value(value);
   v1::SetResponse resp;
   return internal::callWithRetry(*conn_, fmt::format("Set('{}')", req.key()), true,
-                                 [&](auto* ctx) { return conn_->stub().Set(ctx, req, &resp); });
+                                 [&](auto* ctx) { return conn_->stub()->Set(ctx, req, &resp); });
 }
 
 Result<std::optional<std::string>> StoreClient::get(const std::string& key) {
@@ -151,7 +239,7 @@ Result<std::optional<std::string>> StoreClient::get(const std::string& key) {
   v1::GetResponse resp;
   RALLY_RETURN_IF_ERROR(
       internal::callWithRetry(*conn_, fmt::format("Get('{}')", req.key()), true,
-                              [&](auto* ctx) { return conn_->stub().Get(ctx, req, &resp); }));
+                              [&](auto* ctx) { return conn_->stub()->Get(ctx, req, &resp); }));
   if (!resp.found()) return std::optional<std::string>();
   return std::optional<std::string>(std::move(*resp.mutable_value()));
 }
@@ -165,7 +253,8 @@ Status StoreClient::wait(const std::vector<std::string>& keys, Milliseconds time
   // The server enforces `timeout`; the call's own deadline leaves it room to answer.
   return internal::callWithRetry(
       *conn_, fmt::format("Wait({} key(s))", keys.size()), true,
-      [&](auto* ctx) { return conn_->stub().Wait(ctx, req, &resp); }, timeout + Milliseconds(5000));
+      [&](auto* ctx) { return conn_->stub()->Wait(ctx, req, &resp); },
+      timeout + Milliseconds(5000));
 }
 
 Result<std::int64_t> StoreClient::add(const std::string& key, std::int64_t delta) {
@@ -176,7 +265,7 @@ Result<std::int64_t> StoreClient::add(const std::string& key, std::int64_t delta
   v1::AddResponse resp;
   RALLY_RETURN_IF_ERROR(
       internal::callWithRetry(*conn_, fmt::format("Add('{}')", req.key()), false,
-                              [&](auto* ctx) { return conn_->stub().Add(ctx, req, &resp); }));
+                              [&](auto* ctx) { return conn_->stub()->Add(ctx, req, &resp); }));
   return resp.value();
 }
 
@@ -192,7 +281,7 @@ Result<CompareAndSetResult> StoreClient::compareAndSet(const std::string& key,
   v1::CompareAndSetResponse resp;
   RALLY_RETURN_IF_ERROR(internal::callWithRetry(
       *conn_, fmt::format("CompareAndSet('{}')", req.key()), false,
-      [&](auto* ctx) { return conn_->stub().CompareAndSet(ctx, req, &resp); }));
+      [&](auto* ctx) { return conn_->stub()->CompareAndSet(ctx, req, &resp); }));
   return CompareAndSetResult{resp.swapped(), resp.present(), std::move(*resp.mutable_value())};
 }
 
@@ -203,7 +292,7 @@ Result<bool> StoreClient::remove(const std::string& key) {
   v1::DeleteResponse resp;
   RALLY_RETURN_IF_ERROR(
       internal::callWithRetry(*conn_, fmt::format("Delete('{}')", req.key()), true,
-                              [&](auto* ctx) { return conn_->stub().Delete(ctx, req, &resp); }));
+                              [&](auto* ctx) { return conn_->stub()->Delete(ctx, req, &resp); }));
   return resp.existed();
 }
 
@@ -216,7 +305,7 @@ Result<std::vector<std::string>> StoreClient::list(const std::string& prefix) {
     v1::ListResponse resp;
     RALLY_RETURN_IF_ERROR(
         internal::callWithRetry(*conn_, fmt::format("List('{}')", req.prefix()), true,
-                                [&](auto* ctx) { return conn_->stub().List(ctx, req, &resp); }));
+                                [&](auto* ctx) { return conn_->stub()->List(ctx, req, &resp); }));
     for (const auto& k : resp.keys()) keys.push_back(k.substr(prefix_.size()));
     if (!resp.more() || resp.keys().empty()) break;
     req.set_start_after(resp.keys(resp.keys_size() - 1));

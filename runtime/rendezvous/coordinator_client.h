@@ -23,8 +23,10 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "kernels/base/status.h"
@@ -55,20 +57,52 @@ class CoordinatorConnection {
  public:
   static Result<std::shared_ptr<CoordinatorConnection>> open(ClientOptions options);
 
-  const ClientOptions& options() const { return options_; }
-  rally::v1::Coordinator::Stub& stub() { return *stub_; }
-  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+  // A copy: the endpoint changes when the connection is retargeted.
+  ClientOptions options() const;
+  std::string endpoint() const;
+  // The stub of the current endpoint; it keeps its channel alive while a call uses it.
+  std::shared_ptr<rally::v1::Coordinator::Stub> stub() const;
+  std::shared_ptr<grpc::Channel> channel() const;
   // A context with the token and a deadline `timeout` from now (rpc_timeout if zero).
   std::unique_ptr<grpc::ClientContext> newContext(Milliseconds timeout = Milliseconds(0)) const;
   void prepareContext(grpc::ClientContext* ctx, Milliseconds timeout = Milliseconds(0)) const;
 
+  // Points every later call (and every retry of a call in progress) at another endpoint: the
+  // job's coordinator moved to a successor after its host was lost. Streams already open stay on
+  // the old channel until they end. InvalidArgument if `endpoint` is not HOST:PORT.
+  Status retarget(const std::string& endpoint);
+  // The coordinator at the current endpoint is known to be gone (an agent's session broke): calls
+  // in flight are cancelled and later ones fail at once (Unavailable) instead of waiting out their
+  // deadlines, until retarget().
+  void markLost();
+  bool lost() const;
+  // Counts retargets: a call that began before the count moved went to the old endpoint.
+  std::uint64_t targetSerial() const;
+
+  // For internal::callWithRetry: a unary call in flight, cancelled by retarget() (a call waiting
+  // for a lost coordinator would otherwise wait out its whole deadline there). beginCall returns
+  // the target serial the call goes to; endCall must follow before `ctx` is destroyed.
+  std::uint64_t beginCall(grpc::ClientContext* ctx) const;
+  void endCall(grpc::ClientContext* ctx) const;
+
   Result<rally::v1::RoundInfo> getRound();
 
  private:
+  struct Target {
+    std::string endpoint;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<rally::v1::Coordinator::Stub> stub;
+  };
   explicit CoordinatorConnection(ClientOptions options);
-  ClientOptions options_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<rally::v1::Coordinator::Stub> stub_;
+  std::shared_ptr<Target> makeTarget(const std::string& endpoint) const;
+  std::shared_ptr<Target> target() const;
+
+  ClientOptions options_;  // options_.endpoint: the first endpoint; target_ has the current one
+  mutable std::mutex mu_;
+  std::shared_ptr<Target> target_;
+  std::uint64_t target_serial_ = 0;
+  bool lost_ = false;
+  mutable std::unordered_set<grpc::ClientContext*> calls_;  // in flight, with mu_
 };
 
 struct CompareAndSetResult {

@@ -13,7 +13,8 @@ class GenerationWatcher::Reactor final : public grpc::ClientReadReactor<v1::Gene
   void begin() {
     owner_->conn_->prepareContext(&ctx_, Milliseconds(0));
     ctx_.set_deadline(std::chrono::system_clock::time_point::max());
-    owner_->conn_->stub().async()->WatchGeneration(&ctx_, &request_, this);
+    stub_ = owner_->conn_->stub();  // the endpoint of this moment, for the stream's life
+    stub_->async()->WatchGeneration(&ctx_, &request_, this);
     StartRead(&event_);
     StartCall();
   }
@@ -34,12 +35,14 @@ class GenerationWatcher::Reactor final : public grpc::ClientReadReactor<v1::Gene
   }
   void OnDone(const grpc::Status& s) override {
     const Status end = fromGrpcStatus(s, "the generation watch");
-    if (owner_->on_end_) owner_->on_end_(end.ok() ? unavailable("the generation watch ended") : end);
+    if (owner_->on_end_)
+      owner_->on_end_(end.ok() ? unavailable("the generation watch ended") : end);
     owner_->inbox_.end(end);
     owner_->done_.signal();  // last: the owner may be destroyed from here on
   }
 
  private:
+  std::shared_ptr<v1::Coordinator::Stub> stub_;
   GenerationWatcher* const owner_;
   grpc::ClientContext ctx_;
   v1::WatchGenerationRequest request_;

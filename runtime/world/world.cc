@@ -4,9 +4,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <condition_variable>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 
 #include "collectives/memory_bootstrap_store.h"
@@ -335,6 +337,10 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     auto conn = rendezvous::CoordinatorConnection::open(client);
     RALLY_RETURN_IF_ERROR(conn.status()) << "connecting to the job's coordinator at " << *endpoint;
     w.conn_ = std::move(*conn);
+    if (const std::string* file = find(env, "RALLY_COORDINATOR_FILE")) {
+      w.coordinator_file_ = *file;
+      w.followCoordinator();  // a replacement started during a takeover
+    }
     // The watch first, so that a generation that moves while the communicator is being built
     // aborts it (or ends its bootstrap, whose keys live in the generation's scope).
     w.connect_timeout_ = options.connect_timeout;
@@ -486,6 +492,26 @@ Status World::startWatch() {
   return okStatus();  // `old` (an ended watch) goes here, outside the lock its end takes
 }
 
+bool World::followCoordinator() {
+  if (coordinator_file_.empty() || !conn_) return false;
+  std::ifstream in(coordinator_file_);
+  std::string endpoint;
+  if (!in || !std::getline(in, endpoint)) return false;
+  while (!endpoint.empty() && std::isspace(static_cast<unsigned char>(endpoint.back()))) {
+    endpoint.pop_back();
+  }
+  if (endpoint.empty() || endpoint == conn_->endpoint()) return false;
+  const std::string from = conn_->endpoint();
+  if (Status s = conn_->retarget(endpoint); !s.ok()) {
+    log::get("world")->warn("rank {}: {} names no coordinator: {}", rank_, coordinator_file_,
+                            s.message());
+    return false;
+  }
+  log::get("world")->warn("rank {}: the job's coordinator moved from {} to {}", rank_, from,
+                          endpoint);
+  return true;
+}
+
 void World::rewatchLoop() {
   auto log = log::get("world");
   std::unique_lock lock(watch_mu_);
@@ -497,25 +523,47 @@ void World::rewatchLoop() {
     const auto deadline = std::chrono::steady_clock::now() + connect_timeout_;
     Milliseconds backoff(50);
     bool back = false;
+    // Checked while waiting: under rally run, the agents may move the coordinator to a successor.
+    const auto moved = [&] {
+      lock.unlock();
+      const bool m = followCoordinator();
+      lock.lock();
+      return m;
+    };
     while (!stopping_ && std::chrono::steady_clock::now() < deadline) {
       watch_ended_ = false;
       const std::uint64_t before = watch_events_.load();
+      moved();
       lock.unlock();
       const Status started = startWatch();
       lock.lock();
       // A healthy watch delivers the job's current state at once.
+      bool retry_now = false;
       if (started.ok()) {
-        const auto patience = std::chrono::steady_clock::now() + Milliseconds(1000) + 5 * backoff;
-        watch_cv_.wait_until(lock, std::min(deadline, patience), [&] {
+        const auto patience =
+            std::min(deadline, std::chrono::steady_clock::now() + Milliseconds(1000) + 5 * backoff);
+        const auto healthy = [&] {
           return stopping_ || watch_ended_ || watch_events_.load() > before;
-        });
+        };
+        while (!healthy() && std::chrono::steady_clock::now() < patience) {
+          watch_cv_.wait_for(lock, Milliseconds(50), healthy);
+          if (!healthy() && moved()) {
+            retry_now = true;
+            break;
+          }
+        }
         if (watch_events_.load() > before && !watch_ended_) {
           back = true;
           break;
         }
       }
-      watch_cv_.wait_for(lock, backoff, [&] { return stopping_; });
-      backoff = std::min(backoff * 2, Milliseconds(2000));
+      if (retry_now) continue;
+      const auto resume = std::chrono::steady_clock::now() + backoff;
+      while (!stopping_ && std::chrono::steady_clock::now() < resume && !retry_now) {
+        watch_cv_.wait_for(lock, Milliseconds(50), [&] { return stopping_; });
+        retry_now = moved();
+      }
+      if (!retry_now) backoff = std::min(backoff * 2, Milliseconds(2000));
     }
     if (stopping_) return;
     if (back) {

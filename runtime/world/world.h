@@ -166,6 +166,9 @@ class World {
   // and nothing is recovered into (the coordinator holds the job's membership).
   Status startWatch();
   void rewatchLoop();
+  // rally run writes where the job's coordinator is (RALLY_COORDINATOR_FILE); when it has moved to
+  // a successor (its host was lost), points conn_ there. True if it moved.
+  bool followCoordinator();
 
   Status buildCommunicator();
   // What every communicator of this world is wrapped in: the recorder, then the progress tracker.
@@ -198,7 +201,8 @@ class World {
   std::shared_ptr<FiredFaults> fired_;
   std::unique_ptr<collectives::BootstrapStore> bootstrap_;
   std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
-  std::mutex comm_mu_;  // guards comm_ against the watch while it is being set
+  std::string coordinator_file_;  // RALLY_COORDINATOR_FILE
+  std::mutex comm_mu_;            // guards comm_ against the watch while it is being set
   std::unique_ptr<collectives::Communicator> comm_;
   std::vector<collectives::Communicator*> derived_;  // with comm_mu_: aborted with comm_
   std::mutex watch_mu_;                              // guards watcher_ and the rewatch state

@@ -31,6 +31,8 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <regex>
+#include <set>
 #include <sstream>
 
 #include "tests/integration/process.h"
@@ -66,19 +68,20 @@ Result parse(const std::string& output) {
 class InPlaceRecoveryTest : public ::testing::Test {
  protected:
   std::unique_ptr<ChildProcess> agent(const std::string& name, std::vector<std::string> args,
-                                      const std::vector<std::string>& program_args) {
+                                      const std::vector<std::string>& program_args,
+                                      const std::string& address = "127.0.0.1") {
     std::vector<std::string> argv = {RALLY_BINARY,
                                      "run",
                                      "--node-id",
                                      name,
                                      "--local-addr",
-                                     "127.0.0.1",
+                                     address,
                                      "--heartbeat-interval",
                                      "500ms",
                                      "--grace-period",
                                      "2s",
                                      "--recovery",
-                                     "in-place",
+                                     recovery_,
                                      "--events",
                                      events_};
     argv.insert(argv.end(), args.begin(), args.end());
@@ -97,6 +100,7 @@ class InPlaceRecoveryTest : public ::testing::Test {
   }
   std::string events() const { return ChildProcess::readFile(events_); }
 
+  std::string recovery_ = "in-place";
   std::string endpoint_ = "127.0.0.1:" + std::to_string(freePort());
   std::string events_ = tempPath("inplace-events.jsonl");
   void SetUp() override { std::remove(events_.c_str()); }
@@ -374,13 +378,107 @@ TEST_F(InPlaceRecoveryTest, NodeLostSurvivorsGoOnAndANewNodeGrowsTheWorldBack) {
   EXPECT_NE(a->errors().find("at a commit point"), std::string::npos);
 }
 
+TEST_F(InPlaceRecoveryTest, CoordinatorHostLostASuccessorTakesItOverAndTheWorkersFollow) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const Result ref = reference(program);
+  ASSERT_EQ(ref.weights.size(), 8u);
+  // Three nodes on three loopback addresses, so that the coordinator's move shows in its address.
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-c",
+                                         "--last-call",     "300ms"};
+  auto a = agent("ip-c-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-c-b", args, program, "127.0.0.2");
+  auto c = agent("ip-c-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 6 generation", milliseconds(30000))) << a->errors();
+  a->signal(SIGKILL);  // the coordinator's host: its agent, the coordinator, and its workers
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  const std::string err = b->errors() + c->errors();
+  // The first successor by node rank (b or c, in join order) took it over on its own address...
+  const std::regex took("took over the job's coordinator on (127\\.0\\.0\\.[23]):[0-9]+");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(err, m, took)) << err;
+  const std::string host = m[1].str();
+  // ...and every surviving worker followed it there, in place (no process restarted).
+  const std::string follow = "the job's coordinator moved from " + endpoint_ + " to " + host;
+  EXPECT_EQ(count(err, follow), 4u) << err;
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("recoveries 1 world 4 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n"
+      << err;
+  ASSERT_EQ(got.weights.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_NEAR(got.weights[i], ref.weights[i], 2e-2) << i;
+  const std::string log = events();
+  EXPECT_NE(log.find("\"event\":\"coordinator_lost\""), std::string::npos) << log;
+  EXPECT_NE(log.find("\"event\":\"coordinator_moved\""), std::string::npos) << log;
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_moved\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 0u)
+      << "no survivor failed: nothing to replace\n"
+      << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 3u)
+      << "each node started its workers once: the survivors recovered in place\n"
+      << log;
+  std::istringstream lines(log);
+  bool recovered = false;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("\"event\":\"recovery\"") == std::string::npos) continue;
+    recovered = true;
+    EXPECT_NE(line.find("\"world_size\":4"), std::string::npos) << line;
+  }
+  EXPECT_TRUE(recovered) << log;
+}
+
+// Restart level, and a graceful loss: the coordinator's host is stopped (SIGTERM, as a preemption
+// notice would); it hands the coordinator over at once and the others restart their workers in a
+// world without it.
+TEST_F(InPlaceRecoveryTest, CoordinatorHostStoppedHandsTheCoordinatorOverUnderRestarts) {
+  recovery_ = "restart";
+  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "2",
+                                            "--batch",   "12",  "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "rs-c",
+                                         "--last-call",     "300ms"};
+  auto a = agent("rs-c-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("rs-c-b", args, program, "127.0.0.2");
+  auto c = agent("rs-c-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  a->signal(SIGTERM);
+  EXPECT_EQ(exitCode(*a, milliseconds(10000)), 128 + SIGTERM) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  const std::string err = b->errors() + c->errors();
+  EXPECT_NE(err.find("its host is leaving: the agent hosting the coordinator was stopped by "
+                     "SIGTERM"),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(count(err, "took over the job's coordinator on 127.0.0."), 1u) << err;
+  // One re-form, the takeover's: the host did not leave first (which would be a second).
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_moved\""), 2u) << log;
+  std::istringstream lines(log);
+  std::set<std::string> generations;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("\"event\":\"workers_started\"") == std::string::npos) continue;
+    const auto at = line.find("\"generation\":");
+    if (at != std::string::npos) generations.insert(line.substr(at + 13, 2));
+  }
+  EXPECT_EQ(generations, (std::set<std::string>{"1,", "2,"})) << log;
+  EXPECT_NE((b->output() + c->output()).find("world 2 generation 2"), std::string::npos);
+}
+
 TEST_F(InPlaceRecoveryTest, LastNodeWithTheNewestCommitLostFallsBackAndSaysSo) {
   const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
                                             "--batch",   "12",   "--commit-every", "4",
                                             "--step-ms", "5"};
   const std::string plan = tempPath("inplace-fallback-plan.txt");
   {
-    // Node 1 loses: node 0's agent hosts the coordinator (losing that host ends the job).
+    // Node 1 loses (losing node 0, the coordinator's host, is the takeover test's case).
     std::ofstream(plan) << "delay rank=0 commit=6 for=20s   # node 0 held before commit 6\n"
                            "delay rank=1 commit=6 for=20s\n"
                            "kill node=1 commit=6             # node 1 lost right after it\n";

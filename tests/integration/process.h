@@ -12,7 +12,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <ctime>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -105,8 +107,25 @@ inline bool isRunning(pid_t pid) {
 }
 
 // A free port on loopback now (another process could take it before it is used; fine for tests).
+// A port that is free now, for a server a test starts later. Drawn below the kernel's ephemeral
+// range (32768 and up by default), where a port the kernel hands out meanwhile (a connection's
+// local port, another test's port 0) cannot take it. Checked on every address, since takeover
+// tests bind it on 127.0.0.2 and 127.0.0.3 as well.
 inline int freePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  static std::minstd_rand rng(static_cast<unsigned>(::getpid()) * 7919u +
+                              static_cast<unsigned>(::time(nullptr)));
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    const int port = 20000 + static_cast<int>(rng() % 12000);
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    a.sin_port = htons(static_cast<std::uint16_t>(port));
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    ::close(fd);
+    if (free) return port;
+  }
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);  // crowded: let the kernel choose
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);

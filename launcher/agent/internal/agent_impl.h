@@ -32,8 +32,15 @@ namespace rally::agent {
 namespace v1 = rally::v1;
 using Clock = std::chrono::steady_clock;
 
+// Tagged with the session they came from: after a takeover, a superseded session's end and its
+// last messages are ignored.
 struct SessionEnded {
   Status status;
+  std::uint64_t session = 0;
+};
+struct CoordinatorPush {
+  v1::CoordinatorMessage message;
+  std::uint64_t session = 0;
 };
 struct WorkerExited {
   std::uint64_t epoch;
@@ -42,7 +49,7 @@ struct WorkerExited {
 struct SignalReceived {
   int sig;
 };
-using AgentEvent = std::variant<v1::CoordinatorMessage, SessionEnded, WorkerExited, SignalReceived>;
+using AgentEvent = std::variant<CoordinatorPush, SessionEnded, WorkerExited, SignalReceived>;
 
 class EventQueue {
  public:
@@ -78,6 +85,17 @@ class Agent::Impl {
  private:
   Status setup();
   Status connect();
+  // A session with the coordinator conn_ points at; `last`: the round this node was in under a
+  // coordinator that was lost.
+  Status openSession(const v1::RoundFormed* last);
+  // The coordinator was lost (or handed over): starts trying the round's successors in order.
+  // False if there is nothing to take over to (no round yet, no successors, --failover-timeout 0).
+  bool beginTakeover(const std::string& why);
+  // Moves to the next successor: this node starts the coordinator if it is the one. Returns an
+  // exit code when none is left.
+  std::optional<int> tryNextSuccessor();
+  // The coordinator's endpoint, for the workers (RALLY_COORDINATOR_FILE): they follow a takeover.
+  void writeCoordinatorFile();
   int loop();
   int runStatic();
   Status startWorkers(const v1::RoundFormed& round);
@@ -112,6 +130,20 @@ class Agent::Impl {
   std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
   std::unique_ptr<rendezvous::StoreClient> store_;
   std::unique_ptr<rendezvous::AgentSession> session_;
+  std::atomic<std::uint64_t> session_serial_{0};
+  coordinator::CoordinatorOptions coordinator_options_;  // for a takeover
+  int rdzv_port_ = 0;                                    // a successor's coordinator listens here
+  std::string coordinator_file_;
+  struct Takeover {
+    std::vector<v1::RoundMember> successors;
+    size_t next = 0;  // the next one to try
+    Clock::time_point lost_at;
+    Clock::time_point deadline;  // for the current one
+    std::string lost_endpoint;
+    std::string why;
+  };
+  std::optional<Takeover> takeover_;
+  std::int64_t job_restarts_ = 0;  // the newest count of the job's restarts this node has seen
   EventQueue queue_;
   std::unique_ptr<WorkerGroup> group_;
   std::vector<std::unique_ptr<WorkerGroup>> replacements_;  // in-place: one group per replacement

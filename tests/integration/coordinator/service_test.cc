@@ -3,6 +3,7 @@
 #include <grpcpp/generic/generic_stub.h>
 
 #include <atomic>
+#include <map>
 #include <thread>
 
 #include "tests/integration/coordinator/coordinator_fixture.h"
@@ -31,7 +32,7 @@ TEST_F(ServiceTest, MissingOrWrongTokenIsRefusedAndChangesNothing) {
   req.set_key("k");
   req.set_value("v");
   v1::SetResponse resp;
-  const grpc::Status raw = conn->stub().Set(&ctx, req, &resp);
+  const grpc::Status raw = conn->stub()->Set(&ctx, req, &resp);
   EXPECT_EQ(raw.error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_NE(raw.error_message().find("missing job token"), std::string::npos);
 
@@ -349,6 +350,164 @@ TEST_F(ServiceTest, ShutdownTellsEveryClient) {
   EXPECT_EQ(end.status().code(), StatusCode::kUnavailable);
 }
 
+// ---- Takeover (the coordinator's host lost) -----------------------------------------------------
+
+TEST_F(ServiceTest, RoundsNameTheSuccessorsOfTheHostingNode) {
+  server_->shutdown("restart as a coordinator embedded in node 'n1'");
+  auto options = defaultOptions();
+  options.host_node_id = "n1";
+  options.rendezvous.min_nodes = 5;
+  options.rendezvous.max_nodes = 5;
+  startServer(options);
+  std::vector<std::unique_ptr<AgentSession>> s;
+  for (int i = 0; i < 5; ++i) s.push_back(join("n" + std::to_string(i)));
+  std::map<std::uint32_t, std::string> by_rank;
+  std::vector<std::vector<std::string>> lists;
+  for (size_t i = 0; i < s.size(); ++i) {
+    auto f = s[i]->waitFor(isRoundFormed, milliseconds(5000));
+    ASSERT_TRUE(f.ok()) << f.status().toString();
+    const auto& r = f->round_formed();
+    EXPECT_EQ(r.coordinator_node(), "n1");
+    by_rank[r.node_rank()] = "n" + std::to_string(i);
+    std::vector<std::string> list;
+    for (const auto& m : r.successors()) {
+      list.push_back(m.node_id());
+      EXPECT_EQ(m.address(), m.node_id() + ".local");
+      EXPECT_EQ(by_rank.count(m.node_rank()) == 0 || by_rank[m.node_rank()] == m.node_id(), true);
+    }
+    lists.push_back(list);
+  }
+  // The first kSuccessors members by node rank, the host left out; the same list for everyone.
+  std::vector<std::string> expected;
+  for (const auto& [rank, id] : by_rank) {
+    if (id != "n1" && expected.size() < coordinator::kSuccessors) expected.push_back(id);
+  }
+  ASSERT_EQ(expected.size(), coordinator::kSuccessors);
+  for (const auto& list : lists) EXPECT_EQ(list, expected);
+}
+
+TEST_F(ServiceTest, AStandaloneCoordinatorNamesNoSuccessors) {
+  auto a = join("a");
+  auto f = a->waitFor(isRoundFormed, milliseconds(5000));
+  ASSERT_TRUE(f.ok());
+  EXPECT_EQ(f->round_formed().successors_size(), 0);
+  EXPECT_TRUE(f->round_formed().coordinator_node().empty());
+}
+
+TEST_F(ServiceTest, ATakeoverCoordinatorGoesOnFromTheLostGeneration) {
+  server_->shutdown("restart as a successor");
+  auto options = defaultOptions();
+  options.host_node_id = "b";
+  options.rendezvous.takeover =
+      coordinator::Takeover{4, 2, "the coordinator's host, node 'h', was lost", {"h"}};
+  startServer(options);
+  // Watchers learn at once that generation 4 is over.
+  auto watcher = GenerationWatcher::start(connect());
+  ASSERT_TRUE(watcher.ok());
+  auto first = (*watcher)->next(milliseconds(5000));
+  ASSERT_TRUE(first.ok()) << first.status().toString();
+  EXPECT_EQ(first->generation(), 5u);
+  EXPECT_EQ(first->state(), v1::GenerationEvent::REFORMING);
+  EXPECT_EQ(first->failed_node(), "h");
+  // Generation 4's keys are refused here; the job scope is open.
+  StoreClient store(connect());
+  EXPECT_FALSE(store.scoped("x/", 4).set("k", "v").ok());
+  EXPECT_TRUE(store.set("restarts", "3").ok());
+  // The old members come back with their generation and rank: the round forms without a last
+  // call, ranks kept where they still exist.
+  auto open = [&](const std::string& id, std::uint32_t rank) {
+    auto s = AgentSession::open(connect(kToken, true), {.node_id = id,
+                                                        .job_id = "job",
+                                                        .local_world_size = 2,
+                                                        .address = id + ".local",
+                                                        .last_generation = 4,
+                                                        .last_node_rank = rank});
+    EXPECT_TRUE(s.ok());
+    return std::move(*s);
+  };
+  const auto t0 = Clock::now();
+  auto b = open("b", 1);
+  auto c = open("c", 2);
+  for (auto* x : {b.get(), c.get()}) {
+    auto f = x->waitFor(isRoundFormed, milliseconds(5000));
+    ASSERT_TRUE(f.ok()) << f.status().toString();
+    EXPECT_EQ(f->round_formed().generation(), 5u);
+    EXPECT_EQ(f->round_formed().world_size(), 4u);
+    EXPECT_EQ(f->round_formed().node_rank(), x == b.get() ? 1u : 0u);
+    EXPECT_EQ(f->round_formed().cause(), "the coordinator's host, node 'h', was lost");
+    EXPECT_EQ(f->round_formed().coordinator_node(), "b");
+  }
+  EXPECT_LT(msSince(t0), static_cast<double>(options.rendezvous.last_call.count()))
+      << "everyone expected was back: no last call";
+}
+
+TEST_F(ServiceTest, SessionsTellALostCoordinatorFromOneThatEndedThem) {
+  // Shut down: ended by the coordinator, not lost.
+  auto a = join("a");
+  ASSERT_TRUE(a->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  server_->shutdown("maintenance");
+  ASSERT_TRUE(a->endStatus(milliseconds(5000)).has_value());
+  EXPECT_FALSE(a->lostCoordinator());
+  // Handed over: lost (the successors take it over).
+  startServer();
+  auto b = join("b");
+  ASSERT_TRUE(b->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  server_->handOver("preempted");
+  auto msg = b->waitFor([](const auto& m) { return m.has_shutdown(); }, milliseconds(5000));
+  ASSERT_TRUE(msg.ok());
+  EXPECT_TRUE(msg->shutdown().handover());
+  ASSERT_TRUE(b->endStatus(milliseconds(5000)).has_value());
+  EXPECT_TRUE(b->lostCoordinator());
+  // Declared failed for missed heartbeats: the coordinator is alive, so not lost.
+  startServer();
+  rendezvous::AgentSessionOptions silent;
+  silent.auto_heartbeat = false;
+  auto c = join("c", 1, silent);
+  ASSERT_TRUE(c->endStatus(milliseconds(5000)).has_value());
+  EXPECT_NE(c->endStatus()->message().find("no heartbeat"), std::string::npos);
+  EXPECT_FALSE(c->lostCoordinator());
+}
+
+TEST_F(ServiceTest, ARetargetedConnectionMovesCallsInFlightToTheNewCoordinator) {
+  auto conn = connect();
+  StoreClient store(conn);
+  Status waited;
+  std::thread waiter([&] { waited = store.wait({"ready"}, milliseconds(20000)); });
+  std::this_thread::sleep_for(milliseconds(200));  // waiting at the first coordinator
+  auto other =
+      coordinator::CoordinatorServer::start(defaultOptions(), {.host = "127.0.0.1", .port = 0});
+  ASSERT_TRUE(other.ok());
+  const std::string moved = "127.0.0.1:" + std::to_string((*other)->port());
+  ASSERT_TRUE(StoreClient(conn).set("only-here", "1").ok());
+  const auto t0 = Clock::now();
+  ASSERT_TRUE(conn->retarget(moved).ok());
+  EXPECT_EQ(conn->endpoint(), moved);
+  // The retried wait now waits at the second coordinator: a key set there ends it.
+  rendezvous::ClientOptions o;
+  o.endpoint = moved;
+  o.token = kToken;
+  auto direct = rendezvous::CoordinatorConnection::open(o);
+  ASSERT_TRUE(direct.ok());
+  ASSERT_TRUE(StoreClient(*direct).set("ready", "1").ok());
+  waiter.join();
+  EXPECT_TRUE(waited.ok()) << waited.toString();
+  EXPECT_LT(msSince(t0), 3000);
+  auto gone = store.get("only-here");
+  ASSERT_TRUE(gone.ok());
+  EXPECT_FALSE(gone->has_value()) << "calls go to the second coordinator now";
+  // Lost: calls fail at once, naming the coordinator, until the next retarget.
+  conn->markLost();
+  const auto t1 = Clock::now();
+  auto failed = store.get("ready");
+  EXPECT_EQ(failed.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(failed.status().message().find("was lost"), std::string::npos);
+  EXPECT_LT(msSince(t1), 500);
+  ASSERT_TRUE(conn->retarget(moved).ok());
+  EXPECT_TRUE(store.get("ready").ok());
+  EXPECT_EQ(conn->retarget("no-port").code(), StatusCode::kInvalidArgument);
+  (*other)->shutdown("test over", milliseconds(500));
+}
+
 // ---- Bad input ----------------------------------------------------------------------------------
 
 grpc::Status rawUnary(rendezvous::CoordinatorConnection& conn, const std::string& method,
@@ -405,7 +564,7 @@ grpc::Status rawSession(rendezvous::CoordinatorConnection& conn,
                         const std::vector<v1::AgentMessage>& messages) {
   grpc::ClientContext ctx;
   conn.prepareContext(&ctx, milliseconds(5000));
-  auto stream = conn.stub().Session(&ctx);
+  auto stream = conn.stub()->Session(&ctx);
   for (const auto& m : messages) stream->Write(m);
   stream->WritesDone();
   v1::CoordinatorMessage in;

@@ -1,5 +1,6 @@
 // The round state machine as pure logic: min/max, last call, late joiners, failures during and
-// between rounds, duplicate ids, rejoin, rank stability, join timeout, closing.
+// between rounds, duplicate ids, rejoin, rank stability, join timeout, closing, and a takeover
+// (a successor's coordinator going on from the generation and ranks of a lost one).
 #include "launcher/coordinator/rendezvous.h"
 
 #include <gtest/gtest.h>
@@ -402,6 +403,103 @@ TEST_F(RendezvousTest, AllMembersLostThenJoinTimeoutCloses) {
   EXPECT_EQ(rdzv_->state(), RoundState::kReforming);
   rdzv_->tick(now_ + seconds(5), &events_);
   EXPECT_EQ(rdzv_->state(), RoundState::kClosed);
+}
+
+}  // namespace
+}  // namespace rally::coordinator
+
+namespace rally::coordinator {
+namespace {
+
+// A successor's coordinator: generation 7 ended with the lost host 'h'; 'a', 'b', 'c' were node
+// ranks 1, 2, 3 under it.
+class TakeoverTest : public RendezvousTest {
+ protected:
+  void makeTakeover(std::uint32_t min, std::uint32_t max, std::uint32_t expected) {
+    RendezvousOptions o{"job", min, max, milliseconds(2000), seconds(600)};
+    o.takeover = Takeover{7, expected, "the coordinator's host, node 'h', was lost", {"h"}};
+    rdzv_ = std::make_unique<Rendezvous>(o);
+  }
+  Result<JoinOutcome> rejoin(const std::string& id, std::uint64_t gen, std::uint32_t rank) {
+    NodeInfo n = node(id);
+    n.last_generation = gen;
+    n.last_node_rank = rank;
+    return rdzv_->join(n, now_, &events_);
+  }
+};
+
+TEST_F(TakeoverTest, GoesOnFromTheLostGenerationAndFormsAtOnceWhenEveryoneIsBack) {
+  makeTakeover(1, 4, 3);
+  // Before anyone is back: re-forming the generation after the lost one.
+  EXPECT_EQ(rdzv_->generation(), 8u);
+  EXPECT_EQ(rdzv_->state(), RoundState::kReforming);
+  ASSERT_TRUE(rejoin("c", 7, 3).ok());
+  ASSERT_TRUE(rejoin("a", 7, 1).ok());
+  EXPECT_TRUE(formed().empty()) << "two of the three expected: no round yet";
+  ASSERT_TRUE(rejoin("b", 7, 2).ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u) << "all three back: no last call";
+  EXPECT_EQ(f[0].generation, 8u);
+  EXPECT_EQ(f[0].cause, "the coordinator's host, node 'h', was lost");
+  EXPECT_EQ(f[0].failed_nodes, std::vector<std::string>{"h"});
+  // Ranks 1 and 2 are kept; 3 is past the end and fills the lost host's 0.
+  EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 1}, {"b", 2}, {"c", 0}}));
+  // From here it is an ordinary coordinator: a failure moves the generation on from 8.
+  events_.clear();
+  rdzv_->leave("b", "lost", true, now_, &events_);
+  ASSERT_EQ(formed().size(), 1u);
+  EXPECT_EQ(rdzv_->generation(), 9u);
+}
+
+TEST_F(TakeoverTest, ANodeThatDoesNotComeBackCostsOnlyTheLastCall) {
+  makeTakeover(2, 4, 3);
+  ASSERT_TRUE(rejoin("a", 7, 1).ok());
+  ASSERT_TRUE(rejoin("b", 7, 2).ok());
+  rdzv_->tick(now_ + milliseconds(1999), &events_);
+  EXPECT_TRUE(formed().empty());
+  rdzv_->tick(now_ + milliseconds(2000), &events_);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 8u);
+  EXPECT_EQ(f[0].members.size(), 2u);
+}
+
+TEST_F(TakeoverTest, ANodeThatSawANewerRoundMovesTheGenerationPastIt) {
+  makeTakeover(1, 4, 2);
+  ASSERT_TRUE(rejoin("a", 9, 1).ok());  // the successor missed rounds 8 and 9
+  EXPECT_EQ(rdzv_->generation(), 10u);
+  auto moved = take<GenerationEvent>();
+  ASSERT_EQ(moved.size(), 1u);
+  EXPECT_EQ(moved[0].generation, 10u);
+  EXPECT_EQ(moved[0].state, RoundState::kReforming);
+  ASSERT_TRUE(rejoin("b", 7, 2).ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 10u);
+}
+
+TEST_F(TakeoverTest, NewNodesJoinTheTakenOverRoundAfterTheOldMembers) {
+  makeTakeover(1, 3, 2);
+  ASSERT_TRUE(join("new").ok());  // a node that was in no round
+  ASSERT_TRUE(rejoin("b", 7, 2).ok());
+  EXPECT_TRUE(formed().empty()) << "one old member of two is back";
+  ASSERT_TRUE(rejoin("a", 7, 1).ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u) << "MAX reached";
+  EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 1}, {"b", 2}, {"new", 0}}));
+}
+
+TEST_F(RendezvousTest, LastGenerationIsIgnoredWithoutATakeover) {
+  make(2, 2);
+  NodeInfo a = node("a");
+  a.last_generation = 5;
+  a.last_node_rank = 1;
+  ASSERT_TRUE(rdzv_->join(a, now_, &events_).ok());
+  ASSERT_TRUE(join("b").ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 1u);
+  EXPECT_EQ(f[0].cause, "first round");
 }
 
 }  // namespace
