@@ -143,7 +143,6 @@ void Agent::Impl::signalLoop(sigset_t set) {
 }
 
 int Agent::Impl::finish(int code) {
-  if (group_) stopWorkers(SIGTERM, "the agent is exiting");
   // Signalled (e.g. preempted) while hosting the coordinator: the job may go on without this node,
   // so the round's successors take the coordinator over at once. Not leaving first spares the job
   // a second re-form: the takeover's round is the one without this node.
@@ -153,6 +152,7 @@ int Agent::Impl::finish(int code) {
                                     cli::signalName(code - 128)));
     embedded_.reset();
   }
+  if (group_) stopWorkers(SIGTERM, "the agent is exiting");
   if (session_ && !session_->ended() && !hand_over) {
     session_->leave(code == 0 ? "finished" : fmt::format("exiting with code {}", code));
     session_->endStatus(Milliseconds(2000));
@@ -306,10 +306,12 @@ Status Agent::Impl::openSession(const v1::RoundFormed* last) {
   sopt.on_message = [this, serial](const v1::CoordinatorMessage& m) {
     queue_.push(CoordinatorPush{m, serial});
   };
-  sopt.on_end = [this, serial](const Status& s, bool lost) {
+  // The endpoint this session goes to: its end is evidence about that one only.
+  const std::uint64_t target = conn_->targetSerial();
+  sopt.on_end = [this, serial, target](const Status& s, bool lost) {
     // Store calls to a lost coordinator (the loop's, maybe blocked in one now) fail at once, so
     // that the loop gets to the takeover. conn_ itself is only replaced before the loop runs.
-    if (lost && serial == session_serial_.load()) conn_->markLost();
+    if (lost && serial == session_serial_.load()) conn_->markLost(target);
     queue_.push(SessionEnded{s, serial});
   };
   rendezvous::JoinInfo join{.node_id = node_id_,
@@ -321,6 +323,7 @@ Status Agent::Impl::openSession(const v1::RoundFormed* last) {
   if (last != nullptr) {
     join.last_generation = last->generation();
     join.last_node_rank = last->node_rank();
+    join.last_num_nodes = last->num_nodes();
   }
   session_.reset();  // a superseded one: already ended, or cancelled here
   RALLY_ASSIGN_OR_RETURN(session_, rendezvous::AgentSession::open(conn_, join, std::move(sopt)));
@@ -347,21 +350,61 @@ bool isLoopback(const std::string& host) {
 
 }  // namespace
 
+bool Agent::Impl::coordinatorAnswers() {
+  rendezvous::ClientOptions o = conn_->options();
+  o.dedicated_connection = true;
+  o.keepalive = Milliseconds(0);
+  auto probe = rendezvous::CoordinatorConnection::open(o);
+  if (!probe.ok()) return false;
+  grpc::ClientContext ctx;
+  (*probe)->prepareContext(&ctx, Milliseconds(1000));
+  ctx.set_wait_for_ready(false);  // a refused connection is an answer: gone
+  v1::RoundInfo info;
+  const grpc::Status s = (*probe)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info);
+  return s.error_code() != grpc::StatusCode::UNAVAILABLE &&
+         s.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED;
+}
+
 bool Agent::Impl::beginTakeover(const std::string& why) {
-  if (!round_ || round_->successors().empty() || tunable("failover_timeout").count() == 0) {
-    return false;
-  }
+  // Not for a coordinator of this agent's own (a session to it that ends is not its loss), nor
+  // before this node was in a round (no successors known).
+  if (!round_ || embedded_ || tunable("failover_timeout").count() == 0) return false;
+  bool standalone = round_->coordinator_node().empty();
+  if (!standalone && round_->successors().empty()) return false;  // a one-node job's own
   Takeover t;
-  t.successors.assign(round_->successors().begin(), round_->successors().end());
   t.lost_at = Clock::now();
   t.lost_endpoint = conn_->endpoint();
   t.why = why;
-  std::vector<std::string> names;
-  for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
-  log_->warn(
-      "lost the coordinator at {} (node '{}': {}); the job goes on with the first of {} that "
-      "answers as its coordinator",
-      t.lost_endpoint, round_->coordinator_node(), why, fmt::join(names, ", "));
+  ++session_serial_;  // the lost session's last events are stale from here on
+  if (!standalone && coordinatorAnswers()) {
+    // Only this node's stream broke: a second coordinator would split the job. Rejoin this one.
+    log_->warn(
+        "the session with the coordinator at {} broke ({}), but it still answers: rejoining it",
+        t.lost_endpoint, why);
+    standalone = true;
+  }
+  if (standalone) {
+    // No node was lost: the workers go on, and the agent waits for the coordinator to be
+    // restarted where it was (a Kubernetes Deployment, a systemd unit).
+    t.same_endpoint = true;
+    t.patience = tunable("connect_timeout");
+    t.successors.emplace_back();
+    if (round_->coordinator_node().empty()) {
+      log_->warn(
+          "lost the coordinator at {} ({}); it runs on its own (rally coordinator): waiting up to "
+          "{} (--connect-timeout) for it to come back, while the workers go on",
+          t.lost_endpoint, why, formatDuration(t.patience));
+    }
+  } else {
+    t.patience = tunable("failover_timeout");
+    t.successors.assign(round_->successors().begin(), round_->successors().end());
+    std::vector<std::string> names;
+    for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
+    log_->warn(
+        "lost the coordinator at {} (node '{}': {}); the job goes on with the first of {} that "
+        "answers as its coordinator",
+        t.lost_endpoint, round_->coordinator_node(), why, fmt::join(names, ", "));
+  }
   events_->write("coordinator_lost", {{"endpoint", t.lost_endpoint},
                                       {"node", round_->coordinator_node()},
                                       {"generation", generation_},
@@ -370,14 +413,47 @@ bool Agent::Impl::beginTakeover(const std::string& why) {
   // The generation ended with the coordinator's host. Under restarts, as for any lost node, the
   // workers stop now (their collectives with the lost node fail anyway; such a failure is not the
   // job's) and start again in the takeover's round. In place, they re-form by themselves.
-  if (!o_.inPlace()) stopWorkers(SIGTERM, "the job's coordinator was lost; the job re-forms");
+  if (!standalone && !o_.inPlace()) {
+    stopWorkers(SIGTERM, "the job's coordinator was lost; the job re-forms");
+  }
   return true;
+}
+
+void Agent::Impl::raiseRestarts() {
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    auto now = store_->get("restarts");
+    if (!now.ok()) return;
+    const std::int64_t have = now->has_value() ? std::strtoll((*now)->c_str(), nullptr, 10) : 0;
+    if (have >= job_restarts_) return;
+    auto swapped = store_->compareAndSet("restarts", *now, std::to_string(job_restarts_));
+    if (!swapped.ok() || swapped->swapped) return;
+  }
 }
 
 std::optional<int> Agent::Impl::tryNextSuccessor() {
   Takeover& t = *takeover_;
+  if (t.started_here && embedded_) {
+    // The coordinator this node started for the takeover did not take it (it cannot happen
+    // unless this node's own session to it failed): it must not go on beside the next one.
+    embedded_->shutdown("this node gave up its takeover");
+    embedded_.reset();
+    t.started_here = false;
+  }
   while (t.next < t.successors.size()) {
     const v1::RoundMember& c = t.successors[t.next++];
+    // Absolute: the k-th successor is waited for until k patiences after the loss, so that one
+    // that starts late because it waited for those before it is still found.
+    t.deadline = t.lost_at + static_cast<int>(t.next) * t.patience;
+    if (t.same_endpoint) {
+      // A fresh channel to the same place (which also clears the lost mark); the session waits
+      // for the coordinator to listen again.
+      if (Status s = conn_->retarget(t.lost_endpoint); !s.ok()) break;
+      if (Status s = openSession(&*round_); !s.ok()) {
+        log_->error("cannot rejoin the coordinator at {}: {}", t.lost_endpoint, s.message());
+        break;
+      }
+      return std::nullopt;
+    }
     std::string endpoint = joinHostPort(c.address(), rdzv_port_);
     if (c.node_id() == node_id_) {
       coordinator::CoordinatorOptions copt = coordinator_options_;
@@ -399,6 +475,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
         continue;
       }
       embedded_ = std::move(*server);
+      t.started_here = true;
       if (bind != "0.0.0.0") endpoint = joinHostPort(bind, rdzv_port_);
       log_->warn("took over the job's coordinator on {} (generation {} ends with node '{}')",
                  embedded_->address(), generation_, lost);
@@ -407,24 +484,26 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       log_->error("successor '{}': {}", c.node_id(), s.message());
       continue;
     }
-    if (embedded_ && c.node_id() == node_id_) {
-      // The job's restart count lives in the store: carry on from the newest this node saw.
-      (void)store_->set("restarts", std::to_string(job_restarts_));
-    }
     if (Status s = openSession(&*round_); !s.ok()) {
       log_->error("successor '{}' at {}: {}", c.node_id(), endpoint, s.message());
       continue;
     }
-    t.deadline = Clock::now() + tunable("failover_timeout");
     log_->info("trying the job's coordinator at {} (node '{}')", endpoint, c.node_id());
     return std::nullopt;
   }
-  std::vector<std::string> names;
-  for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
-  log_->error(
-      "lost the coordinator at {} ({}), and none of the nodes that take it over ({}) answered "
-      "within {} each (--failover-timeout): this node stops",
-      t.lost_endpoint, t.why, fmt::join(names, ", "), formatDuration(tunable("failover_timeout")));
+  if (t.same_endpoint) {
+    log_->error(
+        "lost the coordinator at {} ({}), and it did not come back within {} (--connect-timeout): "
+        "this node stops",
+        t.lost_endpoint, t.why, formatDuration(t.patience));
+  } else {
+    std::vector<std::string> names;
+    for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
+    log_->error(
+        "lost the coordinator at {} ({}), and none of the nodes that take it over ({}) answered "
+        "within {} each (--failover-timeout): this node stops",
+        t.lost_endpoint, t.why, fmt::join(names, ", "), formatDuration(t.patience));
+  }
   stopWorkers(SIGTERM, "lost the coordinator");
   return 1;
 }
@@ -479,6 +558,7 @@ std::map<std::string, std::string> Agent::Impl::workerEnv(const v1::RoundFormed&
     }
   }
   env["RALLY_TRACE_BUFFER"] = std::to_string(o_.tunables.integer("trace_buffer").value());
+  env["RALLY_HEARTBEAT_INTERVAL"] = std::to_string(tunable("heartbeat_interval").count()) + "ms";
   env["RALLY_TELEMETRY_INTERVAL"] =
       std::to_string(o_.tunables.duration("telemetry_interval").value().count()) + "ms";
   if (watchdog_) {
@@ -797,8 +877,8 @@ int Agent::Impl::loop() {
       return 1;
     }
     if (takeover_ && Clock::now() > takeover_->deadline) {
-      log_->warn("no answer from the coordinator at {} within {} (--failover-timeout)",
-                 conn_->endpoint(), formatDuration(tunable("failover_timeout")));
+      log_->warn("no answer from the coordinator at {} within {}", conn_->endpoint(),
+                 formatDuration(takeover_->patience));
       if (auto code = tryNextSuccessor()) return *code;
     }
     checkHungWorkers();
@@ -808,10 +888,17 @@ int Agent::Impl::loop() {
     if (!next) continue;
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {
       log_->warn("received {}: forwarding it to the workers", cli::signalName(sig->sig));
+      if (embedded_) {
+        // Hosting the coordinator: hand it over first, so that the others take it over now
+        // rather than after this node's workers have stopped (up to --grace-period).
+        embedded_->handOver(fmt::format("the agent hosting the coordinator received {}",
+                                        cli::signalName(sig->sig)));
+        embedded_.reset();
+        stopWorkers(sig->sig, fmt::format("received {}", cli::signalName(sig->sig)));
+        return 128 + sig->sig;
+      }
       stopWorkers(sig->sig, fmt::format("received {}", cli::signalName(sig->sig)));
-      // The coordinator's host hands it over instead (finish()): a leave would re-form the job
-      // once for the leave and again for the takeover.
-      if (!embedded_) session_->leave(fmt::format("received {}", cli::signalName(sig->sig)));
+      session_->leave(fmt::format("received {}", cli::signalName(sig->sig)));
       return 128 + sig->sig;
     }
     if (auto* ended = std::get_if<SessionEnded>(&*next)) {
@@ -841,14 +928,19 @@ int Agent::Impl::loop() {
                     ended->status.message());
         return 1;
       }
+      if (!session_->lostCoordinator()) {
+        log_->error("the coordinator at {} ended this node's session: {}", conn_->endpoint(),
+                    ended->status.message());
+        return 1;
+      }
       log_->error(
           "lost the coordinator at {} ({}): its host may be down, and {}, so this node stops",
           conn_->endpoint(), ended->status.message(),
           !round_ ? "this node was in no round yet (no successor is known)"
-          : round_->successors().empty()
-              ? "the job's coordinator has no successors (a standalone `rally coordinator`, or "
-                "one node)"
-              : "takeover is off (--failover-timeout 0)");
+          : tunable("failover_timeout").count() == 0
+              ? "takeover is off (--failover-timeout 0)"
+              : "the job's coordinator has no successors (this node hosts it, or it is the only "
+                "node)");
       return 1;
     }
     if (auto* exited = std::get_if<WorkerExited>(&*next)) {
@@ -870,17 +962,33 @@ int Agent::Impl::loop() {
     if (takeover_ && m.has_welcome()) {
       const auto ms =
           std::chrono::duration_cast<Milliseconds>(Clock::now() - takeover_->lost_at).count();
-      log_->warn("the job's coordinator is now at {} ({} ms after the loss of {})",
-                 conn_->endpoint(), ms, takeover_->lost_endpoint);
+      if (takeover_->same_endpoint) {
+        log_->warn("the job's coordinator is back at {} ({} ms after it was lost)",
+                   conn_->endpoint(), ms);
+      } else {
+        log_->warn("the job's coordinator is now at {} ({} ms after the loss of {})",
+                   conn_->endpoint(), ms, takeover_->lost_endpoint);
+      }
       events_->write("coordinator_moved", {{"endpoint", conn_->endpoint()},
                                            {"from", takeover_->lost_endpoint},
                                            {"here", embedded_ != nullptr},
                                            {"ms", ms}});
       takeover_.reset();
       writeCoordinatorFile();
+      raiseRestarts();
     }
     if (m.has_welcome() && m.welcome().waiting()) {
       log_->info("joined; held until the running round admits new nodes");
+    } else if (m.has_round_formed() && m.round_formed().generation() == generation_) {
+      // The same round again: a restarted coordinator resumed it (nothing moved). A worker that
+      // failed while the coordinator was away could not say so then: re-form for it now.
+      round_ = m.round_formed();
+      log_->info("generation {}: the restarted coordinator resumed the round ({})", generation_,
+                 m.round_formed().cause());
+      if (!missing_.empty() || (!group_ && !in_barrier_)) {
+        session_->requestReform(
+            fmt::format("worker(s) on node '{}' failed while the coordinator was away", node_id_));
+      }
     } else if (m.has_round_formed() && m.round_formed().generation() > generation_ &&
                o_.inPlace() && group_) {
       // In place: the running workers re-form by themselves (their generation watch aborts
@@ -888,6 +996,11 @@ int Agent::Impl::loop() {
       const auto& r = m.round_formed();
       generation_ = r.generation();
       round_ = r;
+      // The job's restart count, for a takeover's coordinator to carry on from.
+      if (auto n = store_->get("restarts"); n.ok() && n->has_value()) {
+        job_restarts_ =
+            std::max<std::int64_t>(job_restarts_, std::strtoll((*n)->c_str(), nullptr, 10));
+      }
       log_->info("generation {}: node rank {} of {}, ranks {}..{} of {}, recovering in place ({})",
                  r.generation(), r.node_rank(), r.num_nodes(), r.rank_offset(),
                  r.rank_offset() + o_.local_world_size - 1, r.world_size(), r.cause());

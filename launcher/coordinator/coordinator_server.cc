@@ -43,6 +43,12 @@ Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::start(CoordinatorO
   grpc::ServerBuilder builder;
   // One coordinator per port: gRPC would otherwise let a second one share it silently.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // Clients ping every 2 heartbeat intervals to find a silent coordinator (ClientOptions::
+  // keepalive); sessions and watches carry little data from here, so gRPC's default policy would
+  // take those pings for abuse and close the connection.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 100);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.SetMaxReceiveMessageSize(static_cast<int>(listen.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(listen.max_message_bytes));
   builder.AddListeningPort(target, grpc::InsecureServerCredentials(), &server->port_);

@@ -250,7 +250,7 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
   const TimePoint now = Clock::now();
   NodeInfo info{join.node_id(),         join.job_id(),           join.min_nodes(),
                 join.max_nodes(),       join.local_world_size(), join.address(),
-                join.last_generation(), join.last_node_rank()};
+                join.last_generation(), join.last_node_rank(),   join.last_num_nodes()};
   Events events;
   auto admitted = rendezvous_.join(info, now, &events);
   if (!admitted.ok()) {
@@ -355,8 +355,8 @@ void CoordinatorService::deliver(Events events) {
           deferred_.push_back([s = it->second] { s->kick(); });
         }
       }
-      log->info("generation {}: round formed with {} node(s), {} worker(s)", formed->generation,
-                formed->members.size(), world);
+      log->info("generation {}: round formed with {} node(s), {} worker(s) ({})",
+                formed->generation, formed->members.size(), world, formed->cause);
     } else if (auto* gen = std::get_if<GenerationEvent>(&event)) {
       kv_.startGeneration(gen->generation);
       const RoundFormedEvent* formed_next = nullptr;

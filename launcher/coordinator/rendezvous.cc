@@ -113,6 +113,19 @@ Result<JoinOutcome> Rendezvous::join(const NodeInfo& node, TimePoint now, Events
                                         reform_cause_, reform_failed_});
     }
   }
+  if (!takeover_expected_ && state_ == RoundState::kWaiting && node.last_generation > 0) {
+    // This coordinator was restarted under a running job: its members come back with their round.
+    // The newest round anyone reports is the one to resume.
+    if (!resume_ || node.last_generation > resume_->generation) {
+      resume_ = Resume{node.last_generation, node.last_num_nodes, {}};
+      previous_ranks_.clear();
+      generation_ = node.last_generation;
+    }
+    if (node.last_generation == resume_->generation) {
+      resume_->back.insert(node.node_id);
+      previous_ranks_[node.node_id] = node.last_node_rank;
+    }
+  }
   if (state_ == RoundState::kFormed) {
     entry.role = Role::kHeld;
     nodes_.emplace(node.node_id, std::move(entry));
@@ -149,6 +162,7 @@ void Rendezvous::leave(const std::vector<Departure>& departures, TimePoint now, 
       case Role::kGathering:
         --gathering_count_;
         if (takeover_expected_ && previous_ranks_.count(d.node_id) != 0) --takeover_back_;
+        if (resume_) resume_->back.erase(d.node_id);
         if (gathering_count_ == 0 && state_ == RoundState::kWaiting) gathering_since_.reset();
         if (gathering_count_ < options_.min_nodes) min_reached_at_.reset();
         break;
@@ -217,7 +231,9 @@ void Rendezvous::tick(TimePoint now, Events* events) {
 
 std::optional<TimePoint> Rendezvous::nextDeadline() const {
   if (!gathering()) return std::nullopt;
-  if (min_reached_at_) return *min_reached_at_ + options_.last_call;
+  if (min_reached_at_) {
+    return *min_reached_at_ + options_.last_call + (resume_ ? kResumeGrace : Milliseconds(0));
+  }
   if (gathering_since_) return *gathering_since_ + options_.join_timeout;
   return std::nullopt;
 }
@@ -260,6 +276,10 @@ void Rendezvous::startReform(const std::string& cause, std::vector<std::string> 
 
 void Rendezvous::maybeForm(TimePoint now, bool at_once_if_min, Events* events) {
   if (!gathering() || options_.min_nodes == 0) return;
+  if (resume_ && resume_->expected > 0 && resume_->back.size() >= resume_->expected) {
+    formResumed(events);
+    return;
+  }
   if (gathering_count_ >= options_.max_nodes) {
     form(events);
     return;
@@ -273,7 +293,53 @@ void Rendezvous::maybeForm(TimePoint now, bool at_once_if_min, Events* events) {
     return;
   }
   if (!min_reached_at_) min_reached_at_ = now;
-  if (now >= *min_reached_at_ + options_.last_call) form(events);
+  const Milliseconds wait = options_.last_call + (resume_ ? kResumeGrace : Milliseconds(0));
+  if (now >= *min_reached_at_ + wait) form(events);
+}
+
+void Rendezvous::formResumed(Events* events) {
+  // The members of the resumed round, by their ranks there (a permutation: they are all back);
+  // anyone else who joined meanwhile waits for the next round.
+  std::vector<NodeInfo> chosen;
+  for (const std::string& id : resume_->back) chosen.push_back(nodes_.at(id).info);
+  std::sort(chosen.begin(), chosen.end(), [&](const NodeInfo& a, const NodeInfo& b) {
+    return previous_ranks_.at(a.node_id) < previous_ranks_.at(b.node_id);
+  });
+  std::vector<std::pair<std::uint64_t, std::string>> others;
+  for (const auto& [id, node] : nodes_) {
+    if (node.role == Role::kGathering && resume_->back.count(id) == 0) {
+      others.emplace_back(node.arrival, id);
+    }
+  }
+  std::sort(others.begin(), others.end());
+  for (const auto& [arrival, id] : others) {
+    nodes_.at(id).role = Role::kHeld;
+    held_.push_back(id);
+  }
+  members_ = assignRanks(chosen, previous_ranks_);
+  previous_ranks_.clear();
+  for (const Member& m : members_) {
+    nodes_.at(m.node_id).role = Role::kMember;
+    previous_ranks_[m.node_id] = m.node_rank;
+  }
+  state_ = RoundState::kFormed;
+  gathering_count_ = 0;
+  min_reached_at_.reset();
+  gathering_since_.reset();
+  const auto num = static_cast<std::uint32_t>(members_.size());
+  const std::string cause =
+      fmt::format("the job's coordinator restarted; all {} node(s) of generation {} are back", num,
+                  generation_);
+  resume_.reset();
+  events->push_back(RoundFormedEvent{generation_, members_, cause, {}});
+  events->push_back(GenerationEvent{generation_,
+                                    RoundState::kFormed,
+                                    num,
+                                    fmt::format("round resumed with {} node(s) ({})", num, cause),
+                                    {}});
+  if (!held_.empty()) {
+    events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
+  }
 }
 
 std::vector<std::string> Rendezvous::gatheringOrder() const {
@@ -319,14 +385,23 @@ void Rendezvous::form(Events* events) {
     previous_ranks_[m.node_id] = m.node_rank;
   }
   const bool first = state_ == RoundState::kWaiting;
-  if (first) ++generation_;
-  takeover_expected_.reset();  // the first round; later ones moved at the re-form
+  if (first) ++generation_;  // the first round here; later ones moved at the re-form
+  takeover_expected_.reset();
+  std::string resumed;  // a restarted coordinator's round without some of the old members
+  if (resume_) {
+    resumed = fmt::format(
+        "the job's coordinator restarted; {} of the {} node(s) of generation {} came back",
+        resume_->back.size(), resume_->expected, resume_->generation);
+    resume_.reset();
+  }
   state_ = RoundState::kFormed;
   gathering_count_ = 0;
   min_reached_at_.reset();
   gathering_since_.reset();
   const auto num = static_cast<std::uint32_t>(members_.size());
-  const std::string cause = first ? std::string("first round") : reform_cause_;
+  const std::string cause = !resumed.empty() ? resumed
+                            : first          ? std::string("first round")
+                                             : reform_cause_;
   const std::vector<std::string> failed = first ? std::vector<std::string>() : reform_failed_;
   events->push_back(RoundFormedEvent{generation_, members_, cause, failed});
   events->push_back(GenerationEvent{generation_, RoundState::kFormed, num,

@@ -18,6 +18,10 @@
 //              once.
 //   kClosed    the job finished (or could not gather MIN in time); joins are refused.
 //
+// Takeover and resume (docs/design/coordinator.md): a successor's coordinator starts re-forming
+// after the lost coordinator's generation (RendezvousOptions::takeover); a restarted one that
+// members of a running round rejoin resumes that round, unchanged, once they are all back.
+//
 // The generation moves exactly when a formed membership ends (and once for the first round), so
 // every communicator of generation G is built from one fixed membership.
 //
@@ -28,6 +32,7 @@
 #include <cstdint>
 #include <deque>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <variant>
@@ -72,6 +77,7 @@ struct NodeInfo {
   std::string address;
   std::uint64_t last_generation = 0;  // the agent's round under a lost coordinator, if any
   std::uint32_t last_node_rank = 0;
+  std::uint32_t last_num_nodes = 0;
 };
 
 struct Member {
@@ -206,6 +212,20 @@ class Rendezvous {
   std::vector<std::string> reform_failed_;
   std::optional<std::uint32_t> takeover_expected_;  // until the taken-over round forms
   std::uint32_t takeover_back_ = 0;                 // old members gathering again
+  // A restarted coordinator (no round formed here yet) that members of a running round rejoin:
+  // that round resumes, generation and ranks unchanged, once all of its members are back.
+  struct Resume {
+    std::uint64_t generation = 0;
+    std::uint32_t expected = 0;
+    std::set<std::string> back;
+  };
+  std::optional<Resume> resume_;
+  void formResumed(Events* events);
 };
+
+// How much longer than the last call a restarted coordinator waits for a resumed round's members
+// before it forms a new round without the missing ones: their agents retry with a backoff of up to
+// 2 s.
+inline constexpr Milliseconds kResumeGrace{2000};
 
 }  // namespace rally::coordinator

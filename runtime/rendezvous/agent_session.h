@@ -33,9 +33,11 @@ struct JoinInfo {
   std::uint32_t max_nodes = 0;
   std::uint32_t local_world_size = 1;
   std::string address;
-  // After the job's coordinator was lost: the round this node was in (a successor goes on from it).
+  // After the job's coordinator was lost: the round this node was in (a successor goes on from it;
+  // a restarted coordinator resumes it).
   std::uint64_t last_generation = 0;
   std::uint32_t last_node_rank = 0;
+  std::uint32_t last_num_nodes = 0;
 };
 
 struct AgentSessionOptions {

@@ -21,6 +21,8 @@ Result<ClientOptions> ClientOptions::fromTunables(const Tunables& t, std::string
   RALLY_ASSIGN_OR_RETURN(o.rpc_timeout, t.duration("rpc_timeout"));
   RALLY_ASSIGN_OR_RETURN(o.connect_timeout, t.duration("connect_timeout"));
   RALLY_ASSIGN_OR_RETURN(o.max_message_bytes, t.bytes("max_message_bytes"));
+  RALLY_ASSIGN_OR_RETURN(const Milliseconds heartbeat, t.duration("heartbeat_interval"));
+  o.keepalive = 2 * heartbeat;
   return o;
 }
 
@@ -73,6 +75,13 @@ std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::makeTarget
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   if (options_.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  if (options_.keepalive.count() > 0) {
+    const int ms = static_cast<int>(std::min<std::int64_t>(options_.keepalive.count(), 1 << 30));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ms);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms);
+    // A generation watch sends nothing after its request: keep pinging all the same.
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
   auto t = std::make_shared<Target>();
   t->endpoint = endpoint;
   t->channel = grpc::CreateCustomChannel(endpoint, grpc::InsecureChannelCredentials(), args);
@@ -115,8 +124,9 @@ Status CoordinatorConnection::retarget(const std::string& endpoint) {
   return okStatus();  // `old` goes when its last call ends
 }
 
-void CoordinatorConnection::markLost() {
+void CoordinatorConnection::markLost(std::uint64_t serial) {
   std::lock_guard lock(mu_);
+  if (serial != target_serial_) return;
   lost_ = true;
   for (grpc::ClientContext* ctx : calls_) ctx->TryCancel();
 }

@@ -44,6 +44,10 @@ struct ClientOptions {
   // Each connection gets its own TCP connection (instead of sharing one per process with other
   // connections to the same endpoint), as separate agents would.
   bool dedicated_connection = false;
+  // HTTP/2 pings while a call is open, each to be answered within the same time: a coordinator
+  // whose host went silent (powered off, cut off) breaks the streams within twice this, instead
+  // of when TCP gives up (minutes). 0: off. fromTunables: twice the heartbeat interval.
+  Milliseconds keepalive{2000};
 
   // rpc_timeout, connect_timeout and max_message_bytes from the tunables.
   static Result<ClientOptions> fromTunables(const Tunables& tunables, std::string endpoint,
@@ -73,8 +77,9 @@ class CoordinatorConnection {
   Status retarget(const std::string& endpoint);
   // The coordinator at the current endpoint is known to be gone (an agent's session broke): calls
   // in flight are cancelled and later ones fail at once (Unavailable) instead of waiting out their
-  // deadlines, until retarget().
-  void markLost();
+  // deadlines, until retarget(). `serial`: the targetSerial() the evidence is about; a no-op if
+  // the connection was retargeted since (the evidence is about an endpoint no longer used).
+  void markLost(std::uint64_t serial);
   bool lost() const;
   // Counts retargets: a call that began before the count moved went to the old endpoint.
   std::uint64_t targetSerial() const;

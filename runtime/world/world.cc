@@ -334,6 +334,10 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     client.endpoint = *endpoint;
     client.token = token != nullptr ? *token : "";
     client.connect_timeout = options.connect_timeout;
+    // The agents' heartbeat interval sets how soon a silent coordinator is found, as for them.
+    if (const std::string* hb = find(env, "RALLY_HEARTBEAT_INTERVAL")) {
+      if (auto interval = parseDuration(*hb); interval.ok()) client.keepalive = 2 * *interval;
+    }
     auto conn = rendezvous::CoordinatorConnection::open(client);
     RALLY_RETURN_IF_ERROR(conn.status()) << "connecting to the job's coordinator at " << *endpoint;
     w.conn_ = std::move(*conn);
@@ -469,6 +473,7 @@ Status World::startWatch() {
   auto watcher = rendezvous::GenerationWatcher::start(
       conn_,
       [this](const rally::v1::GenerationEvent& ev) {
+        coordinator_up_ = true;
         onGeneration(ev.generation(), ev.cause(), ev.state() == rally::v1::GenerationEvent::CLOSED);
         {
           std::lock_guard lock(watch_mu_);  // so that rewatchLoop cannot miss the wake-up
@@ -477,6 +482,7 @@ Status World::startWatch() {
         watch_cv_.notify_all();
       },
       [this](const Status& end) {
+        coordinator_up_ = false;
         std::lock_guard lock(watch_mu_);
         if (stopping_) return;
         watch_ended_ = true;
@@ -516,7 +522,22 @@ void World::rewatchLoop() {
   auto log = log::get("world");
   std::unique_lock lock(watch_mu_);
   for (;;) {
-    watch_cv_.wait(lock, [&] { return watch_ended_ || stopping_; });
+    // While the watch is healthy, look at where the agent says the coordinator is every 100 ms:
+    // after a takeover the agent knows first (a silent old host breaks this watch only when its
+    // keepalive runs out). A move restarts the watch at the new address.
+    while (!watch_ended_ && !stopping_) {
+      if (watch_cv_.wait_for(lock, Milliseconds(100), [&] { return watch_ended_ || stopping_; })) {
+        break;
+      }
+      lock.unlock();
+      const bool moved = followCoordinator();
+      const Status restarted = moved ? startWatch() : okStatus();
+      lock.lock();
+      if (moved && !restarted.ok()) {
+        watch_ended_ = true;
+        watch_end_ = restarted;
+      }
+    }
     if (stopping_ || closed_) return;
     const Status why = watch_end_;
     log->warn("rank {}: the generation watch ended ({}); watching again", rank_, why.toString());
@@ -663,6 +684,9 @@ Status World::recover(Milliseconds timeout) {
 
 Status World::atCommitPoint(Milliseconds wait) {
   if (launcher_ != Launcher::kRally || !in_place_ || rank_ != 0 || !conn_) return okStatus();
+  // While the coordinator is away (restarted, or taken over) nobody can be admitted: training
+  // goes on instead of waiting for a store that does not answer.
+  if (!coordinator_up_) return okStatus();
   rendezvous::StoreClient store = rendezvous::StoreClient(conn_).scoped("rally/run/", 0);
   const std::string gen = std::to_string(generation());
   auto requested = store.get("admit/requested");
@@ -685,6 +709,9 @@ void World::reportProgress(std::int64_t step) {
 
 Status World::publishCommit(std::uint64_t commit) {
   if (launcher_ != Launcher::kRally || local_rank_ != 0 || !conn_) return okStatus();
+  // The coordinator is away (restarted, or taken over): the next commit after it is back records
+  // the newest (the record only ever rises), so skipping this one loses nothing.
+  if (!coordinator_up_) return okStatus();
   rendezvous::StoreClient store = rendezvous::StoreClient(conn_).scoped("rally/run/", 0);
   std::optional<std::string> seen;
   for (int attempt = 0; attempt < 8; ++attempt) {

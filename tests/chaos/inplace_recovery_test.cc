@@ -19,6 +19,15 @@
 //     the weights within 2e-2 of the uninterrupted run's (the data are split differently while the
 //     world is smaller, so the sums are rounded differently; the model converges to the same
 //     least-squares solution);
+//   - the coordinator's host lost (kill -9 of the agent hosting it; three nodes on three loopback
+//     addresses): a successor takes the coordinator over on its own address, the survivors'
+//     workers follow it there and re-form in place (each node started its workers once); the
+//     same when the host goes silent (SIGSTOP: found by keepalive), and when the first successor
+//     is lost with it (the next one takes over after --failover-timeout);
+//   - the coordinator's host stopped by SIGTERM under --recovery restart: it hands the coordinator
+//     over, and the job re-forms once;
+//   - a standalone `rally coordinator` killed and started again: the workers train on meanwhile,
+//     the round resumes untouched (no re-form), and the weights are bitwise identical;
 //   - the last node holding the newest commit lost (node 1 killed right after taking commit 6,
 //     while node 0's ranks were held before theirs): the survivors fall back to commit 5 and say
 //     so (the log, and "fell_back_from": 6 in the recovery event), redo the lost steps, and still
@@ -34,6 +43,7 @@
 #include <regex>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "tests/integration/process.h"
 
@@ -432,6 +442,65 @@ TEST_F(InPlaceRecoveryTest, CoordinatorHostLostASuccessorTakesItOverAndTheWorker
   EXPECT_TRUE(recovered) << log;
 }
 
+// The coordinator's host goes silent (SIGSTOP: no reset, no answer, as a host powered off or cut
+// off): the agents find it by keepalive (2 heartbeat intervals of pings, 2 more to answer), not
+// when TCP gives up minutes later, and a successor takes over.
+TEST_F(InPlaceRecoveryTest, CoordinatorHostSilentIsFoundByKeepaliveAndTakenOver) {
+  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "3",
+                                            "--batch",   "12",  "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-q",
+                                         "--last-call",     "300ms"};
+  auto a = agent("ip-q-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-q-b", args, program, "127.0.0.2");
+  auto c = agent("ip-q-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  a->signal(SIGSTOP);
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  a->signal(SIGKILL);  // its worker goes with it (parent-death signal)
+  const std::string err = b->errors() + c->errors();
+  EXPECT_EQ(count(err, "(node 'ip-q-a': keepalive watchdog timeout"), 2u) << err;
+  EXPECT_EQ(count(err, "took over the job's coordinator"), 1u) << err;
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
+}
+
+// The coordinator's host and its first successor lost together: the others wait
+// --failover-timeout for the first successor, then the next one takes the coordinator over.
+TEST_F(InPlaceRecoveryTest, CoordinatorHostAndFirstSuccessorLostTheNextOneTakesOver) {
+  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "3",
+                                            "--batch",   "12",  "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::vector<std::string> args = {"--nnodes",        "1:3",     "--nproc-per-node",   "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",          "ip-d",
+                                         "--last-call",     "300ms",   "--failover-timeout", "1s"};
+  auto a = agent("ip-d-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  std::map<std::string, std::unique_ptr<ChildProcess>> others;
+  others["ip-d-b"] = agent("ip-d-b", args, program, "127.0.0.2");
+  others["ip-d-c"] = agent("ip-d-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  // Node rank 1 is the first successor (node rank 0, the host, is not one).
+  std::string first, second;
+  for (const auto& [name, p] : others) {
+    ASSERT_TRUE(p->waitForErrors(" of 3", milliseconds(10000))) << p->errors();
+    (p->errors().find("node rank 1 of 3") != std::string::npos ? first : second) = name;
+  }
+  ASSERT_FALSE(first.empty());
+  ASSERT_FALSE(second.empty());
+  a->signal(SIGKILL);
+  others[first]->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*others[second]), 0) << others[second]->errors();
+  const std::string err = others[second]->errors();
+  EXPECT_NE(err.find("no answer from the coordinator at 127.0.0."), std::string::npos) << err;
+  EXPECT_NE(err.find("took over the job's coordinator"), std::string::npos) << err;
+  const Result got = parse(others[second]->output());
+  EXPECT_NE(got.summary.find("world 1 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
+}
+
 // Restart level, and a graceful loss: the coordinator's host is stopped (SIGTERM, as a preemption
 // notice would); it hands the coordinator over at once and the others restart their workers in a
 // world without it.
@@ -453,8 +522,7 @@ TEST_F(InPlaceRecoveryTest, CoordinatorHostStoppedHandsTheCoordinatorOverUnderRe
   EXPECT_EQ(exitCode(*b), 0) << b->errors();
   EXPECT_EQ(exitCode(*c), 0) << c->errors();
   const std::string err = b->errors() + c->errors();
-  EXPECT_NE(err.find("its host is leaving: the agent hosting the coordinator was stopped by "
-                     "SIGTERM"),
+  EXPECT_NE(err.find("its host is leaving: the agent hosting the coordinator received SIGTERM"),
             std::string::npos)
       << err;
   EXPECT_EQ(count(err, "took over the job's coordinator on 127.0.0."), 1u) << err;
@@ -470,6 +538,73 @@ TEST_F(InPlaceRecoveryTest, CoordinatorHostStoppedHandsTheCoordinatorOverUnderRe
   }
   EXPECT_EQ(generations, (std::set<std::string>{"1,", "2,"})) << log;
   EXPECT_NE((b->output() + c->output()).find("world 2 generation 2"), std::string::npos);
+}
+
+// A standalone coordinator (`rally coordinator`, as the Kubernetes recipe runs it) killed and
+// started again where it was: the agents wait for it while the workers go on training, the round
+// resumes unchanged (no re-form, no restart), and the result is bitwise identical.
+TEST_F(InPlaceRecoveryTest, StandaloneCoordinatorRestartedTheRoundResumesUntouched) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const Result ref = reference(program);
+  ::setenv("RALLY_TOKEN", "restart-test-token", 1);  // the coordinator's and the agents'
+  struct Unset {
+    ~Unset() { ::unsetenv("RALLY_TOKEN"); }
+  } unset;
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  int starts = 0;
+  const auto coordinator = [&] {
+    return std::make_unique<ChildProcess>(
+        std::vector<std::string>{RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port", port,
+                                 "--job-id", "ip-r", "--nnodes", "2", "--heartbeat-interval",
+                                 "500ms"},
+        tempPath("ip-r-coordinator" + std::to_string(++starts) + ".out"));
+  };
+  auto first = coordinator();
+  ASSERT_TRUE(first->waitForErrors("listening", milliseconds(20000))) << first->errors();
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-r"};
+  auto a = agent("ip-r-a", args, program);
+  auto b = agent("ip-r-b", args, program);
+  // Rank 0 prints the progress; either node may have it.
+  const auto training = std::chrono::steady_clock::now() + milliseconds(30000);
+  while ((a->output() + b->output()).find("world 4 generation 1") == std::string::npos &&
+         std::chrono::steady_clock::now() < training) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  ASSERT_NE((a->output() + b->output()).find("world 4 generation 1"), std::string::npos)
+      << a->errors() << b->errors();
+  first->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*first, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(a->waitForErrors("waiting up to", milliseconds(10000))) << a->errors();
+  ASSERT_TRUE(b->waitForErrors("waiting up to", milliseconds(10000))) << b->errors();
+  // Training goes on with no coordinator (commit points included): 20 more steps, then start it.
+  const size_t before = count(a->output() + b->output(), "step ");
+  const auto trained = std::chrono::steady_clock::now() + milliseconds(20000);
+  while (count(a->output() + b->output(), "step ") < before + 2 &&
+         std::chrono::steady_clock::now() < trained) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  ASSERT_GE(count(a->output() + b->output(), "step "), before + 2)
+      << "the workers stopped while the coordinator was away";
+  auto second = coordinator();
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  const Result got = parse(a->output() + b->output());
+  EXPECT_EQ(got.weights_text, ref.weights_text) << "the round went on untouched";
+  EXPECT_NE(got.summary.find("recoveries 0 world 4 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary;
+  const std::string err = a->errors() + b->errors();
+  EXPECT_EQ(count(err, "the job's coordinator is back at " + endpoint_), 2u) << err;
+  EXPECT_EQ(count(err, "the restarted coordinator resumed the round"), 2u) << err;
+  EXPECT_EQ(count(err, "re-formed in place"), 0u) << err;
+  EXPECT_NE(second->errors().find("all 2 node(s) of generation 1 are back"), std::string::npos)
+      << second->errors();
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_lost\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_moved\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 2u) << log;
 }
 
 TEST_F(InPlaceRecoveryTest, LastNodeWithTheNewestCommitLostFallsBackAndSaysSo) {

@@ -109,13 +109,16 @@ inline bool isRunning(pid_t pid) {
 // A free port on loopback now (another process could take it before it is used; fine for tests).
 // A port that is free now, for a server a test starts later. Drawn below the kernel's ephemeral
 // range (32768 and up by default), where a port the kernel hands out meanwhile (a connection's
-// local port, another test's port 0) cannot take it. Checked on every address, since takeover
-// tests bind it on 127.0.0.2 and 127.0.0.3 as well.
+// local port, another test's port 0) cannot take it, and from a slice of 250 ports of this
+// process's own (by pid), so that tests running side by side (ctest -j) do not draw the same one
+// between drawing it and binding it. Checked on every address, since takeover tests bind it on
+// 127.0.0.2 and 127.0.0.3 as well.
 inline int freePort() {
   static std::minstd_rand rng(static_cast<unsigned>(::getpid()) * 7919u +
                               static_cast<unsigned>(::time(nullptr)));
+  const int slice = 20000 + static_cast<int>(::getpid() % 48) * 250;
   for (int attempt = 0; attempt < 200; ++attempt) {
-    const int port = 20000 + static_cast<int>(rng() % 12000);
+    const int port = slice + static_cast<int>(rng() % 250);
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;

@@ -91,11 +91,17 @@ class Agent::Impl {
   // The coordinator was lost (or handed over): starts trying the round's successors in order.
   // False if there is nothing to take over to (no round yet, no successors, --failover-timeout 0).
   bool beginTakeover(const std::string& why);
+  // True if the coordinator at the current endpoint still answers a call on a new connection
+  // (the stream broke, but the coordinator did not go: a reset connection, a restarted proxy).
+  bool coordinatorAnswers();
   // Moves to the next successor: this node starts the coordinator if it is the one. Returns an
   // exit code when none is left.
   std::optional<int> tryNextSuccessor();
   // The coordinator's endpoint, for the workers (RALLY_COORDINATOR_FILE): they follow a takeover.
   void writeCoordinatorFile();
+  // The job's restart count lives in the coordinator's store: after a takeover or a restart of
+  // the coordinator, raise it to the newest count this node saw.
+  void raiseRestarts();
   int loop();
   int runStatic();
   Status startWorkers(const v1::RoundFormed& round);
@@ -141,6 +147,11 @@ class Agent::Impl {
     Clock::time_point deadline;  // for the current one
     std::string lost_endpoint;
     std::string why;
+    // A standalone coordinator (no successors): wait for it to come back at its endpoint,
+    // restarted by whatever supervises it; it resumes the job's round.
+    bool same_endpoint = false;
+    Milliseconds patience{0};   // per successor: the k-th is given up at lost_at + k * patience
+    bool started_here = false;  // this node started a coordinator for it
   };
   std::optional<Takeover> takeover_;
   std::int64_t job_restarts_ = 0;  // the newest count of the job's restarts this node has seen

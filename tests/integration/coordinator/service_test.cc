@@ -496,7 +496,9 @@ TEST_F(ServiceTest, ARetargetedConnectionMovesCallsInFlightToTheNewCoordinator) 
   ASSERT_TRUE(gone.ok());
   EXPECT_FALSE(gone->has_value()) << "calls go to the second coordinator now";
   // Lost: calls fail at once, naming the coordinator, until the next retarget.
-  conn->markLost();
+  conn->markLost(conn->targetSerial() - 1);  // about the endpoint before: ignored
+  EXPECT_TRUE(store.get("ready").ok());
+  conn->markLost(conn->targetSerial());
   const auto t1 = Clock::now();
   auto failed = store.get("ready");
   EXPECT_EQ(failed.status().code(), StatusCode::kUnavailable);

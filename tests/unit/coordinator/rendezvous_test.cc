@@ -479,27 +479,100 @@ TEST_F(TakeoverTest, ANodeThatSawANewerRoundMovesTheGenerationPastIt) {
 }
 
 TEST_F(TakeoverTest, NewNodesJoinTheTakenOverRoundAfterTheOldMembers) {
-  makeTakeover(1, 3, 2);
+  makeTakeover(1, 4, 2);
   ASSERT_TRUE(join("new").ok());  // a node that was in no round
   ASSERT_TRUE(rejoin("b", 7, 2).ok());
   EXPECT_TRUE(formed().empty()) << "one old member of two is back";
   ASSERT_TRUE(rejoin("a", 7, 1).ok());
   auto f = formed();
-  ASSERT_EQ(f.size(), 1u) << "MAX reached";
+  ASSERT_EQ(f.size(), 1u) << "both old members back (MAX is 4: not why it formed)";
   EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 1}, {"b", 2}, {"new", 0}}));
 }
 
-TEST_F(RendezvousTest, LastGenerationIsIgnoredWithoutATakeover) {
-  make(2, 2);
-  NodeInfo a = node("a");
-  a.last_generation = 5;
-  a.last_node_rank = 1;
-  ASSERT_TRUE(rdzv_->join(a, now_, &events_).ok());
-  ASSERT_TRUE(join("b").ok());
+}  // namespace
+}  // namespace rally::coordinator
+
+namespace rally::coordinator {
+namespace {
+
+// A restarted coordinator: no round formed here yet when the members of generation 5 ('a', 'b',
+// 'c' at node ranks 2, 0, 1) come back.
+class ResumeTest : public RendezvousTest {
+ protected:
+  Result<JoinOutcome> rejoin(const std::string& id, std::uint64_t gen, std::uint32_t rank,
+                             std::uint32_t num = 3) {
+    NodeInfo n = node(id);
+    n.last_generation = gen;
+    n.last_node_rank = rank;
+    n.last_num_nodes = num;
+    return rdzv_->join(n, now_, &events_);
+  }
+};
+
+TEST_F(ResumeTest, TheRoundResumesUnchangedOnceAllItsMembersAreBack) {
+  make(2, 4);
+  ASSERT_TRUE(rejoin("a", 5, 2).ok());
+  EXPECT_EQ(rdzv_->generation(), 5u) << "watchers see the job's generation, not 0";
+  EXPECT_EQ(rdzv_->state(), RoundState::kWaiting);
+  ASSERT_TRUE(join("new").ok());  // a node that was in no round
+  ASSERT_TRUE(rejoin("b", 5, 0).ok());
+  rdzv_->tick(now_ + milliseconds(2000) + kResumeGrace - milliseconds(1), &events_);
+  EXPECT_TRUE(formed().empty()) << "MIN is there, but the resumed round waits for 'c'";
+  ASSERT_TRUE(rejoin("c", 5, 1).ok());
   auto f = formed();
   ASSERT_EQ(f.size(), 1u);
-  EXPECT_EQ(f[0].generation, 1u);
-  EXPECT_EQ(f[0].cause, "first round");
+  EXPECT_EQ(f[0].generation, 5u) << "nothing moved: the same generation";
+  EXPECT_NE(f[0].cause.find("coordinator restarted"), std::string::npos) << f[0].cause;
+  EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 2}, {"b", 0}, {"c", 1}}));
+  EXPECT_EQ(rdzv_->snapshot().waiting, 1u) << "the newcomer waits for the next round";
+  auto waiting = take<NodesWaitingEvent>();
+  ASSERT_FALSE(waiting.empty());
+  EXPECT_EQ(waiting.back().count, 1u);
+  // From here on an ordinary coordinator: the next round is generation 6.
+  events_.clear();
+  ASSERT_TRUE(rdzv_->requestReform("a", "admit", now_, &events_).ok());
+  f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 6u);
+  EXPECT_EQ(f[0].members.size(), 4u);
+}
+
+TEST_F(ResumeTest, AMemberThatDoesNotComeBackMeansANewRoundAfterTheLastCallAndGrace) {
+  make(2, 4);
+  ASSERT_TRUE(rejoin("a", 5, 2).ok());
+  ASSERT_TRUE(rejoin("b", 5, 0).ok());
+  const TimePoint deadline = now_ + milliseconds(2000) + kResumeGrace;
+  ASSERT_TRUE(rdzv_->nextDeadline().has_value());
+  EXPECT_EQ(*rdzv_->nextDeadline(), deadline);
+  rdzv_->tick(deadline, &events_);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 6u) << "a new membership: a new generation";
+  EXPECT_NE(f[0].cause.find("2 of the 3 node(s) of generation 5 came back"), std::string::npos)
+      << f[0].cause;
+  EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 1}, {"b", 0}}));
+}
+
+TEST_F(ResumeTest, TheNewestRoundAnyoneReportsIsTheOneResumed) {
+  make(1, 4);
+  ASSERT_TRUE(rejoin("old", 4, 0, 2).ok());  // was left behind in generation 4
+  ASSERT_TRUE(rejoin("a", 5, 0, 2).ok());
+  EXPECT_EQ(rdzv_->generation(), 5u);
+  EXPECT_TRUE(formed().empty());
+  ASSERT_TRUE(rejoin("b", 5, 1, 2).ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 5u);
+  EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 0}, {"b", 1}}));
+  EXPECT_EQ(rdzv_->snapshot().waiting, 1u) << "'old' was not in generation 5";
+}
+
+TEST_F(ResumeTest, AMemberLeavingWhileOthersComeBackIsNotCountedBack) {
+  make(1, 4);
+  ASSERT_TRUE(rejoin("a", 5, 0, 2).ok());
+  rdzv_->leave("a", "lost", true, now_, &events_);
+  ASSERT_TRUE(rejoin("b", 5, 1, 2).ok());
+  EXPECT_TRUE(formed().empty()) << "'a' left again: one of two is back";
 }
 
 }  // namespace
