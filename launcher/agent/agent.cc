@@ -280,12 +280,15 @@ Status Agent::Impl::connect() {
       } else if (forced.value_or(false)) {
         return server.status();
       } else {
-        log_->info("another agent on this host serves {}: joining it", endpoint);
+        log_->info("another agent on this host serves {} ({}): joining it", endpoint,
+                   server.status().message());
       }
     }
   }
   RALLY_ASSIGN_OR_RETURN(auto client,
                          rendezvous::ClientOptions::fromTunables(o_.tunables, endpoint, token));
+  // Its own coordinator cannot go silent on it: no keepalive pings to itself.
+  if (embedded_) client.keepalive = Milliseconds(0);
   RALLY_ASSIGN_OR_RETURN(conn_, rendezvous::CoordinatorConnection::open(client));
   store_ = std::make_unique<rendezvous::StoreClient>(
       rendezvous::StoreClient(conn_).scoped("rally/run/", 0));
@@ -360,12 +363,12 @@ bool Agent::Impl::coordinatorAnswers() {
   (*probe)->prepareContext(&ctx, Milliseconds(1000));
   ctx.set_wait_for_ready(false);  // a refused connection is an answer: gone
   v1::RoundInfo info;
-  const grpc::Status s = (*probe)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info);
-  return s.error_code() != grpc::StatusCode::UNAVAILABLE &&
-         s.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED;
+  // Only a served call counts: a coordinator that is shutting down, or a transport that resets
+  // or cancels the call, is not one to rejoin.
+  return (*probe)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info).ok();
 }
 
-bool Agent::Impl::beginTakeover(const std::string& why) {
+bool Agent::Impl::beginTakeover(const std::string& why, bool handover) {
   // Not for a coordinator of this agent's own (a session to it that ends is not its loss), nor
   // before this node was in a round (no successors known).
   if (!round_ || embedded_ || tunable("failover_timeout").count() == 0) return false;
@@ -376,7 +379,7 @@ bool Agent::Impl::beginTakeover(const std::string& why) {
   t.lost_endpoint = conn_->endpoint();
   t.why = why;
   ++session_serial_;  // the lost session's last events are stale from here on
-  if (!standalone && coordinatorAnswers()) {
+  if (!standalone && !handover && coordinatorAnswers()) {
     // Only this node's stream broke: a second coordinator would split the job. Rejoin this one.
     log_->warn(
         "the session with the coordinator at {} broke ({}), but it still answers: rejoining it",
@@ -448,6 +451,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       // A fresh channel to the same place (which also clears the lost mark); the session waits
       // for the coordinator to listen again.
       if (Status s = conn_->retarget(t.lost_endpoint); !s.ok()) break;
+      conn_->markLost(conn_->targetSerial());  // store calls fail at once until welcomed
       if (Status s = openSession(&*round_); !s.ok()) {
         log_->error("cannot rejoin the coordinator at {}: {}", t.lost_endpoint, s.message());
         break;
@@ -484,6 +488,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       log_->error("successor '{}': {}", c.node_id(), s.message());
       continue;
     }
+    conn_->markLost(conn_->targetSerial());  // store calls fail at once until welcomed
     if (Status s = openSession(&*round_); !s.ok()) {
       log_->error("successor '{}' at {}: {}", c.node_id(), endpoint, s.message());
       continue;
@@ -790,17 +795,53 @@ std::optional<int> Agent::Impl::onAllWorkersSucceeded() {
   log_->info("all {} worker(s) finished; waiting for the other nodes (exit barrier, {})",
              o_.local_world_size, formatDuration(tunable("exit_barrier_timeout")));
   events_->write("workers_succeeded", {{"generation", r.generation()}});
-  auto done = store_->add(fmt::format("done/{}", r.generation()), 1);
-  if (!done.ok()) {
-    log_->error("exit barrier: {}", done.status().message());
-    return 1;
-  }
-  if (*done >= static_cast<std::int64_t>(r.num_nodes())) {
-    session_->close("succeeded: every worker finished");
-  }
   in_barrier_ = true;
   barrier_deadline_ = Clock::now() + tunable("exit_barrier_timeout");
+  countInBarrier();
   return std::nullopt;
+}
+
+void Agent::Impl::countInBarrier() {
+  const v1::RoundFormed& r = *round_;
+  const std::string scope = fmt::format("done/{}/", r.generation());
+  if (Status s = store_->set(scope + node_id_, "1"); !s.ok()) {
+    // The coordinator is away: counted again when it is back (onRoundResumed).
+    log_->warn("exit barrier: {}", s.message());
+    return;
+  }
+  auto done = store_->list(scope);
+  if (done.ok() && done->size() >= r.num_nodes()) {
+    session_->close("succeeded: every worker finished");
+  }
+}
+
+void Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {
+  if (r.node_rank() != round_->node_rank() || r.num_nodes() != round_->num_nodes() ||
+      r.world_size() != round_->world_size()) {
+    // Never expected (a resumed round is the same membership): move past it rather than run
+    // two memberships under one generation.
+    log_->error("generation {} came back with another layout (node rank {} of {}); re-forming",
+                r.generation(), r.node_rank(), r.num_nodes());
+    session_->requestReform("a resumed round did not match its members' layout");
+    return;
+  }
+  round_ = r;
+  log_->info("generation {}: the restarted coordinator resumed the round ({})", generation_,
+             r.cause());
+  // Requests made while it was away were lost with it.
+  reform_requested_for_ = 0;
+  admit_pending_since_.reset();
+  if (in_barrier_) countInBarrier();
+  if (!missing_.empty() || (!group_ && !in_barrier_)) {
+    // A worker failed while the coordinator was away and could not say so: re-form for it, once
+    // for the job however many nodes saw failures.
+    auto claim =
+        store_->compareAndSet(fmt::format("resume_reform/{}", generation_), std::nullopt, node_id_);
+    if (claim.ok() && claim->swapped) {
+      session_->requestReform(
+          fmt::format("worker(s) on node '{}' failed while the coordinator was away", node_id_));
+    }
+  }
 }
 
 // --rdzv-backend static: a fixed job with no coordinator. Ranks come from --node-rank and a world
@@ -876,7 +917,14 @@ int Agent::Impl::loop() {
                   formatDuration(tunable("exit_barrier_timeout")));
       return 1;
     }
-    if (takeover_ && Clock::now() > takeover_->deadline) {
+    if (takeover_ && takeover_->reopen_at && Clock::now() >= *takeover_->reopen_at) {
+      takeover_->reopen_at.reset();
+      if (Status s = openSession(&*round_); !s.ok()) {
+        log_->warn("rejoining the coordinator at {}: {}", conn_->endpoint(), s.message());
+      }
+    }
+    // Past the deadline, but a Welcome may be queued: give up only with nothing left to read.
+    if (takeover_ && Clock::now() > takeover_->deadline && queue_.empty()) {
       log_->warn("no answer from the coordinator at {} within {}", conn_->endpoint(),
                  formatDuration(takeover_->patience));
       if (auto code = tryNextSuccessor()) return *code;
@@ -903,6 +951,11 @@ int Agent::Impl::loop() {
     }
     if (auto* ended = std::get_if<SessionEnded>(&*next)) {
       if (ended->session != session_serial_.load()) continue;  // superseded by a takeover
+      if (takeover_ && takeover_->same_endpoint && Clock::now() < takeover_->deadline) {
+        // Not up yet, or it still holds this node's old session: try again shortly.
+        takeover_->reopen_at = Clock::now() + Milliseconds(250);
+        continue;
+      }
       if (takeover_) {
         log_->warn("the coordinator at {} did not take this node: {}", conn_->endpoint(),
                    ended->status.message());
@@ -910,7 +963,8 @@ int Agent::Impl::loop() {
         continue;
       }
       const StatusCode code = ended->status.code();
-      if (session_->lostCoordinator() && beginTakeover(ended->status.message())) {
+      if (session_->lostCoordinator() &&
+          beginTakeover(ended->status.message(), /*handover=*/false)) {
         if (auto code = tryNextSuccessor()) return *code;
         continue;
       }
@@ -974,21 +1028,15 @@ int Agent::Impl::loop() {
                                            {"here", embedded_ != nullptr},
                                            {"ms", ms}});
       takeover_.reset();
+      conn_->clearLost();
       writeCoordinatorFile();
       raiseRestarts();
     }
     if (m.has_welcome() && m.welcome().waiting()) {
       log_->info("joined; held until the running round admits new nodes");
     } else if (m.has_round_formed() && m.round_formed().generation() == generation_) {
-      // The same round again: a restarted coordinator resumed it (nothing moved). A worker that
-      // failed while the coordinator was away could not say so then: re-form for it now.
-      round_ = m.round_formed();
-      log_->info("generation {}: the restarted coordinator resumed the round ({})", generation_,
-                 m.round_formed().cause());
-      if (!missing_.empty() || (!group_ && !in_barrier_)) {
-        session_->requestReform(
-            fmt::format("worker(s) on node '{}' failed while the coordinator was away", node_id_));
-      }
+      // The same round again: a restarted coordinator resumed it (nothing moved).
+      onRoundResumed(m.round_formed());
     } else if (m.has_round_formed() && m.round_formed().generation() > generation_ &&
                o_.inPlace() && group_) {
       // In place: the running workers re-form by themselves (their generation watch aborts
@@ -1073,7 +1121,8 @@ int Agent::Impl::loop() {
         }
       }
     } else if (m.has_shutdown() && m.shutdown().handover() && !takeover_ &&
-               beginTakeover("its host is leaving: " + m.shutdown().reason())) {
+               beginTakeover("its host is leaving: " + m.shutdown().reason(),
+                             /*handover=*/true)) {
       if (auto code = tryNextSuccessor()) return *code;
     } else if (m.has_shutdown()) {
       stopWorkers(SIGTERM, "the coordinator dismissed this node");

@@ -126,6 +126,19 @@ Result<JoinOutcome> Rendezvous::join(const NodeInfo& node, TimePoint now, Events
       previous_ranks_[node.node_id] = node.last_node_rank;
     }
   }
+  if (state_ == RoundState::kFormed && node.last_generation >= generation_) {
+    // A member of a round at least as new as this one's: this coordinator (restarted) formed its
+    // generation without it, from older members. A generation names one membership: move past
+    // it, with this node in the next round.
+    entry.role = Role::kHeld;
+    nodes_.emplace(node.node_id, std::move(entry));
+    held_.push_back(node.node_id);
+    generation_ = std::max(generation_, node.last_generation);
+    startReform(fmt::format("node '{}' came back from generation {}, as new as this round's",
+                            node.node_id, node.last_generation),
+                {}, now, events);
+    return JoinOutcome{.waiting = false};
+  }
   if (state_ == RoundState::kFormed) {
     entry.role = Role::kHeld;
     nodes_.emplace(node.node_id, std::move(entry));

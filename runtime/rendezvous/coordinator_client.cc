@@ -131,6 +131,11 @@ void CoordinatorConnection::markLost(std::uint64_t serial) {
   for (grpc::ClientContext* ctx : calls_) ctx->TryCancel();
 }
 
+void CoordinatorConnection::clearLost() {
+  std::lock_guard lock(mu_);
+  lost_ = false;
+}
+
 bool CoordinatorConnection::lost() const {
   std::lock_guard lock(mu_);
   return lost_;

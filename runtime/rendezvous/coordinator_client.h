@@ -80,6 +80,8 @@ class CoordinatorConnection {
   // deadlines, until retarget(). `serial`: the targetSerial() the evidence is about; a no-op if
   // the connection was retargeted since (the evidence is about an endpoint no longer used).
   void markLost(std::uint64_t serial);
+  // Calls go through again (the coordinator answered: an agent's session was welcomed).
+  void clearLost();
   bool lost() const;
   // Counts retargets: a call that began before the count moved went to the old endpoint.
   std::uint64_t targetSerial() const;

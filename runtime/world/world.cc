@@ -470,21 +470,29 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
 }
 
 Status World::startWatch() {
+  // Numbered: a watch this one replaces ends when it goes, and that end (or a late event of
+  // it) must not count as this one's.
+  std::uint64_t id;
+  {
+    std::lock_guard lock(watch_mu_);
+    id = ++watch_seq_;
+  }
   auto watcher = rendezvous::GenerationWatcher::start(
       conn_,
-      [this](const rally::v1::GenerationEvent& ev) {
-        coordinator_up_ = true;
+      [this, id](const rally::v1::GenerationEvent& ev) {
         onGeneration(ev.generation(), ev.cause(), ev.state() == rally::v1::GenerationEvent::CLOSED);
         {
           std::lock_guard lock(watch_mu_);  // so that rewatchLoop cannot miss the wake-up
+          if (id != watch_seq_) return;
+          coordinator_up_ = true;
           watch_events_.fetch_add(1);
         }
         watch_cv_.notify_all();
       },
-      [this](const Status& end) {
-        coordinator_up_ = false;
+      [this, id](const Status& end) {
         std::lock_guard lock(watch_mu_);
-        if (stopping_) return;
+        if (stopping_ || id != watch_seq_) return;
+        coordinator_up_ = false;
         watch_ended_ = true;
         watch_end_ = end;
         watch_cv_.notify_all();
@@ -495,7 +503,7 @@ Status World::startWatch() {
     std::lock_guard lock(watch_mu_);
     old = std::exchange(watcher_, std::move(*watcher));
   }
-  return okStatus();  // `old` (an ended watch) goes here, outside the lock its end takes
+  return okStatus();  // `old` goes here, outside the lock its end takes
 }
 
 bool World::followCoordinator() {

@@ -211,6 +211,7 @@ class World {
   bool watch_ended_ = false, stopping_ = false;
   Status watch_end_;
   std::atomic<std::uint64_t> watch_events_{0};
+  std::uint64_t watch_seq_ = 0;             // with watch_mu_: the current watch's number
   std::atomic<bool> coordinator_up_{true};  // false from a watch's end to the next event
   std::thread rewatch_;
   std::shared_ptr<internal::ProgressTracker> progress_;  // set under the progress watchdog

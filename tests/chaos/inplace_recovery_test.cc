@@ -106,6 +106,8 @@ class InPlaceRecoveryTest : public ::testing::Test {
     argv.insert(argv.end(), program_args.begin(), program_args.end());
     ChildProcess ref(argv, tempPath("inplace-ref.out"));
     EXPECT_EQ(exitCode(ref), 0) << ref.errors();
+    // The job's port is drawn now, just before its agents start, rather than before this run.
+    endpoint_ = "127.0.0.1:" + std::to_string(freePort());
     return parse(ref.output());
   }
   std::string events() const { return ChildProcess::readFile(events_); }
@@ -462,7 +464,9 @@ TEST_F(InPlaceRecoveryTest, CoordinatorHostSilentIsFoundByKeepaliveAndTakenOver)
   EXPECT_EQ(exitCode(*c), 0) << c->errors();
   a->signal(SIGKILL);  // its worker goes with it (parent-death signal)
   const std::string err = b->errors() + c->errors();
-  EXPECT_EQ(count(err, "(node 'ip-q-a': keepalive watchdog timeout"), 2u) << err;
+  // Found at all: without keepalive the streams would break only when TCP gives up, minutes
+  // after this test's bounds.
+  EXPECT_EQ(count(err, "lost the coordinator at " + endpoint_ + " (node 'ip-q-a'"), 2u) << err;
   EXPECT_EQ(count(err, "took over the job's coordinator"), 1u) << err;
   const Result got = parse(b->output() + c->output());
   EXPECT_NE(got.summary.find("world 2 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
@@ -544,7 +548,7 @@ TEST_F(InPlaceRecoveryTest, CoordinatorHostStoppedHandsTheCoordinatorOverUnderRe
 // started again where it was: the agents wait for it while the workers go on training, the round
 // resumes unchanged (no re-form, no restart), and the result is bitwise identical.
 TEST_F(InPlaceRecoveryTest, StandaloneCoordinatorRestartedTheRoundResumesUntouched) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "8",
                                             "--batch",   "12",   "--commit-every", "4",
                                             "--step-ms", "25"};
   const Result ref = reference(program);
@@ -579,21 +583,22 @@ TEST_F(InPlaceRecoveryTest, StandaloneCoordinatorRestartedTheRoundResumesUntouch
   EXPECT_EQ(exitCode(*first, milliseconds(5000)), 128 + SIGKILL);
   ASSERT_TRUE(a->waitForErrors("waiting up to", milliseconds(10000))) << a->errors();
   ASSERT_TRUE(b->waitForErrors("waiting up to", milliseconds(10000))) << b->errors();
-  // Training goes on with no coordinator (commit points included): 20 more steps, then start it.
+  // Training goes on with no coordinator (commit points included) for 100 steps, some 3 s (the
+  // workers' watches fail and restart meanwhile), then the coordinator is started again.
   const size_t before = count(a->output() + b->output(), "step ");
-  const auto trained = std::chrono::steady_clock::now() + milliseconds(20000);
-  while (count(a->output() + b->output(), "step ") < before + 2 &&
+  const auto trained = std::chrono::steady_clock::now() + milliseconds(30000);
+  while (count(a->output() + b->output(), "step ") < before + 10 &&
          std::chrono::steady_clock::now() < trained) {
     std::this_thread::sleep_for(milliseconds(20));
   }
-  ASSERT_GE(count(a->output() + b->output(), "step "), before + 2)
+  ASSERT_GE(count(a->output() + b->output(), "step "), before + 10)
       << "the workers stopped while the coordinator was away";
   auto second = coordinator();
   EXPECT_EQ(exitCode(*a), 0) << a->errors();
   EXPECT_EQ(exitCode(*b), 0) << b->errors();
   const Result got = parse(a->output() + b->output());
   EXPECT_EQ(got.weights_text, ref.weights_text) << "the round went on untouched";
-  EXPECT_NE(got.summary.find("recoveries 0 world 4 uses_min 4 uses_max 4"), std::string::npos)
+  EXPECT_NE(got.summary.find("recoveries 0 world 4 uses_min 8 uses_max 8"), std::string::npos)
       << got.summary;
   const std::string err = a->errors() + b->errors();
   EXPECT_EQ(count(err, "the job's coordinator is back at " + endpoint_), 2u) << err;

@@ -114,11 +114,13 @@ inline bool isRunning(pid_t pid) {
 // between drawing it and binding it. Checked on every address, since takeover tests bind it on
 // 127.0.0.2 and 127.0.0.3 as well.
 inline int freePort() {
-  static std::minstd_rand rng(static_cast<unsigned>(::getpid()) * 7919u +
-                              static_cast<unsigned>(::time(nullptr)));
+  // In turn through the slice from a random start: one process never hands out a port twice
+  // (an earlier test's processes may still be closing theirs).
+  static unsigned next = static_cast<unsigned>(std::minstd_rand(
+      static_cast<unsigned>(::getpid()) * 7919u + static_cast<unsigned>(::time(nullptr)))());
   const int slice = 20000 + static_cast<int>(::getpid() % 48) * 250;
   for (int attempt = 0; attempt < 200; ++attempt) {
-    const int port = slice + static_cast<int>(rng() % 250);
+    const int port = slice + static_cast<int>(next++ % 250);
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;

@@ -60,6 +60,10 @@ class EventQueue {
     }
     cv_.notify_one();
   }
+  bool empty() {
+    std::lock_guard lock(mu_);
+    return q_.empty();
+  }
   std::optional<AgentEvent> pop(Milliseconds timeout) {
     std::unique_lock lock(mu_);
     if (!cv_.wait_for(lock, timeout, [&] { return !q_.empty(); })) return std::nullopt;
@@ -90,7 +94,8 @@ class Agent::Impl {
   Status openSession(const v1::RoundFormed* last);
   // The coordinator was lost (or handed over): starts trying the round's successors in order.
   // False if there is nothing to take over to (no round yet, no successors, --failover-timeout 0).
-  bool beginTakeover(const std::string& why);
+  // `handover`: the coordinator said it is going (no need to check that it no longer answers).
+  bool beginTakeover(const std::string& why, bool handover);
   // True if the coordinator at the current endpoint still answers a call on a new connection
   // (the stream broke, but the coordinator did not go: a reset connection, a restarted proxy).
   bool coordinatorAnswers();
@@ -108,6 +113,11 @@ class Agent::Impl {
   void stopWorkers(int sig, const std::string& why);
   std::optional<int> onWorkerFailure(const WorkerExit& e);
   std::optional<int> onAllWorkersSucceeded();
+  // Counts this node in the exit barrier: a key per node, so that it can be counted again at a
+  // coordinator that resumed the round.
+  void countInBarrier();
+  // A restarted coordinator resumed this node's round.
+  void onRoundResumed(const v1::RoundFormed& r);
   int finish(int code);
   std::map<std::string, std::string> workerEnv(const v1::RoundFormed& r, int local_rank,
                                                int master_port, const std::string& error_file);
@@ -152,6 +162,7 @@ class Agent::Impl {
     bool same_endpoint = false;
     Milliseconds patience{0};   // per successor: the k-th is given up at lost_at + k * patience
     bool started_here = false;  // this node started a coordinator for it
+    std::optional<Clock::time_point> reopen_at;  // same endpoint: rejoin again then
   };
   std::optional<Takeover> takeover_;
   std::int64_t job_restarts_ = 0;  // the newest count of the job's restarts this node has seen

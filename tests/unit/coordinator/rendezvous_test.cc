@@ -577,3 +577,28 @@ TEST_F(ResumeTest, AMemberLeavingWhileOthersComeBackIsNotCountedBack) {
 
 }  // namespace
 }  // namespace rally::coordinator
+
+namespace rally::coordinator {
+namespace {
+
+TEST_F(ResumeTest, AMemberOfANewerRoundMovesTheGenerationPastOneFormedWithoutIt) {
+  make(1, 4);
+  ASSERT_TRUE(rejoin("old", 4, 0, 2).ok());  // left behind in generation 4; MIN is 1
+  rdzv_->tick(now_ + milliseconds(2000) + kResumeGrace, &events_);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  ASSERT_EQ(f[0].generation, 5u) << "a new round from generation 4's members";
+  // A member of the real generation 5 comes back: 5 must not name two memberships.
+  events_.clear();
+  auto late = rejoin("a", 5, 0, 2);
+  ASSERT_TRUE(late.ok());
+  EXPECT_FALSE(late->waiting);
+  f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 6u);
+  EXPECT_EQ(f[0].members.size(), 2u);
+  EXPECT_NE(f[0].cause.find("came back from generation 5"), std::string::npos) << f[0].cause;
+}
+
+}  // namespace
+}  // namespace rally::coordinator
