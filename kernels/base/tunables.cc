@@ -23,9 +23,10 @@ constexpr TunableSpec kSpecs[] = {
     {"connect_timeout", "RALLY_CONNECT_TIMEOUT", TunableKind::kDuration, "60s",
      "how long clients keep retrying, with backoff, to reach an unavailable coordinator"},
     {"failover_timeout", "RALLY_FAILOVER_TIMEOUT", TunableKind::kDuration, "10s",
-     "when the host of a job's coordinator (an agent's embedded one) is lost, the first surviving "
-     "of the next nodes by rank takes it over: how long the others wait for each one before trying "
-     "the next; 0: no takeover, the job stops"},
+     "when the host of a job's coordinator (an agent's embedded one) is lost, the first live one "
+     "of the round's next nodes takes it over: the k-th is waited for until k times this after "
+     "the loss; 0: no takeover, and no waiting for a restarted standalone coordinator either "
+     "(the job stops)"},
     {"max_message_bytes", "RALLY_MAX_MESSAGE_BYTES", TunableKind::kBytes, "4MiB",
      "largest request or response the coordinator accepts"},
     {"max_keys", "RALLY_MAX_KEYS", TunableKind::kInteger, "1000000",
