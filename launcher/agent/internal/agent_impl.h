@@ -1,5 +1,6 @@
 // The agent's internals, shared by its source files (agent.cc: rendezvous, workers, failures;
-// agent_checks.cc: the periodic checks of its loop). Not part of any public API.
+// agent_checks.cc: the periodic checks of its loop; agent_takeover.cc: a lost or restarted
+// coordinator). Not part of any public API.
 #pragma once
 
 #include <signal.h>
@@ -77,6 +78,11 @@ class EventQueue {
   std::condition_variable cv_;
   std::deque<AgentEvent> q_;
 };
+
+// Where a coordinator for `host` (a node's address, or the rendezvous endpoint's host) listens:
+// that loopback address itself (127.x or ::1: tests and one-machine demos), 127.0.0.1 for
+// localhost, else every interface.
+std::string listenAddressFor(const std::string& host);
 
 // The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
 char processState(pid_t pid);

@@ -1,8 +1,10 @@
-// The agent's progress watchdog: reports arrive over the abstract Unix socket with the sender's
+// The agent's progress watchdog (and, at the end, where its coordinator listens): reports arrive over the abstract Unix socket with the sender's
 // pid from the kernel; a worker is judged hung only after the timeout passes with neither a new
 // step nor a wait, once; waiting (a collective) and new steps restart the clock; workers not
 // running, silent or not yet at a step are never judged.
 #include "launcher/agent/progress_watchdog.h"
+
+#include "launcher/agent/internal/agent_impl.h"  // listenAddressFor
 
 #include <gtest/gtest.h>
 #include <sys/socket.h>
@@ -97,3 +99,14 @@ TEST(ProgressWatchdog, ASilentWorkerIsNotJudged) {
 
 }  // namespace
 }  // namespace rally::agent
+
+// Where an agent's coordinator listens (the first one, and a successor's after a takeover): on
+// loopback the address exactly, since one-machine tests and demos give nodes 127.0.0.2, 127.0.0.3.
+TEST(ListenAddress, LoopbackAddressesExactlyOthersOnEveryInterface) {
+  EXPECT_EQ(rally::agent::listenAddressFor("127.0.0.1"), "127.0.0.1");
+  EXPECT_EQ(rally::agent::listenAddressFor("127.0.0.3"), "127.0.0.3");
+  EXPECT_EQ(rally::agent::listenAddressFor("::1"), "::1");
+  EXPECT_EQ(rally::agent::listenAddressFor("localhost"), "127.0.0.1");
+  EXPECT_EQ(rally::agent::listenAddressFor("10.0.0.5"), "0.0.0.0");
+  EXPECT_EQ(rally::agent::listenAddressFor("node-7.cluster"), "0.0.0.0");
+}

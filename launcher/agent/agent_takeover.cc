@@ -1,0 +1,223 @@
+// The agent's part in keeping a job whose coordinator is lost (docs/design/coordinator.md,
+// "Takeover" and "Resume"): trying the round's successors (and starting the coordinator when this
+// node is the one), waiting for a restarted standalone coordinator, telling the workers where it
+// is, and picking up a resumed round.
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <signal.h>
+
+#include "kernels/base/logging.h"
+#include "kernels/base/telemetry_files.h"
+#include "launcher/agent/internal/agent_impl.h"
+
+namespace rally::agent {
+namespace {
+
+std::string joinHostPort(const std::string& host, int port) {
+  return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port)
+                                             : fmt::format("{}:{}", host, port);
+}
+
+}  // namespace
+
+std::string listenAddressFor(const std::string& host) {
+  if (host.rfind("127.", 0) == 0) return host;  // exactly it: tests and one-machine demos
+  if (host == "::1") return host;
+  if (host == "localhost") return "127.0.0.1";
+  return "0.0.0.0";
+}
+
+void Agent::Impl::writeCoordinatorFile() {
+  if (coordinator_file_.empty() || !conn_) return;
+  if (Status s = writeFileReplacing(coordinator_file_, conn_->endpoint() + "\n"); !s.ok()) {
+    log_->warn("the workers cannot learn where the coordinator is: {}", s.message());
+  }
+}
+
+bool Agent::Impl::coordinatorAnswers() {
+  rendezvous::ClientOptions o = conn_->options();
+  o.dedicated_connection = true;
+  o.keepalive = Milliseconds(0);
+  auto probe = rendezvous::CoordinatorConnection::open(o);
+  if (!probe.ok()) return false;
+  grpc::ClientContext ctx;
+  (*probe)->prepareContext(&ctx, Milliseconds(1000));
+  ctx.set_wait_for_ready(false);  // a refused connection is an answer: gone
+  v1::RoundInfo info;
+  // Only a served call counts: a coordinator that is shutting down, or a transport that resets
+  // or cancels the call, is not one to rejoin.
+  return (*probe)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info).ok();
+}
+
+bool Agent::Impl::beginTakeover(const std::string& why, bool handover) {
+  // Not for a coordinator of this agent's own (a session to it that ends is not its loss), nor
+  // before this node was in a round (no successors known).
+  if (!round_ || embedded_ || tunable("failover_timeout").count() == 0) return false;
+  bool standalone = round_->coordinator_node().empty();
+  if (!standalone && round_->successors().empty()) return false;  // a one-node job's own
+  Takeover t;
+  t.lost_at = Clock::now();
+  t.lost_endpoint = conn_->endpoint();
+  t.why = why;
+  ++session_serial_;  // the lost session's last events are stale from here on
+  if (!standalone && !handover && coordinatorAnswers()) {
+    // Only this node's stream broke: a second coordinator would split the job. Rejoin this one.
+    log_->warn(
+        "the session with the coordinator at {} broke ({}), but it still answers: rejoining it",
+        t.lost_endpoint, why);
+    standalone = true;
+  }
+  if (standalone) {
+    // No node was lost: the workers go on, and the agent waits for the coordinator to be
+    // restarted where it was (a Kubernetes Deployment, a systemd unit).
+    t.same_endpoint = true;
+    t.patience = tunable("connect_timeout");
+    t.successors.emplace_back();
+    if (round_->coordinator_node().empty()) {
+      log_->warn(
+          "lost the coordinator at {} ({}); it runs on its own (rally coordinator): waiting up to "
+          "{} (--connect-timeout) for it to come back, while the workers go on",
+          t.lost_endpoint, why, formatDuration(t.patience));
+    }
+  } else {
+    t.patience = tunable("failover_timeout");
+    t.successors.assign(round_->successors().begin(), round_->successors().end());
+    std::vector<std::string> names;
+    for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
+    log_->warn(
+        "lost the coordinator at {} (node '{}': {}); the job goes on with the first of {} that "
+        "answers as its coordinator",
+        t.lost_endpoint, round_->coordinator_node(), why, fmt::join(names, ", "));
+  }
+  events_->write("coordinator_lost", {{"endpoint", t.lost_endpoint},
+                                      {"node", round_->coordinator_node()},
+                                      {"generation", generation_},
+                                      {"cause", why}});
+  takeover_ = std::move(t);
+  // The generation ended with the coordinator's host. Under restarts, as for any lost node, the
+  // workers stop now (their collectives with the lost node fail anyway; such a failure is not the
+  // job's) and start again in the takeover's round. In place, they re-form by themselves.
+  if (!standalone && !o_.inPlace()) {
+    stopWorkers(SIGTERM, "the job's coordinator was lost; the job re-forms");
+  }
+  return true;
+}
+
+void Agent::Impl::raiseRestarts() {
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    auto now = store_->get("restarts");
+    if (!now.ok()) return;
+    const std::int64_t have = now->has_value() ? std::strtoll((*now)->c_str(), nullptr, 10) : 0;
+    if (have >= job_restarts_) return;
+    auto swapped = store_->compareAndSet("restarts", *now, std::to_string(job_restarts_));
+    if (!swapped.ok() || swapped->swapped) return;
+  }
+}
+
+std::optional<int> Agent::Impl::tryNextSuccessor() {
+  Takeover& t = *takeover_;
+  if (t.started_here && embedded_) {
+    // The coordinator this node started for the takeover did not take it (it cannot happen
+    // unless this node's own session to it failed): it must not go on beside the next one.
+    embedded_->shutdown("this node gave up its takeover");
+    embedded_.reset();
+    t.started_here = false;
+  }
+  while (t.next < t.successors.size()) {
+    const v1::RoundMember& c = t.successors[t.next++];
+    // Absolute: the k-th successor is waited for until k patiences after the loss, so that one
+    // that starts late because it waited for those before it is still found.
+    t.deadline = t.lost_at + static_cast<int>(t.next) * t.patience;
+    if (t.same_endpoint) {
+      // A fresh channel to the same place (which also clears the lost mark); the session waits
+      // for the coordinator to listen again.
+      if (Status s = conn_->retarget(t.lost_endpoint); !s.ok()) break;
+      conn_->markLost(conn_->targetSerial());  // store calls fail at once until welcomed
+      if (Status s = openSession(&*round_); !s.ok()) {
+        log_->error("cannot rejoin the coordinator at {}: {}", t.lost_endpoint, s.message());
+        break;
+      }
+      return std::nullopt;
+    }
+    std::string endpoint = joinHostPort(c.address(), rdzv_port_);
+    if (c.node_id() == node_id_) {
+      coordinator::CoordinatorOptions copt = coordinator_options_;
+      copt.host_node_id = node_id_;
+      const std::string lost = round_->coordinator_node();
+      copt.rendezvous.takeover = coordinator::Takeover{
+          .generation = generation_,
+          .expected_nodes = std::max<std::uint32_t>(1, round_->num_nodes() - 1),
+          .cause = fmt::format("the coordinator's host, node '{}', was lost ({})", lost, t.why),
+          .failed_nodes = {lost}};
+      const std::string bind = listenAddressFor(address_);
+      auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = rdzv_port_});
+      if (!server.ok()) {
+        log_->error("cannot take over the job's coordinator here: {}; the others try the next node",
+                    server.status().message());
+        continue;
+      }
+      embedded_ = std::move(*server);
+      t.started_here = true;
+      if (bind != "0.0.0.0") endpoint = joinHostPort(bind, rdzv_port_);
+      log_->warn("took over the job's coordinator on {} (generation {} ends with node '{}')",
+                 embedded_->address(), generation_, lost);
+    }
+    if (Status s = conn_->retarget(endpoint); !s.ok()) {
+      log_->error("successor '{}': {}", c.node_id(), s.message());
+      continue;
+    }
+    conn_->markLost(conn_->targetSerial());  // store calls fail at once until welcomed
+    if (Status s = openSession(&*round_); !s.ok()) {
+      log_->error("successor '{}' at {}: {}", c.node_id(), endpoint, s.message());
+      continue;
+    }
+    log_->info("trying the job's coordinator at {} (node '{}')", endpoint, c.node_id());
+    return std::nullopt;
+  }
+  if (t.same_endpoint) {
+    log_->error(
+        "lost the coordinator at {} ({}), and it did not come back within {} (--connect-timeout): "
+        "this node stops",
+        t.lost_endpoint, t.why, formatDuration(t.patience));
+  } else {
+    std::vector<std::string> names;
+    for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
+    log_->error(
+        "lost the coordinator at {} ({}), and none of the nodes that take it over ({}) answered "
+        "within {} each (--failover-timeout): this node stops",
+        t.lost_endpoint, t.why, fmt::join(names, ", "), formatDuration(t.patience));
+  }
+  stopWorkers(SIGTERM, "lost the coordinator");
+  return 1;
+}
+
+void Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {
+  if (r.node_rank() != round_->node_rank() || r.num_nodes() != round_->num_nodes() ||
+      r.world_size() != round_->world_size()) {
+    // Never expected (a resumed round is the same membership): move past it rather than run
+    // two memberships under one generation.
+    log_->error("generation {} came back with another layout (node rank {} of {}); re-forming",
+                r.generation(), r.node_rank(), r.num_nodes());
+    session_->requestReform("a resumed round did not match its members' layout");
+    return;
+  }
+  round_ = r;
+  log_->info("generation {}: the restarted coordinator resumed the round ({})", generation_,
+             r.cause());
+  // Requests made while it was away were lost with it.
+  reform_requested_for_ = 0;
+  admit_pending_since_.reset();
+  if (in_barrier_) countInBarrier();
+  if (!missing_.empty() || (!group_ && !in_barrier_)) {
+    // A worker failed while the coordinator was away and could not say so: re-form for it, once
+    // for the job however many nodes saw failures.
+    auto claim =
+        store_->compareAndSet(fmt::format("resume_reform/{}", generation_), std::nullopt, node_id_);
+    if (claim.ok() && claim->swapped) {
+      session_->requestReform(
+          fmt::format("worker(s) on node '{}' failed while the coordinator was away", node_id_));
+    }
+  }
+}
+
+}  // namespace rally::agent
