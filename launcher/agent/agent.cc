@@ -914,6 +914,13 @@ int Agent::Impl::loop() {
                beginTakeover("its host is leaving: " + m.shutdown().reason(),
                              /*handover=*/true)) {
       if (auto code = tryNextSuccessor()) return *code;
+    } else if (m.has_shutdown() && !group_ &&
+               m.shutdown().reason().rfind("job finished: succeeded", 0) == 0) {
+      // Held for a round that never came (a spare of a full job): the job is done, and so is
+      // this node.
+      log_->info("the job finished while this node was held for its next round: {}",
+                 m.shutdown().reason());
+      return 0;
     } else if (m.has_shutdown()) {
       stopWorkers(SIGTERM, "the coordinator dismissed this node");
       log_->error("the coordinator dismissed this node: {}", m.shutdown().reason());

@@ -143,7 +143,7 @@ Result<JoinOutcome> Rendezvous::join(const NodeInfo& node, TimePoint now, Events
     entry.role = Role::kHeld;
     nodes_.emplace(node.node_id, std::move(entry));
     held_.push_back(node.node_id);
-    events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
+    events->push_back(NodesWaitingEvent{admissible()});
     return JoinOutcome{.waiting = true};
   }
   nodes_.emplace(node.node_id, std::move(entry));
@@ -194,7 +194,7 @@ void Rendezvous::leave(const std::vector<Departure>& departures, TimePoint now, 
     if (total > causes.size()) cause += fmt::format(" (and {} more)", total - causes.size());
     startReform(cause, std::move(failed_members), now, events);
   } else if (held_changed) {
-    events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
+    events->push_back(NodesWaitingEvent{admissible()});
   }
 }
 
@@ -351,7 +351,7 @@ void Rendezvous::formResumed(Events* events) {
                                     fmt::format("round resumed with {} node(s) ({})", num, cause),
                                     {}});
   if (!held_.empty()) {
-    events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
+    events->push_back(NodesWaitingEvent{admissible()});
   }
 }
 
@@ -421,7 +421,7 @@ void Rendezvous::form(Events* events) {
                                     fmt::format("round formed with {} node(s) ({})", num, cause),
                                     failed});
   if (!held_.empty()) {
-    events->push_back(NodesWaitingEvent{static_cast<std::uint32_t>(held_.size())});
+    events->push_back(NodesWaitingEvent{admissible()});
   }
 }
 

@@ -28,6 +28,7 @@
 // Thread-safety: none; the owner serialises calls.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -106,6 +107,8 @@ struct GenerationEvent {
   std::vector<std::string> failed_nodes;
 };
 // The number of nodes held for the next round changed: tell the members.
+// Held nodes that a new round could admit: as many as fit under MAX (0 when the round is full,
+// its spares waiting for a member to go; members must not re-form for them).
 struct NodesWaitingEvent {
   std::uint32_t count = 0;
 };
@@ -187,6 +190,11 @@ class Rendezvous {
   };
 
   Status validate(const NodeInfo& node) const;
+  // Held nodes that fit in the formed round's free places (NodesWaitingEvent).
+  std::uint32_t admissible() const {
+    const size_t room = options_.max_nodes > members_.size() ? options_.max_nodes - members_.size() : 0;
+    return static_cast<std::uint32_t>(std::min(held_.size(), room));
+  }
   bool gathering() const {
     return state_ == RoundState::kWaiting || state_ == RoundState::kReforming;
   }

@@ -106,6 +106,36 @@ TEST_F(RunTest, NodeAddedJobGrows) {
   EXPECT_NE(a->errors().find("waiting to join"), std::string::npos);
 }
 
+// Nodes beyond MAX are spares: held without disturbing the full job (no re-form for them: once a
+// re-form storm restarted the workers thousands of times a second), in when a member is lost, and
+// done, with success, when the job finishes without them.
+TEST_F(RunTest, SparesBeyondMaxWaitReplaceALostNodeAndEndWithTheJob) {
+  const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=3"};
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "spare",
+                                         "--max-restarts",  "1"};
+  auto a = agent("spare-a", vars, args);
+  auto b = agent("spare-b", vars, args);
+  ASSERT_TRUE(a->waitForOutput("world=2", milliseconds(20000))) << a->errors();
+  auto c = agent("spare-c", vars, args);
+  ASSERT_TRUE(c->waitForErrors("held until", milliseconds(20000))) << c->errors();
+  b->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*b, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(c->waitForOutput("world=2", milliseconds(20000))) << c->errors();
+  auto d = agent("spare-d", vars, args);  // a spare of the new round, which then finishes
+  ASSERT_TRUE(d->waitForErrors("held until", milliseconds(20000))) << d->errors();
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  EXPECT_EQ(exitCode(*d), 0) << d->errors();
+  EXPECT_EQ(count(a->output(), "worker rank="), 2u)
+      << "started for the first round and for the one without 'spare-b', no more:\n"
+      << a->output() << a->errors();
+  EXPECT_EQ(count(c->output(), "worker rank="), 1u) << c->output();
+  EXPECT_EQ(count(d->output(), "worker rank="), 0u) << d->output();
+  EXPECT_NE(d->errors().find("the job finished while this node was held"), std::string::npos)
+      << d->errors();
+}
+
 TEST_F(RunTest, RestartBudgetIsTheJobsAndItsExhaustionIsReportedOnEveryNode) {
   const std::vector<std::string> vars = {"FIRST_SECONDS=30", "LATER_SECONDS=30", "FAIL_RANK=3",
                                          "FAIL_ALWAYS=1", "FAIL_CODE=4"};

@@ -382,6 +382,43 @@ TEST_F(RendezvousTest, CountsAndJobIdComeFromFirstJoinWhenUnset) {
   EXPECT_EQ(rdzv_->state(), RoundState::kFormed);
 }
 
+// Spares: nodes held while the round is at MAX are not "waiting to join" (a member that re-formed
+// for them would form the same full round again, and again for ever); they come in when a member
+// goes.
+TEST_F(RendezvousTest, WaitingCountsOnlyTheHeldNodesThatFit) {
+  make(1, 3);
+  ASSERT_TRUE(join("a").ok());
+  ASSERT_TRUE(join("b").ok());
+  rdzv_->tick(now_ + seconds(3), &events_);
+  ASSERT_EQ(formed().size(), 1u);
+  events_.clear();
+  ASSERT_TRUE(join("c").ok());
+  ASSERT_TRUE(join("d").ok());
+  auto waiting = take<NodesWaitingEvent>();
+  ASSERT_EQ(waiting.size(), 2u);
+  EXPECT_EQ(waiting[0].count, 1u);
+  EXPECT_EQ(waiting[1].count, 1u) << "one place left under MAX 3, two held";
+  events_.clear();
+  ASSERT_TRUE(rdzv_->requestReform("a", "admit waiting nodes", now_, &events_).ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].members.size(), 3u);
+  waiting = take<NodesWaitingEvent>();
+  ASSERT_EQ(waiting.size(), 1u);
+  EXPECT_EQ(waiting[0].count, 0u) << "the round is full: 'd' is a spare, not a reason to re-form";
+  ASSERT_TRUE(join("e").ok());
+  waiting = take<NodesWaitingEvent>();
+  ASSERT_FALSE(waiting.empty());
+  EXPECT_EQ(waiting.back().count, 0u);
+  // A member goes: a spare takes its place.
+  events_.clear();
+  rdzv_->leave(f[0].members[1].node_id, "lost: stream broken", true, now_, &events_);
+  rdzv_->tick(now_ + seconds(3), &events_);
+  f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].members.size(), 3u);
+}
+
 TEST_F(RendezvousTest, HeldNodeLeavingUpdatesWaitingCount) {
   make(1, 1);
   ASSERT_TRUE(join("a").ok());
