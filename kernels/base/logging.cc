@@ -1,8 +1,15 @@
 #include "kernels/base/logging.h"
 
+#include <execinfo.h>
 #include <fmt/format.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
@@ -82,6 +89,50 @@ std::shared_ptr<spdlog::logger> get(std::string_view subsystem) {
   logger->flush_on(spdlog::level::warn);
   c.loggers.emplace(name, logger);
   return logger;
+}
+
+namespace {
+char crash_program[64] = "rally";
+
+void writeAll(const char* text, size_t n) {
+  while (n > 0) {
+    const ssize_t w = ::write(2, text, n);
+    if (w <= 0) return;
+    text += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+[[noreturn]] void reportTerminate() {
+  char line[512];
+  const char* what = "no exception (a pure virtual call, a joinable std::thread destroyed, ...)";
+  std::string text;
+  if (std::exception_ptr e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      text = std::string("uncaught exception: ") + x.what();
+      what = text.c_str();
+    } catch (...) {
+      what = "uncaught exception of an unknown type";
+    }
+  }
+  const int n = std::snprintf(
+      line, sizeof(line), "%s: std::terminate in pid %d, thread %ld: %s; its backtrace:\n",
+      crash_program, static_cast<int>(getpid()), static_cast<long>(syscall(SYS_gettid)), what);
+  writeAll(line, static_cast<size_t>(std::max(0, std::min<int>(n, sizeof(line) - 1))));
+  void* frames[64];
+  const int depth = backtrace(frames, 64);
+  backtrace_symbols_fd(frames, depth, 2);
+  std::abort();
+}
+}  // namespace
+
+void installCrashReport(std::string_view program) {
+  const size_t n = std::min(program.size(), sizeof(crash_program) - 1);
+  program.copy(crash_program, n);
+  crash_program[n] = '\0';
+  std::set_terminate(reportTerminate);
 }
 
 }  // namespace rally::log

@@ -24,4 +24,10 @@ Status setup(std::string_view prefix, std::string_view level_spec);
 // The logger of one subsystem (created on first use with the configured prefix and level).
 std::shared_ptr<spdlog::logger> get(std::string_view subsystem);
 
+// Makes std::terminate (an uncaught exception, "pure virtual method called") write what happened
+// and the calling thread's backtrace to stderr before it aborts, so that a rare crash can be
+// diagnosed from a log alone (addr2line -e BINARY OFFSET for frames without a name). Call once,
+// first thing in main().
+void installCrashReport(std::string_view program);
+
 }  // namespace rally::log

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <iostream>
 
+#include "kernels/base/logging.h"
 #include "launcher/cli/checkpoint_command.h"
 #include "launcher/cli/coordinator_command.h"
 #include "launcher/cli/run_command.h"
@@ -12,6 +13,7 @@
 #include "runtime/rendezvous/grpc_status.h"
 
 int main(int argc, char** argv) {
+  rally::log::installCrashReport("rally");
   rally::rendezvous::routeGrpcLogs();
   // `rally run` takes torchrun's command line, whose program arguments are the program's: it is
   // parsed by its own parser, not as a subcommand here.

@@ -1,4 +1,5 @@
-// Status/Result propagation with context, unit parsing, and the tunables registry.
+// Status/Result propagation with context, unit parsing, the tunables registry, and the crash
+// report.
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -6,7 +7,10 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <stdexcept>
+#include <thread>
 
+#include "kernels/base/logging.h"
 #include "kernels/base/status.h"
 #include "kernels/base/telemetry_files.h"
 #include "kernels/base/tunables.h"
@@ -144,6 +148,37 @@ TEST(TelemetryFilesTest, PrometheusHeaderLines) {
 TEST(TelemetryFilesTest, NodeIdsBecomeSafeFileNameParts) {
   EXPECT_EQ(fileNameSafe("host-1.example_2"), "host-1.example_2");
   EXPECT_EQ(fileNameSafe("a/b c:d"), "a_b_c_d");
+}
+
+struct Base {
+  Base();
+  virtual ~Base() = default;
+  virtual void f() = 0;
+};
+void callF(Base* b) { b->f(); }
+Base::Base() { callF(this); }  // f() of an object not yet a Derived: "pure virtual method called"
+struct Derived : Base {
+  void f() override {}
+};
+
+// A crash that std::terminate ends (the agent's rare exit crash was one) says what it was and
+// where, so that one occurrence in a CI log is enough to diagnose it.
+TEST(CrashReportDeathTest, TerminateWritesWhatAndABacktrace) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        log::installCrashReport("crash-test");
+        std::thread([] { throw std::runtime_error("no one catches this"); }).join();
+      },
+      "crash-test: std::terminate in pid [0-9]+, thread [0-9]+: uncaught exception: no one "
+      "catches this; its backtrace:\n(.*\n)+");
+  EXPECT_DEATH(
+      {
+        log::installCrashReport("crash-test");
+        Derived d;
+      },
+      "pure virtual method called(.|\n)*crash-test: std::terminate in pid [0-9]+, thread [0-9]+: "
+      "no exception \\(a pure virtual call");
 }
 
 }  // namespace rally
