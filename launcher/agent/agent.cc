@@ -126,8 +126,14 @@ int Agent::Impl::run() {
   } else if (o_.staticBackend()) {
     code = runStatic();
   } else if (Status c = connect(); !c.ok()) {
-    log_->error("{}", c.message());
-    code = 1;
+    if (auto sig = queue_.takeSignal(); sig && c.code() == StatusCode::kAborted) {
+      log_->warn("received {} while looking for the job's coordinator: stopping",
+                 cli::signalName(*sig));
+      code = 128 + *sig;
+    } else {
+      log_->error("{}", c.message());
+      code = 1;
+    }
   } else {
     code = loop();
   }
@@ -222,6 +228,49 @@ Status Agent::Impl::setup() {
   return okStatus();
 }
 
+Status Agent::Impl::hostOrJoin(const coordinator::CoordinatorOptions& copt, const cli::HostPort& at,
+                               bool forced) {
+  const std::string bind = listenAddressFor(at.host);
+  const auto deadline = Clock::now() + tunable("connect_timeout");
+  std::minstd_rand jitter(static_cast<unsigned>(getpid()));
+  bool said = false;
+  for (;;) {
+    auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = at.port});
+    if (server.ok()) {
+      embedded_ = std::move(*server);
+      log_->info("hosting the job's coordinator on {}", embedded_->address());
+      return okStatus();
+    }
+    if (forced) return server.status();
+    // Taken: another agent on this host serves it (or is starting to). Or two agents raced and
+    // both lost: sockets bound together with SO_REUSEADDR make each other's listen() fail. Join
+    // the one that answers; if none does, try again after a random pause (which breaks the tie).
+    // A coordinator that refuses this node's token serves there too: joining it says so.
+    if (auto probe = probeCoordinator(at.toString());
+        probe.ok() || probe.status().code() == StatusCode::kUnauthenticated) {
+      log_->info("another agent on this host serves {} ({}): joining it", at.toString(),
+                 server.status().message());
+      return okStatus();
+    }
+    if (!said) {
+      log_->info(
+          "cannot listen on {} ({}), and no coordinator answers there yet: trying again "
+          "for up to {} (--connect-timeout)",
+          at.toString(), server.status().message(), formatDuration(tunable("connect_timeout")));
+      said = true;
+    }
+    if (Clock::now() > deadline) {
+      return Status(
+          StatusCode::kUnavailable,
+          fmt::format("{}, and no rally coordinator answers there; tried for {} "
+                      "(--connect-timeout)",
+                      server.status().message(), formatDuration(tunable("connect_timeout"))));
+    }
+    if (queue_.hasSignal()) return Status(StatusCode::kAborted, "a signal came");
+    std::this_thread::sleep_for(Milliseconds(20 + jitter() % 200));
+  }
+}
+
 Status Agent::Impl::connect() {
   coordinator::CoordinatorOptions copt;
   copt.rendezvous.job_id = o_.rdzv_id;
@@ -256,32 +305,46 @@ Status Agent::Impl::connect() {
           endpoint);
     }
     copt.token = token;
-    const auto colon = endpoint.rfind(':');
-    const std::string host = endpoint.substr(0, colon);
-    auto port = parseInteger(endpoint.substr(colon + 1));
-    if (!port.ok() || *port < 1 || *port > 65535) {
-      return invalidArgument(fmt::format("--rdzv-endpoint '{}' has no valid port", endpoint));
-    }
-    rdzv_port_ = static_cast<int>(*port);
+    const cli::HostPort& first = o_.rdzv_endpoints.front();
+    rdzv_port_ = first.port;
     copt.host_node_id = node_id_;  // so that rounds name its successors
     coordinator_options_ = copt;
+    for (size_t i = 1; i < o_.rdzv_endpoints.size() && !standby_; ++i) {
+      // A loopback address names every agent of a one-machine job: it must be this one's own.
+      const cli::HostPort& e = o_.rdzv_endpoints[i];
+      const bool loopback =
+          e.host.rfind("127.", 0) == 0 || e.host == "::1" || e.host == "localhost";
+      if (e.host == address_ || (!loopback && isLocalHost(e.host))) standby_ = e;
+    }
+    RALLY_ASSIGN_OR_RETURN(client_options_,
+                           rendezvous::ClientOptions::fromTunables(o_.tunables, endpoint, token));
+    const bool listed = o_.rdzv_endpoints.size() > 1;
+    std::optional<std::string> found;
+    if (listed) {
+      // The coordinator may have moved since the job started (its first host was lost): a node
+      // that joins now, or comes back, joins it there rather than starting another.
+      if (auto at = locateCoordinator(Clock::now()); at.ok()) {
+        found = *at;
+      } else if (at.status().code() == StatusCode::kAborted) {
+        return at.status();
+      }
+    }
     std::optional<bool> forced;
     if (auto it = o_.rdzv_conf.find("is_host"); it != o_.rdzv_conf.end()) {
       forced = it->second == "1" || it->second == "true" || it->second == "True";
     }
-    if (forced.value_or(isLocalHost(host))) {
-      const std::string bind = listenAddressFor(host);
-      auto server = coordinator::CoordinatorServer::start(
-          copt, {.host = bind, .port = static_cast<int>(*port)});
-      if (server.ok()) {
-        embedded_ = std::move(*server);
-        log_->info("hosting the job's coordinator on {}", embedded_->address());
-      } else if (forced.value_or(false)) {
-        return server.status();
-      } else {
-        log_->info("another agent on this host serves {} ({}): joining it", endpoint,
-                   server.status().message());
+    if (!found && forced.value_or(isLocalHost(first.host))) {
+      RALLY_RETURN_IF_ERROR(hostOrJoin(copt, first, forced.value_or(false)));
+    }
+    if (found) {
+      endpoint = *found;
+      if (endpoint != o_.rdzv_endpoint) {
+        log_->info("the job's coordinator is at {} (not at {}, where it started)", endpoint,
+                   o_.rdzv_endpoint);
       }
+    } else if (listed && !embedded_) {
+      RALLY_ASSIGN_OR_RETURN(endpoint,
+                             locateCoordinator(Clock::now() + tunable("connect_timeout")));
     }
   }
   RALLY_ASSIGN_OR_RETURN(auto client,
@@ -321,7 +384,8 @@ Status Agent::Impl::openSession(const v1::RoundFormed* last) {
                             .min_nodes = o_.min_nodes,
                             .max_nodes = o_.max_nodes,
                             .local_world_size = static_cast<std::uint32_t>(o_.local_world_size),
-                            .address = address_};
+                            .address = address_,
+                            .standby_endpoint = standby_ ? standby_->toString() : ""};
   if (last != nullptr) {
     join.last_generation = last->generation();
     join.last_node_rank = last->node_rank();
@@ -758,6 +822,10 @@ int Agent::Impl::loop() {
         if (auto code = tryNextSuccessor()) return *code;
         continue;
       }
+      if (session_->lostCoordinator() && !round_) {
+        if (relocate(ended->status.message())) continue;
+        return 1;  // it said why
+      }
       stopWorkers(SIGTERM, "lost the coordinator");
       if (code == StatusCode::kUnauthenticated) {
         log_->error(
@@ -780,8 +848,7 @@ int Agent::Impl::loop() {
       log_->error(
           "lost the coordinator at {} ({}): its host may be down, and {}, so this node stops",
           conn_->endpoint(), ended->status.message(),
-          !round_ ? "this node was in no round yet (no successor is known)"
-          : tunable("failover_timeout").count() == 0
+          tunable("failover_timeout").count() == 0
               ? "takeover is off (--failover-timeout 0)"
               : "the job's coordinator has no successors (this node hosts it, or it is the only "
                 "node)");

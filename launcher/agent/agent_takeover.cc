@@ -6,9 +6,12 @@
 #include <fmt/ranges.h>
 #include <signal.h>
 
+#include <thread>
+
 #include "kernels/base/logging.h"
 #include "kernels/base/telemetry_files.h"
 #include "launcher/agent/internal/agent_impl.h"
+#include "runtime/rendezvous/grpc_status.h"
 
 namespace rally::agent {
 namespace {
@@ -34,19 +37,90 @@ void Agent::Impl::writeCoordinatorFile() {
   }
 }
 
-bool Agent::Impl::coordinatorAnswers() {
-  rendezvous::ClientOptions o = conn_->options();
+Result<v1::RoundInfo> Agent::Impl::probeCoordinator(const std::string& endpoint) {
+  rendezvous::ClientOptions o = conn_ ? conn_->options() : client_options_;
+  o.endpoint = endpoint;
   o.dedicated_connection = true;
   o.keepalive = Milliseconds(0);
-  auto probe = rendezvous::CoordinatorConnection::open(o);
-  if (!probe.ok()) return false;
+  RALLY_ASSIGN_OR_RETURN(auto probe, rendezvous::CoordinatorConnection::open(o));
   grpc::ClientContext ctx;
-  (*probe)->prepareContext(&ctx, Milliseconds(1000));
-  ctx.set_wait_for_ready(false);  // a refused connection is an answer: gone
+  probe->prepareContext(&ctx, Milliseconds(1000));
+  ctx.set_wait_for_ready(false);  // a refused connection is an answer: none there
   v1::RoundInfo info;
   // Only a served call counts: a coordinator that is shutting down, or a transport that resets
-  // or cancels the call, is not one to rejoin.
-  return (*probe)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info).ok();
+  // or cancels the call, is not one to join.
+  const grpc::Status s = probe->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info);
+  if (!s.ok()) return rendezvous::fromGrpcStatus(s, "GetRound");
+  return info;
+}
+
+bool Agent::Impl::coordinatorAnswers() { return probeCoordinator(conn_->endpoint()).ok(); }
+
+Result<std::string> Agent::Impl::locateCoordinator(Clock::time_point deadline) {
+  std::vector<std::string> answers;
+  for (;;) {
+    std::optional<std::pair<std::string, std::uint64_t>> best;
+    std::optional<std::string> refused;  // answers, but not to this node's token
+    answers.clear();
+    for (const cli::HostPort& e : o_.rdzv_endpoints) {
+      const std::string endpoint = e.toString();
+      auto info = probeCoordinator(endpoint);
+      if (info.ok() && info->state() == v1::GenerationEvent::CLOSED) {
+        answers.push_back(fmt::format("{} (its job has ended)", endpoint));
+      } else if (info.ok()) {
+        // Two answer only if an old coordinator was cut off rather than lost: the newer round
+        // is the job's.
+        if (!best || info->generation() > best->second) best.emplace(endpoint, info->generation());
+      } else {
+        if (info.status().code() == StatusCode::kUnauthenticated && !refused) refused = endpoint;
+        answers.push_back(fmt::format("{} ({})", endpoint, info.status().message()));
+      }
+    }
+    if (best) return best->first;
+    if (refused) return *refused;  // joining it tells the node about its token
+    if (queue_.hasSignal()) return Status(StatusCode::kAborted, "a signal came");
+    if (Clock::now() + Milliseconds(250) > deadline) break;
+    std::this_thread::sleep_for(Milliseconds(250));
+  }
+  return Status(
+      StatusCode::kUnavailable,
+      fmt::format("no coordinator of job '{}' answers at any address of --rdzv-endpoint within "
+                  "{} (--connect-timeout): {}. Are the hosts up, the ports right, and RALLY_TOKEN "
+                  "the job's?",
+                  o_.rdzv_id, formatDuration(tunable("connect_timeout")),
+                  fmt::join(answers, "; ")));
+}
+
+bool Agent::Impl::relocate(const std::string& why) {
+  const std::string lost = conn_->endpoint();
+  log_->warn(
+      "lost the coordinator at {} ({}) while held for the next round: looking for it at {} for "
+      "up to {} (--connect-timeout)",
+      lost, why, o_.rdzv_endpoints.size() > 1 ? "the addresses of --rdzv-endpoint" : "its address",
+      formatDuration(tunable("connect_timeout")));
+  ++session_serial_;  // the lost session's last events are stale from here on
+  auto found = locateCoordinator(Clock::now() + tunable("connect_timeout"));
+  if (!found.ok()) {
+    if (found.status().code() == StatusCode::kAborted) return true;  // the loop takes the signal
+    log_->error("{}; this node stops{}", found.status().message(),
+                o_.rdzv_endpoints.size() > 1
+                    ? ""
+                    : " (list standby addresses in --rdzv-endpoint to find a coordinator that "
+                      "moved to another node)");
+    return false;
+  }
+  if (Status s = conn_->retarget(*found); !s.ok()) {
+    log_->error("cannot reach the coordinator at {}: {}", *found, s.message());
+    return false;
+  }
+  if (Status s = openSession(nullptr); !s.ok()) {
+    log_->error("cannot join the coordinator at {}: {}", *found, s.message());
+    return false;
+  }
+  log_->warn("the job's coordinator is now at {}: joining it again", *found);
+  events_->write("coordinator_moved", {{"endpoint", *found}, {"from", lost}, {"here", false}});
+  writeCoordinatorFile();
+  return true;
 }
 
 bool Agent::Impl::beginTakeover(const std::string& why, bool handover) {
@@ -139,7 +213,10 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       }
       return std::nullopt;
     }
-    std::string endpoint = joinHostPort(c.address(), rdzv_port_);
+    // Where it serves the coordinator: its standby address of --rdzv-endpoint, else its own
+    // address at the rendezvous port.
+    std::string endpoint = !c.standby_endpoint().empty() ? c.standby_endpoint()
+                                                         : joinHostPort(c.address(), rdzv_port_);
     if (c.node_id() == node_id_) {
       coordinator::CoordinatorOptions copt = coordinator_options_;
       copt.host_node_id = node_id_;
@@ -149,8 +226,9 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
           .expected_nodes = std::max<std::uint32_t>(1, round_->num_nodes() - 1),
           .cause = fmt::format("the coordinator's host, node '{}', was lost ({})", lost, t.why),
           .failed_nodes = {lost}};
-      const std::string bind = listenAddressFor(address_);
-      auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = rdzv_port_});
+      const std::string bind = listenAddressFor(standby_ ? standby_->host : address_);
+      const int port = standby_ ? standby_->port : rdzv_port_;
+      auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = port});
       if (!server.ok()) {
         log_->error("cannot take over the job's coordinator here: {}; the others try the next node",
                     server.status().message());
@@ -158,7 +236,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       }
       embedded_ = std::move(*server);
       t.started_here = true;
-      if (bind != "0.0.0.0") endpoint = joinHostPort(bind, rdzv_port_);
+      if (bind != "0.0.0.0") endpoint = joinHostPort(bind, port);
       log_->warn("took over the job's coordinator on {} (generation {} ends with node '{}')",
                  embedded_->address(), generation_, lost);
     }

@@ -14,6 +14,8 @@ namespace {
 void printConfig(const RunOptions& o) {
   std::vector<std::string> signals;
   for (int sig : o.signals_to_handle) signals.emplace_back(signalName(sig));
+  std::vector<std::string> endpoints;
+  for (const HostPort& e : o.rdzv_endpoints) endpoints.push_back(e.toString());
   std::cout << fmt::format(
       "nnodes               {}:{}\n"
       "nproc_per_node       {} ({} worker(s))\n"
@@ -31,7 +33,10 @@ void printConfig(const RunOptions& o) {
       "signals_to_handle    {}\n"
       "command              {}\n\n",
       o.min_nodes, o.max_nodes, o.nproc_per_node, o.local_world_size, o.rdzv_backend,
-      o.standalone ? " (standalone)" : "", o.rdzv_endpoint.empty() ? "-" : o.rdzv_endpoint,
+      o.standalone ? " (standalone)" : "",
+      endpoints.empty() ? "-"
+                        : fmt::to_string(fmt::join(endpoints, ",")) +
+                              (endpoints.size() > 1 ? " (the first hosts it; standbys after)" : ""),
       o.rdzv_id, o.staticBackend() ? o.master_addr : "(node rank 0's address)",
       o.staticBackend() || o.master_port_given ? std::to_string(o.master_port) : "(free port)",
       o.staticBackend() || o.master_port_given ? "" : " chosen by node rank 0", o.max_restarts,

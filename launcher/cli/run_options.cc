@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
@@ -126,6 +127,59 @@ std::string names(const char* dashed, const char* short_name = nullptr) {
 }
 
 }  // namespace
+
+std::string HostPort::toString() const {
+  return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port)
+                                             : fmt::format("{}:{}", host, port);
+}
+
+Result<HostPort> parseHostPort(const std::string& text, int default_port) {
+  HostPort hp;
+  std::string port;
+  if (!text.empty() && text.front() == '[') {
+    const auto close = text.find(']');
+    if (close == std::string::npos) {
+      return invalidArgument(fmt::format("'{}' opens a bracket it does not close", text));
+    }
+    hp.host = text.substr(1, close - 1);
+    const std::string rest = text.substr(close + 1);
+    if (!rest.empty() && rest.front() != ':') {
+      return invalidArgument(
+          fmt::format("'{}' has '{}' after the address: give [ADDRESS]:PORT", text, rest));
+    }
+    if (!rest.empty()) port = rest.substr(1);
+    if (!rest.empty() && port.empty()) {
+      return invalidArgument(fmt::format("'{}' has no port after the colon", text));
+    }
+  } else {
+    const auto colon = text.find(':');
+    if (colon != std::string::npos && text.find(':', colon + 1) != std::string::npos) {
+      return invalidArgument(fmt::format(
+          "'{}' looks like an IPv6 address: put it in brackets, as [ADDRESS]:PORT", text));
+    }
+    hp.host = text.substr(0, colon);
+    if (colon != std::string::npos) {
+      port = text.substr(colon + 1);
+      if (port.empty())
+        return invalidArgument(fmt::format("'{}' has no port after the colon", text));
+    }
+  }
+  if (hp.host.empty()) {
+    return invalidArgument(fmt::format("'{}' has no host: give HOST:PORT", text));
+  }
+  hp.port = default_port;
+  if (!port.empty()) {
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(port.c_str(), &end, 10);
+    if (errno != 0 || end == port.c_str() || *end != '\0' || v < 1 || v > 65535) {
+      return invalidArgument(
+          fmt::format("'{}' has port '{}': give a number from 1 to 65535", text, port));
+    }
+    hp.port = static_cast<int>(v);
+  }
+  return hp;
+}
 
 Status parseNnodes(const std::string& text, std::uint32_t* min, std::uint32_t* max) {
   const std::string hint = fmt::format(
@@ -248,7 +302,8 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
   opt("rdzv-backend", &o.rdzv_backend,
       "rally (rally's coordinator; c10d and etcd-v2 are accepted as aliases) or static [rally]");
   opt("rdzv-endpoint", &o.rdzv_endpoint,
-      "HOST:PORT of the coordinator; the agent on HOST hosts it");
+      "HOST[:PORT][,HOST[:PORT]...]: the job's coordinator. The agent on the first HOST hosts it; "
+      "the others are where it may be found after that host is lost [port 29400]");
   opt("rdzv-id", &o.rdzv_id, "The job's id; every node of a job must give the same [none]");
   opt("rdzv-conf", &rdzv_conf,
       "KEY=VALUE,...: join_timeout, last_call_timeout (seconds), is_host (true/false)");
@@ -422,8 +477,32 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
           "coordinator), or --rdzv-backend static");
     }
     o.standalone = true;  // one node, no endpoint: as torchrun, a local rendezvous
-  } else if (o.rdzv_endpoint.find(':') == std::string::npos) {
-    o.rdzv_endpoint += ":29400";  // torchrun's default rendezvous port
+  } else {
+    o.rdzv_endpoints.clear();
+    for (const std::string& entry : split(o.rdzv_endpoint, ',')) {
+      std::string text = entry;
+      text.erase(0, text.find_first_not_of(" \t"));
+      text.erase(text.find_last_not_of(" \t") + 1);
+      // torchrun's default rendezvous port for an entry without one.
+      auto hp = parseHostPort(text, 29400);
+      if (!hp.ok()) {
+        return invalidArgument(
+            fmt::format("--rdzv-endpoint '{}': {}", o.rdzv_endpoint, hp.status().message()));
+      }
+      if (std::find(o.rdzv_endpoints.begin(), o.rdzv_endpoints.end(), *hp) !=
+          o.rdzv_endpoints.end()) {
+        return invalidArgument(
+            fmt::format("--rdzv-endpoint '{}' names {} twice: give each address once",
+                        o.rdzv_endpoint, hp->toString()));
+      }
+      o.rdzv_endpoints.push_back(*hp);
+    }
+    if (o.rdzv_endpoints.empty()) {
+      return invalidArgument(
+          fmt::format("--rdzv-endpoint '{}' names no address: give HOST[:PORT][,HOST[:PORT]...]",
+                      o.rdzv_endpoint));
+    }
+    o.rdzv_endpoint = o.rdzv_endpoints.front().toString();
   }
   if (auto it = env.find("PYTHON_EXEC"); it != env.end() && !it->second.empty()) {
     o.python = it->second;

@@ -32,6 +32,19 @@ struct StdSpec {
   StdStreams forRank(int local_rank) const;
 };
 
+// One entry of --rdzv-endpoint: a host name or address (an IPv6 one without its brackets) and a
+// port.
+struct HostPort {
+  std::string host;
+  int port = 0;
+  std::string toString() const;  // HOST:PORT, [V6]:PORT
+  bool operator==(const HostPort&) const = default;
+};
+
+// Parses "HOST[:PORT]" or "[V6][:PORT]"; `default_port` when there is none. InvalidArgument
+// naming `text` for an empty host, a bad port, or an IPv6 address without brackets.
+Result<HostPort> parseHostPort(const std::string& text, int default_port);
+
 struct RunOptions {
   // Node and worker counts.
   std::uint32_t min_nodes = 1;
@@ -41,7 +54,12 @@ struct RunOptions {
 
   // Rendezvous.
   std::string rdzv_backend = "rally";  // rally (c10d is an alias) or static
-  std::string rdzv_endpoint;           // HOST:PORT
+  // --rdzv-endpoint HOST[:PORT][,HOST[:PORT]...]: the first is where the job's coordinator starts
+  // (the agent on that host hosts it); the others are standby addresses where it may be found
+  // after its host was lost (the agent on such a host serves it there if it takes it over).
+  // Agents that join later, or come back, look for the job's coordinator at all of them.
+  std::vector<HostPort> rdzv_endpoints;
+  std::string rdzv_endpoint;  // the first, as HOST:PORT
   std::string rdzv_id = "none";
   std::map<std::string, std::string> rdzv_conf;
   bool standalone = false;

@@ -247,6 +247,17 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
     deliver(std::move(events));
     return;
   }
+  if (const std::string& e = join.standby_endpoint(); !e.empty()) {
+    const auto colon = e.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == e.size() ||
+        e.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
+      const std::string why = fmt::format(
+          "node '{}' gave standby endpoint '{}', which is not HOST:PORT", join.node_id(), e);
+      log_->warn("join refused: {}", why);
+      dropSession(session, grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, why));
+      return;
+    }
+  }
   const TimePoint now = Clock::now();
   NodeInfo info{join.node_id(),         join.job_id(),           join.min_nodes(),
                 join.max_nodes(),       join.local_world_size(), join.address(),
@@ -260,6 +271,11 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
   }
   session->node_id = info.node_id;
   sessions_by_node_[info.node_id] = session;
+  if (join.standby_endpoint().empty()) {
+    standby_endpoints_.erase(info.node_id);
+  } else {
+    standby_endpoints_[info.node_id] = join.standby_endpoint();
+  }
   liveness_.beat(info.node_id, now);
   log_->debug("node '{}' joined ({} worker(s), {})", info.node_id, info.local_world_size,
               admitted->waiting ? "held for the next round" : "gathering");
@@ -308,6 +324,16 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
 // ---- Event delivery (under the lock)
 // -------------------------------------------------------------
 
+void CoordinatorService::fillMember(const Member& m, v1::RoundMember* out) const {
+  out->set_node_id(m.node_id);
+  out->set_node_rank(m.node_rank);
+  out->set_local_world_size(m.local_world_size);
+  out->set_address(m.address);
+  if (auto it = standby_endpoints_.find(m.node_id); it != standby_endpoints_.end()) {
+    out->set_standby_endpoint(it->second);
+  }
+}
+
 void CoordinatorService::deliver(Events events) {
   auto& log = log_;
   // Members of a round formed in this batch learn of it (and its cause) from RoundFormed alone.
@@ -334,14 +360,19 @@ void CoordinatorService::deliver(Events events) {
       for (const auto& id : formed->failed_nodes) r->add_failed_nodes(id);
       if (!options_.host_node_id.empty()) {
         r->set_coordinator_node(options_.host_node_id);
+        // Members with a standby endpoint first (nodes that join later look for the coordinator
+        // there), then others, each by node rank: all of the first, at least kSuccessors in all.
+        std::vector<const Member*> standby, others;
         for (const Member& m : formed->members) {
-          if (static_cast<size_t>(r->successors_size()) == kSuccessors) break;
           if (m.node_id == options_.host_node_id) continue;
-          auto* out = r->add_successors();
-          out->set_node_id(m.node_id);
-          out->set_node_rank(m.node_rank);
-          out->set_local_world_size(m.local_world_size);
-          out->set_address(m.address);
+          auto it = standby_endpoints_.find(m.node_id);
+          (it != standby_endpoints_.end() ? standby : others).push_back(&m);
+        }
+        const size_t count = std::max(kSuccessors, standby.size());
+        for (const Member* m : standby) fillMember(*m, r->add_successors());
+        for (const Member* m : others) {
+          if (static_cast<size_t>(r->successors_size()) >= count) break;
+          fillMember(*m, r->add_successors());
         }
       }
       std::uint32_t offset = 0;

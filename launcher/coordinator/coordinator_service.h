@@ -135,6 +135,8 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   void handleJoin(const std::shared_ptr<SessionReactor>& session, const rally::v1::Join& join);
   void dropSession(const std::shared_ptr<SessionReactor>& session, grpc::Status status);
   void deliver(Events events);
+  // A round's member as the protocol has it (with its standby endpoint, if its Join gave one).
+  void fillMember(const Member& m, rally::v1::RoundMember* out) const;
   // `formed_next`: a round formed later in the same batch, whose members skip this event.
   void broadcastGeneration(const GenerationEvent& event, const RoundFormedEvent* formed_next);
   rally::v1::GenerationEvent currentGenerationLocked() const;
@@ -155,6 +157,8 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   std::unordered_set<std::shared_ptr<SessionReactor>> sessions_;
   std::unordered_set<std::shared_ptr<WatchReactor>> watchers_;
   std::unordered_set<std::string> current_members_;  // of the formed round, for delivery
+  // Join.standby_endpoint by node id, for the rounds' successors (kept: a few bytes a node).
+  std::unordered_map<std::string, std::string> standby_endpoints_;
   GenerationEvent last_generation_event_;
   struct WaitDeadline {
     TimePoint when;

@@ -109,13 +109,7 @@ grpc::ServerUnaryReactor* CoordinatorService::GetRound(grpc::CallbackServerConte
     resp->set_generation(snap.generation);
     resp->set_state(currentGenerationLocked().state());
     resp->set_waiting(snap.waiting);
-    for (const Member& m : snap.members) {
-      auto* out = resp->add_members();
-      out->set_node_id(m.node_id);
-      out->set_node_rank(m.node_rank);
-      out->set_local_world_size(m.local_world_size);
-      out->set_address(m.address);
-    }
+    for (const Member& m : snap.members) fillMember(m, resp->add_members());
     return okStatus();
   });
 }

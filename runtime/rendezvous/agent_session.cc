@@ -125,6 +125,7 @@ Result<std::unique_ptr<AgentSession>> AgentSession::open(
   j->set_last_generation(s->join_.last_generation);
   j->set_last_node_rank(s->join_.last_node_rank);
   j->set_last_num_nodes(s->join_.last_num_nodes);
+  j->set_standby_endpoint(s->join_.standby_endpoint);
   s->send(std::move(m));
   if (s->options_.auto_heartbeat) {
     s->heartbeat_thread_ = std::thread([p = s.get()] { p->heartbeatLoop(); });

@@ -38,6 +38,9 @@ struct JoinInfo {
   std::uint64_t last_generation = 0;
   std::uint32_t last_node_rank = 0;
   std::uint32_t last_num_nodes = 0;
+  // HOST:PORT where this node serves the coordinator if it takes it over (a standby address of
+  // --rdzv-endpoint that names it); empty: none.
+  std::string standby_endpoint;
 };
 
 struct AgentSessionOptions {

@@ -24,6 +24,9 @@
 //     workers follow it there and re-form in place (each node started its workers once); the
 //     same when the host goes silent (SIGSTOP: found by keepalive), and when the first successor
 //     is lost with it (the next one takes over after --failover-timeout);
+//   - --rdzv-endpoint with a standby address: the standby takes the coordinator over there (before
+//     a node of lower rank), and a spare held at the lost host and the lost host coming back both
+//     find it at that address;
 //   - the coordinator's host stopped by SIGTERM under --recovery restart: it hands the coordinator
 //     over, and the job re-forms once;
 //   - a standalone `rally coordinator` killed and started again: the workers train on meanwhile,
@@ -503,6 +506,52 @@ TEST_F(InPlaceRecoveryTest, CoordinatorHostAndFirstSuccessorLostTheNextOneTakesO
   EXPECT_NE(err.find("took over the job's coordinator"), std::string::npos) << err;
   const Result got = parse(others[second]->output());
   EXPECT_NE(got.summary.find("world 1 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
+}
+
+// --rdzv-endpoint with a standby address: the node there takes the coordinator over before any
+// other (whatever its node rank), and serves it at that address, where nodes that were not in the
+// round find it: a spare held when the host was lost, and the lost host coming back (which joins
+// the job there rather than starting a coordinator of its own).
+TEST_F(InPlaceRecoveryTest, CoordinatorMovesToTheStandbyAddressWhereOtherNodesFindIt) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  const std::string standby = "127.0.0.3:" + port;
+  const std::vector<std::string> args = {
+      "--nnodes",  "2:3",  "--nproc-per-node", "1",    "--rdzv-endpoint", endpoint_ + "," + standby,
+      "--rdzv-id", "ip-s", "--last-call",      "300ms"};
+  auto a = agent("ip-s-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-s-b", args, program, "127.0.0.2");
+  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
+  auto c = agent("ip-s-c", args, program, "127.0.0.3");  // after b: node rank 2 at best
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  auto d = agent("ip-s-d", args, program, "127.0.0.4");  // a spare: the round is full
+  ASSERT_TRUE(d->waitForErrors("held until", milliseconds(20000))) << d->errors();
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(
+      c->waitForErrors("took over the job's coordinator on " + standby, milliseconds(20000)))
+      << c->errors() << b->errors();
+  // The spare had no successors to go to: it looked at --rdzv-endpoint's addresses.
+  ASSERT_TRUE(d->waitForErrors("the job's coordinator is now at " + standby, milliseconds(20000)))
+      << d->errors();
+  // The lost host comes back: it finds the job at the standby address (the round is full again
+  // with d, or about to be: it waits as a spare, or fills the place).
+  auto a2 = agent("ip-s-a2", args, program, "127.0.0.1");
+  ASSERT_TRUE(a2->waitForErrors("the job's coordinator is at " + standby, milliseconds(20000)))
+      << a2->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  EXPECT_EQ(exitCode(*d), 0) << d->errors();
+  EXPECT_EQ(exitCode(*a2), 0) << a2->errors();
+  EXPECT_EQ(a2->errors().find("hosting the job's coordinator"), std::string::npos) << a2->errors();
+  EXPECT_EQ(b->errors().find("took over"), std::string::npos) << "b is not the standby";
+  const Result got = parse(b->output() + c->output() + d->output() + a2->output());
+  EXPECT_NE(got.summary.find("world 3 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n"
+      << b->errors();
 }
 
 // Restart level, and a graceful loss: the coordinator's host is stopped (SIGTERM, as a preemption

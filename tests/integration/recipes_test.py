@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import yaml
 
@@ -174,7 +175,7 @@ line = next((l for l in text.splitlines() if re.search(r"\brally run\b", l)
              and not l.lstrip().startswith("#")), None)
 check(line is not None, "slurm: the script runs rally run")
 if line is not None:
-    values = {"MIN_NODES": "2", "SLURM_NNODES": "4", "head_node": "node001", "PORT": "29400",
+    values = {"MIN_NODES": "2", "SLURM_NNODES": "4", "endpoints": "node001:29400,node002:29400,node003:29400", "PORT": "29400",
               "SLURM_JOB_ID": "1234", "checkpoints": "/scratch/ckpt"}
     line = line.replace('${container[@]+"${container[@]}"}', "")
     for name in re.findall(r"\$\{?(\w+)\}?", line):
@@ -182,8 +183,22 @@ if line is not None:
         line = re.sub(r"\$\{?" + name + r"\}?", values.get(name, "x"), line)
     args = rally_args(shlex.split(line), "run")
     parses("run", args, "slurm")
-    check(option(args, "--rdzv-endpoint") == "node001:29400",
-          "slurm: the first node's agent is the rendezvous endpoint")
+    check(option(args, "--rdzv-endpoint") == "node001:29400,node002:29400,node003:29400",
+          "slurm: the first node's agent hosts the coordinator, the next two are standbys")
+    # The list as the script builds it, from a node list of 4 given by a stand-in scontrol.
+    build = next((l for l in open(sbatch).read().splitlines() if l.startswith("endpoints=")), None)
+    check(build is not None, "slurm: the script builds the endpoint list")
+    if build is not None:
+        with tempfile.TemporaryDirectory() as fake:
+            scontrol = os.path.join(fake, "scontrol")
+            with open(scontrol, "w") as f:
+                f.write("#!/bin/sh\nprintf 'n1\\nn2\\nn3\\nn4\\n'\n")
+            os.chmod(scontrol, 0o755)
+            r = subprocess.run(["bash", "-c", f'PORT=29400; {build}; echo "$endpoints"'],
+                               capture_output=True, text=True,
+                               env={**os.environ, "PATH": fake + ":" + os.environ["PATH"]})
+            check(r.stdout.strip() == "n1:29400,n2:29400,n3:29400",
+                  "slurm: the endpoint list is the first 3 nodes", r.stdout + r.stderr)
 
 print(f"recipes: {checks} checks, {failed} failed")
 sys.exit(1 if failed else 0)

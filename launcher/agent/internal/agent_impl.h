@@ -65,6 +65,25 @@ class EventQueue {
     std::lock_guard lock(mu_);
     return q_.empty();
   }
+  bool hasSignal() {
+    std::lock_guard lock(mu_);
+    for (const AgentEvent& e : q_) {
+      if (std::holds_alternative<SignalReceived>(e)) return true;
+    }
+    return false;
+  }
+  // Takes the first signal queued, if any (leaving the other events).
+  std::optional<int> takeSignal() {
+    std::lock_guard lock(mu_);
+    for (auto it = q_.begin(); it != q_.end(); ++it) {
+      if (auto* s = std::get_if<SignalReceived>(&*it)) {
+        const int sig = s->sig;
+        q_.erase(it);
+        return sig;
+      }
+    }
+    return std::nullopt;
+  }
   std::optional<AgentEvent> pop(Milliseconds timeout) {
     std::unique_lock lock(mu_);
     if (!cv_.wait_for(lock, timeout, [&] { return !q_.empty(); })) return std::nullopt;
@@ -95,6 +114,11 @@ class Agent::Impl {
  private:
   Status setup();
   Status connect();
+  // Starts the job's coordinator at `at` (this agent's host is its first --rdzv-endpoint
+  // address), or finds that another agent on this host serves it there. `forced`: is_host=true,
+  // so a failure to listen is the error.
+  Status hostOrJoin(const coordinator::CoordinatorOptions& copt, const cli::HostPort& at,
+                    bool forced);
   // A session with the coordinator conn_ points at; `last`: the round this node was in under a
   // coordinator that was lost.
   Status openSession(const v1::RoundFormed* last);
@@ -105,6 +129,17 @@ class Agent::Impl {
   // True if the coordinator at the current endpoint still answers a call on a new connection
   // (the stream broke, but the coordinator did not go: a reset connection, a restarted proxy).
   bool coordinatorAnswers();
+  // The round of the coordinator at `endpoint`, asked on a new connection within 1 s; an error if
+  // none serves a call there (refused, unreachable, another job's token).
+  Result<v1::RoundInfo> probeCoordinator(const std::string& endpoint);
+  // The endpoint of --rdzv-endpoint's list where the job's coordinator answers (the newest
+  // generation if several do), asked every 250 ms until `deadline` (one pass if it has passed).
+  // Unavailable naming every address and its answer if none does; Aborted if a signal came.
+  Result<std::string> locateCoordinator(Clock::time_point deadline);
+  // A node held for the next round (not yet a member, so it knows no successors) lost the
+  // coordinator: looks for it at --rdzv-endpoint's addresses and joins it again. False if there
+  // is only one address, or it was not found in --connect-timeout.
+  bool relocate(const std::string& why);
   // Moves to the next successor: this node starts the coordinator if it is the one. Returns an
   // exit code when none is left.
   std::optional<int> tryNextSuccessor();
@@ -155,6 +190,10 @@ class Agent::Impl {
   std::atomic<std::uint64_t> session_serial_{0};
   coordinator::CoordinatorOptions coordinator_options_;  // for a takeover
   int rdzv_port_ = 0;                                    // a successor's coordinator listens here
+  // The standby address of --rdzv-endpoint that names this node: if it takes the coordinator
+  // over, it serves it there instead of at its own address and rdzv_port_.
+  std::optional<cli::HostPort> standby_;
+  rendezvous::ClientOptions client_options_;  // the first endpoint's, for probes before conn_
   std::string coordinator_file_;
   struct Takeover {
     std::vector<v1::RoundMember> successors;

@@ -386,6 +386,78 @@ TEST_F(ServiceTest, RoundsNameTheSuccessorsOfTheHostingNode) {
   for (const auto& list : lists) EXPECT_EQ(list, expected);
 }
 
+TEST_F(ServiceTest, MembersWithAStandbyEndpointComeFirstAmongTheSuccessors) {
+  server_->shutdown("restart as a coordinator embedded in node 'n0'");
+  auto options = defaultOptions();
+  options.host_node_id = "n0";
+  options.rendezvous.min_nodes = 6;
+  options.rendezvous.max_nodes = 6;
+  startServer(options);
+  // n4 and n5 name standby addresses of --rdzv-endpoint (n0, the host, does too: left out).
+  const std::map<std::string, std::string> standby = {
+      {"n0", "h0:29400"}, {"n4", "h4:29401"}, {"n5", "[fd00::5]:29400"}};
+  std::vector<std::unique_ptr<AgentSession>> s;
+  for (int i = 0; i < 6; ++i) {
+    const std::string id = "n" + std::to_string(i);
+    auto it = standby.find(id);
+    auto session = AgentSession::open(connect(kToken, /*dedicated=*/true),
+                                      {.node_id = id,
+                                       .job_id = "job",
+                                       .local_world_size = 1,
+                                       .address = id + ".local",
+                                       .standby_endpoint = it == standby.end() ? "" : it->second});
+    ASSERT_TRUE(session.ok()) << session.status().toString();
+    s.push_back(std::move(*session));
+  }
+  std::map<std::uint32_t, std::string> by_rank;
+  std::vector<std::vector<std::string>> lists;
+  for (auto& session : s) {
+    auto f = session->waitFor(isRoundFormed, milliseconds(5000));
+    ASSERT_TRUE(f.ok()) << f.status().toString();
+    std::vector<std::string> list;
+    for (const auto& m : f->round_formed().successors()) {
+      list.push_back(m.node_id());
+      auto it = standby.find(m.node_id());
+      EXPECT_EQ(m.standby_endpoint(), it == standby.end() ? "" : it->second) << m.node_id();
+      by_rank[m.node_rank()] = m.node_id();
+    }
+    lists.push_back(list);
+  }
+  // The standby nodes by node rank, then others by node rank up to kSuccessors in all.
+  std::vector<std::string> standby_first;
+  std::vector<std::string> rest;
+  for (const auto& [rank, id] : by_rank) {
+    (id == "n4" || id == "n5" ? standby_first : rest).push_back(id);
+  }
+  std::vector<std::string> expected = standby_first;
+  ASSERT_EQ(expected.size(), 2u);
+  for (const auto& id : rest) {
+    if (expected.size() < coordinator::kSuccessors) expected.push_back(id);
+  }
+  for (const auto& list : lists) EXPECT_EQ(list, expected);
+  // The round's members, asked for, carry them too.
+  auto conn = connect();
+  auto round = conn->getRound();
+  ASSERT_TRUE(round.ok()) << round.status().toString();
+  for (const auto& m : round->members()) {
+    auto it = standby.find(m.node_id());
+    EXPECT_EQ(m.standby_endpoint(), it == standby.end() ? "" : it->second) << m.node_id();
+  }
+}
+
+TEST_F(ServiceTest, AStandbyEndpointThatIsNotHostPortIsRefused) {
+  for (const std::string bad : {"h4", "h4:", ":29400", "h4:29x"}) {
+    auto session = AgentSession::open(
+        connect(kToken, /*dedicated=*/true),
+        {.node_id = "n", .job_id = "job", .address = "n.local", .standby_endpoint = bad});
+    ASSERT_TRUE(session.ok()) << session.status().toString();
+    auto end = (*session)->endStatus(milliseconds(5000));
+    ASSERT_TRUE(end.has_value()) << bad << ": the session was not ended";
+    EXPECT_EQ(end->code(), StatusCode::kInvalidArgument) << bad << ": " << end->toString();
+    EXPECT_NE(end->message().find("'" + bad + "'"), std::string::npos) << end->message();
+  }
+}
+
 TEST_F(ServiceTest, AStandaloneCoordinatorNamesNoSuccessors) {
   auto a = join("a");
   auto f = a->waitFor(isRoundFormed, milliseconds(5000));

@@ -155,6 +155,42 @@ TEST(RunOptionsTest, BadValuesGetOneClearLine) {
   EXPECT_FALSE(error({"--bogus-flag", "t.py"}).empty());
 }
 
+TEST(RunOptionsTest, RdzvEndpointTakesAListOfStandbyAddresses) {
+  auto o = parse({"--nnodes", "2:4", "--rdzv-endpoint",
+                  "node0, node1:29401,[fd00::2],[::1]:7,10.0.0.4", "t.py"});
+  ASSERT_TRUE(o.ok()) << o.status().toString();
+  ASSERT_EQ(o->rdzv_endpoints.size(), 5u);
+  EXPECT_EQ(o->rdzv_endpoints[0], (HostPort{"node0", 29400})) << "torchrun's default port";
+  EXPECT_EQ(o->rdzv_endpoints[1], (HostPort{"node1", 29401}));
+  EXPECT_EQ(o->rdzv_endpoints[2], (HostPort{"fd00::2", 29400})) << "brackets taken off";
+  EXPECT_EQ(o->rdzv_endpoints[3], (HostPort{"::1", 7}));
+  EXPECT_EQ(o->rdzv_endpoints[4], (HostPort{"10.0.0.4", 29400}));
+  EXPECT_EQ(o->rdzv_endpoints[2].toString(), "[fd00::2]:29400");
+  EXPECT_EQ(o->rdzv_endpoint, "node0:29400") << "the first: where the coordinator starts";
+
+  auto one = parse({"--nnodes", "2", "--rdzv-endpoint", "[::1]:1234", "t.py"});
+  ASSERT_TRUE(one.ok()) << one.status().toString();
+  EXPECT_EQ(one->rdzv_endpoints, (std::vector<HostPort>{{"::1", 1234}}));
+  EXPECT_EQ(one->rdzv_endpoint, "[::1]:1234");
+}
+
+TEST(RunOptionsTest, BadRdzvEndpointsAreNamed) {
+  auto bad = [](const std::string& endpoint) {
+    return error({"--nnodes", "2", "--rdzv-endpoint", endpoint, "t.py"});
+  };
+  EXPECT_NE(bad("a:1,b:0").find("'b:0' has port '0'"), std::string::npos) << bad("a:1,b:0");
+  EXPECT_NE(bad("a:99999").find("1 to 65535"), std::string::npos);
+  EXPECT_NE(bad("a:http").find("'http'"), std::string::npos);
+  EXPECT_NE(bad("a:").find("no port"), std::string::npos);
+  EXPECT_NE(bad(":29400").find("no host"), std::string::npos);
+  EXPECT_NE(bad("fd00::1").find("brackets"), std::string::npos);
+  EXPECT_NE(bad("[fd00::1").find("bracket"), std::string::npos);
+  EXPECT_NE(bad("[fd00::1]x").find("'x'"), std::string::npos);
+  EXPECT_NE(bad("a,a:29400").find("names a:29400 twice"), std::string::npos) << bad("a,a:29400");
+  EXPECT_NE(bad(",").find("names no address"), std::string::npos);
+  EXPECT_NE(bad("a,b:0").find("--rdzv-endpoint 'a,b:0'"), std::string::npos) << "the flag's text";
+}
+
 TEST(RunOptionsTest, PrintConfigNeedsNoProgram) {
   auto o = parse({"--print-config", "--nproc-per-node", "2"});
   ASSERT_TRUE(o.ok()) << o.status().toString();
