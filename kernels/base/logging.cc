@@ -104,19 +104,18 @@ void writeAll(const char* text, size_t n) {
 }
 
 [[noreturn]] void reportTerminate() {
-  char line[512];
-  const char* what = "no exception (a pure virtual call, a joinable std::thread destroyed, ...)";
-  std::string text;
+  // No allocation here: the crash may be an out-of-memory one.
+  char what[256] = "no exception (a pure virtual call, a joinable std::thread destroyed, ...)";
   if (std::exception_ptr e = std::current_exception()) {
     try {
       std::rethrow_exception(e);
     } catch (const std::exception& x) {
-      text = std::string("uncaught exception: ") + x.what();
-      what = text.c_str();
+      std::snprintf(what, sizeof(what), "uncaught exception: %s", x.what());
     } catch (...) {
-      what = "uncaught exception of an unknown type";
+      std::snprintf(what, sizeof(what), "uncaught exception of an unknown type");
     }
   }
+  char line[512];
   const int n = std::snprintf(
       line, sizeof(line), "%s: std::terminate in pid %d, thread %ld: %s; its backtrace:\n",
       crash_program, static_cast<int>(getpid()), static_cast<long>(syscall(SYS_gettid)), what);
@@ -132,6 +131,9 @@ void installCrashReport(std::string_view program) {
   const size_t n = std::min(program.size(), sizeof(crash_program) - 1);
   program.copy(crash_program, n);
   crash_program[n] = '\0';
+  // backtrace() loads its unwinder on first use, which allocates: do that now, not in a crash.
+  void* frame[1];
+  (void)backtrace(frame, 1);
   std::set_terminate(reportTerminate);
 }
 

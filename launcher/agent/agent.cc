@@ -126,7 +126,8 @@ int Agent::Impl::run() {
   } else if (o_.staticBackend()) {
     code = runStatic();
   } else if (Status c = connect(); !c.ok()) {
-    if (auto sig = queue_.takeSignal(); sig && c.code() == StatusCode::kAborted) {
+    if (std::optional<int> sig;
+        c.code() == StatusCode::kAborted && (sig = queue_.takeSignal()).has_value()) {
       log_->warn("received {} while looking for the job's coordinator: stopping",
                  cli::signalName(*sig));
       code = 128 + *sig;
@@ -245,26 +246,30 @@ Status Agent::Impl::hostOrJoin(const coordinator::CoordinatorOptions& copt, cons
     // Taken: another agent on this host serves it (or is starting to). Or two agents raced and
     // both lost: sockets bound together with SO_REUSEADDR make each other's listen() fail. Join
     // the one that answers; if none does, try again after a random pause (which breaks the tie).
-    // A coordinator that refuses this node's token serves there too: joining it says so.
-    if (auto probe = probeCoordinator(at.toString());
-        probe.ok() || probe.status().code() == StatusCode::kUnauthenticated) {
+    // One that refuses this node's token, or serves another job, holds the port too: joining it
+    // reports that clearly. One of this job that has ended (a run before this one, still going
+    // away) is waited out.
+    const Probe probe = probeCoordinator(at.toString());
+    if (probe.kind == Probe::kServes || probe.kind == Probe::kRefuses ||
+        probe.kind == Probe::kOtherJob) {
       log_->info("another agent on this host serves {} ({}): joining it", at.toString(),
                  server.status().message());
       return okStatus();
     }
+    const std::string there = probe.kind == Probe::kNone
+                                  ? "no rally coordinator answers there"
+                                  : fmt::format("the coordinator there {}", probe.detail);
     if (!said) {
-      log_->info(
-          "cannot listen on {} ({}), and no coordinator answers there yet: trying again "
-          "for up to {} (--connect-timeout)",
-          at.toString(), server.status().message(), formatDuration(tunable("connect_timeout")));
+      log_->info("cannot listen on {} ({}), and {}: trying again for up to {} (--connect-timeout)",
+                 at.toString(), server.status().message(), there,
+                 formatDuration(tunable("connect_timeout")));
       said = true;
     }
     if (Clock::now() > deadline) {
       return Status(
           StatusCode::kUnavailable,
-          fmt::format("{}, and no rally coordinator answers there; tried for {} "
-                      "(--connect-timeout)",
-                      server.status().message(), formatDuration(tunable("connect_timeout"))));
+          fmt::format("{}, and {}; tried for {} (--connect-timeout)", server.status().message(),
+                      there, formatDuration(tunable("connect_timeout"))));
     }
     if (queue_.hasSignal()) return Status(StatusCode::kAborted, "a signal came");
     std::this_thread::sleep_for(Milliseconds(20 + jitter() % 200));
@@ -309,12 +314,17 @@ Status Agent::Impl::connect() {
     rdzv_port_ = first.port;
     copt.host_node_id = node_id_;  // so that rounds name its successors
     coordinator_options_ = copt;
+    // This node's standby entry: the one that is its --local-addr; else (one agent per host, as
+    // on a cluster) one naming its host. A loopback address names every agent of a one-machine
+    // job, so only an exact --local-addr match counts for it.
     for (size_t i = 1; i < o_.rdzv_endpoints.size() && !standby_; ++i) {
-      // A loopback address names every agent of a one-machine job: it must be this one's own.
+      if (o_.rdzv_endpoints[i].host == address_) standby_ = o_.rdzv_endpoints[i];
+    }
+    for (size_t i = 1; i < o_.rdzv_endpoints.size() && !standby_; ++i) {
       const cli::HostPort& e = o_.rdzv_endpoints[i];
       const bool loopback =
           e.host.rfind("127.", 0) == 0 || e.host == "::1" || e.host == "localhost";
-      if (e.host == address_ || (!loopback && isLocalHost(e.host))) standby_ = e;
+      if (!loopback && isLocalHost(e.host)) standby_ = e;
     }
     RALLY_ASSIGN_OR_RETURN(client_options_,
                            rendezvous::ClientOptions::fromTunables(o_.tunables, endpoint, token));
@@ -323,7 +333,7 @@ Status Agent::Impl::connect() {
     if (listed) {
       // The coordinator may have moved since the job started (its first host was lost): a node
       // that joins now, or comes back, joins it there rather than starting another.
-      if (auto at = locateCoordinator(Clock::now()); at.ok()) {
+      if (auto at = locateCoordinator(Clock::now(), /*accept_refusal=*/false); at.ok()) {
         found = *at;
       } else if (at.status().code() == StatusCode::kAborted) {
         return at.status();
@@ -343,8 +353,8 @@ Status Agent::Impl::connect() {
                    o_.rdzv_endpoint);
       }
     } else if (listed && !embedded_) {
-      RALLY_ASSIGN_OR_RETURN(endpoint,
-                             locateCoordinator(Clock::now() + tunable("connect_timeout")));
+      RALLY_ASSIGN_OR_RETURN(endpoint, locateCoordinator(Clock::now() + tunable("connect_timeout"),
+                                                         /*accept_refusal=*/true));
     }
   }
   RALLY_ASSIGN_OR_RETURN(auto client,
@@ -810,6 +820,17 @@ int Agent::Impl::loop() {
         takeover_->reopen_at = Clock::now() + Milliseconds(250);
         continue;
       }
+      if (relocate_deadline_ && ended->status.code() == StatusCode::kAlreadyExists &&
+          Clock::now() < *relocate_deadline_) {
+        // The coordinator still holds this node's broken session: it lets go within a heartbeat
+        // interval or two.
+        std::this_thread::sleep_for(Milliseconds(250));
+        if (Status s = openSession(nullptr); !s.ok()) {
+          log_->error("cannot join the coordinator at {}: {}", conn_->endpoint(), s.message());
+          return 1;
+        }
+        continue;
+      }
       if (takeover_) {
         log_->warn("the coordinator at {} did not take this node: {}", conn_->endpoint(),
                    ended->status.message());
@@ -870,6 +891,7 @@ int Agent::Impl::loop() {
     if (push.session != session_serial_.load()) continue;  // a session a takeover replaced
     const v1::CoordinatorMessage& m = push.message;
     welcomed = welcomed || m.has_welcome();
+    if (m.has_welcome()) relocate_deadline_.reset();
     if (takeover_ && m.has_welcome()) {
       const auto ms =
           std::chrono::duration_cast<Milliseconds>(Clock::now() - takeover_->lost_at).count();
@@ -981,6 +1003,10 @@ int Agent::Impl::loop() {
                beginTakeover("its host is leaving: " + m.shutdown().reason(),
                              /*handover=*/true)) {
       if (auto code = tryNextSuccessor()) return *code;
+    } else if (m.has_shutdown() && m.shutdown().handover() && !round_ && !takeover_) {
+      // Held (or gathering) when the coordinator's host left: no successors known here, so look
+      // for where it goes, as for a lost one.
+      if (!relocate("its host is leaving: " + m.shutdown().reason())) return 1;
     } else if (m.has_shutdown() && !group_ &&
                m.shutdown().reason().rfind("job finished: succeeded", 0) == 0) {
       // Held for a round that never came (a spare of a full job): the job is done, and so is

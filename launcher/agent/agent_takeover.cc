@@ -5,7 +5,9 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <signal.h>
+#include <unistd.h>
 
+#include <random>
 #include <thread>
 
 #include "kernels/base/logging.h"
@@ -27,6 +29,7 @@ std::string listenAddressFor(const std::string& host) {
   if (host.rfind("127.", 0) == 0) return host;  // exactly it: tests and one-machine demos
   if (host == "::1") return host;
   if (host == "localhost") return "127.0.0.1";
+  if (host.find(':') != std::string::npos) return "::";  // an IPv6 address: every v6 interface
   return "0.0.0.0";
 }
 
@@ -37,50 +40,68 @@ void Agent::Impl::writeCoordinatorFile() {
   }
 }
 
-Result<v1::RoundInfo> Agent::Impl::probeCoordinator(const std::string& endpoint) {
+Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint) {
   rendezvous::ClientOptions o = conn_ ? conn_->options() : client_options_;
   o.endpoint = endpoint;
   o.dedicated_connection = true;
   o.keepalive = Milliseconds(0);
-  RALLY_ASSIGN_OR_RETURN(auto probe, rendezvous::CoordinatorConnection::open(o));
+  auto probe = rendezvous::CoordinatorConnection::open(o);
+  if (!probe.ok()) return {Probe::kNone, 0, probe.status().message()};
   grpc::ClientContext ctx;
-  probe->prepareContext(&ctx, Milliseconds(1000));
+  (*probe)->prepareContext(&ctx, Milliseconds(1000));
   ctx.set_wait_for_ready(false);  // a refused connection is an answer: none there
   v1::RoundInfo info;
   // Only a served call counts: a coordinator that is shutting down, or a transport that resets
   // or cancels the call, is not one to join.
-  const grpc::Status s = probe->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info);
-  if (!s.ok()) return rendezvous::fromGrpcStatus(s, "GetRound");
-  return info;
+  const grpc::Status s = (*probe)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info);
+  if (!s.ok()) {
+    const Status st = rendezvous::fromGrpcStatus(s, "GetRound");
+    return {st.code() == StatusCode::kUnauthenticated ? Probe::kRefuses : Probe::kNone, 0,
+            st.message()};
+  }
+  if (!info.job_id().empty() && info.job_id() != o_.rdzv_id) {
+    return {Probe::kOtherJob, info.generation(), fmt::format("serves job '{}'", info.job_id())};
+  }
+  if (info.state() == v1::GenerationEvent::CLOSED) {
+    return {Probe::kClosed, info.generation(), "its job has ended"};
+  }
+  return {Probe::kServes, info.generation(), ""};
 }
 
-bool Agent::Impl::coordinatorAnswers() { return probeCoordinator(conn_->endpoint()).ok(); }
+bool Agent::Impl::coordinatorAnswers() {
+  const Probe p = probeCoordinator(conn_->endpoint());
+  return p.kind == Probe::kServes || p.kind == Probe::kClosed;
+}
 
-Result<std::string> Agent::Impl::locateCoordinator(Clock::time_point deadline) {
+Result<std::string> Agent::Impl::locateCoordinator(Clock::time_point deadline,
+                                                   bool accept_refusal) {
   std::vector<std::string> answers;
+  std::minstd_rand jitter(static_cast<unsigned>(getpid()));
+  Milliseconds pause(250);
   for (;;) {
     std::optional<std::pair<std::string, std::uint64_t>> best;
     std::optional<std::string> refused;  // answers, but not to this node's token
     answers.clear();
     for (const cli::HostPort& e : o_.rdzv_endpoints) {
       const std::string endpoint = e.toString();
-      auto info = probeCoordinator(endpoint);
-      if (info.ok() && info->state() == v1::GenerationEvent::CLOSED) {
-        answers.push_back(fmt::format("{} (its job has ended)", endpoint));
-      } else if (info.ok()) {
+      const Probe p = probeCoordinator(endpoint);
+      if (p.kind == Probe::kServes) {
         // Two answer only if an old coordinator was cut off rather than lost: the newer round
         // is the job's.
-        if (!best || info->generation() > best->second) best.emplace(endpoint, info->generation());
-      } else {
-        if (info.status().code() == StatusCode::kUnauthenticated && !refused) refused = endpoint;
-        answers.push_back(fmt::format("{} ({})", endpoint, info.status().message()));
+        if (!best || p.generation > best->second) best.emplace(endpoint, p.generation);
+        continue;
       }
+      if (p.kind == Probe::kRefuses && !refused) refused = endpoint;
+      answers.push_back(fmt::format("{} ({})", endpoint, p.detail));
     }
     if (best) return best->first;
-    if (refused) return *refused;  // joining it tells the node about its token
+    if (refused && accept_refusal) return *refused;  // joining it tells the node about its token
     if (queue_.hasSignal()) return Status(StatusCode::kAborted, "a signal came");
-    if (Clock::now() + Milliseconds(250) > deadline) break;
-    std::this_thread::sleep_for(Milliseconds(250));
+    if (Clock::now() + pause > deadline) break;
+    // Backing off (250 ms to 2 s, with jitter), so that many agents starting together do not
+    // storm the listed hosts while the coordinator starts.
+    std::this_thread::sleep_for(pause * (75 + static_cast<int>(jitter() % 50)) / 100);
+    pause = std::min<Milliseconds>(Milliseconds(2000), pause * 3 / 2);
   }
   return Status(
       StatusCode::kUnavailable,
@@ -94,12 +115,13 @@ Result<std::string> Agent::Impl::locateCoordinator(Clock::time_point deadline) {
 bool Agent::Impl::relocate(const std::string& why) {
   const std::string lost = conn_->endpoint();
   log_->warn(
-      "lost the coordinator at {} ({}) while held for the next round: looking for it at {} for "
+      "lost the coordinator at {} ({}) before this node was in a round: looking for it at {} for "
       "up to {} (--connect-timeout)",
       lost, why, o_.rdzv_endpoints.size() > 1 ? "the addresses of --rdzv-endpoint" : "its address",
       formatDuration(tunable("connect_timeout")));
   ++session_serial_;  // the lost session's last events are stale from here on
-  auto found = locateCoordinator(Clock::now() + tunable("connect_timeout"));
+  relocate_deadline_ = Clock::now() + tunable("connect_timeout");
+  auto found = locateCoordinator(*relocate_deadline_, /*accept_refusal=*/true);
   if (!found.ok()) {
     if (found.status().code() == StatusCode::kAborted) return true;  // the loop takes the signal
     log_->error("{}; this node stops{}", found.status().message(),
@@ -117,9 +139,13 @@ bool Agent::Impl::relocate(const std::string& why) {
     log_->error("cannot join the coordinator at {}: {}", *found, s.message());
     return false;
   }
-  log_->warn("the job's coordinator is now at {}: joining it again", *found);
-  events_->write("coordinator_moved", {{"endpoint", *found}, {"from", lost}, {"here", false}});
-  writeCoordinatorFile();
+  if (*found != lost) {
+    log_->warn("the job's coordinator is now at {}: joining it again", *found);
+    events_->write("coordinator_moved", {{"endpoint", *found}, {"from", lost}, {"here", false}});
+    writeCoordinatorFile();
+  } else {
+    log_->warn("the job's coordinator still answers at {}: joining it again", *found);
+  }
   return true;
 }
 
@@ -236,7 +262,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       }
       embedded_ = std::move(*server);
       t.started_here = true;
-      if (bind != "0.0.0.0") endpoint = joinHostPort(bind, port);
+      if (bind != "0.0.0.0" && bind != "::") endpoint = joinHostPort(bind, port);
       log_->warn("took over the job's coordinator on {} (generation {} ends with node '{}')",
                  embedded_->address(), generation_, lost);
     }

@@ -172,7 +172,8 @@ Result<HostPort> parseHostPort(const std::string& text, int default_port) {
     char* end = nullptr;
     errno = 0;
     const long v = std::strtol(port.c_str(), &end, 10);
-    if (errno != 0 || end == port.c_str() || *end != '\0' || v < 1 || v > 65535) {
+    if (port.find_first_not_of("0123456789") != std::string::npos || errno != 0 ||
+        end == port.c_str() || *end != '\0' || v < 1 || v > 65535) {
       return invalidArgument(
           fmt::format("'{}' has port '{}': give a number from 1 to 65535", text, port));
     }
@@ -483,6 +484,7 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
       std::string text = entry;
       text.erase(0, text.find_first_not_of(" \t"));
       text.erase(text.find_last_not_of(" \t") + 1);
+      if (text.empty()) continue;  // "a, ,b": nothing between two commas
       // torchrun's default rendezvous port for an entry without one.
       auto hp = parseHostPort(text, 29400);
       if (!hp.ok()) {

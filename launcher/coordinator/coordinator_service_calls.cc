@@ -109,6 +109,7 @@ grpc::ServerUnaryReactor* CoordinatorService::GetRound(grpc::CallbackServerConte
     resp->set_generation(snap.generation);
     resp->set_state(currentGenerationLocked().state());
     resp->set_waiting(snap.waiting);
+    resp->set_job_id(snap.job_id);
     for (const Member& m : snap.members) fillMember(m, resp->add_members());
     return okStatus();
   });

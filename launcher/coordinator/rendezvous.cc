@@ -258,7 +258,8 @@ RoundSnapshot Rendezvous::snapshot() const {
                        gathering_count_,
                        static_cast<std::uint32_t>(held_.size()),
                        options_.min_nodes,
-                       options_.max_nodes};
+                       options_.max_nodes,
+                       options_.job_id};
 }
 
 void Rendezvous::startReform(const std::string& cause, std::vector<std::string> failed_nodes,

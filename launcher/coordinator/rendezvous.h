@@ -133,6 +133,7 @@ struct RoundSnapshot {
   std::uint32_t waiting = 0;    // nodes held for the next round
   std::uint32_t min_nodes = 0;
   std::uint32_t max_nodes = 0;
+  std::string job_id;  // empty until the coordinator's flags or the first join give it
 };
 
 class Rendezvous {

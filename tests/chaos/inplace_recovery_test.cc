@@ -26,7 +26,8 @@
 //     is lost with it (the next one takes over after --failover-timeout);
 //   - --rdzv-endpoint with a standby address: the standby takes the coordinator over there (before
 //     a node of lower rank), and a spare held at the lost host and the lost host coming back both
-//     find it at that address;
+//     find it at that address; and a spare follows a coordinator handed over by a SIGTERMed host
+//     there, and takes its place;
 //   - the coordinator's host stopped by SIGTERM under --recovery restart: it hands the coordinator
 //     over, and the job re-forms once;
 //   - a standalone `rally coordinator` killed and started again: the workers train on meanwhile,
@@ -552,6 +553,39 @@ TEST_F(InPlaceRecoveryTest, CoordinatorMovesToTheStandbyAddressWhereOtherNodesFi
   EXPECT_NE(got.summary.find("world 3 uses_min 4 uses_max 4"), std::string::npos)
       << got.summary << "\n"
       << b->errors();
+}
+
+// The coordinator's host is stopped (SIGTERM: it hands the coordinator over) while a spare waits:
+// the spare knows no successors, looks at --rdzv-endpoint's addresses, finds the standby that took
+// over, and takes the stopped node's place.
+TEST_F(InPlaceRecoveryTest, ASpareFollowsAHandedOverCoordinatorToTheStandbyAndFillsThePlace) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  const std::string standby = "127.0.0.2:" + port;
+  const std::vector<std::string> args = {
+      "--nnodes",  "2",    "--nproc-per-node", "1",    "--rdzv-endpoint", endpoint_ + "," + standby,
+      "--rdzv-id", "ip-h", "--last-call",      "300ms"};
+  auto a = agent("ip-h-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-h-b", args, program, "127.0.0.2");
+  ASSERT_TRUE(a->waitForOutput("world 2 generation", milliseconds(30000))) << a->errors();
+  auto c = agent("ip-h-c", args, program, "127.0.0.3");  // a spare: the job is at MAX
+  ASSERT_TRUE(c->waitForErrors("held until", milliseconds(20000))) << c->errors();
+  a->signal(SIGTERM);
+  EXPECT_EQ(exitCode(*a, milliseconds(10000)), 128 + SIGTERM) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  EXPECT_NE(b->errors().find("took over the job's coordinator on " + standby), std::string::npos)
+      << b->errors();
+  EXPECT_NE(c->errors().find("its host is leaving"), std::string::npos) << c->errors();
+  EXPECT_NE(c->errors().find("the job's coordinator is now at " + standby), std::string::npos)
+      << c->errors();
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n"
+      << b->errors() << c->errors();
 }
 
 // Restart level, and a graceful loss: the coordinator's host is stopped (SIGTERM, as a preemption

@@ -100,7 +100,7 @@ class EventQueue {
 
 // Where a coordinator for `host` (a node's address, or the rendezvous endpoint's host) listens:
 // that loopback address itself (127.x or ::1: tests and one-machine demos), 127.0.0.1 for
-// localhost, else every interface.
+// localhost, every IPv6 interface for another IPv6 address, else every IPv4 interface.
 std::string listenAddressFor(const std::string& host);
 
 // The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
@@ -129,17 +129,32 @@ class Agent::Impl {
   // True if the coordinator at the current endpoint still answers a call on a new connection
   // (the stream broke, but the coordinator did not go: a reset connection, a restarted proxy).
   bool coordinatorAnswers();
-  // The round of the coordinator at `endpoint`, asked on a new connection within 1 s; an error if
-  // none serves a call there (refused, unreachable, another job's token).
-  Result<v1::RoundInfo> probeCoordinator(const std::string& endpoint);
-  // The endpoint of --rdzv-endpoint's list where the job's coordinator answers (the newest
-  // generation if several do), asked every 250 ms until `deadline` (one pass if it has passed).
-  // Unavailable naming every address and its answer if none does; Aborted if a signal came.
-  Result<std::string> locateCoordinator(Clock::time_point deadline);
+  // What asking `endpoint` for its round (on a new connection, within 1 s) found.
+  struct Probe {
+    enum Kind {
+      kServes,    // this job's coordinator, serving
+      kRefuses,   // a coordinator that refuses this node's token
+      kOtherJob,  // a coordinator of another job
+      kClosed,    // this job's coordinator, but the job has ended
+      kNone,      // none serves a call there (refused, unreachable, shutting down)
+    } kind = kNone;
+    std::uint64_t generation = 0;
+    std::string detail;  // what it said, for messages
+  };
+  Probe probeCoordinator(const std::string& endpoint);
+  // The endpoint of --rdzv-endpoint's list where the job's coordinator serves (the newest
+  // generation if several do; with `accept_refusal`, else one that refuses this node's token, so
+  // that joining it reports that), asked with growing pauses (250 ms to 2 s) until `deadline`
+  // (one pass if it has passed). Unavailable naming every address and its answer if none does;
+  // Aborted if a signal came.
+  Result<std::string> locateCoordinator(Clock::time_point deadline, bool accept_refusal);
   // A node held for the next round (not yet a member, so it knows no successors) lost the
   // coordinator: looks for it at --rdzv-endpoint's addresses and joins it again. False if there
   // is only one address, or it was not found in --connect-timeout.
   bool relocate(const std::string& why);
+  // While relocate()'s search runs: until when its node may rejoin (the coordinator may still
+  // hold the node's old session for a moment: AlreadyExists is retried until then).
+  std::optional<Clock::time_point> relocate_deadline_;
   // Moves to the next successor: this node starts the coordinator if it is the one. Returns an
   // exit code when none is left.
   std::optional<int> tryNextSuccessor();

@@ -439,6 +439,7 @@ TEST_F(ServiceTest, MembersWithAStandbyEndpointComeFirstAmongTheSuccessors) {
   auto conn = connect();
   auto round = conn->getRound();
   ASSERT_TRUE(round.ok()) << round.status().toString();
+  EXPECT_EQ(round->job_id(), "job") << "agents looking for their job skip another job's";
   for (const auto& m : round->members()) {
     auto it = standby.find(m.node_id());
     EXPECT_EQ(m.standby_endpoint(), it == standby.end() ? "" : it->second) << m.node_id();

@@ -109,4 +109,5 @@ TEST(ListenAddress, LoopbackAddressesExactlyOthersOnEveryInterface) {
   EXPECT_EQ(rally::agent::listenAddressFor("localhost"), "127.0.0.1");
   EXPECT_EQ(rally::agent::listenAddressFor("10.0.0.5"), "0.0.0.0");
   EXPECT_EQ(rally::agent::listenAddressFor("node-7.cluster"), "0.0.0.0");
+  EXPECT_EQ(rally::agent::listenAddressFor("fd00::5"), "::") << "an IPv6 address: IPv6 interfaces";
 }

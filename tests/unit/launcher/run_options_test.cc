@@ -181,6 +181,8 @@ TEST(RunOptionsTest, BadRdzvEndpointsAreNamed) {
   EXPECT_NE(bad("a:1,b:0").find("'b:0' has port '0'"), std::string::npos) << bad("a:1,b:0");
   EXPECT_NE(bad("a:99999").find("1 to 65535"), std::string::npos);
   EXPECT_NE(bad("a:http").find("'http'"), std::string::npos);
+  EXPECT_NE(bad("a:+80").find("'+80'"), std::string::npos) << "digits only";
+  EXPECT_NE(bad("a: 80").find("' 80'"), std::string::npos);
   EXPECT_NE(bad("a:").find("no port"), std::string::npos);
   EXPECT_NE(bad(":29400").find("no host"), std::string::npos);
   EXPECT_NE(bad("fd00::1").find("brackets"), std::string::npos);
@@ -188,6 +190,7 @@ TEST(RunOptionsTest, BadRdzvEndpointsAreNamed) {
   EXPECT_NE(bad("[fd00::1]x").find("'x'"), std::string::npos);
   EXPECT_NE(bad("a,a:29400").find("names a:29400 twice"), std::string::npos) << bad("a,a:29400");
   EXPECT_NE(bad(",").find("names no address"), std::string::npos);
+  EXPECT_NE(bad(" , ").find("names no address"), std::string::npos) << bad(" , ");
   EXPECT_NE(bad("a,b:0").find("--rdzv-endpoint 'a,b:0'"), std::string::npos) << "the flag's text";
 }
 
