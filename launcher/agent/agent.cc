@@ -649,23 +649,35 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
     stopWorkers(SIGTERM, "a worker failed");
   }
 
+  return claimRestart(f, e.describe());
+}
+
+std::optional<int> Agent::Impl::claimRestart(const WorkerFailure& f, const std::string& what,
+                                             bool reform) {
   // One restart per failed generation, however many nodes saw failures in it.
-  auto claim = store_->compareAndSet(fmt::format("restart_claim/{}", r.generation()), std::nullopt,
-                                     node_id_);
-  if (!claim.ok() || !claim->swapped) return std::nullopt;  // another node decides
+  auto claim =
+      store_->compareAndSet(fmt::format("restart_claim/{}", f.generation), std::nullopt, node_id_);
+  if (!claim.ok()) {
+    // The coordinator is away (lost, or restarting): count it when one is back, so that failures
+    // during an outage are held to --max-restarts like any other.
+    unaccounted_.push_back({f, what});
+    return std::nullopt;
+  }
+  if (!claim->swapped) return std::nullopt;  // another node decides
   auto restarts = store_->add("restarts", 1);
   if (restarts.ok()) job_restarts_ = std::max(job_restarts_, *restarts);
   if (restarts.ok() && *restarts <= o_.max_restarts) {
+    if (!reform) return std::nullopt;
     session_->requestReform(fmt::format(
-        "worker failed on node '{}' (local rank {}: {}); {} {} of {}", node_id_, e.local_rank,
-        e.describe(), o_.inPlace() ? "in-place recovery" : "restart", *restarts, o_.max_restarts));
+        "worker failed on node '{}' (local rank {}: {}); {} {} of {}", node_id_, f.local_rank, what,
+        o_.inPlace() ? "in-place recovery" : "restart", *restarts, o_.max_restarts));
     return std::nullopt;
   }
   // Out of restarts: report the job's failures of this generation, first by time as root cause.
   std::this_thread::sleep_for(Milliseconds(300));  // let near-simultaneous failures be recorded
   std::vector<WorkerFailure> failures;
   rendezvous::StoreClient store = *store_;
-  if (auto keys = store.list(fmt::format("failures/{:08}/", r.generation())); keys.ok()) {
+  if (auto keys = store.list(fmt::format("failures/{:08}/", f.generation)); keys.ok()) {
     for (const auto& k : *keys) {
       if (auto v = store.get(k); v.ok() && v->has_value()) {
         failures.push_back(WorkerFailure::fromJson(nlohmann::json::parse(**v, nullptr, false)));
@@ -681,6 +693,26 @@ std::optional<int> Agent::Impl::onWorkerFailure(const WorkerExit& e) {
   events_->write("job_failed", {{"root_cause", failures.front().toJson()}});
   session_->close("failed:\n" + report);
   return 1;
+}
+
+std::optional<int> Agent::Impl::accountOutageFailures(bool reform) {
+  if (unaccounted_.empty()) return std::nullopt;
+  std::vector<Unaccounted> pending;
+  pending.swap(unaccounted_);
+  for (const Unaccounted& u : pending) {
+    const WorkerFailure& f = u.failure;
+    (void)store_->set(fmt::format("failures/{:08}/{}/{}", f.generation, node_id_, f.local_rank),
+                      f.toJson().dump());
+  }
+  log_->warn("{} worker failure(s) while the coordinator was away: counting them now",
+             pending.size());
+  // Generations in order, once each (a claim per generation, as for any failure).
+  std::set<std::uint64_t> claimed;
+  for (const Unaccounted& u : pending) {
+    if (!claimed.insert(u.failure.generation).second) continue;
+    if (auto code = claimRestart(u.failure, u.what, reform)) return code;
+  }
+  return std::nullopt;
 }
 
 std::optional<int> Agent::Impl::onAllWorkersSucceeded() {
@@ -906,16 +938,22 @@ int Agent::Impl::loop() {
                                            {"from", takeover_->lost_endpoint},
                                            {"here", embedded_ != nullptr},
                                            {"ms", ms}});
+      const bool moved = !takeover_->same_endpoint;
       takeover_.reset();
       conn_->clearLost();
       writeCoordinatorFile();
       raiseRestarts();
+      // A successor's round replaces failed workers anyway; a resumed round re-forms for them
+      // (onRoundResumed).
+      if (moved) {
+        if (auto code = accountOutageFailures(/*reform=*/false)) return *code;
+      }
     }
     if (m.has_welcome() && m.welcome().waiting()) {
       log_->info("joined; held until the running round admits new nodes");
     } else if (m.has_round_formed() && m.round_formed().generation() == generation_) {
       // The same round again: a restarted coordinator resumed it (nothing moved).
-      onRoundResumed(m.round_formed());
+      if (auto code = onRoundResumed(m.round_formed())) return *code;
     } else if (m.has_round_formed() && m.round_formed().generation() > generation_ &&
                o_.inPlace() && group_) {
       // In place: the running workers re-form by themselves (their generation watch aborts

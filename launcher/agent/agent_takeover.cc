@@ -295,7 +295,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
   return 1;
 }
 
-void Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {
+std::optional<int> Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {
   if (r.node_rank() != round_->node_rank() || r.num_nodes() != round_->num_nodes() ||
       r.world_size() != round_->world_size()) {
     // Never expected (a resumed round is the same membership): move past it rather than run
@@ -303,7 +303,7 @@ void Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {
     log_->error("generation {} came back with another layout (node rank {} of {}); re-forming",
                 r.generation(), r.node_rank(), r.num_nodes());
     session_->requestReform("a resumed round did not match its members' layout");
-    return;
+    return std::nullopt;
   }
   round_ = r;
   log_->info("generation {}: the restarted coordinator resumed the round ({})", generation_,
@@ -312,6 +312,11 @@ void Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {
   reform_requested_for_ = 0;
   admit_pending_since_.reset();
   if (in_barrier_) countInBarrier();
+  if (!unaccounted_.empty()) {
+    // Workers failed while it was away: count them against --max-restarts now; within the
+    // budget that asks for the round that replaces them.
+    return accountOutageFailures(/*reform=*/true);
+  }
   if (!missing_.empty() || (!group_ && !in_barrier_)) {
     // A worker failed while the coordinator was away and could not say so: re-form for it, once
     // for the job however many nodes saw failures.
@@ -322,6 +327,7 @@ void Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {
           fmt::format("worker(s) on node '{}' failed while the coordinator was away", node_id_));
     }
   }
+  return std::nullopt;
 }
 
 }  // namespace rally::agent

@@ -31,7 +31,9 @@
 //   - the coordinator's host stopped by SIGTERM under --recovery restart: it hands the coordinator
 //     over, and the job re-forms once;
 //   - a standalone `rally coordinator` killed and started again: the workers train on meanwhile,
-//     the round resumes untouched (no re-form), and the weights are bitwise identical;
+//     the round resumes untouched (no re-form), and the weights are bitwise identical; a worker
+//     killed while it is away is counted against --max-restarts once it is back (re-formed for
+//     with a restart left, the job failed with none);
 //   - the last node holding the newest commit lost (node 1 killed right after taking commit 6,
 //     while node 0's ranks were held before theirs): the survivors fall back to commit 5 and say
 //     so (the log, and "fell_back_from": 6 in the recovery event), redo the lost steps, and still
@@ -693,6 +695,84 @@ TEST_F(InPlaceRecoveryTest, StandaloneCoordinatorRestartedTheRoundResumesUntouch
   EXPECT_EQ(count(log, "\"event\":\"coordinator_lost\""), 2u) << log;
   EXPECT_EQ(count(log, "\"event\":\"coordinator_moved\""), 2u) << log;
   EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 2u) << log;
+}
+
+// A worker killed while the standalone coordinator is away counts against --max-restarts once it
+// is back, like any failure: with a restart left the resumed round re-forms for it (in place);
+// with none the job fails with its report.
+TEST_F(InPlaceRecoveryTest, AWorkerFailureWhileTheCoordinatorIsAwayCountsAgainstTheRestarts) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "8",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  ::setenv("RALLY_TOKEN", "outage-test-token", 1);
+  struct Unset {
+    ~Unset() { ::unsetenv("RALLY_TOKEN"); }
+  } unset;
+  for (const std::string max_restarts : {"1", "0"}) {
+    SCOPED_TRACE("--max-restarts " + max_restarts);
+    std::remove(events_.c_str());
+    endpoint_ = "127.0.0.1:" + std::to_string(freePort());
+    const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+    const std::string id = "ip-o" + max_restarts;
+    int starts = 0;
+    const auto coordinator = [&] {
+      return std::make_unique<ChildProcess>(
+          std::vector<std::string>{RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port",
+                                   port, "--job-id", id, "--nnodes", "2", "--heartbeat-interval",
+                                   "500ms"},
+          tempPath(id + "-coordinator" + std::to_string(++starts) + ".out"));
+    };
+    auto first = coordinator();
+    ASSERT_TRUE(first->waitForErrors("listening", milliseconds(20000))) << first->errors();
+    const std::vector<std::string> args = {"--nnodes",        "2",         "--nproc-per-node", "1",
+                                           "--rdzv-endpoint", endpoint_,   "--rdzv-id",        id,
+                                           "--max-restarts",  max_restarts};
+    auto a = agent(id + "-a", args, program);
+    auto b = agent(id + "-b", args, program);
+    ASSERT_TRUE(a->waitForErrors("started 1 worker(s)", milliseconds(30000))) << a->errors();
+    // a's worker, from its workers_started event.
+    pid_t worker = 0;
+    const auto listed = std::chrono::steady_clock::now() + milliseconds(10000);
+    while (worker == 0 && std::chrono::steady_clock::now() < listed) {
+      std::istringstream lines(events());
+      for (std::string line; std::getline(lines, line);) {
+        if (line.find("\"workers_started\"") == std::string::npos ||
+            line.find("\"node\":\"" + id + "-a\"") == std::string::npos) {
+          continue;
+        }
+        std::smatch m;
+        if (std::regex_search(line, m, std::regex("\"pids\":\\[([0-9]+)"))) {
+          worker = std::stoi(m[1].str());
+        }
+      }
+      if (worker == 0) std::this_thread::sleep_for(milliseconds(20));
+    }
+    ASSERT_GT(worker, 0) << events();
+    first->signal(SIGKILL);
+    EXPECT_EQ(exitCode(*first, milliseconds(5000)), 128 + SIGKILL);
+    ASSERT_TRUE(a->waitForErrors("waiting up to", milliseconds(10000))) << a->errors();
+    ::kill(worker, SIGKILL);
+    ASSERT_TRUE(a->waitForErrors("failed: signal SIGKILL", milliseconds(10000))) << a->errors();
+    auto second = coordinator();
+    ASSERT_TRUE(
+        a->waitForErrors("while the coordinator was away: counting them now", milliseconds(20000)))
+        << a->errors();
+    if (max_restarts == "1") {
+      EXPECT_EQ(exitCode(*a), 0) << a->errors();
+      EXPECT_EQ(exitCode(*b), 0) << b->errors();
+      EXPECT_NE(a->errors().find("in-place recovery 1 of 1"), std::string::npos) << a->errors();
+      const Result got = parse(a->output() + b->output());
+      EXPECT_NE(got.summary.find("world 2 uses_min 8 uses_max 8"), std::string::npos)
+          << got.summary;
+    } else {
+      EXPECT_EQ(exitCode(*a), 1) << a->errors();
+      EXPECT_EQ(exitCode(*b), 1) << b->errors();
+      EXPECT_NE(a->errors().find("failed after 0 restart(s) (--max-restarts 0)"), std::string::npos)
+          << a->errors();
+    }
+    second->signal(SIGTERM);
+    exitCode(*second, milliseconds(10000));
+  }
 }
 
 TEST_F(InPlaceRecoveryTest, LastNodeWithTheNewestCommitLostFallsBackAndSaysSo) {

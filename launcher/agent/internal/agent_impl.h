@@ -168,12 +168,21 @@ class Agent::Impl {
   Status startWorkers(const v1::RoundFormed& round);
   void stopWorkers(int sig, const std::string& why);
   std::optional<int> onWorkerFailure(const WorkerExit& e);
+  // Counts a failed generation against --max-restarts (once for the job, by whichever node claims
+  // it first) and asks for a new round, or, out of restarts, reports the job's failures and fails
+  // it (returns the exit code). Without a coordinator, keeps it for accountOutageFailures().
+  // `reform`: ask for the new round (not when one is forming anyway).
+  std::optional<int> claimRestart(const WorkerFailure& f, const std::string& what,
+                                  bool reform = true);
+  // Failures seen while the coordinator was away, once one is back (resumed, or taken over).
+  std::optional<int> accountOutageFailures(bool reform);
   std::optional<int> onAllWorkersSucceeded();
   // Counts this node in the exit barrier: a key per node, so that it can be counted again at a
   // coordinator that resumed the round.
   void countInBarrier();
   // A restarted coordinator resumed this node's round.
-  void onRoundResumed(const v1::RoundFormed& r);
+  // An exit code if the job fails (failures while it was away used up the restarts).
+  std::optional<int> onRoundResumed(const v1::RoundFormed& r);
   int finish(int code);
   std::map<std::string, std::string> workerEnv(const v1::RoundFormed& r, int local_rank,
                                                int master_port, const std::string& error_file);
@@ -225,6 +234,11 @@ class Agent::Impl {
     std::optional<Clock::time_point> reopen_at;  // same endpoint: rejoin again then
   };
   std::optional<Takeover> takeover_;
+  struct Unaccounted {
+    WorkerFailure failure;
+    std::string what;  // "signal SIGKILL"
+  };
+  std::vector<Unaccounted> unaccounted_;  // failures not yet counted (no coordinator then)
   std::int64_t job_restarts_ = 0;  // the newest count of the job's restarts this node has seen
   EventQueue queue_;
   std::unique_ptr<WorkerGroup> group_;
