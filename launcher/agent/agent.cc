@@ -828,6 +828,7 @@ int Agent::Impl::loop() {
     checkHungWorkers();
     applyTimedFaults();
     checkAdmission();
+    if (auto code = deferToMovedCoordinator()) return *code;
     auto next = queue_.pop(Milliseconds(fault_plan_ || watchdog_ ? 20 : 100));
     if (!next) continue;
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {

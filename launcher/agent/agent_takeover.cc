@@ -131,7 +131,7 @@ bool Agent::Impl::relocate(const std::string& why) {
                       "moved to another node)");
     return false;
   }
-  if (Status s = conn_->retarget(*found); !s.ok()) {
+  if (Status s = conn_->retarget(*found, client_options_.keepalive); !s.ok()) {
     log_->error("cannot reach the coordinator at {}: {}", *found, s.message());
     return false;
   }
@@ -266,7 +266,10 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       log_->warn("took over the job's coordinator on {} (generation {} ends with node '{}')",
                  embedded_->address(), generation_, lost);
     }
-    if (Status s = conn_->retarget(endpoint); !s.ok()) {
+    // No keepalive pings to a coordinator of this node's own.
+    const Milliseconds keepalive =
+        c.node_id() == node_id_ ? Milliseconds(0) : client_options_.keepalive;
+    if (Status s = conn_->retarget(endpoint, keepalive); !s.ok()) {
       log_->error("successor '{}': {}", c.node_id(), s.message());
       continue;
     }
@@ -293,6 +296,40 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
   }
   stopWorkers(SIGTERM, "lost the coordinator");
   return 1;
+}
+
+std::optional<int> Agent::Impl::deferToMovedCoordinator() {
+  if (!embedded_ || round_ || takeover_ || o_.rdzv_endpoints.size() < 2) return std::nullopt;
+  if (Clock::now() < next_defer_check_) return std::nullopt;
+  next_defer_check_ = Clock::now() + Milliseconds(2000);
+  for (size_t i = 1; i < o_.rdzv_endpoints.size(); ++i) {
+    const std::string endpoint = o_.rdzv_endpoints[i].toString();
+    const Probe p = probeCoordinator(endpoint);
+    // A generation: a round of the job formed there (the one started here has none yet).
+    if (p.kind != Probe::kServes || p.generation == 0) continue;
+    const std::string here = embedded_->address();
+    log_->warn(
+        "the job's coordinator serves at {} (generation {}): it moved there while this node was "
+        "away; this node joins it, and the coordinator it started at {} steps aside",
+        endpoint, p.generation, here);
+    ++session_serial_;  // this session's end (the hand-over below) is not news
+    // Nodes gathering at the one started here look for the coordinator again, as at any
+    // hand-over, and find it where this node did.
+    embedded_->handOver(fmt::format("the job's coordinator serves at {}", endpoint));
+    embedded_.reset();
+    if (Status s = conn_->retarget(endpoint, client_options_.keepalive); !s.ok()) {
+      log_->error("cannot reach the coordinator at {}: {}", endpoint, s.message());
+      return 1;
+    }
+    if (Status s = openSession(nullptr); !s.ok()) {
+      log_->error("cannot join the coordinator at {}: {}", endpoint, s.message());
+      return 1;
+    }
+    events_->write("coordinator_moved", {{"endpoint", endpoint}, {"from", here}, {"here", false}});
+    writeCoordinatorFile();
+    return std::nullopt;
+  }
+  return std::nullopt;
 }
 
 std::optional<int> Agent::Impl::onRoundResumed(const v1::RoundFormed& r) {

@@ -61,12 +61,12 @@ Result<std::shared_ptr<CoordinatorConnection>> CoordinatorConnection::open(Clien
     return invalidArgument("no job token for the coordinator: give the coordinator's token file");
   }
   std::shared_ptr<CoordinatorConnection> conn(new CoordinatorConnection(std::move(options)));
-  conn->target_ = conn->makeTarget(conn->options_.endpoint);
+  conn->target_ = conn->makeTarget(conn->options_.endpoint, conn->options_.keepalive);
   return conn;
 }
 
 std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::makeTarget(
-    const std::string& endpoint) const {
+    const std::string& endpoint, Milliseconds keepalive) const {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
@@ -75,8 +75,8 @@ std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::makeTarget
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   if (options_.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  if (options_.keepalive.count() > 0) {
-    const int ms = static_cast<int>(std::min<std::int64_t>(options_.keepalive.count(), 1 << 30));
+  if (keepalive.count() > 0) {
+    const int ms = static_cast<int>(std::min<std::int64_t>(keepalive.count(), 1 << 30));
     args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, ms);
     args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ms);
     // A generation watch sends nothing after its request: keep pinging all the same.
@@ -84,6 +84,7 @@ std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::makeTarget
   }
   auto t = std::make_shared<Target>();
   t->endpoint = endpoint;
+  t->keepalive = keepalive;
   t->channel = grpc::CreateCustomChannel(endpoint, grpc::InsecureChannelCredentials(), args);
   t->stub = v1::Coordinator::NewStub(t->channel);
   return t;
@@ -96,7 +97,9 @@ std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::target() c
 
 ClientOptions CoordinatorConnection::options() const {
   ClientOptions o = options_;
-  o.endpoint = target()->endpoint;
+  const auto t = target();
+  o.endpoint = t->endpoint;
+  o.keepalive = t->keepalive;
   return o;
 }
 
@@ -109,9 +112,10 @@ std::shared_ptr<v1::Coordinator::Stub> CoordinatorConnection::stub() const {
 
 std::shared_ptr<grpc::Channel> CoordinatorConnection::channel() const { return target()->channel; }
 
-Status CoordinatorConnection::retarget(const std::string& endpoint) {
+Status CoordinatorConnection::retarget(const std::string& endpoint,
+                                       std::optional<Milliseconds> keepalive) {
   RALLY_RETURN_IF_ERROR(checkEndpoint(endpoint)) << "retargeting the coordinator connection";
-  auto t = makeTarget(endpoint);
+  auto t = makeTarget(endpoint, keepalive.value_or(target()->keepalive));
   std::shared_ptr<Target> old;
   {
     std::lock_guard lock(mu_);

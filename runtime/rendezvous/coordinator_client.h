@@ -74,7 +74,10 @@ class CoordinatorConnection {
   // Points every later call (and every retry of a call in progress) at another endpoint: the
   // job's coordinator moved to a successor after its host was lost. Streams already open stay on
   // the old channel until they end. InvalidArgument if `endpoint` is not HOST:PORT.
-  Status retarget(const std::string& endpoint);
+  // `keepalive`: the new endpoint's (ClientOptions::keepalive), if not the current one's: an agent
+  // pings no coordinator of its own, but does ping one elsewhere.
+  Status retarget(const std::string& endpoint,
+                  std::optional<Milliseconds> keepalive = std::nullopt);
   // The coordinator at the current endpoint is known to be gone (an agent's session broke): calls
   // in flight are cancelled and later ones fail at once (Unavailable) instead of waiting out their
   // deadlines, until retarget(). `serial`: the targetSerial() the evidence is about; a no-op if
@@ -99,9 +102,10 @@ class CoordinatorConnection {
     std::string endpoint;
     std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<rally::v1::Coordinator::Stub> stub;
+    Milliseconds keepalive{0};
   };
   explicit CoordinatorConnection(ClientOptions options);
-  std::shared_ptr<Target> makeTarget(const std::string& endpoint) const;
+  std::shared_ptr<Target> makeTarget(const std::string& endpoint, Milliseconds keepalive) const;
   std::shared_ptr<Target> target() const;
 
   ClientOptions options_;  // options_.endpoint: the first endpoint; target_ has the current one

@@ -201,6 +201,12 @@ class Agent::Impl {
   void applyTimedFaults();
   // In place: re-forms to admit waiting nodes once the workers reached a commit point.
   void checkAdmission();
+  // This agent started the job's coordinator at the first --rdzv-endpoint address, but no round
+  // has formed there yet: if a standby address already serves the job (it moved there while this
+  // node was away: the restarted first host), join it and hand the one started here over, so
+  // that the job does not split. Checked every 2 s. An exit code if it cannot join it.
+  std::optional<int> deferToMovedCoordinator();
+  Clock::time_point next_defer_check_{};
 
   cli::RunOptions o_;
   std::string node_id_;

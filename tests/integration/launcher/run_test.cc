@@ -165,6 +165,42 @@ TEST_F(RunTest, TheHostingAgentTriesAgainWhileItsPortIsTakenAndNobodyServesIt) {
   EXPECT_EQ(count(a->output(), "worker rank="), 1u) << a->output();
 }
 
+// The first host restarted while its job runs at a standby address (here a standalone coordinator
+// there, whose round two nodes formed): nothing answered when its agent looked, so it hosts a
+// coordinator, then finds the job at the standby address, joins it, and hands its own over, rather
+// than splitting the job.
+TEST_F(RunTest, ARestartedFirstHostStepsAsideForTheJobAtAStandbyAddress) {
+  ::setenv("RALLY_TOKEN", "defer-token", 1);  // the coordinator's and the agents'
+  struct Unset {
+    ~Unset() { ::unsetenv("RALLY_TOKEN"); }
+  } unset;
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  const std::string standby = "127.0.0.2:" + port;
+  const std::vector<std::string> vars = {"FIRST_SECONDS=60", "LATER_SECONDS=1"};
+  auto first = agent("defer-a", vars,
+                     {"--nnodes", "2:3", "--rdzv-endpoint", endpoint_ + "," + standby, "--rdzv-id",
+                      "defer", "--last-call", "200ms"});
+  ASSERT_TRUE(
+      first->waitForErrors("hosting the job's coordinator on " + endpoint_, milliseconds(20000)))
+      << first->errors();
+  ChildProcess job({RALLY_BINARY, "coordinator", "--host", "127.0.0.2", "--port", port, "--job-id",
+                    "defer", "--nnodes", "2:3", "--heartbeat-interval", "500ms"},
+                   tempPath("defer-coordinator.out"));
+  ASSERT_TRUE(job.waitForErrors("listening", milliseconds(20000))) << job.errors();
+  const std::vector<std::string> args = {"--nnodes",  "2:3",   "--rdzv-endpoint", standby,
+                                         "--rdzv-id", "defer", "--last-call",     "200ms"};
+  auto b = agent("defer-b", vars, args);
+  auto c = agent("defer-c", vars, args);
+  ASSERT_TRUE(b->waitForOutput("world=2", milliseconds(20000))) << b->errors();
+  ASSERT_TRUE(first->waitForErrors("steps aside", milliseconds(10000))) << first->errors();
+  EXPECT_EQ(exitCode(*first), 0) << first->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  EXPECT_EQ(count(first->output(), "world=3"), 1u) << first->output() << first->errors();
+  job.signal(SIGTERM);
+  EXPECT_EQ(exitCode(job, milliseconds(10000)), 0) << job.errors();
+}
+
 TEST_F(RunTest, RestartBudgetIsTheJobsAndItsExhaustionIsReportedOnEveryNode) {
   const std::vector<std::string> vars = {"FIRST_SECONDS=30", "LATER_SECONDS=30", "FAIL_RANK=3",
                                          "FAIL_ALWAYS=1", "FAIL_CODE=4"};
