@@ -12,7 +12,12 @@
 // end a sample of generated text. Options: --data DIR --steps N --batch B (sequences per rank)
 // --context T --layers L --dim D --heads H --lr X --commit-every K --seed S --sample-bytes N
 // --temperature X (of the sample; 0: greedy) --tp N (tensor-parallel degree: the world is a
-// DP x TP grid; see docs/torch.md).
+// DP x TP grid; see docs/torch.md) --nan-at-step N (for tests: world rank 0's loss at step N is
+// NaN).
+//
+// A step whose averaged gradients are not all finite (NaN or Inf, as DDP's fused scale-and-check
+// reports) is skipped on every rank, as a mixed-precision loss scaler would: the weights and the
+// moments stay as they were, a line says so, and the final line counts such steps.
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -23,12 +28,13 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
 
-#include "examples/gpt/gpt_model.h"
 #include "collectives/memory_bootstrap_store.h"
+#include "examples/gpt/gpt_model.h"
 #include "kernels/ops/kernels.h"
 #include "runtime/data/elastic_sampler.h"
 #include "runtime/elastic/elastic_run.h"
@@ -58,10 +64,12 @@ std::string readCorpus(const std::string& dir) {
 
 int main(int argc, char** argv) {
   std::map<std::string, std::string> opt = {
-      {"--data", "docs"},     {"--steps", "300"},    {"--batch", "8"},   {"--context", "64"},
-      {"--layers", "3"},      {"--dim", "96"},       {"--heads", "4"},   {"--lr", "3e-3"},
-      {"--commit-every", "10"}, {"--seed", "1234"},  {"--log-every", "10"},
-      {"--sample-bytes", "200"}, {"--temperature", "0.8"}, {"--step-ms", "0"}, {"--tp", "1"}};
+      {"--data", "docs"},       {"--steps", "300"},    {"--batch", "8"},
+      {"--context", "64"},      {"--layers", "3"},     {"--dim", "96"},
+      {"--heads", "4"},         {"--lr", "3e-3"},      {"--commit-every", "10"},
+      {"--seed", "1234"},       {"--log-every", "10"}, {"--sample-bytes", "200"},
+      {"--temperature", "0.8"}, {"--step-ms", "0"},    {"--tp", "1"},
+      {"--nan-at-step", "-1"}};
   for (int i = 1; i < argc; i += 2) {
     if (opt.count(argv[i]) == 0 || i + 1 >= argc) {
       std::fprintf(stderr, "gpt: bad option '%s' (see the comment at the top of gpt.cc)\n", argv[i]);
@@ -123,9 +131,11 @@ int main(int argc, char** argv) {
     if (s.ok()) s = parallel::registerTensor(state, "adam.v." + p.key(), v.back(), shard);
   }
   std::int64_t step = 0;
+  std::int64_t skipped = 0;  // steps with non-finite gradients, not applied
   auto sampler = ElasticSampler::create({.dataset_size = static_cast<std::uint64_t>(windows),
                                          .seed = static_cast<std::uint64_t>(num("--seed"))});
   if (s.ok()) s = state.registerScalar("step", &step);
+  if (s.ok()) s = state.registerScalar("skipped", &skipped);
   if (s.ok() && sampler.ok()) s = sampler->attach(state);
   if (!s.ok() || !sampler.ok()) {
     std::fprintf(stderr, "%s\n", (!s.ok() ? s : sampler.status()).toString().c_str());
@@ -159,12 +169,30 @@ int main(int argc, char** argv) {
       auto y = ::torch::tensor(out).view({rows, cfg.context});
       for (auto& p : params) p.mutable_grad() = ::torch::Tensor();
       auto loss = model->loss(x, y);
+      if (step == num("--nan-at-step") && w.rank() == 0) {
+        loss = loss * std::numeric_limits<float>::quiet_NaN();
+      }
       loss.backward();
       RALLY_RETURN_IF_ERROR(ddp.status());
-      // The loss averaged over the world, for the log line.
-      float l = loss.item<float>();
-      RALLY_RETURN_IF_ERROR(w.comm().allreduce(&l, 1, DataType::kF32, collectives::ReduceOp::kAvg)
+      // The loss averaged over the world, for the log line, and whether any rank's averaged
+      // gradients were not finite (DDP's check covers its replicas; with TP the groups must agree).
+      float stats[2] = {loss.item<float>(), ddp.gradientsFinite() ? 0.0f : 1.0f};
+      RALLY_RETURN_IF_ERROR(w.comm()
+                                .allreduce(stats, 2, DataType::kF32, collectives::ReduceOp::kAvg)
                                 ->wait(Milliseconds(60'000)));
+      const float l = stats[0];
+      if (stats[1] != 0.0f) {
+        ++skipped;
+        ++step;
+        if (w.rank() == 0) {
+          std::printf(
+              "step %lld: non-finite gradients (NaN or Inf); skipped, the weights unchanged\n",
+              static_cast<long long>(step));
+          std::fflush(stdout);
+        }
+        if (step % num("--commit-every") == 0) RALLY_RETURN_IF_ERROR(run.commit());
+        continue;
+      }
       std::vector<kernels::AdamWTensor> ts;
       for (size_t i = 0; i < params.size(); ++i) {
         ts.push_back({params[i].data_ptr<float>(), params[i].grad().data_ptr<float>(),
@@ -224,8 +252,9 @@ int main(int argc, char** argv) {
       sample += static_cast<char>(next.item<std::int64_t>());
     }
     if (w.rank() == 0) {
-      std::printf("steps %lld recoveries %d world %d\nsample:\n%s\n",
-                  static_cast<long long>(step), run.recoveries(), w.size(), sample.c_str());
+      std::printf("steps %lld recoveries %d world %d skipped %lld\nsample:\n%s\n",
+                  static_cast<long long>(step), run.recoveries(), w.size(),
+                  static_cast<long long>(skipped), sample.c_str());
     }
   }
   return 0;

@@ -13,6 +13,7 @@
 //   - checkpoints (RALLY_CHECKPOINT_DIR) written at TP = 2 x DP = 2 resume a new job at
 //     TP = 1 x DP = 4 after the last one (step 40), with the parameters, AdamW moments, step and
 //     sampler of that checkpoint: its later losses are those of an uninterrupted TP = 1 run.
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
@@ -145,6 +146,25 @@ TEST(GptExample, ACheckpointSavedAtTp2ResumesAJobAtTp1) {
   EXPECT_NEAR(got[0], want[4], 1e-3) << "step 50";
   EXPECT_NEAR(got[1], want[5], 1e-3) << "step 60";
   std::filesystem::remove_all(dir);
+}
+
+// A NaN loss on one rank (world rank 0 at step 15, DP = 2 x TP = 2): the averaged gradients are
+// not finite on its DP group, every rank skips that step (the TP groups agree), and training goes
+// on with finite losses instead of carrying NaN into the weights.
+TEST(GptExample, AStepWithNonFiniteGradientsIsSkippedOnEveryRank) {
+  ChildProcess job({RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "4", RALLY_GPT,
+                    "--data", RALLY_CORPUS, "--steps", "30", "--log-every", "10", "--tp", "2",
+                    "--nan-at-step", "14", "--sample-bytes", "8"},
+                   tempPath("gpt-nan.out"));
+  ASSERT_EQ(exitCode(job, std::chrono::milliseconds(110000)), 0) << job.errors();
+  const std::string out = job.output();
+  EXPECT_EQ(count(out, "non-finite gradients"), 1u) << out;
+  EXPECT_NE(out.find("step 15: non-finite gradients (NaN or Inf); skipped"), std::string::npos)
+      << out;
+  EXPECT_NE(out.find("steps 30 recoveries 0 world 4 skipped 1"), std::string::npos) << out;
+  const auto l = losses(out);
+  ASSERT_EQ(l.size(), 3u) << out;
+  for (double x : l) EXPECT_TRUE(std::isfinite(x)) << out;
 }
 
 }  // namespace
