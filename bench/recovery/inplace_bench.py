@@ -7,6 +7,9 @@ steps. Each trial starts a fresh job, waits a random 1-2 s, then
   worker kill  kill -9 of one of the 4 workers, chosen at random (MIN = MAX: it is replaced);
   node loss    kill -9 of the second node's agent and its workers (--nnodes 1:2: the survivors
                go on with 2 ranks);
+  host loss    kill -9 of the first node, whose agent hosts the job's coordinator (the nodes on
+               127.0.0.1 and 127.0.0.2, --rdzv-endpoint naming both, --nnodes 1:2): the second
+               node takes the coordinator over and its ranks go on with 2;
 and measures the time from the kill to the completion of the first step after the recovery (the
 "recovery" event that the lowest surviving rank writes to the event log once that step is done), and the
 steps lost: steps begun before the failure that had been committed and yet run again, i.e.
@@ -17,7 +20,7 @@ per step, a checkpoint every 10 steps), kill -9 of a worker to the next complete
 bench/recovery/recovery_bench.py measures it (torchrun cannot run librally's in-place path).
 
 Ends with
-  inplace worker_kill_p50_ms=A node_loss_p50_ms=B steps_lost_max=L vs_torchrun=R
+  inplace worker_kill_p50_ms=A node_loss_p50_ms=B host_loss_p50_ms=C steps_lost_max=L vs_torchrun=R
 where R is torchrun's worker-kill p50 over rally's.
 
     /usr/bin/python3 bench/recovery/inplace_bench.py [--trials 20] [--torchrun-trials 5]
@@ -71,17 +74,20 @@ def wait_for(pred, timeout, what):
 
 def inplace_trial(rally, minimal, mode):
     ev = tempfile.mktemp(prefix="rally-inplace-events-")
-    endpoint = f"127.0.0.1:{recovery_bench.free_port()}"
+    port = recovery_bench.free_port()
+    # host: the coordinator's host is lost; the second node, a standby address, takes it over.
+    endpoint = f"127.0.0.1:{port},127.0.0.2:{port}" if mode == "host" else f"127.0.0.1:{port}"
     common = [rally, "run", "--nproc-per-node", "2", "--recovery", "in-place",
               "--max-restarts", "50", "--log-level", "warn", "--events", ev,
               "--nnodes", "2" if mode == "worker" else "1:2", "--rdzv-endpoint", endpoint,
-              "--rdzv-id", "bench-inplace", "--local-addr", "127.0.0.1"]
+              "--rdzv-id", "bench-inplace"]
     program = [minimal, "--samples", "1000000", "--epochs", "1", "--batch", "8",
                "--commit-every", str(COMMIT_EVERY), "--step-ms", "20"]
     env = dict(os.environ, RALLY_TOKEN="bench")
-    a = recovery_bench.Job(common + ["--node-id", "a"] + program, env)
+    a = recovery_bench.Job(common + ["--node-id", "a", "--local-addr", "127.0.0.1"] + program, env)
     time.sleep(0.3)
-    b = recovery_bench.Job(common + ["--node-id", "b"] + program, env)
+    b = recovery_bench.Job(common + ["--node-id", "b", "--local-addr",
+                                     "127.0.0.2" if mode == "host" else "127.0.0.1"] + program, env)
     try:
         started = wait_for(
             lambda: [e for e in events(ev) if e.get("event") == "workers_started"]
@@ -92,9 +98,12 @@ def inplace_trial(rally, minimal, mode):
             victim = random.choice([p for e in started for p in e["pids"]])
             t_kill = time.time()
             os.kill(victim, signal.SIGKILL)
-        else:
+        elif mode == "node":
             t_kill = time.time()
             b.kill_tree()
+        else:
+            t_kill = time.time()
+            a.kill_tree()
         try:
             rec = wait_for(lambda: next((e for e in events(ev) if e.get("event") == "recovery"
                                          and when(e) > t_kill), None), 60, "the recovery event")
@@ -124,9 +133,11 @@ def main():
     ap.add_argument("--minimal", default=os.path.join(ROOT, "build/default/examples/minimal"))
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--torchrun-trials", type=int, default=5)
+    ap.add_argument("--modes", default="worker,node,host",
+                    help="what is killed: worker, node, host (the coordinator's), comma-separated")
     args = ap.parse_args()
     results = {}
-    for mode in ("worker", "node"):
+    for mode in args.modes.split(","):
         times, lost, phases = [], [], []
         for i in range(args.trials):
             ms, l, rec = inplace_trial(args.rally, args.minimal, mode)
@@ -146,22 +157,25 @@ def main():
     print(f"\n# {args.trials} trials each; {os.cpu_count()} cores; ms from kill -9 to the next "
           "completed step")
     print(f"# {'case':24} {'p50_ms':>8} {'p99_ms':>8} {'max_ms':>8} {'steps_lost_max':>14}")
-    for mode, label in (("worker", "rally in place, worker"), ("node", "rally in place, node")):
+    for mode, label in (("worker", "rally in place, worker"), ("node", "rally in place, node"),
+                        ("host", "rally in place, host")):
+        if mode not in results:
+            continue
         t, l, _ = results[mode]
         print(f"  {label:24} {pct(t, 50):8.1f} {pct(t, 99):8.1f} {max(t):8.1f} {max(l):14d}")
     if torch_kills:
         print(f"  {'torchrun restart, worker':24} {pct(torch_kills, 50):8.1f} "
               f"{pct(torch_kills, 99):8.1f} {max(torch_kills):8.1f} {'(checkpoint)':>14}")
-    for mode in ("worker", "node"):
+    for mode in results:
         keys = results[mode][2][0].keys()
         med = {k: statistics.median(p.get(k, 0) for p in results[mode][2]) for k in keys}
         print(f"# median phases, {mode}: " + " ".join(f"{k}={v:.1f}" for k, v in med.items()))
-    w50 = pct(results["worker"][0], 50)
-    n50 = pct(results["node"][0], 50)
-    lost = max(max(results["worker"][1]), max(results["node"][1]))
-    ratio = pct(torch_kills, 50) / w50 if torch_kills else float("nan")
-    print(f"inplace worker_kill_p50_ms={w50:.1f} node_loss_p50_ms={n50:.1f} steps_lost_max={lost} "
-          f"vs_torchrun={ratio:.1f}")
+    p50 = {m: pct(results[m][0], 50) if m in results else float("nan")
+           for m in ("worker", "node", "host")}
+    lost = max(max(r[1]) for r in results.values())
+    ratio = pct(torch_kills, 50) / p50["worker"] if torch_kills else float("nan")
+    print(f"inplace worker_kill_p50_ms={p50['worker']:.1f} node_loss_p50_ms={p50['node']:.1f} "
+          f"host_loss_p50_ms={p50['host']:.1f} steps_lost_max={lost} vs_torchrun={ratio:.1f}")
 
 
 if __name__ == "__main__":
