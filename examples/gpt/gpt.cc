@@ -38,6 +38,7 @@
 #include "kernels/ops/kernels.h"
 #include "runtime/data/elastic_sampler.h"
 #include "runtime/elastic/elastic_run.h"
+#include "runtime/rendezvous/grpc_status.h"
 #include "runtime/torch/distributed_data_parallel.h"
 #include "runtime/torch/tensor_parallel.h"
 #include "runtime/torch/torch_state.h"
@@ -63,6 +64,8 @@ std::string readCorpus(const std::string& dir) {
 }
 
 int main(int argc, char** argv) {
+  // gRPC (librally's coordinator client) cleans up here when main ends, not on a detached thread.
+  const rally::rendezvous::GrpcLifetime grpc;
   std::map<std::string, std::string> opt = {
       {"--data", "docs"},       {"--steps", "300"},    {"--batch", "8"},
       {"--context", "64"},      {"--layers", "3"},     {"--dim", "96"},

@@ -16,6 +16,7 @@
 
 #include "runtime/data/elastic_sampler.h"
 #include "runtime/elastic/elastic_run.h"
+#include "runtime/rendezvous/grpc_status.h"
 #include "runtime/world/world.h"
 
 using namespace rally;  // NOLINT(google-build-using-namespace): an example
@@ -36,6 +37,8 @@ void sample(std::uint64_t i, float* x, float* y) {
 }
 
 int main(int argc, char** argv) {
+  // gRPC (librally's coordinator client) cleans up here when main ends, not on a detached thread.
+  const rally::rendezvous::GrpcLifetime grpc;
   std::map<std::string, double> opt = {{"--samples", 4096},   {"--epochs", 3}, {"--batch", 16},
                                        {"--commit-every", 5}, {"--lr", 0.05},  {"--step-ms", 0}};
   std::string out;

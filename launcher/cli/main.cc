@@ -14,6 +14,8 @@
 
 int main(int argc, char** argv) {
   rally::log::installCrashReport("rally");
+  // First, so that it goes last: gRPC's final clean-up runs here when main ends.
+  const rally::rendezvous::GrpcLifetime grpc;
   rally::rendezvous::routeGrpcLogs();
   // `rally run` takes torchrun's command line, whose program arguments are the program's: it is
   // parsed by its own parser, not as a subcommand here.

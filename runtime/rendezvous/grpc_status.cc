@@ -1,10 +1,13 @@
 #include "runtime/rendezvous/grpc_status.h"
 
+#include <fmt/format.h>
+#include <grpc/grpc.h>
+#include <grpc/support/log.h>
+#include <pthread.h>
+#include <signal.h>
+
 #include <atomic>
 #include <cstdlib>
-
-#include <fmt/format.h>
-#include <grpc/support/log.h>
 
 #include "kernels/base/logging.h"
 
@@ -68,6 +71,18 @@ namespace {
 // registry exists runs before the registry is destroyed, and stops the forwarding.
 std::atomic<bool> forward_grpc_logs{false};
 }  // namespace
+
+GrpcLifetime::GrpcLifetime() {
+  // The threads gRPC starts now inherit this thread's signal mask: with every signal blocked they
+  // never take the process's signals, which the program handles itself (rally's agent waits for
+  // them on a thread of its own, having blocked them before it starts any thread).
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  grpc_init();
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+GrpcLifetime::~GrpcLifetime() { grpc_shutdown_blocking(); }
 
 void routeGrpcLogs() {
   (void)rally::log::get("grpc");  // the registry exists before the exit handler below

@@ -14,6 +14,19 @@ inline constexpr std::string_view kTokenMetadataKey = "x-rally-token";
 
 grpc::Status toGrpcStatus(const Status& status);
 
+// Holds the gRPC library for a program's main(): declared first in main, it makes the library's
+// final clean-up run in main's thread, to completion, when main ends (grpc_shutdown_blocking).
+// Without it the last gRPC object to go (a channel released on one of gRPC's own threads) starts
+// that clean-up on a detached thread, which races the process's exit and its static destructors
+// ("pure virtual method called" at exit, once in a while).
+class GrpcLifetime {
+ public:
+  GrpcLifetime();
+  ~GrpcLifetime();
+  GrpcLifetime(const GrpcLifetime&) = delete;
+  GrpcLifetime& operator=(const GrpcLifetime&) = delete;
+};
+
 // Sends gRPC's own log lines to rally's "grpc" log subsystem at debug level (rally reports every
 // failure that matters with its own message; gRPC's raw lines would otherwise go to stderr).
 // Call once at the start of main(). See them with RALLY_LOG_LEVEL=info,grpc=debug.
