@@ -1,6 +1,7 @@
 // The `rally` executable: `rally run` (the torchrun-compatible launcher and node agent) and
-// `rally coordinator` (a job's coordinator on its own), `rally checkpoint` (look into checkpoints)
-// and `rally trace` (read the workers' collective traces).
+// `rally coordinator` (a job's coordinator on its own), `rally checkpoint` (look into checkpoints),
+// `rally trace` (read the workers' collective traces) and `rally status` (ask a job's coordinator
+// for its round).
 #include <CLI/CLI.hpp>
 #include <iostream>
 
@@ -8,6 +9,7 @@
 #include "launcher/cli/checkpoint_command.h"
 #include "launcher/cli/coordinator_command.h"
 #include "launcher/cli/run_command.h"
+#include "launcher/cli/status_command.h"
 #include "launcher/cli/trace_command.h"
 #include "rally/config.h"
 #include "runtime/rendezvous/grpc_status.h"
@@ -32,6 +34,7 @@ int main(int argc, char** argv) {
   rally::cli::addCoordinatorCommand(app, &run);
   rally::cli::addCheckpointCommand(app, &run);
   rally::cli::addTraceCommand(app, &run);
+  rally::cli::addStatusCommand(app, &run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -201,6 +201,62 @@ TEST_F(RunTest, ARestartedFirstHostStepsAsideForTheJobAtAStandbyAddress) {
   EXPECT_EQ(exitCode(job, milliseconds(10000)), 0) << job.errors();
 }
 
+// `rally status` at a list of addresses: the one where the job's coordinator serves gives its
+// round (job, generation, state, members), the other says that nothing answers there; --json has
+// the same; a wrong token is told apart from an empty address; no coordinator at all is exit 1.
+TEST_F(RunTest, StatusShowsTheRoundWhereTheCoordinatorAnswers) {
+  const std::vector<std::string> vars = {"FIRST_SECONDS=60"};
+  const std::vector<std::string> args = {"--nnodes",  "2",      "--rdzv-endpoint", endpoint_,
+                                         "--rdzv-id", "status", "--last-call",     "200ms"};
+  auto a = agent("status-a", vars, args);
+  auto b = agent("status-b", vars, args);
+  ASSERT_TRUE(a->waitForOutput("world=2", milliseconds(20000))) << a->errors();
+  ASSERT_TRUE(b->waitForOutput("world=2", milliseconds(20000))) << b->errors();
+  const std::string nobody = "127.0.0.1:" + std::to_string(freePort());
+  ChildProcess status(
+      {RALLY_BINARY, "status", "--rdzv-endpoint", nobody + "," + endpoint_, "--rdzv-id", "status"},
+      tempPath("status.out"));
+  EXPECT_EQ(exitCode(status), 0) << status.output() << status.errors();
+  const std::string out = status.output();
+  EXPECT_NE(out.find(nobody + ": no coordinator answers"), std::string::npos) << out;
+  EXPECT_NE(out.find(endpoint_ + ": job 'status', generation 1, formed; 2 node(s), 2 worker(s); 0 "
+                                 "waiting"),
+            std::string::npos)
+      << out;
+  EXPECT_NE(out.find("node rank   0  status-"), std::string::npos) << out;
+  EXPECT_NE(out.find("node rank   1  status-"), std::string::npos) << out;
+  EXPECT_EQ(count(out, "at 127.0.0.1  1 worker(s)"), 2u) << out;
+
+  ChildProcess json(
+      {RALLY_BINARY, "status", "--rdzv-endpoint", endpoint_, "--rdzv-id", "status", "--json"},
+      tempPath("status-json.out"));
+  EXPECT_EQ(exitCode(json), 0) << json.errors();
+  EXPECT_NE(json.output().find("\"generation\": 1"), std::string::npos) << json.output();
+  EXPECT_NE(json.output().find("\"state\": \"FORMED\""), std::string::npos) << json.output();
+  EXPECT_EQ(count(json.output(), "\"node_id\": \"status-"), 2u) << json.output();
+
+  ChildProcess wrong({"/usr/bin/env", "RALLY_TOKEN=not-the-jobs", RALLY_BINARY, "status",
+                      "--rdzv-endpoint", endpoint_},
+                     tempPath("status-wrong.out"));
+  EXPECT_EQ(exitCode(wrong), 1);
+  EXPECT_NE(wrong.output().find("a coordinator that refuses the token"), std::string::npos)
+      << wrong.output();
+
+  ChildProcess none({RALLY_BINARY, "status", "--rdzv-endpoint", nobody, "--rdzv-id", "status"},
+                    tempPath("status-none.out"));
+  EXPECT_EQ(exitCode(none), 1);
+  EXPECT_NE(none.errors().find("no coordinator of job 'status' answers at " + nobody),
+            std::string::npos)
+      << none.errors();
+  ChildProcess bad({RALLY_BINARY, "status", "--rdzv-endpoint", "a:0"}, tempPath("status-bad.out"));
+  EXPECT_EQ(exitCode(bad), 2);
+  EXPECT_NE(bad.errors().find("'a:0' has port '0'"), std::string::npos) << bad.errors();
+  a->signal(SIGTERM);
+  b->signal(SIGTERM);
+  exitCode(*a);
+  exitCode(*b);
+}
+
 TEST_F(RunTest, RestartBudgetIsTheJobsAndItsExhaustionIsReportedOnEveryNode) {
   const std::vector<std::string> vars = {"FIRST_SECONDS=30", "LATER_SECONDS=30", "FAIL_RANK=3",
                                          "FAIL_ALWAYS=1", "FAIL_CODE=4"};

@@ -1,0 +1,181 @@
+#include "launcher/cli/status_command.h"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "launcher/cli/run_options.h"
+#include "runtime/rendezvous/coordinator_client.h"
+#include "runtime/rendezvous/grpc_status.h"
+
+namespace rally::cli {
+namespace {
+
+namespace v1 = rally::v1;
+
+struct StatusFlags {
+  std::string endpoints;
+  std::string job_id;
+  std::string token_file;
+  bool json = false;
+  int timeout_ms = 2000;
+};
+
+const char* stateName(v1::GenerationEvent::State s) {
+  switch (s) {
+    case v1::GenerationEvent::WAITING:
+      return "gathering its first round";
+    case v1::GenerationEvent::FORMED:
+      return "formed";
+    case v1::GenerationEvent::REFORMING:
+      return "re-forming";
+    case v1::GenerationEvent::CLOSED:
+      return "ended";
+    default:
+      return "unknown";
+  }
+}
+
+int runStatus(const StatusFlags& f) {
+  if (f.endpoints.empty()) {
+    std::cerr << "rally status: give --rdzv-endpoint HOST[:PORT][,HOST[:PORT]...]\n";
+    return 2;
+  }
+  std::vector<HostPort> endpoints;
+  size_t from = 0;
+  while (from <= f.endpoints.size()) {
+    const size_t comma = f.endpoints.find(',', from);
+    std::string entry =
+        f.endpoints.substr(from, comma == std::string::npos ? std::string::npos : comma - from);
+    from = comma == std::string::npos ? f.endpoints.size() + 1 : comma + 1;
+    entry.erase(0, entry.find_first_not_of(" \t"));
+    entry.erase(entry.find_last_not_of(" \t") + 1);
+    if (entry.empty()) continue;
+    auto hp = parseHostPort(entry, 29400);
+    if (!hp.ok()) {
+      std::cerr << "rally status: --rdzv-endpoint '" << f.endpoints
+                << "': " << hp.status().message() << "\n";
+      return 2;
+    }
+    endpoints.push_back(*hp);
+  }
+  if (endpoints.empty()) {
+    std::cerr << "rally status: --rdzv-endpoint '" << f.endpoints << "' names no address\n";
+    return 2;
+  }
+  std::string token;
+  if (!f.token_file.empty()) {
+    auto t = rendezvous::readTokenFile(f.token_file);
+    if (!t.ok()) {
+      std::cerr << "rally status: " << t.status().message() << "\n";
+      return 2;
+    }
+    token = *t;
+  } else if (const char* t = std::getenv("RALLY_TOKEN"); t != nullptr && *t != '\0') {
+    token = t;
+  } else if (!f.job_id.empty()) {
+    token = fmt::format("rally-job-{}", f.job_id);  // what agents use without RALLY_TOKEN
+  } else {
+    std::cerr << "rally status: no job token: set RALLY_TOKEN, or give --token-file, or "
+                 "--rdzv-id for a job started without a token\n";
+    return 2;
+  }
+  nlohmann::json out = nlohmann::json::array();
+  bool found = false;
+  for (const HostPort& e : endpoints) {
+    const std::string endpoint = e.toString();
+    nlohmann::json j = {{"endpoint", endpoint}};
+    rendezvous::ClientOptions o{.endpoint = endpoint, .token = token};
+    o.dedicated_connection = true;
+    o.keepalive = Milliseconds(0);
+    auto conn = rendezvous::CoordinatorConnection::open(o);
+    v1::RoundInfo info;
+    Status st = conn.status();
+    if (conn.ok()) {
+      grpc::ClientContext ctx;
+      (*conn)->prepareContext(&ctx, Milliseconds(f.timeout_ms));
+      ctx.set_wait_for_ready(false);
+      st = rendezvous::fromGrpcStatus((*conn)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info),
+                                      "GetRound");
+    }
+    if (!st.ok()) {
+      j["answer"] = st.code() == StatusCode::kUnauthenticated ? "refuses the token" : "none";
+      j["error"] = st.message();
+      if (!f.json) {
+        std::cout << fmt::format("{}: {}: {}\n", endpoint,
+                                 st.code() == StatusCode::kUnauthenticated
+                                     ? "a coordinator that refuses the token"
+                                     : "no coordinator answers",
+                                 st.message());
+      }
+      out.push_back(j);
+      continue;
+    }
+    const bool ours = f.job_id.empty() || info.job_id().empty() || info.job_id() == f.job_id;
+    found = found || ours;
+    j["answer"] = ours ? "serves" : "another job";
+    j["job_id"] = info.job_id();
+    j["generation"] = info.generation();
+    j["state"] = v1::GenerationEvent::State_Name(info.state());
+    j["waiting"] = info.waiting();
+    j["members"] = nlohmann::json::array();
+    for (const auto& m : info.members()) {
+      j["members"].push_back({{"node_rank", m.node_rank()},
+                              {"node_id", m.node_id()},
+                              {"address", m.address()},
+                              {"local_world_size", m.local_world_size()},
+                              {"standby_endpoint", m.standby_endpoint()}});
+    }
+    out.push_back(j);
+    if (f.json) continue;
+    std::uint32_t workers = 0;
+    for (const auto& m : info.members()) workers += m.local_world_size();
+    std::cout << fmt::format(
+        "{}: job '{}'{}, generation {}, {}; {} node(s), {} worker(s); {} "
+        "waiting\n",
+        endpoint, info.job_id(), ours ? "" : " (not this job)", info.generation(),
+        stateName(info.state()), info.members_size(), workers, info.waiting());
+    for (const auto& m : info.members()) {
+      std::cout << fmt::format(
+          "  node rank {:>3}  {}  at {}  {} worker(s){}\n", m.node_rank(), m.node_id(), m.address(),
+          m.local_world_size(),
+          m.standby_endpoint().empty() ? "" : fmt::format("  standby {}", m.standby_endpoint()));
+    }
+  }
+  if (f.json) std::cout << out.dump(2) << "\n";
+  if (!found && !f.json) {
+    std::cerr << "rally status: no coordinator of "
+              << (f.job_id.empty() ? std::string("the job") : "job '" + f.job_id + "'")
+              << " answers at " << f.endpoints << "\n";
+  }
+  return found ? 0 : 1;
+}
+
+}  // namespace
+
+void addStatusCommand(CLI::App& app, std::function<int()>* run) {
+  auto flags = std::make_shared<StatusFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "status",
+      "Ask a job's coordinator (at each address of --rdzv-endpoint) for its round: generation, "
+      "members, waiting nodes");
+  cmd->add_option("--rdzv-endpoint,--rdzv_endpoint", flags->endpoints,
+                  "HOST[:PORT][,HOST[:PORT]...]: where the coordinator may be [port 29400]")
+      ->required();
+  cmd->add_option("--rdzv-id,--rdzv_id,--job-id", flags->job_id,
+                  "The job's id: another job's coordinator does not count; without RALLY_TOKEN "
+                  "or --token-file, the token agents derive from it");
+  cmd->add_option("--token-file", flags->token_file, "File holding the job token (first line)");
+  cmd->add_flag("--json", flags->json, "One JSON array, an object per address");
+  cmd->add_option("--timeout-ms", flags->timeout_ms, "How long each address gets to answer")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 600000));
+  cmd->callback([flags, run] { *run = [flags] { return runStatus(*flags); }; });
+}
+
+}  // namespace rally::cli
