@@ -172,7 +172,7 @@ int main(int argc, char** argv) {
       auto y = ::torch::tensor(out).view({rows, cfg.context});
       for (auto& p : params) p.mutable_grad() = ::torch::Tensor();
       auto loss = model->loss(x, y);
-      if (step == num("--nan-at-step") && w.rank() == 0) {
+      if (step + 1 == num("--nan-at-step") && w.rank() == 0) {  // step N as the log numbers it
         loss = loss * std::numeric_limits<float>::quiet_NaN();
       }
       loss.backward();

@@ -345,6 +345,9 @@ Status Agent::Impl::connect() {
     }
     if (!found && forced.value_or(isLocalHost(first.host))) {
       RALLY_RETURN_IF_ERROR(hostOrJoin(copt, first, forced.value_or(false)));
+      // Not hosting: a coordinator answers at the first address (another agent's here, or one
+      // refusing this node, which joining it reports). Join that one, list or not.
+      if (!embedded_) found = first.toString();
     }
     if (found) {
       endpoint = *found;

@@ -106,8 +106,8 @@ struct GenerationEvent {
   std::string cause;
   std::vector<std::string> failed_nodes;
 };
-// The number of nodes held for the next round changed: tell the members.
-// Held nodes that a new round could admit: as many as fit under MAX (0 when the round is full,
+// The held nodes changed (or a round formed with some held): tell the members how many a new
+// round could admit: as many as fit under MAX (0 when the round is full,
 // its spares waiting for a member to go; members must not re-form for them).
 struct NodesWaitingEvent {
   std::uint32_t count = 0;

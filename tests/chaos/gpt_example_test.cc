@@ -154,7 +154,7 @@ TEST(GptExample, ACheckpointSavedAtTp2ResumesAJobAtTp1) {
 TEST(GptExample, AStepWithNonFiniteGradientsIsSkippedOnEveryRank) {
   ChildProcess job({RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "4", RALLY_GPT,
                     "--data", RALLY_CORPUS, "--steps", "30", "--log-every", "10", "--tp", "2",
-                    "--nan-at-step", "14", "--sample-bytes", "8"},
+                    "--nan-at-step", "15", "--sample-bytes", "8"},
                    tempPath("gpt-nan.out"));
   ASSERT_EQ(exitCode(job, std::chrono::milliseconds(110000)), 0) << job.errors();
   const std::string out = job.output();

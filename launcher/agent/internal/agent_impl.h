@@ -148,9 +148,10 @@ class Agent::Impl {
   // (one pass if it has passed). Unavailable naming every address and its answer if none does;
   // Aborted if a signal came.
   Result<std::string> locateCoordinator(Clock::time_point deadline, bool accept_refusal);
-  // A node held for the next round (not yet a member, so it knows no successors) lost the
-  // coordinator: looks for it at --rdzv-endpoint's addresses and joins it again. False if there
-  // is only one address, or it was not found in --connect-timeout.
+  // A node in no round yet (held, or gathering: it knows no successors) lost the coordinator, or
+  // was told it is handed over: looks for it at --rdzv-endpoint's addresses (or its one address)
+  // until --connect-timeout and joins it again. False if it was not found or could not be joined
+  // (said why); true also when a signal came (the loop takes it).
   bool relocate(const std::string& why);
   // While relocate()'s search runs: until when its node may rejoin (the coordinator may still
   // hold the node's old session for a moment: AlreadyExists is retried until then).

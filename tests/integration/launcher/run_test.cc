@@ -1,7 +1,9 @@
 // `rally run` as real processes on loopback: two agents as two nodes; a worker killed (every node
 // restarts), a node killed (the survivor goes on alone, the dead node's workers die with it), a
 // node added (the job grows), the restart budget exhausted (the job fails with a report on every
-// node); signal forwarding; torchrun's worker environment.
+// node); spares beyond MAX (held quietly, in when a member is lost, done with the job); the
+// hosting agent retrying a taken port; a restarted first host stepping aside for the job at a
+// standby address; `rally status`; signal forwarding; torchrun's worker environment.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -372,6 +374,16 @@ TEST_F(RunTest, JoinsAStandaloneCoordinatorWithItsToken) {
   EXPECT_NE(wrong->errors().find("refused this node: node 'solo-b' is for job 'other'"),
             std::string::npos)
       << wrong->errors();
+  // The same with standby addresses: the coordinator on this host's port is joined, so that its
+  // refusal is reported, rather than looked for elsewhere until --connect-timeout.
+  auto listed = agent(
+      "solo-c", {"RALLY_TOKEN=" + token},
+      {"--nnodes", "1", "--rdzv-endpoint", endpoint_ + ",127.0.0.1:" + std::to_string(freePort()),
+       "--rdzv-id", "other", "--connect-timeout", "20s"});
+  EXPECT_EQ(exitCode(*listed), 1);
+  EXPECT_NE(listed->errors().find("refused this node: node 'solo-c' is for job 'other'"),
+            std::string::npos)
+      << listed->errors();
   auto ok = agent("solo-a", {"RALLY_TOKEN=" + token},
                   {"--nnodes", "1", "--rdzv-endpoint", endpoint_, "--rdzv-id", "solo"});
   EXPECT_EQ(exitCode(*ok), 0) << ok->errors();
