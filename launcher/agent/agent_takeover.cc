@@ -13,7 +13,6 @@
 #include "kernels/base/logging.h"
 #include "kernels/base/telemetry_files.h"
 #include "launcher/agent/internal/agent_impl.h"
-#include "runtime/rendezvous/grpc_status.h"
 
 namespace rally::agent {
 namespace {
@@ -43,22 +42,12 @@ void Agent::Impl::writeCoordinatorFile() {
 Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint) {
   rendezvous::ClientOptions o = conn_ ? conn_->options() : client_options_;
   o.endpoint = endpoint;
-  o.dedicated_connection = true;
-  o.keepalive = Milliseconds(0);
-  auto probe = rendezvous::CoordinatorConnection::open(o);
-  if (!probe.ok()) return {Probe::kNone, 0, probe.status().message()};
-  grpc::ClientContext ctx;
-  (*probe)->prepareContext(&ctx, Milliseconds(1000));
-  ctx.set_wait_for_ready(false);  // a refused connection is an answer: none there
-  v1::RoundInfo info;
-  // Only a served call counts: a coordinator that is shutting down, or a transport that resets
-  // or cancels the call, is not one to join.
-  const grpc::Status s = (*probe)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info);
-  if (!s.ok()) {
-    const Status st = rendezvous::fromGrpcStatus(s, "GetRound");
-    return {st.code() == StatusCode::kUnauthenticated ? Probe::kRefuses : Probe::kNone, 0,
-            st.message()};
+  auto round = rendezvous::probeRound(std::move(o), Milliseconds(1000));
+  if (!round.ok()) {
+    return {round.status().code() == StatusCode::kUnauthenticated ? Probe::kRefuses : Probe::kNone,
+            0, round.status().message()};
   }
+  const v1::RoundInfo& info = *round;
   if (!info.job_id().empty() && info.job_id() != o_.rdzv_id) {
     return {Probe::kOtherJob, info.generation(), fmt::format("serves job '{}'", info.job_id())};
   }

@@ -133,6 +133,35 @@ std::string HostPort::toString() const {
                                              : fmt::format("{}:{}", host, port);
 }
 
+Result<std::vector<HostPort>> parseRdzvEndpoints(const std::string& text) {
+  std::vector<HostPort> out;
+  for (const std::string& entry : split(text, ',')) {
+    std::string one = entry;
+    one.erase(0, one.find_first_not_of(" \t"));
+    one.erase(one.find_last_not_of(" \t") + 1);
+    if (one.empty()) continue;  // "a, ,b": nothing between two commas
+    // torchrun's default rendezvous port for an entry without one.
+    auto hp = parseHostPort(one, 29400);
+    if (!hp.ok()) {
+      return invalidArgument(fmt::format("--rdzv-endpoint '{}': {}", text, hp.status().message()));
+    }
+    if (std::find(out.begin(), out.end(), *hp) != out.end()) {
+      return invalidArgument(fmt::format(
+          "--rdzv-endpoint '{}' names {} twice: give each address once", text, hp->toString()));
+    }
+    out.push_back(*hp);
+  }
+  if (out.empty()) {
+    return invalidArgument(fmt::format(
+        "--rdzv-endpoint '{}' names no address: give HOST[:PORT][,HOST[:PORT]...]", text));
+  }
+  return out;
+}
+
+std::string derivedJobToken(const std::string& job_id) {
+  return fmt::format("rally-job-{}", job_id);
+}
+
 Result<HostPort> parseHostPort(const std::string& text, int default_port) {
   HostPort hp;
   std::string port;
@@ -479,31 +508,7 @@ Result<RunOptions> parseRunOptions(const std::vector<std::string>& args, const E
     }
     o.standalone = true;  // one node, no endpoint: as torchrun, a local rendezvous
   } else {
-    o.rdzv_endpoints.clear();
-    for (const std::string& entry : split(o.rdzv_endpoint, ',')) {
-      std::string text = entry;
-      text.erase(0, text.find_first_not_of(" \t"));
-      text.erase(text.find_last_not_of(" \t") + 1);
-      if (text.empty()) continue;  // "a, ,b": nothing between two commas
-      // torchrun's default rendezvous port for an entry without one.
-      auto hp = parseHostPort(text, 29400);
-      if (!hp.ok()) {
-        return invalidArgument(
-            fmt::format("--rdzv-endpoint '{}': {}", o.rdzv_endpoint, hp.status().message()));
-      }
-      if (std::find(o.rdzv_endpoints.begin(), o.rdzv_endpoints.end(), *hp) !=
-          o.rdzv_endpoints.end()) {
-        return invalidArgument(
-            fmt::format("--rdzv-endpoint '{}' names {} twice: give each address once",
-                        o.rdzv_endpoint, hp->toString()));
-      }
-      o.rdzv_endpoints.push_back(*hp);
-    }
-    if (o.rdzv_endpoints.empty()) {
-      return invalidArgument(
-          fmt::format("--rdzv-endpoint '{}' names no address: give HOST[:PORT][,HOST[:PORT]...]",
-                      o.rdzv_endpoint));
-    }
+    RALLY_ASSIGN_OR_RETURN(o.rdzv_endpoints, parseRdzvEndpoints(o.rdzv_endpoint));
     o.rdzv_endpoint = o.rdzv_endpoints.front().toString();
   }
   if (auto it = env.find("PYTHON_EXEC"); it != env.end() && !it->second.empty()) {

@@ -45,6 +45,15 @@ struct HostPort {
 // naming `text` for an empty host, a bad port, or an IPv6 address without brackets.
 Result<HostPort> parseHostPort(const std::string& text, int default_port);
 
+// Parses --rdzv-endpoint's "HOST[:PORT][,HOST[:PORT]...]" (port 29400 where none is given; empty
+// entries skipped). InvalidArgument quoting the flag's text for a bad entry, a repeated address, or
+// none at all.
+Result<std::vector<HostPort>> parseRdzvEndpoints(const std::string& text);
+
+// The job token agents use when RALLY_TOKEN is not set: derived from --rdzv-id (anyone who knows
+// the id can join; rally run warns about it).
+std::string derivedJobToken(const std::string& job_id);
+
 struct RunOptions {
   // Node and worker counts.
   std::uint32_t min_nodes = 1;

@@ -11,7 +11,6 @@
 
 #include "launcher/cli/run_options.h"
 #include "runtime/rendezvous/coordinator_client.h"
-#include "runtime/rendezvous/grpc_status.h"
 
 namespace rally::cli {
 namespace {
@@ -46,26 +45,9 @@ int runStatus(const StatusFlags& f) {
     std::cerr << "rally status: give --rdzv-endpoint HOST[:PORT][,HOST[:PORT]...]\n";
     return 2;
   }
-  std::vector<HostPort> endpoints;
-  size_t from = 0;
-  while (from <= f.endpoints.size()) {
-    const size_t comma = f.endpoints.find(',', from);
-    std::string entry =
-        f.endpoints.substr(from, comma == std::string::npos ? std::string::npos : comma - from);
-    from = comma == std::string::npos ? f.endpoints.size() + 1 : comma + 1;
-    entry.erase(0, entry.find_first_not_of(" \t"));
-    entry.erase(entry.find_last_not_of(" \t") + 1);
-    if (entry.empty()) continue;
-    auto hp = parseHostPort(entry, 29400);
-    if (!hp.ok()) {
-      std::cerr << "rally status: --rdzv-endpoint '" << f.endpoints
-                << "': " << hp.status().message() << "\n";
-      return 2;
-    }
-    endpoints.push_back(*hp);
-  }
-  if (endpoints.empty()) {
-    std::cerr << "rally status: --rdzv-endpoint '" << f.endpoints << "' names no address\n";
+  auto endpoints = parseRdzvEndpoints(f.endpoints);
+  if (!endpoints.ok()) {
+    std::cerr << "rally status: " << endpoints.status().message() << "\n";
     return 2;
   }
   std::string token;
@@ -79,7 +61,7 @@ int runStatus(const StatusFlags& f) {
   } else if (const char* t = std::getenv("RALLY_TOKEN"); t != nullptr && *t != '\0') {
     token = t;
   } else if (!f.job_id.empty()) {
-    token = fmt::format("rally-job-{}", f.job_id);  // what agents use without RALLY_TOKEN
+    token = derivedJobToken(f.job_id);  // what agents use without RALLY_TOKEN
   } else {
     std::cerr << "rally status: no job token: set RALLY_TOKEN, or give --token-file, or "
                  "--rdzv-id for a job started without a token\n";
@@ -87,22 +69,12 @@ int runStatus(const StatusFlags& f) {
   }
   nlohmann::json out = nlohmann::json::array();
   bool found = false;
-  for (const HostPort& e : endpoints) {
+  for (const HostPort& e : *endpoints) {
     const std::string endpoint = e.toString();
     nlohmann::json j = {{"endpoint", endpoint}};
-    rendezvous::ClientOptions o{.endpoint = endpoint, .token = token};
-    o.dedicated_connection = true;
-    o.keepalive = Milliseconds(0);
-    auto conn = rendezvous::CoordinatorConnection::open(o);
-    v1::RoundInfo info;
-    Status st = conn.status();
-    if (conn.ok()) {
-      grpc::ClientContext ctx;
-      (*conn)->prepareContext(&ctx, Milliseconds(f.timeout_ms));
-      ctx.set_wait_for_ready(false);
-      st = rendezvous::fromGrpcStatus((*conn)->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info),
-                                      "GetRound");
-    }
+    auto round =
+        rendezvous::probeRound({.endpoint = endpoint, .token = token}, Milliseconds(f.timeout_ms));
+    const Status st = round.status();
     if (!st.ok()) {
       j["answer"] = st.code() == StatusCode::kUnauthenticated ? "refuses the token" : "none";
       j["error"] = st.message();
@@ -116,6 +88,7 @@ int runStatus(const StatusFlags& f) {
       out.push_back(j);
       continue;
     }
+    const v1::RoundInfo& info = *round;
     const bool ours = f.job_id.empty() || info.job_id().empty() || info.job_id() == f.job_id;
     found = found || ours;
     j["answer"] = ours ? "serves" : "another job";

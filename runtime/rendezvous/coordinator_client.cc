@@ -182,6 +182,19 @@ Result<v1::RoundInfo> CoordinatorConnection::getRound() {
   return info;
 }
 
+Result<v1::RoundInfo> probeRound(ClientOptions options, Milliseconds timeout) {
+  options.dedicated_connection = true;
+  options.keepalive = Milliseconds(0);
+  RALLY_ASSIGN_OR_RETURN(auto conn, CoordinatorConnection::open(std::move(options)));
+  grpc::ClientContext ctx;
+  conn->prepareContext(&ctx, timeout);
+  ctx.set_wait_for_ready(false);  // a refused connection is an answer: none there
+  v1::RoundInfo info;
+  const grpc::Status s = conn->stub()->GetRound(&ctx, v1::GetRoundRequest(), &info);
+  if (!s.ok()) return fromGrpcStatus(s, "GetRound");
+  return info;
+}
+
 namespace internal {
 
 Status callWithRetry(const CoordinatorConnection& conn, std::string_view what, bool idempotent,

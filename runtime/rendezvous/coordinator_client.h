@@ -116,6 +116,13 @@ class CoordinatorConnection {
   mutable std::unordered_set<grpc::ClientContext*> calls_;  // in flight, with mu_
 };
 
+// Asks the coordinator at `options.endpoint` for its round once, on a connection of its own,
+// without keepalive and without waiting for the connection to come up (a refused connection is an
+// answer: none there), within `timeout`. Only a served call is a round: a coordinator shutting
+// down, or a transport that resets the call, gives an error (Unauthenticated: one that refuses
+// the token). For finding a coordinator (agents, `rally status`), not for a job's own calls.
+Result<rally::v1::RoundInfo> probeRound(ClientOptions options, Milliseconds timeout);
+
 struct CompareAndSetResult {
   bool swapped = false;
   bool present = false;

@@ -1,6 +1,7 @@
-// The agent's internals, shared by its source files (agent.cc: rendezvous, workers, failures;
-// agent_checks.cc: the periodic checks of its loop; agent_takeover.cc: a lost or restarted
-// coordinator). Not part of any public API.
+// The agent's internals, shared by its source files (agent.cc: the loop, workers, failures;
+// agent_connect.cc: finding, hosting and joining the job's coordinator; agent_checks.cc: the
+// periodic checks of its loop; agent_takeover.cc: a lost or restarted coordinator). Not part of
+// any public API.
 #pragma once
 
 #include <signal.h>
@@ -102,6 +103,11 @@ class EventQueue {
 // that loopback address itself (127.x or ::1: tests and one-machine demos), 127.0.0.1 for
 // localhost, every IPv6 interface for another IPv6 address, else every IPv4 interface.
 std::string listenAddressFor(const std::string& host);
+
+// This machine's host name.
+std::string hostName();
+// `bytes` random bytes in hex.
+std::string randomHex(int bytes);
 
 // The state letter of /proc/PID/stat ('R', 'S', 'T' stopped, ...); 0 if the process is gone.
 char processState(pid_t pid);
