@@ -222,6 +222,7 @@ Status Agent::Impl::openSession(const v1::RoundFormed* last) {
     if (lost && serial == session_serial_.load()) conn_->markLost(target);
     queue_.push(SessionEnded{s, serial});
   };
+  sopt.replica = job_scope_;
   rendezvous::JoinInfo join{.node_id = node_id_,
                             .job_id = o_.rdzv_id,
                             .min_nodes = o_.min_nodes,

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
+
 #include "kernels/base/logging.h"
 #include "launcher/coordinator/internal/reactors.h"
 #include "runtime/rendezvous/grpc_status.h"
@@ -63,6 +65,16 @@ CoordinatorService::CoordinatorService(CoordinatorOptions options)
       rendezvous_(options_.rendezvous),
       liveness_(options_.heartbeat_interval),
       kv_(options_.kv) {
+  kv_.observeJobScope([this](const std::string& key, const std::string* value) {
+    if (adopting_) return;  // adoptLocked keeps the copy's revision
+    KeyRevision& r = job_revisions_[key];
+    r = KeyRevision{++job_revision_, value == nullptr, true};
+    v1::JobScopeEntry& e = job_changes_.emplace_back();
+    e.set_key(key);
+    if (value != nullptr) e.set_value(*value);
+    e.set_deleted(value == nullptr);
+    e.set_revision(r.revision);
+  });
   if (const auto& t = options_.rendezvous.takeover) {
     // Generation t->generation ended with the lost coordinator: its keys and calls are refused
     // here, and watchers learn at once that the next one is re-forming.
@@ -145,6 +157,10 @@ void CoordinatorService::shutdown(const std::string& reason, bool handover) {
       deferred_.push_back([s, gone] { s->finishAfterQueued(gone); });
     }
     for (const auto& w : watchers_) deferred_.push_back([w, gone] { w->finishAfterQueued(gone); });
+    // Writes waiting for holders: they were made here; the holders may or may not have them.
+    for (auto& p : pending_acks_)
+      deferred_.push_back([r = p.reactor, st = p.status] { r->Finish(st); });
+    pending_acks_.clear();
     sessions_.clear();
     sessions_by_node_.clear();
     watchers_.clear();
@@ -155,8 +171,20 @@ void CoordinatorService::shutdown(const std::string& reason, bool handover) {
 
 CoordinatorStats CoordinatorService::stats() {
   std::lock_guard lock(mu_);
-  return CoordinatorStats{rendezvous_.generation(), rendezvous_.state(), sessions_by_node_.size(),
-                          watchers_.size(),         kv_.keyCount(),      kv_.waiterCount()};
+  size_t holders = 0, lagging = 0;
+  for (const auto& [id, s] : sessions_by_node_) {
+    holders += s->holder ? 1 : 0;
+    lagging += s->holder && s->lagging ? 1 : 0;
+  }
+  return CoordinatorStats{rendezvous_.generation(),
+                          rendezvous_.state(),
+                          sessions_by_node_.size(),
+                          watchers_.size(),
+                          kv_.keyCount(),
+                          kv_.waiterCount(),
+                          job_revision_,
+                          holders,
+                          lagging};
 }
 
 // ---- Sessions -----------------------------------------------------------------------------------
@@ -198,6 +226,19 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
       case v1::AgentMessage::kHeartbeat:
         liveness_.beat(session->node_id, now);
         return;
+      case v1::AgentMessage::kJobScopeAck:
+        acknowledgedLocked(session.get(), message.job_scope_ack().revision());
+        return;
+      case v1::AgentMessage::kJobScope:
+        if (!session->rejoined) {
+          log_->warn(
+              "job scope: ignored a copy from node '{}', which did not rejoin after a lost "
+              "coordinator (only such nodes send one)",
+              session->node_id);
+          return;
+        }
+        adoptLocked(session->node_id, message.job_scope());
+        return;
       case v1::AgentMessage::kLeave: {
         const std::string id = session->node_id;
         log_->info("node '{}' left: {}", id, message.leave().reason());
@@ -221,7 +262,8 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
         dropSession(session,
                     grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                  "agent message of no kind this coordinator knows: it speaks "
-                                 "rally.v1 (join, heartbeat, leave, request_reform, close); "
+                                 "rally.v1 (join, heartbeat, leave, request_reform, close, "
+                                 "job_scope, job_scope_ack); "
                                  "are the agent and the coordinator the same rally version?"));
         if (joined) {
           rendezvous_.leave(session->node_id, "lost: it sent an unknown message", true, now,
@@ -270,6 +312,7 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
     return;
   }
   session->node_id = info.node_id;
+  session->rejoined = join.last_generation() > 0;
   sessions_by_node_[info.node_id] = session;
   if (join.standby_endpoint().empty()) {
     standby_endpoints_.erase(info.node_id);
@@ -293,6 +336,8 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
 
 void CoordinatorService::dropSession(const std::shared_ptr<SessionReactor>& session,
                                      grpc::Status status) {
+  stopWaitingForLocked(session.get());
+  session->holder = false;
   if (!session->node_id.empty()) {
     auto it = sessions_by_node_.find(session->node_id);
     if (it != sessions_by_node_.end() && it->second == session) sessions_by_node_.erase(it);
@@ -307,6 +352,8 @@ void CoordinatorService::onSessionEnded(const std::shared_ptr<SessionReactor>& s
   runLocked([&] {
     if (sessions_.count(session) == 0) return;
     sessions_.erase(session);
+    stopWaitingForLocked(session.get());
+    session->holder = false;
     if (session->node_id.empty()) return;
     auto it = sessions_by_node_.find(session->node_id);
     if (it == sessions_by_node_.end() || it->second != session) return;
@@ -358,6 +405,7 @@ void CoordinatorService::deliver(Events events) {
       r->set_master_address(master);
       r->set_cause(formed->cause);
       for (const auto& id : formed->failed_nodes) r->add_failed_nodes(id);
+      std::vector<std::string> holders;
       if (!options_.host_node_id.empty()) {
         r->set_coordinator_node(options_.host_node_id);
         // Members with a standby endpoint first (nodes that join later look for the coordinator
@@ -374,7 +422,20 @@ void CoordinatorService::deliver(Events events) {
           if (static_cast<size_t>(r->successors_size()) >= count) break;
           fillMember(*m, r->add_successors());
         }
+        for (const auto& m : r->successors()) holders.push_back(m.node_id());
+      } else {
+        // A standalone coordinator: its first nodes by node rank hold the job scope, for when it
+        // is restarted (it resumes with their copies).
+        std::vector<const Member*> by_rank;
+        for (const Member& m : formed->members) by_rank.push_back(&m);
+        std::sort(by_rank.begin(), by_rank.end(),
+                  [](const Member* a, const Member* b) { return a->node_rank < b->node_rank; });
+        for (size_t i = 0; i < by_rank.size() && i < kSuccessors; ++i) {
+          holders.push_back(by_rank[i]->node_id);
+        }
       }
+      // Before RoundFormed on each stream: a new holder has its snapshot when it learns the round.
+      setHoldersLocked(holders);
       std::uint32_t offset = 0;
       for (const Member& m : formed->members) {
         current_members_.insert(m.node_id);
@@ -483,6 +544,19 @@ void CoordinatorService::timerLoop() {
       silent.push_back({id, fmt::format("lost: no heartbeat for {}", silence), true});
     }
     if (!silent.empty()) rendezvous_.leave(silent, now, &events);
+    while (!pending_acks_.empty() && pending_acks_.front().deadline <= now) {
+      PendingAck p = std::move(pending_acks_.front());
+      pending_acks_.pop_front();
+      deferred_.push_back([r = p.reactor, st = p.status] { r->Finish(st); });
+      for (SessionReactor* s : p.waiting) {
+        s->lagging = true;
+        log_->warn(
+            "job scope: node '{}' did not acknowledge revision {} within {}; writes go on "
+            "without waiting for it until it catches up",
+            s->node_id, p.revision, formatDuration(options_.heartbeat_interval));
+        stopWaitingForLocked(s);
+      }
+    }
     while (!wait_deadlines_.empty() && wait_deadlines_.top().when <= now) {
       const WaitDeadline d = wait_deadlines_.top();
       wait_deadlines_.pop();
@@ -503,6 +577,9 @@ void CoordinatorService::timerLoop() {
     if (auto d = rendezvous_.nextDeadline(); d && *d < next) next = *d;
     if (!wait_deadlines_.empty() && wait_deadlines_.top().when < next) {
       next = wait_deadlines_.top().when;
+    }
+    if (!pending_acks_.empty() && pending_acks_.front().deadline < next) {
+      next = pending_acks_.front().deadline;
     }
     timer_cv_.wait_until(lock, next);
   }

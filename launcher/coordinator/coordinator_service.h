@@ -59,6 +59,9 @@ struct CoordinatorStats {
   size_t watchers = 0;
   std::int64_t keys = 0;
   size_t waiters = 0;
+  std::uint64_t job_scope_revision = 0;  // raised by every change of the job scope
+  size_t holders = 0;                    // sessions holding a copy of the job scope
+  size_t holders_lagging = 0;            // of them, those writes do not wait for
 };
 
 class CoordinatorService final : public rally::v1::Coordinator::CallbackService {
@@ -139,6 +142,23 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   void fillMember(const Member& m, rally::v1::RoundMember* out) const;
   // `formed_next`: a round formed later in the same batch, whose members skip this event.
   void broadcastGeneration(const GenerationEvent& event, const RoundFormedEvent* formed_next);
+
+  // The job scope's replication to the holders (docs/design/coordinator.md, "The job scope
+  // survives"), under the lock. After a store call: sends its job-scope changes to the holders and,
+  // if some holder is to acknowledge them first, keeps `reactor` to finish with `status` then
+  // (returns true). Otherwise the caller finishes it at once.
+  bool replicateLocked(grpc::ServerUnaryReactor* reactor, const grpc::Status& status);
+  void sendToHoldersLocked(const rally::v1::JobScope& message);
+  // Makes exactly the sessions of `holders` (node ids) holders: a snapshot to each new one, a
+  // release to each former one.
+  void setHoldersLocked(const std::vector<std::string>& holders);
+  std::vector<rally::v1::JobScope> jobScopeSnapshotLocked() const;
+  // A rejoining node's copy: each key whose revision is newer than what this coordinator has
+  // (and that no call here has written) is taken.
+  void adoptLocked(const std::string& node_id, const rally::v1::JobScope& copy);
+  void acknowledgedLocked(SessionReactor* session, std::uint64_t revision);
+  // A holder that is gone, or lagging: no write waits for it any more.
+  void stopWaitingForLocked(SessionReactor* session);
   rally::v1::GenerationEvent currentGenerationLocked() const;
   void timerLoop();
   void deliveryLoop();
@@ -160,6 +180,24 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   // Join.standby_endpoint by node id, for the rounds' successors (kept: a few bytes a node).
   std::unordered_map<std::string, std::string> standby_endpoints_;
   GenerationEvent last_generation_event_;
+  // The job scope's replication.
+  struct KeyRevision {
+    std::uint64_t revision = 0;
+    bool deleted = false;
+    bool local = false;  // written by a call here (adopted copies never replace it)
+  };
+  std::unordered_map<std::string, KeyRevision> job_revisions_;  // deletions included
+  std::uint64_t job_revision_ = 0;
+  bool adopting_ = false;
+  std::vector<rally::v1::JobScopeEntry> job_changes_;  // by the store call running now
+  struct PendingAck {
+    std::uint64_t revision;
+    grpc::ServerUnaryReactor* reactor;
+    grpc::Status status;
+    std::unordered_set<SessionReactor*> waiting;
+    TimePoint deadline;
+  };
+  std::deque<PendingAck> pending_acks_;  // in deadline order
   struct WaitDeadline {
     TimePoint when;
     KvStore::WaiterId id;

@@ -20,9 +20,14 @@ grpc::ServerUnaryReactor* CoordinatorService::unaryCall(grpc::CallbackServerCont
     reactor->Finish(admitted);
     return reactor;
   }
-  Status status;
-  runLocked([&] { status = fn(); });
-  reactor->Finish(toGrpcStatus(status));
+  bool held = false;
+  grpc::Status status;
+  runLocked([&] {
+    status = toGrpcStatus(fn());
+    // A change of the job scope is answered once the holders have it (or after a bounded wait).
+    held = replicateLocked(reactor, status);
+  });
+  if (!held) reactor->Finish(status);
   return reactor;
 }
 

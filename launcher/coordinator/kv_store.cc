@@ -176,7 +176,14 @@ Result<bool> KvStore::remove(std::uint64_t generation, const std::string& key) {
   if (sit == scopes_.end()) return false;
   const bool existed = sit->second.erase(key) != 0;
   if (existed) --key_count_;
+  if (existed && generation == 0 && job_observer_) job_observer_(key, nullptr);
   return existed;
+}
+
+std::vector<std::pair<std::string, std::string>> KvStore::jobScope() const {
+  std::vector<std::pair<std::string, std::string>> out;
+  if (const Scope* s = scope(0)) out.assign(s->begin(), s->end());
+  return out;
 }
 
 Result<ListResult> KvStore::list(std::uint64_t generation, const std::string& prefix,
@@ -247,6 +254,7 @@ void KvStore::cancelAllWaiters(const Status& status) {
 }
 
 void KvStore::written(std::uint64_t generation, const std::string& key) {
+  if (generation == 0 && job_observer_) job_observer_(key, &scopes_[0].find(key)->second);
   auto wit = waiting_on_.find({generation, key});
   if (wit == waiting_on_.end()) return;
   const std::vector<WaiterId> ids = std::move(wit->second);

@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "kernels/base/status.h"
@@ -74,6 +75,14 @@ class KvStore {
   // Cancels every waiter (coordinator shutdown).
   void cancelAllWaiters(const Status& status);
 
+  // Called after every change to the job scope (generation 0), inside the call that made it: the
+  // key and its new value, or nullptr when it was deleted. One observer; it must not call back
+  // into the store.
+  using JobScopeObserver = std::function<void(const std::string& key, const std::string* value)>;
+  void observeJobScope(JobScopeObserver observer) { job_observer_ = std::move(observer); }
+  // Every key and value of the job scope, in key order.
+  std::vector<std::pair<std::string, std::string>> jobScope() const;
+
   std::int64_t keyCount() const { return key_count_; }
   size_t waiterCount() const { return waiters_.size(); }
 
@@ -100,6 +109,7 @@ class KvStore {
   std::unordered_map<WaiterId, Waiter> waiters_;
   // (generation, key) -> waiters that still miss it.
   std::map<std::pair<std::uint64_t, std::string>, std::vector<WaiterId>> waiting_on_;
+  JobScopeObserver job_observer_;
 };
 
 }  // namespace rally::coordinator

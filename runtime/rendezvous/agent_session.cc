@@ -51,6 +51,22 @@ class AgentSession::Reactor final
     if (!ok) return;  // the stream is ending; OnDone follows
     if (in_.has_welcome()) owner_->setInterval(in_.welcome().heartbeat_interval_ms());
     if (in_.has_shutdown() && in_.shutdown().handover()) handover_ = true;
+    JobScopeReplica* replica = owner_->options_.replica.get();
+    if (in_.has_job_scope()) {
+      // Applied here, on the reader, so that the acknowledgement (which the coordinator's write
+      // waits for) does not queue behind the agent's loop.
+      const v1::JobScope& js = in_.job_scope();
+      std::uint64_t revision = js.revision();
+      if (replica != nullptr) revision = replica->apply(js);
+      if (js.full()) snapshot_seen_ = true;
+      if (js.release()) snapshot_seen_ = false;
+      v1::AgentMessage ack;
+      ack.mutable_job_scope_ack()->set_revision(revision);
+      write(std::move(ack));
+      StartRead(&in_);
+      return;
+    }
+    if (in_.has_round_formed() && !snapshot_seen_ && replica != nullptr) replica->clear();
     if (owner_->options_.on_message) {
       owner_->options_.on_message(in_);
     } else {
@@ -101,6 +117,7 @@ class AgentSession::Reactor final
   bool writes_done_ = false;
   bool done_ = false;
   bool handover_ = false;  // read on gRPC's reader callbacks, which run one at a time
+  bool snapshot_seen_ = false;  // the same: a full JobScope came on this stream
 };
 
 AgentSession::AgentSession(std::shared_ptr<CoordinatorConnection> conn, JoinInfo join,
@@ -127,6 +144,17 @@ Result<std::unique_ptr<AgentSession>> AgentSession::open(
   j->set_last_num_nodes(s->join_.last_num_nodes);
   j->set_standby_endpoint(s->join_.standby_endpoint);
   s->send(std::move(m));
+  if (JobScopeReplica* replica = s->options_.replica.get(); replica != nullptr) {
+    if (s->join_.last_generation == 0) {
+      replica->clear();  // a new node: what it held belongs to another round
+    } else {
+      for (v1::JobScope& chunk : replica->chunks()) {
+        v1::AgentMessage upload;
+        *upload.mutable_job_scope() = std::move(chunk);
+        s->send(std::move(upload));
+      }
+    }
+  }
   if (s->options_.auto_heartbeat) {
     s->heartbeat_thread_ = std::thread([p = s.get()] { p->heartbeatLoop(); });
   }

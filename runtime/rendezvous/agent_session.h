@@ -23,6 +23,7 @@
 
 #include "runtime/rendezvous/coordinator_client.h"
 #include "runtime/rendezvous/internal/inbox.h"
+#include "runtime/rendezvous/job_scope_replica.h"
 
 namespace rally::rendezvous {
 
@@ -50,6 +51,12 @@ struct AgentSessionOptions {
   // Called once when the stream ends, with its status and whether the coordinator is presumed
   // lost (lostCoordinator()).
   std::function<void(const Status&, bool lost_coordinator)> on_end;
+  // The node's copy of the job scope, kept across sessions (the agent's). The session applies the
+  // coordinator's JobScope messages to it (they do not reach on_message or the inbox) and
+  // acknowledges each, with or without a replica. A Join with last_generation set sends the copy
+  // after it; a Join without drops it, as does a RoundFormed on a session that sent no snapshot
+  // (the node is no holder there).
+  std::shared_ptr<JobScopeReplica> replica;
 };
 
 class AgentSession {

@@ -817,6 +817,49 @@ TEST_F(InPlaceRecoveryTest, LastNodeWithTheNewestCommitLostFallsBackAndSaysSo) {
   EXPECT_TRUE(found) << log;
 }
 
+// The same, but the node lost with the newest commit hosts the coordinator: the job's records in
+// the store (the newest commit, the fault plan's firings) outlive it in the successor's copy. So
+// the survivor says it fell back, and when it passes commit 6 again the kill, already fired, does
+// not strike the node that is node 0 now (before the copies, it did: the job lost both nodes).
+TEST_F(InPlaceRecoveryTest, CoordinatorHostLostWithTheNewestCommitTheJobScopeSurvivesIt) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "5"};
+  const std::string plan = tempPath("inplace-scope-plan.txt");
+  {
+    std::ofstream(plan) << "delay rank=2 commit=6 for=20s   # node 1 held before commit 6\n"
+                           "delay rank=3 commit=6 for=20s\n"
+                           "kill node=0 commit=6             # node 0, the host, lost after it\n";
+  }
+  const std::vector<std::string> args = {"--nnodes",        "1:2",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-s",
+                                         "--fault-plan",    plan};
+  auto a = agent("ip-s-a", args, program);
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-s-b", args, program);
+  const int ca = exitCode(*a), cb = exitCode(*b);
+  EXPECT_EQ(ca, 128 + SIGKILL) << a->errors();
+  EXPECT_EQ(cb, 0) << b->errors();
+  const std::string err = a->errors() + b->errors();
+  EXPECT_NE(b->errors().find("took over the job's coordinator"), std::string::npos) << err;
+  EXPECT_NE(b->errors().find("job scope: took"), std::string::npos) << err;
+  // Node 0's worker says so as it fires (the line may die with its agent); node 1's never.
+  EXPECT_EQ(count(b->errors(), "rally: fault plan: kill node=0"), 0u) << err;
+  EXPECT_NE(err.find("fell back: commit 6 was held only by workers that are gone"),
+            std::string::npos)
+      << err;
+  const Result got = parse(b->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 2 uses_max 2"), std::string::npos) << got.summary;
+  std::istringstream lines(events());
+  bool found = false;
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find("\"event\":\"recovery\"") == std::string::npos) continue;
+    found = true;
+    EXPECT_NE(line.find("\"fell_back_from\":6"), std::string::npos) << line;
+  }
+  EXPECT_TRUE(found) << events();
+}
+
 TEST_F(InPlaceRecoveryTest, WholeJobLostANewJobResumesFromTheNewestCheckpoint) {
   const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "3",
                                             "--batch",   "12",   "--commit-every", "4",

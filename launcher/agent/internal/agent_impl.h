@@ -224,6 +224,10 @@ class Agent::Impl {
   std::shared_ptr<rendezvous::CoordinatorConnection> conn_;
   std::unique_ptr<rendezvous::StoreClient> store_;
   std::unique_ptr<rendezvous::AgentSession> session_;
+  // This node's copy of the job scope while the coordinator names it a holder; given to the
+  // coordinator that takes over (or the restarted one) when rejoining.
+  std::shared_ptr<rendezvous::JobScopeReplica> job_scope_ =
+      std::make_shared<rendezvous::JobScopeReplica>();
   std::atomic<std::uint64_t> session_serial_{0};
   coordinator::CoordinatorOptions coordinator_options_;  // for a takeover
   int rdzv_port_ = 0;                                    // a successor's coordinator listens here

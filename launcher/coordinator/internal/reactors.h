@@ -51,7 +51,12 @@ class CoordinatorService::SessionReactor final
     self_.reset();  // the last owner deletes the reactor
   }
 
-  std::string node_id;  // guarded by the service's lock
+  // Guarded by the service's lock.
+  std::string node_id;
+  bool rejoined = false;    // its Join had last_generation: it may send its copy of the job scope
+  bool holder = false;      // it holds a copy of the job scope
+  bool lagging = false;     // a holder that missed an acknowledgement: writes do not wait for it
+  std::uint64_t acked = 0;  // the newest job-scope revision it acknowledged
 
  protected:
   void startWrite(const v1::CoordinatorMessage* m) override { StartWrite(m); }

@@ -3,6 +3,10 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 namespace rally::coordinator {
 namespace {
 
@@ -19,6 +23,29 @@ TEST(KvStoreTest, SetGetDeleteInJobScope) {
   EXPECT_TRUE(*s.remove(0, "a"));
   EXPECT_FALSE(*s.remove(0, "a"));
   EXPECT_EQ(s.keyCount(), 0);
+}
+
+TEST(KvStoreTest, EveryChangeOfTheJobScopeIsObservedAndNothingElse) {
+  KvStore s(KvLimits{});
+  std::vector<std::string> seen;
+  s.observeJobScope([&](const std::string& key, const std::string* value) {
+    seen.push_back(key + "=" + (value ? *value : std::string("<deleted>")));
+  });
+  s.startGeneration(3);
+  ASSERT_TRUE(s.set(0, "a", "1").ok());
+  ASSERT_TRUE(s.add(0, "n", 5).ok());
+  ASSERT_TRUE(s.compareAndSet(0, "a", true, "1", "2").ok());
+  ASSERT_TRUE(s.compareAndSet(0, "a", true, "1", "3").ok());  // no swap: no change
+  ASSERT_TRUE(s.remove(0, "a").ok());
+  ASSERT_TRUE(s.remove(0, "a").ok());         // nothing to delete
+  ASSERT_TRUE(s.set(3, "scoped", "x").ok());  // a generation's key: not the job scope
+  ASSERT_FALSE(s.set(0, "", "x").ok());       // refused: no change
+  EXPECT_EQ(seen, (std::vector<std::string>{"a=1", "n=5", "a=2", "a=<deleted>"}));
+  ASSERT_TRUE(s.set(0, "b", "y").ok());
+  const auto all = s.jobScope();
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0], (std::pair<std::string, std::string>{"b", "y"}));
+  EXPECT_EQ(all[1], (std::pair<std::string, std::string>{"n", "5"}));
 }
 
 TEST(KvStoreTest, AddCreatesAtZeroAndRejectsNonIntegers) {

@@ -1,0 +1,58 @@
+// A copy of the coordinator's job scope (the store's generation 0), kept by the agents the
+// coordinator names as its *holders* (the round's successors). A coordinator that takes over, or
+// one restarted, is given the copies of the holders that rejoin it, so the job's records (restart
+// claims, failure reports, the newest commit, fault firings) outlive the coordinator's host
+// (docs/design/coordinator.md, "The job scope survives").
+//
+//   auto replica = std::make_shared<JobScopeReplica>();
+//   AgentSessionOptions opt;  opt.replica = replica;   // the session applies and acknowledges
+//   ...                                                // what the coordinator sends
+//   for (auto& m : replica->chunks()) send(m);         // after a Join with last_generation set
+//
+// Entries carry the revision at which the coordinator last wrote them, deletions included, so that
+// of two copies the newer wins key by key.
+//
+// Thread-safety: all methods are thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "rally/v1/coordinator.pb.h"
+
+namespace rally::rendezvous {
+
+class JobScopeReplica {
+ public:
+  struct Entry {
+    std::string value;
+    bool deleted = false;
+    std::uint64_t revision = 0;
+  };
+
+  // Applies a JobScope message: `full` replaces the copy, `release` drops it, entries are upserted.
+  // Returns the revision to acknowledge.
+  std::uint64_t apply(const rally::v1::JobScope& message);
+  void clear();
+
+  bool empty() const;
+  std::uint64_t revision() const;
+  // The value under `key`, if held and not deleted.
+  std::optional<std::string> get(const std::string& key) const;
+  size_t size() const;  // entries, deletions included
+
+  // The copy as JobScope messages of about `max_bytes` each (at least one entry each), for
+  // sending to a coordinator. Empty if nothing is held.
+  std::vector<rally::v1::JobScope> chunks(size_t max_bytes = 1 << 20) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::string, Entry> entries_;
+  std::uint64_t revision_ = 0;
+};
+
+}  // namespace rally::rendezvous
