@@ -241,6 +241,8 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
           .expected_nodes = std::max<std::uint32_t>(1, round_->num_nodes() - 1),
           .cause = fmt::format("the coordinator's host, node '{}', was lost ({})", lost, t.why),
           .failed_nodes = {lost}};
+      // This node's copy of the job scope: the coordinator has it before anyone's call.
+      copt.job_scope_seed = job_scope_->chunks();
       const std::string bind = listenAddressFor(standby_ ? standby_->host : address_);
       const int port = standby_ ? standby_->port : rdzv_port_;
       auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = port});

@@ -21,15 +21,14 @@ constexpr size_t kChunkBytes = 1 << 20;  // a snapshot's messages: well under gR
 }  // namespace
 
 bool CoordinatorService::replicateLocked(grpc::ServerUnaryReactor* reactor,
-                                         const grpc::Status& status) {
+                                         const grpc::Status& status, TimePoint ack_by) {
   if (job_changes_.empty()) return false;
   v1::JobScope delta;
   delta.set_revision(job_revision_);
   for (auto& e : job_changes_) *delta.add_entries() = std::move(e);
   job_changes_.clear();
   sendToHoldersLocked(delta);
-  PendingAck pending{
-      job_revision_, reactor, status, {}, Clock::now() + options_.heartbeat_interval};
+  PendingAck pending{job_revision_, reactor, status, {}, ack_by};
   for (const auto& [id, s] : sessions_by_node_) {
     if (s->holder && !s->lagging && s->acked < job_revision_) pending.waiting.insert(s.get());
   }
@@ -80,26 +79,35 @@ std::vector<v1::JobScope> CoordinatorService::jobScopeSnapshotLocked() const {
 void CoordinatorService::setHoldersLocked(const std::vector<std::string>& holders) {
   std::unordered_set<std::string> wanted(holders.begin(), holders.end());
   std::vector<v1::JobScope> snapshot;  // made once, for the first new holder
+  std::vector<std::shared_ptr<SessionReactor>> released;
   for (const auto& [id, s] : sessions_by_node_) {
-    const bool hold = wanted.count(id) != 0;
+    const bool hold = wanted.count(id) != 0 && s->keeps;
     if (hold == s->holder) continue;
+    if (!hold) {
+      released.push_back(s);
+      continue;
+    }
+    if (snapshot.empty()) snapshot = jobScopeSnapshotLocked();
     v1::CoordinatorMessage msg;
-    if (hold) {
-      if (snapshot.empty()) snapshot = jobScopeSnapshotLocked();
-      for (const auto& m : snapshot) {
-        *msg.mutable_job_scope() = m;
-        s->enqueue(msg);
-      }
-      s->holder = true;
-      s->lagging = false;
-    } else {
-      msg.mutable_job_scope()->set_release(true);
-      msg.mutable_job_scope()->set_revision(job_revision_);
-      s->enqueue(std::move(msg));
-      stopWaitingForLocked(s.get());
-      s->holder = false;
+    for (const auto& m : snapshot) {
+      *msg.mutable_job_scope() = m;
+      s->enqueue(msg);
     }
     deferred_.push_back([s = s] { s->kick(); });
+    s->holder = true;
+    s->lagging = false;
+    // Writes still waiting wait for it too (its snapshot has them), so that none is answered on
+    // the word of a holder released below alone.
+    for (auto& p : pending_acks_) p.waiting.insert(s.get());
+  }
+  for (const auto& s : released) {
+    v1::CoordinatorMessage msg;
+    msg.mutable_job_scope()->set_release(true);
+    msg.mutable_job_scope()->set_revision(job_revision_);
+    s->enqueue(std::move(msg));
+    deferred_.push_back([s = s] { s->kick(); });
+    stopWaitingForLocked(s.get());
+    s->holder = false;
   }
 }
 
@@ -130,7 +138,7 @@ void CoordinatorService::adoptLocked(const std::string& node_id, const v1::JobSc
 
 void CoordinatorService::acknowledgedLocked(SessionReactor* session, std::uint64_t revision) {
   session->acked = std::max(session->acked, revision);
-  if (session->lagging && session->acked >= job_revision_) {
+  if (session->lagging && session->acked >= session->lagging_at) {
     session->lagging = false;
     log_->info("job scope: node '{}' caught up (revision {})", session->node_id, session->acked);
   }
@@ -155,6 +163,17 @@ void CoordinatorService::stopWaitingForLocked(SessionReactor* session) {
       ++it;
     }
   }
+}
+
+void CoordinatorService::openJobScopeLocked(const std::string& why) {
+  job_scope_open_ = true;
+  if (!why.empty()) {
+    log_->info("job scope: answering calls ({}{})", why,
+               gated_calls_.empty() ? "" : fmt::format("; {} held until now", gated_calls_.size()));
+  }
+  std::vector<std::function<void()>> calls;
+  calls.swap(gated_calls_);
+  for (auto& call : calls) call();
 }
 
 }  // namespace rally::coordinator

@@ -67,8 +67,11 @@ CoordinatorService::CoordinatorService(CoordinatorOptions options)
       kv_(options_.kv) {
   kv_.observeJobScope([this](const std::string& key, const std::string* value) {
     if (adopting_) return;  // adoptLocked keeps the copy's revision
+    // The generation in the high bits: this coordinator's writes rank above those of the one it
+    // took over from (whose generations were lower), even before its copies are adopted.
+    job_revision_ = std::max(job_revision_ + 1, kv_.currentGeneration() << 32);
     KeyRevision& r = job_revisions_[key];
-    r = KeyRevision{++job_revision_, value == nullptr, true};
+    r = KeyRevision{job_revision_, value == nullptr, true};
     v1::JobScopeEntry& e = job_changes_.emplace_back();
     e.set_key(key);
     if (value != nullptr) e.set_value(*value);
@@ -83,6 +86,15 @@ CoordinatorService::CoordinatorService(CoordinatorOptions options)
                                              t->expected_nodes, t->cause, t->failed_nodes};
     log_->warn("took over job '{}' after generation {}: generation {} re-forming ({})",
                options_.rendezvous.job_id, t->generation, rendezvous_.generation(), t->cause);
+    // The job scope as this node's agent held it: in before any call.
+    for (const v1::JobScope& m : options_.job_scope_seed) {
+      adoptLocked(options_.host_node_id, m);
+    }
+  } else if (options_.job_scope_grace > Milliseconds(0)) {
+    // Maybe a restarted coordinator: job-scope calls wait for the holders' copies (or for the
+    // first Join to show that this is a new job).
+    job_scope_open_ = false;
+    job_scope_gate_deadline_ = Clock::now() + options_.job_scope_grace;
   }
 }
 
@@ -161,6 +173,7 @@ void CoordinatorService::shutdown(const std::string& reason, bool handover) {
     for (auto& p : pending_acks_)
       deferred_.push_back([r = p.reactor, st = p.status] { r->Finish(st); });
     pending_acks_.clear();
+    openJobScopeLocked("");  // the calls held answer that the coordinator shut down
     sessions_.clear();
     sessions_by_node_.clear();
     watchers_.clear();
@@ -184,7 +197,8 @@ CoordinatorStats CoordinatorService::stats() {
                           kv_.waiterCount(),
                           job_revision_,
                           holders,
-                          lagging};
+                          lagging,
+                          gated_calls_.size()};
 }
 
 // ---- Sessions -----------------------------------------------------------------------------------
@@ -238,6 +252,9 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
           return;
         }
         adoptLocked(session->node_id, message.job_scope());
+        if (message.job_scope().complete() && !job_scope_open_) {
+          openJobScopeLocked(fmt::format("the copy of node '{}' is in", session->node_id));
+        }
         return;
       case v1::AgentMessage::kLeave: {
         const std::string id = session->node_id;
@@ -313,6 +330,17 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
   }
   session->node_id = info.node_id;
   session->rejoined = join.last_generation() > 0;
+  session->keeps = join.keeps_job_scope();
+  if (!job_scope_open_ && !rejoin_seen_) {
+    if (session->rejoined) {
+      // Resuming: the holders' copies are on their way (each follows its holder's Join).
+      rejoin_seen_ = true;
+      job_scope_gate_deadline_ = now + options_.job_scope_grace;
+      timer_cv_.notify_one();
+    } else {
+      openJobScopeLocked("");  // a new job: there are no copies to wait for
+    }
+  }
   sessions_by_node_[info.node_id] = session;
   if (join.standby_endpoint().empty()) {
     standby_endpoints_.erase(info.node_id);
@@ -424,14 +452,16 @@ void CoordinatorService::deliver(Events events) {
         }
         for (const auto& m : r->successors()) holders.push_back(m.node_id());
       } else {
-        // A standalone coordinator: its first nodes by node rank hold the job scope, for when it
-        // is restarted (it resumes with their copies).
+        // A standalone coordinator: its first nodes by node rank (that keep copies) hold the job
+        // scope, for when it is restarted (it resumes with their copies).
         std::vector<const Member*> by_rank;
         for (const Member& m : formed->members) by_rank.push_back(&m);
         std::sort(by_rank.begin(), by_rank.end(),
                   [](const Member* a, const Member* b) { return a->node_rank < b->node_rank; });
-        for (size_t i = 0; i < by_rank.size() && i < kSuccessors; ++i) {
-          holders.push_back(by_rank[i]->node_id);
+        for (const Member* m : by_rank) {
+          if (holders.size() == kSuccessors) break;
+          auto it = sessions_by_node_.find(m->node_id);
+          if (it != sessions_by_node_.end() && it->second->keeps) holders.push_back(m->node_id);
         }
       }
       // Before RoundFormed on each stream: a new holder has its snapshot when it learns the round.
@@ -550,12 +580,17 @@ void CoordinatorService::timerLoop() {
       deferred_.push_back([r = p.reactor, st = p.status] { r->Finish(st); });
       for (SessionReactor* s : p.waiting) {
         s->lagging = true;
+        s->lagging_at = p.revision;
         log_->warn(
             "job scope: node '{}' did not acknowledge revision {} within {}; writes go on "
             "without waiting for it until it catches up",
             s->node_id, p.revision, formatDuration(options_.heartbeat_interval));
         stopWaitingForLocked(s);
       }
+    }
+    if (!job_scope_open_ && job_scope_gate_deadline_ <= now) {
+      openJobScopeLocked(
+          fmt::format("no holder's copy came within {}", formatDuration(options_.job_scope_grace)));
     }
     while (!wait_deadlines_.empty() && wait_deadlines_.top().when <= now) {
       const WaitDeadline d = wait_deadlines_.top();
@@ -581,6 +616,7 @@ void CoordinatorService::timerLoop() {
     if (!pending_acks_.empty() && pending_acks_.front().deadline < next) {
       next = pending_acks_.front().deadline;
     }
+    if (!job_scope_open_ && job_scope_gate_deadline_ < next) next = job_scope_gate_deadline_;
     timer_cv_.wait_until(lock, next);
   }
 }

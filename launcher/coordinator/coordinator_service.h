@@ -46,6 +46,13 @@ struct CoordinatorOptions {
   // The node whose agent runs this coordinator (empty: a standalone `rally coordinator`). When set,
   // each RoundFormed names the members that take the coordinator over if that node is lost.
   std::string host_node_id;
+  // The job scope's copies (docs/design/coordinator.md, "The job scope survives"). A coordinator
+  // that takes over starts with its own agent's copy (`job_scope_seed`). Any other may be
+  // resuming a job: it holds job-scope calls until the first Join says otherwise (a new node), or
+  // a rejoining holder's copy is in, for at most `job_scope_grace` from its start (from the first
+  // rejoin, if one comes); 0: never held.
+  std::vector<rally::v1::JobScope> job_scope_seed;
+  Milliseconds job_scope_grace{2000};
 };
 
 // How many successors each RoundFormed names: the coordinator survives the loss of its host
@@ -62,6 +69,7 @@ struct CoordinatorStats {
   std::uint64_t job_scope_revision = 0;  // raised by every change of the job scope
   size_t holders = 0;                    // sessions holding a copy of the job scope
   size_t holders_lagging = 0;            // of them, those writes do not wait for
+  size_t held_calls = 0;                 // job-scope calls waiting for the holders' copies
 };
 
 class CoordinatorService final : public rally::v1::Coordinator::CallbackService {
@@ -125,8 +133,14 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   grpc::Status admit(grpc::CallbackServerContext* ctx);
   // Runs `fn` under the lock, then the deferred work it queued.
   void runLocked(const std::function<void()>& fn);
-  template <typename Fn>
-  grpc::ServerUnaryReactor* unaryCall(grpc::CallbackServerContext* ctx, Fn&& fn);
+  // A store call (or GetRound): `fn` runs under the lock, now or, for a job-scope call
+  // (`job_scope`) while the scope waits for the holders' copies, when they are in.
+  grpc::ServerUnaryReactor* unaryCall(grpc::CallbackServerContext* ctx, bool job_scope,
+                                      std::function<Status()> fn);
+  void callLocked(grpc::ServerUnaryReactor* reactor, TimePoint ack_by,
+                  const std::function<Status()>& fn);
+  // Runs the job-scope calls held until now.
+  void openJobScopeLocked(const std::string& why);
 
   // Session events (from reactors).
   void onAgentMessage(const std::shared_ptr<SessionReactor>& session,
@@ -147,7 +161,8 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   // survives"), under the lock. After a store call: sends its job-scope changes to the holders and,
   // if some holder is to acknowledge them first, keeps `reactor` to finish with `status` then
   // (returns true). Otherwise the caller finishes it at once.
-  bool replicateLocked(grpc::ServerUnaryReactor* reactor, const grpc::Status& status);
+  bool replicateLocked(grpc::ServerUnaryReactor* reactor, const grpc::Status& status,
+                       TimePoint ack_by);
   void sendToHoldersLocked(const rally::v1::JobScope& message);
   // Makes exactly the sessions of `holders` (node ids) holders: a snapshot to each new one, a
   // release to each former one.
@@ -198,6 +213,11 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
     TimePoint deadline;
   };
   std::deque<PendingAck> pending_acks_;  // in deadline order
+  // Job-scope calls held for the holders' copies (a coordinator that may be resuming).
+  bool job_scope_open_ = true;
+  bool rejoin_seen_ = false;
+  TimePoint job_scope_gate_deadline_{};
+  std::vector<std::function<void()>> gated_calls_;
   struct WaitDeadline {
     TimePoint when;
     KvStore::WaiterId id;

@@ -2,6 +2,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
+
 #include "launcher/coordinator/coordinator_service.h"
 #include "launcher/coordinator/internal/reactors.h"
 #include "runtime/rendezvous/grpc_status.h"
@@ -11,24 +13,55 @@ namespace rally::coordinator {
 namespace v1 = rally::v1;
 using rendezvous::toGrpcStatus;
 
-// Runs one store operation under the service's lock and finishes the call with its status.
-template <typename Fn>
-grpc::ServerUnaryReactor* CoordinatorService::unaryCall(grpc::CallbackServerContext* ctx, Fn&& fn) {
+// Runs one store operation under the service's lock and finishes the call with its status (once
+// the holders have what it changed in the job scope). A job-scope call that comes while the scope
+// waits for the holders' copies runs when they are in: `fn` captures the request and response by
+// pointer, which gRPC keeps until the call is finished.
+grpc::ServerUnaryReactor* CoordinatorService::unaryCall(grpc::CallbackServerContext* ctx,
+                                                        bool job_scope,
+                                                        std::function<Status()> fn) {
   auto* reactor = ctx->DefaultReactor();
   const grpc::Status admitted = admit(ctx);
   if (!admitted.ok()) {
     reactor->Finish(admitted);
     return reactor;
   }
-  bool held = false;
-  grpc::Status status;
+  // How long a write waits for the holders: one heartbeat interval, and at most half of what is
+  // left of the caller's deadline (so it is answered, rather than timed out after it was made).
+  TimePoint ack_by = Clock::now() + options_.heartbeat_interval;
+  if (const auto d = ctx->deadline(); d != std::chrono::system_clock::time_point::max()) {
+    const auto left = d - std::chrono::system_clock::now();
+    if (left / 2 < options_.heartbeat_interval) {
+      ack_by = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                  std::max(left / 2, decltype(left)::zero()));
+    }
+  }
   runLocked([&] {
+    if (job_scope && !job_scope_open_) {
+      gated_calls_.push_back(
+          [this, reactor, ack_by, fn = std::move(fn)] { callLocked(reactor, ack_by, fn); });
+      return;
+    }
+    callLocked(reactor, ack_by, fn);
+  });
+  return reactor;
+}
+
+void CoordinatorService::callLocked(grpc::ServerUnaryReactor* reactor, TimePoint ack_by,
+                                    const std::function<Status()>& fn) {
+  grpc::Status status;
+  if (shutting_down_) {
+    // It came in before the shutdown (a handover, maybe): not made here, where no holder would
+    // have it.
+    status = rendezvous::finalStatus(
+        grpc::StatusCode::UNAVAILABLE,
+        fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
+  } else {
     status = toGrpcStatus(fn());
     // A change of the job scope is answered once the holders have it (or after a bounded wait).
-    held = replicateLocked(reactor, status);
-  });
-  if (!held) reactor->Finish(status);
-  return reactor;
+    if (replicateLocked(reactor, status, ack_by)) return;
+  }
+  deferred_.push_back([reactor, status] { reactor->Finish(status); });
 }
 
 grpc::Status CoordinatorService::admit(grpc::CallbackServerContext* ctx) {
@@ -45,13 +78,14 @@ grpc::Status CoordinatorService::admit(grpc::CallbackServerContext* ctx) {
 
 grpc::ServerUnaryReactor* CoordinatorService::Set(grpc::CallbackServerContext* ctx,
                                                   const v1::SetRequest* req, v1::SetResponse*) {
-  return unaryCall(ctx, [&] { return kv_.set(req->generation(), req->key(), req->value()); });
+  return unaryCall(ctx, req->generation() == 0,
+                   [this, req] { return kv_.set(req->generation(), req->key(), req->value()); });
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Get(grpc::CallbackServerContext* ctx,
                                                   const v1::GetRequest* req,
                                                   v1::GetResponse* resp) {
-  return unaryCall(ctx, [&]() -> Status {
+  return unaryCall(ctx, req->generation() == 0, [this, req, resp]() -> Status {
     RALLY_ASSIGN_OR_RETURN(auto value, kv_.get(req->generation(), req->key()));
     resp->set_found(value.has_value());
     if (value) resp->set_value(std::move(*value));
@@ -62,7 +96,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Get(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* CoordinatorService::Add(grpc::CallbackServerContext* ctx,
                                                   const v1::AddRequest* req,
                                                   v1::AddResponse* resp) {
-  return unaryCall(ctx, [&]() -> Status {
+  return unaryCall(ctx, req->generation() == 0, [this, req, resp]() -> Status {
     RALLY_ASSIGN_OR_RETURN(const std::int64_t value,
                            kv_.add(req->generation(), req->key(), req->delta()));
     resp->set_value(value);
@@ -73,7 +107,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Add(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* CoordinatorService::CompareAndSet(grpc::CallbackServerContext* ctx,
                                                             const v1::CompareAndSetRequest* req,
                                                             v1::CompareAndSetResponse* resp) {
-  return unaryCall(ctx, [&]() -> Status {
+  return unaryCall(ctx, req->generation() == 0, [this, req, resp]() -> Status {
     RALLY_ASSIGN_OR_RETURN(CasResult r,
                            kv_.compareAndSet(req->generation(), req->key(), req->expect_present(),
                                              req->expected(), req->desired()));
@@ -87,7 +121,7 @@ grpc::ServerUnaryReactor* CoordinatorService::CompareAndSet(grpc::CallbackServer
 grpc::ServerUnaryReactor* CoordinatorService::Delete(grpc::CallbackServerContext* ctx,
                                                      const v1::DeleteRequest* req,
                                                      v1::DeleteResponse* resp) {
-  return unaryCall(ctx, [&]() -> Status {
+  return unaryCall(ctx, req->generation() == 0, [this, req, resp]() -> Status {
     RALLY_ASSIGN_OR_RETURN(const bool existed, kv_.remove(req->generation(), req->key()));
     resp->set_existed(existed);
     return okStatus();
@@ -97,7 +131,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Delete(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CoordinatorService::List(grpc::CallbackServerContext* ctx,
                                                    const v1::ListRequest* req,
                                                    v1::ListResponse* resp) {
-  return unaryCall(ctx, [&]() -> Status {
+  return unaryCall(ctx, req->generation() == 0, [this, req, resp]() -> Status {
     RALLY_ASSIGN_OR_RETURN(
         ListResult r, kv_.list(req->generation(), req->prefix(), req->start_after(), req->limit()));
     for (auto& k : r.keys) resp->add_keys(std::move(k));
@@ -109,7 +143,7 @@ grpc::ServerUnaryReactor* CoordinatorService::List(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* CoordinatorService::GetRound(grpc::CallbackServerContext* ctx,
                                                        const v1::GetRoundRequest*,
                                                        v1::RoundInfo* resp) {
-  return unaryCall(ctx, [&]() -> Status {
+  return unaryCall(ctx, false, [this, resp]() -> Status {
     const RoundSnapshot snap = rendezvous_.snapshot();
     resp->set_generation(snap.generation);
     resp->set_state(currentGenerationLocked().state());

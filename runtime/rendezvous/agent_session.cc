@@ -129,6 +129,16 @@ Result<std::unique_ptr<AgentSession>> AgentSession::open(
   if (join.node_id.empty()) return invalidArgument("AgentSession needs a node id");
   std::unique_ptr<AgentSession> s(
       new AgentSession(std::move(conn), std::move(join), std::move(options)));
+  // The copy to send after the Join (or none), taken before the stream starts: a round that this
+  // Join completes may bring a new snapshot at once.
+  std::vector<v1::JobScope> upload;
+  if (JobScopeReplica* replica = s->options_.replica.get(); replica != nullptr) {
+    if (s->join_.last_generation == 0) {
+      replica->clear();  // a new node: what it held belongs to another round
+    } else {
+      upload = replica->chunks();
+    }
+  }
   s->reactor_ = std::make_unique<Reactor>(s.get());
   s->reactor_->begin();
   v1::AgentMessage m;
@@ -143,17 +153,12 @@ Result<std::unique_ptr<AgentSession>> AgentSession::open(
   j->set_last_node_rank(s->join_.last_node_rank);
   j->set_last_num_nodes(s->join_.last_num_nodes);
   j->set_standby_endpoint(s->join_.standby_endpoint);
+  j->set_keeps_job_scope(s->options_.replica != nullptr);
   s->send(std::move(m));
-  if (JobScopeReplica* replica = s->options_.replica.get(); replica != nullptr) {
-    if (s->join_.last_generation == 0) {
-      replica->clear();  // a new node: what it held belongs to another round
-    } else {
-      for (v1::JobScope& chunk : replica->chunks()) {
-        v1::AgentMessage upload;
-        *upload.mutable_job_scope() = std::move(chunk);
-        s->send(std::move(upload));
-      }
-    }
+  for (v1::JobScope& chunk : upload) {
+    v1::AgentMessage u;
+    *u.mutable_job_scope() = std::move(chunk);
+    s->send(std::move(u));
   }
   if (s->options_.auto_heartbeat) {
     s->heartbeat_thread_ = std::thread([p = s.get()] { p->heartbeatLoop(); });

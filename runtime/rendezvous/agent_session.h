@@ -51,11 +51,12 @@ struct AgentSessionOptions {
   // Called once when the stream ends, with its status and whether the coordinator is presumed
   // lost (lostCoordinator()).
   std::function<void(const Status&, bool lost_coordinator)> on_end;
-  // The node's copy of the job scope, kept across sessions (the agent's). The session applies the
+  // The node's copy of the job scope, kept across sessions (the agent's); with one, the Join says
+  // the node keeps a copy and the coordinator may name it a holder. The session applies the
   // coordinator's JobScope messages to it (they do not reach on_message or the inbox) and
-  // acknowledges each, with or without a replica. A Join with last_generation set sends the copy
-  // after it; a Join without drops it, as does a RoundFormed on a session that sent no snapshot
-  // (the node is no holder there).
+  // acknowledges each. A Join with last_generation set sends the copy after it, if the node held
+  // one; a Join without drops it, as does a RoundFormed on a session that sent no snapshot (the
+  // node is no holder there).
   std::shared_ptr<JobScopeReplica> replica;
 };
 

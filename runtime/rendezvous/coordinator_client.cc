@@ -317,6 +317,20 @@ Result<CompareAndSetResult> StoreClient::compareAndSet(const std::string& key,
   return CompareAndSetResult{resp.swapped(), resp.present(), std::move(*resp.mutable_value())};
 }
 
+Result<bool> StoreClient::claim(const std::string& key, const std::string& owner) {
+  v1::CompareAndSetRequest req;
+  req.set_generation(generation_);
+  req.set_key(full(key));
+  req.set_expect_present(false);
+  req.set_desired(owner);
+  v1::CompareAndSetResponse resp;
+  // Idempotent as retried: a second attempt after a first that was made finds `owner` there.
+  RALLY_RETURN_IF_ERROR(internal::callWithRetry(
+      *conn_, fmt::format("claiming '{}'", req.key()), true,
+      [&](auto* ctx) { return conn_->stub()->CompareAndSet(ctx, req, &resp); }));
+  return resp.swapped() || (resp.present() && resp.value() == owner);
+}
+
 Result<bool> StoreClient::remove(const std::string& key) {
   v1::DeleteRequest req;
   req.set_generation(generation_);

@@ -151,6 +151,11 @@ class StoreClient {
   Result<CompareAndSetResult> compareAndSet(const std::string& key,
                                             const std::optional<std::string>& expected,
                                             const std::string& desired);
+  // Claims `key` for `owner` (a value no other caller uses): sets it if it is absent. True if this
+  // call, or an earlier attempt of it, set it. Unlike compareAndSet, retried while the
+  // coordinator is away (restarted, or taken over) or moves: an attempt that was made before the
+  // answer was lost shows as the key holding `owner`.
+  Result<bool> claim(const std::string& key, const std::string& owner);
   // True if the key existed.
   Result<bool> remove(const std::string& key);
   // Every key under `prefix` in this view (keys returned without the view's prefix), in order.

@@ -11,6 +11,7 @@ std::uint64_t JobScopeReplica::apply(const v1::JobScope& message) {
   if (message.full() || message.release()) {
     entries_.clear();
     revision_ = 0;
+    held_ = message.full();
   }
   if (message.release()) return message.revision();
   for (const v1::JobScopeEntry& e : message.entries()) {
@@ -28,6 +29,12 @@ void JobScopeReplica::clear() {
   std::lock_guard lock(mu_);
   entries_.clear();
   revision_ = 0;
+  held_ = false;
+}
+
+bool JobScopeReplica::held() const {
+  std::lock_guard lock(mu_);
+  return held_;
 }
 
 bool JobScopeReplica::empty() const {
@@ -55,6 +62,7 @@ size_t JobScopeReplica::size() const {
 std::vector<v1::JobScope> JobScopeReplica::chunks(size_t max_bytes) const {
   std::lock_guard lock(mu_);
   std::vector<v1::JobScope> out;
+  if (!held_) return out;
   size_t bytes = 0;
   for (const auto& [key, e] : entries_) {
     const size_t size = key.size() + e.value.size() + 16;
@@ -69,6 +77,8 @@ std::vector<v1::JobScope> JobScopeReplica::chunks(size_t max_bytes) const {
     entry->set_revision(e.revision);
     bytes += size;
   }
+  if (out.empty()) out.emplace_back().set_revision(revision_);
+  out.back().set_complete(true);
   return out;
 }
 

@@ -34,25 +34,30 @@ class JobScopeReplica {
     std::uint64_t revision = 0;
   };
 
-  // Applies a JobScope message: `full` replaces the copy, `release` drops it, entries are upserted.
-  // Returns the revision to acknowledge.
+  // Applies a JobScope message: `full` replaces the copy (the node is a holder from then on),
+  // `release` drops it, entries are upserted. Returns the revision to acknowledge.
   std::uint64_t apply(const rally::v1::JobScope& message);
-  void clear();
+  void clear();  // not a holder any more
 
+  // Whether this node holds the job scope (it received a snapshot since it was last cleared),
+  // even an empty one.
+  bool held() const;
   bool empty() const;
   std::uint64_t revision() const;
   // The value under `key`, if held and not deleted.
   std::optional<std::string> get(const std::string& key) const;
   size_t size() const;  // entries, deletions included
 
-  // The copy as JobScope messages of about `max_bytes` each (at least one entry each), for
-  // sending to a coordinator. Empty if nothing is held.
+  // The copy as JobScope messages of about `max_bytes` each (at least one entry each; one with
+  // none for an empty scope), the last one marked `complete`, for sending to a coordinator. None
+  // unless held().
   std::vector<rally::v1::JobScope> chunks(size_t max_bytes = 1 << 20) const;
 
  private:
   mutable std::mutex mu_;
   std::map<std::string, Entry> entries_;
   std::uint64_t revision_ = 0;
+  bool held_ = false;
 };
 
 }  // namespace rally::rendezvous

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <stdexcept>
 
 #include "collectives/memory_bootstrap_store.h"
@@ -31,15 +32,18 @@ using Env = std::map<std::string, std::string>;
 // "Once per job" for fault firings, through the coordinator's job-scoped store.
 class StoreFiredFaults final : public FiredFaults {
  public:
-  explicit StoreFiredFaults(rendezvous::StoreClient store) : store_(std::move(store)) {}
+  // `owner`: a value no other World uses.
+  StoreFiredFaults(rendezvous::StoreClient store, std::string owner)
+      : store_(std::move(store)), owner_(std::move(owner)) {}
   Result<bool> claim(size_t index) override {
-    RALLY_ASSIGN_OR_RETURN(auto r, store_.compareAndSet(std::to_string(index), std::nullopt,
-                                                        std::to_string(::getpid())));
-    return r.swapped;
+    // Retried while the coordinator is away: a claim in flight when it is lost is not a
+    // failure of this rank.
+    return store_.claim(std::to_string(index), owner_);
   }
 
  private:
   rendezvous::StoreClient store_;
+  std::string owner_;
 };
 
 const std::string* find(const Env& env, const std::string& name) {
@@ -367,8 +371,13 @@ Result<std::unique_ptr<World>> initFrom(const Env& env, const InitOptions& optio
     w.rewatch_ = std::thread([self = &w] { self->rewatchLoop(); });
     w.bootstrap_ = std::make_unique<rendezvous::CoordinatorBootstrapStore>(
         rendezvous::StoreClient(w.conn_).scoped("rally/comm/", w.generation()));
+    // The claimant: this World, among every node's processes (and any other World of this one).
+    const std::string* node_id = find(env, "RALLY_NODE_ID");
+    std::random_device rd;
     w.fired_ = std::make_shared<StoreFiredFaults>(
-        rendezvous::StoreClient(w.conn_).scoped("rally/faults/fired/", 0));
+        rendezvous::StoreClient(w.conn_).scoped("rally/faults/fired/", 0),
+        fmt::format("{}/{}/{:08x}{:08x}", node_id != nullptr ? *node_id : std::string("?"),
+                    ::getpid(), rd(), rd()));
     co.rank = w.rank_;
     co.size = w.size_;
     co.generation = w.generation();

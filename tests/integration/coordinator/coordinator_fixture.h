@@ -26,6 +26,9 @@ class CoordinatorFixture : public ::testing::Test {
     o.rendezvous.max_nodes = 4;
     o.rendezvous.last_call = Milliseconds(200);
     o.heartbeat_interval = Milliseconds(200);
+    // Store calls are answered before any node joins (a real coordinator holds job-scope calls
+    // until the first Join shows whether it resumes a job: tested on its own).
+    o.job_scope_grace = Milliseconds(0);
     return o;
   }
 

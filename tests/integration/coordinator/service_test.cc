@@ -5,6 +5,7 @@
 #include <atomic>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 #include <tuple>
@@ -89,6 +90,29 @@ TEST_F(ServiceTest, EveryStoreOperation) {
   EXPECT_EQ(keys->front(), "k0") << "keys come back without the view's prefix";
   EXPECT_EQ(store.list("group/k149")->size(), 11u);
   EXPECT_TRUE(store.wait({"counter", "lock"}, milliseconds(1000)).ok());
+}
+
+// A claim (a compare-and-set on an absent key with the caller's own value) counts an earlier
+// attempt of its own, and waits out a coordinator that is away instead of failing.
+TEST_F(ServiceTest, AClaimCountsItsOwnEarlierAttemptAndWaitsOutARestart) {
+  StoreClient store(connect());
+  EXPECT_TRUE(*store.claim("fault/3", "node-a/17"));
+  EXPECT_TRUE(*store.claim("fault/3", "node-a/17")) << "an earlier attempt of this claim";
+  EXPECT_FALSE(*store.claim("fault/3", "node-b/17")) << "someone else's";
+  // The coordinator goes away and comes back on the same port: the claim waits for it.
+  const int port = server_->port();
+  auto conn = connect();
+  server_->shutdown("restarting", Milliseconds(500));
+  server_.reset();
+  std::optional<Result<bool>> claimed;
+  std::thread claimer([&] { claimed = StoreClient(conn).claim("fault/4", "node-a/17"); });
+  std::this_thread::sleep_for(milliseconds(200));  // let it fail once or more first
+  auto s = coordinator::CoordinatorServer::start(options_, {.host = "127.0.0.1", .port = port});
+  ASSERT_TRUE(s.ok()) << s.status().toString();
+  server_ = std::move(*s);
+  claimer.join();
+  ASSERT_TRUE(claimed && claimed->ok()) << (claimed ? claimed->status().toString() : "");
+  EXPECT_TRUE(**claimed);
 }
 
 TEST_F(ServiceTest, ConcurrentAddAndCompareAndSetFromManyClients) {
@@ -605,6 +629,7 @@ TEST_F(ServiceTest, AHolderThatDoesNotAcknowledgeDelaysOneWriteThenIsPassedBy) {
   join.mutable_join()->set_node_id("mute");
   join.mutable_join()->set_job_id("job");
   join.mutable_join()->set_local_world_size(1);
+  join.mutable_join()->set_keeps_job_scope(true);
   ASSERT_TRUE(stream->Write(join));
   std::atomic<int> snapshots{0};
   std::thread reader([&] {
@@ -658,8 +683,16 @@ TEST_F(ServiceTest, ATakeoverAdoptsTheRejoiningHoldersCopiesKeyByKey) {
   options.host_node_id = "b";
   options.rendezvous.takeover =
       coordinator::Takeover{4, 2, "the coordinator's host, node 'h', was lost", {"h"}};
+  // The successor's agent's own copy: in before any call.
+  v1::JobScope seed;
+  auto* seeded = seed.add_entries();
+  seeded->set_key("seeded");
+  seeded->set_value("s");
+  seeded->set_revision(2);
+  options.job_scope_seed = {seed};
   startServer(options);
   StoreClient store(connect());
+  EXPECT_EQ(*store.get("seeded"), "s");
   ASSERT_TRUE(store.set("restarts", "3").ok());  // as the successor's agent seeds it
   auto copyOf = [](std::vector<std::tuple<std::string, std::string, std::uint64_t, bool>> es) {
     auto r = std::make_shared<rendezvous::JobScopeReplica>();
@@ -737,6 +770,65 @@ TEST_F(ServiceTest, ATakeoverAdoptsTheRejoiningHoldersCopiesKeyByKey) {
   rawSession(*connect(), {join, upload});
   EXPECT_EQ(*store.get("planted"), std::nullopt);
   EXPECT_EQ(*store.get("restarts"), "3");
+}
+
+// A coordinator that may be resuming a job (any but a successor's) holds job-scope calls until
+// the first Join shows whether it does: a rejoining holder's copy is in before a call is answered
+// (a fault already fired is not claimed again), and a new node's Join lets them through at once.
+TEST_F(ServiceTest, ARestartedCoordinatorAnswersJobScopeCallsOnceAHoldersCopyIsIn) {
+  server_->shutdown("restart as a coordinator that may be resuming");
+  auto options = defaultOptions();
+  options.job_scope_grace = Milliseconds(30000);  // never reached here
+  startServer(options);
+  StoreClient store(connect());
+  // A worker's fault claim comes before any node rejoins.
+  std::optional<Result<rendezvous::CompareAndSetResult>> claim;
+  std::thread worker([&] { claim = store.compareAndSet("fired/0", std::nullopt, "again"); });
+  for (int i = 0; i < 200 && server_->service().stats().held_calls == 0; ++i) {
+    std::this_thread::sleep_for(milliseconds(25));
+  }
+  ASSERT_EQ(server_->service().stats().held_calls, 1u);
+  // A holder rejoins with its copy: the fault had fired.
+  auto copy = std::make_shared<rendezvous::JobScopeReplica>();
+  v1::JobScope m;
+  m.set_full(true);
+  m.set_revision(7);
+  auto* e = m.add_entries();
+  e->set_key("fired/0");
+  e->set_value("node-a");
+  e->set_revision(7);
+  copy->apply(m);
+  rendezvous::AgentSessionOptions o;
+  o.replica = copy;
+  auto a = AgentSession::open(connect(kToken, true),
+                              {.node_id = "a",
+                               .job_id = "job",
+                               .local_world_size = 1,
+                               .address = "a.local",
+                               .last_generation = 3,
+                               .last_node_rank = 0,
+                               .last_num_nodes = 1},
+                              std::move(o));
+  ASSERT_TRUE(a.ok());
+  worker.join();
+  ASSERT_TRUE(claim && claim->ok()) << (claim ? claim->status().toString() : "no answer");
+  EXPECT_FALSE((*claim)->swapped) << "claimed once for the job: before the restart";
+  EXPECT_EQ((*claim)->value, "node-a");
+  EXPECT_EQ(server_->service().stats().held_calls, 0u);
+
+  // A new job: the first Join is a new node's, and what waited goes on at once.
+  server_->shutdown("restart for a new job");
+  startServer(options);
+  StoreClient fresh(connect());
+  std::thread caller([&] { claim = fresh.compareAndSet("fired/0", std::nullopt, "first"); });
+  for (int i = 0; i < 200 && server_->service().stats().held_calls == 0; ++i) {
+    std::this_thread::sleep_for(milliseconds(25));
+  }
+  ASSERT_EQ(server_->service().stats().held_calls, 1u);
+  auto b = join("b");
+  caller.join();
+  ASSERT_TRUE(claim && claim->ok());
+  EXPECT_TRUE((*claim)->swapped);
 }
 
 TEST_F(ServiceTest, SessionsTellALostCoordinatorFromOneThatEndedThem) {

@@ -63,6 +63,7 @@ TEST(JobScopeReplicaTest, SnapshotsChangesAndReleases) {
   release.set_release(true);
   EXPECT_EQ(r.apply(release), 9u);
   EXPECT_TRUE(r.empty());
+  EXPECT_FALSE(r.held());
   EXPECT_EQ(r.revision(), 0u);
 }
 
@@ -81,6 +82,7 @@ TEST(JobScopeReplicaTest, ChunksCarryEveryEntryWithItsRevision) {
   for (const auto& c : chunks) {
     EXPECT_GE(c.entries_size(), 1);
     EXPECT_FALSE(c.full());
+    EXPECT_EQ(c.complete(), &c == &chunks.back()) << "the last one says the copy is all there";
     EXPECT_EQ(c.revision(), 30u);
     entries += c.entries_size();
     copy.apply(c);
@@ -96,6 +98,16 @@ TEST(JobScopeReplicaTest, ChunksCarryEveryEntryWithItsRevision) {
   big.apply(b);
   ASSERT_EQ(big.chunks(100).size(), 1u);
   EXPECT_EQ(big.chunks(100)[0].entries(0).value().size(), 1000u);
+  // A holder of an empty scope says so: one message, no entries, complete.
+  JobScopeReplica none;
+  none.apply(message(5, /*full=*/true));
+  EXPECT_TRUE(none.held());
+  ASSERT_EQ(none.chunks().size(), 1u);
+  EXPECT_EQ(none.chunks()[0].entries_size(), 0);
+  EXPECT_TRUE(none.chunks()[0].complete());
+  none.clear();
+  EXPECT_FALSE(none.held());
+  EXPECT_TRUE(none.chunks().empty()) << "not a holder: nothing to send";
 }
 
 }  // namespace
