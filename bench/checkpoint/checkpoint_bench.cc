@@ -2,7 +2,8 @@
 // Gloo, each holding 1/N of every tensor: 8 f32 tensors [rows, 1024] split along rows), measures
 //   - the training thread's stall per save() against a plain memcpy of the same bytes (all ranks
 //     copying at once in both cases; each round copies, then saves), medians over --saves rounds;
-//   - the background write bandwidth (from save() to the checkpoint committed on rank 0) against `dd if=/dev/zero bs=16M conv=fsync` of the same number of bytes in the
+//   - the background write bandwidth (from save() to the checkpoint committed on rank 0) against
+//   `dd if=/dev/zero bs=16M conv=fsync` of the same number of bytes in the
 //     same directory, through the page cache and with oflag=direct, whichever is faster (each the
 //     median of 3);
 //   - the bytes read by a resharded load (N ranks saved, N+1 and N-1 load) against the bytes
@@ -122,9 +123,9 @@ void check(const Status& s, const char* what) {
 // oflag=direct), seconds: the median of 3.
 double ddSeconds(const std::string& dir, std::int64_t bytes, const char* flags) {
   const std::string file = dir + "/dd.bin";
-  const std::string cmd = fmt::format(
-      "dd if=/dev/zero of='{}' bs=16M count={} conv=fsync {} 2>&1 >/dev/null | tail -1", file,
-      std::max<std::int64_t>(1, bytes / (16 << 20)), flags);
+  const std::string cmd =
+      fmt::format("dd if=/dev/zero of='{}' bs=16M count={} conv=fsync {} 2>&1 >/dev/null | tail -1",
+                  file, std::max<std::int64_t>(1, bytes / (16 << 20)), flags);
   double best = 0;
   std::vector<double> runs;
   for (int i = 0; i < 3; ++i) {
@@ -159,10 +160,14 @@ int main(int argc, char** argv) {
       return 2;
     }
     const std::string v = argv[++i];
-    if (a == "--dir") dir = v;
-    else if (a == "--sizes") sizes = v;
-    else if (a == "--ranks") ranks = v;
-    else if (a == "--saves") saves = std::max(1, std::atoi(v.c_str()));
+    if (a == "--dir")
+      dir = v;
+    else if (a == "--sizes")
+      sizes = v;
+    else if (a == "--ranks")
+      ranks = v;
+    else if (a == "--saves")
+      saves = std::max(1, std::atoi(v.c_str()));
     else {
       std::fprintf(stderr, "checkpoint_bench: unknown option %s (see --help)\n", a.c_str());
       return 2;
@@ -172,8 +177,8 @@ int main(int argc, char** argv) {
   fs::create_directories(dir);
   double worst_stall = 0, worst_write = 1e9, worst_read = 0;
   std::printf("%10s %5s %10s %10s %9s %7s %9s %10s %8s %8s %9s %10s\n", "state", "ranks",
-              "per_rank", "memcpy_ms", "stall_ms", "stall/x", "write_ms", "write_GBps",
-              "dd_GBps", "write/dd", "reshard", "read/need");
+              "per_rank", "memcpy_ms", "stall_ms", "stall/x", "write_ms", "write_GBps", "dd_GBps",
+              "write/dd", "reshard", "read/need");
   for (std::int64_t size : parseList(sizes, true)) {
     for (std::int64_t n64 : parseList(ranks, false)) {
       const int n = static_cast<int>(n64);

@@ -1,8 +1,8 @@
 // Collectives benchmark in the manner of nccl-tests: for each size from --min to --max bytes
-// (doubling), the time per operation (the median of 5 timed rounds), algorithm bandwidth (bytes / time) and bus bandwidth (algbw x
-// the operation's factor, comparable across rank counts), and a correctness check (the number of
-// wrong elements on any rank). Ranks are processes forked by this program, bootstrapped through a
-// directory of files.
+// (doubling), the time per operation (the median of 5 timed rounds), algorithm bandwidth (bytes /
+// time) and bus bandwidth (algbw x the operation's factor, comparable across rank counts), and a
+// correctness check (the number of wrong elements on any rank). Ranks are processes forked by this
+// program, bootstrapped through a directory of files.
 //
 //   collectives_bench --backend gloo --ranks 2 [--op allreduce|reduce_scatter|allgather|
 //                     broadcast|alltoall|all] [--min 4B] [--max 256MiB] [--transport shm|tcp]
@@ -330,9 +330,8 @@ int runGloo(const Args& a) {
       // --record: through the flight recorder, as rally::World's communicators are (its cost).
       std::unique_ptr<Communicator> c = std::move(*comm);
       if (a.record) {
-        c = collectives::recordCollectives(std::move(c),
-                                           std::make_shared<collectives::CollectiveRecorder>(2000),
-                                           "world");
+        c = collectives::recordCollectives(
+            std::move(c), std::make_shared<collectives::CollectiveRecorder>(2000), "world");
       }
       std::_Exit(benchRank(*c, a, opsOf(a)));
     }

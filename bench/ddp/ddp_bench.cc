@@ -14,9 +14,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <optional>
-#include <map>
 #include <string>
 #include <vector>
 
@@ -43,10 +43,9 @@ struct MlpImpl : ::torch::nn::Module {
 TORCH_MODULE(Mlp);
 
 int main(int argc, char** argv) {
-  std::map<std::string, std::string> opt = {{"--model", "mlp"}, {"--steps", "30"},
-                                            {"--warmup", "5"}, {"--batch", "32"},
-                                            {"--ddp", "1"}, {"--bucket-view", "0"},
-                                            {"--compression", "none"}};
+  std::map<std::string, std::string> opt = {
+      {"--model", "mlp"}, {"--steps", "30"},      {"--warmup", "5"},        {"--batch", "32"},
+      {"--ddp", "1"},     {"--bucket-view", "0"}, {"--compression", "none"}};
   for (int i = 1; i + 1 < argc; i += 2) opt[argv[i]] = argv[i + 1];
   ::torch::set_num_threads(1);
   auto world = init();

@@ -76,9 +76,12 @@ int main(int argc, char** argv) {
                    a.c_str());
       return 2;
     }
-    if (a == "--sizes") sizes_arg = argv[i + 1];
-    else if (a == "--tensors") tensors = std::max(1, std::atoi(argv[i + 1]));
-    else chunks_arg = argv[i + 1];
+    if (a == "--sizes")
+      sizes_arg = argv[i + 1];
+    else if (a == "--tensors")
+      tensors = std::max(1, std::atoi(argv[i + 1]));
+    else
+      chunks_arg = argv[i + 1];
   }
   std::vector<std::int64_t> sizes;
   for (size_t pos = 0; pos <= sizes_arg.size();) {
@@ -105,7 +108,8 @@ int main(int argc, char** argv) {
     check(cudaMemset(b, 0, bytes), "memset");
     check(cudaMemset(c, 0, bytes), "memset");
     check(cudaMemset(d, 0, bytes), "memset");
-    const double copy = timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
+    const double copy =
+        timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
     const double copy_bw = 2.0 * bytes / copy / 1e9;
     std::printf("%-22s %10s %10.1f %10.1f %9.3f\n", "memcpy (reference)", formatBytes(size).c_str(),
                 copy * 1e6, copy_bw, 1.0);
@@ -117,26 +121,33 @@ int main(int argc, char** argv) {
     };
     const std::vector<Row> rows = {
         {"pack (1 tensor)", 2.0 * bytes,
-         [&] { check(K.pack({{a, n}}, b, DType::kF32), "pack"); }},
+         [&] {
+           check(K.pack({{a, n}}, b, DType::kF32), "pack");
+         }},
         {"scale_and_check f32", 2.0 * bytes,
          [&] { check(K.scaleAndCheck(b, n, DType::kF32, 0.5f).status(), "scale"); }},
         {"scale_and_check bf16", 2.0 * bytes,
          [&] { check(K.scaleAndCheck(b, bytes / 2, DType::kBF16, 0.5f).status(), "scale"); }},
         {"compress_bf16", n * (4.0 + 4 + 4 + 2),
-         [&] { check(K.compressBf16(static_cast<float*>(a), static_cast<float*>(c),
-                                    static_cast<std::uint16_t*>(d), n), "compress"); }},
+         [&] {
+           check(K.compressBf16(static_cast<float*>(a), static_cast<float*>(c),
+                                static_cast<std::uint16_t*>(d), n),
+                 "compress");
+         }},
         {"decompress_bf16", n * (2.0 + 4),
-         [&] { check(K.decompressBf16(static_cast<std::uint16_t*>(d), static_cast<float*>(b), n),
-                     "decompress"); }},
+         [&] {
+           check(K.decompressBf16(static_cast<std::uint16_t*>(d), static_cast<float*>(b), n),
+                 "decompress");
+         }},
         {"block_checksums 64KiB", 1.0 * bytes,
          [&] { check(K.blockChecksums(a, bytes, 65536, sums.data()), "checksums"); }},
         {"adamw (+bf16 copy)", (n / 4) * (16.0 + 14),
          [&] {
            const size_t q = n / 4;
-           check(K.adamw({{static_cast<float*>(b), static_cast<const float*>(a),
-                           static_cast<float*>(c), static_cast<float*>(d),
-                           static_cast<std::uint16_t*>(e), q}},
-                         {.lr = 1e-4f, .step = 1}),
+           check(K.adamw(
+                     {{static_cast<float*>(b), static_cast<const float*>(a), static_cast<float*>(c),
+                       static_cast<float*>(d), static_cast<std::uint16_t*>(e), q}},
+                     {.lr = 1e-4f, .step = 1}),
                  "adamw");
          }},
     };
@@ -185,13 +196,18 @@ int main(int argc, char** argv) {
   });
   const double fused_adam = timeIt([&] { check(K.adamw(adam, {.step = 1}), "adamw"); });
   const double each_adam = timeIt([&] {
-    for (const AdamWTensor& t : adam) check(bench::adamwOneTensor(t, {.step = 1}, nullptr), "adamw");
+    for (const AdamWTensor& t : adam)
+      check(bench::adamwOneTensor(t, {.step = 1}, nullptr), "adamw");
   });
   std::printf("\n%d tensors of %zu floats: fused vs one launch per tensor (us)\n", tensors, per);
-  std::printf("pack   %10.1f %10.1f  speedup %.1fx\n", fused_pack * 1e6, each_pack * 1e6, each_pack / fused_pack);
-  std::printf("unpack %10.1f %10.1f  speedup %.1fx\n", fused_unpack * 1e6, each_unpack * 1e6, each_unpack / fused_unpack);
-  std::printf("adamw  %10.1f %10.1f  speedup %.1fx\n", fused_adam * 1e6, each_adam * 1e6, each_adam / fused_adam);
-  const double speedup = std::min({each_pack / fused_pack, each_unpack / fused_unpack, each_adam / fused_adam});
+  std::printf("pack   %10.1f %10.1f  speedup %.1fx\n", fused_pack * 1e6, each_pack * 1e6,
+              each_pack / fused_pack);
+  std::printf("unpack %10.1f %10.1f  speedup %.1fx\n", fused_unpack * 1e6, each_unpack * 1e6,
+              each_unpack / fused_unpack);
+  std::printf("adamw  %10.1f %10.1f  speedup %.1fx\n", fused_adam * 1e6, each_adam * 1e6,
+              each_adam / fused_adam);
+  const double speedup =
+      std::min({each_pack / fused_pack, each_unpack / fused_unpack, each_adam / fused_adam});
   for (void* p : {src, dst, m, v}) cudaFree(p);
 
   // The chunk size: pack (one tensor) and AdamW at the first size, per chunk size.
@@ -200,7 +216,8 @@ int main(int argc, char** argv) {
     void *a = nullptr, *b = nullptr, *c = nullptr, *d = nullptr, *e = nullptr;
     for (void** p : {&a, &b, &c, &d, &e}) check(cudaMalloc(p, bytes), "cudaMalloc");
     for (void* p : {a, b, c, d, e}) check(cudaMemset(p, 0, bytes), "memset");
-    const double copy = timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
+    const double copy =
+        timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
     const double copy_bw = 2.0 * bytes / copy / 1e9;
     std::printf("\nchunk size (elements per block), %s: fraction of copy bandwidth\n",
                 formatBytes(sizes.front()).c_str());
@@ -215,17 +232,18 @@ int main(int argc, char** argv) {
       Kernels& KC = **kc;
       const double pack = timeIt([&] { check(KC.pack({{a, n}}, b, DType::kF32), "pack"); });
       const double adam = timeIt([&] {
-        check(KC.adamw({{static_cast<float*>(b), static_cast<const float*>(a),
-                         static_cast<float*>(c), static_cast<float*>(d),
-                         static_cast<std::uint16_t*>(e), q}},
-                       {.lr = 1e-4f, .step = 1}),
-              "adamw");
+        check(
+            KC.adamw({{static_cast<float*>(b), static_cast<const float*>(a), static_cast<float*>(c),
+                       static_cast<float*>(d), static_cast<std::uint16_t*>(e), q}},
+                     {.lr = 1e-4f, .step = 1}),
+            "adamw");
       });
       std::printf("%10zu %10.3f %10.3f\n", chunk, 2.0 * bytes / pack / 1e9 / copy_bw,
                   q * 30.0 / adam / 1e9 / copy_bw);
     }
     for (void* p : {a, b, c, d, e}) cudaFree(p);
   }
-  std::printf("kernels min_fraction_of_copy_bw=%.3f vs_per_tensor_speedup=%.1f\n", min_fraction, speedup);
+  std::printf("kernels min_fraction_of_copy_bw=%.3f vs_per_tensor_speedup=%.1f\n", min_fraction,
+              speedup);
   return 0;
 }

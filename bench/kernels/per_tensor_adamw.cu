@@ -1,5 +1,4 @@
 #include "bench/kernels/per_tensor_adamw.h"
-
 #include "kernels/ops/portable.h"
 
 namespace rally::kernels::bench {

@@ -409,9 +409,8 @@ Status ShmGroup::reduceScatter(const void* in, void* out, size_t count, DataType
     const size_t piece = static_cast<size_t>(rank_) * n;
     const char* mine = src + (static_cast<size_t>(rank_) * count + off) * es;
     reduceBlock(
-        type, op, 0, n,
-        [&](int r) { return r == rank_ ? mine : slot(k, r) + piece * es; }, dst + off * es,
-        nullptr);
+        type, op, 0, n, [&](int r) { return r == rank_ ? mine : slot(k, r) + piece * es; },
+        dst + off * es, nullptr);
     publish(kDone, k + 1);
   }
   return okStatus();

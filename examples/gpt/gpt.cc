@@ -75,7 +75,8 @@ int main(int argc, char** argv) {
       {"--nan-at-step", "-1"}};
   for (int i = 1; i < argc; i += 2) {
     if (opt.count(argv[i]) == 0 || i + 1 >= argc) {
-      std::fprintf(stderr, "gpt: bad option '%s' (see the comment at the top of gpt.cc)\n", argv[i]);
+      std::fprintf(stderr, "gpt: bad option '%s' (see the comment at the top of gpt.cc)\n",
+                   argv[i]);
       return 2;
     }
     opt[argv[i]] = argv[i + 1];
@@ -97,7 +98,8 @@ int main(int argc, char** argv) {
   cfg.layers = num("--layers");
   const std::int64_t windows = (static_cast<std::int64_t>(text.size()) - 1) / cfg.context;
   if (windows < 16 || cfg.dim % cfg.heads != 0) {
-    std::fprintf(stderr, "gpt: need at least %lld bytes of *.md text under %s (found %zu), and "
+    std::fprintf(stderr,
+                 "gpt: need at least %lld bytes of *.md text under %s (found %zu), and "
                  "--dim divisible by --heads\n",
                  static_cast<long long>(16 * cfg.context + 1), opt["--data"].c_str(), text.size());
     return 2;
@@ -203,14 +205,17 @@ int main(int argc, char** argv) {
                       static_cast<size_t>(params[i].numel())});
       }
       RALLY_RETURN_IF_ERROR(adamw->adamw(ts, {.lr = lr, .weight_decay = 0.01f, .step = step + 1}));
-      if (num("--step-ms") > 0) std::this_thread::sleep_for(std::chrono::milliseconds(num("--step-ms")));
+      if (num("--step-ms") > 0)
+        std::this_thread::sleep_for(std::chrono::milliseconds(num("--step-ms")));
       ++step;
       if (w.rank() == 0 && step % num("--log-every") == 0) {
-        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        std::printf("step %lld loss %.4f tokens/s %.0f world %d generation %llu\n",
-                    static_cast<long long>(step), l,
-                    static_cast<double>(num("--log-every") * batch * cfg.context * (w.size() / tp)) / secs,
-                    w.size(), static_cast<unsigned long long>(w.generation()));
+        const double secs =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::printf(
+            "step %lld loss %.4f tokens/s %.0f world %d generation %llu\n",
+            static_cast<long long>(step), l,
+            static_cast<double>(num("--log-every") * batch * cfg.context * (w.size() / tp)) / secs,
+            w.size(), static_cast<unsigned long long>(w.generation()));
         std::fflush(stdout);
         t0 = std::chrono::steady_clock::now();
       }
@@ -244,7 +249,8 @@ int main(int argc, char** argv) {
         next = temperature > 0 ? ::torch::multinomial(::torch::softmax(full / temperature, -1), 1)
                                : full.argmax(-1, /*keepdim=*/true);
         if (tp > 1) {
-          const Status b = run.tp().broadcast(next.data_ptr(), 1, collectives::DataType::kI64, 0)
+          const Status b = run.tp()
+                               .broadcast(next.data_ptr(), 1, collectives::DataType::kI64, 0)
                                ->wait(Milliseconds(60'000));
           if (!b.ok()) throw collectives::CollectiveError(b);
         }

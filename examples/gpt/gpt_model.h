@@ -44,12 +44,14 @@ struct BlockImpl : nn::Module {
     // (no separate scaling and masking passes over the [B * heads, T, T] scores).
     auto causal =
         ::torch::full({T, T}, -std::numeric_limits<float>::infinity(), qh.options()).triu(1);
-    auto att = ::torch::softmax(
-        ::torch::baddbmm(causal, qh, kh.transpose(1, 2), /*beta=*/1,
-                         /*alpha=*/1.0 / std::sqrt(static_cast<double>(head_dim))),
-        -1);
-    auto y = ::torch::bmm(att, vh).view({B, heads, T, head_dim}).transpose(1, 2).reshape(
-        {B, T, heads * head_dim});
+    auto att =
+        ::torch::softmax(::torch::baddbmm(causal, qh, kh.transpose(1, 2), /*beta=*/1,
+                                          /*alpha=*/1.0 / std::sqrt(static_cast<double>(head_dim))),
+                         -1);
+    auto y = ::torch::bmm(att, vh)
+                 .view({B, heads, T, head_dim})
+                 .transpose(1, 2)
+                 .reshape({B, T, heads * head_dim});
     auto x1 = x + proj(y);
     return x1 + down(::torch::gelu(up(ln2(x1))));
   }

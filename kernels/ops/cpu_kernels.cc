@@ -51,7 +51,8 @@ class CpuKernels final : public Kernels {
     const auto* in = static_cast<const unsigned char*>(bucket);
     for (const TensorView& t : tensors) {
       if (t.count == 0) continue;
-      if (t.data == nullptr) return invalidArgument("unpack: a tensor of non-zero count has no data");
+      if (t.data == nullptr)
+        return invalidArgument("unpack: a tensor of non-zero count has no data");
       std::memcpy(t.data, in, t.count * es);
       in += t.count * es;
     }
@@ -70,8 +71,7 @@ class CpuKernels final : public Kernels {
     return invalidArgument("scaleAndCheck: unknown dtype");
   }
 
-  Status compressBf16(const float* in, float* residual, std::uint16_t* out,
-                      size_t count) override {
+  Status compressBf16(const float* in, float* residual, std::uint16_t* out, size_t count) override {
     for (size_t i = 0; i < count; ++i) out[i] = p::compressBf16Element(in[i], &residual[i]);
     return okStatus();
   }
@@ -92,7 +92,8 @@ class CpuKernels final : public Kernels {
   }
 
   Status adamw(const std::vector<AdamWTensor>& tensors, const AdamWOptions& o) override {
-    if (o.step < 1) return invalidArgument(fmt::format("adamw: step {} (steps start at 1)", o.step));
+    if (o.step < 1)
+      return invalidArgument(fmt::format("adamw: step {} (steps start at 1)", o.step));
     const p::AdamWStep s = p::adamwStep(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.step);
     for (const AdamWTensor& t : tensors) {
       for (size_t i = 0; i < t.count; ++i) {

@@ -40,10 +40,10 @@ struct ConstTensorView {
 };
 
 struct AdamWTensor {
-  float* param = nullptr;       // f32 master weights, updated in place
+  float* param = nullptr;  // f32 master weights, updated in place
   const float* grad = nullptr;
-  float* exp_avg = nullptr;     // first moment
-  float* exp_avg_sq = nullptr;  // second moment
+  float* exp_avg = nullptr;             // first moment
+  float* exp_avg_sq = nullptr;          // second moment
   std::uint16_t* bf16_param = nullptr;  // optional: also written as bf16 (the model's copy)
   size_t count = 0;
 };
@@ -64,8 +64,7 @@ class Kernels {
 
   // The tensors' elements, in order, into `bucket` (the sum of their counts); and back.
   virtual Status pack(const std::vector<ConstTensorView>& tensors, void* bucket, DType type) = 0;
-  virtual Status unpack(const void* bucket, const std::vector<TensorView>& tensors,
-                        DType type) = 0;
+  virtual Status unpack(const void* bucket, const std::vector<TensorView>& tensors, DType type) = 0;
   // data[i] *= factor; true if every result is finite (no NaN, no infinity).
   virtual Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) = 0;
   // out[i] = bf16(in[i] + residual[i]); residual[i] = (in[i] + residual[i]) - f32(out[i]), or

@@ -5,9 +5,9 @@
 // (libxxhash for XXH3).
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cmath>
 #include <cstring>
 
 #if defined(__CUDACC__)
@@ -60,7 +60,7 @@ RALLY_HD std::uint16_t toF16(float f) {
     // abs = man x 2^(e - 150), so abs / 2^-24 = man >> (126 - e), rounded.
     const std::uint32_t man = (abs & 0x7fffffu) | 0x800000u;
     const int shift = 126 - static_cast<int>(abs >> 23);  // at least 14 here
-    if (shift > 24) return sign;                           // below half the smallest: zero
+    if (shift > 24) return sign;                          // below half the smallest: zero
     const std::uint32_t total = static_cast<std::uint32_t>(shift);
     std::uint32_t r = man >> total;
     const std::uint32_t rem = man & ((1u << total) - 1u), half = 1u << (total - 1u);
@@ -181,7 +181,8 @@ RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* se
       return avalanche3(len + swap64(lo) + hi + mulFold64(lo, hi));
     }
     if (len >= 4) {
-      const std::uint64_t in64 = read32(in + len - 4) + (static_cast<std::uint64_t>(read32(in)) << 32);
+      const std::uint64_t in64 =
+          read32(in + len - 4) + (static_cast<std::uint64_t>(read32(in)) << 32);
       return rrmxmx(in64 ^ (read64(secret + 8) ^ read64(secret + 16)), len);
     }
     if (len > 0) {
@@ -189,7 +190,8 @@ RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* se
                                      (static_cast<std::uint32_t>(in[len >> 1]) << 24) |
                                      static_cast<std::uint32_t>(in[len - 1]) |
                                      (static_cast<std::uint32_t>(len) << 8);
-      return avalanche64(combined ^ static_cast<std::uint64_t>(read32(secret) ^ read32(secret + 4)));
+      return avalanche64(combined ^
+                         static_cast<std::uint64_t>(read32(secret) ^ read32(secret + 4)));
     }
     return avalanche64(read64(secret + 56) ^ read64(secret + 64));
   }
@@ -224,11 +226,13 @@ RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* se
   constexpr size_t kStripes = (kSecretSize - 64) / 8, kBlock = 64 * kStripes;
   const size_t blocks = (len - 1) / kBlock;
   for (size_t b = 0; b < blocks; ++b) {
-    for (size_t s = 0; s < kStripes; ++s) accumulate512(acc, in + b * kBlock + s * 64, secret + s * 8);
+    for (size_t s = 0; s < kStripes; ++s)
+      accumulate512(acc, in + b * kBlock + s * 64, secret + s * 8);
     scramble(acc, secret + kSecretSize - 64);
   }
   const size_t last = ((len - 1) - kBlock * blocks) / 64;
-  for (size_t s = 0; s < last; ++s) accumulate512(acc, in + blocks * kBlock + s * 64, secret + s * 8);
+  for (size_t s = 0; s < last; ++s)
+    accumulate512(acc, in + blocks * kBlock + s * 64, secret + s * 8);
   accumulate512(acc, in + len - 64, secret + kSecretSize - 64 - 7);
   std::uint64_t result = len * kP64_1;
   for (int i = 0; i < 4; ++i) {
@@ -248,8 +252,8 @@ RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* se
 //   3. the tail (stripes after the last full segment, and the final stripe) and the merge
 //      (xxh3LongTailLane, xxh3LongMerge).
 // xxh3Segmented below puts them together on one thread and equals xxh3() (tested).
-constexpr size_t kXxhStripesPerSegment = (kSecretSize - 64) / 8;        // 16
-constexpr size_t kXxhSegmentBytes = 64 * kXxhStripesPerSegment;         // 1024
+constexpr size_t kXxhStripesPerSegment = (kSecretSize - 64) / 8;  // 16
+constexpr size_t kXxhSegmentBytes = 64 * kXxhStripesPerSegment;   // 1024
 // Lane `lane`'s starting accumulator (a function: a namespace-scope array is not device data).
 RALLY_HD std::uint64_t xxh3InitLane(int lane) {
   const std::uint64_t init[8] = {kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1};

@@ -17,7 +17,8 @@ Result<std::unique_ptr<ProgressWatchdog>> ProgressWatchdog::open(Milliseconds ti
   std::unique_ptr<ProgressWatchdog> w(new ProgressWatchdog());
   w->timeout_ = timeout;
   w->fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (w->fd_ < 0) return errnoStatus("socket(AF_UNIX, SOCK_DGRAM) for the progress watchdog", errno);
+  if (w->fd_ < 0)
+    return errnoStatus("socket(AF_UNIX, SOCK_DGRAM) for the progress watchdog", errno);
   const int on = 1;
   if (::setsockopt(w->fd_, SOL_SOCKET, SO_PASSCRED, &on, sizeof on) != 0) {
     return errnoStatus("setsockopt(SO_PASSCRED)", errno);

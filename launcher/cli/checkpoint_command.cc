@@ -38,9 +38,10 @@ bool isCheckpoint(const std::string& path) {
 // The checkpoint directories PATH names: itself, --step of it, or (all=false) its newest complete.
 std::vector<std::string> targets(const Args& a, bool all, std::string* error) {
   if (!fs::is_directory(a.path)) {
-    *error = fmt::format("{} is not a directory (expected a checkpoint directory or the directory "
-                         "that holds them)",
-                         a.path);
+    *error = fmt::format(
+        "{} is not a directory (expected a checkpoint directory or the directory "
+        "that holds them)",
+        a.path);
     return {};
   }
   if (isCheckpoint(a.path)) {
@@ -51,7 +52,8 @@ std::vector<std::string> targets(const Args& a, bool all, std::string* error) {
     const std::string p =
         (fs::path(a.path) / checkpoint::stepDirectoryName(static_cast<std::uint64_t>(a.step)))
             .string();
-    if (!fs::is_directory(p)) *error = fmt::format("{} has no checkpoint of step {}", a.path, a.step);
+    if (!fs::is_directory(p))
+      *error = fmt::format("{} has no checkpoint of step {}", a.path, a.step);
     return {p};
   }
   std::vector<std::string> out;
@@ -124,8 +126,9 @@ int inspect(const Args& a) {
       m->files.size(), size(m->block_bytes));
   if (!m->scalars.empty()) std::cout << "scalars:\n";
   for (const auto& [name, s] : m->scalars) {
-    std::cout << fmt::format("  {} = {}\n", name,
-                             s.is_double ? fmt::format("{}", s.asDouble()) : std::to_string(s.bits));
+    std::cout << fmt::format(
+        "  {} = {}\n", name,
+        s.is_double ? fmt::format("{}", s.asDouble()) : std::to_string(s.bits));
   }
   std::cout << "tensors:\n";
   for (const auto& t : m->tensors) {
@@ -199,8 +202,7 @@ void addCheckpointCommand(CLI::App& app, std::function<int()>* run) {
   add("ls", "list the checkpoints: step, complete or not, size, world size, layout", list);
   add("inspect", "show a manifest: step, scalars, tensors (newest complete unless --step)",
       inspect);
-  add("verify", "read every byte and check every checksum (all checkpoints unless --step)",
-      verify);
+  add("verify", "read every byte and check every checksum (all checkpoints unless --step)", verify);
 }
 
 }  // namespace rally::cli

@@ -193,7 +193,8 @@ class Rendezvous {
   Status validate(const NodeInfo& node) const;
   // Held nodes that fit in the formed round's free places (NodesWaitingEvent).
   std::uint32_t admissible() const {
-    const size_t room = options_.max_nodes > members_.size() ? options_.max_nodes - members_.size() : 0;
+    const size_t room =
+        options_.max_nodes > members_.size() ? options_.max_nodes - members_.size() : 0;
     return static_cast<std::uint32_t>(std::min(held_.size(), room));
   }
   bool gathering() const {

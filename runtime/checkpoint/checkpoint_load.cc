@@ -2,8 +2,8 @@
 // that hold needed bytes, verifying each block read), listing and full verification.
 #include <fcntl.h>
 #include <fmt/format.h>
-#include <unistd.h>
 #include <fmt/ranges.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -55,7 +55,8 @@ std::vector<Run> runsOf(const Box& saved, const Box& local, const Box& inter, si
       src += (g - saved.start[d]) * ss[d];
       dst += (g - local.start[d]) * ls[d];
     }
-    runs.push_back({static_cast<std::uint64_t>(src) * esize, static_cast<std::uint64_t>(dst) * esize,
+    runs.push_back({static_cast<std::uint64_t>(src) * esize,
+                    static_cast<std::uint64_t>(dst) * esize,
                     static_cast<std::uint64_t>(run_elems) * esize});
     size_t d = j;
     while (d > 0) {
@@ -99,9 +100,9 @@ Status checkBlock(const std::string& dir, const TensorRecord& t, const ShardReco
 }
 
 // Reads the runs of one saved shard into `dst`, verifying every block it reads.
-Status readRuns(const std::string& dir, ShardFiles& files, const Manifest& m,
-                const TensorRecord& t, const ShardRecord& s, std::vector<Run> runs,
-                unsigned char* dst, std::vector<unsigned char>& buf, std::uint64_t* bytes_read) {
+Status readRuns(const std::string& dir, ShardFiles& files, const Manifest& m, const TensorRecord& t,
+                const ShardRecord& s, std::vector<Run> runs, unsigned char* dst,
+                std::vector<unsigned char>& buf, std::uint64_t* bytes_read) {
   const std::uint64_t B = m.block_bytes;
   // Long runs in pieces, so one read never exceeds kMaxRead.
   std::vector<Run> pieces;
@@ -171,22 +172,21 @@ Status Checkpointer::loadOne(std::uint64_t step, LoadReport* report) {
       }
       if (it->second.is_double != (e.kind == ElasticState::Kind::kDouble)) {
         return invalidArgument(fmt::format("{}: scalar '{}' was saved as {}, registered as {}",
-                                           path, e.name,
-                                           it->second.is_double ? "float64" : "int64",
+                                           path, e.name, it->second.is_double ? "float64" : "int64",
                                            it->second.is_double ? "int64" : "float64"));
       }
       continue;
     }
     const TensorRecord* t = m.find(e.name);
     if (t == nullptr) {
-      return notFound(fmt::format("{} has no tensor '{}' (it has: {})", path, e.name,
-                                  fmt::join(names, ", ")));
+      return notFound(
+          fmt::format("{} has no tensor '{}' (it has: {})", path, e.name, fmt::join(names, ", ")));
     }
     if (t->type != e.type || t->shape != e.global_shape) {
-      return invalidArgument(fmt::format(
-          "{}: tensor '{}' was saved as {} [{}], registered as {} [{}]", path, e.name,
-          collectives::dataTypeName(t->type), fmt::join(t->shape, ", "),
-          collectives::dataTypeName(e.type), fmt::join(e.global_shape, ", ")));
+      return invalidArgument(
+          fmt::format("{}: tensor '{}' was saved as {} [{}], registered as {} [{}]", path, e.name,
+                      collectives::dataTypeName(t->type), fmt::join(t->shape, ", "),
+                      collectives::dataTypeName(e.type), fmt::join(e.global_shape, ", ")));
     }
     Plan plan{&e, t, {}};
     const Box local{e.global_offset, e.shape};
@@ -266,9 +266,8 @@ Result<LoadReport> Checkpointer::loadNewest() {
   }
   bool touched = false;  // registered memory was written by a load that then failed
   for (size_t i = 0;; ++i) {
-    std::int64_t step = rank_ == 0 ? (i < candidates.size() ? static_cast<std::int64_t>(candidates[i])
-                                                            : -1)
-                                   : 0;
+    std::int64_t step =
+        rank_ == 0 ? (i < candidates.size() ? static_cast<std::int64_t>(candidates[i]) : -1) : 0;
     if (size_ > 1) {
       RALLY_RETURN_IF_ERROR(comm_->broadcast(&step, 1, DataType::kI64, 0)->wait(options_.timeout))
           << "checkpoint: choosing the checkpoint to load";
@@ -311,9 +310,9 @@ Result<LoadReport> Checkpointer::loadNewest() {
       return report;
     }
     if (!st.ok()) log->warn("rank {}: cannot load {}: {}", rank_, path, st.toString());
-    skipped.push_back(path + ": " +
-                      (st.ok() ? std::string("unreadable on another rank (see its log)")
-                               : st.message()));
+    skipped.push_back(
+        path + ": " +
+        (st.ok() ? std::string("unreadable on another rank (see its log)") : st.message()));
     if (verdict == 0 && rank_ == 0) {
       // Damaged: moved aside (kept for inspection), so that retention does not count it among
       // the checkpoints to keep and a new save of this step can take its name.
@@ -352,7 +351,8 @@ Result<VerifyReport> verifyCheckpoint(const std::string& path) {
       if (!file.ok()) continue;  // reported above
       StreamingChecksum whole;
       bool readable = true;
-      const std::uint64_t step = std::max<std::uint64_t>(m.block_bytes, kMaxRead / m.block_bytes * m.block_bytes);
+      const std::uint64_t step =
+          std::max<std::uint64_t>(m.block_bytes, kMaxRead / m.block_bytes * m.block_bytes);
       for (std::uint64_t lo = 0; lo < s.bytes && readable; lo += step) {
         const std::uint64_t n = std::min(step, s.bytes - lo);
         buf.resize(std::max<size_t>(buf.size(), n));

@@ -80,7 +80,9 @@ struct RemoteEntry {
   Box box;
 };
 
-std::string joinDims(const std::vector<std::int64_t>& v) { return fmt::format("{}", fmt::join(v, ",")); }
+std::string joinDims(const std::vector<std::int64_t>& v) {
+  return fmt::format("{}", fmt::join(v, ","));
+}
 
 std::vector<std::int64_t> splitDims(const std::string& s) {
   std::vector<std::int64_t> out;
@@ -131,7 +133,7 @@ struct Checkpointer::Item {
   std::uint64_t source_offset = 0;  // in the registered buffer
   std::uint64_t file_offset = 0;    // in this rank's shard file and in staging_
   std::uint64_t bytes = 0;
-  Box box;                          // within the global tensor
+  Box box;  // within the global tensor
   std::string tensor;
   DataType type = DataType::kU8;
   std::vector<std::int64_t> global_shape;
@@ -253,8 +255,8 @@ Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state
   std::memcpy(in.data(), &length, 8);
   std::memcpy(in.data() + 8, &token, 8);
   std::memcpy(in.data() + 16, mine.data(), mine.size());
-  RALLY_RETURN_IF_ERROR(runWork(comm.allgather(in.data(), all.data(), slot, DataType::kU8),
-                                timeout, "exchanging layouts"));
+  RALLY_RETURN_IF_ERROR(runWork(comm.allgather(in.data(), all.data(), slot, DataType::kU8), timeout,
+                                "exchanging layouts"));
   std::vector<std::vector<RemoteEntry>> layouts(static_cast<size_t>(size_));
   for (int r = 0; r < size_; ++r) {
     const char* p = all.data() + slot * static_cast<size_t>(r);
@@ -332,12 +334,12 @@ Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state
     if (e.kind != ElasticState::Kind::kBuffer) continue;
     const Tensor& t = tensors.at(e.name);
     const Box box{e.global_offset, e.shape};
-    const auto& holders =
-        std::find_if(t.boxes.begin(), t.boxes.end(), [&](const auto& x) { return x.first == box; })
-            ->second;
+    const auto& holders = std::find_if(t.boxes.begin(), t.boxes.end(), [&](const auto& x) {
+                            return x.first == box;
+                          })->second;
     const auto k = static_cast<std::int64_t>(holders.size());
-    const auto idx =
-        static_cast<std::int64_t>(std::find(holders.begin(), holders.end(), rank_) - holders.begin());
+    const auto idx = static_cast<std::int64_t>(std::find(holders.begin(), holders.end(), rank_) -
+                                               holders.begin());
     Item item;
     item.entry = i;
     item.tensor = e.name;
@@ -402,8 +404,8 @@ Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state
   // 5. Every rank got this far (one that could not allocate must not leave the others waiting in
   //    the caller's next collective).
   std::int64_t ok = 1;
-  RALLY_RETURN_IF_ERROR(runWork(comm.allreduce(&ok, 1, DataType::kI64, ReduceOp::kMin), timeout,
-                                "finishing attach"));
+  RALLY_RETURN_IF_ERROR(
+      runWork(comm.allreduce(&ok, 1, DataType::kI64, ReduceOp::kMin), timeout, "finishing attach"));
   if (ok == 0) {
     return resourceExhausted(
         "checkpoint: another rank could not allocate host memory for its part (see its log)");
@@ -424,8 +426,8 @@ Status Checkpointer::attach(collectives::Communicator& comm, ElasticState& state
   state_ = &state;
   attached_layout_ = state.layout();
   log::get("checkpoint")
-      ->debug("attached to {} as rank {} of {}: {} boxes, {} to write per save", dir_, rank_,
-              size_, items_.size(), formatBytes(static_cast<std::int64_t>(staging_bytes_)));
+      ->debug("attached to {} as rank {} of {}: {} boxes, {} to write per save", dir_, rank_, size_,
+              items_.size(), formatBytes(static_cast<std::int64_t>(staging_bytes_)));
   return okStatus();
 }
 
@@ -485,8 +487,8 @@ Result<bool> Checkpointer::save(std::uint64_t step) {
     if (e.device.kind == DeviceKind::kHost) {
       std::memcpy(staging_ + item.file_offset, from, item.bytes);
     } else {  // queued on the copier's stream, all at once
-      RALLY_RETURN_IF_ERROR(state_->deviceCopier()->toHost(staging_ + item.file_offset, from,
-                                                           item.bytes, e.device))
+      RALLY_RETURN_IF_ERROR(
+          state_->deviceCopier()->toHost(staging_ + item.file_offset, from, item.bytes, e.device))
           << "checkpoint: copying '" << e.name << "' from its device";
       device = true;
     }
@@ -541,9 +543,10 @@ void Checkpointer::writerLoop() {
     }
     if (!st.ok()) {
       log::get("checkpoint")
-          ->error("checkpoint step {} was not saved: {}; earlier checkpoints are unchanged and "
-                  "training goes on",
-                  job.step, st.toString());
+          ->error(
+              "checkpoint step {} was not saved: {}; earlier checkpoints are unchanged and "
+              "training goes on",
+              job.step, st.toString());
     }
     lock.lock();
     last_.finished = true;
@@ -611,9 +614,9 @@ Status Checkpointer::writeJob(Job& job) {
   // concurrent ranks' buffered writes run into). Offsets and lengths are multiples of 4 KiB. Where
   // open() or the first write refuses it (e.g. tmpfs: EINVAL), buffered writes instead.
   auto writeAll = [&](bool direct) -> Status {
-    RALLY_ASSIGN_OR_RETURN(internal::File f,
-                           internal::openFile(file_path, O_WRONLY | O_CREAT | O_TRUNC |
-                                                             (direct ? O_DIRECT : 0)));
+    RALLY_ASSIGN_OR_RETURN(
+        internal::File f,
+        internal::openFile(file_path, O_WRONLY | O_CREAT | O_TRUNC | (direct ? O_DIRECT : 0)));
     for (std::uint64_t off = 0; off < staging_bytes_; off += options_.write_chunk_bytes) {
       {
         std::lock_guard lock(mu_);
@@ -654,10 +657,11 @@ Status Checkpointer::writeJob(Job& job) {
                       {"checksum", checksumHex(r.checksum)},
                       {"blocks", blocks}});
   }
-  const std::string index =
-      json{{"rank", rank_}, {"file", shardFileName(rank_)}, {"bytes", staging_bytes_},
-           {"shards", shards}}
-          .dump(-1, ' ', false, json::error_handler_t::replace);
+  const std::string index = json{
+      {"rank", rank_},
+      {"file", shardFileName(rank_)},
+      {"bytes", staging_bytes_},
+      {"shards", shards}}.dump(-1, ' ', false, json::error_handler_t::replace);
   const std::string index_path = partial + "/" + shardIndexName(rank_);
   if (options_.write_hook != nullptr) {
     if (Status h = options_.write_hook->beforeWrite(index_path, 0, index.size()); !h.ok()) {
@@ -712,9 +716,9 @@ Status Checkpointer::finalize(Job& job, Status own) {
           "abandoned while waiting for rank(s) {} (the world changed)", fmt::join(missing, ", "))));
     }
     if (std::chrono::steady_clock::now() > deadline) {
-      return abandon(timeoutError(
-          fmt::format("rank(s) {} did not finish writing their shards within {} ms",
-                      fmt::join(missing, ", "), options_.finalize_timeout.count())));
+      return abandon(
+          timeoutError(fmt::format("rank(s) {} did not finish writing their shards within {} ms",
+                                   fmt::join(missing, ", "), options_.finalize_timeout.count())));
     }
     cv_.wait_for(lock, pause, [&] { return cancel_; });
     // Polling a few files costs little; with many ranks (many stat() calls, perhaps on shared
@@ -744,21 +748,22 @@ Status Checkpointer::finalize(Job& job, Status own) {
       return abandon(internalError(fmt::format("rank {}'s shard index is not valid JSON", r)));
     }
     try {
-    FileRecord f{index["file"].get<std::string>(), index["bytes"].get<std::uint64_t>(), r};
-    listed.insert(f.name);
-    m.files.push_back(f);  // every rank's, even empty: a 0-byte shard may name it
-    for (const json& sj : index["shards"]) {
-      ShardRecord s;
-      s.rank = r;
-      s.file = f.name;
-      s.offset = sj["offset"].get<std::uint64_t>();
-      s.bytes = sj["bytes"].get<std::uint64_t>();
-      s.box.start = sj["start"].get<std::vector<std::int64_t>>();
-      s.box.shape = sj["shape"].get<std::vector<std::int64_t>>();
-      s.checksum = std::stoull(sj["checksum"].get<std::string>(), nullptr, 16);
-      for (const json& b : sj["blocks"]) s.blocks.push_back(std::stoull(b.get<std::string>(), nullptr, 16));
-      tensors[sj["tensor"].get<std::string>()].shards.push_back(std::move(s));
-    }
+      FileRecord f{index["file"].get<std::string>(), index["bytes"].get<std::uint64_t>(), r};
+      listed.insert(f.name);
+      m.files.push_back(f);  // every rank's, even empty: a 0-byte shard may name it
+      for (const json& sj : index["shards"]) {
+        ShardRecord s;
+        s.rank = r;
+        s.file = f.name;
+        s.offset = sj["offset"].get<std::uint64_t>();
+        s.bytes = sj["bytes"].get<std::uint64_t>();
+        s.box.start = sj["start"].get<std::vector<std::int64_t>>();
+        s.box.shape = sj["shape"].get<std::vector<std::int64_t>>();
+        s.checksum = std::stoull(sj["checksum"].get<std::string>(), nullptr, 16);
+        for (const json& b : sj["blocks"])
+          s.blocks.push_back(std::stoull(b.get<std::string>(), nullptr, 16));
+        tensors[sj["tensor"].get<std::string>()].shards.push_back(std::move(s));
+      }
     } catch (const std::exception& e) {
       return abandon(internalError(fmt::format("rank {}'s shard index: {}", r, e.what())));
     }

@@ -23,8 +23,9 @@
 // Failures: a save that fails (a full disk, an I/O error, a rank that died) is logged, reported
 // by lastSave() and wait() (until the next save starts), and leaves every earlier checkpoint as it
 // was; training goes on. A checkpoint that a load skips as corrupt is moved aside to
-// DIR/.corrupt-step-... (kept for inspection, out of retention's way and of the next save's). A load skips a checkpoint that is incomplete or corrupt (naming it and the reason) and
-// takes the next older one; every rank loads the same one.
+// DIR/.corrupt-step-... (kept for inspection, out of retention's way and of the next save's). A
+// load skips a checkpoint that is incomplete or corrupt (naming it and the reason) and takes the
+// next older one; every rank loads the same one.
 //
 // Device buffers (registered with Device::cuda(i) and a DeviceCopier): save() copies them on the
 // copier's stream into page-locked host memory; a load reads into host memory and copies up.
@@ -69,30 +70,30 @@ struct CheckpointOptions {
   int keep_last = 3;   // complete checkpoints kept, newest first; 0: keep all
   int keep_every = 0;  // also kept for good: steps that are multiples of this; 0: none
   WhileBusy while_busy = WhileBusy::kWait;
-  std::uint64_t block_bytes = 64 << 10;       // checksum granularity (a load verifies whole blocks)
-  std::uint64_t write_chunk_bytes = 16 << 20; // one write() call
-  Milliseconds finalize_timeout{300'000};     // rank 0 waits this long for the others' shards
-  Milliseconds timeout{600'000};              // each collective
-  std::string layout;                         // described in manifests ("dp=2 tp=2")
+  std::uint64_t block_bytes = 64 << 10;  // checksum granularity (a load verifies whole blocks)
+  std::uint64_t write_chunk_bytes = 16 << 20;  // one write() call
+  Milliseconds finalize_timeout{300'000};      // rank 0 waits this long for the others' shards
+  Milliseconds timeout{600'000};               // each collective
+  std::string layout;                          // described in manifests ("dp=2 tp=2")
   WriteHook* write_hook = nullptr;
 };
 
 struct SaveReport {
   std::uint64_t step = 0;
-  bool started = false;      // false: skipped (a save was in flight) or never asked
-  bool finished = false;     // this rank's part is done (rank 0: the checkpoint is committed)
-  Status status;             // of this rank's part (rank 0: of the whole checkpoint)
-  std::uint64_t bytes = 0;   // this rank wrote
-  double stall_ms = 0;       // the training thread's part: the copy into host memory
-  double write_ms = 0;       // the background part: checksums, writes, fsync (and commit on rank 0)
+  bool started = false;     // false: skipped (a save was in flight) or never asked
+  bool finished = false;    // this rank's part is done (rank 0: the checkpoint is committed)
+  Status status;            // of this rank's part (rank 0: of the whole checkpoint)
+  std::uint64_t bytes = 0;  // this rank wrote
+  double stall_ms = 0;      // the training thread's part: the copy into host memory
+  double write_ms = 0;      // the background part: checksums, writes, fsync (and commit on rank 0)
 };
 
 struct LoadReport {
   std::uint64_t step = 0;
   std::uint64_t commit = 0;
   std::string path;
-  std::uint64_t bytes_read = 0;    // by this rank, including whole checksum blocks
-  std::uint64_t bytes_needed = 0;  // the bytes of the boxes this rank holds
+  std::uint64_t bytes_read = 0;      // by this rank, including whole checksum blocks
+  std::uint64_t bytes_needed = 0;    // the bytes of the boxes this rank holds
   std::vector<std::string> skipped;  // "DIR/step-...: why", newest first (rank 0's view)
 };
 
@@ -128,7 +129,7 @@ class Checkpointer {
   const std::string& directory() const { return dir_; }
 
  private:
-  struct Item;   // one box this rank writes
+  struct Item;  // one box this rank writes
   struct Job;
   Status checkAttached() const;
   Status loadOne(std::uint64_t step, LoadReport* report);
@@ -150,15 +151,15 @@ class Checkpointer {
   std::vector<Item> items_;
   std::vector<TensorRecord> tensors_;  // every rank's tensors (no shards), rank 0's order first
   void freeStaging();
-  unsigned char* staging_ = nullptr;       // this rank's shard file image, page aligned
+  unsigned char* staging_ = nullptr;  // this rank's shard file image, page aligned
   std::uint64_t staging_bytes_ = 0;
-  DeviceCopier* staging_copier_ = nullptr; // allocated the staging memory (page-locked), if any
+  DeviceCopier* staging_copier_ = nullptr;  // allocated the staging memory (page-locked), if any
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::unique_ptr<Job> job_;  // handed to the writer; null when idle
-  bool cancel_ = false;       // abandon the save in flight (re-attach, destruction)
-  bool housekeeping_ = false; // rank 0's writer removes old checkpoints (after a commit)
+  std::unique_ptr<Job> job_;   // handed to the writer; null when idle
+  bool cancel_ = false;        // abandon the save in flight (re-attach, destruction)
+  bool housekeeping_ = false;  // rank 0's writer removes old checkpoints (after a commit)
   bool stop_ = false;
   SaveReport last_;
   std::thread writer_;

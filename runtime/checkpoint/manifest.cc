@@ -150,8 +150,8 @@ Result<DataType> parseDataType(std::string_view name) {
                      DataType::kI32, DataType::kI64, DataType::kU8}) {
     if (collectives::dataTypeName(t) == name) return t;
   }
-  return invalidArgument(fmt::format(
-      "unknown dtype '{}' (expected one of f32, f64, f16, bf16, i32, i64, u8)", name));
+  return invalidArgument(
+      fmt::format("unknown dtype '{}' (expected one of f32, f64, f16, bf16, i32, i64, u8)", name));
 }
 
 std::string toJson(const Manifest& m) {
@@ -239,7 +239,8 @@ Result<Manifest> parseManifest(const std::string& text) {
       }
       s.is_double = type == "float64";
       const json* bits = r.field(it.value(), path, "bits");
-      if (bits != nullptr && !bits->is_number_integer()) r.fail(path + ".bits", "expected an integer");
+      if (bits != nullptr && !bits->is_number_integer())
+        r.fail(path + ".bits", "expected an integer");
       if (r.error.ok()) s.bits = bits->get<std::int64_t>();
       m.scalars[it.key()] = s;
     }
@@ -252,8 +253,8 @@ Result<Manifest> parseManifest(const std::string& text) {
       f.name = r.str((*files)[i], path, "name");
       f.bytes = r.u64((*files)[i], path, "bytes");
       f.rank = static_cast<int>(r.u64((*files)[i], path, "rank"));
-      if (r.error.ok() && (f.name.empty() || f.name.find('/') != std::string::npos ||
-                           f.name[0] == '.')) {
+      if (r.error.ok() &&
+          (f.name.empty() || f.name.find('/') != std::string::npos || f.name[0] == '.')) {
         r.fail(path + ".name", "must be a plain file name within the checkpoint directory");
       }
       if (r.error.ok() && file_bytes.count(f.name) > 0) {

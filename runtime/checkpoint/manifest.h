@@ -40,12 +40,12 @@ Box intersect(const Box& a, const Box& b);
 std::string describe(const Box& b);  // "[0:2, 0:4]"
 
 struct ShardRecord {
-  int rank = 0;               // the rank that wrote it
-  std::string file;           // relative to the checkpoint directory
-  std::uint64_t offset = 0;   // of the box's first byte in the file
-  std::uint64_t bytes = 0;    // box elements x dtype size
-  Box box;                    // within the tensor
-  std::uint64_t checksum = 0; // xxh3-64 of the bytes
+  int rank = 0;                       // the rank that wrote it
+  std::string file;                   // relative to the checkpoint directory
+  std::uint64_t offset = 0;           // of the box's first byte in the file
+  std::uint64_t bytes = 0;            // box elements x dtype size
+  Box box;                            // within the tensor
+  std::uint64_t checksum = 0;         // xxh3-64 of the bytes
   std::vector<std::uint64_t> blocks;  // xxh3-64 of each block_bytes piece, the last one shorter
 };
 
@@ -74,8 +74,8 @@ struct Manifest {
   std::uint64_t commit = 0;  // ElasticState's commit number when saved
   std::string created;       // ISO 8601, UTC
   std::uint64_t block_bytes = 64 << 10;
-  int world_size = 1;        // ranks that saved it
-  std::string layout;        // the saver's description of its parallel layout ("dp=2 tp=2"), if any
+  int world_size = 1;  // ranks that saved it
+  std::string layout;  // the saver's description of its parallel layout ("dp=2 tp=2"), if any
   std::map<std::string, ScalarRecord> scalars;
   std::vector<TensorRecord> tensors;
   std::vector<FileRecord> files;

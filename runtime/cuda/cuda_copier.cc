@@ -13,12 +13,12 @@ Status cudaError(cudaError_t e, std::string_view what, const char* file, int lin
                                  cudaGetErrorName(e), file, line));
 }
 
-#define RALLY_CUDA(call)                                                   \
-  do {                                                                     \
-    const cudaError_t rally_cuda_e = (call);                               \
-    if (rally_cuda_e != cudaSuccess) {                                     \
-      return cudaError(rally_cuda_e, #call, __FILE__, __LINE__);           \
-    }                                                                      \
+#define RALLY_CUDA(call)                                         \
+  do {                                                           \
+    const cudaError_t rally_cuda_e = (call);                     \
+    if (rally_cuda_e != cudaSuccess) {                           \
+      return cudaError(rally_cuda_e, #call, __FILE__, __LINE__); \
+    }                                                            \
   } while (0)
 
 class CudaCopier final : public DeviceCopier {
@@ -93,13 +93,13 @@ Result<std::unique_ptr<DeviceCopier>> createCudaCopier(const CudaCopierOptions& 
   int n = 0;
   if (const cudaError_t e = cudaGetDeviceCount(&n); e != cudaSuccess || n == 0) {
     (void)cudaGetLastError();
-    return failedPrecondition(fmt::format(
-        "no CUDA device to copy from ({})",
-        e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount found none"));
+    return failedPrecondition(
+        fmt::format("no CUDA device to copy from ({})",
+                    e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount found none"));
   }
   if (options.device < 0 || options.device >= n) {
-    return invalidArgument(fmt::format("CUDA device {} does not exist (this machine has {})",
-                                       options.device, n));
+    return invalidArgument(
+        fmt::format("CUDA device {} does not exist (this machine has {})", options.device, n));
   }
   auto c = std::make_unique<CudaCopier>(options);
   RALLY_RETURN_IF_ERROR(c->init()) << "creating the CUDA copier for device " << options.device;

@@ -80,8 +80,8 @@ class ElasticRun {
 
   // Syncs the state (every rank starts from the same commit), then calls `train` until it returns
   // OK (then OK) or an error that is not recoverable here (a collectives::CollectiveError thrown
-  // by `train`, e.g. from inside autograd, counts as its Status) (then that error): a non-recoverable
-  // code, a world that cannot re-form in place, or more than max_recoveries.
+  // by `train`, e.g. from inside autograd, counts as its Status) (then that error): a
+  // non-recoverable code, a world that cannot re-form in place, or more than max_recoveries.
   Status run(const std::function<Status()>& train);
 
   // Call at the start of every step: applies the fault plan (RALLY_FAULTS) for this rank, and

@@ -278,8 +278,8 @@ Result<SyncResult> ElasticState::sync(Communicator& comm, SyncOptions options) {
     Status snap = rank == 0 ? takeSnapshot() : okStatus();
     if (rank == 0 && snap.ok()) commit_ = 1;
     // Every rank learns whether rank 0's values could be taken (a device copy can fail).
-    const std::int64_t taken =
-        allreduceOne(comm, snap.ok() ? 1 : 0, ReduceOp::kMin, timeout, "taking rank 0's values", st);
+    const std::int64_t taken = allreduceOne(comm, snap.ok() ? 1 : 0, ReduceOp::kMin, timeout,
+                                            "taking rank 0's values", st);
     RALLY_RETURN_IF_ERROR(st);
     RALLY_RETURN_IF_ERROR(snap);
     if (taken == 0) {

@@ -130,10 +130,10 @@ class ElasticState {
     Kind kind;
     void* data;
     DataType type;
-    std::vector<std::int64_t> shape;         // the local buffer's
-    std::vector<std::int64_t> global_shape;  // == shape unless registered as a shard
-    std::vector<std::int64_t> global_offset; // zeros unless registered as a shard
-    Device device;                           // where `data` lives
+    std::vector<std::int64_t> shape;          // the local buffer's
+    std::vector<std::int64_t> global_shape;   // == shape unless registered as a shard
+    std::vector<std::int64_t> global_offset;  // zeros unless registered as a shard
+    Device device;                            // where `data` lives
     size_t bytes;
     size_t offset;  // in arena_ (buffers) or scalars_ (scalars: index)
   };

@@ -84,9 +84,8 @@ Result<Fault> parseLine(const std::string& line, int number) {
         return invalidArgument(fmt::format("code={} is not an exit code (1-255)", value));
       f.exit_code = static_cast<int>(c);
     } else {
-      return invalidArgument(
-          fmt::format("unknown key '{}' (rank, node, step, recovery, commit, time, for, code)",
-                      key));
+      return invalidArgument(fmt::format(
+          "unknown key '{}' (rank, node, step, recovery, commit, time, for, code)", key));
     }
   }
   if (!has_target) return invalidArgument("no target: add rank=R (a worker) or node=N (a node)");

@@ -21,9 +21,9 @@
 // until the job's generation moves, and then the rank does not take it, as a rank whose step had
 // not finished when a peer died; for node=N, the node's local rank 0 kills its agent and itself);
 // or time=T (T after the job's workers first started; applied by the agent, to any program:
-// SIGKILL, SIGSTOP, SIGSTOP + SIGCONT, SIGTERM). Each fault fires once per job: the firing is claimed (in the
-// coordinator's store under `rally run`), so a replacement worker that passes step S again does not
-// fire it again.
+// SIGKILL, SIGSTOP, SIGSTOP + SIGCONT, SIGTERM). Each fault fires once per job: the firing is
+// claimed (in the coordinator's store under `rally run`), so a replacement worker that passes step
+// S again does not fire it again.
 //
 //   RALLY_ASSIGN_OR_RETURN(FaultPlan plan, FaultPlan::parse(text, "faults.txt"));
 //   RALLY_ASSIGN_OR_RETURN(FaultPlan plan, FaultPlan::fromEnvironment());  // RALLY_FAULTS

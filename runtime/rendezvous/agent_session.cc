@@ -116,7 +116,7 @@ class AgentSession::Reactor final
   bool writing_ = false;
   bool writes_done_ = false;
   bool done_ = false;
-  bool handover_ = false;  // read on gRPC's reader callbacks, which run one at a time
+  bool handover_ = false;       // read on gRPC's reader callbacks, which run one at a time
   bool snapshot_seen_ = false;  // the same: a full JobScope came on this stream
 };
 

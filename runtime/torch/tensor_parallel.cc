@@ -7,11 +7,11 @@
 namespace rally::parallel {
 namespace {
 
+using collectives::Communicator;
+using collectives::ReduceOp;
 using ::torch::Tensor;
 using ::torch::autograd::AutogradContext;
 using ::torch::autograd::variable_list;
-using collectives::Communicator;
-using collectives::ReduceOp;
 
 Communicator* commOf(AutogradContext* ctx) {
   return reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
@@ -47,7 +47,8 @@ struct ReduceFromTensorParallel : ::torch::autograd::Function<ReduceFromTensorPa
 // Forward: every rank's last-dimension slice concatenated (rank r's being partition(total, size,
 // r)); backward: this rank's slice.
 struct GatherFromTensorParallel : ::torch::autograd::Function<GatherFromTensorParallel> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c, std::int64_t total) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, Communicator* c,
+                        std::int64_t total) {
     keep(ctx, c);
     ctx->saved_data["total"] = total;
     return internal::allgatherLastDim(*c, x, total);
@@ -136,11 +137,15 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(std::int64_t in, std::int64_t
   // Each rank keeps its slice of the full initial weight, so that a model starts the same
   // whatever the TP degree (the random generator is drawn as for the unsplit layer).
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  weight = register_parameter(
-      "weight", ::torch::empty({out, in}).uniform_(-bound, bound).narrow(0, out_begin, out_end - out_begin).clone());
+  weight = register_parameter("weight", ::torch::empty({out, in})
+                                            .uniform_(-bound, bound)
+                                            .narrow(0, out_begin, out_end - out_begin)
+                                            .clone());
   if (with_bias) {
-    bias = register_parameter(
-        "bias", ::torch::empty({out}).uniform_(-bound, bound).narrow(0, out_begin, out_end - out_begin).clone());
+    bias = register_parameter("bias", ::torch::empty({out})
+                                          .uniform_(-bound, bound)
+                                          .narrow(0, out_begin, out_end - out_begin)
+                                          .clone());
   }
 }
 
@@ -157,8 +162,10 @@ RowParallelLinearImpl::RowParallelLinearImpl(std::int64_t in, std::int64_t out, 
   std::tie(in_begin, in_end) = partition(in, tp_->size, tp_->rank);
   in_total = in;
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  weight = register_parameter(
-      "weight", ::torch::empty({out, in}).uniform_(-bound, bound).narrow(1, in_begin, in_end - in_begin).clone());
+  weight = register_parameter("weight", ::torch::empty({out, in})
+                                            .uniform_(-bound, bound)
+                                            .narrow(1, in_begin, in_end - in_begin)
+                                            .clone());
   if (with_bias) bias = register_parameter("bias", ::torch::empty({out}).uniform_(-bound, bound));
 }
 
@@ -176,7 +183,8 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::
   std::tie(vocab_begin, vocab_end) = partition(vocab, tp_->size, tp_->rank);
   vocab_total = vocab;
   weight = register_parameter(
-      "weight", ::torch::randn({vocab, dim}).narrow(0, vocab_begin, vocab_end - vocab_begin).clone());
+      "weight",
+      ::torch::randn({vocab, dim}).narrow(0, vocab_begin, vocab_end - vocab_begin).clone());
 }
 
 ::torch::Tensor VocabParallelEmbeddingImpl::forward(const ::torch::Tensor& ids) {
@@ -188,21 +196,20 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(std::int64_t vocab, std::
 }
 
 ::torch::Tensor gatherFromTensorParallel(const ::torch::Tensor& x, std::int64_t total,
-                                        const TensorParallelGroup& tp) {
+                                         const TensorParallelGroup& tp) {
   if (tp.size == 1) return x;
   const auto [b, e] = partition(total, tp.size, tp.rank);
   if (x.size(-1) != e - b) {
-    throw std::invalid_argument(fmt::format(
-        "gatherFromTensorParallel: rank {} of {} holds {} of the last dimension's {}; "
-        "partition() gives it {}",
-        tp.rank, tp.size, x.size(-1), total, e - b));
+    throw std::invalid_argument(
+        fmt::format("gatherFromTensorParallel: rank {} of {} holds {} of the last dimension's {}; "
+                    "partition() gives it {}",
+                    tp.rank, tp.size, x.size(-1), total, e - b));
   }
   return GatherFromTensorParallel::apply(x, &tp.get(), total);
 }
 
 ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
-                                          const ::torch::Tensor& targets,
-                                          std::int64_t vocab_begin,
+                                          const ::torch::Tensor& targets, std::int64_t vocab_begin,
                                           const TensorParallelGroup& tp) {
   if (tp.size == 1) return ::torch::nn::functional::cross_entropy(logits, targets);
   return VocabParallelCrossEntropyFn::apply(logits, targets, &tp.get(), vocab_begin,

@@ -104,14 +104,14 @@ TORCH_MODULE(VocabParallelEmbedding);
 // sample from. Differentiable (the gradient of a slice is its part of the full gradient). At a TP
 // size of 1, `x` itself.
 ::torch::Tensor gatherFromTensorParallel(const ::torch::Tensor& x, std::int64_t total,
-                                        const TensorParallelGroup& tp);
+                                         const TensorParallelGroup& tp);
 
 // Mean cross-entropy of `logits` [N, vocab_local] (this rank's vocabulary slice, starting at
 // global id `vocab_begin`, as a ColumnParallelLinear without gathering produces: its out_begin)
 // against `targets` [N] (global ids).
 ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
-                                          const ::torch::Tensor& targets,
-                                          std::int64_t vocab_begin, const TensorParallelGroup& tp);
+                                          const ::torch::Tensor& targets, std::int64_t vocab_begin,
+                                          const TensorParallelGroup& tp);
 inline ::torch::Tensor vocabParallelCrossEntropy(const ::torch::Tensor& logits,
                                                  const ::torch::Tensor& targets,
                                                  std::int64_t vocab_begin,

@@ -94,9 +94,8 @@ Status registerTensor(ElasticState& state, const std::string& name, const ::torc
 Status registerModule(ElasticState& state, ::torch::nn::Module& module, const std::string& prefix) {
   const auto info = parameterInfo(module);
   for (const auto& p : module.named_parameters(/*recurse=*/true)) {
-    RALLY_RETURN_IF_ERROR(
-        registerTensor(state, prefix + p.key(), p.value(),
-                       info.at(p.value().unsafeGetTensorImpl()).sharding));
+    RALLY_RETURN_IF_ERROR(registerTensor(state, prefix + p.key(), p.value(),
+                                         info.at(p.value().unsafeGetTensorImpl()).sharding));
   }
   for (const auto& b : module.named_buffers(/*recurse=*/true)) {
     RALLY_RETURN_IF_ERROR(registerTensor(state, prefix + b.key(), b.value()));

@@ -42,8 +42,9 @@ TEST(CheckpointCrash, KilledAtRandomDuringSavesTheNewestCompleteOneAlwaysLoads) 
   fs::remove_all(dir);
   fs::create_directories(dir);
   {
-    ChildProcess first({RALLY_CHECKPOINT_SAVER, dir, "--bytes", std::to_string(kBytes), "--steps", "1"},
-                       dir + ".first.out");
+    ChildProcess first(
+        {RALLY_CHECKPOINT_SAVER, dir, "--bytes", std::to_string(kBytes), "--steps", "1"},
+        dir + ".first.out");
     ASSERT_EQ(testing::exitCode(first, std::chrono::milliseconds(60000)), 0) << first.errors();
   }
   std::mt19937 rng(20261130);
@@ -53,8 +54,8 @@ TEST(CheckpointCrash, KilledAtRandomDuringSavesTheNewestCompleteOneAlwaysLoads) 
   for (int trial = 0; trial < 20; ++trial) {
     SCOPED_TRACE(::testing::Message() << "trial " << trial);
     const std::string out = dir + ".trial" + std::to_string(trial) + ".out";
-    ChildProcess saver({RALLY_CHECKPOINT_SAVER, dir, "--bytes", std::to_string(kBytes), "--steps", "0"},
-                       out);
+    ChildProcess saver(
+        {RALLY_CHECKPOINT_SAVER, dir, "--bytes", std::to_string(kBytes), "--steps", "0"}, out);
     // It has loaded the newest checkpoint (and checked its contents) once it says "saving".
     ASSERT_TRUE(saver.waitForOutput("saving", std::chrono::milliseconds(30000))) << saver.errors();
     std::this_thread::sleep_for(std::chrono::microseconds(rng() % 80'000));  // the random moment
@@ -69,8 +70,9 @@ TEST(CheckpointCrash, KilledAtRandomDuringSavesTheNewestCompleteOneAlwaysLoads) 
     newest = now;
   }
   // The next run starts from the newest one and checks its contents (exit 3 if wrong).
-  ChildProcess last({RALLY_CHECKPOINT_SAVER, dir, "--bytes", std::to_string(kBytes), "--steps", "1"},
-                    dir + ".last.out");
+  ChildProcess last(
+      {RALLY_CHECKPOINT_SAVER, dir, "--bytes", std::to_string(kBytes), "--steps", "1"},
+      dir + ".last.out");
   EXPECT_EQ(testing::exitCode(last, std::chrono::milliseconds(60000)), 0) << last.errors();
   // Most moments fall inside a save: the kills must have interrupted some.
   EXPECT_GT(interrupted, 0) << "no kill landed during a save; the test proved nothing";
@@ -87,8 +89,9 @@ TEST(CheckpointCrash, AFullDiskFailsTheSaveAndKeepsThePreviousCheckpoint) {
   const std::string script = "mount -t tmpfs -o size=1m rally-full-disk '" + dir +
                              "' || exit 77; exec '" RALLY_CHECKPOINT_SAVER "' '" + dir +
                              "' --full-disk";
-  ChildProcess p({"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script},
-                 dir + ".out");
+  ChildProcess p(
+      {"/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script},
+      dir + ".out");
   const int rc = testing::exitCode(p, std::chrono::milliseconds(60000));
   if (rc == 77 || (rc == 1 && p.errors().find("unshare") != std::string::npos)) {
     GTEST_SKIP() << "cannot mount a tmpfs here (" << p.errors()

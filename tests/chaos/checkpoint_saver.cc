@@ -9,9 +9,9 @@
 // step 1 still loads with its contents:
 //   checkpoint_saver DIR --full-disk
 #include <cstdio>
-#include <filesystem>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -28,16 +28,16 @@ std::uint64_t value(std::int64_t step, size_t i) {
   return static_cast<std::uint64_t>(step) * 0x9E3779B97F4A7C15ull + i * 0x2545F4914F6CDD1Dull;
 }
 
-int rankMain(int r, collectives::MemoryBootstrapStore& store, const std::string& dir,
-             size_t words, std::int64_t saves) {
+int rankMain(int r, collectives::MemoryBootstrapStore& store, const std::string& dir, size_t words,
+             std::int64_t saves) {
   auto comm = collectives::createGlooCommunicator(
       store, {.rank = r, .size = 2, .generation = 1, .shared_memory = false});
   if (!comm.ok()) return std::fprintf(stderr, "%s\n", comm.status().toString().c_str()), 1;
   std::vector<std::uint64_t> data(words);
   std::int64_t step = 0;
   ElasticState state;
-  Status st = state.registerBuffer("data", data.data(), DataType::kI64,
-                                   {static_cast<std::int64_t>(words)});
+  Status st =
+      state.registerBuffer("data", data.data(), DataType::kI64, {static_cast<std::int64_t>(words)});
   if (st.ok()) st = state.registerScalar("step", &step);
   checkpoint::Checkpointer ckpt(dir, {.while_busy = checkpoint::WhileBusy::kWait});
   if (st.ok()) st = ckpt.attach(**comm, state);

@@ -40,10 +40,28 @@ TEST(GptExample, AKilledWorkerIsRecoveredInPlaceAndTheLossKeepsFalling) {
   const std::string plan = tempPath("gpt-plan.txt"), events = tempPath("gpt-events.jsonl");
   { std::ofstream(plan) << "kill rank=1 step=60\n"; }
   std::remove(events.c_str());
-  ChildProcess job({RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "2", "--recovery",
-                    "in-place", "--max-restarts", "2", "--fault-plan", plan, "--events", events,
-                    RALLY_GPT, "--data", RALLY_CORPUS, "--steps", "150", "--log-every", "10",
-                    "--sample-bytes", "40"},
+  ChildProcess job({RALLY_BINARY,
+                    "run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    "2",
+                    "--recovery",
+                    "in-place",
+                    "--max-restarts",
+                    "2",
+                    "--fault-plan",
+                    plan,
+                    "--events",
+                    events,
+                    RALLY_GPT,
+                    "--data",
+                    RALLY_CORPUS,
+                    "--steps",
+                    "150",
+                    "--log-every",
+                    "10",
+                    "--sample-bytes",
+                    "40"},
                    tempPath("gpt.out"));
   ASSERT_EQ(exitCode(job, std::chrono::milliseconds(110000)), 0) << job.errors();
   const std::string out = job.output();
@@ -55,15 +73,17 @@ TEST(GptExample, AKilledWorkerIsRecoveredInPlaceAndTheLossKeepsFalling) {
   // Each logged loss is one batch's: compare means (the first two logs, at steps 10 and 20,
   // against the last three), not single batches. The corpus is frozen (tests/data/gpt-corpus), so
   // the curve moves only with the code: it falls 11.5 %; the bound asks for a clear fall (8 %).
-  const double first = (l[0] + l[1]) / 2, last = (l[l.size() - 1] + l[l.size() - 2] + l[l.size() - 3]) / 3;
+  const double first = (l[0] + l[1]) / 2,
+               last = (l[l.size() - 1] + l[l.size() - 2] + l[l.size() - 3]) / 3;
   EXPECT_LT(last, 0.92 * first) << out;
   EXPECT_NE(ChildProcess::readFile(events).find("\"event\":\"recovery\""), std::string::npos);
 }
 
 TEST(GptExample, DataTimesTensorParallelRecoversInPlaceAsIfUninterrupted) {
   auto run = [](const std::string& name, const std::vector<std::string>& extra) {
-    std::vector<std::string> argv = {RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "4",
-                                     "--recovery", "in-place", "--max-restarts", "2"};
+    std::vector<std::string> argv = {RALLY_BINARY, "run",        "--standalone", "--nproc-per-node",
+                                     "4",          "--recovery", "in-place",     "--max-restarts",
+                                     "2"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     for (std::string a : {std::string(RALLY_GPT), std::string("--data"), std::string(RALLY_CORPUS),
                           std::string("--steps"), std::string("60"), std::string("--tp"),
@@ -97,9 +117,26 @@ TEST(GptExample, TensorParallelTrainsAsDataParallelOnTheSameData) {
     std::string sample;
   };
   auto run = [](const std::string& name, const std::string& tp, const std::string& batch) {
-    ChildProcess p({RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "4", RALLY_GPT,
-                    "--data", RALLY_CORPUS, "--steps", "40", "--log-every", "10", "--tp", tp,
-                    "--batch", batch, "--sample-bytes", "40", "--temperature", "0"},
+    ChildProcess p({RALLY_BINARY,
+                    "run",
+                    "--standalone",
+                    "--nproc-per-node",
+                    "4",
+                    RALLY_GPT,
+                    "--data",
+                    RALLY_CORPUS,
+                    "--steps",
+                    "40",
+                    "--log-every",
+                    "10",
+                    "--tp",
+                    tp,
+                    "--batch",
+                    batch,
+                    "--sample-bytes",
+                    "40",
+                    "--temperature",
+                    "0"},
                    tempPath(name));
     EXPECT_EQ(exitCode(p, std::chrono::milliseconds(110000)), 0) << p.errors();
     const std::string out = p.output();
@@ -121,9 +158,8 @@ TEST(GptExample, ACheckpointSavedAtTp2ResumesAJobAtTp1) {
                 const std::string& steps) {
     auto p = std::make_unique<ChildProcess>(
         std::vector<std::string>{RALLY_BINARY, "run", "--standalone", "--nproc-per-node", "4",
-                                 RALLY_GPT, "--data", RALLY_CORPUS, "--steps", steps,
-                                 "--log-every", "10", "--tp", tp, "--batch", batch,
-                                 "--sample-bytes", "0"},
+                                 RALLY_GPT, "--data", RALLY_CORPUS, "--steps", steps, "--log-every",
+                                 "10", "--tp", tp, "--batch", batch, "--sample-bytes", "0"},
         tempPath(name));
     EXPECT_EQ(exitCode(*p, std::chrono::milliseconds(110000)), 0) << p->errors();
     return p;

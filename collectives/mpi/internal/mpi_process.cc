@@ -108,10 +108,9 @@ Result<MpiProcess*> MpiProcess::initialise() {
         "the MPI backend needs MPI_THREAD_SERIALIZED or MPI_THREAD_MULTIPLE (it calls MPI from "
         "its executor threads), but MPI gives {}; {}",
         threadLevelName(provided),
-        initialised
-            ? "initialise MPI with MPI_Init_thread(..., MPI_THREAD_MULTIPLE, ...), or let "
-              "createMpiCommunicator() initialise it"
-            : "use an MPI library built with thread support"));
+        initialised ? "initialise MPI with MPI_Init_thread(..., MPI_THREAD_MULTIPLE, ...), or let "
+                      "createMpiCommunicator() initialise it"
+                    : "use an MPI library built with thread support"));
   }
   for (int t = 0; t < 2; ++t) {
     const auto& fns = t == 0 ? kReduce16<DataType::kF16> : kReduce16<DataType::kBF16>;

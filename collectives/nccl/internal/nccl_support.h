@@ -88,9 +88,8 @@ inline Status checkNccl(ncclResult_t r, ncclComm_t comm, std::string_view call,
 
 // Indexed by DataType and by ReduceOp. ncclAvg divides floats before summing and integers after
 // (truncating), as the contract wants.
-inline constexpr ncclDataType_t kNcclTypes[] = {ncclFloat32, ncclFloat64, ncclFloat16,
-                                                ncclBfloat16, ncclInt32,  ncclInt64,
-                                                ncclUint8};
+inline constexpr ncclDataType_t kNcclTypes[] = {ncclFloat32, ncclFloat64, ncclFloat16, ncclBfloat16,
+                                                ncclInt32,   ncclInt64,   ncclUint8};
 inline constexpr ncclRedOp_t kNcclOps[] = {ncclSum, ncclAvg, ncclMin, ncclMax, ncclProd};
 static_assert(static_cast<int>(DataType::kBF16) == 3 && static_cast<int>(DataType::kU8) == 6 &&
                   std::size(kNcclTypes) == 7,

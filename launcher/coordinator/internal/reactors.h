@@ -53,12 +53,12 @@ class CoordinatorService::SessionReactor final
 
   // Guarded by the service's lock.
   std::string node_id;
-  bool rejoined = false;    // its Join had last_generation: it may send its copy of the job scope
-  bool keeps = false;       // its Join said it keeps a copy of the job scope if named a holder
-  bool holder = false;      // it holds a copy of the job scope
-  bool lagging = false;     // a holder that missed an acknowledgement: writes do not wait for it
+  bool rejoined = false;  // its Join had last_generation: it may send its copy of the job scope
+  bool keeps = false;     // its Join said it keeps a copy of the job scope if named a holder
+  bool holder = false;    // it holds a copy of the job scope
+  bool lagging = false;   // a holder that missed an acknowledgement: writes do not wait for it
   std::uint64_t lagging_at = 0;  // the revision it missed: caught up when it acknowledges it
-  std::uint64_t acked = 0;  // the newest job-scope revision it acknowledged
+  std::uint64_t acked = 0;       // the newest job-scope revision it acknowledged
 
  protected:
   void startWrite(const v1::CoordinatorMessage* m) override { StartWrite(m); }

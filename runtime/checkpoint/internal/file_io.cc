@@ -72,9 +72,10 @@ Status readAt(const File& f, void* data, size_t bytes, std::uint64_t offset) {
       return fileError("read", f.path(), errno);
     }
     if (n == 0) {
-      return ioError(fmt::format("{} ends at byte {}, but bytes [{}, {}) were to be read: the file "
-                                 "is truncated",
-                                 f.path(), offset, start, end));
+      return ioError(
+          fmt::format("{} ends at byte {}, but bytes [{}, {}) were to be read: the file "
+                      "is truncated",
+                      f.path(), offset, start, end));
     }
     p += n;
     bytes -= static_cast<size_t>(n);

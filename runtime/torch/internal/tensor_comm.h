@@ -28,7 +28,8 @@ inline collectives::DataType rallyType(::torch::ScalarType t) {
     case ::torch::kUInt8:
       return collectives::DataType::kU8;
     default:
-      throw std::invalid_argument(fmt::format("rally: no collective for dtype {}", c10::toString(t)));
+      throw std::invalid_argument(
+          fmt::format("rally: no collective for dtype {}", c10::toString(t)));
   }
 }
 

@@ -33,10 +33,11 @@ MallocTuning tuneMallocForTraining(const std::map<std::string, std::string>& env
       return {false, false, "RALLY_MALLOC_TUNING=" + v};
     }
     if (v != "1" && v != "on" && v != "true" && v != "yes") {
-      return {false, true,
-              fmt::format("RALLY_MALLOC_TUNING={} is not a setting: use on or off (1/0, true/false, "
-                          "yes/no)",
-                          v)};
+      return {
+          false, true,
+          fmt::format("RALLY_MALLOC_TUNING={} is not a setting: use on or off (1/0, true/false, "
+                      "yes/no)",
+                      v)};
     }
   }
   if (auto it = env.find("GLIBC_TUNABLES");

@@ -1,4 +1,5 @@
-// glibc malloc settings for a training process, applied by rally::init() (InitOptions::tune_malloc).
+// glibc malloc settings for a training process, applied by rally::init()
+// (InitOptions::tune_malloc).
 //
 // A training step allocates and frees the same few hundred activation and gradient tensors every
 // step. glibc's defaults return the freed top of the heap to the kernel (its trim threshold is

@@ -147,8 +147,8 @@ ProgressReporter::~ProgressReporter() {
 void ProgressReporter::loop() {
   std::unique_lock lock(mu_);
   while (!stop_) {
-    const std::string msg = fmt::format("{} {}\n", tracker_->step.load(),
-                                        tracker_->waiting.load() > 0 ? 1 : 0);
+    const std::string msg =
+        fmt::format("{} {}\n", tracker_->step.load(), tracker_->waiting.load() > 0 ? 1 : 0);
     // Never blocks: a report that does not fit is dropped (the next one follows).
     (void)!::send(fd_, msg.data(), msg.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
     cv_.wait_for(lock, interval_, [&] { return stop_; });

@@ -4,8 +4,6 @@
 // instead; retention; a full disk (a write hook) leaving everything intact; the skip and wait
 // policies while a save is in flight; manifests that do not validate. Ranks are threads over a
 // Gloo communicator and an in-memory store.
-#include "runtime/checkpoint/checkpointer.h"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -19,8 +17,9 @@
 #include <random>
 #include <thread>
 
-#include "tests/unit/collectives/gloo_ranks.h"
+#include "runtime/checkpoint/checkpointer.h"
 #include "runtime/checkpoint/checksum.h"
+#include "tests/unit/collectives/gloo_ranks.h"
 
 namespace rally::checkpoint {
 namespace {
@@ -83,8 +82,8 @@ struct Part {
         stride *= global[d];
       }
       for (size_t b = 0; b < esize(); ++b) {
-        f(static_cast<size_t>(i) * esize() + b, g * static_cast<std::int64_t>(esize()) +
-                                                    static_cast<std::int64_t>(b));
+        f(static_cast<size_t>(i) * esize() + b,
+          g * static_cast<std::int64_t>(esize()) + static_cast<std::int64_t>(b));
       }
     }
   }
@@ -128,8 +127,8 @@ struct Scalars {
 Status registerAll(ElasticState& state, std::vector<Part>& parts, Scalars& sc) {
   for (Part& p : parts) {
     if (p.data.size() != p.bytes()) p.data.assign(p.bytes(), 0);
-    RALLY_RETURN_IF_ERROR(state.registerShard(p.name, p.data.data(), p.type, p.shape,
-                                              {p.global, p.offset}));
+    RALLY_RETURN_IF_ERROR(
+        state.registerShard(p.name, p.data.data(), p.type, p.shape, {p.global, p.offset}));
   }
   RALLY_RETURN_IF_ERROR(state.registerScalar("step", &sc.step));
   return state.registerScalar("lr", &sc.lr);
@@ -217,7 +216,8 @@ TEST(Checkpoint, ReshardsEveryWorldSizeToEveryOther) {
 // row-parallel weight split along dim 1, replicated across the data-parallel ranks.
 std::vector<Part> tpModel(int tp_rank, int tp) {
   auto split = [](std::int64_t n, int parts, int i) {
-    return std::pair<std::int64_t, std::int64_t>{n * i / parts, n * (i + 1) / parts - n * i / parts};
+    return std::pair<std::int64_t, std::int64_t>{n * i / parts,
+                                                 n * (i + 1) / parts - n * i / parts};
   };
   const auto [r0, rn] = split(12, tp, tp_rank);
   const auto [c0, cn] = split(9, tp, tp_rank);
@@ -257,8 +257,9 @@ TEST(Checkpoint, ABadLayoutIsRefusedOnEveryRank) {
     // Both ranks claim rows 0..3 of 8 and nobody holds 4..7.
     std::vector<float> w(4 * 2);
     ElasticState state;
-    ASSERT_TRUE(state.registerShard("w", w.data(), DataType::kF32, {4, 2}, {{8, 2}, {r == 0 ? 0 : 1, 0}})
-                    .ok());
+    ASSERT_TRUE(
+        state.registerShard("w", w.data(), DataType::kF32, {4, 2}, {{8, 2}, {r == 0 ? 0 : 1, 0}})
+            .ok());
     Checkpointer ckpt(dir.path());
     const Status st = ckpt.attach(comm, state);
     EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
@@ -343,7 +344,8 @@ TEST(Checkpoint, RetentionKeepsTheLastKAndEveryNth) {
     Scalars sc;
     ElasticState state;
     ASSERT_TRUE(registerAll(state, parts, sc).ok());
-    Checkpointer ckpt(dir.path(), {.keep_last = 2, .keep_every = 4, .while_busy = WhileBusy::kWait});
+    Checkpointer ckpt(dir.path(),
+                      {.keep_last = 2, .keep_every = 4, .while_busy = WhileBusy::kWait});
     ASSERT_TRUE(ckpt.attach(comm, state).ok());
     for (std::uint64_t step = 1; step <= 9; ++step) {
       ASSERT_TRUE(ckpt.save(step).ok());
@@ -369,7 +371,8 @@ class FullDisk : public WriteHook {
   std::atomic<bool> armed{false};
   Status beforeWrite(const std::string& path, std::uint64_t offset, size_t bytes) override {
     if (armed && path.find("shard-00001") != std::string::npos) {
-      return resourceExhausted("write(" + path + "): No space left on device (the disk or quota is full)");
+      return resourceExhausted("write(" + path +
+                               "): No space left on device (the disk or quota is full)");
     }
     return okStatus();
   }
@@ -572,7 +575,8 @@ TEST(DeviceBuffers, CommitRestoreSaveAndReshardedLoadGoThroughTheCopier) {
     std::int64_t step = 7;
     ElasticState state;
     state.setDeviceCopier(&copier);
-    ASSERT_TRUE(state.registerBuffer("w", dev.data(), DataType::kF32, {9, 5}, Device::cuda(0)).ok());
+    ASSERT_TRUE(
+        state.registerBuffer("w", dev.data(), DataType::kF32, {9, 5}, Device::cuda(0)).ok());
     ASSERT_TRUE(state.registerScalar("step", &step).ok());
     ASSERT_TRUE(state.commit().ok());
     std::vector<float> other = values(100);
@@ -592,7 +596,8 @@ TEST(DeviceBuffers, CommitRestoreSaveAndReshardedLoadGoThroughTheCopier) {
     std::int64_t step = 0;
     ElasticState state;
     state.setDeviceCopier(&copier);
-    ASSERT_TRUE(state.registerBuffer("w", dev.data(), DataType::kF32, {9, 5}, Device::cuda(0)).ok());
+    ASSERT_TRUE(
+        state.registerBuffer("w", dev.data(), DataType::kF32, {9, 5}, Device::cuda(0)).ok());
     ASSERT_TRUE(state.registerScalar("step", &step).ok());
     Checkpointer ckpt(dir.path());
     ASSERT_TRUE(ckpt.attach(comm, state).ok());
@@ -639,7 +644,9 @@ TEST(Manifest, RoundTripsAndRejectsWhatDoesNotAddUp) {
     EXPECT_FALSE(r.ok());
     return r.status().message();
   };
-  EXPECT_NE(broken([](Manifest& b) { b.tensors[0].shards[0].box.shape = {3, 4}; }).find("outside"),
+  EXPECT_NE(broken([](Manifest& b) {
+              b.tensors[0].shards[0].box.shape = {3, 4};
+            }).find("outside"),
             std::string::npos);
   EXPECT_NE(broken([](Manifest& b) { b.tensors[0].shards[0].bytes = 31; }).find("expected 32"),
             std::string::npos);
@@ -649,7 +656,8 @@ TEST(Manifest, RoundTripsAndRejectsWhatDoesNotAddUp) {
             std::string::npos);
   EXPECT_NE(parseManifest("{\"format\": \"rally-checkpoint\"}").status().message().find(".version"),
             std::string::npos);
-  EXPECT_NE(parseManifest("{ truncated").status().message().find("not valid JSON"), std::string::npos);
+  EXPECT_NE(parseManifest("{ truncated").status().message().find("not valid JSON"),
+            std::string::npos);
 }
 
 TEST(Checksum, StreamingEqualsOneShot) {

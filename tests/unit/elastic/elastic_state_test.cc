@@ -21,8 +21,8 @@ using collectives::Communicator;
 using collectives::test_support::MemoryStore;
 
 void runRanks(int n, const std::function<void(int, Communicator&)>& body) {
-  collectives::test_support::runGlooRanks(
-      n, body, {.generation = 1, .op_timeout = Milliseconds(20000)});
+  collectives::test_support::runGlooRanks(n, body,
+                                          {.generation = 1, .op_timeout = Milliseconds(20000)});
 }
 
 // A small model: weights (f32 matrix), a u8 RNG blob, a step and a loss scale.

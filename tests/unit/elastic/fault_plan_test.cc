@@ -159,7 +159,7 @@ TEST(FaultInjector, CommitFaultsStrikeAroundTheirCommit) {
   ASSERT_TRUE(f.afterCommit(0, 0, 0, 3).ok());
   ASSERT_TRUE(f.afterCommit(0, 0, 0, 3).ok());  // once
   EXPECT_EQ(r.fired, (std::vector<std::string>{"fail rank=1 commit=3 code=1",
-                                                "node: kill node=0 commit=3"}));
+                                               "node: kill node=0 commit=3"}));
   // Delays: before the commit; they never go through afterCommit.
   ASSERT_TRUE(f.afterCommit(2, 1, 0, 3).ok());
   EXPECT_EQ(r.fired.size(), 2u);

@@ -4,8 +4,6 @@
 // steps restart the clock; workers not running, silent or not yet at a step are never judged.
 #include "launcher/agent/progress_watchdog.h"
 
-#include "launcher/agent/internal/agent_impl.h"  // listenAddressFor
-
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -14,6 +12,8 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+
+#include "launcher/agent/internal/agent_impl.h"  // listenAddressFor
 
 namespace rally::agent {
 namespace {

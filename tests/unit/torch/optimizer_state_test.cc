@@ -103,12 +103,33 @@ TEST_P(OptimizerState, RestoreRewindsParametersAndOptimizer) {
 INSTANTIATE_TEST_SUITE_P(
     Optimizers, OptimizerState,
     ::testing::Values(
-        Case{"Adam", [](Net& n) { return std::make_unique<optim::Adam>(n.parameters(), optim::AdamOptions(0.01)); }},
-        Case{"AdamAmsgrad", [](Net& n) { return std::make_unique<optim::Adam>(n.parameters(), optim::AdamOptions(0.01).amsgrad(true).weight_decay(0.1)); }},
-        Case{"AdamW", [](Net& n) { return std::make_unique<optim::AdamW>(n.parameters(), optim::AdamWOptions(0.01)); }},
-        Case{"SgdNesterov", [](Net& n) { return std::make_unique<optim::SGD>(n.parameters(), optim::SGDOptions(0.05).momentum(0.9).nesterov(true)); }},
-        Case{"RmspropCentered", [](Net& n) { return std::make_unique<optim::RMSprop>(n.parameters(), optim::RMSpropOptions(0.01).momentum(0.5).centered(true)); }},
-        Case{"Adagrad", [](Net& n) { return std::make_unique<optim::Adagrad>(n.parameters(), optim::AdagradOptions(0.1)); }}),
+        Case{"Adam",
+             [](Net& n) {
+               return std::make_unique<optim::Adam>(n.parameters(), optim::AdamOptions(0.01));
+             }},
+        Case{"AdamAmsgrad",
+             [](Net& n) {
+               return std::make_unique<optim::Adam>(
+                   n.parameters(), optim::AdamOptions(0.01).amsgrad(true).weight_decay(0.1));
+             }},
+        Case{"AdamW",
+             [](Net& n) {
+               return std::make_unique<optim::AdamW>(n.parameters(), optim::AdamWOptions(0.01));
+             }},
+        Case{"SgdNesterov",
+             [](Net& n) {
+               return std::make_unique<optim::SGD>(
+                   n.parameters(), optim::SGDOptions(0.05).momentum(0.9).nesterov(true));
+             }},
+        Case{"RmspropCentered",
+             [](Net& n) {
+               return std::make_unique<optim::RMSprop>(
+                   n.parameters(), optim::RMSpropOptions(0.01).momentum(0.5).centered(true));
+             }},
+        Case{"Adagrad",
+             [](Net& n) {
+               return std::make_unique<optim::Adagrad>(n.parameters(), optim::AdagradOptions(0.1));
+             }}),
     [](const auto& info) { return info.param.name; });
 
 TEST(RegisterOptimizer, TensorParallelMomentsAreShardsLikeTheirWeights) {

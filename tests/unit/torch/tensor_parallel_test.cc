@@ -7,15 +7,14 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <functional>
 #include <mutex>
 #include <thread>
 
-#include <filesystem>
-
-#include "tests/unit/collectives/gloo_ranks.h"
 #include "runtime/checkpoint/checkpointer.h"
 #include "runtime/torch/torch_state.h"
+#include "tests/unit/collectives/gloo_ranks.h"
 
 namespace rally::parallel {
 namespace {
@@ -100,8 +99,10 @@ TEST_P(TensorParallel, RowParallelLinearEqualsTheUnsplitLayer) {
 // scattering row layer, and gatherFromTensorParallel on a 3-D tensor, forward and backward.
 TEST_P(TensorParallel, UnevenSplitsGatherAndScatter) {
   ::torch::manual_seed(7);
-  const Tensor wc = ::torch::randn({11, 9}), wr = ::torch::randn({9, 11}), full = ::torch::randn({2, 3, 11});
-  const Tensor pc = ::torch::randn({5, 11}), pr = ::torch::randn({5, 9}), pf = ::torch::randn({2, 3, 11});
+  const Tensor wc = ::torch::randn({11, 9}), wr = ::torch::randn({9, 11}),
+               full = ::torch::randn({2, 3, 11});
+  const Tensor pc = ::torch::randn({5, 11}), pr = ::torch::randn({5, 9}),
+               pf = ::torch::randn({2, 3, 11});
   auto xf = x.clone().requires_grad_(true);
   auto hf = ::torch::nn::functional::linear(xf, wc);
   auto yf = ::torch::nn::functional::linear(hf, wr);
@@ -201,7 +202,8 @@ TEST(TensorParallelCheckpoint, SavedAtTp2LoadsAtTp1AndTp3) {
   char tmpl[] = "/tmp/rally-tp-ckpt-XXXXXX";
   const std::string dir = ::mkdtemp(tmpl);
   ::torch::manual_seed(5);
-  const Tensor w1 = ::torch::randn({12, 9}), b1 = ::torch::randn({12}), w2 = ::torch::randn({9, 12});
+  const Tensor w1 = ::torch::randn({12, 9}), b1 = ::torch::randn({12}),
+               w2 = ::torch::randn({9, 12});
   const Tensor emb = ::torch::randn({10, 4});
   struct Net : ::torch::nn::Module {
     Net(collectives::Communicator& tp)
@@ -217,7 +219,8 @@ TEST(TensorParallelCheckpoint, SavedAtTp2LoadsAtTp1AndTp3) {
     n.up->weight.copy_(w1.narrow(0, n.up->out_begin, n.up->out_end - n.up->out_begin));
     n.up->bias.copy_(b1.narrow(0, n.up->out_begin, n.up->out_end - n.up->out_begin));
     n.down->weight.copy_(w2.narrow(1, n.down->in_begin, n.down->in_end - n.down->in_begin));
-    n.embed->weight.copy_(emb.narrow(0, n.embed->vocab_begin, n.embed->vocab_end - n.embed->vocab_begin));
+    n.embed->weight.copy_(
+        emb.narrow(0, n.embed->vocab_begin, n.embed->vocab_end - n.embed->vocab_begin));
   };
   runRanks(2, [&](int, collectives::Communicator& tp) {
     Net net(tp);
@@ -238,10 +241,16 @@ TEST(TensorParallelCheckpoint, SavedAtTp2LoadsAtTp1AndTp3) {
       ASSERT_TRUE(ckpt.attach(tp, state).ok());
       auto loaded = ckpt.loadNewest();
       ASSERT_TRUE(loaded.ok()) << loaded.status().toString();
-      EXPECT_TRUE(::torch::equal(net.up->weight, w1.narrow(0, net.up->out_begin, net.up->out_end - net.up->out_begin)));
-      EXPECT_TRUE(::torch::equal(net.up->bias, b1.narrow(0, net.up->out_begin, net.up->out_end - net.up->out_begin)));
-      EXPECT_TRUE(::torch::equal(net.down->weight, w2.narrow(1, net.down->in_begin, net.down->in_end - net.down->in_begin)));
-      EXPECT_TRUE(::torch::equal(net.embed->weight, emb.narrow(0, net.embed->vocab_begin, net.embed->vocab_end - net.embed->vocab_begin)));
+      EXPECT_TRUE(::torch::equal(
+          net.up->weight, w1.narrow(0, net.up->out_begin, net.up->out_end - net.up->out_begin)));
+      EXPECT_TRUE(::torch::equal(
+          net.up->bias, b1.narrow(0, net.up->out_begin, net.up->out_end - net.up->out_begin)));
+      EXPECT_TRUE(
+          ::torch::equal(net.down->weight,
+                         w2.narrow(1, net.down->in_begin, net.down->in_end - net.down->in_begin)));
+      EXPECT_TRUE(::torch::equal(
+          net.embed->weight,
+          emb.narrow(0, net.embed->vocab_begin, net.embed->vocab_end - net.embed->vocab_begin)));
     });
   }
   std::filesystem::remove_all(dir);
