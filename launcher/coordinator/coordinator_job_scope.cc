@@ -33,7 +33,10 @@ bool CoordinatorService::replicateLocked(grpc::ServerUnaryReactor* reactor,
     if (s->holder && !s->lagging && s->acked < job_revision_) pending.waiting.insert(s.get());
   }
   if (pending.waiting.empty()) return false;
-  pending_acks_.push_back(std::move(pending));
+  // In deadline order (each caller's deadline bounds its own).
+  const auto at = std::upper_bound(pending_acks_.begin(), pending_acks_.end(), pending.deadline,
+                                   [](TimePoint d, const PendingAck& p) { return d < p.deadline; });
+  pending_acks_.insert(at, std::move(pending));
   timer_cv_.notify_one();
   return true;
 }
@@ -71,8 +74,11 @@ std::vector<v1::JobScope> CoordinatorService::jobScopeSnapshotLocked() const {
   for (const auto& [key, r] : job_revisions_) {
     if (r.deleted) add(key, nullptr, r.revision);
   }
-  for (auto& m : out) m.set_revision(job_revision_);
+  // Acknowledging the last message only (the revision is on it): a holder has the snapshot when
+  // all of it came.
   out.front().set_full(true);
+  out.back().set_revision(job_revision_);
+  out.back().set_complete(true);
   return out;
 }
 

@@ -158,6 +158,7 @@ void CoordinatorService::shutdown(const std::string& reason, bool handover) {
     if (shutting_down_) return;
     shutting_down_ = true;
     shutdown_reason_ = reason;
+    shutdown_handover_ = handover;
     if (timer_.joinable()) log_->info("shutting down: {}", reason);  // it was started
     v1::CoordinatorMessage msg;
     msg.mutable_shutdown()->set_reason(reason);
@@ -331,14 +332,15 @@ void CoordinatorService::handleJoin(const std::shared_ptr<SessionReactor>& sessi
   session->node_id = info.node_id;
   session->rejoined = join.last_generation() > 0;
   session->keeps = join.keeps_job_scope();
-  if (!job_scope_open_ && !rejoin_seen_) {
-    if (session->rejoined) {
+  if (session->rejoined) {
+    // A coordinator that resumes (or took over) a job: its writes rank above those of the
+    // generations before, whatever copies come later.
+    job_revision_ = std::max(job_revision_, (join.last_generation() + 1) << 32);
+    if (!job_scope_open_ && !rejoin_seen_) {
       // Resuming: the holders' copies are on their way (each follows its holder's Join).
       rejoin_seen_ = true;
       job_scope_gate_deadline_ = now + options_.job_scope_grace;
       timer_cv_.notify_one();
-    } else {
-      openJobScopeLocked("");  // a new job: there are no copies to wait for
     }
   }
   sessions_by_node_[info.node_id] = session;
@@ -464,6 +466,8 @@ void CoordinatorService::deliver(Events events) {
           if (it != sessions_by_node_.end() && it->second->keeps) holders.push_back(m->node_id);
         }
       }
+      // A round that no node rejoined: a new job, with no copies to wait for.
+      if (!job_scope_open_ && !rejoin_seen_) openJobScopeLocked("");
       // Before RoundFormed on each stream: a new holder has its snapshot when it learns the round.
       setHoldersLocked(holders);
       std::uint32_t offset = 0;

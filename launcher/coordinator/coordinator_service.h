@@ -48,9 +48,9 @@ struct CoordinatorOptions {
   std::string host_node_id;
   // The job scope's copies (docs/design/coordinator.md, "The job scope survives"). A coordinator
   // that takes over starts with its own agent's copy (`job_scope_seed`). Any other may be
-  // resuming a job: it holds job-scope calls until the first Join says otherwise (a new node), or
-  // a rejoining holder's copy is in, for at most `job_scope_grace` from its start (from the first
-  // rejoin, if one comes); 0: never held.
+  // resuming a job: it holds job-scope calls until a rejoining holder's copy is in, or a round
+  // forms that no node rejoined (a new job), for at most `job_scope_grace` from its start (from
+  // the first rejoin, if one comes); 0: never held.
   std::vector<rally::v1::JobScope> job_scope_seed;
   Milliseconds job_scope_grace{2000};
 };
@@ -137,8 +137,12 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   // (`job_scope`) while the scope waits for the holders' copies, when they are in.
   grpc::ServerUnaryReactor* unaryCall(grpc::CallbackServerContext* ctx, bool job_scope,
                                       std::function<Status()> fn);
-  void callLocked(grpc::ServerUnaryReactor* reactor, TimePoint ack_by,
+  void callLocked(grpc::ServerUnaryReactor* reactor,
+                  std::chrono::system_clock::time_point caller_deadline,
                   const std::function<Status()>& fn);
+  // UNAVAILABLE for a call that comes while shutting down: final, unless handing over (the call
+  // may go to the successor).
+  grpc::Status shuttingDownStatusLocked() const;
   // Runs the job-scope calls held until now.
   void openJobScopeLocked(const std::string& why);
 
@@ -183,6 +187,7 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   std::mutex mu_;
   std::condition_variable timer_cv_;
   bool shutting_down_ = false;
+  bool shutdown_handover_ = false;
   std::string shutdown_reason_;
   Rendezvous rendezvous_;
   LivenessTracker liveness_;

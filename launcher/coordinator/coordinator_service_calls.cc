@@ -26,53 +26,59 @@ grpc::ServerUnaryReactor* CoordinatorService::unaryCall(grpc::CallbackServerCont
     reactor->Finish(admitted);
     return reactor;
   }
-  // How long a write waits for the holders: one heartbeat interval, and at most half of what is
-  // left of the caller's deadline (so it is answered, rather than timed out after it was made).
-  TimePoint ack_by = Clock::now() + options_.heartbeat_interval;
-  if (const auto d = ctx->deadline(); d != std::chrono::system_clock::time_point::max()) {
-    const auto left = d - std::chrono::system_clock::now();
-    if (left / 2 < options_.heartbeat_interval) {
-      ack_by = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                  std::max(left / 2, decltype(left)::zero()));
-    }
-  }
+  const auto caller_deadline = ctx->deadline();
   runLocked([&] {
     if (job_scope && !job_scope_open_) {
-      gated_calls_.push_back(
-          [this, reactor, ack_by, fn = std::move(fn)] { callLocked(reactor, ack_by, fn); });
+      gated_calls_.push_back([this, reactor, caller_deadline, fn = std::move(fn)] {
+        callLocked(reactor, caller_deadline, fn);
+      });
       return;
     }
-    callLocked(reactor, ack_by, fn);
+    callLocked(reactor, caller_deadline, fn);
   });
   return reactor;
 }
 
-void CoordinatorService::callLocked(grpc::ServerUnaryReactor* reactor, TimePoint ack_by,
+void CoordinatorService::callLocked(grpc::ServerUnaryReactor* reactor,
+                                    std::chrono::system_clock::time_point caller_deadline,
                                     const std::function<Status()>& fn) {
   grpc::Status status;
   if (shutting_down_) {
     // It came in before the shutdown (a handover, maybe): not made here, where no holder would
     // have it.
-    status = rendezvous::finalStatus(
-        grpc::StatusCode::UNAVAILABLE,
-        fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
+    status = shuttingDownStatusLocked();
   } else {
     status = toGrpcStatus(fn());
-    // A change of the job scope is answered once the holders have it (or after a bounded wait).
+    // A change of the job scope is answered once the holders have it, waiting one heartbeat
+    // interval at most, and at most half of what is left of the caller's deadline (so that it is
+    // answered, rather than timed out after it was made). Counted from now: a call held for the
+    // holders' copies runs later than it came.
+    TimePoint ack_by = Clock::now() + options_.heartbeat_interval;
+    if (caller_deadline != std::chrono::system_clock::time_point::max()) {
+      const auto left = caller_deadline - std::chrono::system_clock::now();
+      if (left / 2 < options_.heartbeat_interval) {
+        ack_by = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                    std::max(left / 2, decltype(left)::zero()));
+      }
+    }
     if (replicateLocked(reactor, status, ack_by)) return;
   }
   deferred_.push_back([reactor, status] { reactor->Finish(status); });
+}
+
+grpc::Status CoordinatorService::shuttingDownStatusLocked() const {
+  const std::string why = fmt::format("the coordinator is shutting down: {}", shutdown_reason_);
+  // Handing over: the job goes on at a successor, where the caller may send the call again (a
+  // retarget); otherwise the coordinator said it is going, and the call is not to be retried here.
+  return shutdown_handover_ ? grpc::Status(grpc::StatusCode::UNAVAILABLE, why)
+                            : rendezvous::finalStatus(grpc::StatusCode::UNAVAILABLE, why);
 }
 
 grpc::Status CoordinatorService::admit(grpc::CallbackServerContext* ctx) {
   grpc::Status s = checkCall(ctx);
   if (!s.ok()) return s;
   std::lock_guard lock(mu_);
-  if (shutting_down_) {
-    return rendezvous::finalStatus(
-        grpc::StatusCode::UNAVAILABLE,
-        fmt::format("the coordinator is shutting down: {}", shutdown_reason_));
-  }
+  if (shutting_down_) return shuttingDownStatusLocked();
   return grpc::Status::OK;
 }
 

@@ -11,7 +11,7 @@ std::uint64_t JobScopeReplica::apply(const v1::JobScope& message) {
   if (message.full() || message.release()) {
     entries_.clear();
     revision_ = 0;
-    held_ = message.full();
+    held_ = false;
   }
   if (message.release()) return message.revision();
   for (const v1::JobScopeEntry& e : message.entries()) {
@@ -22,6 +22,8 @@ std::uint64_t JobScopeReplica::apply(const v1::JobScope& message) {
     mine.revision = e.revision();
   }
   revision_ = std::max(revision_, message.revision());
+  // A snapshot is held once all of it came (its last message); a change applies to what is held.
+  if (message.complete()) held_ = true;
   return message.revision();
 }
 

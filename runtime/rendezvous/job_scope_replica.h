@@ -34,13 +34,14 @@ class JobScopeReplica {
     std::uint64_t revision = 0;
   };
 
-  // Applies a JobScope message: `full` replaces the copy (the node is a holder from then on),
-  // `release` drops it, entries are upserted. Returns the revision to acknowledge.
+  // Applies a JobScope message: `full` starts a snapshot that replaces the copy (held once its
+  // `complete` message came), `release` drops the copy, entries are upserted. Returns the
+  // revision to acknowledge.
   std::uint64_t apply(const rally::v1::JobScope& message);
   void clear();  // not a holder any more
 
-  // Whether this node holds the job scope (it received a snapshot since it was last cleared),
-  // even an empty one.
+  // Whether this node holds the job scope (it received a whole snapshot since it was last
+  // cleared), even an empty one.
   bool held() const;
   bool empty() const;
   std::uint64_t revision() const;

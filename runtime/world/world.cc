@@ -37,13 +37,14 @@ class StoreFiredFaults final : public FiredFaults {
       : store_(std::move(store)), owner_(std::move(owner)) {}
   Result<bool> claim(size_t index) override {
     // Retried while the coordinator is away: a claim in flight when it is lost is not a
-    // failure of this rank.
-    return store_.claim(std::to_string(index), owner_);
+    // failure of this rank. Each claim its own value: only its own earlier attempt counts.
+    return store_.claim(std::to_string(index), fmt::format("{}/{}", owner_, ++claims_));
   }
 
  private:
   rendezvous::StoreClient store_;
   std::string owner_;
+  std::atomic<std::uint64_t> claims_{0};
 };
 
 const std::string* find(const Env& env, const std::string& name) {

@@ -10,6 +10,7 @@
 #include <thread>
 #include <tuple>
 
+#include "runtime/rendezvous/grpc_status.h"
 #include "tests/integration/coordinator/coordinator_fixture.h"
 
 namespace rally::testing {
@@ -113,6 +114,23 @@ TEST_F(ServiceTest, AClaimCountsItsOwnEarlierAttemptAndWaitsOutARestart) {
   claimer.join();
   ASSERT_TRUE(claimed && claimed->ok()) << (claimed ? claimed->status().toString() : "");
   EXPECT_TRUE(**claimed);
+  // A coordinator handing over refuses calls as one that is away (they may go to the successor);
+  // one that stops says so finally.
+  for (const bool handover : {true, false}) {
+    auto c = connect();
+    ASSERT_TRUE(StoreClient(c).set("x", "1").ok());
+    server_->service().shutdown("stopping", handover);
+    grpc::ClientContext ctx;
+    c->prepareContext(&ctx, milliseconds(2000));
+    v1::SetRequest req;
+    req.set_key("y");
+    v1::SetResponse resp;
+    const grpc::Status st = c->stub()->Set(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+    EXPECT_EQ(rendezvous::isFinal(st), !handover) << st.error_message();
+    server_->shutdown("test", Milliseconds(500));
+    startServer(options_);
+  }
 }
 
 TEST_F(ServiceTest, ConcurrentAddAndCompareAndSetFromManyClients) {
@@ -698,6 +716,7 @@ TEST_F(ServiceTest, ATakeoverAdoptsTheRejoiningHoldersCopiesKeyByKey) {
     auto r = std::make_shared<rendezvous::JobScopeReplica>();
     v1::JobScope m;
     m.set_full(true);
+    m.set_complete(true);
     for (const auto& [k, v, rev, del] : es) {
       auto* e = m.add_entries();
       e->set_key(k);
@@ -772,9 +791,9 @@ TEST_F(ServiceTest, ATakeoverAdoptsTheRejoiningHoldersCopiesKeyByKey) {
   EXPECT_EQ(*store.get("restarts"), "3");
 }
 
-// A coordinator that may be resuming a job (any but a successor's) holds job-scope calls until
-// the first Join shows whether it does: a rejoining holder's copy is in before a call is answered
-// (a fault already fired is not claimed again), and a new node's Join lets them through at once.
+// A coordinator that may be resuming a job (any but a successor's) holds job-scope calls: until
+// a rejoining holder's copy is in (so a fault already fired is not claimed again), or, for a new
+// job, until its first round forms.
 TEST_F(ServiceTest, ARestartedCoordinatorAnswersJobScopeCallsOnceAHoldersCopyIsIn) {
   server_->shutdown("restart as a coordinator that may be resuming");
   auto options = defaultOptions();
@@ -792,6 +811,7 @@ TEST_F(ServiceTest, ARestartedCoordinatorAnswersJobScopeCallsOnceAHoldersCopyIsI
   auto copy = std::make_shared<rendezvous::JobScopeReplica>();
   v1::JobScope m;
   m.set_full(true);
+  m.set_complete(true);
   m.set_revision(7);
   auto* e = m.add_entries();
   e->set_key("fired/0");
@@ -816,7 +836,7 @@ TEST_F(ServiceTest, ARestartedCoordinatorAnswersJobScopeCallsOnceAHoldersCopyIsI
   EXPECT_EQ((*claim)->value, "node-a");
   EXPECT_EQ(server_->service().stats().held_calls, 0u);
 
-  // A new job: the first Join is a new node's, and what waited goes on at once.
+  // A new job: its first round forms with no node rejoined, and what waited goes on then.
   server_->shutdown("restart for a new job");
   startServer(options);
   StoreClient fresh(connect());

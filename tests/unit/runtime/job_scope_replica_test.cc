@@ -11,10 +11,12 @@ namespace {
 
 namespace v1 = rally::v1;
 
+// A one-message snapshot (`full`: first and last, so complete) or a change.
 v1::JobScope message(std::uint64_t revision, bool full = false) {
   v1::JobScope m;
   m.set_revision(revision);
   m.set_full(full);
+  m.set_complete(full);
   return m;
 }
 
@@ -65,6 +67,23 @@ TEST(JobScopeReplicaTest, SnapshotsChangesAndReleases) {
   EXPECT_TRUE(r.empty());
   EXPECT_FALSE(r.held());
   EXPECT_EQ(r.revision(), 0u);
+}
+
+TEST(JobScopeReplicaTest, ASnapshotIsHeldOnlyOnceAllOfItCame) {
+  JobScopeReplica r;
+  v1::JobScope first;
+  first.set_full(true);
+  entry(&first, "a", "1", 1);
+  r.apply(first);
+  EXPECT_FALSE(r.held()) << "a holder cut off mid-snapshot holds nothing it could upload";
+  EXPECT_TRUE(r.chunks().empty());
+  v1::JobScope last = message(2);
+  last.set_complete(true);
+  entry(&last, "b", "2", 2);
+  EXPECT_EQ(r.apply(last), 2u);
+  EXPECT_TRUE(r.held());
+  EXPECT_EQ(r.get("a"), "1");
+  EXPECT_EQ(r.get("b"), "2");
 }
 
 TEST(JobScopeReplicaTest, ChunksCarryEveryEntryWithItsRevision) {
