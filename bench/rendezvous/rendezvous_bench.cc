@@ -8,6 +8,9 @@
 //   and
 //     agents hung (alive but silent), from the kill, or from the hung agent's last heartbeat, to
 //     the generation event that names it.
+//   - a store write's latency, p50/p99 over 200 writes in a row: to the job scope, which the
+//     coordinator answers once its 3 holders (agents 0-2 keep copies, as `rally run` agents do)
+//     have acknowledged it, and to the generation's scope, which is not copied.
 // It ends with one line per N: `rendezvous agents=N seconds=S detect_p99_ms=D`, D the worse of the
 // two p99s.
 //
@@ -102,6 +105,7 @@ struct SizeResult {
   double rss_mib;
   double kill_p50, kill_p99, hang_p50, hang_p99;
   int false_failures;
+  double job_set_p50_us, job_set_p99_us, gen_set_p50_us, gen_set_p99_us;
 };
 
 SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_seconds) {
@@ -172,6 +176,7 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
       Agent* a = agents[i].get();
       rendezvous::AgentSessionOptions opts;
       opts.auto_heartbeat = false;
+      if (i < 3) opts.replica = std::make_shared<rendezvous::JobScopeReplica>();
       opts.on_message = [a, &formed, &cv, n](const v1::CoordinatorMessage& m) {
         if (m.has_round_formed() && a->formed_ns.load() == 0) {
           a->formed_ns = nowNs();
@@ -217,6 +222,24 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
   const ProcSample after = sample(coord.pid());
   const double cpu =
       100.0 * (after.cpu_seconds - before.cpu_seconds) / (msBetween(l0, Clock::now()) / 1000.0);
+  // Store writes, one at a time, from a client of its own: the job scope (copied to the holders
+  // before the answer) and the first generation's scope (not copied).
+  std::vector<double> job_set_us, gen_set_us;
+  {
+    rendezvous::ClientOptions o = conns[0]->options();
+    o.dedicated_connection = true;
+    auto client = *rendezvous::CoordinatorConnection::open(o);
+    rendezvous::StoreClient job(client), gen = job.scoped("", 1);
+    for (int i = 0; i < 220; ++i) {
+      const auto w0 = Clock::now();
+      if (!job.set("bench/k", std::to_string(i)).ok()) break;
+      const auto w1 = Clock::now();
+      if (!gen.set("bench/k", std::to_string(i)).ok()) break;
+      if (i < 20) continue;  // warm-up
+      job_set_us.push_back(msBetween(w0, w1) * 1000);
+      gen_set_us.push_back(msBetween(w1, Clock::now()) * 1000);
+    }
+  }
   // Nobody was killed yet: any node reported failed so far is a false failure.
   int false_failures = 0;
   {
@@ -300,7 +323,11 @@ SizeResult runOne(int n, int connections, int trials, int interval_ms, int load_
                     percentile(kill_ms, 99),
                     percentile(hang_ms, 50),
                     percentile(hang_ms, 99),
-                    false_failures};
+                    false_failures,
+                    percentile(job_set_us, 50),
+                    percentile(job_set_us, 99),
+                    percentile(gen_set_us, 50),
+                    percentile(gen_set_us, 99)};
 }
 
 std::vector<int> parseSizes(const std::string& s) {
@@ -338,18 +365,21 @@ int main(int argc, char** argv) {
   std::vector<SizeResult> results;
   std::cout << fmt::format("# heartbeat interval {} ms, {} trials per failure kind\n", interval_ms,
                            trials);
-  std::cout << fmt::format("# {:>7} {:>6} {:>9} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6}\n",
-                           "agents", "conns", "round_s", "cpu_%", "rss_MiB", "kill_p50ms",
-                           "kill_p99ms", "hang_p50ms", "hang_p99ms", "false");
+  std::cout << fmt::format(
+      "# {:>7} {:>6} {:>9} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>6} {:>12} {:>12}\n", "agents",
+      "conns", "round_s", "cpu_%", "rss_MiB", "kill_p50ms", "kill_p99ms", "hang_p50ms",
+      "hang_p99ms", "false", "jobset_us", "genset_us");
   for (int n : sizes) {
     const int c = std::min(n, connections);
     SizeResult r = runOne(n, c, trials, interval_ms, load_seconds);
     results.push_back(r);
     std::cout << fmt::format(
                      "  {:>7} {:>6} {:>9.3f} {:>8.1f} {:>8.1f} {:>10.1f} {:>10.1f} {:>10.1f} "
-                     "{:>10.1f} {:>6}\n",
+                     "{:>10.1f} {:>6} {:>12} {:>12}\n",
                      r.agents, c, r.round_s, r.cpu_percent, r.rss_mib, r.kill_p50, r.kill_p99,
-                     r.hang_p50, r.hang_p99, r.false_failures)
+                     r.hang_p50, r.hang_p99, r.false_failures,
+                     fmt::format("{:.0f}/{:.0f}", r.job_set_p50_us, r.job_set_p99_us),
+                     fmt::format("{:.0f}/{:.0f}", r.gen_set_p50_us, r.gen_set_p99_us))
               << std::flush;
   }
   for (const SizeResult& r : results) {
