@@ -29,7 +29,17 @@ grpc::ServerUnaryReactor* CoordinatorService::unaryCall(grpc::CallbackServerCont
   const auto caller_deadline = ctx->deadline();
   runLocked([&] {
     if (job_scope && !job_scope_open_) {
-      gated_calls_.push_back([this, reactor, caller_deadline, fn = std::move(fn)] {
+      gated_calls_.push_back([this, ctx, reactor, caller_deadline, fn = std::move(fn)] {
+        // Its caller gave up meanwhile (its deadline passed, or it exited): not made, as it was
+        // not answered (a fault claimed that way would never fire).
+        if (ctx->IsCancelled()) {
+          deferred_.push_back([reactor] {
+            reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                                         "the caller gave up while the call waited for the "
+                                         "holders' copies of the job scope"));
+          });
+          return;
+        }
         callLocked(reactor, caller_deadline, fn);
       });
       return;

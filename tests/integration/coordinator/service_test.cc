@@ -836,19 +836,32 @@ TEST_F(ServiceTest, ARestartedCoordinatorAnswersJobScopeCallsOnceAHoldersCopyIsI
   EXPECT_EQ((*claim)->value, "node-a");
   EXPECT_EQ(server_->service().stats().held_calls, 0u);
 
-  // A new job: its first round forms with no node rejoined, and what waited goes on then.
+  // A new job: its first round forms with no node rejoined, and what waited goes on then. A call
+  // whose caller gave up while it waited is not made.
   server_->shutdown("restart for a new job");
   startServer(options);
+  {
+    auto impatient = connect();
+    grpc::ClientContext ctx;
+    impatient->prepareContext(&ctx, milliseconds(300));
+    v1::SetRequest req;
+    req.set_key("late");
+    req.set_value("1");
+    v1::SetResponse resp;
+    const grpc::Status st = impatient->stub()->Set(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  }
   StoreClient fresh(connect());
   std::thread caller([&] { claim = fresh.compareAndSet("fired/0", std::nullopt, "first"); });
-  for (int i = 0; i < 200 && server_->service().stats().held_calls == 0; ++i) {
+  for (int i = 0; i < 200 && server_->service().stats().held_calls < 2; ++i) {
     std::this_thread::sleep_for(milliseconds(25));
   }
-  ASSERT_EQ(server_->service().stats().held_calls, 1u);
+  ASSERT_EQ(server_->service().stats().held_calls, 2u) << "the impatient call, and this one";
   auto b = join("b");
   caller.join();
   ASSERT_TRUE(claim && claim->ok());
   EXPECT_TRUE((*claim)->swapped);
+  EXPECT_EQ(*fresh.get("late"), std::nullopt) << "its caller was told it failed";
 }
 
 TEST_F(ServiceTest, SessionsTellALostCoordinatorFromOneThatEndedThem) {
