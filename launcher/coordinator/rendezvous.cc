@@ -143,6 +143,17 @@ Result<JoinOutcome> Rendezvous::join(const NodeInfo& node, TimePoint now, Events
     entry.role = Role::kHeld;
     nodes_.emplace(node.node_id, std::move(entry));
     held_.push_back(node.node_id);
+    if (options_.takeover && node.last_generation >= options_.takeover->generation &&
+        admissible() > 0) {
+      // A member of the round this coordinator took over, back after the taken-over round
+      // formed without it (slower than the last call): its workers are alive and re-forming in
+      // place. Held for the next round at a commit point, they would give up first: re-form now.
+      startReform(fmt::format("node '{}' came back from generation {} after the round had formed "
+                              "without it",
+                              node.node_id, node.last_generation),
+                  {}, now, events);
+      return JoinOutcome{.waiting = false};
+    }
     events->push_back(NodesWaitingEvent{admissible()});
     return JoinOutcome{.waiting = true};
   }

@@ -644,6 +644,7 @@ Status World::recover(Milliseconds timeout) {
   // may not have said so yet: a collective's failure can come first).
   requestTelemetryWrite();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::optional<std::chrono::steady_clock::time_point> excluded_since;
   for (;;) {
     RALLY_ASSIGN_OR_RETURN(const rally::v1::RoundInfo round, conn_->getRound());
     if (round.state() == rally::v1::GenerationEvent::CLOSED) {
@@ -659,33 +660,48 @@ Status World::recover(Milliseconds timeout) {
         total += static_cast<int>(m.local_world_size());
       }
       if (node < 0) {
-        return failedPrecondition(fmt::format(
-            "node '{}' is not a member of generation {}'s round: the job went on without it",
-            node_id_, round.generation()));
+        // Not in this round. Usually the job went on without this node; but a node that came
+        // back late to a coordinator that took over is re-formed with at once (the coordinator
+        // re-forms for it): wait a little for a round with it.
+        constexpr auto kExcludedWait = std::chrono::seconds(10);
+        const auto now = std::chrono::steady_clock::now();
+        if (!excluded_since) {
+          excluded_since = now;
+          log->info(
+              "rank {}: generation {}'s round formed without node '{}'; waiting up to {} "
+              "for one with it",
+              rank_, round.generation(), node_id_, formatDuration(kExcludedWait));
+        }
+        if (now - *excluded_since >= kExcludedWait) {
+          return failedPrecondition(fmt::format(
+              "node '{}' is not a member of generation {}'s round: the job went on without it",
+              node_id_, round.generation()));
+        }
+      } else {
+        round_read_at_ = std::chrono::steady_clock::now();
+        {
+          std::lock_guard lock(comm_mu_);
+          comm_.reset();  // frees the old generation's connections and shared memory
+          generation_ = round.generation();
+          rank_ = offset + local_rank_;
+          size_ = total;
+          node_rank_ = node;
+          num_nodes_ = round.members_size();
+        }
+        bootstrap_ = std::make_unique<rendezvous::CoordinatorBootstrapStore>(
+            rendezvous::StoreClient(conn_).scoped("rally/comm/", generation()));
+        const Status built = buildCommunicator();
+        if (built.ok()) {
+          recoveries_.fetch_add(1);
+          last_moved_at_ = movedAt();
+          moved_at_us_ = 0;
+          log->info("re-formed in place: {}", describe());
+          return okStatus();
+        }
+        if (!jobMovedOn()) return built;
+        log->info("generation {} ended while its communicator was built ({}); following the job",
+                  generation(), built.message());
       }
-      round_read_at_ = std::chrono::steady_clock::now();
-      {
-        std::lock_guard lock(comm_mu_);
-        comm_.reset();  // frees the old generation's connections and shared memory
-        generation_ = round.generation();
-        rank_ = offset + local_rank_;
-        size_ = total;
-        node_rank_ = node;
-        num_nodes_ = round.members_size();
-      }
-      bootstrap_ = std::make_unique<rendezvous::CoordinatorBootstrapStore>(
-          rendezvous::StoreClient(conn_).scoped("rally/comm/", generation()));
-      const Status built = buildCommunicator();
-      if (built.ok()) {
-        recoveries_.fetch_add(1);
-        last_moved_at_ = movedAt();
-        moved_at_us_ = 0;
-        log->info("re-formed in place: {}", describe());
-        return okStatus();
-      }
-      if (!jobMovedOn()) return built;
-      log->info("generation {} ended while its communicator was built ({}); following the job",
-                generation(), built.message());
     }
     std::unique_lock lock(comm_mu_);
     const std::uint64_t seen = latest_.load();

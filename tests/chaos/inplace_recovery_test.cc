@@ -450,6 +450,47 @@ TEST_F(InPlaceRecoveryTest, CoordinatorHostLostASuccessorTakesItOverAndTheWorker
   EXPECT_TRUE(recovered) << log;
 }
 
+// A surviving member slower than the last call (its agent stopped while the host is lost): the
+// successor's round forms without it. When it comes back, the job re-forms with it at once, and
+// its workers, which waited, re-form in place with the others (before, it was held as a newcomer
+// and its workers gave up: "not a member of generation 3's round").
+TEST_F(InPlaceRecoveryTest, AMemberBackLateToTheSuccessorIsReFormedWithAndItsWorkersStay) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "3",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "20"};
+  const std::vector<std::string> args = {"--nnodes",        "1:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-l",
+                                         "--last-call",     "300ms"};
+  auto a = agent("ip-l-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-l-b", args, program, "127.0.0.2");
+  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
+  auto c = agent("ip-l-c", args, program, "127.0.0.3");  // node rank 2: b is the first successor
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  const auto all = [&] { return a->errors() + b->errors() + c->errors(); };
+  // c's agent stops (its worker goes on), then the host is lost: b takes over, and its round
+  // forms without c after the last call.
+  c->signal(SIGSTOP);
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(b->waitForErrors("round formed with 1 node(s)", milliseconds(30000))) << all();
+  c->signal(SIGCONT);
+  EXPECT_EQ(exitCode(*b), 0) << all();
+  EXPECT_EQ(exitCode(*c), 0) << all();
+  EXPECT_NE(b->errors().find("node 'ip-l-c' came back from generation"), std::string::npos)
+      << all();
+  EXPECT_NE(c->errors().find("re-formed in place"), std::string::npos) << all();
+  EXPECT_EQ(c->errors().find("is not a member of generation"), std::string::npos) << all();
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 3u)
+      << "each node started its workers once: c's stayed\n"
+      << log;
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 3 uses_max 3"), std::string::npos)
+      << got.summary << "\n"
+      << all();
+}
+
 // The coordinator's host goes silent (SIGSTOP: no reset, no answer, as a host powered off or cut
 // off): the agents find it by keepalive (2 heartbeat intervals of pings, 2 more to answer), not
 // when TCP gives up minutes later, and a successor takes over.

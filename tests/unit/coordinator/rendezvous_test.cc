@@ -515,6 +515,31 @@ TEST_F(TakeoverTest, ANodeThatSawANewerRoundMovesTheGenerationPastIt) {
   EXPECT_EQ(f[0].generation, 10u);
 }
 
+TEST_F(TakeoverTest, AnOldMemberBackAfterTheRoundFormedWithoutItReFormsAtOnce) {
+  makeTakeover(2, 4, 3);
+  ASSERT_TRUE(rejoin("a", 7, 1).ok());
+  ASSERT_TRUE(join("new").ok());                     // a spare of the lost coordinator, in no round
+  rdzv_->tick(now_ + milliseconds(2000), &events_);  // 'b' and 'c' missed the last call
+  ASSERT_EQ(formed().size(), 1u);
+  EXPECT_EQ(rdzv_->generation(), 8u);
+  events_.clear();
+  // 'b' was only slow: its workers are re-forming in place. It is not held as a newcomer (they
+  // would give up): the job re-forms with it at once.
+  auto back = rejoin("b", 7, 2);
+  ASSERT_TRUE(back.ok());
+  EXPECT_FALSE(back->waiting);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 9u);
+  EXPECT_EQ(f[0].members.size(), 3u);
+  events_.clear();
+  // A newcomer is held as ever, for the members to admit at a commit point.
+  auto later = join("later");
+  ASSERT_TRUE(later.ok());
+  EXPECT_TRUE(later->waiting);
+  EXPECT_TRUE(formed().empty());
+}
+
 TEST_F(TakeoverTest, NewNodesJoinTheTakenOverRoundAfterTheOldMembers) {
   makeTakeover(1, 4, 2);
   ASSERT_TRUE(join("new").ok());  // a node that was in no round
