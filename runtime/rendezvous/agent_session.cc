@@ -3,10 +3,9 @@
 #include <fmt/format.h>
 
 #include <deque>
-#include <mutex>
-#include <vector>
 
 #include "runtime/rendezvous/grpc_status.h"
+#include "runtime/rendezvous/internal/keep_reactor.h"
 
 namespace rally::rendezvous {
 
@@ -178,16 +177,9 @@ AgentSession::~AgentSession() {
   if (!inbox_.ended()) reactor_->cancel();
   // gRPC calls OnDone exactly once; the reactor must outlive it.
   while (!done_.waitFor(Milliseconds(1000))) reactor_->cancel();
-  // The reactor (with its ClientContext, which holds the last reference to the call) is kept, not
-  // destroyed: destroying that context after OnDone has, rarely, ended the process with "pure
-  // virtual method called" inside grpc_call_unref (gRPC 1.51: ~AgentSession -> ~ClientContext ->
-  // grpc_call_unref -> std::terminate, seen at an agent's exit after its job succeeded, which it
-  // then reported as SIGABRT). The cause is not found; a process has a few sessions in its life,
-  // so keeping their few KiB is the safe side. Reachable from here, they are not leaks to LSan.
-  static std::mutex kept_mu;
-  static auto* kept = new std::vector<std::unique_ptr<Reactor>>();  // never destroyed
-  std::lock_guard lock(kept_mu);
-  kept->push_back(std::move(reactor_));
+  // Kept, not destroyed: its ClientContext's destruction has, rarely, aborted the process
+  // (internal/keep_reactor.h).
+  internal::keepReactor(std::move(reactor_));
 }
 
 void AgentSession::setInterval(std::uint64_t ms) {

@@ -1,6 +1,7 @@
 #include "runtime/rendezvous/generation_watcher.h"
 
 #include "runtime/rendezvous/grpc_status.h"
+#include "runtime/rendezvous/internal/keep_reactor.h"
 
 namespace rally::rendezvous {
 
@@ -65,6 +66,9 @@ Result<std::unique_ptr<GenerationWatcher>> GenerationWatcher::start(
 GenerationWatcher::~GenerationWatcher() {
   if (!inbox_.ended()) reactor_->cancel();
   while (!done_.waitFor(Milliseconds(1000))) reactor_->cancel();
+  // Kept, not destroyed: its ClientContext's destruction has, rarely, aborted the process
+  // (internal/keep_reactor.h).
+  internal::keepReactor(std::move(reactor_));
 }
 
 Result<v1::GenerationEvent> GenerationWatcher::next(Milliseconds timeout) {
