@@ -3,8 +3,12 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "launcher/coordinator/coordinator_server.h"
 #include "runtime/rendezvous/agent_session.h"
@@ -74,6 +78,31 @@ class CoordinatorFixture : public ::testing::Test {
   }
 
   static bool isRoundFormed(const rally::v1::CoordinatorMessage& m) { return m.has_round_formed(); }
+
+  // Polls `done` every 25 ms for at most `limit`; returns its last answer.
+  static bool eventually(const std::function<bool()>& done,
+                         Milliseconds limit = Milliseconds(5000)) {
+    const auto until = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+      if (std::chrono::steady_clock::now() >= until) return done();
+      std::this_thread::sleep_for(Milliseconds(25));
+    }
+    return true;
+  }
+
+  // A session from a plain gRPC stream: writes `messages`, half-closes, reads to the end.
+  static grpc::Status rawSession(rendezvous::CoordinatorConnection& conn,
+                                 const std::vector<rally::v1::AgentMessage>& messages) {
+    grpc::ClientContext ctx;
+    conn.prepareContext(&ctx, Milliseconds(5000));
+    auto stream = conn.stub()->Session(&ctx);
+    for (const auto& m : messages) stream->Write(m);
+    stream->WritesDone();
+    rally::v1::CoordinatorMessage in;
+    while (stream->Read(&in)) {
+    }
+    return stream->Finish();
+  }
 
   coordinator::CoordinatorOptions options_;
   std::unique_ptr<coordinator::CoordinatorServer> server_;
