@@ -1,0 +1,496 @@
+// In-place recovery when the job's coordinator fails, through `rally run --recovery in-place` on
+// loopback, with the minimal example as the workers (the other failures: inplace_recovery_test.cc):
+//   - the coordinator's host lost (kill -9 of the agent hosting it; three nodes on three loopback
+//     addresses): a successor takes the coordinator over on its own address, the survivors'
+//     workers follow it there and re-form in place (each node started its workers once); the
+//     same when the host goes silent (SIGSTOP: found by keepalive), and when the first successor
+//     is lost with it (the next one takes over after --failover-timeout);
+//   - a surviving member slower than the last call to rejoin the successor: re-formed with at
+//     once when it is back, its workers kept;
+//   - --rdzv-endpoint with a standby address: the standby takes the coordinator over there (before
+//     a node of lower rank), and a spare held at the lost host and the lost host coming back both
+//     find it at that address; and a spare follows a coordinator handed over by a SIGTERMed host
+//     there, and takes its place;
+//   - the coordinator's host stopped by SIGTERM under --recovery restart: it hands the coordinator
+//     over, and the job re-forms once;
+//   - a standalone `rally coordinator` killed and started again: the workers train on meanwhile,
+//     the round resumes untouched (no re-form), and the weights are bitwise identical; a worker
+//     killed while it is away is counted against --max-restarts once it is back (re-formed for
+//     with a restart left, the job failed with none);
+//   - the host lost with the newest commit: the job's records in the store (the newest commit,
+//     the fault plan's firings) outlive it in the successor's copy of the job scope.
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "tests/chaos/inplace_fixture.h"
+
+namespace rally::testing {
+namespace {
+
+using std::chrono::milliseconds;
+
+class CoordinatorFailoverTest : public InPlaceFixture {};
+
+TEST_F(CoordinatorFailoverTest, CoordinatorHostLostASuccessorTakesItOverAndTheWorkersFollow) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const Result ref = reference(program);
+  ASSERT_EQ(ref.weights.size(), 8u);
+  // Three nodes on three loopback addresses, so that the coordinator's move shows in its address.
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-c",
+                                         "--last-call",     "300ms"};
+  auto a = agent("ip-c-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-c-b", args, program, "127.0.0.2");
+  auto c = agent("ip-c-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 6 generation", milliseconds(30000))) << a->errors();
+  a->signal(SIGKILL);  // the coordinator's host: its agent, the coordinator, and its workers
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  const std::string err = b->errors() + c->errors();
+  // The first successor by node rank (b or c, in join order) took it over on its own address...
+  const std::regex took("took over the job's coordinator on (127\\.0\\.0\\.[23]):[0-9]+");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(err, m, took)) << err;
+  const std::string host = m[1].str();
+  // ...and every surviving worker followed it there, in place (no process restarted).
+  const std::string follow = "the job's coordinator moved from " + endpoint_ + " to " + host;
+  EXPECT_EQ(count(err, follow), 4u) << err;
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("recoveries 1 world 4 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n"
+      << err;
+  ASSERT_EQ(got.weights.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_NEAR(got.weights[i], ref.weights[i], 2e-2) << i;
+  const std::string log = events();
+  EXPECT_NE(log.find("\"event\":\"coordinator_lost\""), std::string::npos) << log;
+  EXPECT_NE(log.find("\"event\":\"coordinator_moved\""), std::string::npos) << log;
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_moved\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_replaced\""), 0u)
+      << "no survivor failed: nothing to replace\n"
+      << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 3u)
+      << "each node started its workers once: the survivors recovered in place\n"
+      << log;
+  const auto recoveries = eventLines("recovery");
+  EXPECT_FALSE(recoveries.empty()) << log;
+  for (const std::string& line : recoveries) {
+    EXPECT_NE(line.find("\"world_size\":4"), std::string::npos) << line;
+  }
+}
+
+// A surviving member slower than the last call (its agent stopped while the host is lost): the
+// successor's round forms without it. When it comes back, the job re-forms with it at once, and
+// its workers, which waited, re-form in place with the others (before, it was held as a newcomer
+// and its workers gave up: "not a member of generation 3's round").
+TEST_F(CoordinatorFailoverTest, AMemberBackLateToTheSuccessorIsReFormedWithAndItsWorkersStay) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "3",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "20"};
+  const std::vector<std::string> args = {"--nnodes",        "1:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-l",
+                                         "--last-call",     "300ms"};
+  auto a = agent("ip-l-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-l-b", args, program, "127.0.0.2");
+  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
+  auto c = agent("ip-l-c", args, program, "127.0.0.3");  // node rank 2: b is the first successor
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  const auto all = [&] { return a->errors() + b->errors() + c->errors(); };
+  // c's agent stops (its worker goes on), then the host is lost: b takes over, and its round
+  // forms without c after the last call.
+  c->signal(SIGSTOP);
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(b->waitForErrors("round formed with 1 node(s)", milliseconds(30000))) << all();
+  c->signal(SIGCONT);
+  EXPECT_EQ(exitCode(*b), 0) << all();
+  EXPECT_EQ(exitCode(*c), 0) << all();
+  EXPECT_NE(b->errors().find("node 'ip-l-c' came back from generation"), std::string::npos)
+      << all();
+  EXPECT_NE(c->errors().find("re-formed in place"), std::string::npos) << all();
+  EXPECT_EQ(c->errors().find("is not a member of generation"), std::string::npos) << all();
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 3u)
+      << "each node started its workers once: c's stayed\n"
+      << log;
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 3 uses_max 3"), std::string::npos)
+      << got.summary << "\n"
+      << all();
+}
+
+// The coordinator's host goes silent (SIGSTOP: no reset, no answer, as a host powered off or cut
+// off): the agents find it by keepalive (2 heartbeat intervals of pings, 2 more to answer), not
+// when TCP gives up minutes later, and a successor takes over.
+TEST_F(CoordinatorFailoverTest, CoordinatorHostSilentIsFoundByKeepaliveAndTakenOver) {
+  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "3",
+                                            "--batch",   "12",  "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-q",
+                                         "--last-call",     "300ms"};
+  auto a = agent("ip-q-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-q-b", args, program, "127.0.0.2");
+  auto c = agent("ip-q-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  a->signal(SIGSTOP);
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  a->signal(SIGKILL);  // its worker goes with it (parent-death signal)
+  const std::string err = b->errors() + c->errors();
+  // Found at all: without keepalive the streams would break only when TCP gives up, minutes
+  // after this test's bounds.
+  EXPECT_EQ(count(err, "lost the coordinator at " + endpoint_ + " (node 'ip-q-a'"), 2u) << err;
+  EXPECT_EQ(count(err, "took over the job's coordinator"), 1u) << err;
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
+}
+
+// The coordinator's host and its first successor lost together: the others wait
+// --failover-timeout for the first successor, then the next one takes the coordinator over.
+TEST_F(CoordinatorFailoverTest, CoordinatorHostAndFirstSuccessorLostTheNextOneTakesOver) {
+  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "3",
+                                            "--batch",   "12",  "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::vector<std::string> args = {"--nnodes",        "1:3",     "--nproc-per-node",   "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",          "ip-d",
+                                         "--last-call",     "300ms",   "--failover-timeout", "1s"};
+  auto a = agent("ip-d-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  std::map<std::string, std::unique_ptr<ChildProcess>> others;
+  others["ip-d-b"] = agent("ip-d-b", args, program, "127.0.0.2");
+  others["ip-d-c"] = agent("ip-d-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  // Node rank 1 is the first successor (node rank 0, the host, is not one).
+  std::string first, second;
+  for (const auto& [name, p] : others) {
+    ASSERT_TRUE(p->waitForErrors(" of 3", milliseconds(10000))) << p->errors();
+    (p->errors().find("node rank 1 of 3") != std::string::npos ? first : second) = name;
+  }
+  ASSERT_FALSE(first.empty());
+  ASSERT_FALSE(second.empty());
+  a->signal(SIGKILL);
+  others[first]->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*others[second]), 0) << others[second]->errors();
+  const std::string err = others[second]->errors();
+  EXPECT_NE(err.find("no answer from the coordinator at 127.0.0."), std::string::npos) << err;
+  EXPECT_NE(err.find("took over the job's coordinator"), std::string::npos) << err;
+  const Result got = parse(others[second]->output());
+  EXPECT_NE(got.summary.find("world 1 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
+}
+
+// --rdzv-endpoint with a standby address: the node there takes the coordinator over before any
+// other (whatever its node rank), and serves it at that address, where nodes that were not in the
+// round find it: a spare held when the host was lost, and the lost host coming back (which joins
+// the job there rather than starting a coordinator of its own).
+TEST_F(CoordinatorFailoverTest, CoordinatorMovesToTheStandbyAddressWhereOtherNodesFindIt) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  const std::string standby = "127.0.0.3:" + port;
+  const std::vector<std::string> args = {
+      "--nnodes",  "2:3",  "--nproc-per-node", "1",    "--rdzv-endpoint", endpoint_ + "," + standby,
+      "--rdzv-id", "ip-s", "--last-call",      "300ms"};
+  auto a = agent("ip-s-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-s-b", args, program, "127.0.0.2");
+  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
+  auto c = agent("ip-s-c", args, program, "127.0.0.3");  // after b: node rank 2 at best
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  auto d = agent("ip-s-d", args, program, "127.0.0.4");  // a spare: the round is full
+  ASSERT_TRUE(d->waitForErrors("held until", milliseconds(20000))) << d->errors();
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(
+      c->waitForErrors("took over the job's coordinator on " + standby, milliseconds(20000)))
+      << c->errors() << b->errors();
+  // The spare had no successors to go to: it looked at --rdzv-endpoint's addresses.
+  ASSERT_TRUE(d->waitForErrors("the job's coordinator is now at " + standby, milliseconds(20000)))
+      << d->errors();
+  // The lost host comes back: it finds the job at the standby address (the round is full again
+  // with d, or about to be: it waits as a spare, or fills the place).
+  auto a2 = agent("ip-s-a2", args, program, "127.0.0.1");
+  ASSERT_TRUE(a2->waitForErrors("the job's coordinator is at " + standby, milliseconds(20000)))
+      << a2->errors();
+  // On a failure, every node's log: which node joined the successor when tells the story.
+  const auto all = [&] { return b->errors() + c->errors() + d->errors() + a2->errors(); };
+  EXPECT_EQ(exitCode(*b), 0) << all();
+  EXPECT_EQ(exitCode(*c), 0) << all();
+  EXPECT_EQ(exitCode(*d), 0) << all();
+  EXPECT_EQ(exitCode(*a2), 0) << all();
+  EXPECT_EQ(a2->errors().find("hosting the job's coordinator"), std::string::npos) << a2->errors();
+  EXPECT_EQ(b->errors().find("took over"), std::string::npos) << "b is not the standby";
+  const Result got = parse(b->output() + c->output() + d->output() + a2->output());
+  EXPECT_NE(got.summary.find("world 3 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n"
+      << b->errors();
+}
+
+// The coordinator's host is stopped (SIGTERM: it hands the coordinator over) while a spare waits:
+// the spare knows no successors, looks at --rdzv-endpoint's addresses, finds the standby that took
+// over, and takes the stopped node's place.
+TEST_F(CoordinatorFailoverTest, ASpareFollowsAHandedOverCoordinatorToTheStandbyAndFillsThePlace) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  const std::string standby = "127.0.0.2:" + port;
+  const std::vector<std::string> args = {
+      "--nnodes",  "2",    "--nproc-per-node", "1",    "--rdzv-endpoint", endpoint_ + "," + standby,
+      "--rdzv-id", "ip-h", "--last-call",      "300ms"};
+  auto a = agent("ip-h-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-h-b", args, program, "127.0.0.2");
+  ASSERT_TRUE(a->waitForOutput("world 2 generation", milliseconds(30000))) << a->errors();
+  auto c = agent("ip-h-c", args, program, "127.0.0.3");  // a spare: the job is at MAX
+  ASSERT_TRUE(c->waitForErrors("held until", milliseconds(20000))) << c->errors();
+  a->signal(SIGTERM);
+  EXPECT_EQ(exitCode(*a, milliseconds(10000)), 128 + SIGTERM) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  EXPECT_NE(b->errors().find("took over the job's coordinator on " + standby), std::string::npos)
+      << b->errors();
+  EXPECT_NE(c->errors().find("its host is leaving"), std::string::npos) << c->errors();
+  EXPECT_NE(c->errors().find("the job's coordinator is now at " + standby), std::string::npos)
+      << c->errors();
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n"
+      << b->errors() << c->errors();
+}
+
+// Restart level, and a graceful loss: the coordinator's host is stopped (SIGTERM, as a preemption
+// notice would); it hands the coordinator over at once and the others restart their workers in a
+// world without it.
+TEST_F(CoordinatorFailoverTest, CoordinatorHostStoppedHandsTheCoordinatorOverUnderRestarts) {
+  recovery_ = "restart";
+  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "2",
+                                            "--batch",   "12",  "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "rs-c",
+                                         "--last-call",     "300ms"};
+  auto a = agent("rs-c-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("rs-c-b", args, program, "127.0.0.2");
+  auto c = agent("rs-c-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  a->signal(SIGTERM);
+  EXPECT_EQ(exitCode(*a, milliseconds(10000)), 128 + SIGTERM) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  const std::string err = b->errors() + c->errors();
+  EXPECT_NE(err.find("its host is leaving: the agent hosting the coordinator received SIGTERM"),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(count(err, "took over the job's coordinator on 127.0.0."), 1u) << err;
+  // One re-form, the takeover's: the host did not leave first (which would be a second).
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_moved\""), 2u) << log;
+  std::set<std::string> generations;
+  for (const std::string& line : eventLines("workers_started")) {
+    const auto at = line.find("\"generation\":");
+    if (at != std::string::npos) generations.insert(line.substr(at + 13, 2));
+  }
+  EXPECT_EQ(generations, (std::set<std::string>{"1,", "2,"})) << log;
+  EXPECT_NE((b->output() + c->output()).find("world 2 generation 2"), std::string::npos);
+}
+
+// A standalone coordinator (`rally coordinator`, as the Kubernetes recipe runs it) killed and
+// started again where it was: the agents wait for it while the workers go on training, the round
+// resumes unchanged (no re-form, no restart), and the result is bitwise identical.
+TEST_F(CoordinatorFailoverTest, StandaloneCoordinatorRestartedTheRoundResumesUntouched) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "8",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const Result ref = reference(program);
+  ::setenv("RALLY_TOKEN", "restart-test-token", 1);  // the coordinator's and the agents'
+  struct Unset {
+    ~Unset() { ::unsetenv("RALLY_TOKEN"); }
+  } unset;
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  int starts = 0;
+  const auto coordinator = [&] {
+    return std::make_unique<ChildProcess>(
+        std::vector<std::string>{RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port", port,
+                                 "--job-id", "ip-r", "--nnodes", "2", "--heartbeat-interval",
+                                 "500ms"},
+        tempPath("ip-r-coordinator" + std::to_string(++starts) + ".out"));
+  };
+  auto first = coordinator();
+  ASSERT_TRUE(first->waitForErrors("listening", milliseconds(20000))) << first->errors();
+  const std::vector<std::string> args = {"--nnodes",        "2",       "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-r"};
+  auto a = agent("ip-r-a", args, program);
+  auto b = agent("ip-r-b", args, program);
+  // Rank 0 prints the progress; either node may have it.
+  const auto training = std::chrono::steady_clock::now() + milliseconds(30000);
+  while ((a->output() + b->output()).find("world 4 generation 1") == std::string::npos &&
+         std::chrono::steady_clock::now() < training) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  ASSERT_NE((a->output() + b->output()).find("world 4 generation 1"), std::string::npos)
+      << a->errors() << b->errors();
+  first->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*first, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(a->waitForErrors("waiting up to", milliseconds(10000))) << a->errors();
+  ASSERT_TRUE(b->waitForErrors("waiting up to", milliseconds(10000))) << b->errors();
+  // Training goes on with no coordinator (commit points included) for 100 steps, some 3 s (the
+  // workers' watches fail and restart meanwhile), then the coordinator is started again.
+  const size_t before = count(a->output() + b->output(), "step ");
+  const auto trained = std::chrono::steady_clock::now() + milliseconds(30000);
+  while (count(a->output() + b->output(), "step ") < before + 10 &&
+         std::chrono::steady_clock::now() < trained) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  ASSERT_GE(count(a->output() + b->output(), "step "), before + 10)
+      << "the workers stopped while the coordinator was away";
+  auto second = coordinator();
+  EXPECT_EQ(exitCode(*a), 0) << a->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  const Result got = parse(a->output() + b->output());
+  EXPECT_EQ(got.weights_text, ref.weights_text) << "the round went on untouched";
+  EXPECT_NE(got.summary.find("recoveries 0 world 4 uses_min 8 uses_max 8"), std::string::npos)
+      << got.summary;
+  const std::string err = a->errors() + b->errors();
+  EXPECT_EQ(count(err, "the job's coordinator is back at " + endpoint_), 2u) << err;
+  EXPECT_EQ(count(err, "the restarted coordinator resumed the round"), 2u) << err;
+  EXPECT_EQ(count(err, "re-formed in place"), 0u) << err;
+  EXPECT_NE(second->errors().find("all 2 node(s) of generation 1 are back"), std::string::npos)
+      << second->errors();
+  const std::string log = events();
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_lost\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"coordinator_moved\""), 2u) << log;
+  EXPECT_EQ(count(log, "\"event\":\"workers_started\""), 2u) << log;
+}
+
+// A worker killed while the standalone coordinator is away counts against --max-restarts once it
+// is back, like any failure: with a restart left the resumed round re-forms for it (in place);
+// with none the job fails with its report.
+TEST_F(CoordinatorFailoverTest, AWorkerFailureWhileTheCoordinatorIsAwayCountsAgainstTheRestarts) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "8",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  ::setenv("RALLY_TOKEN", "outage-test-token", 1);
+  struct Unset {
+    ~Unset() { ::unsetenv("RALLY_TOKEN"); }
+  } unset;
+  for (const std::string max_restarts : {"1", "0"}) {
+    SCOPED_TRACE("--max-restarts " + max_restarts);
+    std::remove(events_.c_str());
+    endpoint_ = "127.0.0.1:" + std::to_string(freePort());
+    const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+    const std::string id = "ip-o" + max_restarts;
+    int starts = 0;
+    const auto coordinator = [&] {
+      return std::make_unique<ChildProcess>(
+          std::vector<std::string>{RALLY_BINARY, "coordinator", "--host", "127.0.0.1", "--port",
+                                   port, "--job-id", id, "--nnodes", "2", "--heartbeat-interval",
+                                   "500ms"},
+          tempPath(id + "-coordinator" + std::to_string(++starts) + ".out"));
+    };
+    auto first = coordinator();
+    ASSERT_TRUE(first->waitForErrors("listening", milliseconds(20000))) << first->errors();
+    const std::vector<std::string> args = {"--nnodes",        "2",         "--nproc-per-node", "1",
+                                           "--rdzv-endpoint", endpoint_,   "--rdzv-id",        id,
+                                           "--max-restarts",  max_restarts};
+    auto a = agent(id + "-a", args, program);
+    auto b = agent(id + "-b", args, program);
+    ASSERT_TRUE(a->waitForErrors("started 1 worker(s)", milliseconds(30000))) << a->errors();
+    // a's worker, from its workers_started event.
+    pid_t worker = 0;
+    const auto listed = std::chrono::steady_clock::now() + milliseconds(10000);
+    while (worker == 0 && std::chrono::steady_clock::now() < listed) {
+      for (const std::string& line : eventLines("workers_started")) {
+        if (line.find("\"node\":\"" + id + "-a\"") == std::string::npos) continue;
+        std::smatch m;
+        if (std::regex_search(line, m, std::regex("\"pids\":\\[([0-9]+)"))) {
+          worker = std::stoi(m[1].str());
+        }
+      }
+      if (worker == 0) std::this_thread::sleep_for(milliseconds(20));
+    }
+    ASSERT_GT(worker, 0) << events();
+    first->signal(SIGKILL);
+    EXPECT_EQ(exitCode(*first, milliseconds(5000)), 128 + SIGKILL);
+    ASSERT_TRUE(a->waitForErrors("waiting up to", milliseconds(10000))) << a->errors();
+    ::kill(worker, SIGKILL);
+    ASSERT_TRUE(a->waitForErrors("failed: signal SIGKILL", milliseconds(10000))) << a->errors();
+    auto second = coordinator();
+    ASSERT_TRUE(
+        a->waitForErrors("while the coordinator was away: counting them now", milliseconds(20000)))
+        << a->errors();
+    if (max_restarts == "1") {
+      EXPECT_EQ(exitCode(*a), 0) << a->errors();
+      EXPECT_EQ(exitCode(*b), 0) << b->errors();
+      EXPECT_NE(a->errors().find("in-place recovery 1 of 1"), std::string::npos) << a->errors();
+      const Result got = parse(a->output() + b->output());
+      EXPECT_NE(got.summary.find("world 2 uses_min 8 uses_max 8"), std::string::npos)
+          << got.summary;
+    } else {
+      EXPECT_EQ(exitCode(*a), 1) << a->errors();
+      EXPECT_EQ(exitCode(*b), 1) << b->errors();
+      EXPECT_NE(a->errors().find("failed after 0 restart(s) (--max-restarts 0)"), std::string::npos)
+          << a->errors();
+    }
+    second->signal(SIGTERM);
+    exitCode(*second, milliseconds(10000));
+  }
+}
+
+// The same, but the node lost with the newest commit hosts the coordinator: the job's records in
+// the store (the newest commit, the fault plan's firings) outlive it in the successor's copy. So
+// the survivor says it fell back, and when it passes commit 6 again the kill, already fired, does
+// not strike the node that is node 0 now (before the copies, it did: the job lost both nodes).
+TEST_F(CoordinatorFailoverTest, CoordinatorHostLostWithTheNewestCommitTheJobScopeSurvivesIt) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "2",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "5"};
+  const std::string plan = tempPath("inplace-scope-plan.txt");
+  {
+    std::ofstream(plan) << "delay rank=2 commit=6 for=20s   # node 1 held before commit 6\n"
+                           "delay rank=3 commit=6 for=20s\n"
+                           "kill node=0 commit=6             # node 0, the host, lost after it\n";
+  }
+  const std::vector<std::string> args = {"--nnodes",        "1:2",     "--nproc-per-node", "2",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-s",
+                                         "--fault-plan",    plan};
+  auto a = agent("ip-s-a", args, program);
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-s-b", args, program);
+  const int ca = exitCode(*a), cb = exitCode(*b);
+  EXPECT_EQ(ca, 128 + SIGKILL) << a->errors();
+  EXPECT_EQ(cb, 0) << b->errors();
+  const std::string err = a->errors() + b->errors();
+  EXPECT_NE(b->errors().find("took over the job's coordinator"), std::string::npos) << err;
+  EXPECT_NE(b->errors().find("job scope: took"), std::string::npos) << err;
+  // Node 0's worker says so as it fires (the line may die with its agent); node 1's never.
+  EXPECT_EQ(count(b->errors(), "rally: fault plan: kill node=0"), 0u) << err;
+  EXPECT_NE(err.find("fell back: commit 6 was held only by workers that are gone"),
+            std::string::npos)
+      << err;
+  const Result got = parse(b->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 2 uses_max 2"), std::string::npos) << got.summary;
+  const auto recoveries = eventLines("recovery");
+  EXPECT_FALSE(recoveries.empty()) << events();
+  for (const std::string& line : recoveries) {
+    EXPECT_NE(line.find("\"fell_back_from\":6"), std::string::npos) << line;
+  }
+}
+
+}  // namespace
+}  // namespace rally::testing
