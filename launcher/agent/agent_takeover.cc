@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <future>
 #include <random>
 #include <thread>
 
@@ -20,6 +21,13 @@ namespace {
 std::string joinHostPort(const std::string& host, int port) {
   return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port)
                                              : fmt::format("{}:{}", host, port);
+}
+
+// Where a successor serves the coordinator: its standby address of --rdzv-endpoint, else its own
+// address at the rendezvous port.
+std::string successorEndpoint(const v1::RoundMember& c, int rdzv_port) {
+  return !c.standby_endpoint().empty() ? c.standby_endpoint()
+                                       : joinHostPort(c.address(), rdzv_port);
 }
 
 }  // namespace
@@ -39,10 +47,11 @@ void Agent::Impl::writeCoordinatorFile() {
   }
 }
 
-Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint) {
+Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint,
+                                                 Milliseconds timeout) {
   rendezvous::ClientOptions o = conn_ ? conn_->options() : client_options_;
   o.endpoint = endpoint;
-  auto round = rendezvous::probeRound(std::move(o), Milliseconds(1000));
+  auto round = rendezvous::probeRound(std::move(o), timeout);
   if (!round.ok()) {
     return {round.status().code() == StatusCode::kUnauthenticated ? Probe::kRefuses : Probe::kNone,
             0, round.status().message()};
@@ -55,6 +64,29 @@ Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint) {
     return {Probe::kClosed, info.generation(), "its job has ended"};
   }
   return {Probe::kServes, info.generation(), ""};
+}
+
+std::optional<size_t> Agent::Impl::successorServing(const Takeover& t) {
+  std::vector<std::future<Probe>> probes(t.successors.size());
+  for (size_t i = 0; i < t.successors.size(); ++i) {
+    if (t.successors[i].node_id() == node_id_) continue;
+    // Each on its own thread: a successor's host that is gone costs the timeout once, not once
+    // per successor.
+    probes[i] = std::async(std::launch::async,
+                           [this, endpoint = successorEndpoint(t.successors[i], rdzv_port_)] {
+                             return probeCoordinator(endpoint, Milliseconds(500));
+                           });
+  }
+  std::optional<size_t> serving;
+  std::uint64_t newest = 0;
+  for (size_t i = 0; i < probes.size(); ++i) {
+    if (!probes[i].valid()) continue;
+    const Probe p = probes[i].get();
+    // An older generation is a coordinator cut off before this loss, not the job's.
+    if (p.kind != Probe::kServes || p.generation < generation_) continue;
+    if (!serving || p.generation > newest) serving = i, newest = p.generation;
+  }
+  return serving;
 }
 
 bool Agent::Impl::coordinatorAnswers() {
@@ -213,7 +245,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
     t.started_here = false;
   }
   while (t.next < t.successors.size()) {
-    const v1::RoundMember& c = t.successors[t.next++];
+    const v1::RoundMember* target = &t.successors[t.next++];
     // Absolute: the k-th successor is waited for until k patiences after the loss, so that one
     // that starts late because it waited for those before it is still found.
     t.deadline = t.lost_at + static_cast<int>(t.next) * t.patience;
@@ -228,10 +260,22 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       }
       return std::nullopt;
     }
-    // Where it serves the coordinator: its standby address of --rdzv-endpoint, else its own
-    // address at the rendezvous port.
-    std::string endpoint = !c.standby_endpoint().empty() ? c.standby_endpoint()
-                                                         : joinHostPort(c.address(), rdzv_port_);
+    if (target->node_id() == node_id_) {
+      if (const auto other = successorServing(t)) {
+        // This node was away (stalled) past the others' patience, and one of them took over
+        // meanwhile: a second coordinator would split the job in two, each training on its own.
+        // Join that one instead; it re-forms with this node, an old member, at once.
+        target = &t.successors[*other];
+        t.next = std::max(t.next, *other + 1);
+        t.deadline = t.lost_at + static_cast<int>(t.next) * t.patience;
+        log_->warn(
+            "the job's coordinator: node '{}' took it over at {} while this node was away; this "
+            "node joins it rather than taking over too",
+            target->node_id(), successorEndpoint(*target, rdzv_port_));
+      }
+    }
+    const v1::RoundMember& c = *target;
+    std::string endpoint = successorEndpoint(c, rdzv_port_);
     if (c.node_id() == node_id_) {
       coordinator::CoordinatorOptions copt = coordinator_options_;
       copt.host_node_id = node_id_;

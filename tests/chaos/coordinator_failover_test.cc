@@ -131,6 +131,46 @@ TEST_F(CoordinatorFailoverTest, AMemberBackLateToTheSuccessorIsReFormedWithAndIt
       << all();
 }
 
+// The first successor stalled longer than --failover-timeout while the host is lost: the second
+// takes over, and when the first comes back it joins that coordinator instead of starting one of
+// its own (before, it took over too: two coordinators, each training a part of the job).
+TEST_F(CoordinatorFailoverTest, AFirstSuccessorBackAfterTheNextTookOverJoinsIt) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "3",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "20"};
+  const std::vector<std::string> args = {"--nnodes",        "1:3",     "--nproc-per-node",   "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",          "ip-f",
+                                         "--last-call",     "300ms",   "--failover-timeout", "1s"};
+  auto a = agent("ip-f-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-f-b", args, program, "127.0.0.2");
+  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
+  auto c = agent("ip-f-c", args, program, "127.0.0.3");  // node rank 2: b is the first successor
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  const auto all = [&] { return a->errors() + b->errors() + c->errors(); };
+  // b's agent stops (its worker goes on), then the host is lost: c waits --failover-timeout for
+  // b, takes over, and its round forms without b after the last call.
+  b->signal(SIGSTOP);
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(c->waitForErrors("round formed with 1 node(s)", milliseconds(30000))) << all();
+  b->signal(SIGCONT);
+  EXPECT_EQ(exitCode(*b), 0) << all();
+  EXPECT_EQ(exitCode(*c), 0) << all();
+  EXPECT_NE(c->errors().find("took over the job's coordinator on 127.0.0.3"), std::string::npos)
+      << all();
+  EXPECT_EQ(b->errors().find("took over the job's coordinator"), std::string::npos)
+      << "one coordinator for the job\n"
+      << all();
+  EXPECT_NE(b->errors().find("node 'ip-f-c' took it over"), std::string::npos) << all();
+  EXPECT_NE(c->errors().find("node 'ip-f-b' came back from generation"), std::string::npos)
+      << all();
+  const Result got = parse(b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 2 uses_min 3 uses_max 3"), std::string::npos)
+      << got.summary << "\n"
+      << all();
+}
+
 // The coordinator's host goes silent (SIGSTOP: no reset, no answer, as a host powered off or cut
 // off): the agents find it by keepalive (2 heartbeat intervals of pings, 2 more to answer), not
 // when TCP gives up minutes later, and a successor takes over.

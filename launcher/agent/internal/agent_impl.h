@@ -135,7 +135,7 @@ class Agent::Impl {
   // True if the coordinator at the current endpoint still answers a call on a new connection
   // (the stream broke, but the coordinator did not go: a reset connection, a restarted proxy).
   bool coordinatorAnswers();
-  // What asking `endpoint` for its round (on a new connection, within 1 s) found.
+  // What asking `endpoint` for its round (on a new connection, within `timeout`) found.
   struct Probe {
     enum Kind {
       kServes,    // this job's coordinator, serving
@@ -147,7 +147,7 @@ class Agent::Impl {
     std::uint64_t generation = 0;
     std::string detail;  // what it said, for messages
   };
-  Probe probeCoordinator(const std::string& endpoint);
+  Probe probeCoordinator(const std::string& endpoint, Milliseconds timeout = Milliseconds(1000));
   // The endpoint of --rdzv-endpoint's list where the job's coordinator serves (the newest
   // generation if several do; with `accept_refusal`, else one that refuses this node's token, so
   // that joining it reports that), asked with growing pauses (250 ms to 2 s) until `deadline`
@@ -251,6 +251,11 @@ class Agent::Impl {
     std::optional<Clock::time_point> reopen_at;  // same endpoint: rejoin again then
   };
   std::optional<Takeover> takeover_;
+  // Before this node starts the coordinator as a successor: the index in `t.successors` of
+  // another successor that already serves the job's coordinator for the lost generation or a
+  // later one (it took over while this node was away, stalled past --failover-timeout), asked
+  // of all of them at once within 500 ms; nullopt if none does.
+  std::optional<size_t> successorServing(const Takeover& t);
   struct Unaccounted {
     WorkerFailure failure;
     std::string what;  // "signal SIGKILL"
