@@ -16,10 +16,6 @@ namespace rally::coordinator {
 
 namespace v1 = rally::v1;
 
-namespace {
-constexpr size_t kChunkBytes = 1 << 20;  // a snapshot's messages: well under gRPC's 4 MiB
-}  // namespace
-
 bool CoordinatorService::replicateLocked(grpc::ServerUnaryReactor* reactor,
                                          const grpc::Status& status, TimePoint ack_by) {
   if (job_changes_.empty()) return false;
@@ -56,7 +52,7 @@ std::vector<v1::JobScope> CoordinatorService::jobScopeSnapshotLocked() const {
   size_t bytes = 0;
   auto add = [&](const std::string& key, const std::string* value, std::uint64_t revision) {
     const size_t size = key.size() + (value ? value->size() : 0) + 16;
-    if (bytes + size > kChunkBytes && out.back().entries_size() > 0) {
+    if (bytes + size > options_.job_scope_chunk_bytes && out.back().entries_size() > 0) {
       out.emplace_back();
       bytes = 0;
     }

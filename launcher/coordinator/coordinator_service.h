@@ -53,6 +53,9 @@ struct CoordinatorOptions {
   // the first rejoin, if one comes); 0: never held.
   std::vector<rally::v1::JobScope> job_scope_seed;
   Milliseconds job_scope_grace{2000};
+  // The most a snapshot's message carries (keys and values; one entry larger than this goes alone).
+  // CoordinatorServer sets it to half of its message limit, at most 1 MiB.
+  size_t job_scope_chunk_bytes = 1 << 20;
 };
 
 // How many successors each RoundFormed names: the coordinator survives the loss of its host

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <deque>
 
 #include "runtime/rendezvous/grpc_status.h"
@@ -137,7 +138,9 @@ Result<std::unique_ptr<AgentSession>> AgentSession::open(
     if (s->join_.last_generation == 0) {
       replica->clear();  // a new node: what it held belongs to another round
     } else {
-      upload = replica->chunks();
+      // Messages that fit the connection's limit with room to spare.
+      upload = replica->chunks(static_cast<size_t>(std::clamp<std::int64_t>(
+          s->conn_->options().max_message_bytes / 2, 1, std::int64_t{1} << 20)));
     }
   }
   s->reactor_ = std::make_unique<Reactor>(s.get());

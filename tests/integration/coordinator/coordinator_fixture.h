@@ -52,14 +52,16 @@ class CoordinatorFixture : public ::testing::Test {
     if (server_) server_->shutdown("test over", Milliseconds(500));
   }
 
-  std::shared_ptr<rendezvous::CoordinatorConnection> connect(const std::string& token = kToken,
-                                                             bool dedicated = false) {
+  std::shared_ptr<rendezvous::CoordinatorConnection> connect(
+      const std::string& token = kToken, bool dedicated = false,
+      std::int64_t max_message_bytes = 4 << 20) {
     rendezvous::ClientOptions o;
     o.endpoint = endpoint_;
     o.token = token;
     o.rpc_timeout = Milliseconds(5000);
     o.connect_timeout = Milliseconds(5000);
     o.dedicated_connection = dedicated;
+    o.max_message_bytes = max_message_bytes;
     auto c = rendezvous::CoordinatorConnection::open(o);
     EXPECT_TRUE(c.ok()) << c.status().toString();
     return *c;

@@ -357,5 +357,59 @@ TEST_F(ServiceJobScopeTest, ARestartedCoordinatorAnswersJobScopeCallsOnceAHolder
   EXPECT_EQ(*fresh.get("late"), std::nullopt) << "its caller was told it failed";
 }
 
+// Under a small message limit (RALLY_MAX_MESSAGE_BYTES) a snapshot goes in several messages that
+// fit it, and so does a holder's upload (before, both went in messages of up to 1 MiB: a holder's
+// session broke, and the coordinator refused its copy).
+TEST_F(ServiceJobScopeTest, CopiesGoInMessagesUnderTheMessageLimit) {
+  constexpr std::int64_t kLimit = 64 << 10;
+  server_->shutdown("restart with a small message limit");
+  auto options = defaultOptions();
+  options.rendezvous.min_nodes = options.rendezvous.max_nodes = 1;
+  startServer(options, kLimit);
+  StoreClient store(connect(kToken, false, kLimit));
+  std::map<std::string, std::string> written;
+  for (int i = 0; i < 20; ++i) {
+    const std::string key = "big/" + std::to_string(i);
+    written[key] = std::string(10 << 10, static_cast<char>('a' + i));  // 200 KiB in all
+    ASSERT_TRUE(store.set(key, written[key]).ok());
+  }
+  auto copy = std::make_shared<rendezvous::JobScopeReplica>();
+  {
+    rendezvous::AgentSessionOptions o;
+    o.replica = copy;
+    auto a = AgentSession::open(
+        connect(kToken, true, kLimit),
+        {.node_id = "a", .job_id = "job", .local_world_size = 1, .address = "a.local"},
+        std::move(o));
+    ASSERT_TRUE(a.ok()) << a.status().toString();
+    ASSERT_TRUE((*a)->waitFor(isRoundFormed, milliseconds(5000)).ok());
+    ASSERT_TRUE(eventually([&] { return copy->size() == written.size(); })) << copy->size();
+    for (const auto& [key, value] : written) EXPECT_EQ(copy->get(key), value) << key;
+    EXPECT_EQ(server_->service().stats().holders, 1u) << "its session still stands";
+  }
+  // A restarted coordinator takes the whole copy from the holder's upload.
+  server_->shutdown("restart as a coordinator that may be resuming");
+  options.job_scope_grace = Milliseconds(30000);  // never reached here
+  startServer(options, kLimit);
+  rendezvous::AgentSessionOptions o;
+  o.replica = copy;
+  auto a = AgentSession::open(connect(kToken, true, kLimit),
+                              {.node_id = "a",
+                               .job_id = "job",
+                               .local_world_size = 1,
+                               .address = "a.local",
+                               .last_generation = 1,
+                               .last_node_rank = 0,
+                               .last_num_nodes = 1},
+                              std::move(o));
+  ASSERT_TRUE(a.ok()) << a.status().toString();
+  StoreClient again(connect(kToken, false, kLimit));
+  for (const auto& [key, value] : written) {
+    auto got = again.get(key);
+    ASSERT_TRUE(got.ok()) << got.status().toString();
+    EXPECT_EQ(*got, value) << key;
+  }
+}
+
 }  // namespace
 }  // namespace rally::testing
