@@ -27,6 +27,10 @@ constexpr TunableSpec kSpecs[] = {
      "of the round's next nodes takes it over: the k-th is waited for until k times this after "
      "the loss; 0: no takeover, and no waiting for a restarted standalone coordinator either "
      "(the job stops)"},
+    {"state_dir", "RALLY_STATE_DIR", TunableKind::kString, "",
+     "where each host remembers, per job, the addresses where its coordinator serves and would "
+     "be taken over, so that an agent started again there finds the job where it moved; empty: "
+     "rally-<uid> in the temporary directory"},
     {"max_message_bytes", "RALLY_MAX_MESSAGE_BYTES", TunableKind::kBytes, "4MiB",
      "largest request or response the coordinator accepts"},
     {"max_keys", "RALLY_MAX_KEYS", TunableKind::kInteger, "1000000",

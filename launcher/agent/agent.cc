@@ -732,6 +732,7 @@ int Agent::Impl::loop() {
         if (auto code = accountOutageFailures(/*reform=*/false)) return *code;
       }
     }
+    if (m.has_round_formed()) rememberCoordinators(m.round_formed());
     if (m.has_welcome() && m.welcome().waiting()) {
       log_->info("joined; held until the running round admits new nodes");
     } else if (m.has_round_formed() && m.round_formed().generation() == generation_) {
@@ -795,6 +796,7 @@ int Agent::Impl::loop() {
                     << std::flush;
         }
         log_->info("the job ended: {}", failed ? "failed" : "every worker finished");
+        if (memory_) memory_->forget();  // a next job of the same id does not ask old addresses
         return failed ? 1 : 0;
       }
       if (g.state() == v1::GenerationEvent::REFORMING && g.generation() > generation_ &&

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <random>
 #include <thread>
 
@@ -159,11 +160,23 @@ Status Agent::Impl::connect() {
     RALLY_ASSIGN_OR_RETURN(client_options_,
                            rendezvous::ClientOptions::fromTunables(o_.tunables, endpoint, token));
     const bool listed = o_.rdzv_endpoints.size() > 1;
+    // Where this host last saw the job's coordinator and its successors (an agent of this job
+    // that ran here before: the host was lost and came back, or the agent was restarted).
+    std::vector<std::string> remembered;
+    if (auto memory = CoordinatorMemory::open(*o_.tunables.string("state_dir"), o_.rdzv_id);
+        memory.ok()) {
+      memory_ = std::move(*memory);
+      remembered = memory_->recall();
+    } else {
+      log_->warn("this host cannot remember where the job's coordinator moves: {}",
+                 memory.status().message());
+    }
     std::optional<std::string> found;
-    if (listed) {
+    if (listed || !remembered.empty()) {
       // The coordinator may have moved since the job started (its first host was lost): a node
       // that joins now, or comes back, joins it there rather than starting another.
-      if (auto at = locateCoordinator(Clock::now(), /*accept_refusal=*/false); at.ok()) {
+      if (auto at = locateCoordinator(Clock::now(), /*accept_refusal=*/false, remembered);
+          at.ok()) {
         found = *at;
       } else if (at.status().code() == StatusCode::kAborted) {
         return at.status();
@@ -181,13 +194,21 @@ Status Agent::Impl::connect() {
     }
     if (found) {
       endpoint = *found;
-      if (endpoint != o_.rdzv_endpoint) {
+      const bool listed_there =
+          std::any_of(o_.rdzv_endpoints.begin(), o_.rdzv_endpoints.end(),
+                      [&](const cli::HostPort& e) { return e.toString() == endpoint; });
+      if (!listed_there) {
+        log_->info(
+            "the job's coordinator is at {}, where this host last saw it or its successors (not "
+            "at {}, where it started)",
+            endpoint, o_.rdzv_endpoint);
+      } else if (endpoint != o_.rdzv_endpoint) {
         log_->info("the job's coordinator is at {} (not at {}, where it started)", endpoint,
                    o_.rdzv_endpoint);
       }
     } else if (listed && !embedded_) {
       RALLY_ASSIGN_OR_RETURN(endpoint, locateCoordinator(Clock::now() + tunable("connect_timeout"),
-                                                         /*accept_refusal=*/true));
+                                                         /*accept_refusal=*/true, remembered));
     }
   }
   RALLY_ASSIGN_OR_RETURN(auto client,
@@ -206,6 +227,19 @@ Status Agent::Impl::connect() {
   log_->info("joining job '{}' at {} ({} worker(s) here, {}:{} nodes)", o_.rdzv_id, endpoint,
              o_.local_world_size, o_.min_nodes, o_.max_nodes);
   return okStatus();
+}
+
+void Agent::Impl::rememberCoordinators(const v1::RoundFormed& r) {
+  if (!memory_) return;
+  std::vector<std::string> endpoints = {conn_->endpoint()};
+  for (const v1::RoundMember& m : r.successors()) endpoints.push_back(successorEndpoint(m));
+  if (Status s = memory_->remember(endpoints); !s.ok() && !memory_failed_said_) {
+    memory_failed_said_ = true;
+    log_->warn(
+        "cannot remember where the job's coordinator is ({}): if this host is lost and "
+        "comes back, it may not find the job",
+        s.message());
+  }
 }
 
 Status Agent::Impl::openSession(const v1::RoundFormed* last) {

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <future>
 #include <random>
 #include <thread>
@@ -21,13 +22,6 @@ namespace {
 std::string joinHostPort(const std::string& host, int port) {
   return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port)
                                              : fmt::format("{}:{}", host, port);
-}
-
-// Where a successor serves the coordinator: its standby address of --rdzv-endpoint, else its own
-// address at the rendezvous port.
-std::string successorEndpoint(const v1::RoundMember& c, int rdzv_port) {
-  return !c.standby_endpoint().empty() ? c.standby_endpoint()
-                                       : joinHostPort(c.address(), rdzv_port);
 }
 
 }  // namespace
@@ -66,25 +60,40 @@ Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint,
   return {Probe::kServes, info.generation(), ""};
 }
 
+std::string Agent::Impl::successorEndpoint(const v1::RoundMember& m) const {
+  return !m.standby_endpoint().empty() ? m.standby_endpoint()
+                                       : joinHostPort(m.address(), rdzv_port_);
+}
+
+std::vector<Agent::Impl::Probe> Agent::Impl::probeAll(const std::vector<std::string>& endpoints,
+                                                      Milliseconds timeout) {
+  // Each on its own thread: a host that is gone costs the timeout once, not once per address.
+  std::vector<std::future<Probe>> probes;
+  for (const std::string& e : endpoints) {
+    probes.push_back(std::async(std::launch::async,
+                                [this, e, timeout] { return probeCoordinator(e, timeout); }));
+  }
+  std::vector<Probe> out;
+  for (auto& p : probes) out.push_back(p.get());
+  return out;
+}
+
 std::optional<size_t> Agent::Impl::successorServing(const Takeover& t) {
-  std::vector<std::future<Probe>> probes(t.successors.size());
+  std::vector<std::string> endpoints;
+  std::vector<size_t> index;
   for (size_t i = 0; i < t.successors.size(); ++i) {
     if (t.successors[i].node_id() == node_id_) continue;
-    // Each on its own thread: a successor's host that is gone costs the timeout once, not once
-    // per successor.
-    probes[i] = std::async(std::launch::async,
-                           [this, endpoint = successorEndpoint(t.successors[i], rdzv_port_)] {
-                             return probeCoordinator(endpoint, Milliseconds(500));
-                           });
+    endpoints.push_back(successorEndpoint(t.successors[i]));
+    index.push_back(i);
   }
+  const std::vector<Probe> probes = probeAll(endpoints, Milliseconds(500));
   std::optional<size_t> serving;
   std::uint64_t newest = 0;
-  for (size_t i = 0; i < probes.size(); ++i) {
-    if (!probes[i].valid()) continue;
-    const Probe p = probes[i].get();
+  for (size_t k = 0; k < probes.size(); ++k) {
+    const Probe& p = probes[k];
     // An older generation is a coordinator cut off before this loss, not the job's.
     if (p.kind != Probe::kServes || p.generation < generation_) continue;
-    if (!serving || p.generation > newest) serving = i, newest = p.generation;
+    if (!serving || p.generation > newest) serving = index[k], newest = p.generation;
   }
   return serving;
 }
@@ -94,8 +103,14 @@ bool Agent::Impl::coordinatorAnswers() {
   return p.kind == Probe::kServes || p.kind == Probe::kClosed;
 }
 
-Result<std::string> Agent::Impl::locateCoordinator(Clock::time_point deadline,
-                                                   bool accept_refusal) {
+Result<std::string> Agent::Impl::locateCoordinator(Clock::time_point deadline, bool accept_refusal,
+                                                   const std::vector<std::string>& remembered) {
+  std::vector<std::string> endpoints;
+  for (const cli::HostPort& e : o_.rdzv_endpoints) endpoints.push_back(e.toString());
+  const size_t listed = endpoints.size();
+  for (const std::string& e : remembered) {
+    if (std::find(endpoints.begin(), endpoints.end(), e) == endpoints.end()) endpoints.push_back(e);
+  }
   std::vector<std::string> answers;
   std::minstd_rand jitter(static_cast<unsigned>(getpid()));
   Milliseconds pause(250);
@@ -103,15 +118,17 @@ Result<std::string> Agent::Impl::locateCoordinator(Clock::time_point deadline,
     std::optional<std::pair<std::string, std::uint64_t>> best;
     std::optional<std::string> refused;  // answers, but not to this node's token
     answers.clear();
-    for (const cli::HostPort& e : o_.rdzv_endpoints) {
-      const std::string endpoint = e.toString();
-      const Probe p = probeCoordinator(endpoint);
-      if (p.kind == Probe::kServes) {
+    const std::vector<Probe> probes = probeAll(endpoints, Milliseconds(1000));
+    for (size_t i = 0; i < endpoints.size(); ++i) {
+      const std::string& endpoint = endpoints[i];
+      const Probe& p = probes[i];
+      if (p.kind == Probe::kServes && (i < listed || p.generation > 0)) {
         // Two answer only if an old coordinator was cut off rather than lost: the newer round
-        // is the job's.
+        // is the job's (ties: the first in list order).
         if (!best || p.generation > best->second) best.emplace(endpoint, p.generation);
         continue;
       }
+      if (i >= listed) continue;  // a remembered address: no news unless it serves the job
       if (p.kind == Probe::kRefuses && !refused) refused = endpoint;
       answers.push_back(fmt::format("{} ({})", endpoint, p.detail));
     }
@@ -271,11 +288,11 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
         log_->warn(
             "the job's coordinator: node '{}' took it over at {} while this node was away; this "
             "node joins it rather than taking over too",
-            target->node_id(), successorEndpoint(*target, rdzv_port_));
+            target->node_id(), successorEndpoint(*target));
       }
     }
     const v1::RoundMember& c = *target;
-    std::string endpoint = successorEndpoint(c, rdzv_port_);
+    std::string endpoint = successorEndpoint(c);
     if (c.node_id() == node_id_) {
       coordinator::CoordinatorOptions copt = coordinator_options_;
       copt.host_node_id = node_id_;

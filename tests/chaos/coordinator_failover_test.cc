@@ -131,6 +131,48 @@ TEST_F(CoordinatorFailoverTest, AMemberBackLateToTheSuccessorIsReFormedWithAndIt
       << all();
 }
 
+// The lost host started again, with the same command, while its successor serves the job at an
+// address --rdzv-endpoint does not list: its agent finds the job where its host last saw the
+// coordinator's successors, joins it as a new node, and the world grows back (before, it started
+// a coordinator of its own at the listed address: a second job of the same id).
+TEST_F(CoordinatorFailoverTest, TheLostHostStartedAgainFindsTheJobWhereItMoved) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "20"};
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-h",
+                                         "--last-call",     "300ms"};
+  auto a = agent("ip-h-a", args, program, "127.0.0.1");
+  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
+  auto b = agent("ip-h-b", args, program, "127.0.0.2");
+  auto c = agent("ip-h-c", args, program, "127.0.0.3");
+  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  const auto took = [&] {
+    return b->errors().find("took over the job's coordinator") != std::string::npos ||
+           c->errors().find("took over the job's coordinator") != std::string::npos;
+  };
+  ASSERT_TRUE(b->waitForErrors("round formed with 2 node(s)", milliseconds(30000)) ||
+              c->waitForErrors("round formed with 2 node(s)", milliseconds(1000)))
+      << b->errors() << c->errors();
+  ASSERT_TRUE(took());
+  const std::string first_errors = a->errors();
+  auto again = agent("ip-h-a", args, program, "127.0.0.1");
+  EXPECT_EQ(exitCode(*again), 0) << again->errors() << b->errors() << c->errors();
+  EXPECT_EQ(exitCode(*b), 0) << b->errors();
+  EXPECT_EQ(exitCode(*c), 0) << c->errors();
+  const std::string err = again->errors();
+  EXPECT_NE(err.find("where this host last saw it or its successors"), std::string::npos) << err;
+  EXPECT_EQ(err.find("hosting the job's coordinator"), std::string::npos)
+      << "one coordinator for the job\n"
+      << err;
+  const Result got = parse(again->output() + b->output() + c->output());
+  EXPECT_NE(got.summary.find("world 3 uses_min 4 uses_max 4"), std::string::npos)
+      << got.summary << "\n"
+      << err << b->errors() << c->errors();
+}
+
 // The first successor stalled longer than --failover-timeout while the host is lost: the second
 // takes over, and when the first comes back it joins that coordinator instead of starting one of
 // its own (before, it took over too: two coordinators, each training a part of the job).

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -42,20 +43,11 @@ class InPlaceFixture : public ::testing::Test {
   std::unique_ptr<ChildProcess> agent(const std::string& name, std::vector<std::string> args,
                                       const std::vector<std::string>& program_args,
                                       const std::string& address = "127.0.0.1") {
-    std::vector<std::string> argv = {RALLY_BINARY,
-                                     "run",
-                                     "--node-id",
-                                     name,
-                                     "--local-addr",
-                                     address,
-                                     "--heartbeat-interval",
-                                     "500ms",
-                                     "--grace-period",
-                                     "2s",
-                                     "--recovery",
-                                     recovery_,
-                                     "--events",
-                                     events_};
+    std::vector<std::string> argv = {RALLY_BINARY, "run", "--node-id", name, "--local-addr",
+                                     address, "--heartbeat-interval", "500ms", "--grace-period",
+                                     "2s", "--recovery", recovery_, "--events", events_,
+                                     // One per node name, as on a host of its own.
+                                     "--state-dir", state_dir_ + "/" + name};
     argv.insert(argv.end(), args.begin(), args.end());
     argv.push_back(RALLY_MINIMAL);
     argv.insert(argv.end(), program_args.begin(), program_args.end());
@@ -86,7 +78,11 @@ class InPlaceFixture : public ::testing::Test {
   std::string recovery_ = "in-place";
   std::string endpoint_ = "127.0.0.1:" + std::to_string(freePort());
   std::string events_ = tempPath("inplace-events.jsonl");
-  void SetUp() override { std::remove(events_.c_str()); }
+  std::string state_dir_ = tempPath("inplace-state");
+  void SetUp() override {
+    std::remove(events_.c_str());
+    std::filesystem::remove_all(state_dir_);
+  }
 };
 
 }  // namespace rally::testing

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "launcher/agent/agent.h"
+#include "launcher/agent/coordinator_memory.h"
 #include "launcher/agent/event_log.h"
 #include "launcher/agent/failure_report.h"
 #include "launcher/agent/progress_watchdog.h"
@@ -153,7 +154,19 @@ class Agent::Impl {
   // that joining it reports that), asked with growing pauses (250 ms to 2 s) until `deadline`
   // (one pass if it has passed). Unavailable naming every address and its answer if none does;
   // Aborted if a signal came.
-  Result<std::string> locateCoordinator(Clock::time_point deadline, bool accept_refusal);
+  // `remembered`: endpoints this host's memory names (CoordinatorMemory), asked in the same passes
+  // but counted only with a formed round (generation > 0): an old address of the job's that serves
+  // its coordinator took it over, while a listed one may still be gathering.
+  Result<std::string> locateCoordinator(Clock::time_point deadline, bool accept_refusal,
+                                        const std::vector<std::string>& remembered = {});
+  // Asks every endpoint at once (each on its own thread), within `timeout`.
+  std::vector<Probe> probeAll(const std::vector<std::string>& endpoints, Milliseconds timeout);
+  // Where a round member serves the coordinator when it takes it over: its standby address of
+  // --rdzv-endpoint, else its own address at the rendezvous port.
+  std::string successorEndpoint(const v1::RoundMember& m) const;
+  // Writes this host's memory of the job's coordinator: where it serves now, and round `r`'s
+  // successors. Logged once if it fails; the job goes on.
+  void rememberCoordinators(const v1::RoundFormed& r);
   // A node in no round yet (held, or gathering: it knows no successors) lost the coordinator, or
   // was told it is handed over: looks for it at --rdzv-endpoint's addresses (or its one address)
   // until --connect-timeout and joins it again. False if it was not found or could not be joined
@@ -236,6 +249,8 @@ class Agent::Impl {
   std::optional<cli::HostPort> standby_;
   rendezvous::ClientOptions client_options_;  // the first endpoint's, for probes before conn_
   std::string coordinator_file_;
+  std::optional<CoordinatorMemory> memory_;  // none: standalone, static, or it cannot be kept
+  bool memory_failed_said_ = false;
   struct Takeover {
     std::vector<v1::RoundMember> successors;
     size_t next = 0;  // the next one to try

@@ -1,5 +1,6 @@
-// The agent's progress watchdog (and, at the end, where its coordinator listens): reports arrive
-// over the abstract Unix socket with the sender's pid from the kernel; a worker is judged hung only
+// The agent's progress watchdog (and, at the end, where its coordinator listens; the host's memory
+// of where it is: coordinator_memory_test.cc, in the same binary): reports arrive over the
+// abstract Unix socket with the sender's pid from the kernel; a worker is judged hung only
 // after the timeout passes with neither a new step nor a wait, once; waiting (a collective) and new
 // steps restart the clock; workers not running, silent or not yet at a step are never judged.
 #include "launcher/agent/progress_watchdog.h"
