@@ -29,8 +29,8 @@ constexpr TunableSpec kSpecs[] = {
      "(the job stops)"},
     {"state_dir", "RALLY_STATE_DIR", TunableKind::kString, "",
      "where each host remembers, per job, the addresses where its coordinator serves and would "
-     "be taken over, so that an agent started again there finds the job where it moved; empty: "
-     "rally-<uid> in the temporary directory"},
+     "be taken over, so that an agent started again there finds the job where it moved (made "
+     "0700 if missing; must be writable by this user alone); empty: /var/tmp/rally-<uid>"},
     {"max_message_bytes", "RALLY_MAX_MESSAGE_BYTES", TunableKind::kBytes, "4MiB",
      "largest request or response the coordinator accepts"},
     {"max_keys", "RALLY_MAX_KEYS", TunableKind::kInteger, "1000000",

@@ -67,7 +67,8 @@ Status Agent::Impl::hostOrJoin(const coordinator::CoordinatorOptions& copt, cons
   std::minstd_rand jitter(static_cast<unsigned>(getpid()));
   bool said = false;
   for (;;) {
-    auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = at.port});
+    auto server = coordinator::CoordinatorServer::start(
+        copt, {.host = bind, .port = at.port, .max_message_bytes = maxMessageBytes()});
     if (server.ok()) {
       embedded_ = std::move(*server);
       log_->info("hosting the job's coordinator on {}", embedded_->address());
@@ -162,16 +163,18 @@ Status Agent::Impl::connect() {
     const bool listed = o_.rdzv_endpoints.size() > 1;
     // Where this host last saw the job's coordinator and its successors (an agent of this job
     // that ran here before: the host was lost and came back, or the agent was restarted).
-    std::vector<std::string> remembered;
-    if (auto memory = CoordinatorMemory::open(*o_.tunables.string("state_dir"), o_.rdzv_id);
+    // Kept for this job only: the same id with another --rdzv-endpoint or token is another job.
+    if (auto memory = CoordinatorMemory::open(*o_.tunables.string("state_dir"), o_.rdzv_id,
+                                              o_.rdzv_endpoint + "\n" + token);
         memory.ok()) {
       memory_ = std::move(*memory);
-      remembered = memory_->recall();
+      remembered_ = memory_->recall();
     } else {
       log_->warn("this host cannot remember where the job's coordinator moves: {}",
                  memory.status().message());
     }
     std::optional<std::string> found;
+    const std::vector<std::string>& remembered = remembered_;
     if (listed || !remembered.empty()) {
       // The coordinator may have moved since the job started (its first host was lost): a node
       // that joins now, or comes back, joins it there rather than starting another.

@@ -306,7 +306,8 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       copt.job_scope_seed = job_scope_->chunks();
       const std::string bind = listenAddressFor(standby_ ? standby_->host : address_);
       const int port = standby_ ? standby_->port : rdzv_port_;
-      auto server = coordinator::CoordinatorServer::start(copt, {.host = bind, .port = port});
+      auto server = coordinator::CoordinatorServer::start(
+          copt, {.host = bind, .port = port, .max_message_bytes = maxMessageBytes()});
       if (!server.ok()) {
         log_->error("cannot take over the job's coordinator here: {}; the others try the next node",
                     server.status().message());
@@ -351,12 +352,24 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
 }
 
 std::optional<int> Agent::Impl::deferToMovedCoordinator() {
-  if (!embedded_ || round_ || takeover_ || o_.rdzv_endpoints.size() < 2) return std::nullopt;
-  if (Clock::now() < next_defer_check_) return std::nullopt;
-  next_defer_check_ = Clock::now() + Milliseconds(2000);
+  if (!embedded_ || round_ || takeover_ || o_.rdzv_endpoints.empty()) return std::nullopt;
+  // The other listed addresses, and those this host remembers (CoordinatorMemory).
+  const std::string first = o_.rdzv_endpoints.front().toString();
+  std::vector<std::string> others;
   for (size_t i = 1; i < o_.rdzv_endpoints.size(); ++i) {
-    const std::string endpoint = o_.rdzv_endpoints[i].toString();
-    const Probe p = probeCoordinator(endpoint);
+    others.push_back(o_.rdzv_endpoints[i].toString());
+  }
+  for (const std::string& e : remembered_) {
+    if (e != first && std::find(others.begin(), others.end(), e) == others.end()) {
+      others.push_back(e);
+    }
+  }
+  if (others.empty() || Clock::now() < next_defer_check_) return std::nullopt;
+  next_defer_check_ = Clock::now() + Milliseconds(2000);
+  const std::vector<Probe> probes = probeAll(others, Milliseconds(1000));
+  for (size_t i = 0; i < others.size(); ++i) {
+    const std::string endpoint = others[i];
+    const Probe& p = probes[i];
     // A generation: a round of the job formed there (the one started here has none yet).
     if (p.kind != Probe::kServes || p.generation == 0) continue;
     const std::string here = embedded_->address();

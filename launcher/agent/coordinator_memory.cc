@@ -1,8 +1,11 @@
 #include "launcher/agent/coordinator_memory.h"
 
 #include <fmt/format.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -10,27 +13,80 @@
 #include "kernels/base/telemetry_files.h"
 
 namespace rally::agent {
+namespace {
 
-Result<CoordinatorMemory> CoordinatorMemory::open(const std::string& dir,
-                                                  const std::string& job_id) {
+// FNV-1a, 64 bits: stable across builds and machines, unlike std::hash.
+std::string hashOf(const std::string& s) {
+  std::uint64_t h = 14695981039346656037ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return fmt::format("{:016x}", h);
+}
+
+// `dir` as a directory of this user's that no one else may write: made (mode 0700) if missing.
+Status privateDirectory(const std::filesystem::path& dir) {
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0) {
+    if (errno != ENOENT) {
+      return ioError(
+          fmt::format("--state-dir: cannot use {}: {}", dir.string(), std::strerror(errno)));
+    }
+    std::error_code ec;
+    if (dir.has_parent_path()) std::filesystem::create_directories(dir.parent_path(), ec);
+    if (ec || (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)) {
+      return ioError(fmt::format("--state-dir: cannot create {}: {}", dir.string(),
+                                 ec ? ec.message() : std::strerror(errno)));
+    }
+    if (::lstat(dir.c_str(), &st) != 0) {
+      return ioError(
+          fmt::format("--state-dir: cannot use {}: {}", dir.string(), std::strerror(errno)));
+    }
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    return ioError(
+        fmt::format("--state-dir: {} is not a directory (a link or a file): name a "
+                    "directory of your own",
+                    dir.string()));
+  }
+  if (st.st_uid != ::getuid()) {
+    return ioError(
+        fmt::format("--state-dir: {} belongs to user {}, not to this one ({}): name a "
+                    "directory of your own",
+                    dir.string(), st.st_uid, ::getuid()));
+  }
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return ioError(
+        fmt::format("--state-dir: others may write in {} (mode {:o}): name a directory "
+                    "only you can write",
+                    dir.string(), st.st_mode & 07777));
+  }
+  return okStatus();
+}
+
+}  // namespace
+
+Result<CoordinatorMemory> CoordinatorMemory::open(const std::string& dir, const std::string& job_id,
+                                                  const std::string& job_key) {
   if (job_id.empty()) return invalidArgument("the coordinator's memory needs a job id");
   std::filesystem::path where = dir;
-  std::error_code ec;
   if (where.empty()) {
-    where = std::filesystem::temp_directory_path(ec) / fmt::format("rally-{}", ::getuid());
-    if (ec) return ioError(fmt::format("no temporary directory: {}", ec.message()));
+    std::error_code ec;
+    std::filesystem::path base = "/var/tmp";
+    if (!std::filesystem::is_directory(base, ec) || ::access(base.c_str(), W_OK) != 0) {
+      base = std::filesystem::temp_directory_path(ec);
+      if (ec) return ioError(fmt::format("no temporary directory: {}", ec.message()));
+    }
+    where = base / fmt::format("rally-{}", ::getuid());
   }
-  std::filesystem::create_directories(where, ec);
-  if (ec) {
-    return ioError(fmt::format("--state-dir: cannot create {}: {}", where.string(), ec.message()));
-  }
-  std::filesystem::permissions(where, std::filesystem::perms::owner_all,
-                               std::filesystem::perm_options::replace, ec);
-  return CoordinatorMemory((where / (fileNameSafe(job_id) + ".coordinators")).string());
+  RALLY_RETURN_IF_ERROR(privateDirectory(where));
+  return CoordinatorMemory((where / (fileNameSafe(job_id) + ".coordinators")).string(),
+                           "job " + hashOf(job_id + "\n" + job_key));
 }
 
 Status CoordinatorMemory::remember(const std::vector<std::string>& endpoints) const {
-  std::string text;
+  std::string text = key_ + "\n";
   std::set<std::string> seen;
   for (const std::string& e : endpoints) {
     if (e.empty() || !seen.insert(e).second) continue;
@@ -42,13 +98,20 @@ Status CoordinatorMemory::remember(const std::vector<std::string>& endpoints) co
 std::vector<std::string> CoordinatorMemory::recall() const {
   std::vector<std::string> out;
   std::ifstream in(path_);
-  for (std::string line; std::getline(in, line);) {
+  std::string line;
+  if (!std::getline(in, line) || line != key_) return out;  // none, or another job's
+  while (std::getline(in, line)) {
     if (!line.empty()) out.push_back(line);
   }
   return out;
 }
 
 void CoordinatorMemory::forget() const {
+  std::string first;
+  {
+    std::ifstream in(path_);
+    if (!std::getline(in, first) || first != key_) return;  // none, or another job's: kept
+  }
   std::error_code ec;
   std::filesystem::remove(path_, ec);
 }

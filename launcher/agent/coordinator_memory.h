@@ -2,7 +2,7 @@
 // successors', from the newest round any agent of the job on this host saw. An agent that starts
 // again on this host (its host was lost and came back, its process was restarted) asks those
 // first, so that it joins the job where the coordinator moved rather than starting another at the
-// address of --rdzv-endpoint (docs/design/coordinator.md, "Finding a moved coordinator").
+// address of --rdzv-endpoint (docs/design/coordinator.md, "The host's memory").
 #pragma once
 
 #include <string>
@@ -14,24 +14,32 @@ namespace rally::agent {
 
 class CoordinatorMemory {
  public:
-  // The memory of job `job_id` in `dir` (made if missing, mode 0700); `dir` empty: the system's
-  // temporary directory's rally-<uid>. InvalidArgument for an empty job id, IoError if the
-  // directory cannot be made.
-  static Result<CoordinatorMemory> open(const std::string& dir, const std::string& job_id);
+  // The memory of job `job_id` in `dir`; `dir` empty: /var/tmp/rally-<uid> (kept across reboots),
+  // or the temporary directory's rally-<uid> where there is no /var/tmp. `job_key` tells this job
+  // from another of the same id (its --rdzv-endpoint and token): what another job remembered is
+  // not recalled. It is kept hashed, not as given. A directory that is missing is made with mode
+  // 0700. One that exists must be a directory (not a link) of this user that no one else may
+  // write: what others can write could steer an agent to their coordinator. Otherwise, or for an
+  // empty job id, an error says what was wrong; nothing is changed.
+  static Result<CoordinatorMemory> open(const std::string& dir, const std::string& job_id,
+                                        const std::string& job_key);
 
   // Replaces what is remembered with `endpoints` (empty ones and repeats left out, order kept).
   // Best effort: a failure is returned for the caller to log, and nothing else changes.
   Status remember(const std::vector<std::string>& endpoints) const;
-  // What was remembered, in order; empty if nothing (or the file cannot be read).
+  // What this job remembered, in order; empty if nothing, another job's, or unreadable.
   std::vector<std::string> recall() const;
-  // Forgets it: the job ended, so the next job of the same id does not ask old addresses.
+  // Forgets it: the job ended, so the next job of the same id does not ask old addresses. Another
+  // job's memory (the same id, another key) is kept.
   void forget() const;
 
   const std::string& path() const { return path_; }
 
  private:
-  explicit CoordinatorMemory(std::string path) : path_(std::move(path)) {}
+  CoordinatorMemory(std::string path, std::string key)
+      : path_(std::move(path)), key_(std::move(key)) {}
   std::string path_;
+  std::string key_;  // the first line of the file: "job " and the key's hash
 };
 
 }  // namespace rally::agent

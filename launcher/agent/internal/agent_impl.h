@@ -164,6 +164,8 @@ class Agent::Impl {
   // Where a round member serves the coordinator when it takes it over: its standby address of
   // --rdzv-endpoint, else its own address at the rendezvous port.
   std::string successorEndpoint(const v1::RoundMember& m) const;
+  // RALLY_MAX_MESSAGE_BYTES: the limit of the coordinator this agent hosts, as of its clients.
+  std::int64_t maxMessageBytes() const { return *o_.tunables.bytes("max_message_bytes"); }
   // Writes this host's memory of the job's coordinator: where it serves now, and round `r`'s
   // successors. Logged once if it fails; the job goes on.
   void rememberCoordinators(const v1::RoundFormed& r);
@@ -250,6 +252,7 @@ class Agent::Impl {
   rendezvous::ClientOptions client_options_;  // the first endpoint's, for probes before conn_
   std::string coordinator_file_;
   std::optional<CoordinatorMemory> memory_;  // none: standalone, static, or it cannot be kept
+  std::vector<std::string> remembered_;      // what the memory held when this agent started
   bool memory_failed_said_ = false;
   struct Takeover {
     std::vector<v1::RoundMember> successors;

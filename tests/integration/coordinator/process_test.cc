@@ -1,6 +1,6 @@
-// Real processes: an agent killed with SIGKILL moves the generation for the others at once, and
+// Real processes: an agent killed with SIGKILL moves the generation for the others at once,
 // `rally coordinator` serves, tells its clients when it is stopped with SIGTERM, and refuses bad
-// input with exit code 2.
+// input with exit code 2, and the coordinator `rally run` hosts takes RALLY_MAX_MESSAGE_BYTES.
 #include "tests/integration/process.h"
 
 #include <fcntl.h>
@@ -109,6 +109,32 @@ TEST_F(CoordinatorCliTest, ServesAndTellsClientsOnSigterm) {
   EXPECT_LT(std::chrono::duration_cast<milliseconds>(Clock::now() - t0).count(), 5000);
   ::unlink(token_file.c_str());
   ::unlink(port_file.c_str());
+}
+
+// The coordinator that `rally run` hosts takes its message limit from RALLY_MAX_MESSAGE_BYTES, as
+// its clients do (before, it kept gRPC's 4 MiB: the job scope's snapshots, cut to the limit it
+// was told, went to agents that could not take them).
+TEST_F(CoordinatorCliTest, TheCoordinatorOfRallyRunTakesTheMessageLimit) {
+  const std::string endpoint = "127.0.0.1:" + std::to_string(freePort());
+  ::setenv("RALLY_TOKEN", kToken, 1);
+  ChildProcess agent(
+      {RALLY_BINARY, "run", "--nnodes", "1", "--rdzv-endpoint", endpoint, "--rdzv-id", "msg-job",
+       "--max-message-bytes", "64KiB", "--state-dir", tempPath("msg-state"), "/bin/sleep", "30"},
+      tempPath("msg-agent"));
+  ::unsetenv("RALLY_TOKEN");
+  ASSERT_TRUE(agent.waitForErrors("started 1 worker(s)", milliseconds(20000))) << agent.errors();
+  rendezvous::ClientOptions o;
+  o.endpoint = endpoint;
+  o.token = kToken;
+  o.max_message_bytes = 4 << 20;  // this client would send more: the coordinator refuses it
+  auto conn = rendezvous::CoordinatorConnection::open(o);
+  ASSERT_TRUE(conn.ok()) << conn.status().toString();
+  rendezvous::StoreClient store(*conn);
+  EXPECT_TRUE(store.set("small", std::string(10 << 10, 's')).ok());
+  const Status big = store.set("big", std::string(100 << 10, 'b'));
+  EXPECT_EQ(big.code(), StatusCode::kResourceExhausted) << big.toString();
+  agent.signal(SIGTERM);
+  EXPECT_TRUE(WIFEXITED(agent.waitExit(milliseconds(20000)))) << agent.errors();
 }
 
 TEST_F(CoordinatorCliTest, BadFlagsExitWithCode2AndOneClearLine) {
