@@ -165,7 +165,7 @@ Status Agent::Impl::connect() {
     // that ran here before: the host was lost and came back, or the agent was restarted).
     // Kept for this job only: the same id with another --rdzv-endpoint or token is another job.
     if (auto memory = CoordinatorMemory::open(*o_.tunables.string("state_dir"), o_.rdzv_id,
-                                              o_.rdzv_endpoint + "\n" + token);
+                                              CoordinatorMemory::jobKey(o_.rdzv_endpoint, token));
         memory.ok()) {
       memory_ = std::move(*memory);
       remembered_ = memory_->recall();

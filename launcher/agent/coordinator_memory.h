@@ -24,6 +24,12 @@ class CoordinatorMemory {
   static Result<CoordinatorMemory> open(const std::string& dir, const std::string& job_id,
                                         const std::string& job_key);
 
+  // The `job_key` of a job whose first --rdzv-endpoint address (normalized: HOST:PORT) is
+  // `first_endpoint` and whose token is `token`: what agents and `rally status` both pass.
+  static std::string jobKey(const std::string& first_endpoint, const std::string& token) {
+    return first_endpoint + "\n" + token;
+  }
+
   // Replaces what is remembered with `endpoints` (empty ones and repeats left out, order kept).
   // Best effort: a failure is returned for the caller to log, and nothing else changes.
   Status remember(const std::vector<std::string>& endpoints) const;

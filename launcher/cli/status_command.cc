@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <memory>
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "launcher/agent/coordinator_memory.h"
 #include "launcher/cli/run_options.h"
 #include "runtime/rendezvous/coordinator_client.h"
 
@@ -21,6 +23,7 @@ struct StatusFlags {
   std::string endpoints;
   std::string job_id;
   std::string token_file;
+  std::string state_dir;  // empty: RALLY_STATE_DIR, else the agents' default
   bool json = false;
   int timeout_ms = 2000;
 };
@@ -67,14 +70,36 @@ int runStatus(const StatusFlags& f) {
                  "--rdzv-id for a job started without a token\n";
     return 2;
   }
+  std::vector<std::string> addresses;
+  for (const HostPort& e : *endpoints) addresses.push_back(e.toString());
+  const size_t listed = addresses.size();
+  // What this host's agents of the job remember (rally run --state-dir): a coordinator that moved
+  // to a node --rdzv-endpoint does not list is found there.
+  if (!f.job_id.empty()) {
+    std::string dir = f.state_dir;
+    if (dir.empty()) {
+      if (const char* d = std::getenv("RALLY_STATE_DIR"); d != nullptr) dir = d;
+    }
+    auto memory = agent::CoordinatorMemory::open(
+        dir, f.job_id, agent::CoordinatorMemory::jobKey(addresses.front(), token));
+    if (memory.ok()) {
+      for (const std::string& e : memory->recall()) {
+        if (std::find(addresses.begin(), addresses.end(), e) == addresses.end()) {
+          addresses.push_back(e);
+        }
+      }
+    }
+  }
   nlohmann::json out = nlohmann::json::array();
   bool found = false;
-  for (const HostPort& e : *endpoints) {
-    const std::string endpoint = e.toString();
-    nlohmann::json j = {{"endpoint", endpoint}};
+  for (size_t i = 0; i < addresses.size(); ++i) {
+    const std::string& endpoint = addresses[i];
+    const bool remembered = i >= listed;
+    nlohmann::json j = {{"endpoint", endpoint}, {"remembered", remembered}};
     auto round =
         rendezvous::probeRound({.endpoint = endpoint, .token = token}, Milliseconds(f.timeout_ms));
     const Status st = round.status();
+    if (!st.ok() && remembered) continue;  // an old address of the job's: news only if it serves
     if (!st.ok()) {
       j["answer"] = st.code() == StatusCode::kUnauthenticated ? "refuses the token" : "none";
       j["error"] = st.message();
@@ -109,10 +134,12 @@ int runStatus(const StatusFlags& f) {
     std::uint32_t workers = 0;
     for (const auto& m : info.members()) workers += m.local_world_size();
     std::cout << fmt::format(
-        "{}: job '{}'{}, generation {}, {}; {} node(s), {} worker(s); {} "
+        "{}{}: job '{}'{}, generation {}, {}; {} node(s), {} worker(s); {} "
         "waiting\n",
-        endpoint, info.job_id(), ours ? "" : " (not this job)", info.generation(),
-        stateName(info.state()), info.members_size(), workers, info.waiting());
+        endpoint,
+        remembered ? " (where this host last saw the job's coordinator or successors)" : "",
+        info.job_id(), ours ? "" : " (not this job)", info.generation(), stateName(info.state()),
+        info.members_size(), workers, info.waiting());
     for (const auto& m : info.members()) {
       std::cout << fmt::format(
           "  node rank {:>3}  {}  at {}  {} worker(s){}\n", m.node_rank(), m.node_id(), m.address(),
@@ -135,8 +162,9 @@ void addStatusCommand(CLI::App& app, std::function<int()>* run) {
   auto flags = std::make_shared<StatusFlags>();
   CLI::App* cmd = app.add_subcommand(
       "status",
-      "Ask a job's coordinator (at each address of --rdzv-endpoint) for its round: generation, "
-      "members, waiting nodes");
+      "Ask a job's coordinator (at each address of --rdzv-endpoint, and with --rdzv-id where this "
+      "host's agents last saw it or its successors) for its round: generation, members, waiting "
+      "nodes");
   cmd->add_option("--rdzv-endpoint,--rdzv_endpoint", flags->endpoints,
                   "HOST[:PORT][,HOST[:PORT]...]: where the coordinator may be [port 29400]")
       ->required();
@@ -144,7 +172,12 @@ void addStatusCommand(CLI::App& app, std::function<int()>* run) {
                   "The job's id: another job's coordinator does not count; without RALLY_TOKEN "
                   "or --token-file, the token agents derive from it");
   cmd->add_option("--token-file", flags->token_file, "File holding the job token (first line)");
-  cmd->add_flag("--json", flags->json, "One JSON array, an object per address");
+  cmd->add_option("--state-dir", flags->state_dir,
+                  "With --rdzv-id: where this host's agents remember the job's coordinator and "
+                  "successors (rally run --state-dir); those addresses are asked too [env "
+                  "RALLY_STATE_DIR, else /var/tmp/rally-UID]");
+  cmd->add_flag("--json", flags->json,
+                "One JSON array, an object per address (\"remembered\": from this host's memory)");
   cmd->add_option("--timeout-ms", flags->timeout_ms, "How long each address gets to answer")
       ->capture_default_str()
       ->check(CLI::Range(1, 600000));

@@ -160,6 +160,16 @@ TEST_F(CoordinatorFailoverTest, TheLostHostStartedAgainFindsTheJobWhereItMoved) 
   }
   ASSERT_NE(both().find("round formed with 2 node(s)"), std::string::npos) << both();
   ASSERT_NE(both().find("took over the job's coordinator"), std::string::npos) << both();
+  // `rally status` on a's host finds it too, from the same memory (none answers at the listed
+  // address).
+  ChildProcess status({RALLY_BINARY, "status", "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-h",
+                       "--state-dir", state_dir_ + "/ip-h-a"},
+                      tempPath("ip-h-status.out"));
+  EXPECT_EQ(exitCode(status), 0) << status.output() << status.errors();
+  EXPECT_NE(status.output().find("(where this host last saw the job's coordinator or successors): "
+                                 "job 'ip-h'"),
+            std::string::npos)
+      << status.output();
   auto again = agent("ip-h-a", args, program, "127.0.0.1");
   EXPECT_EQ(exitCode(*again), 0) << again->errors() << b->errors() << c->errors();
   EXPECT_EQ(exitCode(*b), 0) << b->errors();
