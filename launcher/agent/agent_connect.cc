@@ -17,8 +17,6 @@
 #include "launcher/agent/internal/agent_impl.h"
 
 namespace rally::agent {
-namespace {
-
 // True if `host` names this machine: loopback, its host name, or one of its interface addresses.
 bool isLocalHost(const std::string& host) {
   if (host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1" || host == hostName()) {
@@ -57,8 +55,6 @@ bool isLocalHost(const std::string& host) {
   freeifaddrs(ifs);
   return local;
 }
-
-}  // namespace
 
 Status Agent::Impl::hostOrJoin(const coordinator::CoordinatorOptions& copt, const cli::HostPort& at,
                                bool forced) {
@@ -131,7 +127,9 @@ Status Agent::Impl::connect() {
     if (token.empty()) token = randomHex(16);
     copt.token = token;
     RALLY_ASSIGN_OR_RETURN(
-        embedded_, coordinator::CoordinatorServer::start(copt, {.host = "127.0.0.1", .port = 0}));
+        embedded_,
+        coordinator::CoordinatorServer::start(
+            copt, {.host = "127.0.0.1", .port = 0, .max_message_bytes = maxMessageBytes()}));
     endpoint = fmt::format("127.0.0.1:{}", embedded_->port());
   } else {
     if (token.empty()) {

@@ -283,6 +283,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
         // meanwhile: a second coordinator would split the job in two, each training on its own.
         // Join that one instead; it re-forms with this node, an old member, at once.
         target = &t.successors[*other];
+        t.passed_own_turn = true;
         t.next = std::max(t.next, *other + 1);
         t.deadline = t.lost_at + static_cast<int>(t.next) * t.patience;
         log_->warn(
@@ -342,13 +343,33 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
   } else {
     std::vector<std::string> names;
     for (const auto& m : t.successors) names.push_back(fmt::format("'{}'", m.node_id()));
-    log_->error(
-        "lost the coordinator at {} ({}), and none of the nodes that take it over ({}) answered "
-        "within {} each (--failover-timeout): this node stops",
-        t.lost_endpoint, t.why, fmt::join(names, ", "), formatDuration(t.patience));
+    if (t.passed_own_turn) {
+      // It found another successor serving, joined it rather than split the job, and that one
+      // was lost too (or did not take it): those after it did not answer.
+      log_->error(
+          "lost the coordinator at {} ({}); this node joined the successor that had taken it over "
+          "rather than start a second one, and neither that one nor any after it of {} answered "
+          "within {} each (--failover-timeout): this node stops",
+          t.lost_endpoint, t.why, fmt::join(names, ", "), formatDuration(t.patience));
+    } else {
+      log_->error(
+          "lost the coordinator at {} ({}), and none of the nodes that take it over ({}) answered "
+          "within {} each (--failover-timeout): this node stops",
+          t.lost_endpoint, t.why, fmt::join(names, ", "), formatDuration(t.patience));
+    }
   }
   stopWorkers(SIGTERM, "lost the coordinator");
   return 1;
+}
+
+bool Agent::Impl::isOwnCoordinator(const std::string& endpoint) const {
+  if (!embedded_) return false;
+  if (endpoint == embedded_->address()) return true;
+  const std::string bind = embedded_->address();
+  const bool wildcard = bind.rfind("0.0.0.0:", 0) == 0 || bind.rfind("[::]:", 0) == 0;
+  if (!wildcard) return false;
+  auto hp = cli::parseHostPort(endpoint, rdzv_port_);
+  return hp.ok() && hp->port == embedded_->port() && isLocalHost(hp->host);
 }
 
 std::optional<int> Agent::Impl::deferToMovedCoordinator() {
@@ -360,7 +381,10 @@ std::optional<int> Agent::Impl::deferToMovedCoordinator() {
     others.push_back(o_.rdzv_endpoints[i].toString());
   }
   for (const std::string& e : remembered_) {
-    if (e != first && std::find(others.begin(), others.end(), e) == others.end()) {
+    // Not this agent's own coordinator: a memory left by an earlier run of the job can name an
+    // address of this host where it serves now.
+    if (e != first && !isOwnCoordinator(e) &&
+        std::find(others.begin(), others.end(), e) == others.end()) {
       others.push_back(e);
     }
   }

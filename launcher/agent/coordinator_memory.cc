@@ -26,9 +26,10 @@ std::string hashOf(const std::string& s) {
 }
 
 // `dir` as a directory of this user's that no one else may write: made (mode 0700) if missing.
-Status privateDirectory(const std::filesystem::path& dir) {
+Status privateDirectory(const std::filesystem::path& dir, bool create) {
   struct stat st {};
   if (::lstat(dir.c_str(), &st) != 0) {
+    if (errno == ENOENT && !create) return Status(StatusCode::kNotFound, dir.string());
     if (errno != ENOENT) {
       return ioError(
           fmt::format("--state-dir: cannot use {}: {}", dir.string(), std::strerror(errno)));
@@ -68,7 +69,7 @@ Status privateDirectory(const std::filesystem::path& dir) {
 }  // namespace
 
 Result<CoordinatorMemory> CoordinatorMemory::open(const std::string& dir, const std::string& job_id,
-                                                  const std::string& job_key) {
+                                                  const std::string& job_key, bool create) {
   if (job_id.empty()) return invalidArgument("the coordinator's memory needs a job id");
   std::filesystem::path where = dir;
   if (where.empty()) {
@@ -80,12 +81,18 @@ Result<CoordinatorMemory> CoordinatorMemory::open(const std::string& dir, const 
     }
     where = base / fmt::format("rally-{}", ::getuid());
   }
-  RALLY_RETURN_IF_ERROR(privateDirectory(where));
-  return CoordinatorMemory((where / (fileNameSafe(job_id) + ".coordinators")).string(),
-                           "job " + hashOf(job_id + "\n" + job_key));
+  if (Status s = privateDirectory(where, create); !s.ok()) {
+    if (s.code() != StatusCode::kNotFound) return s;  // a reader finds no memory: none kept
+  }
+  const std::string hash = hashOf(job_id + "\n" + job_key);
+  return CoordinatorMemory(
+      where.string(),
+      (where / (fileNameSafe(job_id) + "-" + hash.substr(0, 8) + ".coordinators")).string(),
+      "job " + hash);
 }
 
 Status CoordinatorMemory::remember(const std::vector<std::string>& endpoints) const {
+  RALLY_RETURN_IF_ERROR(privateDirectory(dir_, /*create=*/true));
   std::string text = key_ + "\n";
   std::set<std::string> seen;
   for (const std::string& e : endpoints) {

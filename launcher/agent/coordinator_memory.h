@@ -21,8 +21,10 @@ class CoordinatorMemory {
   // 0700. One that exists must be a directory (not a link) of this user that no one else may
   // write: what others can write could steer an agent to their coordinator. Otherwise, or for an
   // empty job id, an error says what was wrong; nothing is changed.
+  // `create` false (a reader such as `rally status`): a missing directory is not made, and the
+  // memory is then empty.
   static Result<CoordinatorMemory> open(const std::string& dir, const std::string& job_id,
-                                        const std::string& job_key);
+                                        const std::string& job_key, bool create = true);
 
   // The `job_key` of a job whose first --rdzv-endpoint address (normalized: HOST:PORT) is
   // `first_endpoint` and whose token is `token`: what agents and `rally status` both pass.
@@ -31,7 +33,9 @@ class CoordinatorMemory {
   }
 
   // Replaces what is remembered with `endpoints` (empty ones and repeats left out, order kept).
-  // Best effort: a failure is returned for the caller to log, and nothing else changes.
+  // The directory is checked again first (it may have been removed, by a cleanup of /var/tmp,
+  // and made again by someone else). Best effort: a failure is returned for the caller to log,
+  // and nothing else changes.
   Status remember(const std::vector<std::string>& endpoints) const;
   // What this job remembered, in order; empty if nothing, another job's, or unreadable.
   std::vector<std::string> recall() const;
@@ -42,10 +46,11 @@ class CoordinatorMemory {
   const std::string& path() const { return path_; }
 
  private:
-  CoordinatorMemory(std::string path, std::string key)
-      : path_(std::move(path)), key_(std::move(key)) {}
-  std::string path_;
-  std::string key_;  // the first line of the file: "job " and the key's hash
+  CoordinatorMemory(std::string dir, std::string path, std::string key)
+      : dir_(std::move(dir)), path_(std::move(path)), key_(std::move(key)) {}
+  std::string dir_;
+  std::string path_;  // DIR/ID-HASH.coordinators: two jobs of one id keep a file each
+  std::string key_;   // the first line of the file: "job " and the key's hash
 };
 
 }  // namespace rally::agent

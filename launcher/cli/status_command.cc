@@ -81,7 +81,12 @@ int runStatus(const StatusFlags& f) {
       if (const char* d = std::getenv("RALLY_STATE_DIR"); d != nullptr) dir = d;
     }
     auto memory = agent::CoordinatorMemory::open(
-        dir, f.job_id, agent::CoordinatorMemory::jobKey(addresses.front(), token));
+        dir, f.job_id, agent::CoordinatorMemory::jobKey(addresses.front(), token),
+        /*create=*/false);
+    if (!memory.ok() && !f.json) {
+      std::cerr << "rally status: not asking where this host last saw the job: "
+                << memory.status().message() << "\n";
+    }
     if (memory.ok()) {
       for (const std::string& e : memory->recall()) {
         if (std::find(addresses.begin(), addresses.end(), e) == addresses.end()) {

@@ -216,7 +216,12 @@ TEST_F(CoordinatorFailoverTest, TheLostHostBackDuringTheTakeoverStepsAsideForIt)
   EXPECT_EQ(exitCode(*again), 0) << again->errors() << others[second]->errors();
   EXPECT_EQ(exitCode(*others[second]), 0) << others[second]->errors();
   const std::string err = again->errors();
-  EXPECT_NE(err.find("it moved there while this node was away"), std::string::npos) << err;
+  // Stepped aside for it, or (on a machine slow enough that the takeover was done before the
+  // host's agent first asked) joined it at once.
+  EXPECT_TRUE(err.find("it moved there while this node was away") != std::string::npos ||
+              err.find("where this host last saw it or its successors") != std::string::npos)
+      << err;
+  EXPECT_EQ(count(err, "took over the job's coordinator"), 0u) << err;
   EXPECT_NE(others[second]->errors().find("took over the job's coordinator"), std::string::npos)
       << others[second]->errors();
   const Result got = parse(again->output() + others[second]->output());

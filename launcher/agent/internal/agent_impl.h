@@ -104,6 +104,8 @@ class EventQueue {
 // that loopback address itself (127.x or ::1: tests and one-machine demos), 127.0.0.1 for
 // localhost, every IPv6 interface for another IPv6 address, else every IPv4 interface.
 std::string listenAddressFor(const std::string& host);
+// True if `host` names this machine: loopback, its host name, or one of its interface addresses.
+bool isLocalHost(const std::string& host);
 
 // This machine's host name.
 std::string hostName();
@@ -253,6 +255,9 @@ class Agent::Impl {
   std::string coordinator_file_;
   std::optional<CoordinatorMemory> memory_;  // none: standalone, static, or it cannot be kept
   std::vector<std::string> remembered_;      // what the memory held when this agent started
+  // True if `endpoint` reaches the coordinator this agent hosts (its exact address; any local one
+  // at its port when it listens on every interface).
+  bool isOwnCoordinator(const std::string& endpoint) const;
   bool memory_failed_said_ = false;
   struct Takeover {
     std::vector<v1::RoundMember> successors;
@@ -264,8 +269,9 @@ class Agent::Impl {
     // A standalone coordinator (no successors): wait for it to come back at its endpoint,
     // restarted by whatever supervises it; it resumes the job's round.
     bool same_endpoint = false;
-    Milliseconds patience{0};   // per successor: the k-th is given up at lost_at + k * patience
-    bool started_here = false;  // this node started a coordinator for it
+    Milliseconds patience{0};      // per successor: the k-th is given up at lost_at + k * patience
+    bool started_here = false;     // this node started a coordinator for it
+    bool passed_own_turn = false;  // it joined another successor rather than start one here
     std::optional<Clock::time_point> reopen_at;  // same endpoint: rejoin again then
   };
   std::optional<Takeover> takeover_;

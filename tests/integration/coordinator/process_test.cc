@@ -6,6 +6,8 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 
+#include <optional>
+
 #include "tests/integration/coordinator/coordinator_fixture.h"
 
 namespace rally::testing {
@@ -116,12 +118,19 @@ TEST_F(CoordinatorCliTest, ServesAndTellsClientsOnSigterm) {
 // was told, went to agents that could not take them).
 TEST_F(CoordinatorCliTest, TheCoordinatorOfRallyRunTakesTheMessageLimit) {
   const std::string endpoint = "127.0.0.1:" + std::to_string(freePort());
+  // The agent's token, for this child only: what the environment had is put back.
+  const char* had = std::getenv("RALLY_TOKEN");
+  const std::optional<std::string> saved = had ? std::optional<std::string>(had) : std::nullopt;
   ::setenv("RALLY_TOKEN", kToken, 1);
   ChildProcess agent(
       {RALLY_BINARY, "run", "--nnodes", "1", "--rdzv-endpoint", endpoint, "--rdzv-id", "msg-job",
        "--max-message-bytes", "64KiB", "--state-dir", tempPath("msg-state"), "/bin/sleep", "30"},
       tempPath("msg-agent"));
-  ::unsetenv("RALLY_TOKEN");
+  if (saved) {
+    ::setenv("RALLY_TOKEN", saved->c_str(), 1);
+  } else {
+    ::unsetenv("RALLY_TOKEN");
+  }
   ASSERT_TRUE(agent.waitForErrors("started 1 worker(s)", milliseconds(20000))) << agent.errors();
   rendezvous::ClientOptions o;
   o.endpoint = endpoint;
