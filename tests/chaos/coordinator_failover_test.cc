@@ -37,7 +37,28 @@ namespace {
 
 using std::chrono::milliseconds;
 
-class CoordinatorFailoverTest : public InPlaceFixture {};
+class CoordinatorFailoverTest : public InPlaceFixture {
+ protected:
+  // Agents ID-a on 127.0.0.1 (it hosts the coordinator), ID-b on 127.0.0.2 and ID-c on 127.0.0.3,
+  // with `args` and `program`, so that the coordinator's move shows in its address. `ranked`: c
+  // starts once b is node rank 1 (b is then the first successor). Returns once a's workers have a
+  // world of `world` ranks.
+  void startThree(const std::string& id, const std::vector<std::string>& args,
+                  const std::vector<std::string>& program, int world, bool ranked,
+                  std::unique_ptr<ChildProcess>* a, std::unique_ptr<ChildProcess>* b,
+                  std::unique_ptr<ChildProcess>* c) {
+    *a = agent(id + "-a", args, program, "127.0.0.1");
+    ASSERT_TRUE((*a)->waitForErrors("listening", milliseconds(20000))) << (*a)->errors();
+    *b = agent(id + "-b", args, program, "127.0.0.2");
+    if (ranked) {
+      ASSERT_TRUE((*b)->waitForErrors("node rank 1 of", milliseconds(20000))) << (*b)->errors();
+    }
+    *c = agent(id + "-c", args, program, "127.0.0.3");
+    ASSERT_TRUE(
+        (*a)->waitForOutput("world " + std::to_string(world) + " generation", milliseconds(30000)))
+        << (*a)->errors();
+  }
+};
 
 TEST_F(CoordinatorFailoverTest, CoordinatorHostLostASuccessorTakesItOverAndTheWorkersFollow) {
   const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
@@ -49,11 +70,8 @@ TEST_F(CoordinatorFailoverTest, CoordinatorHostLostASuccessorTakesItOverAndTheWo
   const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "2",
                                          "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-c",
                                          "--last-call",     "300ms"};
-  auto a = agent("ip-c-a", args, program, "127.0.0.1");
-  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
-  auto b = agent("ip-c-b", args, program, "127.0.0.2");
-  auto c = agent("ip-c-c", args, program, "127.0.0.3");
-  ASSERT_TRUE(a->waitForOutput("world 6 generation", milliseconds(30000))) << a->errors();
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-c", args, program, 6, /*ranked=*/false, &a, &b, &c));
   a->signal(SIGKILL);  // the coordinator's host: its agent, the coordinator, and its workers
   EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
   EXPECT_EQ(exitCode(*b), 0) << b->errors();
@@ -101,12 +119,9 @@ TEST_F(CoordinatorFailoverTest, AMemberBackLateToTheSuccessorIsReFormedWithAndIt
   const std::vector<std::string> args = {"--nnodes",        "1:3",     "--nproc-per-node", "1",
                                          "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-l",
                                          "--last-call",     "300ms"};
-  auto a = agent("ip-l-a", args, program, "127.0.0.1");
-  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
-  auto b = agent("ip-l-b", args, program, "127.0.0.2");
-  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
-  auto c = agent("ip-l-c", args, program, "127.0.0.3");  // node rank 2: b is the first successor
-  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  // b is node rank 1: the first successor
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-l", args, program, 3, /*ranked=*/true, &a, &b, &c));
   const auto all = [&] { return a->errors() + b->errors() + c->errors(); };
   // c's agent stops (its worker goes on), then the host is lost: b takes over, and its round
   // forms without c after the last call.
@@ -142,13 +157,10 @@ TEST_F(CoordinatorFailoverTest, TheLostHostStartedAgainFindsTheJobWhereItMoved) 
                                             "--batch",   "12",   "--commit-every", "4",
                                             "--step-ms", "30"};
   const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
-                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-h",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-r",
                                          "--last-call",     "300ms"};
-  auto a = agent("ip-h-a", args, program, "127.0.0.1");
-  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
-  auto b = agent("ip-h-b", args, program, "127.0.0.2");
-  auto c = agent("ip-h-c", args, program, "127.0.0.3");
-  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-r", args, program, 3, /*ranked=*/false, &a, &b, &c));
   a->signal(SIGKILL);
   EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
   // The successor (b or c, by join order) took over, and its round formed without a.
@@ -162,15 +174,15 @@ TEST_F(CoordinatorFailoverTest, TheLostHostStartedAgainFindsTheJobWhereItMoved) 
   ASSERT_NE(both().find("took over the job's coordinator"), std::string::npos) << both();
   // `rally status` on a's host finds it too, from the same memory (none answers at the listed
   // address).
-  ChildProcess status({RALLY_BINARY, "status", "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-h",
-                       "--state-dir", state_dir_ + "/ip-h-a"},
-                      tempPath("ip-h-status.out"));
+  ChildProcess status({RALLY_BINARY, "status", "--rdzv-endpoint", endpoint_, "--rdzv-id", "ip-r",
+                       "--state-dir", state_dir_ + "/ip-r-a"},
+                      tempPath("ip-r-status.out"));
   EXPECT_EQ(exitCode(status), 0) << status.output() << status.errors();
   EXPECT_NE(status.output().find("(where this host last saw the job's coordinator or successors): "
-                                 "job 'ip-h'"),
+                                 "job 'ip-r'"),
             std::string::npos)
       << status.output();
-  auto again = agent("ip-h-a", args, program, "127.0.0.1");
+  auto again = agent("ip-r-a", args, program, "127.0.0.1");
   EXPECT_EQ(exitCode(*again), 0) << again->errors() << b->errors() << c->errors();
   EXPECT_EQ(exitCode(*b), 0) << b->errors();
   EXPECT_EQ(exitCode(*c), 0) << c->errors();
@@ -240,12 +252,9 @@ TEST_F(CoordinatorFailoverTest, AFirstSuccessorBackAfterTheNextTookOverJoinsIt) 
   const std::vector<std::string> args = {"--nnodes",        "1:3",     "--nproc-per-node",   "1",
                                          "--rdzv-endpoint", endpoint_, "--rdzv-id",          "ip-f",
                                          "--last-call",     "300ms",   "--failover-timeout", "1s"};
-  auto a = agent("ip-f-a", args, program, "127.0.0.1");
-  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
-  auto b = agent("ip-f-b", args, program, "127.0.0.2");
-  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
-  auto c = agent("ip-f-c", args, program, "127.0.0.3");  // node rank 2: b is the first successor
-  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  // b is node rank 1: the first successor
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-f", args, program, 3, /*ranked=*/true, &a, &b, &c));
   const auto all = [&] { return a->errors() + b->errors() + c->errors(); };
   // b's agent stops (its worker goes on), then the host is lost: c waits --failover-timeout for
   // b, takes over, and its round forms without b after the last call.
@@ -280,11 +289,8 @@ TEST_F(CoordinatorFailoverTest, CoordinatorHostSilentIsFoundByKeepaliveAndTakenO
   const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
                                          "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-q",
                                          "--last-call",     "300ms"};
-  auto a = agent("ip-q-a", args, program, "127.0.0.1");
-  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
-  auto b = agent("ip-q-b", args, program, "127.0.0.2");
-  auto c = agent("ip-q-c", args, program, "127.0.0.3");
-  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-q", args, program, 3, /*ranked=*/false, &a, &b, &c));
   a->signal(SIGSTOP);
   EXPECT_EQ(exitCode(*b), 0) << b->errors();
   EXPECT_EQ(exitCode(*c), 0) << c->errors();
@@ -344,12 +350,9 @@ TEST_F(CoordinatorFailoverTest, CoordinatorMovesToTheStandbyAddressWhereOtherNod
   const std::vector<std::string> args = {
       "--nnodes",  "2:3",  "--nproc-per-node", "1",    "--rdzv-endpoint", endpoint_ + "," + standby,
       "--rdzv-id", "ip-s", "--last-call",      "300ms"};
-  auto a = agent("ip-s-a", args, program, "127.0.0.1");
-  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
-  auto b = agent("ip-s-b", args, program, "127.0.0.2");
-  ASSERT_TRUE(b->waitForErrors("node rank 1 of", milliseconds(20000))) << b->errors();
-  auto c = agent("ip-s-c", args, program, "127.0.0.3");  // after b: node rank 2 at best
-  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  // b is node rank 1: the first successor
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-s", args, program, 3, /*ranked=*/true, &a, &b, &c));
   auto d = agent("ip-s-d", args, program, "127.0.0.4");  // a spare: the round is full
   ASSERT_TRUE(d->waitForErrors("held until", milliseconds(20000))) << d->errors();
   a->signal(SIGKILL);
@@ -423,11 +426,8 @@ TEST_F(CoordinatorFailoverTest, CoordinatorHostStoppedHandsTheCoordinatorOverUnd
   const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
                                          "--rdzv-endpoint", endpoint_, "--rdzv-id",        "rs-c",
                                          "--last-call",     "300ms"};
-  auto a = agent("rs-c-a", args, program, "127.0.0.1");
-  ASSERT_TRUE(a->waitForErrors("listening", milliseconds(20000))) << a->errors();
-  auto b = agent("rs-c-b", args, program, "127.0.0.2");
-  auto c = agent("rs-c-c", args, program, "127.0.0.3");
-  ASSERT_TRUE(a->waitForOutput("world 3 generation", milliseconds(30000))) << a->errors();
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("rs-c", args, program, 3, /*ranked=*/false, &a, &b, &c));
   a->signal(SIGTERM);
   EXPECT_EQ(exitCode(*a, milliseconds(10000)), 128 + SIGTERM) << a->errors();
   EXPECT_EQ(exitCode(*b), 0) << b->errors();
