@@ -111,6 +111,19 @@ void CoordinatorService::setHoldersLocked(const std::vector<std::string>& holder
     stopWaitingForLocked(s.get());
     s->holder = false;
   }
+  // Every holder learns who the holders are (after a new one's snapshot): a coordinator that
+  // resumes the job waits for each one's copy.
+  std::vector<std::string> named;
+  for (const auto& [id, s] : sessions_by_node_) {
+    if (s->holder) named.push_back(id);
+  }
+  std::sort(named.begin(), named.end());
+  if (named == holders_named_) return;
+  holders_named_ = named;
+  v1::JobScope list;
+  list.set_revision(job_revision_);
+  for (const std::string& id : named) list.add_holders(id);
+  sendToHoldersLocked(list);
 }
 
 void CoordinatorService::adoptLocked(const std::string& node_id, const v1::JobScope& copy) {

@@ -253,8 +253,24 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
           return;
         }
         adoptLocked(session->node_id, message.job_scope());
+        copies_expected_.insert(message.job_scope().holders().begin(),
+                                message.job_scope().holders().end());
+        if (message.job_scope().complete()) copies_in_.insert(session->node_id);
         if (message.job_scope().complete() && !job_scope_open_) {
-          openJobScopeLocked(fmt::format("the copy of node '{}' is in", session->node_id));
+          std::vector<std::string> missing;
+          for (const std::string& h : copies_expected_) {
+            if (copies_in_.count(h) == 0) missing.push_back(h);
+          }
+          if (missing.empty()) {
+            openJobScopeLocked(
+                fmt::format("the copy of node '{}' is in{}", session->node_id,
+                            copies_in_.size() > 1 ? ", the last of the holders'" : ""));
+          } else {
+            log_->info(
+                "job scope: the copy of node '{}' is in; waiting for those of {} (the holders it "
+                "names) until the grace ends",
+                session->node_id, fmt::join(missing, ", "));
+          }
         }
         return;
       case v1::AgentMessage::kLeave: {

@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <queue>
+#include <set>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -226,6 +227,12 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   bool rejoin_seen_ = false;
   TimePoint job_scope_gate_deadline_{};
   std::vector<std::function<void()>> gated_calls_;
+  // Resuming: the holders the copies name, and those whose whole copy is in. The gate opens once
+  // every named one's is (or at its deadline), so that a lagging holder's copy, in first, does
+  // not decide alone.
+  std::set<std::string> copies_expected_;
+  std::set<std::string> copies_in_;
+  std::vector<std::string> holders_named_;  // the list last sent to the holders
   struct WaitDeadline {
     TimePoint when;
     KvStore::WaiterId id;

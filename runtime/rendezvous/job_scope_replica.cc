@@ -12,8 +12,11 @@ std::uint64_t JobScopeReplica::apply(const v1::JobScope& message) {
     entries_.clear();
     revision_ = 0;
     held_ = false;
+    holders_.clear();
   }
   if (message.release()) return message.revision();
+  if (message.holders_size() > 0)
+    holders_.assign(message.holders().begin(), message.holders().end());
   for (const v1::JobScopeEntry& e : message.entries()) {
     Entry& mine = entries_[e.key()];
     if (mine.revision > e.revision()) continue;  // never older over newer
@@ -32,6 +35,12 @@ void JobScopeReplica::clear() {
   entries_.clear();
   revision_ = 0;
   held_ = false;
+  holders_.clear();
+}
+
+std::vector<std::string> JobScopeReplica::holders() const {
+  std::lock_guard lock(mu_);
+  return holders_;
 }
 
 bool JobScopeReplica::held() const {
@@ -80,6 +89,7 @@ std::vector<v1::JobScope> JobScopeReplica::chunks(size_t max_bytes) const {
     bytes += size;
   }
   if (out.empty()) out.emplace_back().set_revision(revision_);
+  for (const std::string& h : holders_) out.front().add_holders(h);
   out.back().set_complete(true);
   return out;
 }

@@ -35,8 +35,8 @@ class JobScopeReplica {
   };
 
   // Applies a JobScope message: `full` starts a snapshot that replaces the copy (held once its
-  // `complete` message came), `release` drops the copy, entries are upserted. Returns the
-  // revision to acknowledge.
+  // `complete` message came), `release` drops the copy, entries are upserted, and a list of
+  // `holders` replaces the one known. Returns the revision to acknowledge.
   std::uint64_t apply(const rally::v1::JobScope& message);
   void clear();  // not a holder any more
 
@@ -48,10 +48,12 @@ class JobScopeReplica {
   // The value under `key`, if held and not deleted.
   std::optional<std::string> get(const std::string& key) const;
   size_t size() const;  // entries, deletions included
+  // The holders the coordinator last named (none known: empty).
+  std::vector<std::string> holders() const;
 
   // The copy as JobScope messages of about `max_bytes` each (at least one entry each; one with
-  // none for an empty scope), the last one marked `complete`, for sending to a coordinator. None
-  // unless held().
+  // none for an empty scope), the first one naming the holders, the last one marked `complete`,
+  // for sending to a coordinator. None unless held().
   std::vector<rally::v1::JobScope> chunks(size_t max_bytes = 1 << 20) const;
 
  private:
@@ -59,6 +61,7 @@ class JobScopeReplica {
   std::map<std::string, Entry> entries_;
   std::uint64_t revision_ = 0;
   bool held_ = false;
+  std::vector<std::string> holders_;
 };
 
 }  // namespace rally::rendezvous

@@ -132,6 +132,9 @@ TEST_F(ServiceJobScopeTest, HoldersHaveTheJobScopeBeforeAWriteOfItIsAnswered) {
     EXPECT_EQ(copy->get("before"), std::nullopt) << id;
     EXPECT_EQ(copy->size(), 4u) << id << ": k, n, claim and the deletion of 'before'";
     EXPECT_EQ(copy->revision(), server_->service().stats().job_scope_revision) << id;
+    // Each holder knows who the holders are: a resuming coordinator waits for each one's copy.
+    const auto named = copy->holders();
+    EXPECT_EQ(std::set<std::string>(named.begin(), named.end()), successors) << id;
   }
 }
 
@@ -409,6 +412,68 @@ TEST_F(ServiceJobScopeTest, CopiesGoInMessagesUnderTheMessageLimit) {
     ASSERT_TRUE(got.ok()) << got.status().toString();
     EXPECT_EQ(*got, value) << key;
   }
+}
+
+// A resuming coordinator waits for the copy of every holder the copies name, not only the first
+// to come: a lagging holder's copy, in first, lacks the newest writes (here, a fault's firing),
+// and a claim answered on it alone would fire the fault again.
+TEST_F(ServiceJobScopeTest, AResumingCoordinatorWaitsForEveryNamedHoldersCopy) {
+  server_->shutdown("restart as a coordinator that may be resuming");
+  auto options = defaultOptions();
+  options.job_scope_grace = Milliseconds(30000);  // never reached here
+  startServer(options);
+  StoreClient store(connect());
+  std::optional<Result<rendezvous::CompareAndSetResult>> claim;
+  std::thread worker([&] { claim = store.compareAndSet("fired/0", std::nullopt, "again"); });
+  ASSERT_TRUE(eventually([&] { return server_->service().stats().held_calls == 1; }));
+  // Holder a's copy (revision 5) misses the firing at 7; it names a and b as the holders.
+  const auto copyOf = [](std::uint64_t revision, bool fired) {
+    auto copy = std::make_shared<rendezvous::JobScopeReplica>();
+    v1::JobScope m;
+    m.set_full(true);
+    m.set_complete(true);
+    m.set_revision(revision);
+    auto* e = m.add_entries();
+    e->set_key("restarts");
+    e->set_value("1");
+    e->set_revision(3);
+    if (fired) {
+      e = m.add_entries();
+      e->set_key("fired/0");
+      e->set_value("node-a");
+      e->set_revision(7);
+    }
+    m.add_holders("a");
+    m.add_holders("b");
+    copy->apply(m);
+    return copy;
+  };
+  const auto rejoin = [&](const std::string& id,
+                          std::shared_ptr<rendezvous::JobScopeReplica> copy) {
+    rendezvous::AgentSessionOptions o;
+    o.replica = std::move(copy);
+    auto s = AgentSession::open(connect(kToken, true),
+                                {.node_id = id,
+                                 .job_id = "job",
+                                 .local_world_size = 1,
+                                 .address = id + ".local",
+                                 .last_generation = 3,
+                                 .last_node_rank = id == "a" ? 0u : 1u,
+                                 .last_num_nodes = 2},
+                                std::move(o));
+    EXPECT_TRUE(s.ok()) << s.status().toString();
+    return std::move(*s);
+  };
+  auto a = rejoin("a", copyOf(5, false));
+  ASSERT_TRUE(eventually([&] { return server_->service().stats().keys >= 1; }));
+  std::this_thread::sleep_for(milliseconds(200));  // a's copy is in: the gate must stay shut
+  EXPECT_EQ(server_->service().stats().held_calls, 1u) << "b's copy is not in yet";
+  EXPECT_FALSE(claim.has_value());
+  auto b = rejoin("b", copyOf(7, true));
+  worker.join();
+  ASSERT_TRUE(claim && claim->ok()) << (claim ? claim->status().toString() : "no answer");
+  EXPECT_FALSE((*claim)->swapped) << "fired once for the job: b's copy says so";
+  EXPECT_EQ((*claim)->value, "node-a");
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// An agent's copy of the job scope: snapshots, changes, releases, the newer revision winning, and
-// the messages it is sent back in.
+// An agent's copy of the job scope: snapshots, changes, releases, the newer revision winning, the
+// holders it is told of, and the messages it is sent back in.
 #include "runtime/rendezvous/job_scope_replica.h"
 
 #include <gtest/gtest.h>
@@ -127,6 +127,42 @@ TEST(JobScopeReplicaTest, ChunksCarryEveryEntryWithItsRevision) {
   none.clear();
   EXPECT_FALSE(none.held());
   EXPECT_TRUE(none.chunks().empty()) << "not a holder: nothing to send";
+}
+
+TEST(JobScopeReplicaTest, TheNamedHoldersAreKeptAndSentBackFirst) {
+  JobScopeReplica r;
+  v1::JobScope snap = message(4, /*full=*/true);
+  entry(&snap, "a", "1", 4);
+  r.apply(snap);
+  EXPECT_TRUE(r.holders().empty()) << "none named yet";
+  v1::JobScope named = message(4);
+  named.add_holders("n1");
+  named.add_holders("n2");
+  EXPECT_EQ(r.apply(named), 4u) << "acknowledged like any message";
+  EXPECT_EQ(r.holders(), (std::vector<std::string>{"n1", "n2"}));
+  EXPECT_EQ(r.size(), 1u) << "a list changes no entry";
+  v1::JobScope change = message(5);
+  entry(&change, "b", "2", 5);
+  r.apply(change);
+  EXPECT_EQ(r.holders().size(), 2u) << "a change without a list keeps it";
+  const auto chunks = r.chunks(/*max_bytes=*/20);
+  ASSERT_GE(chunks.size(), 2u);
+  EXPECT_EQ(chunks.front().holders_size(), 2) << "the upload names them, in its first message";
+  for (size_t i = 1; i < chunks.size(); ++i) EXPECT_EQ(chunks[i].holders_size(), 0) << i;
+  v1::JobScope renamed = message(6);
+  renamed.add_holders("n3");
+  r.apply(renamed);
+  EXPECT_EQ(r.holders(), (std::vector<std::string>{"n3"})) << "a new list replaces the old";
+  r.apply(message(7, /*full=*/true));
+  EXPECT_TRUE(r.holders().empty()) << "a new snapshot starts afresh";
+  r.apply(renamed);
+  v1::JobScope release;
+  release.set_release(true);
+  r.apply(release);
+  EXPECT_TRUE(r.holders().empty());
+  r.apply(renamed);
+  r.clear();
+  EXPECT_TRUE(r.holders().empty());
 }
 
 }  // namespace
