@@ -80,6 +80,13 @@ std::vector<v1::JobScope> CoordinatorService::jobScopeSnapshotLocked() const {
 
 void CoordinatorService::setHoldersLocked(const std::vector<std::string>& holders) {
   std::unordered_set<std::string> wanted(holders.begin(), holders.end());
+  // The holders after this call, named to each (a resuming coordinator waits for each one's copy):
+  // in a new holder's snapshot, and to every holder when the list changed.
+  std::vector<std::string> named;
+  for (const auto& [id, s] : sessions_by_node_) {
+    if (wanted.count(id) != 0 && s->keeps) named.push_back(id);
+  }
+  std::sort(named.begin(), named.end());
   std::vector<v1::JobScope> snapshot;  // made once, for the first new holder
   std::vector<std::shared_ptr<SessionReactor>> released;
   for (const auto& [id, s] : sessions_by_node_) {
@@ -89,7 +96,10 @@ void CoordinatorService::setHoldersLocked(const std::vector<std::string>& holder
       released.push_back(s);
       continue;
     }
-    if (snapshot.empty()) snapshot = jobScopeSnapshotLocked();
+    if (snapshot.empty()) {
+      snapshot = jobScopeSnapshotLocked();
+      for (const std::string& h : named) snapshot.back().add_holders(h);
+    }
     v1::CoordinatorMessage msg;
     for (const auto& m : snapshot) {
       *msg.mutable_job_scope() = m;
@@ -111,13 +121,6 @@ void CoordinatorService::setHoldersLocked(const std::vector<std::string>& holder
     stopWaitingForLocked(s.get());
     s->holder = false;
   }
-  // Every holder learns who the holders are (after a new one's snapshot): a coordinator that
-  // resumes the job waits for each one's copy.
-  std::vector<std::string> named;
-  for (const auto& [id, s] : sessions_by_node_) {
-    if (s->holder) named.push_back(id);
-  }
-  std::sort(named.begin(), named.end());
   if (named == holders_named_) return;
   holders_named_ = named;
   v1::JobScope list;

@@ -609,8 +609,17 @@ void CoordinatorService::timerLoop() {
       }
     }
     if (!job_scope_open_ && job_scope_gate_deadline_ <= now) {
+      std::vector<std::string> missing;
+      for (const std::string& h : copies_expected_) {
+        if (copies_in_.count(h) == 0) missing.push_back(h);
+      }
       openJobScopeLocked(
-          fmt::format("no holder's copy came within {}", formatDuration(options_.job_scope_grace)));
+          copies_in_.empty()
+              ? fmt::format("no holder's copy came within {}",
+                            formatDuration(options_.job_scope_grace))
+              : fmt::format("the copies of {} did not come within {}; the newest writes only "
+                            "they held are lost",
+                            fmt::join(missing, ", "), formatDuration(options_.job_scope_grace)));
     }
     while (!wait_deadlines_.empty() && wait_deadlines_.top().when <= now) {
       const WaitDeadline d = wait_deadlines_.top();

@@ -476,5 +476,35 @@ TEST_F(ServiceJobScopeTest, AResumingCoordinatorWaitsForEveryNamedHoldersCopy) {
   EXPECT_EQ((*claim)->value, "node-a");
 }
 
+// A holder whose session ended and that holds again in a later round (the same holders as before)
+// is told who the holders are in its new snapshot: its copy, sent to a resuming coordinator,
+// names them (before, the list went only to the holders when it changed, and this one's named
+// nobody: a resume could open on its copy alone).
+TEST_F(ServiceJobScopeTest, AHolderBackInALaterRoundIsToldTheHoldersAgain) {
+  server_->shutdown("restart as a standalone coordinator of one node");
+  auto options = defaultOptions();
+  options.rendezvous.min_nodes = options.rendezvous.max_nodes = 1;
+  startServer(options);
+  auto copy = std::make_shared<rendezvous::JobScopeReplica>();
+  const auto session = [&] {
+    rendezvous::AgentSessionOptions o;
+    o.replica = copy;
+    auto s = join("a", 1, std::move(o));
+    EXPECT_TRUE(s->waitFor(isRoundFormed, milliseconds(5000)).ok());
+    return s;
+  };
+  auto first = session();
+  ASSERT_TRUE(eventually([&] { return copy->held() && !copy->holders().empty(); }));
+  EXPECT_EQ(copy->holders(), (std::vector<std::string>{"a"}));
+  first.reset();  // its stream ends: a is a failed node, the round is gone
+  ASSERT_TRUE(eventually([&] { return server_->service().stats().sessions == 0; }));
+  auto again = session();  // a new node of the same id: its copy is cleared, then a snapshot
+  ASSERT_TRUE(eventually([&] { return copy->held(); }));
+  EXPECT_EQ(copy->holders(), (std::vector<std::string>{"a"})) << "named in the snapshot";
+  const auto chunks = copy->chunks();
+  ASSERT_FALSE(chunks.empty());
+  EXPECT_EQ(chunks.front().holders_size(), 1);
+}
+
 }  // namespace
 }  // namespace rally::testing
