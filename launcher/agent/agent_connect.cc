@@ -172,11 +172,10 @@ Status Agent::Impl::connect() {
                  memory.status().message());
     }
     std::optional<std::string> found;
-    const std::vector<std::string>& remembered = remembered_;
-    if (listed || !remembered.empty()) {
+    if (listed || !remembered_.empty()) {
       // The coordinator may have moved since the job started (its first host was lost): a node
       // that joins now, or comes back, joins it there rather than starting another.
-      if (auto at = locateCoordinator(Clock::now(), /*accept_refusal=*/false, remembered);
+      if (auto at = locateCoordinator(Clock::now(), /*accept_refusal=*/false, remembered_);
           at.ok()) {
         found = *at;
       } else if (at.status().code() == StatusCode::kAborted) {
@@ -209,7 +208,7 @@ Status Agent::Impl::connect() {
       }
     } else if (listed && !embedded_) {
       RALLY_ASSIGN_OR_RETURN(endpoint, locateCoordinator(Clock::now() + tunable("connect_timeout"),
-                                                         /*accept_refusal=*/true, remembered));
+                                                         /*accept_refusal=*/true, remembered_));
     }
   }
   RALLY_ASSIGN_OR_RETURN(auto client,

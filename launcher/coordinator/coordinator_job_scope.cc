@@ -183,6 +183,14 @@ void CoordinatorService::stopWaitingForLocked(SessionReactor* session) {
   }
 }
 
+std::vector<std::string> CoordinatorService::missingCopiesLocked() const {
+  std::vector<std::string> missing;
+  for (const std::string& h : copies_expected_) {
+    if (copies_in_.count(h) == 0) missing.push_back(h);
+  }
+  return missing;
+}
+
 void CoordinatorService::openJobScopeLocked(const std::string& why) {
   job_scope_open_ = true;
   if (!why.empty()) {

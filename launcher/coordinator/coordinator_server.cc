@@ -4,9 +4,8 @@
 #include <grpcpp/server_builder.h>
 #include <sys/resource.h>
 
-#include <algorithm>
-
 #include "kernels/base/logging.h"
+#include "runtime/rendezvous/job_scope_replica.h"
 
 namespace rally::coordinator {
 
@@ -37,9 +36,7 @@ Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::start(CoordinatorO
   raiseOpenFileLimit();
   std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
   server->host_ = listen.host;
-  // The job scope's snapshots in messages that fit the limit with room to spare.
-  options.job_scope_chunk_bytes = static_cast<size_t>(
-      std::clamp<std::int64_t>(listen.max_message_bytes / 2, 1, std::int64_t{1} << 20));
+  options.job_scope_chunk_bytes = rendezvous::jobScopeChunkBytes(listen.max_message_bytes);
   server->service_ = std::make_unique<CoordinatorService>(std::move(options));
 
   const bool v6 = listen.host.find(':') != std::string::npos;

@@ -257,10 +257,7 @@ void CoordinatorService::onAgentMessage(const std::shared_ptr<SessionReactor>& s
                                 message.job_scope().holders().end());
         if (message.job_scope().complete()) copies_in_.insert(session->node_id);
         if (message.job_scope().complete() && !job_scope_open_) {
-          std::vector<std::string> missing;
-          for (const std::string& h : copies_expected_) {
-            if (copies_in_.count(h) == 0) missing.push_back(h);
-          }
+          const std::vector<std::string> missing = missingCopiesLocked();
           if (missing.empty()) {
             openJobScopeLocked(
                 fmt::format("the copy of node '{}' is in{}", session->node_id,
@@ -609,17 +606,14 @@ void CoordinatorService::timerLoop() {
       }
     }
     if (!job_scope_open_ && job_scope_gate_deadline_ <= now) {
-      std::vector<std::string> missing;
-      for (const std::string& h : copies_expected_) {
-        if (copies_in_.count(h) == 0) missing.push_back(h);
-      }
       openJobScopeLocked(
           copies_in_.empty()
               ? fmt::format("no holder's copy came within {}",
                             formatDuration(options_.job_scope_grace))
               : fmt::format("the copies of {} did not come within {}; the newest writes only "
                             "they held are lost",
-                            fmt::join(missing, ", "), formatDuration(options_.job_scope_grace)));
+                            fmt::join(missingCopiesLocked(), ", "),
+                            formatDuration(options_.job_scope_grace)));
     }
     while (!wait_deadlines_.empty() && wait_deadlines_.top().when <= now) {
       const WaitDeadline d = wait_deadlines_.top();

@@ -55,7 +55,7 @@ struct CoordinatorOptions {
   std::vector<rally::v1::JobScope> job_scope_seed;
   Milliseconds job_scope_grace{2000};
   // The most a snapshot's message carries (keys and values; one entry larger than this goes alone).
-  // CoordinatorServer sets it to half of its message limit, at most 1 MiB.
+  // CoordinatorServer sets it from its message limit (rendezvous::jobScopeChunkBytes).
   size_t job_scope_chunk_bytes = 1 << 20;
 };
 
@@ -232,7 +232,8 @@ class CoordinatorService final : public rally::v1::Coordinator::CallbackService 
   // not decide alone.
   std::set<std::string> copies_expected_;
   std::set<std::string> copies_in_;
-  std::vector<std::string> holders_named_;  // the list last sent to the holders
+  std::vector<std::string> holders_named_;               // the list last sent to the holders
+  std::vector<std::string> missingCopiesLocked() const;  // named, whose copy is not in
   struct WaitDeadline {
     TimePoint when;
     KvStore::WaiterId id;

@@ -138,9 +138,7 @@ Result<std::unique_ptr<AgentSession>> AgentSession::open(
     if (s->join_.last_generation == 0) {
       replica->clear();  // a new node: what it held belongs to another round
     } else {
-      // Messages that fit the connection's limit with room to spare.
-      upload = replica->chunks(static_cast<size_t>(std::clamp<std::int64_t>(
-          s->conn_->options().max_message_bytes / 2, 1, std::int64_t{1} << 20)));
+      upload = replica->chunks(jobScopeChunkBytes(s->conn_->options().max_message_bytes));
     }
   }
   s->reactor_ = std::make_unique<Reactor>(s.get());

@@ -15,8 +15,9 @@ std::uint64_t JobScopeReplica::apply(const v1::JobScope& message) {
     holders_.clear();
   }
   if (message.release()) return message.revision();
-  if (message.holders_size() > 0)
+  if (message.holders_size() > 0) {
     holders_.assign(message.holders().begin(), message.holders().end());
+  }
   for (const v1::JobScopeEntry& e : message.entries()) {
     Entry& mine = entries_[e.key()];
     if (mine.revision > e.revision()) continue;  // never older over newer

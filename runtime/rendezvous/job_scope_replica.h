@@ -15,6 +15,7 @@
 // Thread-safety: all methods are thread-safe.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -25,6 +26,13 @@
 #include "rally/v1/coordinator.pb.h"
 
 namespace rally::rendezvous {
+
+// How much of the job scope one message carries, under a gRPC message limit of
+// `max_message_bytes`: half of it (room for the framing), at most 1 MiB. Snapshots and uploads
+// both use it.
+inline size_t jobScopeChunkBytes(std::int64_t max_message_bytes) {
+  return static_cast<size_t>(std::clamp<std::int64_t>(max_message_bytes / 2, 1, 1 << 20));
+}
 
 class JobScopeReplica {
  public:

@@ -226,10 +226,14 @@ class Agent::Impl {
   // In place: re-forms to admit waiting nodes once the workers reached a commit point.
   void checkAdmission();
   // This agent started the job's coordinator at the first --rdzv-endpoint address, but no round
-  // has formed there yet: if a standby address already serves the job (it moved there while this
-  // node was away: the restarted first host), join it and hand the one started here over, so
-  // that the job does not split. Checked every 2 s. An exit code if it cannot join it.
+  // has formed there yet: if a standby address, or one this host remembers (CoordinatorMemory),
+  // already serves the job (it moved there while this node was away: the restarted first host),
+  // join it and hand the one started here over, so that the job does not split. Checked every 2 s.
+  // An exit code if it cannot join it.
   std::optional<int> deferToMovedCoordinator();
+  // True if `endpoint` reaches the coordinator this agent hosts (its exact address; any local one
+  // at its port when it listens on every interface).
+  bool isOwnCoordinator(const std::string& endpoint) const;
   Clock::time_point next_defer_check_{};
 
   cli::RunOptions o_;
@@ -255,9 +259,6 @@ class Agent::Impl {
   std::string coordinator_file_;
   std::optional<CoordinatorMemory> memory_;  // none: standalone, static, or it cannot be kept
   std::vector<std::string> remembered_;      // what the memory held when this agent started
-  // True if `endpoint` reaches the coordinator this agent hosts (its exact address; any local one
-  // at its port when it listens on every interface).
-  bool isOwnCoordinator(const std::string& endpoint) const;
   bool memory_failed_said_ = false;
   struct Takeover {
     std::vector<v1::RoundMember> successors;

@@ -24,7 +24,30 @@ long long msSince(Clock::time_point t) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - t).count();
 }
 
-class ServiceJobScopeTest : public CoordinatorFixture {};
+class ServiceJobScopeTest : public CoordinatorFixture {
+ protected:
+  // Node `id` back after a lost coordinator: a Join with its last round (generation, node rank,
+  // nodes), then its copy of the job scope, on a connection of `max_message_bytes`.
+  std::unique_ptr<AgentSession> rejoin(const std::string& id,
+                                       std::shared_ptr<rendezvous::JobScopeReplica> copy,
+                                       std::uint64_t last_generation, std::uint32_t rank,
+                                       std::uint32_t num_nodes,
+                                       std::int64_t max_message_bytes = 4 << 20) {
+    rendezvous::AgentSessionOptions o;
+    o.replica = std::move(copy);
+    auto s = AgentSession::open(connect(kToken, true, max_message_bytes),
+                                {.node_id = id,
+                                 .job_id = "job",
+                                 .local_world_size = 1,
+                                 .address = id + ".local",
+                                 .last_generation = last_generation,
+                                 .last_node_rank = rank,
+                                 .last_num_nodes = num_nodes},
+                                std::move(o));
+    EXPECT_TRUE(s.ok()) << s.status().toString();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+};
 
 // A claim (a compare-and-set on an absent key with the caller's own value) counts an earlier
 // attempt of its own, and waits out a coordinator that is away instead of failing.
@@ -238,23 +261,8 @@ TEST_F(ServiceJobScopeTest, ATakeoverAdoptsTheRejoiningHoldersCopiesKeyByKey) {
                         {"fired/0", "other", 4, false},
                         {"gone", "back", 6, false},
                         {"only-c", "z", 8, false}});
-  auto open = [&](const std::string& id, std::uint32_t rank,
-                  std::shared_ptr<rendezvous::JobScopeReplica> copy) {
-    rendezvous::AgentSessionOptions o;
-    o.replica = std::move(copy);
-    auto s = AgentSession::open(connect(kToken, true),
-                                {.node_id = id,
-                                 .job_id = "job",
-                                 .local_world_size = 1,
-                                 .address = id + ".local",
-                                 .last_generation = 4,
-                                 .last_node_rank = rank},
-                                std::move(o));
-    EXPECT_TRUE(s.ok());
-    return std::move(*s);
-  };
-  auto b = open("b", 1, b_copy);
-  auto c = open("c", 2, c_copy);
+  auto b = rejoin("b", b_copy, 4, 1, 0);
+  auto c = rejoin("c", c_copy, 4, 2, 0);
   for (auto* x : {b.get(), c.get()})
     ASSERT_TRUE(x->waitFor(isRoundFormed, milliseconds(5000)).ok());
   EXPECT_EQ(*store.get("restarts"), "3") << "written here: no copy replaces it";
@@ -316,18 +324,8 @@ TEST_F(ServiceJobScopeTest, ARestartedCoordinatorAnswersJobScopeCallsOnceAHolder
   e->set_value("node-a");
   e->set_revision(7);
   copy->apply(m);
-  rendezvous::AgentSessionOptions o;
-  o.replica = copy;
-  auto a = AgentSession::open(connect(kToken, true),
-                              {.node_id = "a",
-                               .job_id = "job",
-                               .local_world_size = 1,
-                               .address = "a.local",
-                               .last_generation = 3,
-                               .last_node_rank = 0,
-                               .last_num_nodes = 1},
-                              std::move(o));
-  ASSERT_TRUE(a.ok());
+  auto a = rejoin("a", copy, 3, 0, 1);
+  ASSERT_TRUE(a);
   worker.join();
   ASSERT_TRUE(claim && claim->ok()) << (claim ? claim->status().toString() : "no answer");
   EXPECT_FALSE((*claim)->swapped) << "claimed once for the job: before the restart";
@@ -394,18 +392,8 @@ TEST_F(ServiceJobScopeTest, CopiesGoInMessagesUnderTheMessageLimit) {
   server_->shutdown("restart as a coordinator that may be resuming");
   options.job_scope_grace = Milliseconds(30000);  // never reached here
   startServer(options, kLimit);
-  rendezvous::AgentSessionOptions o;
-  o.replica = copy;
-  auto a = AgentSession::open(connect(kToken, true, kLimit),
-                              {.node_id = "a",
-                               .job_id = "job",
-                               .local_world_size = 1,
-                               .address = "a.local",
-                               .last_generation = 1,
-                               .last_node_rank = 0,
-                               .last_num_nodes = 1},
-                              std::move(o));
-  ASSERT_TRUE(a.ok()) << a.status().toString();
+  auto a = rejoin("a", copy, 1, 0, 1, kLimit);
+  ASSERT_TRUE(a);
   StoreClient again(connect(kToken, false, kLimit));
   for (const auto& [key, value] : written) {
     auto got = again.get(key);
@@ -448,28 +436,12 @@ TEST_F(ServiceJobScopeTest, AResumingCoordinatorWaitsForEveryNamedHoldersCopy) {
     copy->apply(m);
     return copy;
   };
-  const auto rejoin = [&](const std::string& id,
-                          std::shared_ptr<rendezvous::JobScopeReplica> copy) {
-    rendezvous::AgentSessionOptions o;
-    o.replica = std::move(copy);
-    auto s = AgentSession::open(connect(kToken, true),
-                                {.node_id = id,
-                                 .job_id = "job",
-                                 .local_world_size = 1,
-                                 .address = id + ".local",
-                                 .last_generation = 3,
-                                 .last_node_rank = id == "a" ? 0u : 1u,
-                                 .last_num_nodes = 2},
-                                std::move(o));
-    EXPECT_TRUE(s.ok()) << s.status().toString();
-    return std::move(*s);
-  };
-  auto a = rejoin("a", copyOf(5, false));
+  auto a = rejoin("a", copyOf(5, false), 3, 0, 2);
   ASSERT_TRUE(eventually([&] { return server_->service().stats().keys >= 1; }));
   std::this_thread::sleep_for(milliseconds(200));  // a's copy is in: the gate must stay shut
   EXPECT_EQ(server_->service().stats().held_calls, 1u) << "b's copy is not in yet";
   EXPECT_FALSE(claim.has_value());
-  auto b = rejoin("b", copyOf(7, true));
+  auto b = rejoin("b", copyOf(7, true), 3, 1, 2);
   worker.join();
   ASSERT_TRUE(claim && claim->ok()) << (claim ? claim->status().toString() : "no answer");
   EXPECT_FALSE((*claim)->swapped) << "fired once for the job: b's copy says so";
