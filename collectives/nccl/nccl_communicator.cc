@@ -633,7 +633,12 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
       ncclComm_t* slot = slots.emplace_back(std::make_unique<ncclComm_t>(nullptr)).get();
       ncclConfig_t config = nonBlockingConfig();
       Status s = okStatus();
-      if (const ncclResult_t r = launch(parent, slot, &config); r == ncclInProgress) {
+      // On a non-blocking parent, ncclCommSplit and ncclCommShrink return ncclSuccess (their own
+      // checks' result, not ncclGroupEnd's ncclInProgress) while NCCL's thread still makes the
+      // child: the parent reads ncclInProgress until it is done, and the child is written into
+      // the slot at the end (NCCL 2.28). So the parent is polled either way.
+      if (const ncclResult_t r = launch(parent, slot, &config);
+          r == ncclInProgress || r == ncclSuccess) {
         bool timed_out = false;
         std::optional<Status> settled = settle(parent, l, call, context, &timed_out);
         if (!settled) {
@@ -649,12 +654,24 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
       } else {
         s = checkNccl(r, parent, call, context);
       }
-      child = *slot;
+      // The child should be in the slot once the parent has settled; should it not be, the slot
+      // stays until it is (freed, NCCL would write into freed memory), within connect_timeout.
+      if (s.ok()) {
+        Backoff backoff;
+        while ((child = __atomic_load_n(slot, __ATOMIC_ACQUIRE)) == nullptr) {
+          if (Clock::now() >= l.deadline || l.cancelled()) break;
+          backoff.pause();
+        }
+        if (child == nullptr) {
+          return l.cancelled() ? state_->abortedStatus(what)
+                               : lateStatus(call, context, l,
+                                            "NCCL reported it done but gave no communicator");
+        }
+      } else {
+        child = __atomic_load_n(slot, __ATOMIC_ACQUIRE);  // a failure is final: NCCL is done
+      }
       slots.erase(std::find_if(slots.begin(), slots.end(),
                                [slot](const auto& p) { return p.get() == slot; }));
-      if (s.ok() && child == nullptr) {
-        s = internalError(fmt::format("{}: {} gave no communicator", context, call));
-      }
       if (!s.ok()) {
         if (child != nullptr) (void)ncclCommAbort(child);
         return s;
