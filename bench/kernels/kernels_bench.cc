@@ -1,19 +1,24 @@
 // Kernels benchmark (needs a CUDA device; run it with the `device` tool): for each kernel and size,
-// the time (median of 10), the bytes it moves, the achieved GB/s and its fraction of this device's
-// copy bandwidth (a device-to-device cudaMemcpy of the same size, measured in the same run); and
+// the time per call (calls queued back to back, timed with CUDA events: timeIt), the bytes it
+// moves, the achieved GB/s and its fraction of this device's copy bandwidth (a device-to-device
+// cudaMemcpy of the same size, timed the same way in the same run); a read-only reference
+// (bench::readOnce: the same bytes read once), the ceiling of a kernel that only reads, as the
+// checksums do; two rows more show the calls that wait for the device (scaleAndCheck,
+// blockChecksums to host memory) with that wait; and
 // the multi-tensor operations beside the same work done with one launch per tensor (what a
 // framework does), for 500 small tensors: one cudaMemcpyAsync per tensor for pack and unpack,
 // one plain AdamW launch per tensor (per_tensor_adamw.h: pointers as arguments, no table) for
 // AdamW.
 //
-//   kernels_bench [--sizes 64MiB,256MiB,1GiB] [--tensors 500] [--chunks 4096,16384,65536]
+//   kernels_bench [--sizes 64MiB,256MiB,1GiB] [--tensors 500] [--chunks 256,512,1024,2048,4096]
 //
 // --chunks: pack and AdamW at the first size again with each chunk size (elements per thread
 // block, CudaKernelsOptions::chunk_elements), to choose the default (the main table uses the
 // current default).
 //
 // Last line: "kernels min_fraction_of_copy_bw=F vs_per_tensor_speedup=S" (F over sizes of 64 MiB
-// and up; S the smallest speedup of the fused pack, unpack and AdamW over one launch per tensor).
+// and up, the rows that do not wait; S the smallest speedup of the fused pack, unpack and AdamW
+// over one launch per tensor).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -46,17 +51,28 @@ void check(const Status& s, const char* what) {
   }
 }
 
-// Median seconds of `reps` runs of f (each followed by a device synchronize).
-double timeIt(const std::function<void()>& f, int reps = 10) {
+// Seconds per call of f: calls queued back to back (as a training step queues them), timed with
+// CUDA events on the default stream, in batches of `per_batch` after a warm-up; the median of
+// `batches` batches. A call that waits for the device itself (readFinite, blockChecksums to host
+// memory) pays that wait in every call.
+double timeIt(const std::function<void()>& f, int per_batch = 10, int batches = 5) {
   f();  // warm up
   check(cudaDeviceSynchronize(), "warm-up");
+  cudaEvent_t start = nullptr, end = nullptr;
+  check(cudaEventCreate(&start), "cudaEventCreate");
+  check(cudaEventCreate(&end), "cudaEventCreate");
   std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    check(cudaDeviceSynchronize(), "sync");
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  for (int b = 0; b < batches; ++b) {
+    check(cudaEventRecord(start, nullptr), "cudaEventRecord");
+    for (int i = 0; i < per_batch; ++i) f();
+    check(cudaEventRecord(end, nullptr), "cudaEventRecord");
+    check(cudaEventSynchronize(end), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, end), "cudaEventElapsedTime");
+    t.push_back(ms / 1e3 / per_batch);
   }
+  cudaEventDestroy(start);
+  cudaEventDestroy(end);
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
@@ -66,7 +82,7 @@ double timeIt(const std::function<void()>& f, int reps = 10) {
 int main(int argc, char** argv) {
   std::string sizes_arg = "64MiB,256MiB,1GiB";
   int tensors = 500;
-  std::string chunks_arg = "4096,16384,65536";
+  std::string chunks_arg = "256,512,1024,2048,4096";
   for (int i = 1; i < argc; i += 2) {
     const std::string a = argv[i];
     if (i + 1 >= argc || (a != "--sizes" && a != "--tensors" && a != "--chunks")) {
@@ -98,7 +114,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "device properties");
   std::printf("device: %s\n", prop.name);
-  std::printf("%-22s %10s %10s %10s %9s\n", "kernel", "size", "time_us", "GB/s", "of_copy");
+  std::printf("%-26s %10s %10s %10s %9s\n", "kernel", "size", "time_us", "GB/s", "of_copy");
   double min_fraction = 1e9;
   for (std::int64_t size : sizes) {
     const size_t bytes = static_cast<size_t>(size), n = bytes / 4;
@@ -111,23 +127,38 @@ int main(int argc, char** argv) {
     const double copy =
         timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
     const double copy_bw = 2.0 * bytes / copy / 1e9;
-    std::printf("%-22s %10s %10.1f %10.1f %9.3f\n", "memcpy (reference)", formatBytes(size).c_str(),
+    std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", "memcpy (reference)", formatBytes(size).c_str(),
                 copy * 1e6, copy_bw, 1.0);
+    std::uint64_t* sink = nullptr;
+    check(cudaMalloc(&sink, 65535 * 8 * sizeof(std::uint64_t)), "cudaMalloc");
+    const double read =
+        timeIt([&] { check(bench::readOnce(a, bytes, sink, nullptr), "read reference"); });
+    std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", "read only (reference)",
+                formatBytes(size).c_str(), read * 1e6, bytes / read / 1e9,
+                bytes / read / 1e9 / copy_bw);
+    cudaFree(sink);
     std::vector<std::uint64_t> sums(bytes / 65536 + 1);
+    std::uint64_t* device_sums = nullptr;
+    check(cudaMalloc(&device_sums, sums.size() * sizeof(std::uint64_t)), "cudaMalloc");
     struct Row {
       const char* name;
       double moved;  // bytes read + written
       std::function<void()> run;
+      bool waits = false;  // waits for the device in every call: not in min_fraction
     };
     const std::vector<Row> rows = {
         {"pack (1 tensor)", 2.0 * bytes,
          [&] {
            check(K.pack({{a, n}}, b, DType::kF32), "pack");
          }},
+        {"unpack (1 tensor)", 2.0 * bytes,
+         [&] {
+           check(K.unpack(b, {{a, n}}, DType::kF32), "unpack");
+         }},
         {"scale_and_check f32", 2.0 * bytes,
-         [&] { check(K.scaleAndCheck(b, n, DType::kF32, 0.5f).status(), "scale"); }},
+         [&] { check(K.scaleAndCheckAsync(b, n, DType::kF32, 0.5f), "scale"); }},
         {"scale_and_check bf16", 2.0 * bytes,
-         [&] { check(K.scaleAndCheck(b, bytes / 2, DType::kBF16, 0.5f).status(), "scale"); }},
+         [&] { check(K.scaleAndCheckAsync(b, bytes / 2, DType::kBF16, 0.5f), "scale"); }},
         {"compress_bf16", n * (4.0 + 4 + 4 + 2),
          [&] {
            check(K.compressBf16(static_cast<float*>(a), static_cast<float*>(c),
@@ -140,7 +171,7 @@ int main(int argc, char** argv) {
                  "decompress");
          }},
         {"block_checksums 64KiB", 1.0 * bytes,
-         [&] { check(K.blockChecksums(a, bytes, 65536, sums.data()), "checksums"); }},
+         [&] { check(K.blockChecksumsAsync(a, bytes, 65536, device_sums), "checksums"); }},
         {"adamw (+bf16 copy)", (n / 4) * (16.0 + 14),
          [&] {
            const size_t q = n / 4;
@@ -150,15 +181,20 @@ int main(int argc, char** argv) {
                      {.lr = 1e-4f, .step = 1}),
                  "adamw");
          }},
+        {"  scale_and_check, waits", 2.0 * bytes,
+         [&] { check(K.scaleAndCheck(b, n, DType::kF32, 0.5f).status(), "scale"); }, true},
+        {"  checksums to host, waits", 1.0 * bytes,
+         [&] { check(K.blockChecksums(a, bytes, 65536, sums.data()), "checksums"); }, true},
     };
     for (const Row& r : rows) {
       const double t = timeIt(r.run);
       const double bw = r.moved / t / 1e9, fraction = bw / copy_bw;
-      std::printf("%-22s %10s %10.1f %10.1f %9.3f\n", r.name, formatBytes(size).c_str(), t * 1e6,
+      std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", r.name, formatBytes(size).c_str(), t * 1e6,
                   bw, fraction);
-      if (size >= (64 << 20)) min_fraction = std::min(min_fraction, fraction);
+      if (size >= (64 << 20) && !r.waits) min_fraction = std::min(min_fraction, fraction);
     }
     for (void* p : {a, b, c, d, e}) cudaFree(p);
+    cudaFree(device_sums);
   }
   // Many small tensors: one fused launch against one launch (or copy) per tensor.
   const size_t per = 4096;  // floats per tensor: 16 KiB, a typical bias or norm gradient

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "kernels/ops/internal/kernel_bodies.h"
 #include "kernels/ops/kernels.h"
@@ -59,17 +60,24 @@ class CpuKernels final : public Kernels {
     return okStatus();
   }
 
-  Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) override {
+  Status scaleAndCheckAsync(void* data, size_t count, DType type, float factor) override {
+    bool finite = true;
     switch (type) {
       case DType::kF32:
-        return scaleAndCheckAll<DType::kF32>(data, count, factor);
+        finite = scaleAndCheckAll<DType::kF32>(data, count, factor);
+        break;
       case DType::kF16:
-        return scaleAndCheckAll<DType::kF16>(data, count, factor);
+        finite = scaleAndCheckAll<DType::kF16>(data, count, factor);
+        break;
       case DType::kBF16:
-        return scaleAndCheckAll<DType::kBF16>(data, count, factor);
+        finite = scaleAndCheckAll<DType::kBF16>(data, count, factor);
+        break;
     }
-    return invalidArgument("scaleAndCheck: unknown dtype");
+    all_finite_ = all_finite_ && finite;
+    return okStatus();
   }
+
+  Result<bool> readFinite() override { return std::exchange(all_finite_, true); }
 
   Status compressBf16(const float* in, float* residual, std::uint16_t* out, size_t count) override {
     for (size_t i = 0; i < count; ++i) out[i] = p::compressBf16Element(in[i], &residual[i]);
@@ -91,6 +99,11 @@ class CpuKernels final : public Kernels {
     return okStatus();
   }
 
+  Status blockChecksumsAsync(const void* data, size_t bytes, size_t block_bytes,
+                             std::uint64_t* out) override {
+    return blockChecksums(data, bytes, block_bytes, out);
+  }
+
   Status adamw(const std::vector<AdamWTensor>& tensors, const AdamWOptions& o) override {
     if (o.step < 1)
       return invalidArgument(fmt::format("adamw: step {} (steps start at 1)", o.step));
@@ -105,6 +118,9 @@ class CpuKernels final : public Kernels {
   }
 
   Status synchronize() override { return okStatus(); }
+
+ private:
+  bool all_finite_ = true;  // since the last readFinite()
 };
 
 }  // namespace

@@ -1,8 +1,9 @@
 // The CUDA kernels: launches of the bodies in internal/kernel_bodies.h (which the CPU tests also
-// run, on an emulated grid). Each multi-tensor operation is one launch over a table of chunks (at
-// most CudaKernelsOptions::chunk_elements of one tensor each, one thread block per chunk),
+// run, on an emulated grid). Each multi-tensor operation is one launch over a table of its
+// tensors (one entry each, with its first thread block; a block moves one tile of at most
+// CudaKernelsOptions::chunk_elements elements): up to kInlineEntries as a kernel parameter, more
 // uploaded with the launch from page-locked memory owned by this object (up to 16 uploads in
-// flight); element math is portable.h's, shared with the CPU references, so both round the same
+// flight). Element math is portable.h's, shared with the CPU references, so both round the same
 // way.
 #include <cuda_runtime.h>
 #include <fmt/format.h>
@@ -10,7 +11,9 @@
 #define XXH_INLINE_ALL  // only for XXH3_kSecret, copied to the device
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/ops/cuda_kernels.h"
@@ -23,7 +26,8 @@ namespace {
 namespace p = portable;
 using namespace internal;  // NOLINT(google-build-using-namespace): the kernel bodies
 
-__constant__ std::uint8_t kSecretOnDevice[p::kSecretSize];
+// XXH3's secret, for the checksums (global memory: see checksumBody).
+__device__ __align__(16) std::uint8_t kSecretOnDevice[p::kSecretSize];
 
 Status cudaStatus(cudaError_t e, const char* what, const char* file, int line) {
   return unavailable(fmt::format("{}: {} ({}) at {}:{}", what, cudaGetErrorString(e),
@@ -46,40 +50,70 @@ struct DeviceBlock {
   }
   __device__ void sync() const { __syncthreads(); }
   __device__ void flagIfAny(bool bad, int* flag) const {
-    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) atomicOr(flag, 1);
+    // A plain store: every writer writes 1, and the flag is host memory (no atomics over PCIe).
+    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0)
+      *static_cast<volatile int*>(flag) = 1;
   }
 };
 
-__global__ void copyChunks(const CopyChunk* chunks) { copyChunkBody(DeviceBlock{}, chunks); }
+// Every kernel runs blocks of kThreads; most ask for registers for eight blocks per
+// multiprocessor (a full one); those with more arithmetic per byte for fewer (more registers,
+// and no spills).
+__global__ void __launch_bounds__(kThreads, 8)
+    copyTiles(const CopyEntry* entries, size_t count, size_t tile_bytes) {
+  copyTileBody(DeviceBlock{}, entries, count, tile_bytes);
+}
+__global__ void __launch_bounds__(kThreads, 8)
+    copyTilesInline(const __grid_constant__ InlineTable<CopyEntry> table, size_t count,
+                    size_t tile_bytes) {
+  copyTileBody(DeviceBlock{}, table.entries, count, tile_bytes);
+}
 
 template <DType T>
-__global__ void scaleCheck(void* data, size_t n, float factor, int* nonfinite) {
+__global__ void __launch_bounds__(kThreads, 6)
+    scaleCheck(void* data, size_t n, float factor, int* nonfinite) {
   scaleCheckBody<T>(DeviceBlock{}, data, n, factor, nonfinite);
 }
 
-__global__ void compress(const float* in, float* residual, std::uint16_t* out, size_t n) {
+__global__ void __launch_bounds__(kThreads)
+    compress(const float* in, float* residual, std::uint16_t* out, size_t n) {
   compressBody(DeviceBlock{}, in, residual, out, n);
 }
 
-__global__ void decompress(const std::uint16_t* in, float* out, size_t n) {
+__global__ void __launch_bounds__(kThreads, 8)
+    decompress(const std::uint16_t* in, float* out, size_t n) {
   decompressBody(DeviceBlock{}, in, out, n);
 }
 
-template <bool kAligned>
-__global__ void checksums(const std::uint8_t* data, size_t bytes, size_t block,
-                          std::uint64_t* out) {
+template <unsigned kAlign>
+__global__ void __launch_bounds__(kThreads, 8)
+    checksums(const std::uint8_t* data, size_t bytes, size_t block, std::uint64_t* out) {
   __shared__ ChecksumShared shared;
-  checksumBody<kAligned>(DeviceBlock{}, shared, kSecretOnDevice, data, bytes, block, out);
+  checksumBody<kAlign>(DeviceBlock{}, shared, kSecretOnDevice, data, bytes, block, out);
 }
 
-__global__ void adamwChunks(const AdamWChunk* chunks, p::AdamWStep s) {
-  adamwChunkBody(DeviceBlock{}, chunks, s);
+__global__ void __launch_bounds__(kThreads, 4)
+    adamwTiles(const AdamWEntry* entries, size_t count, size_t chunk, p::AdamWStep s) {
+  adamwTileBody(DeviceBlock{}, entries, count, chunk, s);
+}
+__global__ void __launch_bounds__(kThreads, 4)
+    adamwTilesInline(const __grid_constant__ InlineTable<AdamWEntry> table, size_t count,
+                     size_t chunk, p::AdamWStep s) {
+  adamwTileBody(DeviceBlock{}, table.entries, count, chunk, s);
+}
+
+// The table of a plan as a kernel parameter (entries past the plan's are zero, never read).
+template <class Entry>
+InlineTable<Entry> inlineTable(const std::vector<Entry>& entries) {
+  InlineTable<Entry> t{};
+  std::copy(entries.begin(), entries.end(), t.entries);
+  return t;
 }
 
 template <DType T>
 void launchScaleCheck(void* data, size_t n, float factor, int* flag, cudaStream_t stream) {
   const size_t items = elementItems(n, scaleCheckVectors<T>(data, n), kPerVector<T>);
-  scaleCheck<T><<<gridFor(items), kThreads, 0, stream>>>(data, n, factor, flag);
+  scaleCheck<T><<<scaleCheckGrid<T>(items), kThreads, 0, stream>>>(data, n, factor, flag);
 }
 
 class CudaKernels final : public Kernels {
@@ -95,56 +129,61 @@ class CudaKernels final : public Kernels {
       if (slot.uploaded != nullptr) cudaEventDestroy(slot.uploaded);
     }
     cudaFreeHost(host_flag_);
-    cudaFree(device_flag_);
-    cudaFree(device_sums_);
+    cudaFreeHost(host_sums_);
   }
 
   Status init() {
     RALLY_CUDA(cudaSetDevice(device_));
     RALLY_CUDA(cudaMemcpyToSymbol(kSecretOnDevice, XXH3_kSecret, p::kSecretSize));
-    RALLY_CUDA(cudaHostAlloc(&host_flag_, sizeof(int), cudaHostAllocDefault));
-    RALLY_CUDA(cudaMalloc(&device_flag_, sizeof(int)));
+    // The flag is page-locked host memory the kernels write directly: reading it costs only the
+    // wait for the stream, no copy.
+    RALLY_CUDA(cudaHostAlloc(&host_flag_, sizeof(int), cudaHostAllocMapped));
+    *host_flag_ = 0;
+    RALLY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_flag_), host_flag_, 0));
     return okStatus();
   }
 
   std::string_view name() const override { return "cuda"; }
 
   Status pack(const std::vector<ConstTensorView>& tensors, void* bucket, DType type) override {
-    return launchCopies(packChunks(tensors, bucket, type, chunk_));
+    return launchCopies(packPlan(tensors, bucket, type, chunk_));
   }
 
   Status unpack(const void* bucket, const std::vector<TensorView>& tensors, DType type) override {
-    return launchCopies(unpackChunks(bucket, tensors, type, chunk_));
+    return launchCopies(unpackPlan(bucket, tensors, type, chunk_));
   }
 
-  Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) override {
+  Status scaleAndCheckAsync(void* data, size_t count, DType type, float factor) override {
+    if (count == 0) return okStatus();
     RALLY_CUDA(cudaSetDevice(device_));
-    RALLY_CUDA(cudaMemsetAsync(device_flag_, 0, sizeof(int), stream_));
-    if (count > 0) {
-      switch (type) {
-        case DType::kF32:
-          launchScaleCheck<DType::kF32>(data, count, factor, device_flag_, stream_);
-          break;
-        case DType::kF16:
-          launchScaleCheck<DType::kF16>(data, count, factor, device_flag_, stream_);
-          break;
-        case DType::kBF16:
-          launchScaleCheck<DType::kBF16>(data, count, factor, device_flag_, stream_);
-          break;
-      }
-      RALLY_CUDA(cudaGetLastError());
+    switch (type) {
+      case DType::kF32:
+        launchScaleCheck<DType::kF32>(data, count, factor, device_flag_, stream_);
+        break;
+      case DType::kF16:
+        launchScaleCheck<DType::kF16>(data, count, factor, device_flag_, stream_);
+        break;
+      case DType::kBF16:
+        launchScaleCheck<DType::kBF16>(data, count, factor, device_flag_, stream_);
+        break;
     }
-    RALLY_CUDA(
-        cudaMemcpyAsync(host_flag_, device_flag_, sizeof(int), cudaMemcpyDeviceToHost, stream_));
-    RALLY_CUDA(cudaStreamSynchronize(stream_));
-    return *host_flag_ == 0;
+    RALLY_CUDA(cudaGetLastError());
+    return okStatus();
+  }
+
+  Result<bool> readFinite() override {
+    RALLY_CUDA(cudaSetDevice(device_));
+    RALLY_CUDA(cudaStreamSynchronize(stream_));  // no kernel of ours writes the flag now
+    const bool finite = *static_cast<volatile int*>(host_flag_) == 0;
+    *static_cast<volatile int*>(host_flag_) = 0;
+    return finite;
   }
 
   Status compressBf16(const float* in, float* residual, std::uint16_t* out, size_t count) override {
     if (count == 0) return okStatus();
     RALLY_CUDA(cudaSetDevice(device_));
     const size_t items = elementItems(count, compressVectors(in, residual, out, count), 4);
-    compress<<<gridFor(items), kThreads, 0, stream_>>>(in, residual, out, count);
+    compress<<<elementGrid(items), kThreads, 0, stream_>>>(in, residual, out, count);
     RALLY_CUDA(cudaGetLastError());
     return okStatus();
   }
@@ -152,54 +191,69 @@ class CudaKernels final : public Kernels {
   Status decompressBf16(const std::uint16_t* in, float* out, size_t count) override {
     if (count == 0) return okStatus();
     RALLY_CUDA(cudaSetDevice(device_));
-    const size_t items = elementItems(count, decompressVectors(in, out, count), 8);
-    decompress<<<gridFor(items), kThreads, 0, stream_>>>(in, out, count);
+    const size_t items = elementItems(count, decompressVectors(in, out, count), 4);
+    decompress<<<elementGrid(items), kThreads, 0, stream_>>>(in, out, count);
     RALLY_CUDA(cudaGetLastError());
     return okStatus();
   }
 
   Status blockChecksums(const void* data, size_t bytes, size_t block_bytes,
                         std::uint64_t* out) override {
-    if (block_bytes == 0) return invalidArgument("blockChecksums: block_bytes must be positive");
-    const size_t blocks = (bytes + block_bytes - 1) / block_bytes;
+    RALLY_ASSIGN_OR_RETURN(const size_t blocks, checksumBlocks(bytes, block_bytes));
     if (blocks == 0) return okStatus();
-    if (blocks > 0x7fffffffu) {
-      return invalidArgument(fmt::format(
-          "blockChecksums: {} blocks of {} bytes are more than one launch takes (2^31 - 1); use "
-          "larger blocks",
-          blocks, block_bytes));
-    }
     RALLY_CUDA(cudaSetDevice(device_));
+    // The kernel writes the checksums straight into page-locked host memory (8 bytes per block
+    // over the bus, no copy to wait for), and they are copied to `out` from there.
     if (blocks > sums_capacity_) {
-      cudaFree(device_sums_);
-      device_sums_ = nullptr;
-      RALLY_CUDA(cudaMalloc(&device_sums_, blocks * sizeof(std::uint64_t)));
+      RALLY_CUDA(cudaStreamSynchronize(stream_));  // every launch that wrote the old one is done
+      cudaFreeHost(host_sums_);
+      host_sums_ = nullptr;
+      sums_capacity_ = 0;
+      RALLY_CUDA(cudaHostAlloc(&host_sums_, blocks * sizeof(std::uint64_t), cudaHostAllocMapped));
       sums_capacity_ = blocks;
     }
-    const auto* in = static_cast<const std::uint8_t*>(data);
-    const unsigned grid = static_cast<unsigned>(blocks);
-    if (checksumAligned(in, block_bytes)) {
-      checksums<true><<<grid, kThreads, 0, stream_>>>(in, bytes, block_bytes, device_sums_);
-    } else {
-      checksums<false><<<grid, kThreads, 0, stream_>>>(in, bytes, block_bytes, device_sums_);
-    }
-    RALLY_CUDA(cudaGetLastError());
-    RALLY_CUDA(cudaMemcpyAsync(out, device_sums_, blocks * sizeof(std::uint64_t),
-                               cudaMemcpyDeviceToHost, stream_));
+    std::uint64_t* device_view = nullptr;
+    RALLY_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_view), host_sums_, 0));
+    RALLY_RETURN_IF_ERROR(launchChecksums(data, bytes, block_bytes, blocks, device_view));
     RALLY_CUDA(cudaStreamSynchronize(stream_));
+    std::memcpy(out, host_sums_, blocks * sizeof(std::uint64_t));
     return okStatus();
+  }
+
+  Status blockChecksumsAsync(const void* data, size_t bytes, size_t block_bytes,
+                             std::uint64_t* out) override {
+    RALLY_ASSIGN_OR_RETURN(const size_t blocks, checksumBlocks(bytes, block_bytes));
+    if (blocks == 0) return okStatus();
+    RALLY_CUDA(cudaSetDevice(device_));
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, out) != cudaSuccess ||
+        (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
+      (void)cudaGetLastError();
+      return invalidArgument(fmt::format(
+          "blockChecksumsAsync: out ({}) is not device memory; the CUDA kernels write the "
+          "checksums on the device (blockChecksums writes them to host memory and waits)",
+          fmt::ptr(out)));
+    }
+    return launchChecksums(data, bytes, block_bytes, blocks, out);
   }
 
   Status adamw(const std::vector<AdamWTensor>& tensors, const AdamWOptions& o) override {
     if (o.step < 1)
       return invalidArgument(fmt::format("adamw: step {} (steps start at 1)", o.step));
-    std::vector<AdamWChunk> chunks;
-    for (const AdamWTensor& t : tensors) splitAdamW(t, chunk_, &chunks);
-    if (chunks.empty()) return okStatus();
+    const AdamWPlan plan = adamwPlan(tensors, chunk_);
+    if (plan.blocks == 0) return okStatus();
+    RALLY_RETURN_IF_ERROR(checkGrid(plan.blocks, "adamw"));
     const p::AdamWStep s = p::adamwStep(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.step);
-    RALLY_ASSIGN_OR_RETURN(void* table, upload(chunks.data(), chunks.size() * sizeof(AdamWChunk)));
-    adamwChunks<<<static_cast<unsigned>(chunks.size()), kThreads, 0, stream_>>>(
-        static_cast<const AdamWChunk*>(table), s);
+    const auto grid = static_cast<unsigned>(plan.blocks);
+    if (plan.entries.size() <= kInlineEntries) {
+      adamwTilesInline<<<grid, kThreads, 0, stream_>>>(inlineTable(plan.entries),
+                                                       plan.entries.size(), plan.chunk, s);
+    } else {
+      RALLY_ASSIGN_OR_RETURN(void* table,
+                             upload(plan.entries.data(), plan.entries.size() * sizeof(AdamWEntry)));
+      adamwTiles<<<grid, kThreads, 0, stream_>>>(static_cast<const AdamWEntry*>(table),
+                                                 plan.entries.size(), plan.chunk, s);
+    }
     RALLY_CUDA(cudaGetLastError());
     return okStatus();
   }
@@ -219,16 +273,64 @@ class CudaKernels final : public Kernels {
     std::uint64_t last_use = 0;      // which upload used it last (uploads are numbered)
   };
 
-  Status launchCopies(const std::vector<CopyChunk>& chunks) {
-    if (chunks.empty()) return okStatus();
-    RALLY_ASSIGN_OR_RETURN(void* table, upload(chunks.data(), chunks.size() * sizeof(CopyChunk)));
-    copyChunks<<<static_cast<unsigned>(chunks.size()), kThreads, 0, stream_>>>(
-        static_cast<const CopyChunk*>(table));
+  // A grid of `blocks` thread blocks, or why it cannot be launched.
+  static Status checkGrid(size_t blocks, std::string_view what) {
+    if (blocks <= 0x7fffffffu) return okStatus();
+    return invalidArgument(fmt::format(
+        "{}: {} thread blocks are more than one launch takes (2^31 - 1); split the work into "
+        "several calls",
+        what, blocks));
+  }
+
+  Status launchCopies(const CopyPlan& plan) {
+    if (plan.blocks == 0) return okStatus();
+    RALLY_RETURN_IF_ERROR(checkGrid(plan.blocks, "pack/unpack"));
+    const auto grid = static_cast<unsigned>(plan.blocks);
+    if (plan.entries.size() <= kInlineEntries) {
+      copyTilesInline<<<grid, kThreads, 0, stream_>>>(inlineTable(plan.entries),
+                                                      plan.entries.size(), plan.tile_bytes);
+    } else {
+      RALLY_ASSIGN_OR_RETURN(void* table,
+                             upload(plan.entries.data(), plan.entries.size() * sizeof(CopyEntry)));
+      copyTiles<<<grid, kThreads, 0, stream_>>>(static_cast<const CopyEntry*>(table),
+                                                plan.entries.size(), plan.tile_bytes);
+    }
     RALLY_CUDA(cudaGetLastError());
     return okStatus();
   }
 
-  // The chunk table to the device, on the stream, from a page-locked copy. Several uploads may
+  // The checksum blocks of `bytes` in blocks of `block_bytes`, or why they cannot be computed.
+  static Result<size_t> checksumBlocks(size_t bytes, size_t block_bytes) {
+    if (block_bytes == 0) return invalidArgument("blockChecksums: block_bytes must be positive");
+    const size_t blocks = (bytes + block_bytes - 1) / block_bytes;
+    if (blocks > 0x7fffffffu) {
+      return invalidArgument(fmt::format(
+          "blockChecksums: {} blocks of {} bytes are more than one launch takes (2^31 - 1); use "
+          "larger blocks",
+          blocks, block_bytes));
+    }
+    return blocks;
+  }
+
+  Status launchChecksums(const void* data, size_t bytes, size_t block_bytes, size_t blocks,
+                         std::uint64_t* out) {
+    const auto* in = static_cast<const std::uint8_t*>(data);
+    const unsigned grid = static_cast<unsigned>(blocks);
+    switch (checksumAlignment(in, block_bytes)) {
+      case 16:
+        checksums<16><<<grid, kThreads, 0, stream_>>>(in, bytes, block_bytes, out);
+        break;
+      case 8:
+        checksums<8><<<grid, kThreads, 0, stream_>>>(in, bytes, block_bytes, out);
+        break;
+      default:
+        checksums<1><<<grid, kThreads, 0, stream_>>>(in, bytes, block_bytes, out);
+    }
+    RALLY_CUDA(cudaGetLastError());
+    return okStatus();
+  }
+
+  // The table to the device, on the stream, from a page-locked copy. Several uploads may
   // be in flight, one per slot: a slot's host copy is reused once its upload has finished (its
   // event), and its device copy is overwritten only by a later upload on the same stream, after
   // the kernel that read it. So a call waits for the device only when all kMaxTableSlots slots
@@ -282,9 +384,9 @@ class CudaKernels final : public Kernels {
   static constexpr size_t kMaxTableSlots = 16;
   std::vector<TableSlot> slots_;
   std::uint64_t uploads_ = 0;
-  int* host_flag_ = nullptr;
-  int* device_flag_ = nullptr;
-  std::uint64_t* device_sums_ = nullptr;
+  int* host_flag_ = nullptr;    // page-locked, mapped: set by scaleCheck, read by readFinite
+  int* device_flag_ = nullptr;  // the device's address of host_flag_
+  std::uint64_t* host_sums_ = nullptr;  // page-locked, mapped: blockChecksums' results
   size_t sums_capacity_ = 0;
 };
 

@@ -1,7 +1,7 @@
 // The CUDA implementation of rally::kernels::Kernels (kernels.h), and the choice at run time:
 // CUDA where this build has it and a device exists, the CPU references otherwise. Every kernel
 // takes device pointers and runs on the given stream; each multi-tensor operation is one launch
-// driven by a table of (pointer, size) chunks, whatever the number of tensors.
+// driven by a table with one entry per tensor, whatever the number of tensors.
 //
 //   RALLY_ASSIGN_OR_RETURN(auto k, rally::kernels::cudaKernels({.device = local_rank}));
 //   auto k = rally::kernels::kernelsFor(rally::kernels::Memory::kDevice);  // or the CPU ones
@@ -17,8 +17,8 @@ struct CudaKernelsOptions {
   int device = 0;
   void* stream = nullptr;  // a cudaStream_t; nullptr: the legacy default stream
   // Elements of one tensor per thread block in pack, unpack and adamw: a multiple of 8 from 256
-  // to 1,048,576. The benchmark's --chunks sweeps it; the default is not yet measured on a GPU.
-  size_t chunk_elements = 16384;
+  // to 1,048,576. The benchmark's --chunks sweeps it (bench/README.md has the results).
+  size_t chunk_elements = 1024;
 };
 
 // Unimplemented in a build without the CUDA toolkit; otherwise InvalidArgument for options out of

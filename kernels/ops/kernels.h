@@ -65,8 +65,19 @@ class Kernels {
   // The tensors' elements, in order, into `bucket` (the sum of their counts); and back.
   virtual Status pack(const std::vector<ConstTensorView>& tensors, void* bucket, DType type) = 0;
   virtual Status unpack(const void* bucket, const std::vector<TensorView>& tensors, DType type) = 0;
-  // data[i] *= factor; true if every result is finite (no NaN, no infinity).
-  virtual Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) = 0;
+  // data[i] *= factor, queued; whether any result is not finite (NaN or infinity) is kept until
+  // readFinite(). For a step's buckets: one scaleAndCheckAsync each, one readFinite() at the end,
+  // and the device is waited for once.
+  virtual Status scaleAndCheckAsync(void* data, size_t count, DType type, float factor) = 0;
+  // Waits for the queued work; true if every result of the scaleAndCheckAsync calls since the
+  // last readFinite() was finite. Starts over.
+  virtual Result<bool> readFinite() = 0;
+  // scaleAndCheckAsync and readFinite() in one: true if every result is finite (and every result
+  // of earlier scaleAndCheckAsync calls not yet read).
+  Result<bool> scaleAndCheck(void* data, size_t count, DType type, float factor) {
+    RALLY_RETURN_IF_ERROR(scaleAndCheckAsync(data, count, type, factor));
+    return readFinite();
+  }
   // out[i] = bf16(in[i] + residual[i]); residual[i] = (in[i] + residual[i]) - f32(out[i]), or
   // 0 where out[i] is not finite (so that one NaN or infinity does not spoil every later step).
   // The residual starts at zero and is the caller's to keep between steps.
@@ -74,8 +85,13 @@ class Kernels {
                               size_t count) = 0;
   virtual Status decompressBf16(const std::uint16_t* in, float* out, size_t count) = 0;
   // out[b] (host memory, ceil(bytes / block_bytes) entries) = XXH3-64 of block b of `data`.
+  // Waits for the result.
   virtual Status blockChecksums(const void* data, size_t bytes, size_t block_bytes,
                                 std::uint64_t* out) = 0;
+  // The same into `out` in this implementation's memory (device memory for the CUDA one), queued:
+  // for checksums that stay on the device, or several shards with one wait.
+  virtual Status blockChecksumsAsync(const void* data, size_t bytes, size_t block_bytes,
+                                     std::uint64_t* out) = 0;
   virtual Status adamw(const std::vector<AdamWTensor>& tensors, const AdamWOptions& options) = 0;
   // Waits for the work queued so far (a no-op on the CPU).
   virtual Status synchronize() = 0;

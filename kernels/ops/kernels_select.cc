@@ -18,7 +18,7 @@ Status checkCudaKernelsOptions(const CudaKernelsOptions& options) {
   if (c < 256 || c > (1u << 20) || c % 8 != 0) {
     return invalidArgument(fmt::format(
         "CudaKernelsOptions::chunk_elements {}: expected a multiple of 8 from 256 to 1048576 "
-        "(elements of one tensor per thread block; default 16384)",
+        "(elements of one tensor per thread block; default 1024)",
         c));
   }
   return okStatus();

@@ -256,8 +256,24 @@ constexpr size_t kXxhStripesPerSegment = (kSecretSize - 64) / 8;  // 16
 constexpr size_t kXxhSegmentBytes = 64 * kXxhStripesPerSegment;   // 1024
 // Lane `lane`'s starting accumulator (a function: a namespace-scope array is not device data).
 RALLY_HD std::uint64_t xxh3InitLane(int lane) {
-  const std::uint64_t init[8] = {kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1};
-  return init[lane];
+  switch (lane) {  // not an array: indexed by a thread's lane, that would be local memory
+    case 0:
+      return kP32_3;
+    case 1:
+      return kP64_1;
+    case 2:
+      return kP64_2;
+    case 3:
+      return kP64_3;
+    case 4:
+      return kP64_4;
+    case 5:
+      return kP32_2;
+    case 6:
+      return kP64_5;
+    default:
+      return kP32_1;
+  }
 }
 
 // Full 1 KiB segments before the tail, for a long input of `len` bytes.
@@ -295,6 +311,38 @@ RALLY_HD std::uint64_t xxh3SegmentLane(const std::uint8_t* in, size_t seg,
     sum += xxh3StripeLane<kAligned, kAlignedSecret>(base + 64 * st, secret + 8 * st, lane);
   }
   return sum;
+}
+
+// Two adjacent input words, lanes 2 * pair and 2 * pair + 1 of a stripe. kAlign: what `p` is known
+// to be aligned to (1, 8 or 16); 16 is one 128-bit load on a GPU.
+struct alignas(16) Words2 {
+  std::uint64_t even, odd;
+};
+template <unsigned kAlign = 1>
+RALLY_HD Words2 inputPair(const std::uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kAlign >= 16) return *reinterpret_cast<const Words2*>(p);
+#endif
+  return {inputWord<(kAlign >= 8)>(p), inputWord<(kAlign >= 8)>(p + 8)};
+}
+
+// What full segment `seg` adds to lanes 2 * pair and 2 * pair + 1 (pair 0 to 3): each lane adds
+// the other's input word, so one thread loads both words once (xxh3SegmentLane for two lanes).
+// `secret` is 8-byte aligned where kAlignedSecret.
+template <unsigned kAlign = 1, bool kAlignedSecret = false>
+RALLY_HD Words2 xxh3SegmentLanePair(const std::uint8_t* in, size_t seg, const std::uint8_t* secret,
+                                    int pair) {
+  const std::uint8_t* base = in + seg * kXxhSegmentBytes + 16 * pair;
+  const std::uint8_t* sec = secret + 16 * pair;
+  std::uint64_t even = 0, odd = 0;
+  for (size_t st = 0; st < kXxhStripesPerSegment; ++st) {
+    const Words2 w = inputPair<kAlign>(base + 64 * st);
+    const std::uint64_t k0 = w.even ^ inputWord<kAlignedSecret>(sec + 8 * st);
+    const std::uint64_t k1 = w.odd ^ inputWord<kAlignedSecret>(sec + 8 * st + 8);
+    even += w.odd + mulWide32(static_cast<std::uint32_t>(k0), static_cast<std::uint32_t>(k0 >> 32));
+    odd += w.even + mulWide32(static_cast<std::uint32_t>(k1), static_cast<std::uint32_t>(k1 >> 32));
+  }
+  return {even, odd};
 }
 
 // The secret word `lane`'s scrambles use (read once, before a chain).
@@ -350,22 +398,28 @@ RALLY_HD std::uint64_t xxh3Segmented(const void* data, size_t len, const std::ui
 }
 
 // ---- AdamW, one element (decoupled weight decay, bias-corrected moments) ----------------------
+//
+// In PyTorch's arrangement (torch.optim.AdamW): the bias corrections folded into a step size and
+// a scale of sqrt(v), so that an element costs one division and one square root.
 
 struct AdamWStep {
-  float lr, beta1, beta2, eps, weight_decay;
-  float bias1, bias2;  // 1 - beta1^t, 1 - beta2^t
+  float beta1, beta2, eps;
+  float decay;           // 1 - lr * weight_decay
+  float step_size;       // lr / (1 - beta1^t)
+  float inv_bias2_sqrt;  // 1 / sqrt(1 - beta2^t)
 };
 
-// The constants of step `step` (1 for the first), computed once on the host.
+// The constants of step `step` (1 for the first), computed once on the host, in double precision.
 inline AdamWStep adamwStep(float lr, float beta1, float beta2, float eps, float weight_decay,
                            std::int64_t step) {
-  return {lr,
-          beta1,
+  const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+  return {beta1,
           beta2,
           eps,
-          weight_decay,
-          1.0f - std::pow(beta1, static_cast<float>(step)),
-          1.0f - std::pow(beta2, static_cast<float>(step))};
+          static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay),
+          static_cast<float>(lr / bias1),
+          static_cast<float>(1.0 / std::sqrt(bias2))};
 }
 
 RALLY_HD void adamwElement(float* param, float grad, float* m, float* v, const AdamWStep& s) {
@@ -373,10 +427,8 @@ RALLY_HD void adamwElement(float* param, float grad, float* m, float* v, const A
   const float vv = s.beta2 * *v + (1.0f - s.beta2) * grad * grad;
   *m = mm;
   *v = vv;
-  const float mhat = mm / s.bias1, vhat = vv / s.bias2;
-  float p = *param * (1.0f - s.lr * s.weight_decay);
-  p -= s.lr * mhat / (sqrtf(vhat) + s.eps);
-  *param = p;
+  const float denom = sqrtf(vv) * s.inv_bias2_sqrt + s.eps;
+  *param = *param * s.decay - s.step_size * mm / denom;
 }
 
 }  // namespace rally::kernels::portable

@@ -323,10 +323,11 @@ Status DistributedDataParallel::average(Bucket& b, double divisor, bool* finite)
                                  static_cast<float*>(b.flat.data_ptr()), n))
         << "DistributedDataParallel: decompressing a bucket";
   }
-  auto checked =
-      kernels_->scaleAndCheck(b.flat.data_ptr(), n, *type, static_cast<float>(1.0 / divisor));
-  RALLY_RETURN_IF_ERROR(checked.status()) << "DistributedDataParallel: averaging a bucket";
-  *finite = *checked;
+  // Queued: whether every result is finite is read once for all buckets (finishBackward).
+  RALLY_RETURN_IF_ERROR(
+      kernels_->scaleAndCheckAsync(b.flat.data_ptr(), n, *type, static_cast<float>(1.0 / divisor)))
+      << "DistributedDataParallel: averaging a bucket";
+  *finite = true;
   return okStatus();
 }
 
@@ -390,6 +391,14 @@ void DistributedDataParallel::finishBackward() {
     status_ = average(b, divisor, &finite);
     if (!status_.ok()) return;
     all_finite = all_finite && finite;
+  }
+  if (kernels_ != nullptr) {  // the buckets the kernels checked: one wait for all of them
+    auto read = kernels_->readFinite();
+    if (!read.ok()) {
+      status_ = read.status();
+      return;
+    }
+    all_finite = all_finite && *read;
   }
   finite_ = all_finite;
   if (options_.gradient_as_bucket_view) return;  // .grad is the bucket

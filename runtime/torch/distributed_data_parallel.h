@@ -154,7 +154,8 @@ class DistributedDataParallel {
   void pointGradAtBucket(Param& p);
   void launch(Bucket& b);
   // A reduced bucket: decompressed if it travelled as bf16, divided by `divisor`, checked for
-  // finiteness.
+  // finiteness (*finite; with the kernels the check is queued, and finishBackward reads it once
+  // for every bucket).
   Status average(Bucket& b, double divisor, bool* finite);
   Status broadcastAll();
   void finishBackward();

@@ -4,7 +4,7 @@
 // scale-and-check (NaN and infinity found), bf16 compression with error feedback (bit for bit:
 // both use portable.h's rounding), block checksums (the device's equal the CPU's, so a shard can
 // be verified without copying it to the host), AdamW, and 40 packs in flight at once (the
-// rotating chunk-table uploads). Without a CUDA device every case skips, saying why, or fails
+// rotating table uploads). Without a CUDA device every case skips, saying why, or fails
 // where RALLY_REQUIRE_GPU=1 (tests/gpu/require_gpu.h).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -14,11 +14,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "kernels/ops/cuda_kernels.h"
+#include "kernels/ops/internal/kernel_bodies.h"
 #include "kernels/ops/portable.h"
 #include "tests/gpu/require_gpu.h"
 #include "tests/unit/kernels/kernel_test_data.h"
@@ -90,13 +93,15 @@ TEST_F(KernelsGpu, PackAndUnpackEqualTheCpu) {
   EXPECT_TRUE(gpu_->pack({}, nullptr, DType::kF32).ok());
 }
 
-// 40 packs queued back to back without a synchronize, each with its own chunk table (growing,
-// so that table slots are reallocated too), while the stream is held by a gate that another
-// thread opens after 300 ms: the first 16 uploads fill every slot, the 17th waits for the oldest,
-// and each bucket still gets its own tensors.
-TEST_F(KernelsGpu, ManyPacksInFlightKeepTheirOwnChunkTables) {
-  const size_t per = 1000, launches = 40;
-  const auto host = randomFloats(per * launches, 9);
+// 40 packs queued back to back without a synchronize, each with its own uploaded table (more
+// tensors than go with the launch itself, and more in each, so that table slots are reallocated
+// too), while the stream is held by a gate that another thread opens after 300 ms: the first 16
+// uploads fill every slot, the 17th waits for the oldest, and each bucket still gets its own
+// tensors.
+TEST_F(KernelsGpu, ManyPacksInFlightKeepTheirOwnTables) {
+  const size_t per = 1000, launches = 40, first = internal::kInlineEntries + 1;
+  const size_t most = first + launches - 1;  // tensors in the last launch
+  const auto host = randomFloats(per * most, 9);
   DeviceBytes src(host.size() * 4), buckets(host.size() * launches * 4);
   src.put(host);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -116,9 +121,10 @@ TEST_F(KernelsGpu, ManyPacksInFlightKeepTheirOwnChunkTables) {
     open = true;
   });
   for (size_t k = 0; k < launches; ++k) {
-    // Launch k packs the first k + 1 tensors of `per` floats, in reverse order.
+    // Launch k packs the first first + k tensors of `per` floats, in reverse order.
+    const size_t n = first + k;
     std::vector<ConstTensorView> in;
-    for (size_t t = 0; t <= k; ++t) in.push_back({base + (k - t) * per, per});
+    for (size_t t = 0; t < n; ++t) in.push_back({base + (n - 1 - t) * per, per});
     ASSERT_TRUE(
         gpu_->pack(in, static_cast<float*>(buckets.get()) + k * host.size(), DType::kF32).ok());
   }
@@ -126,9 +132,10 @@ TEST_F(KernelsGpu, ManyPacksInFlightKeepTheirOwnChunkTables) {
   ASSERT_TRUE(gpu_->synchronize().ok());
   const auto got = buckets.take<float>(host.size() * launches);
   for (size_t k = 0; k < launches; ++k) {
-    for (size_t t = 0; t <= k; ++t) {
+    const size_t n = first + k;
+    for (size_t t = 0; t < n; ++t) {
       for (size_t i = 0; i < per; i += 97) {
-        ASSERT_EQ(got[k * host.size() + t * per + i], host[(k - t) * per + i])
+        ASSERT_EQ(got[k * host.size() + t * per + i], host[(n - 1 - t) * per + i])
             << "launch " << k << ", tensor " << t << ", element " << i;
       }
     }
@@ -163,6 +170,35 @@ TEST_F(KernelsGpu, ScaleAndCheckEqualsTheCpu) {
       }
     }
   }
+}
+
+// A step's buckets scaled without waiting, read once: an infinity in the middle bucket is
+// reported by that read, the next read starts over, and each bucket equals the CPU's.
+TEST_F(KernelsGpu, ScaleAndCheckAsyncKeepsANonFiniteResultUntilRead) {
+  std::vector<std::vector<float>> host = {randomFloats(1000003, 21), randomFloats(4099, 22),
+                                          randomFloats(3, 23)};
+  host[1][4098] = -std::numeric_limits<float>::infinity();  // in the tail
+  std::vector<std::unique_ptr<DeviceBytes>> d;
+  for (const auto& h : host) {
+    d.push_back(std::make_unique<DeviceBytes>(h.size() * 4));
+    d.back()->put(h);
+  }
+  for (size_t i = 0; i < host.size(); ++i) {
+    ASSERT_TRUE(gpu_->scaleAndCheckAsync(d[i]->get(), host[i].size(), DType::kF32, 0.25f).ok());
+  }
+  auto read = gpu_->readFinite();
+  ASSERT_TRUE(read.ok()) << read.status().toString();
+  EXPECT_FALSE(*read);
+  read = gpu_->readFinite();
+  ASSERT_TRUE(read.ok());
+  EXPECT_TRUE(*read);  // started over
+  for (size_t i = 0; i < host.size(); ++i) {
+    auto want = host[i];
+    ASSERT_TRUE(cpu_->scaleAndCheckAsync(want.data(), want.size(), DType::kF32, 0.25f).ok());
+    EXPECT_EQ(d[i]->take<float>(want.size()), want) << "bucket " << i;
+  }
+  ASSERT_TRUE(gpu_->scaleAndCheckAsync(d[0]->get(), host[0].size(), DType::kF32, 2.0f).ok());
+  EXPECT_TRUE(*gpu_->readFinite());
 }
 
 TEST_F(KernelsGpu, CompressionEqualsTheCpuBitForBit) {
@@ -213,8 +249,21 @@ TEST_F(KernelsGpu, DeviceChecksumsEqualTheCpus) {
       ASSERT_TRUE(gpu_->blockChecksums(d.get(), host.size(), block, a.data()).ok());
       ASSERT_TRUE(cpu_->blockChecksums(host.data(), host.size(), block, b.data()).ok());
       EXPECT_EQ(a, b) << "block " << block << ", offset " << offset;
+      // Queued into device memory, for a check that stays on the device.
+      DeviceBytes sums(blocks * sizeof(std::uint64_t));
+      ASSERT_TRUE(gpu_->blockChecksumsAsync(d.get(), host.size(), block,
+                                            static_cast<std::uint64_t*>(sums.get()))
+                      .ok());
+      ASSERT_TRUE(gpu_->synchronize().ok());
+      EXPECT_EQ(sums.take<std::uint64_t>(blocks), b) << "queued, block " << block;
     }
   }
+  // Host memory is refused for the queued form's output (the kernel would fault), saying why.
+  std::vector<std::uint64_t> host_sums(4);
+  DeviceBytes d(4096);
+  const Status s = gpu_->blockChecksumsAsync(d.get(), 4096, 1024, host_sums.data());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.toString();
+  EXPECT_NE(s.message().find("not device memory"), std::string::npos) << s.toString();
 }
 
 TEST_F(KernelsGpu, AdamWEqualsTheCpu) {
@@ -247,6 +296,37 @@ void KernelsGpu::expectAdamWEqualsTheCpu(size_t misalign) {
   for (size_t i = 0; i < n; ++i) {
     // The same formula; fused multiply-adds may differ in the last bit.
     ASSERT_NEAR(got[i], p[i], 1e-6f * (1 + std::fabs(p[i]))) << i << ", gradient +" << misalign;
+  }
+}
+
+// More tensors than go with the launch itself: the uploaded table, each tensor's own tiles.
+TEST_F(KernelsGpu, AdamWOfManyTensorsEqualsTheCpu) {
+  const size_t tensors = internal::kInlineEntries * 2 + 3;
+  std::vector<size_t> counts;
+  size_t total = 0;
+  for (size_t i = 0; i < tensors; ++i) total += counts.emplace_back(1 + 37 * i);
+  auto p = randomFloats(total, 31), g = randomFloats(total, 32);
+  std::vector<float> m(total, 0.01f), v(total, 0.0001f);
+  DeviceBytes dp(total * 4), dg(total * 4), dm(total * 4), dv(total * 4);
+  dp.put(p);
+  dg.put(g);
+  dm.put(m);
+  dv.put(v);
+  std::vector<AdamWTensor> on_gpu, on_cpu;
+  for (size_t i = 0, at = 0; i < tensors; at += counts[i], ++i) {
+    on_gpu.push_back({static_cast<float*>(dp.get()) + at, static_cast<const float*>(dg.get()) + at,
+                      static_cast<float*>(dm.get()) + at, static_cast<float*>(dv.get()) + at,
+                      nullptr, counts[i]});
+    on_cpu.push_back(
+        {p.data() + at, g.data() + at, m.data() + at, v.data() + at, nullptr, counts[i]});
+  }
+  const AdamWOptions o{.lr = 1e-2f, .step = 2};
+  ASSERT_TRUE(gpu_->adamw(on_gpu, o).ok());
+  ASSERT_TRUE(cpu_->adamw(on_cpu, o).ok());
+  ASSERT_TRUE(gpu_->synchronize().ok());
+  const auto got = dp.take<float>(total);
+  for (size_t i = 0; i < total; ++i) {
+    ASSERT_NEAR(got[i], p[i], 1e-6f * (1 + std::fabs(p[i]))) << i;
   }
 }
 

@@ -9,7 +9,8 @@
 //   b.each(f)             f(t) as thread t (on a GPU each thread runs its own t; emulated, every t
 //                         in turn);
 //   b.sync()              the block's barrier, between two each() that share memory;
-//   b.flagIfAny(bad, f)   *f = 1 if `bad` in any thread (a warp vote and one atomic on a GPU).
+//   b.flagIfAny(bad, f)   *f = 1 if `bad` in any thread (a warp vote and one store per warp on a
+//                         GPU).
 // Rules that keep both the same: code outside each() is uniform (the same in every thread; it runs
 // once per block when emulated) and writes no variable; what one each() leaves for a later one is
 // in the block's shared memory (a struct passed in); and any two each() have a b.sync() between
@@ -31,8 +32,9 @@ namespace rally::kernels::internal {
 
 constexpr unsigned kThreads = 256;  // per block, every kernel
 // Elements per block in the multi-tensor kernels, unless CudaKernelsOptions::chunk_elements says
-// otherwise (a multiple of 8, so that every chunk of a 16-byte aligned tensor is aligned too).
-constexpr size_t kDefaultChunk = 16384;
+// otherwise (a multiple of 8, so that every tile of a 16-byte aligned tensor is aligned too).
+// 1024: one 16-byte vector of f32 per thread, and the most blocks in flight (bench/README.md).
+constexpr size_t kDefaultChunk = 1024;
 constexpr unsigned kMaxBlocks = 65535u * 8u;
 
 // N elements moved with one load or store: 16 bytes are one 128-bit access on a GPU.
@@ -43,7 +45,6 @@ struct alignas(sizeof(E) * N) Vec {
 using Words4 = Vec<std::uint32_t, 4>;
 using Floats4 = Vec<float, 4>;
 using Halves4 = Vec<std::uint16_t, 4>;
-using Halves8 = Vec<std::uint16_t, 8>;
 
 RALLY_HD bool alignedTo(const void* p, size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
@@ -62,46 +63,122 @@ RALLY_HD size_t elementItems(size_t n, size_t vectors, size_t per) {
   return vectors + (n - vectors * per);
 }
 
-// ---- pack and unpack: a table of chunks, one block each -------------------------------------
+// Vectors per thread per turn of an element kernel's grid-stride loop, loaded before any is
+// stored: more loads in flight per thread than one at a time, which the compiler would not
+// arrange itself (the stores may alias the next turn's loads as far as it knows).
+constexpr unsigned kUnroll = 4;
 
-struct CopyChunk {
+// The grid of an element kernel over `items` (elementItems): a thread per kUnroll items.
+inline unsigned elementGrid(size_t items) { return gridFor((items + kUnroll - 1) / kUnroll); }
+
+#if defined(__CUDA_ARCH__)
+#define RALLY_UNROLL _Pragma("unroll")
+#else
+#define RALLY_UNROLL
+#endif
+
+// A grid-stride loop over indices [first, n) in steps of `stride`, kUnroll at a time: load(k, i)
+// for each of the (up to) kUnroll indices, then store(k, i) for each. load keeps what it read in
+// slot k of the caller's per-thread array; store computes from it and writes.
+template <unsigned kU = kUnroll, class Load, class Store>
+RALLY_HD void unrolledLoop(size_t first, size_t stride, size_t n, Load&& load, Store&& store) {
+  for (size_t i = first; i < n; i += kU * stride) {
+    RALLY_UNROLL
+    for (unsigned k = 0; k < kU; ++k) {
+      if (i + k * stride < n) load(k, i + k * stride);
+    }
+    RALLY_UNROLL
+    for (unsigned k = 0; k < kU; ++k) {
+      if (i + k * stride < n) store(k, i + k * stride);
+    }
+  }
+}
+
+// ---- multi-tensor launches: a table of tensors, tiles of `chunk` elements
+// ------------------------
+//
+// A multi-tensor operation is one launch of many thread blocks, each moving one tile (at most
+// `chunk` elements) of one tensor. The launch's table has one entry per tensor, with the index of
+// its first block; a block finds its tensor by a binary search of the table. So the table grows
+// with the number of tensors, not with their size, and small tiles (many blocks in flight, a few
+// loads per thread) cost no larger upload.
+
+// The entry whose blocks include `block`: the last with first_block <= block (entries in order of
+// first_block, the first at 0).
+template <class Entry>
+RALLY_HD size_t entryOf(const Entry* entries, size_t count, size_t block) {
+  size_t lo = 0, hi = count;
+  while (hi - lo > 1) {
+    const size_t mid = lo + (hi - lo) / 2;
+    if (entries[mid].first_block <= block) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// A table of up to kInlineEntries goes with the launch itself, as a kernel parameter read through
+// the constant cache, so that nothing is copied to the device before the kernel; a larger one is
+// uploaded.
+constexpr size_t kInlineEntries = 32;
+template <class Entry>
+struct InlineTable {
+  Entry entries[kInlineEntries];
+};
+
+// A table and the blocks its launch needs.
+template <class Entry>
+struct Plan {
+  std::vector<Entry> entries;
+  size_t blocks = 0;
+};
+
+// ---- pack and unpack --------------------------------------------------------------------------
+
+struct CopyEntry {
   const unsigned char* src;
   unsigned char* dst;
   size_t bytes;
+  size_t first_block;
 };
 
-// Appends the chunks (`chunk` elements of `element_bytes` at most) that copy `bytes` bytes.
-inline void splitCopy(const unsigned char* src, unsigned char* dst, size_t bytes,
-                      size_t element_bytes, size_t chunk, std::vector<CopyChunk>* chunks) {
-  const size_t step = chunk * element_bytes;
-  for (size_t at = 0; at < bytes; at += step) {
-    chunks->push_back({src + at, dst + at, std::min(step, bytes - at)});
-  }
+struct CopyPlan : Plan<CopyEntry> {
+  size_t tile_bytes = 0;  // bytes per block: chunk elements
+};
+
+// Appends a copy of `bytes` bytes (none if empty).
+inline void addCopy(const unsigned char* src, unsigned char* dst, size_t bytes, CopyPlan* plan) {
+  if (bytes == 0) return;
+  plan->entries.push_back({src, dst, bytes, plan->blocks});
+  plan->blocks += (bytes + plan->tile_bytes - 1) / plan->tile_bytes;
 }
 
-// The chunks of pack (tensors, in order, into the bucket) and unpack (back).
-inline std::vector<CopyChunk> packChunks(const std::vector<ConstTensorView>& tensors, void* bucket,
-                                         DType type, size_t chunk = kDefaultChunk) {
+// The plans of pack (tensors, in order, into the bucket) and unpack (back).
+inline CopyPlan packPlan(const std::vector<ConstTensorView>& tensors, void* bucket, DType type,
+                         size_t chunk = kDefaultChunk) {
   const size_t es = dtypeSize(type);
-  std::vector<CopyChunk> chunks;
+  CopyPlan plan;
+  plan.tile_bytes = chunk * es;
   auto* out = static_cast<unsigned char*>(bucket);
   for (const ConstTensorView& t : tensors) {
-    splitCopy(static_cast<const unsigned char*>(t.data), out, t.count * es, es, chunk, &chunks);
+    addCopy(static_cast<const unsigned char*>(t.data), out, t.count * es, &plan);
     out += t.count * es;
   }
-  return chunks;
+  return plan;
 }
-inline std::vector<CopyChunk> unpackChunks(const void* bucket,
-                                           const std::vector<TensorView>& tensors, DType type,
-                                           size_t chunk = kDefaultChunk) {
+inline CopyPlan unpackPlan(const void* bucket, const std::vector<TensorView>& tensors, DType type,
+                           size_t chunk = kDefaultChunk) {
   const size_t es = dtypeSize(type);
-  std::vector<CopyChunk> chunks;
+  CopyPlan plan;
+  plan.tile_bytes = chunk * es;
   const auto* in = static_cast<const unsigned char*>(bucket);
   for (const TensorView& t : tensors) {
-    splitCopy(in, static_cast<unsigned char*>(t.data), t.count * es, es, chunk, &chunks);
+    addCopy(in, static_cast<unsigned char*>(t.data), t.count * es, &plan);
     in += t.count * es;
   }
-  return chunks;
+  return plan;
 }
 
 // n items of type W from s to d by thread t of `threads`, four loads in flight before their
@@ -120,23 +197,30 @@ RALLY_HD void copyItems(unsigned t, unsigned threads, const W* s, W* d, size_t n
   for (; i < n; i += threads) d[i] = s[i];
 }
 
+// One tile of one entry. tile_bytes is a multiple of 16 (chunk is a multiple of 8 elements of at
+// least 2 bytes), so a tile is as aligned as its tensor.
 template <class Block>
-RALLY_HD void copyChunkBody(const Block& b, const CopyChunk* chunks) {
-  const CopyChunk c = chunks[b.index()];
+RALLY_HD void copyTileBody(const Block& b, const CopyEntry* entries, size_t count,
+                           size_t tile_bytes) {
+  const CopyEntry& e = entries[entryOf(entries, count, b.index())];
+  const size_t at = (b.index() - e.first_block) * tile_bytes;
+  const unsigned char* src = e.src + at;
+  unsigned char* dst = e.dst + at;
+  const size_t bytes = e.bytes - at < tile_bytes ? e.bytes - at : tile_bytes;
   b.each([&](unsigned t) {
     size_t done = 0;
-    if (alignedTo(c.src, 16) && alignedTo(c.dst, 16)) {
-      done = c.bytes / 16;
-      copyItems(t, b.size(), reinterpret_cast<const Words4*>(c.src),
-                reinterpret_cast<Words4*>(c.dst), done);
+    if (alignedTo(src, 16) && alignedTo(dst, 16)) {
+      done = bytes / 16;
+      copyItems(t, b.size(), reinterpret_cast<const Words4*>(src), reinterpret_cast<Words4*>(dst),
+                done);
       done *= 16;
-    } else if (alignedTo(c.src, 4) && alignedTo(c.dst, 4)) {
-      done = c.bytes / 4;
-      copyItems(t, b.size(), reinterpret_cast<const std::uint32_t*>(c.src),
-                reinterpret_cast<std::uint32_t*>(c.dst), done);
+    } else if (alignedTo(src, 4) && alignedTo(dst, 4)) {
+      done = bytes / 4;
+      copyItems(t, b.size(), reinterpret_cast<const std::uint32_t*>(src),
+                reinterpret_cast<std::uint32_t*>(dst), done);
       done *= 4;
     }
-    for (size_t i = done + t; i < c.bytes; i += b.size()) c.dst[i] = c.src[i];
+    for (size_t i = done + t; i < bytes; i += b.size()) dst[i] = src[i];
   });
 }
 
@@ -173,6 +257,16 @@ RALLY_HD size_t scaleCheckVectors(const void* data, size_t n) {
   return alignedTo(data, 16) ? n / kPerVector<T> : 0;
 }
 
+// Vectors per thread per turn: kUnroll of f32; of f16 and bf16 (eight elements each, and more
+// arithmetic per byte) half as many, so that registers leave room for more threads.
+template <DType T>
+constexpr unsigned kScaleCheckUnroll = T == DType::kF32 ? kUnroll : kUnroll / 2;
+// The grid scaleCheckBody's launch takes over `items` (elementItems).
+template <DType T>
+unsigned scaleCheckGrid(size_t items) {
+  return gridFor((items + kScaleCheckUnroll<T> - 1) / kScaleCheckUnroll<T>);
+}
+
 template <DType T, class Block>
 RALLY_HD void scaleCheckBody(const Block& b, void* data, size_t n, float factor, int* nonfinite) {
   using E = Element<T>;
@@ -190,11 +284,14 @@ RALLY_HD void scaleCheckBody(const Block& b, void* data, size_t n, float factor,
       bad |= !portable::finite(E::load(y));  // what was stored: an f16 may overflow to infinity
       return y;
     };
-    for (size_t i = first; i < vectors; i += stride) {
-      V v = reinterpret_cast<const V*>(d)[i];
-      for (size_t k = 0; k < kPer; ++k) v.v[k] = scale(v.v[k]);
-      reinterpret_cast<V*>(d)[i] = v;
-    }
+    V v[kScaleCheckUnroll<T>];
+    unrolledLoop<kScaleCheckUnroll<T>>(
+        first, stride, vectors,
+        [&](unsigned k, size_t i) { v[k] = reinterpret_cast<const V*>(d)[i]; },
+        [&](unsigned k, size_t i) {
+          for (size_t e = 0; e < kPer; ++e) v[k].v[e] = scale(v[k].v[e]);
+          reinterpret_cast<V*>(d)[i] = v[k];
+        });
     for (size_t i = vectors * kPer + first; i < n; i += stride) d[i] = scale(d[i]);
     b.flagIfAny(bad, nonfinite);
   });
@@ -214,21 +311,28 @@ RALLY_HD void compressBody(const Block& b, const float* in, float* residual, std
   b.each([&](unsigned t) {
     const size_t first = static_cast<size_t>(b.index()) * b.size() + t;
     const size_t stride = static_cast<size_t>(b.count()) * b.size();
-    for (size_t i = first; i < vectors; i += stride) {
-      const Floats4 x = reinterpret_cast<const Floats4*>(in)[i];
-      Floats4 r = reinterpret_cast<const Floats4*>(residual)[i];
-      Halves4 o;
-      for (int k = 0; k < 4; ++k) o.v[k] = portable::compressBf16Element(x.v[k], &r.v[k]);
-      reinterpret_cast<Floats4*>(residual)[i] = r;
-      reinterpret_cast<Halves4*>(out)[i] = o;
-    }
+    Floats4 x[kUnroll], r[kUnroll];
+    unrolledLoop(
+        first, stride, vectors,
+        [&](unsigned k, size_t i) {
+          x[k] = reinterpret_cast<const Floats4*>(in)[i];
+          r[k] = reinterpret_cast<const Floats4*>(residual)[i];
+        },
+        [&](unsigned k, size_t i) {
+          Halves4 o;
+          for (int e = 0; e < 4; ++e) o.v[e] = portable::compressBf16Element(x[k].v[e], &r[k].v[e]);
+          reinterpret_cast<Floats4*>(residual)[i] = r[k];
+          reinterpret_cast<Halves4*>(out)[i] = o;
+        });
     for (size_t i = vectors * 4 + first; i < n; i += stride)
       out[i] = portable::compressBf16Element(in[i], &residual[i]);
   });
 }
 
+// Vectors of 4: an 8-byte load of bf16 and a 16-byte store of f32 per vector, so that every
+// load and store of a warp is one contiguous run.
 RALLY_HD size_t decompressVectors(const std::uint16_t* in, const float* out, size_t n) {
-  return alignedTo(in, 16) && alignedTo(out, 16) ? n / 8 : 0;
+  return alignedTo(in, 8) && alignedTo(out, 16) ? n / 4 : 0;
 }
 
 template <class Block>
@@ -237,135 +341,202 @@ RALLY_HD void decompressBody(const Block& b, const std::uint16_t* in, float* out
   b.each([&](unsigned t) {
     const size_t first = static_cast<size_t>(b.index()) * b.size() + t;
     const size_t stride = static_cast<size_t>(b.count()) * b.size();
-    for (size_t i = first; i < vectors; i += stride) {
-      const Halves8 h = reinterpret_cast<const Halves8*>(in)[i];
-      Floats4 lo, hi;
-      for (int k = 0; k < 4; ++k) {
-        lo.v[k] = portable::fromBf16(h.v[k]);
-        hi.v[k] = portable::fromBf16(h.v[k + 4]);
-      }
-      reinterpret_cast<Floats4*>(out)[2 * i] = lo;
-      reinterpret_cast<Floats4*>(out)[2 * i + 1] = hi;
-    }
-    for (size_t i = vectors * 8 + first; i < n; i += stride) out[i] = portable::fromBf16(in[i]);
+    Halves4 h[kUnroll];
+    unrolledLoop(
+        first, stride, vectors,
+        [&](unsigned k, size_t i) { h[k] = reinterpret_cast<const Halves4*>(in)[i]; },
+        [&](unsigned k, size_t i) {
+          Floats4 f;
+          for (int e = 0; e < 4; ++e) f.v[e] = portable::fromBf16(h[k].v[e]);
+          reinterpret_cast<Floats4*>(out)[i] = f;
+        });
+    for (size_t i = vectors * 4 + first; i < n; i += stride) out[i] = portable::fromBf16(in[i]);
   });
 }
 
 // ---- block checksums: XXH3-64 of each block, one thread block per checksum block ---------------
 //
 // XXH3's long path split as portable.h describes: the block's 1 KiB segments in groups of
-// kSegmentsPerGroup, each thread adding up one lane of one segment (16 stripes, all loads
-// independent), then 8 threads chaining the group's scrambles; then the tail and the merge.
-// Blocks of 240 bytes or less take the short paths on one thread.
+// kSegmentsPerGroup (a 64 KiB block is one group), each thread adding up two lanes of one segment
+// (16 stripes, one 16-byte load each, all independent), while 8 threads chain the previous
+// group's scrambles (two buffers of contributions, so that the serial chain of a larger block
+// overlaps the next group's loads); the tail's stripes, one lane of one stripe per thread, with
+// the first group; then the merge. Blocks of 240 bytes or less take the short paths on one
+// thread.
 
-constexpr unsigned kSegmentsPerGroup = kThreads / 8;
+constexpr unsigned kSegmentsPerGroup = kThreads / 4;  // four threads per segment
+// Stripes after the last full segment: up to 15, and the final stripe.
+constexpr unsigned kTailStripes = portable::kXxhStripesPerSegment;
 
 struct ChecksumShared {
-  alignas(8) std::uint8_t secret[portable::kSecretSize];  // lanes read different words at once
-  std::uint64_t contribution[kSegmentsPerGroup][8];
+  std::uint64_t contribution[2][kSegmentsPerGroup][8];  // a group's, alternately
+  std::uint64_t tail[kTailStripes][8];
   std::uint64_t acc[8];
 };
 
-// kAligned: `data` and the block size are multiples of 8, so whole 64-bit loads.
-RALLY_HD bool checksumAligned(const void* data, size_t block) {
-  return alignedTo(data, 8) && block % 8 == 0;
+// What the data of a checksum launch is aligned to, and so its loads: 16 (128-bit loads), 8
+// (64-bit) or 1 (bytes); every block starts as aligned as the data.
+RALLY_HD unsigned checksumAlignment(const void* data, size_t block) {
+  if (alignedTo(data, 16) && block % 16 == 0) return 16;
+  if (alignedTo(data, 8) && block % 8 == 0) return 8;
+  return 1;
 }
 
-template <bool kAligned, class Block>
+// `secret`: XXH3's 192-byte secret, 16-byte aligned (on a GPU in global memory: the lanes of a
+// warp read different words of it, which the L1 cache serves, where the constant cache would
+// serialise them).
+template <unsigned kAlign, class Block>
 RALLY_HD void checksumBody(const Block& b, ChecksumShared& sh, const std::uint8_t* secret,
                            const std::uint8_t* data, size_t bytes, size_t block,
                            std::uint64_t* out) {
   namespace p = portable;
+  constexpr bool kWords = kAlign >= 8;  // 64-bit loads
   const size_t index = b.index();
   const std::uint8_t* in = data + index * block;
   const size_t len = bytes - index * block < block ? bytes - index * block : block;
-  b.each([&](unsigned t) {
-    for (size_t i = t; i < p::kSecretSize; i += b.size()) sh.secret[i] = secret[i];
-    if (t < 8) sh.acc[t] = p::xxh3InitLane(static_cast<int>(t));
-  });
-  b.sync();
   if (len <= 240) {
     b.each([&](unsigned t) {
-      if (t == 0) out[index] = p::xxh3(in, len, sh.secret);
+      if (t == 0) out[index] = p::xxh3(in, len, secret);
     });
     return;
   }
   const size_t full = p::xxh3FullSegments(len);
-  for (size_t first = 0; first < full; first += kSegmentsPerGroup) {
-    const size_t n = full - first < kSegmentsPerGroup ? full - first : kSegmentsPerGroup;
+  const size_t groups = (full + kSegmentsPerGroup - 1) / kSegmentsPerGroup;
+  // Threads 0-7, once the tail's stripes are in sh.tail: what they add to lane t.
+  const auto tailSum = [&](unsigned t) {
+    std::uint64_t sum = 0;
+    for (unsigned st = 0; st < kTailStripes; ++st) sum += sh.tail[st][t];
+    return sum;
+  };
+  // Turn g: group g's contributions into buffer g % 2; threads 0-7 chain group g - 1's, from the
+  // other buffer, and after the last group's add the tail. The first turn also sums the tail's
+  // stripes (added after the last scramble, they can be computed at any time), so that their
+  // loads go with the first group's.
+  for (size_t g = 0; g <= groups; ++g) {
     b.each([&](unsigned t) {
-      const unsigned lane = t % 8, slot = t / 8;
-      if (slot < kSegmentsPerGroup) {
-        sh.contribution[slot][lane] = slot < n
-                                          ? p::xxh3SegmentLane<kAligned, true>(
-                                                in, first + slot, sh.secret, static_cast<int>(lane))
-                                          : 0;
+      if (g > 0 && t < 8) {
+        const size_t first = (g - 1) * kSegmentsPerGroup;
+        const size_t n = full - first < kSegmentsPerGroup ? full - first : kSegmentsPerGroup;
+        const std::uint64_t scramble = p::xxh3ScrambleSecret(secret, static_cast<int>(t));
+        std::uint64_t a = g == 1 ? p::xxh3InitLane(static_cast<int>(t)) : sh.acc[t];
+        for (size_t j = 0; j < n; ++j) {
+          a = p::xxh3Chain(a, sh.contribution[(g - 1) % 2][j][t], scramble);
+        }
+        sh.acc[t] = g == groups ? a + tailSum(t) : a;
       }
+      if (g < groups) {
+        const unsigned pair = t % 4, slot = t / 4;
+        const size_t seg = g * kSegmentsPerGroup + slot;
+        const p::Words2 c = seg < full ? p::xxh3SegmentLanePair<kAlign, true>(
+                                             in, seg, secret, static_cast<int>(pair))
+                                       : p::Words2{0, 0};
+        sh.contribution[g % 2][slot][2 * pair] = c.even;
+        sh.contribution[g % 2][slot][2 * pair + 1] = c.odd;
+      }
+      const unsigned lane = t % 8, slot = t / 8;
+      if (g != 0 || slot >= kTailStripes) return;
+      // Stripe `slot` after the last full segment, or the final stripe (the last 64 bytes, with
+      // the secret 7 bytes back from its end: not 8-byte aligned).
+      const size_t stripes = ((len - 1) - p::kXxhSegmentBytes * full) / 64;
+      std::uint64_t c = 0;
+      if (slot < stripes) {
+        c = p::xxh3StripeLane<kWords, true>(in + full * p::kXxhSegmentBytes + 64 * slot,
+                                            secret + 8 * slot, static_cast<int>(lane));
+      } else if (slot == stripes) {
+        const std::uint8_t* last = in + len - 64;
+        const std::uint8_t* sec = secret + p::kSecretSize - 64 - 7;
+        c = kWords && len % 8 == 0
+                ? p::xxh3StripeLane<true, false>(last, sec, static_cast<int>(lane))
+                : p::xxh3StripeLane<false, false>(last, sec, static_cast<int>(lane));
+      }
+      sh.tail[slot][lane] = c;
+    });
+    b.sync();  // the chain has read one buffer before the turn after next writes it
+  }
+  if (groups == 0) {  // no full segment: no chain
+    b.each([&](unsigned t) {
+      if (t < 8) sh.acc[t] = p::xxh3InitLane(static_cast<int>(t)) + tailSum(t);
     });
     b.sync();
-    b.each([&](unsigned t) {
-      if (t >= 8) return;
-      const std::uint64_t scramble = p::xxh3ScrambleSecret(sh.secret, static_cast<int>(t));
-      std::uint64_t a = sh.acc[t];
-      for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, sh.contribution[j][t], scramble);
-      sh.acc[t] = a;
-    });
-    b.sync();  // the chain has read the contributions before the next group writes them
   }
   b.each([&](unsigned t) {
-    if (t < 8) sh.acc[t] += p::xxh3LongTailLane(in, len, sh.secret, static_cast<int>(t));
-  });
-  b.sync();
-  b.each([&](unsigned t) {
-    if (t == 0) out[index] = p::xxh3LongMerge(sh.acc, len, sh.secret);
+    if (t == 0) out[index] = p::xxh3LongMerge(sh.acc, len, secret);
   });
 }
 
-// ---- multi-tensor AdamW: a table of chunks, one block each ------------------------------------
+// ---- multi-tensor AdamW: a table of tensors, a tile of `chunk` elements per block -------------
 
-struct AdamWChunk {
+struct AdamWEntry {
   float* param;
   const float* grad;
   float* m;
   float* v;
   std::uint16_t* bf16;  // or nullptr
   size_t count;
+  size_t first_block;
 };
 
-inline void splitAdamW(const AdamWTensor& t, size_t chunk, std::vector<AdamWChunk>* chunks) {
-  for (size_t at = 0; at < t.count; at += chunk) {
-    chunks->push_back({t.param + at, t.grad + at, t.exp_avg + at, t.exp_avg_sq + at,
-                       t.bf16_param != nullptr ? t.bf16_param + at : nullptr,
-                       std::min(chunk, t.count - at)});
+// Vectors per thread per turn: four streams of each are in flight, and fewer registers leave
+// room for more threads per multiprocessor (adamwTiles is launched for four blocks of 256).
+constexpr unsigned kAdamWUnroll = 2;
+
+struct AdamWPlan : Plan<AdamWEntry> {
+  size_t chunk = 0;  // elements per block
+};
+
+inline AdamWPlan adamwPlan(const std::vector<AdamWTensor>& tensors, size_t chunk = kDefaultChunk) {
+  AdamWPlan plan;
+  plan.chunk = chunk;
+  for (const AdamWTensor& t : tensors) {
+    if (t.count == 0) continue;
+    plan.entries.push_back(
+        {t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.bf16_param, t.count, plan.blocks});
+    plan.blocks += (t.count + chunk - 1) / chunk;
   }
+  return plan;
 }
 
+// One tile of one tensor. chunk is a multiple of 8, so a tile is as aligned as its tensor.
 template <class Block>
-RALLY_HD void adamwChunkBody(const Block& b, const AdamWChunk* chunks,
-                             const portable::AdamWStep& s) {
-  const AdamWChunk c = chunks[b.index()];
-  const bool vector = alignedTo(c.param, 16) && alignedTo(c.grad, 16) && alignedTo(c.m, 16) &&
-                      alignedTo(c.v, 16) && (c.bf16 == nullptr || alignedTo(c.bf16, 8));
-  const size_t vectors = vector ? c.count / 4 : 0;
+RALLY_HD void adamwTileBody(const Block& b, const AdamWEntry* entries, size_t count, size_t chunk,
+                            const portable::AdamWStep& s) {
+  const AdamWEntry& e = entries[entryOf(entries, count, b.index())];
+  const size_t at = (b.index() - e.first_block) * chunk;
+  float* param = e.param + at;
+  const float* grad = e.grad + at;
+  float* m = e.m + at;
+  float* v = e.v + at;
+  std::uint16_t* bf16 = e.bf16 != nullptr ? e.bf16 + at : nullptr;
+  const size_t n = e.count - at < chunk ? e.count - at : chunk;
+  const bool vector = alignedTo(param, 16) && alignedTo(grad, 16) && alignedTo(m, 16) &&
+                      alignedTo(v, 16) && (bf16 == nullptr || alignedTo(bf16, 8));
+  const size_t vectors = vector ? n / 4 : 0;
   b.each([&](unsigned t) {
-    for (size_t i = t; i < vectors; i += b.size()) {
-      Floats4 p = reinterpret_cast<const Floats4*>(c.param)[i];
-      const Floats4 g = reinterpret_cast<const Floats4*>(c.grad)[i];
-      Floats4 m = reinterpret_cast<const Floats4*>(c.m)[i];
-      Floats4 v = reinterpret_cast<const Floats4*>(c.v)[i];
-      for (int k = 0; k < 4; ++k) portable::adamwElement(&p.v[k], g.v[k], &m.v[k], &v.v[k], s);
-      reinterpret_cast<Floats4*>(c.param)[i] = p;
-      reinterpret_cast<Floats4*>(c.m)[i] = m;
-      reinterpret_cast<Floats4*>(c.v)[i] = v;
-      if (c.bf16 != nullptr) {
-        Halves4 h;
-        for (int k = 0; k < 4; ++k) h.v[k] = portable::toBf16(p.v[k]);
-        reinterpret_cast<Halves4*>(c.bf16)[i] = h;
-      }
-    }
-    for (size_t i = vectors * 4 + t; i < c.count; i += b.size()) {
-      portable::adamwElement(&c.param[i], c.grad[i], &c.m[i], &c.v[i], s);
-      if (c.bf16 != nullptr) c.bf16[i] = portable::toBf16(c.param[i]);
+    Floats4 pv[kAdamWUnroll], gv[kAdamWUnroll], mv[kAdamWUnroll], vv[kAdamWUnroll];
+    unrolledLoop<kAdamWUnroll>(
+        t, b.size(), vectors,
+        [&](unsigned k, size_t i) {
+          pv[k] = reinterpret_cast<const Floats4*>(param)[i];
+          gv[k] = reinterpret_cast<const Floats4*>(grad)[i];
+          mv[k] = reinterpret_cast<const Floats4*>(m)[i];
+          vv[k] = reinterpret_cast<const Floats4*>(v)[i];
+        },
+        [&](unsigned k, size_t i) {
+          for (int j = 0; j < 4; ++j) {
+            portable::adamwElement(&pv[k].v[j], gv[k].v[j], &mv[k].v[j], &vv[k].v[j], s);
+          }
+          reinterpret_cast<Floats4*>(param)[i] = pv[k];
+          reinterpret_cast<Floats4*>(m)[i] = mv[k];
+          reinterpret_cast<Floats4*>(v)[i] = vv[k];
+          if (bf16 != nullptr) {
+            Halves4 h;
+            for (int j = 0; j < 4; ++j) h.v[j] = portable::toBf16(pv[k].v[j]);
+            reinterpret_cast<Halves4*>(bf16)[i] = h;
+          }
+        });
+    for (size_t i = vectors * 4 + t; i < n; i += b.size()) {
+      portable::adamwElement(&param[i], grad[i], &m[i], &v[i], s);
+      if (bf16 != nullptr) bf16[i] = portable::toBf16(param[i]);
     }
   });
 }

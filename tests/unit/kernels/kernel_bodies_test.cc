@@ -125,16 +125,24 @@ TEST(KernelBodies, PackAndUnpackChunksMoveEveryByteAtEveryAlignment) {
               in.push_back({src.as<unsigned char>() + at, counts[c]});
               out.push_back({back.as<unsigned char>() + at, counts[c]});
             }
-            const auto packing = packChunks(in, bucket.as<void>(), type, chunk);
+            const CopyPlan packing = packPlan(in, bucket.as<void>(), type, chunk);
             emulateGrid(
-                static_cast<unsigned>(packing.size()), kThreads,
-                [&](const auto& b) { copyChunkBody(b, packing.data()); }, order);
+                static_cast<unsigned>(packing.blocks), kThreads,
+                [&](const auto& b) {
+                  copyTileBody(b, packing.entries.data(), packing.entries.size(),
+                               packing.tile_bytes);
+                },
+                order);
             ASSERT_EQ(bucket.take<unsigned char>(host.size()), host)
                 << "pack, source +" << src_off << ", bucket +" << dst_off << ", chunk " << chunk;
-            const auto unpacking = unpackChunks(bucket.as<void>(), out, type, chunk);
+            const CopyPlan unpacking = unpackPlan(bucket.as<void>(), out, type, chunk);
             emulateGrid(
-                static_cast<unsigned>(unpacking.size()), kThreads,
-                [&](const auto& b) { copyChunkBody(b, unpacking.data()); }, order);
+                static_cast<unsigned>(unpacking.blocks), kThreads,
+                [&](const auto& b) {
+                  copyTileBody(b, unpacking.entries.data(), unpacking.entries.size(),
+                               unpacking.tile_bytes);
+                },
+                order);
             ASSERT_EQ(back.take<unsigned char>(host.size()), host)
                 << "unpack, source +" << src_off << ", bucket +" << dst_off << ", chunk " << chunk;
           }
@@ -142,7 +150,10 @@ TEST(KernelBodies, PackAndUnpackChunksMoveEveryByteAtEveryAlignment) {
       }
     }
   }
-  EXPECT_TRUE(packChunks({}, nullptr, DType::kF32).empty());
+  // One table entry per tensor that has elements, whatever the chunk size; none for none.
+  const CopyPlan plan = packPlan({{nullptr, 0}, {nullptr, 0}}, nullptr, DType::kF32);
+  EXPECT_TRUE(plan.entries.empty());
+  EXPECT_EQ(plan.blocks, 0u);
 }
 
 template <DType T>
@@ -159,8 +170,9 @@ void expectScaleCheckEqualsTheCpu(size_t n, size_t misalign) {
         d.put(host);
         const size_t vectors = scaleCheckVectors<T>(d.as<void>(), n);
         ASSERT_EQ(vectors, misalign == 0 ? n / kPerVector<T> : 0);
-        const unsigned grid =
-            grid_choice == 0 ? gridFor(elementItems(n, vectors, kPerVector<T>)) : grid_choice;
+        const unsigned grid = grid_choice == 0
+                                  ? scaleCheckGrid<T>(elementItems(n, vectors, kPerVector<T>))
+                                  : grid_choice;
         int flag = 0;
         emulateGrid(
             grid, kThreads,
@@ -216,7 +228,7 @@ TEST(KernelBodies, CompressionEqualsTheCpuBitForBitAtEveryAlignment) {
           auto* compressed = dout.as<std::uint16_t>();
           const size_t vectors = compressVectors(in, residual, compressed, n);
           ASSERT_EQ(vectors, in_off == 0 ? n / 4 : 0);
-          const unsigned blocks = grid == 0 ? gridFor(elementItems(n, vectors, 4)) : grid;
+          const unsigned blocks = grid == 0 ? elementGrid(elementItems(n, vectors, 4)) : grid;
           for (int step = 0; step < 3; ++step) {
             auto gs =
                 g;  // the middle step with a NaN first and a value bf16 rounds to infinity last
@@ -239,9 +251,9 @@ TEST(KernelBodies, CompressionEqualsTheCpuBitForBitAtEveryAlignment) {
             dh.put(out);
             const size_t back_vectors =
                 decompressVectors(dh.as<std::uint16_t>(), dback.as<float>(), n);
-            ASSERT_EQ(back_vectors, h_off == 0 ? n / 8 : 0);
+            ASSERT_EQ(back_vectors, h_off == 0 ? n / 4 : 0);
             const unsigned back_blocks =
-                grid == 0 ? gridFor(elementItems(n, back_vectors, 8)) : grid;
+                grid == 0 ? elementGrid(elementItems(n, back_vectors, 4)) : grid;
             emulateGrid(
                 back_blocks, kThreads,
                 [&](const auto& b) {
@@ -258,7 +270,7 @@ TEST(KernelBodies, CompressionEqualsTheCpuBitForBitAtEveryAlignment) {
   }
 }
 
-template <bool kAligned>
+template <unsigned kAlign>
 std::vector<std::uint64_t> emulatedChecksums(const std::uint8_t* data, size_t bytes, size_t block,
                                              ThreadOrder order) {
   const size_t blocks = (bytes + block - 1) / block;
@@ -269,7 +281,7 @@ std::vector<std::uint64_t> emulatedChecksums(const std::uint8_t* data, size_t by
       [&](const auto& b) {
         ChecksumShared shared;
         std::memset(&shared, 0xA5, sizeof shared);  // as uninitialised as a GPU's shared memory
-        checksumBody<kAligned>(b, shared, secret, data, bytes, block, out.data());
+        checksumBody<kAlign>(b, shared, secret, data, bytes, block, out.data());
       },
       order);
   return out;
@@ -279,11 +291,12 @@ TEST(KernelBodies, ChecksumsEqualLibxxhashForEveryBlockSizeAndAlignment) {
   std::vector<unsigned char> host(300007);
   std::mt19937 rng(4);
   for (auto& x : host) x = static_cast<unsigned char>(rng());
-  // 1 MiB: one partial block; 65536: 64 segments (two groups) and a partial one; 33 KiB + 8: one
-  // full group, then one segment and a tail; 4104 and 1000: tails of whole and partial stripes;
-  // 4100 takes the byte loads even on aligned data; 241 and 240 are either side of the long path.
-  const std::vector<size_t> block_sizes = {1u << 20, 65536, 33 * 1024 + 8, 4104, 4100,
-                                           1000,     241,   240,           17};
+  // 1 MiB: one partial block of 292 segments (five groups of 64); 129 KiB + 16: two full groups
+  // and a tail; 65536: 63 segments and a tail of 15 stripes; 33 KiB + 8: 33 segments and the final
+  // stripe; 4104 and 1000: tails of whole and partial stripes; 4100 takes the byte loads even on
+  // aligned data; 241 and 240 are either side of the long path.
+  const std::vector<size_t> block_sizes = {
+      1u << 20, 129 * 1024 + 16, 65536, 33 * 1024 + 8, 4104, 4100, 1000, 241, 240, 17};
   for (size_t offset : {0u, 3u, 8u}) {
     Buffer d(host.size(), offset);
     d.put(host);
@@ -295,11 +308,17 @@ TEST(KernelBodies, ChecksumsEqualLibxxhashForEveryBlockSizeAndAlignment) {
         want.push_back(XXH3_64bits(data + at, std::min(block, sample - at)));
       }
       for (ThreadOrder order : kOrders) {
-        if (checksumAligned(data, block)) {
-          EXPECT_EQ(emulatedChecksums<true>(data, sample, block, order), want)
-              << "block " << block << ", offset " << offset;
+        // Every load width the data allows (the launch picks the widest).
+        const unsigned align = checksumAlignment(data, block);
+        if (align >= 16) {
+          EXPECT_EQ(emulatedChecksums<16>(data, sample, block, order), want)
+              << "128-bit loads, block " << block << ", offset " << offset;
         }
-        EXPECT_EQ(emulatedChecksums<false>(data, sample, block, order), want)
+        if (align >= 8) {
+          EXPECT_EQ(emulatedChecksums<8>(data, sample, block, order), want)
+              << "64-bit loads, block " << block << ", offset " << offset;
+        }
+        EXPECT_EQ(emulatedChecksums<1>(data, sample, block, order), want)
             << "byte loads, block " << block << ", offset " << offset;
       }
     }
@@ -308,7 +327,7 @@ TEST(KernelBodies, ChecksumsEqualLibxxhashForEveryBlockSizeAndAlignment) {
 
 TEST(KernelBodies, AdamWChunksEqualTheCpuBitForBit) {
   auto cpu = cpuKernels();
-  const std::vector<size_t> counts = {1, 3, kDefaultChunk + 5, 100003};
+  const std::vector<size_t> counts = {1, 0, 3, kDefaultChunk + 5, 100003};
   for (size_t misalign : {0u, 4u}) {
     for (bool with_bf16 : {false, true}) {
       for (auto [order, chunk] : {std::pair{ThreadOrder::kForwards, kDefaultChunk},
@@ -350,13 +369,15 @@ TEST(KernelBodies, AdamWChunksEqualTheCpuBitForBit) {
         }
         for (std::int64_t step = 1; step <= 3; ++step) {
           const AdamWOptions o{.lr = 1e-2f, .step = step};
-          std::vector<AdamWChunk> chunks;
-          for (const AdamWTensor& t : emulated) splitAdamW(t, chunk, &chunks);
+          const AdamWPlan plan = adamwPlan(emulated, chunk);
           const p::AdamWStep s =
               p::adamwStep(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.step);
           emulateGrid(
-              static_cast<unsigned>(chunks.size()), kThreads,
-              [&](const auto& b) { adamwChunkBody(b, chunks.data(), s); }, order);
+              static_cast<unsigned>(plan.blocks), kThreads,
+              [&](const auto& b) {
+                adamwTileBody(b, plan.entries.data(), plan.entries.size(), plan.chunk, s);
+              },
+              order);
           ASSERT_TRUE(cpu->adamw(reference, o).ok());
         }
         for (size_t i = 0; i < counts.size(); ++i) {

@@ -176,6 +176,29 @@ TEST(Kernels, ScaleAndCheckScalesAndFindsNanAndInfinity) {
   EXPECT_EQ(p::fromBf16(b[0]), 1.5f);
 }
 
+// A step's buckets: scaled one by one, read once. A non-finite result in any of them is reported
+// by the one read, and the next read starts over.
+TEST(Kernels, ScaleAndCheckAsyncKeepsANonFiniteResultUntilRead) {
+  auto k = cpuKernels();
+  auto a = randomFloats(1000, 7), b = randomFloats(3, 8), c = randomFloats(17, 9);
+  b[1] = std::numeric_limits<float>::infinity();
+  const auto a0 = a;
+  ASSERT_TRUE(k->scaleAndCheckAsync(a.data(), a.size(), DType::kF32, 0.5f).ok());
+  ASSERT_TRUE(k->scaleAndCheckAsync(b.data(), b.size(), DType::kF32, 0.5f).ok());
+  ASSERT_TRUE(k->scaleAndCheckAsync(c.data(), c.size(), DType::kF32, 0.5f).ok());
+  EXPECT_EQ(a[10], a0[10] * 0.5f);  // scaled all the same
+  auto read = k->readFinite();
+  ASSERT_TRUE(read.ok());
+  EXPECT_FALSE(*read);
+  EXPECT_TRUE(*k->readFinite());  // started over
+  ASSERT_TRUE(k->scaleAndCheckAsync(c.data(), c.size(), DType::kF32, 2.0f).ok());
+  EXPECT_TRUE(*k->readFinite());
+  // scaleAndCheck answers for earlier calls not yet read, too.
+  ASSERT_TRUE(k->scaleAndCheckAsync(b.data(), b.size(), DType::kF32, 1.0f).ok());
+  EXPECT_FALSE(*k->scaleAndCheck(c.data(), c.size(), DType::kF32, 1.0f));
+  EXPECT_TRUE(*k->readFinite());
+}
+
 TEST(Kernels, Bf16CompressionWithErrorFeedbackTracksTheTrueSum) {
   auto k = cpuKernels();
   const size_t n = 1003;
@@ -254,6 +277,12 @@ TEST(Kernels, BlockChecksumsAreXxh3OfEachBlock) {
     EXPECT_EQ(out[b], XXH3_64bits(data.data() + 3 + b * block, len)) << b;
   }
   EXPECT_EQ(k->blockChecksums(data.data(), 10, 0, out.data()).code(), StatusCode::kInvalidArgument);
+  // The queued form gives the same (on the CPU, into host memory, at once).
+  std::vector<std::uint64_t> queued(blocks);
+  ASSERT_TRUE(k->blockChecksumsAsync(data.data() + 3, data.size() - 3, block, queued.data()).ok());
+  EXPECT_EQ(queued, out);
+  EXPECT_EQ(k->blockChecksumsAsync(data.data(), 10, 0, out.data()).code(),
+            StatusCode::kInvalidArgument);
 }
 
 TEST(Kernels, AdamWMatchesTheFormulaInDoublePrecision) {
