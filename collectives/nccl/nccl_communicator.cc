@@ -668,7 +668,10 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
                                             "NCCL reported it done but gave no communicator");
         }
       } else {
-        child = __atomic_load_n(slot, __ATOMIC_ACQUIRE);  // a failure is final: NCCL is done
+        child = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+        // The parent's error may be an earlier operation's while NCCL still makes the child:
+        // without a child the slot stays (~State aborts what NCCL may yet write into it).
+        if (child == nullptr) return s;
       }
       slots.erase(std::find_if(slots.begin(), slots.end(),
                                [slot](const auto& p) { return p.get() == slot; }));

@@ -202,6 +202,15 @@ class CudaKernels final : public Kernels {
     RALLY_ASSIGN_OR_RETURN(const size_t blocks, checksumBlocks(bytes, block_bytes));
     if (blocks == 0) return okStatus();
     RALLY_CUDA(cudaSetDevice(device_));
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, out) == cudaSuccess &&
+        (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged)) {
+      return invalidArgument(fmt::format(
+          "blockChecksums: out ({}) is device memory; it writes the checksums to host memory "
+          "(blockChecksumsAsync writes them to device memory)",
+          fmt::ptr(out)));
+    }
+    (void)cudaGetLastError();
     // The kernel writes the checksums straight into page-locked host memory (8 bytes per block
     // over the bus, no copy to wait for), and they are copied to `out` from there.
     if (blocks > sums_capacity_) {

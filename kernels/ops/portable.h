@@ -399,8 +399,10 @@ RALLY_HD std::uint64_t xxh3Segmented(const void* data, size_t len, const std::ui
 
 // ---- AdamW, one element (decoupled weight decay, bias-corrected moments) ----------------------
 //
-// In PyTorch's arrangement (torch.optim.AdamW): the bias corrections folded into a step size and
-// a scale of sqrt(v), so that an element costs one division and one square root.
+// Close to PyTorch's arrangement (torch.optim.AdamW): the bias corrections folded into a step
+// size and a scale of sqrt(v) (a multiplication by 1 / sqrt(1 - beta2^t) where PyTorch divides
+// by its square root), so that an element costs one division and one square root. Not bit for
+// bit PyTorch's.
 
 struct AdamWStep {
   float beta1, beta2, eps;

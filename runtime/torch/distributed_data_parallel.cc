@@ -389,7 +389,11 @@ void DistributedDataParallel::finishBackward() {
   for (Bucket& b : buckets_) {
     bool finite = true;
     status_ = average(b, divisor, &finite);
-    if (!status_.ok()) return;
+    if (!status_.ok()) {
+      // Clear what the buckets already queued found, so that it does not carry into the next step.
+      if (kernels_ != nullptr) (void)kernels_->readFinite();
+      return;
+    }
     all_finite = all_finite && finite;
   }
   if (kernels_ != nullptr) {  // the buckets the kernels checked: one wait for all of them

@@ -264,6 +264,11 @@ TEST_F(KernelsGpu, DeviceChecksumsEqualTheCpus) {
   const Status s = gpu_->blockChecksumsAsync(d.get(), 4096, 1024, host_sums.data());
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.toString();
   EXPECT_NE(s.message().find("not device memory"), std::string::npos) << s.toString();
+  // And device memory for the waiting form's (it copies on the host).
+  DeviceBytes device_sums(4 * sizeof(std::uint64_t));
+  const Status w =
+      gpu_->blockChecksums(d.get(), 4096, 1024, static_cast<std::uint64_t*>(device_sums.get()));
+  EXPECT_EQ(w.code(), StatusCode::kInvalidArgument) << w.toString();
 }
 
 TEST_F(KernelsGpu, AdamWEqualsTheCpu) {

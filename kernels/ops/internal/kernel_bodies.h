@@ -16,8 +16,10 @@
 // in the block's shared memory (a struct passed in); and any two each() have a b.sync() between
 // them (the emulator enforces it).
 //
-//   copyChunkBody(DeviceBlock{}, chunks);                        // in a __global__ function
-//   emulateGrid(blocks, kThreads, [&](const auto& b) { copyChunkBody(b, chunks); });  // a test
+//   copyTileBody(DeviceBlock{}, entries, count, tile);            // in a __global__ function
+//   emulateGrid(plan.blocks, kThreads, [&](const auto& b) {         // a test
+//     copyTileBody(b, plan.entries.data(), plan.entries.size(), plan.tile_bytes);
+//   });
 #pragma once
 
 #include <algorithm>
