@@ -202,15 +202,12 @@ class CudaKernels final : public Kernels {
     RALLY_ASSIGN_OR_RETURN(const size_t blocks, checksumBlocks(bytes, block_bytes));
     if (blocks == 0) return okStatus();
     RALLY_CUDA(cudaSetDevice(device_));
-    cudaPointerAttributes attr{};
-    if (cudaPointerGetAttributes(&attr, out) == cudaSuccess &&
-        (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged)) {
+    if (deviceMemory(out)) {
       return invalidArgument(fmt::format(
           "blockChecksums: out ({}) is device memory; it writes the checksums to host memory "
           "(blockChecksumsAsync writes them to device memory)",
           fmt::ptr(out)));
     }
-    (void)cudaGetLastError();
     // The kernel writes the checksums straight into page-locked host memory (8 bytes per block
     // over the bus, no copy to wait for), and they are copied to `out` from there.
     if (blocks > sums_capacity_) {
@@ -234,10 +231,7 @@ class CudaKernels final : public Kernels {
     RALLY_ASSIGN_OR_RETURN(const size_t blocks, checksumBlocks(bytes, block_bytes));
     if (blocks == 0) return okStatus();
     RALLY_CUDA(cudaSetDevice(device_));
-    cudaPointerAttributes attr{};
-    if (cudaPointerGetAttributes(&attr, out) != cudaSuccess ||
-        (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
-      (void)cudaGetLastError();
+    if (!deviceMemory(out)) {
       return invalidArgument(fmt::format(
           "blockChecksumsAsync: out ({}) is not device memory; the CUDA kernels write the "
           "checksums on the device (blockChecksums writes them to host memory and waits)",
@@ -281,6 +275,17 @@ class CudaKernels final : public Kernels {
     cudaEvent_t uploaded = nullptr;  // recorded after the upload from `host`
     std::uint64_t last_use = 0;      // which upload used it last (uploads are numbered)
   };
+
+  // Whether the device can write at `p` as device (or managed) memory; host memory, mapped or
+  // not, and pointers CUDA does not know are not.
+  static bool deviceMemory(const void* p) {
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
+  }
 
   // A grid of `blocks` thread blocks, or why it cannot be launched.
   static Status checkGrid(size_t blocks, std::string_view what) {
