@@ -4,8 +4,9 @@
 // cudaMemcpy of the same size, timed the same way in the same run); a read-only reference
 // (bench::readOnce: the same bytes read once), the ceiling of a kernel that only reads, as the
 // checksums do; two rows more show the calls that wait for the device (scaleAndCheck,
-// blockChecksums to host memory) with that wait; and
-// the multi-tensor operations beside the same work done with one launch per tensor (what a
+// blockChecksums to host memory) with that wait; three more the candidate layouts of the
+// checksums (checksum_candidates.h), each first checked against the kernels' own; and the
+// multi-tensor operations beside the same work done with one launch per tensor (what a
 // framework does), for 500 small tensors: one cudaMemcpyAsync per tensor for pack and unpack,
 // one plain AdamW launch per tensor (per_tensor_adamw.h: pointers as arguments, no table) for
 // AdamW.
@@ -29,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/kernels/checksum_candidates.h"
 #include "bench/kernels/per_tensor_adamw.h"
 #include "kernels/base/units.h"
 #include "kernels/ops/cuda_kernels.h"
@@ -110,6 +112,7 @@ int main(int argc, char** argv) {
   }
   auto k = cudaKernels({.device = 0});
   check(k.status(), "starting the CUDA kernels");
+  check(bench::prepareChecksumCandidates(), "copying the secret for the candidate checksums");
   Kernels& K = **k;
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "device properties");
@@ -192,6 +195,37 @@ int main(int argc, char** argv) {
       std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", r.name, formatBytes(size).c_str(), t * 1e6,
                   bw, fraction);
       if (size >= (64 << 20) && !r.waits) min_fraction = std::min(min_fraction, fraction);
+    }
+    // The candidate layouts of the checksums (checksum_candidates.h), not in min_fraction: each
+    // must give the kernels' own checksums of random bytes, then it is timed the same way.
+    const size_t checksum_blocks = (bytes + 65535) / 65536;
+    check(bench::fillRandom(b, bytes, 0x5eed + bytes, nullptr), "filling random bytes");
+    check(K.blockChecksumsAsync(b, bytes, 65536, device_sums), "checksums");
+    std::vector<std::uint64_t> want(checksum_blocks), got(checksum_blocks);
+    check(cudaMemcpy(want.data(), device_sums, checksum_blocks * 8, cudaMemcpyDeviceToHost),
+          "copying checksums");
+    for (unsigned segments : bench::kWarpRunsSegments) {
+      const auto run = [&] {
+        check(bench::checksumsWarpRuns(segments, b, bytes, 65536, device_sums, nullptr),
+              "candidate checksums");
+      };
+      run();
+      check(cudaMemcpy(got.data(), device_sums, checksum_blocks * 8, cudaMemcpyDeviceToHost),
+            "copying checksums");
+      const auto bad = std::mismatch(want.begin(), want.end(), got.begin());
+      if (bad.first != want.end()) {
+        std::fprintf(stderr,
+                     "kernels_bench: warp-run checksums (%u segments per warp) differ from the "
+                     "kernels' own at block %zu of %s: %016llx, not %016llx\n",
+                     segments, static_cast<size_t>(bad.first - want.begin()),
+                     formatBytes(size).c_str(), static_cast<unsigned long long>(*bad.second),
+                     static_cast<unsigned long long>(*bad.first));
+        return 1;
+      }
+      const double t = timeIt(run);
+      const std::string name = "  checksums, warp runs " + std::to_string(segments);
+      std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", name.c_str(), formatBytes(size).c_str(),
+                  t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / copy_bw);
     }
     for (void* p : {a, b, c, d, e}) cudaFree(p);
     cudaFree(device_sums);

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/ops/cuda_kernels.h"
+#include "kernels/ops/internal/device_block.h"
 #include "kernels/ops/internal/kernel_bodies.h"
 #include "kernels/ops/portable.h"
 
@@ -39,26 +40,9 @@ Status cudaStatus(cudaError_t e, const char* what, const char* file, int line) {
     if (rally_e != cudaSuccess) return cudaStatus(rally_e, #call, __FILE__, __LINE__); \
   } while (0)
 
-// A GPU's thread block, as kernel_bodies.h's bodies see it.
-struct DeviceBlock {
-  __device__ unsigned index() const { return blockIdx.x; }
-  __device__ unsigned count() const { return gridDim.x; }
-  __device__ unsigned size() const { return blockDim.x; }
-  template <class F>
-  __device__ void each(F&& f) const {
-    f(threadIdx.x);
-  }
-  __device__ void sync() const { __syncthreads(); }
-  __device__ void flagIfAny(bool bad, int* flag) const {
-    // A plain store: every writer writes 1, and the flag is host memory (no atomics over PCIe).
-    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0)
-      *static_cast<volatile int*>(flag) = 1;
-  }
-};
-
 // Every kernel runs blocks of kThreads; most ask for registers for eight blocks per
 // multiprocessor (a full one); those with more arithmetic per byte for fewer (more registers,
-// and no spills).
+// and no spills for sm_90; kernels/README.md).
 __global__ void __launch_bounds__(kThreads, 8)
     copyTiles(const CopyEntry* entries, size_t count, size_t tile_bytes) {
   copyTileBody(DeviceBlock{}, entries, count, tile_bytes);
@@ -88,8 +72,9 @@ __global__ void __launch_bounds__(kThreads, 8)
 template <unsigned kAlign>
 __global__ void __launch_bounds__(kThreads, 8)
     checksums(const std::uint8_t* data, size_t bytes, size_t block, std::uint64_t* out) {
-  __shared__ ChecksumShared shared;
-  checksumBody<kAlign>(DeviceBlock{}, shared, kSecretOnDevice, data, bytes, block, out);
+  __shared__ ChecksumShared<ChecksumLanePairs> shared;
+  checksumBody<kAlign, ChecksumLanePairs>(DeviceBlock{}, shared, kSecretOnDevice, data, bytes,
+                                          block, out);
 }
 
 __global__ void __launch_bounds__(kThreads, 4)

@@ -358,22 +358,92 @@ RALLY_HD void decompressBody(const Block& b, const std::uint16_t* in, float* out
 
 // ---- block checksums: XXH3-64 of each block, one thread block per checksum block ---------------
 //
-// XXH3's long path split as portable.h describes: the block's 1 KiB segments in groups of
-// kSegmentsPerGroup (a 64 KiB block is one group), each thread adding up two lanes of one segment
-// (16 stripes, one 16-byte load each, all independent), while 8 threads chain the previous
-// group's scrambles (two buffers of contributions, so that the serial chain of a larger block
-// overlaps the next group's loads); the tail's stripes, one lane of one stripe per thread, with
-// the first group; then the merge. Blocks of 240 bytes or less take the short paths on one
-// thread.
+// XXH3's long path split as portable.h describes. The block's 1 KiB segments go in turns of a
+// layout's kSegmentsPerTurn: in turn g the threads add up turn g's segments, each thread its part
+// of some stripes of two lanes (one 16-byte load per stripe), into one of two buffers in shared
+// memory, while threads 0-7 (lane t each) take turn g - 1's from the other buffer and chain its
+// scrambles; a segment's addition to a lane is the sum of its kSlots parts. The first turn also
+// adds up the tail's stripes (up to 15 after the last full segment, and the final stripe), one
+// lane of one stripe per thread: added after the last scramble, they can be computed at any time,
+// so their loads go with the first turn's. Then the merge. Blocks of 240 bytes or less take the
+// short paths on one thread.
+//
+// Two layouts of a turn's loads:
+//   ChecksumLanePairs (the launch's): four threads per segment, each adding up one lane pair over
+//     all 16 stripes (one part per segment), 64 segments per turn. A warp's load is 64 bytes from
+//     each of 8 segments 1 KiB apart, and a 64 KiB block is one turn, whose 63 scrambles follow
+//     all its loads.
+//   ChecksumWarpRuns<S> (a candidate, not yet measured on a device: bench/kernels times it beside
+//     the other, bench/README.md): every load of a warp is one contiguous run of 512 bytes (lane
+//     l: 16 bytes at 16 * l, so lane pair l % 4 of stripe l / 4, then of stripe l / 4 + 8 in the
+//     segment's second half); a warp takes S whole segments per turn, 8 * S in all, and each
+//     segment has 8 parts. The chain of a turn overlaps the next turn's loads; only the last
+//     turn's (8 * S scrambles at most) follows them.
 
-constexpr unsigned kSegmentsPerGroup = kThreads / 4;  // four threads per segment
 // Stripes after the last full segment: up to 15, and the final stripe.
 constexpr unsigned kTailStripes = portable::kXxhStripesPerSegment;
 
+template <class Layout>
 struct ChecksumShared {
-  std::uint64_t contribution[2][kSegmentsPerGroup][8];  // a group's, alternately
+  // A turn's segments, part by part, for each lane; alternately.
+  std::uint64_t parts[2][Layout::kSegmentsPerTurn][Layout::kSlots][8];
   std::uint64_t tail[kTailStripes][8];
   std::uint64_t acc[8];
+};
+
+// `in`: the checksum block; `full`: its full segments; `first`: the turn's first segment;
+// `parts`: the turn's buffer; `secret` as checksumBody's.
+struct ChecksumLanePairs {
+  static constexpr unsigned kSegmentsPerTurn = kThreads / 4, kSlots = 1;
+  template <unsigned kAlign>
+  RALLY_HD static void add(unsigned t, const std::uint8_t* in, size_t full, size_t first,
+                           std::uint64_t (*parts)[kSlots][8], const std::uint8_t* secret) {
+    const unsigned pair = t % 4, slot = t / 4;
+    const size_t seg = first + slot;
+    if (seg >= full) return;
+    const portable::Words2 c =
+        portable::xxh3SegmentLanePair<kAlign, true>(in, seg, secret, static_cast<int>(pair));
+    parts[slot][0][2 * pair] = c.even;
+    parts[slot][0][2 * pair + 1] = c.odd;
+  }
+};
+
+template <unsigned kSegmentsPerWarp>
+struct ChecksumWarpRuns {
+  static constexpr unsigned kSegmentsPerTurn = kThreads / 32 * kSegmentsPerWarp, kSlots = 8;
+  template <unsigned kAlign>
+  RALLY_HD static void add(unsigned t, const std::uint8_t* in, size_t full, size_t first,
+                           std::uint64_t (*parts)[kSlots][8], const std::uint8_t* secret) {
+    namespace p = portable;
+    const unsigned warp = t / 32, lane = t % 32, pair = lane % 4, slot = lane / 4;
+    const size_t mine = first + warp * kSegmentsPerWarp;
+    p::Words2 w[kSegmentsPerWarp][2] = {};
+    RALLY_UNROLL
+    for (unsigned i = 0; i < kSegmentsPerWarp; ++i) {  // every load first, then the sums
+      if (mine + i < full) {
+        const std::uint8_t* at = in + (mine + i) * p::kXxhSegmentBytes + 16 * lane;
+        w[i][0] = p::inputPair<kAlign>(at);
+        w[i][1] = p::inputPair<kAlign>(at + 512);
+      }
+    }
+    const std::uint8_t* sec = secret + 8 * slot + 16 * pair;
+    RALLY_UNROLL
+    for (unsigned i = 0; i < kSegmentsPerWarp; ++i) {
+      if (mine + i >= full) break;
+      std::uint64_t even = 0, odd = 0;
+      for (unsigned h = 0; h < 2; ++h) {  // stripes `slot` and `slot` + 8, 64 secret bytes apart
+        const std::uint64_t k0 = w[i][h].even ^ p::inputWord<true>(sec + 64 * h);
+        const std::uint64_t k1 = w[i][h].odd ^ p::inputWord<true>(sec + 64 * h + 8);
+        even += w[i][h].odd +
+                p::mulWide32(static_cast<std::uint32_t>(k0), static_cast<std::uint32_t>(k0 >> 32));
+        odd += w[i][h].even +
+               p::mulWide32(static_cast<std::uint32_t>(k1), static_cast<std::uint32_t>(k1 >> 32));
+      }
+      std::uint64_t* to = parts[warp * kSegmentsPerWarp + i][slot];
+      to[2 * pair] = even;
+      to[2 * pair + 1] = odd;
+    }
+  }
 };
 
 // What the data of a checksum launch is aligned to, and so its loads: 16 (128-bit loads), 8
@@ -384,15 +454,39 @@ RALLY_HD unsigned checksumAlignment(const void* data, size_t block) {
   return 1;
 }
 
+// Thread t's lane (t % 8) of tail stripe t / 8, into tail (nothing for t >= 128).
+template <unsigned kAlign>
+RALLY_HD void checksumTailStripe(unsigned t, std::uint64_t (*tail)[8], const std::uint8_t* in,
+                                 size_t len, const std::uint8_t* secret) {
+  namespace p = portable;
+  constexpr bool kWords = kAlign >= 8;  // 64-bit loads
+  const unsigned lane = t % 8, slot = t / 8;
+  if (slot >= kTailStripes) return;
+  const size_t full = p::xxh3FullSegments(len);
+  const size_t stripes = ((len - 1) - p::kXxhSegmentBytes * full) / 64;
+  std::uint64_t c = 0;
+  if (slot < stripes) {
+    c = p::xxh3StripeLane<kWords, true>(in + full * p::kXxhSegmentBytes + 64 * slot,
+                                        secret + 8 * slot, static_cast<int>(lane));
+  } else if (slot == stripes) {
+    // The last 64 bytes, with the secret 7 bytes back from its end: not 8-byte aligned.
+    const std::uint8_t* last = in + len - 64;
+    const std::uint8_t* sec = secret + p::kSecretSize - 64 - 7;
+    c = kWords && len % 8 == 0 ? p::xxh3StripeLane<true, false>(last, sec, static_cast<int>(lane))
+                               : p::xxh3StripeLane<false, false>(last, sec, static_cast<int>(lane));
+  }
+  tail[slot][lane] = c;
+}
+
 // `secret`: XXH3's 192-byte secret, 16-byte aligned (on a GPU in global memory: the lanes of a
 // warp read different words of it, which the L1 cache serves, where the constant cache would
 // serialise them).
-template <unsigned kAlign, class Block>
-RALLY_HD void checksumBody(const Block& b, ChecksumShared& sh, const std::uint8_t* secret,
+template <unsigned kAlign, class Layout, class Block>
+RALLY_HD void checksumBody(const Block& b, ChecksumShared<Layout>& sh, const std::uint8_t* secret,
                            const std::uint8_t* data, size_t bytes, size_t block,
                            std::uint64_t* out) {
   namespace p = portable;
-  constexpr bool kWords = kAlign >= 8;  // 64-bit loads
+  constexpr unsigned kPerTurn = Layout::kSegmentsPerTurn;
   const size_t index = b.index();
   const std::uint8_t* in = data + index * block;
   const size_t len = bytes - index * block < block ? bytes - index * block : block;
@@ -403,59 +497,35 @@ RALLY_HD void checksumBody(const Block& b, ChecksumShared& sh, const std::uint8_
     return;
   }
   const size_t full = p::xxh3FullSegments(len);
-  const size_t groups = (full + kSegmentsPerGroup - 1) / kSegmentsPerGroup;
+  const size_t turns = (full + kPerTurn - 1) / kPerTurn;
   // Threads 0-7, once the tail's stripes are in sh.tail: what they add to lane t.
   const auto tailSum = [&](unsigned t) {
     std::uint64_t sum = 0;
     for (unsigned st = 0; st < kTailStripes; ++st) sum += sh.tail[st][t];
     return sum;
   };
-  // Turn g: group g's contributions into buffer g % 2; threads 0-7 chain group g - 1's, from the
-  // other buffer, and after the last group's add the tail. The first turn also sums the tail's
-  // stripes (added after the last scramble, they can be computed at any time), so that their
-  // loads go with the first group's.
-  for (size_t g = 0; g <= groups; ++g) {
+  for (size_t g = 0; g <= turns; ++g) {
     b.each([&](unsigned t) {
       if (g > 0 && t < 8) {
-        const size_t first = (g - 1) * kSegmentsPerGroup;
-        const size_t n = full - first < kSegmentsPerGroup ? full - first : kSegmentsPerGroup;
+        const size_t first = (g - 1) * kPerTurn;
+        const size_t n = full - first < kPerTurn ? full - first : kPerTurn;
         const std::uint64_t scramble = p::xxh3ScrambleSecret(secret, static_cast<int>(t));
         std::uint64_t a = g == 1 ? p::xxh3InitLane(static_cast<int>(t)) : sh.acc[t];
         for (size_t j = 0; j < n; ++j) {
-          a = p::xxh3Chain(a, sh.contribution[(g - 1) % 2][j][t], scramble);
+          std::uint64_t c = 0;
+          for (unsigned s = 0; s < Layout::kSlots; ++s) c += sh.parts[(g - 1) % 2][j][s][t];
+          a = p::xxh3Chain(a, c, scramble);
         }
-        sh.acc[t] = g == groups ? a + tailSum(t) : a;
+        sh.acc[t] = g == turns ? a + tailSum(t) : a;
       }
-      if (g < groups) {
-        const unsigned pair = t % 4, slot = t / 4;
-        const size_t seg = g * kSegmentsPerGroup + slot;
-        const p::Words2 c = seg < full ? p::xxh3SegmentLanePair<kAlign, true>(
-                                             in, seg, secret, static_cast<int>(pair))
-                                       : p::Words2{0, 0};
-        sh.contribution[g % 2][slot][2 * pair] = c.even;
-        sh.contribution[g % 2][slot][2 * pair + 1] = c.odd;
+      if (g < turns) {
+        Layout::template add<kAlign>(t, in, full, g * kPerTurn, sh.parts[g % 2], secret);
       }
-      const unsigned lane = t % 8, slot = t / 8;
-      if (g != 0 || slot >= kTailStripes) return;
-      // Stripe `slot` after the last full segment, or the final stripe (the last 64 bytes, with
-      // the secret 7 bytes back from its end: not 8-byte aligned).
-      const size_t stripes = ((len - 1) - p::kXxhSegmentBytes * full) / 64;
-      std::uint64_t c = 0;
-      if (slot < stripes) {
-        c = p::xxh3StripeLane<kWords, true>(in + full * p::kXxhSegmentBytes + 64 * slot,
-                                            secret + 8 * slot, static_cast<int>(lane));
-      } else if (slot == stripes) {
-        const std::uint8_t* last = in + len - 64;
-        const std::uint8_t* sec = secret + p::kSecretSize - 64 - 7;
-        c = kWords && len % 8 == 0
-                ? p::xxh3StripeLane<true, false>(last, sec, static_cast<int>(lane))
-                : p::xxh3StripeLane<false, false>(last, sec, static_cast<int>(lane));
-      }
-      sh.tail[slot][lane] = c;
+      if (g == 0) checksumTailStripe<kAlign>(t, sh.tail, in, len, secret);
     });
     b.sync();  // the chain has read one buffer before the turn after next writes it
   }
-  if (groups == 0) {  // no full segment: no chain
+  if (turns == 0) {  // no full segment: no chain
     b.each([&](unsigned t) {
       if (t < 8) sh.acc[t] = p::xxh3InitLane(static_cast<int>(t)) + tailSum(t);
     });

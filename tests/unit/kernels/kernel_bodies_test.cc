@@ -270,7 +270,7 @@ TEST(KernelBodies, CompressionEqualsTheCpuBitForBitAtEveryAlignment) {
   }
 }
 
-template <unsigned kAlign>
+template <unsigned kAlign, class Layout>
 std::vector<std::uint64_t> emulatedChecksums(const std::uint8_t* data, size_t bytes, size_t block,
                                              ThreadOrder order) {
   const size_t blocks = (bytes + block - 1) / block;
@@ -279,22 +279,31 @@ std::vector<std::uint64_t> emulatedChecksums(const std::uint8_t* data, size_t by
   emulateGrid(
       static_cast<unsigned>(blocks), kThreads,
       [&](const auto& b) {
-        ChecksumShared shared;
+        ChecksumShared<Layout> shared;
         std::memset(&shared, 0xA5, sizeof shared);  // as uninitialised as a GPU's shared memory
-        checksumBody<kAlign>(b, shared, secret, data, bytes, block, out.data());
+        checksumBody<kAlign, Layout>(b, shared, secret, data, bytes, block, out.data());
       },
       order);
   return out;
 }
 
-TEST(KernelBodies, ChecksumsEqualLibxxhashForEveryBlockSizeAndAlignment) {
+// Both layouts of the checksums' loads: the launch's, and the candidates the benchmark times.
+template <class Layout>
+class KernelBodiesChecksums : public ::testing::Test {};
+using ChecksumLayouts = ::testing::Types<ChecksumLanePairs, ChecksumWarpRuns<1>,
+                                         ChecksumWarpRuns<2>, ChecksumWarpRuns<4>>;
+TYPED_TEST_SUITE(KernelBodiesChecksums, ChecksumLayouts);
+
+TYPED_TEST(KernelBodiesChecksums, EqualLibxxhashForEveryBlockSizeAndAlignment) {
+  using Layout = TypeParam;
   std::vector<unsigned char> host(300007);
   std::mt19937 rng(4);
   for (auto& x : host) x = static_cast<unsigned char>(rng());
-  // 1 MiB: one partial block of 292 segments (five groups of 64); 129 KiB + 16: two full groups
-  // and a tail; 65536: 63 segments and a tail of 15 stripes; 33 KiB + 8: 33 segments and the final
-  // stripe; 4104 and 1000: tails of whole and partial stripes; 4100 takes the byte loads even on
-  // aligned data; 241 and 240 are either side of the long path.
+  // 1 MiB: one partial block of 292 segments (several turns of every layout, the last one
+  // partial); 129 KiB + 16: 129 segments and a tail; 65536: 63 segments and a tail of 15 stripes;
+  // 33 KiB + 8: 33 segments and the final stripe; 4104 and 1000: tails of whole and partial
+  // stripes; 4100 takes the byte loads even on aligned data; 241 and 240 are either side of the
+  // long path.
   const std::vector<size_t> block_sizes = {
       1u << 20, 129 * 1024 + 16, 65536, 33 * 1024 + 8, 4104, 4100, 1000, 241, 240, 17};
   for (size_t offset : {0u, 3u, 8u}) {
@@ -311,14 +320,14 @@ TEST(KernelBodies, ChecksumsEqualLibxxhashForEveryBlockSizeAndAlignment) {
         // Every load width the data allows (the launch picks the widest).
         const unsigned align = checksumAlignment(data, block);
         if (align >= 16) {
-          EXPECT_EQ(emulatedChecksums<16>(data, sample, block, order), want)
+          EXPECT_EQ((emulatedChecksums<16, Layout>(data, sample, block, order)), want)
               << "128-bit loads, block " << block << ", offset " << offset;
         }
         if (align >= 8) {
-          EXPECT_EQ(emulatedChecksums<8>(data, sample, block, order), want)
+          EXPECT_EQ((emulatedChecksums<8, Layout>(data, sample, block, order)), want)
               << "64-bit loads, block " << block << ", offset " << offset;
         }
-        EXPECT_EQ(emulatedChecksums<1>(data, sample, block, order), want)
+        EXPECT_EQ((emulatedChecksums<1, Layout>(data, sample, block, order)), want)
             << "byte loads, block " << block << ", offset " << offset;
       }
     }
