@@ -305,7 +305,14 @@ void Rendezvous::maybeForm(TimePoint now, bool at_once_if_min, Events* events) {
     formResumed(events);
     return;
   }
-  if (gathering_count_ >= options_.max_nodes) {
+  // Members of the round being taken over or resumed that are not back yet: their workers are
+  // alive and re-forming in place. Newcomers (spares, a restarted host) that make up MAX before
+  // them do not form the round without them; the last call still bounds the wait, and form()
+  // takes old members first.
+  const bool old_members_coming =
+      (takeover_expected_ && takeover_back_ < *takeover_expected_) ||
+      (resume_ && resume_->expected > 0 && resume_->back.size() < resume_->expected);
+  if (gathering_count_ >= options_.max_nodes && !old_members_coming) {
     form(events);
     return;
   }

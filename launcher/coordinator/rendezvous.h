@@ -64,8 +64,8 @@ struct RendezvousOptions {
   Milliseconds join_timeout{600'000};
   // Set: start re-forming generation `takeover->generation + 1` at once, instead of waiting for a
   // first round. Members of the lost coordinator's round rejoin with their last generation and
-  // node rank; the round forms as soon as `expected_nodes` are back (or, with MIN of them, after
-  // the last call).
+  // node rank; the round forms as soon as `expected_nodes` are back (or, with MIN nodes, after
+  // the last call: newcomers making up MAX do not form it before then without them).
   std::optional<Takeover> takeover;
 };
 

@@ -9,8 +9,9 @@
 //     once when it is back, its workers kept;
 //   - --rdzv-endpoint with a standby address: the standby takes the coordinator over there (before
 //     a node of lower rank), and a spare held at the lost host and the lost host coming back both
-//     find it at that address; and a spare follows a coordinator handed over by a SIGTERMed host
-//     there, and takes its place;
+//     find it at that address, without taking the round from an old member slower than they are
+//     (its agent stopped across the loss); and a spare follows a coordinator handed over by a
+//     SIGTERMed host there, and takes its place;
 //   - the coordinator's host stopped by SIGTERM under --recovery restart: it hands the coordinator
 //     over, and the job re-forms once;
 //   - a standalone `rally coordinator` killed and started again: the workers train on meanwhile,
@@ -22,6 +23,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -380,6 +382,63 @@ TEST_F(CoordinatorFailoverTest, CoordinatorMovesToTheStandbyAddressWhereOtherNod
   EXPECT_NE(got.summary.find("world 3 uses_min 4 uses_max 4"), std::string::npos)
       << got.summary << "\n"
       << b->errors();
+}
+
+// The same, with the race that once failed the test above made certain: b's agent is stopped
+// across the loss, so that the spare and the restarted host reach the standby first and make up
+// MAX with its own node. The round waits for b (an old member, whose worker is alive and
+// re-forming in place) within the last call, and takes it before them; the restarted host waits
+// as a spare. Before, the round formed at once without b, which was held as a newcomer until its
+// worker gave up, and b failed.
+TEST_F(CoordinatorFailoverTest, NewNodesAtTheStandbyDoNotTakeTheRoundFromAnOldMemberComingBack) {
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
+                                            "--batch",   "12",   "--commit-every", "4",
+                                            "--step-ms", "25"};
+  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
+  const std::string standby = "127.0.0.3:" + port;
+  // A last call long enough for b to be back on a loaded machine (about 0.2 s on an idle one).
+  const std::vector<std::string> args = {"--nnodes",         "2:3",
+                                         "--nproc-per-node", "1",
+                                         "--rdzv-endpoint",  endpoint_ + "," + standby,
+                                         "--rdzv-id",        "ip-n",
+                                         "--last-call",      "1500ms"};
+  // The coordinators log each join (at debug level), so that b goes on once the others are in.
+  ::setenv("RALLY_LOG_LEVEL", "info,rendezvous=debug", 1);
+  struct Unset {
+    ~Unset() { ::unsetenv("RALLY_LOG_LEVEL"); }
+  } unset;
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-n", args, program, 3, /*ranked=*/true, &a, &b, &c));
+  auto d = agent("ip-n-d", args, program, "127.0.0.4");  // a spare: the round is full
+  ASSERT_TRUE(d->waitForErrors("held until", milliseconds(20000))) << d->errors();
+  b->signal(SIGSTOP);
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  ASSERT_TRUE(
+      c->waitForErrors("took over the job's coordinator on " + standby, milliseconds(20000)))
+      << c->errors();
+  ASSERT_TRUE(d->waitForErrors("the job's coordinator is now at " + standby, milliseconds(20000)))
+      << d->errors();
+  auto a2 = agent("ip-n-a2", args, program, "127.0.0.1");
+  for (const char* node : {"ip-n-d", "ip-n-a2"}) {
+    ASSERT_TRUE(c->waitForErrors(std::string("node '") + node + "' joined", milliseconds(20000)))
+        << c->errors() << a2->errors();
+  }
+  b->signal(SIGCONT);
+  const auto all = [&] { return b->errors() + c->errors() + d->errors() + a2->errors(); };
+  EXPECT_EQ(exitCode(*b), 0) << all();
+  EXPECT_EQ(exitCode(*c), 0) << all();
+  EXPECT_EQ(exitCode(*d), 0) << all();
+  EXPECT_EQ(exitCode(*a2), 0) << all();
+  EXPECT_NE(c->errors().find("generation 3: round formed with 3 node(s)"), std::string::npos)
+      << all();
+  EXPECT_NE(b->errors().find("generation 3: node rank"), std::string::npos) << all();
+  EXPECT_EQ(b->errors().find("held until"), std::string::npos) << all();
+  EXPECT_NE(a2->errors().find("the job finished while this node was held"), std::string::npos)
+      << "the restarted host waits as a spare\n"
+      << all();
+  const Result got = parse(b->output() + c->output() + d->output() + a2->output());
+  EXPECT_NE(got.summary.find("world 3"), std::string::npos) << got.summary << "\n" << all();
 }
 
 // The coordinator's host is stopped (SIGTERM: it hands the coordinator over) while a spare waits:

@@ -551,6 +551,41 @@ TEST_F(TakeoverTest, NewNodesJoinTheTakenOverRoundAfterTheOldMembers) {
   EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 1}, {"b", 2}, {"new", 0}}));
 }
 
+// Newcomers that make up MAX while an old member is still on its way back (the lost host
+// restarted and a spare found the successor first, 100 ms before the slower old member): the round
+// waits for it, within the last call, and takes it before the newcomers. Before, it formed at once
+// with the newcomers, and the old member was held with its live workers until they gave up.
+TEST_F(TakeoverTest, NewcomersFillingMaxWaitForTheOldMembersStillComingBack) {
+  makeTakeover(2, 3, 2);  // 'c' (the successor's own node) and 'b' are expected back
+  ASSERT_TRUE(rejoin("c", 7, 2).ok());
+  ASSERT_TRUE(join("spare").ok());
+  ASSERT_TRUE(join("restarted").ok());
+  EXPECT_TRUE(formed().empty()) << "MAX is there, but 'b' is not back yet";
+  now_ += milliseconds(100);
+  auto b = rejoin("b", 7, 1);
+  ASSERT_TRUE(b.ok());
+  EXPECT_FALSE(b->waiting);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u) << "every old member back: at once";
+  EXPECT_EQ(f[0].generation, 8u);
+  EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"b", 1}, {"c", 2}, {"spare", 0}}));
+  EXPECT_EQ(rdzv_->snapshot().waiting, 1u) << "the later newcomer waits for a place";
+}
+
+TEST_F(TakeoverTest, NewcomersFillingMaxFormWithoutAnOldMemberAfterTheLastCall) {
+  makeTakeover(2, 3, 2);
+  ASSERT_TRUE(rejoin("c", 7, 2).ok());
+  ASSERT_TRUE(join("spare").ok());  // MIN: the last call starts
+  ASSERT_TRUE(join("restarted").ok());
+  rdzv_->tick(now_ + milliseconds(1999), &events_);
+  EXPECT_TRUE(formed().empty());
+  rdzv_->tick(now_ + milliseconds(2000), &events_);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u) << "'b' missed the last call";
+  EXPECT_EQ(f[0].members.size(), 3u);
+  EXPECT_EQ(ranks().count("b"), 0u);
+}
+
 }  // namespace
 }  // namespace rally::coordinator
 
@@ -627,6 +662,21 @@ TEST_F(ResumeTest, TheNewestRoundAnyoneReportsIsTheOneResumed) {
   EXPECT_EQ(f[0].generation, 5u);
   EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 0}, {"b", 1}}));
   EXPECT_EQ(rdzv_->snapshot().waiting, 1u) << "'old' was not in generation 5";
+}
+
+TEST_F(ResumeTest, NewcomersFillingMaxDoNotEndTheRoundBeforeItsMembersAreBack) {
+  make(2, 3);
+  ASSERT_TRUE(rejoin("a", 5, 2).ok());
+  ASSERT_TRUE(join("new1").ok());
+  ASSERT_TRUE(join("new2").ok());
+  EXPECT_TRUE(formed().empty()) << "MAX is there, but 'b' and 'c' are not back yet";
+  ASSERT_TRUE(rejoin("b", 5, 0).ok());
+  ASSERT_TRUE(rejoin("c", 5, 1).ok());
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u);
+  EXPECT_EQ(f[0].generation, 5u) << "resumed, unchanged";
+  EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 2}, {"b", 0}, {"c", 1}}));
+  EXPECT_EQ(rdzv_->snapshot().waiting, 2u);
 }
 
 TEST_F(ResumeTest, AMemberLeavingWhileOthersComeBackIsNotCountedBack) {
