@@ -15,11 +15,13 @@ using namespace internal;  // NOLINT(google-build-using-namespace): the kernel b
 
 __device__ __align__(16) std::uint8_t kSecret[portable::kSecretSize];
 
-// Registers for eight blocks per multiprocessor, as cuda_kernels.cu launches its own layout, where
-// shared memory allows as many; ChecksumWarpRuns<4> (33 KiB of it) for six, with 32 registers of
-// loads in flight per thread.
+// Registers for eight blocks per multiprocessor with one segment per warp, as cuda_kernels.cu
+// launches its own layout; with more, a thread holds 8 registers of loads per segment across the
+// chain, and asks for fewer blocks so as not to spill (six with two, four with four).
 template <unsigned kSegmentsPerWarp>
-__global__ void __launch_bounds__(kThreads, kSegmentsPerWarp < 4 ? 8 : 6)
+__global__ void __launch_bounds__(kThreads, kSegmentsPerWarp == 1   ? 8
+                                            : kSegmentsPerWarp == 2 ? 6
+                                                                    : 4)
     warpRuns(const std::uint8_t* data, size_t bytes, size_t block, std::uint64_t* out) {
   using Layout = ChecksumWarpRuns<kSegmentsPerWarp>;
   __shared__ ChecksumShared<Layout> shared;

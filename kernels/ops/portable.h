@@ -289,15 +289,21 @@ RALLY_HD std::uint64_t inputWord(const std::uint8_t* p) {
   return read64(p);  // on a host, memcpy is one load anyway, and well-defined
 }
 
-// One stripe's addition to `lane` (stripe at `in`, secret at `sec` for this stripe).
-// kAlignedSecret: `sec` is 8-byte aligned (a device kernel's copy in shared memory), so each of
-// its words is one load rather than eight byte loads.
+// One stripe's addition to a lane, from the words it reads: the lane's input word, its
+// neighbour's (lane ^ 1), and the lane's secret word.
+RALLY_HD std::uint64_t xxh3StripeLaneWords(std::uint64_t own, std::uint64_t other,
+                                           std::uint64_t secret_word) {
+  const std::uint64_t k = own ^ secret_word;
+  return other + mulWide32(static_cast<std::uint32_t>(k), static_cast<std::uint32_t>(k >> 32));
+}
+
+// The same from the stripe at `in` and the secret at `sec` for this stripe. kAlignedSecret: `sec`
+// is 8-byte aligned, so each of its words is one load rather than eight byte loads on a device.
 template <bool kAligned = false, bool kAlignedSecret = false>
 RALLY_HD std::uint64_t xxh3StripeLane(const std::uint8_t* in, const std::uint8_t* sec, int lane) {
-  const std::uint64_t k =
-      inputWord<kAligned>(in + 8 * lane) ^ inputWord<kAlignedSecret>(sec + 8 * lane);
-  return inputWord<kAligned>(in + 8 * (lane ^ 1)) +
-         mulWide32(static_cast<std::uint32_t>(k), static_cast<std::uint32_t>(k >> 32));
+  return xxh3StripeLaneWords(inputWord<kAligned>(in + 8 * lane),
+                             inputWord<kAligned>(in + 8 * (lane ^ 1)),
+                             inputWord<kAlignedSecret>(sec + 8 * lane));
 }
 
 // What full segment `seg` adds to `lane` before its scramble (kAlignedSecret: `secret` is 8-byte

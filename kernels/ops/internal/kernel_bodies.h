@@ -75,8 +75,10 @@ inline unsigned elementGrid(size_t items) { return gridFor((items + kUnroll - 1)
 
 #if defined(__CUDA_ARCH__)
 #define RALLY_UNROLL _Pragma("unroll")
+#define RALLY_UNROLL_ONCE _Pragma("unroll 1")
 #else
 #define RALLY_UNROLL
+#define RALLY_UNROLL_ONCE
 #endif
 
 // A grid-stride loop over indices [first, n) in steps of `stride`, kUnroll at a time: load(k, i)
@@ -365,14 +367,17 @@ RALLY_HD void decompressBody(const Block& b, const std::uint16_t* in, float* out
 // scrambles; a segment's addition to a lane is the sum of its kSlots parts. The first turn also
 // adds up the tail's stripes (up to 15 after the last full segment, and the final stripe), one
 // lane of one stripe per thread: added after the last scramble, they can be computed at any time,
-// so their loads go with the first turn's. Then the merge. Blocks of 240 bytes or less take the
-// short paths on one thread.
+// so their loads go with the first turn's. A turn makes its loads before it uses any (the tail's,
+// and the layout's where it keeps them in registers), so that one round trip to memory covers
+// them and the chain. Then the merge. Blocks of 240 bytes or less take the short paths on one
+// thread.
 //
 // Two layouts of a turn's loads:
 //   ChecksumLanePairs (the launch's): four threads per segment, each adding up one lane pair over
-//     all 16 stripes (one part per segment), 64 segments per turn. A warp's load is 64 bytes from
-//     each of 8 segments 1 KiB apart, and a 64 KiB block is one turn, whose 63 scrambles follow
-//     all its loads.
+//     all 16 stripes (one part per segment), 64 segments per turn; its 16 loads per thread are
+//     made and summed in add() (in registers until then they would be 64). A warp's load is 64
+//     bytes from each of 8 segments 1 KiB apart, and a 64 KiB block is one turn, whose 63
+//     scrambles follow all its loads.
 //   ChecksumWarpRuns<S> (a candidate, not yet measured on a device: bench/kernels times it beside
 //     the other, bench/README.md): every load of a warp is one contiguous run of 512 bytes (lane
 //     l: 16 bytes at 16 * l, so lane pair l % 4 of stripe l / 4, then of stripe l / 4 + 8 in the
@@ -395,9 +400,15 @@ struct ChecksumShared {
 // `parts`: the turn's buffer; `secret` as checksumBody's.
 struct ChecksumLanePairs {
   static constexpr unsigned kSegmentsPerTurn = kThreads / 4, kSlots = 1;
+  struct Loaded {};  // 16 loads per thread: add() makes them and sums them as they come
   template <unsigned kAlign>
-  RALLY_HD static void add(unsigned t, const std::uint8_t* in, size_t full, size_t first,
-                           std::uint64_t (*parts)[kSlots][8], const std::uint8_t* secret) {
+  RALLY_HD static Loaded load(unsigned, const std::uint8_t*, size_t, size_t) {
+    return {};
+  }
+  template <unsigned kAlign>
+  RALLY_HD static void add(unsigned t, const Loaded&, const std::uint8_t* in, size_t full,
+                           size_t first, std::uint64_t (*parts)[kSlots][8],
+                           const std::uint8_t* secret) {
     const unsigned pair = t % 4, slot = t / 4;
     const size_t seg = first + slot;
     if (seg >= full) return;
@@ -411,33 +422,42 @@ struct ChecksumLanePairs {
 template <unsigned kSegmentsPerWarp>
 struct ChecksumWarpRuns {
   static constexpr unsigned kSegmentsPerTurn = kThreads / 32 * kSegmentsPerWarp, kSlots = 8;
+  struct Loaded {
+    portable::Words2 w[kSegmentsPerWarp][2];  // each segment's two halves
+  };
+  // Before the chain, so that the chain's time goes with the loads' flight.
   template <unsigned kAlign>
-  RALLY_HD static void add(unsigned t, const std::uint8_t* in, size_t full, size_t first,
-                           std::uint64_t (*parts)[kSlots][8], const std::uint8_t* secret) {
+  RALLY_HD static Loaded load(unsigned t, const std::uint8_t* in, size_t full, size_t first) {
+    const unsigned warp = t / 32, lane = t % 32;
+    const size_t mine = first + warp * kSegmentsPerWarp;
+    Loaded l{};
+    RALLY_UNROLL
+    for (unsigned i = 0; i < kSegmentsPerWarp; ++i) {
+      if (mine + i < full) {
+        const std::uint8_t* at = in + (mine + i) * portable::kXxhSegmentBytes + 16 * lane;
+        l.w[i][0] = portable::inputPair<kAlign>(at);
+        l.w[i][1] = portable::inputPair<kAlign>(at + 512);
+      }
+    }
+    return l;
+  }
+  template <unsigned kAlign>
+  RALLY_HD static void add(unsigned t, const Loaded& l, const std::uint8_t*, size_t full,
+                           size_t first, std::uint64_t (*parts)[kSlots][8],
+                           const std::uint8_t* secret) {
     namespace p = portable;
     const unsigned warp = t / 32, lane = t % 32, pair = lane % 4, slot = lane / 4;
     const size_t mine = first + warp * kSegmentsPerWarp;
-    p::Words2 w[kSegmentsPerWarp][2] = {};
-    RALLY_UNROLL
-    for (unsigned i = 0; i < kSegmentsPerWarp; ++i) {  // every load first, then the sums
-      if (mine + i < full) {
-        const std::uint8_t* at = in + (mine + i) * p::kXxhSegmentBytes + 16 * lane;
-        w[i][0] = p::inputPair<kAlign>(at);
-        w[i][1] = p::inputPair<kAlign>(at + 512);
-      }
-    }
     const std::uint8_t* sec = secret + 8 * slot + 16 * pair;
     RALLY_UNROLL
     for (unsigned i = 0; i < kSegmentsPerWarp; ++i) {
       if (mine + i >= full) break;
       std::uint64_t even = 0, odd = 0;
       for (unsigned h = 0; h < 2; ++h) {  // stripes `slot` and `slot` + 8, 64 secret bytes apart
-        const std::uint64_t k0 = w[i][h].even ^ p::inputWord<true>(sec + 64 * h);
-        const std::uint64_t k1 = w[i][h].odd ^ p::inputWord<true>(sec + 64 * h + 8);
-        even += w[i][h].odd +
-                p::mulWide32(static_cast<std::uint32_t>(k0), static_cast<std::uint32_t>(k0 >> 32));
-        odd += w[i][h].even +
-               p::mulWide32(static_cast<std::uint32_t>(k1), static_cast<std::uint32_t>(k1 >> 32));
+        even +=
+            p::xxh3StripeLaneWords(l.w[i][h].even, l.w[i][h].odd, p::inputWord<true>(sec + 64 * h));
+        odd += p::xxh3StripeLaneWords(l.w[i][h].odd, l.w[i][h].even,
+                                      p::inputWord<true>(sec + 64 * h + 8));
       }
       std::uint64_t* to = parts[warp * kSegmentsPerWarp + i][slot];
       to[2 * pair] = even;
@@ -454,26 +474,47 @@ RALLY_HD unsigned checksumAlignment(const void* data, size_t block) {
   return 1;
 }
 
-// Thread t's lane (t % 8) of tail stripe t / 8, into tail (nothing for t >= 128).
+// The tail's stripes: thread t adds lane t % 8 of stripe t / 8 (nothing for t >= 128). Its two
+// input words are loaded with the first turn's, before any of those is used (else their round
+// trip to memory would follow that turn's), and added up after them.
+struct ChecksumTailWords {
+  std::uint64_t own = 0, other = 0;  // lane t % 8's input word, and its neighbour's
+};
+
 template <unsigned kAlign>
-RALLY_HD void checksumTailStripe(unsigned t, std::uint64_t (*tail)[8], const std::uint8_t* in,
-                                 size_t len, const std::uint8_t* secret) {
+RALLY_HD ChecksumTailWords checksumTailLoad(unsigned t, const std::uint8_t* in, size_t len) {
   namespace p = portable;
   constexpr bool kWords = kAlign >= 8;  // 64-bit loads
+  const unsigned lane = t % 8, slot = t / 8;
+  if (slot >= kTailStripes) return {};
+  const size_t full = p::xxh3FullSegments(len);
+  const size_t stripes = ((len - 1) - p::kXxhSegmentBytes * full) / 64;
+  if (slot < stripes) {
+    const std::uint8_t* at = in + full * p::kXxhSegmentBytes + 64 * slot;
+    return {p::inputWord<kWords>(at + 8 * lane), p::inputWord<kWords>(at + 8 * (lane ^ 1))};
+  }
+  if (slot > stripes) return {};
+  const std::uint8_t* last = in + len - 64;  // the final stripe: the last 64 bytes
+  if (kWords && len % 8 == 0) {
+    return {p::inputWord<true>(last + 8 * lane), p::inputWord<true>(last + 8 * (lane ^ 1))};
+  }
+  return {p::inputWord<false>(last + 8 * lane), p::inputWord<false>(last + 8 * (lane ^ 1))};
+}
+
+RALLY_HD void checksumTailStripe(unsigned t, const ChecksumTailWords& w, std::uint64_t (*tail)[8],
+                                 size_t len, const std::uint8_t* secret) {
+  namespace p = portable;
   const unsigned lane = t % 8, slot = t / 8;
   if (slot >= kTailStripes) return;
   const size_t full = p::xxh3FullSegments(len);
   const size_t stripes = ((len - 1) - p::kXxhSegmentBytes * full) / 64;
   std::uint64_t c = 0;
   if (slot < stripes) {
-    c = p::xxh3StripeLane<kWords, true>(in + full * p::kXxhSegmentBytes + 64 * slot,
-                                        secret + 8 * slot, static_cast<int>(lane));
+    c = p::xxh3StripeLaneWords(w.own, w.other, p::inputWord<true>(secret + 8 * slot + 8 * lane));
   } else if (slot == stripes) {
-    // The last 64 bytes, with the secret 7 bytes back from its end: not 8-byte aligned.
-    const std::uint8_t* last = in + len - 64;
-    const std::uint8_t* sec = secret + p::kSecretSize - 64 - 7;
-    c = kWords && len % 8 == 0 ? p::xxh3StripeLane<true, false>(last, sec, static_cast<int>(lane))
-                               : p::xxh3StripeLane<false, false>(last, sec, static_cast<int>(lane));
+    // The final stripe's secret is 7 bytes back from its end: not 8-byte aligned.
+    c = p::xxh3StripeLaneWords(w.own, w.other,
+                               p::inputWord<false>(secret + p::kSecretSize - 64 - 7 + 8 * lane));
   }
   tail[slot][lane] = c;
 }
@@ -506,22 +547,35 @@ RALLY_HD void checksumBody(const Block& b, ChecksumShared<Layout>& sh, const std
   };
   for (size_t g = 0; g <= turns; ++g) {
     b.each([&](unsigned t) {
+      // Every load of the turn first (the layout's and, in the first turn, the tail's), then the
+      // chain of the turn before, then the sums.
+      const ChecksumTailWords tail =
+          g == 0 ? checksumTailLoad<kAlign>(t, in, len) : ChecksumTailWords{};
+      const typename Layout::Loaded loaded =
+          g < turns ? Layout::template load<kAlign>(t, in, full, g * kPerTurn)
+                    : typename Layout::Loaded{};
       if (g > 0 && t < 8) {
         const size_t first = (g - 1) * kPerTurn;
         const size_t n = full - first < kPerTurn ? full - first : kPerTurn;
         const std::uint64_t scramble = p::xxh3ScrambleSecret(secret, static_cast<int>(t));
         std::uint64_t a = g == 1 ? p::xxh3InitLane(static_cast<int>(t)) : sh.acc[t];
-        for (size_t j = 0; j < n; ++j) {
+        const auto part = [&](size_t j) {
           std::uint64_t c = 0;
           for (unsigned s = 0; s < Layout::kSlots; ++s) c += sh.parts[(g - 1) % 2][j][s][t];
-          a = p::xxh3Chain(a, c, scramble);
+          return c;
+        };
+        if constexpr (Layout::kSlots == 1) {
+          for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, part(j), scramble);
+        } else {
+          RALLY_UNROLL_ONCE
+          for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, part(j), scramble);
         }
         sh.acc[t] = g == turns ? a + tailSum(t) : a;
       }
       if (g < turns) {
-        Layout::template add<kAlign>(t, in, full, g * kPerTurn, sh.parts[g % 2], secret);
+        Layout::template add<kAlign>(t, loaded, in, full, g * kPerTurn, sh.parts[g % 2], secret);
       }
-      if (g == 0) checksumTailStripe<kAlign>(t, sh.tail, in, len, secret);
+      if (g == 0) checksumTailStripe(t, tail, sh.tail, len, secret);
     });
     b.sync();  // the chain has read one buffer before the turn after next writes it
   }
