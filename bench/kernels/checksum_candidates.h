@@ -22,7 +22,7 @@ cudaError_t prepareChecksumCandidates();
 cudaError_t checksumsWarpRuns(unsigned segments_per_warp, const void* data, size_t bytes,
                               size_t block, std::uint64_t* out, cudaStream_t stream);
 
-// `bytes` (a multiple of 8) of pseudo-random bytes at `data`, from `seed`.
+// The first bytes / 8 words at `data` (8-byte aligned) made pseudo-random, from `seed`.
 cudaError_t fillRandom(void* data, size_t bytes, std::uint64_t seed, cudaStream_t stream);
 
 }  // namespace rally::kernels::bench

@@ -27,6 +27,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -350,8 +351,8 @@ TEST_F(CoordinatorFailoverTest, CoordinatorMovesToTheStandbyAddressWhereOtherNod
   const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
   const std::string standby = "127.0.0.3:" + port;
   const std::vector<std::string> args = {
-      "--nnodes",  "2:3",  "--nproc-per-node", "1",    "--rdzv-endpoint", endpoint_ + "," + standby,
-      "--rdzv-id", "ip-s", "--last-call",      "300ms"};
+      "--nnodes",  "2:3",  "--nproc-per-node", "1", "--rdzv-endpoint", endpoint_ + "," + standby,
+      "--rdzv-id", "ip-s", "--last-call",      "1s"};
   // b is node rank 1: the first successor
   std::unique_ptr<ChildProcess> a, b, c;
   ASSERT_NO_FATAL_FAILURE(startThree("ip-s", args, program, 3, /*ranked=*/true, &a, &b, &c));
@@ -396,17 +397,25 @@ TEST_F(CoordinatorFailoverTest, NewNodesAtTheStandbyDoNotTakeTheRoundFromAnOldMe
                                             "--step-ms", "25"};
   const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
   const std::string standby = "127.0.0.3:" + port;
-  // A last call long enough for b to be back on a loaded machine (about 0.2 s on an idle one).
-  const std::vector<std::string> args = {"--nnodes",         "2:3",
-                                         "--nproc-per-node", "1",
-                                         "--rdzv-endpoint",  endpoint_ + "," + standby,
-                                         "--rdzv-id",        "ip-n",
-                                         "--last-call",      "1500ms"};
+  // A last call long enough for b to be back on a loaded machine (a few ms on an idle one); the
+  // first round waits for it too.
+  const std::vector<std::string> args = {
+      "--nnodes",  "2:3",  "--nproc-per-node", "1", "--rdzv-endpoint", endpoint_ + "," + standby,
+      "--rdzv-id", "ip-n", "--last-call",      "3s"};
   // The coordinators log each join (at debug level), so that b goes on once the others are in.
+  // (The agents take the environment as they start; it is restored as the test ends.)
+  struct Restore {
+    const char* had = std::getenv("RALLY_LOG_LEVEL");
+    std::optional<std::string> saved = had ? std::optional<std::string>(had) : std::nullopt;
+    ~Restore() {
+      if (saved) {
+        ::setenv("RALLY_LOG_LEVEL", saved->c_str(), 1);
+      } else {
+        ::unsetenv("RALLY_LOG_LEVEL");
+      }
+    }
+  } restore;
   ::setenv("RALLY_LOG_LEVEL", "info,rendezvous=debug", 1);
-  struct Unset {
-    ~Unset() { ::unsetenv("RALLY_LOG_LEVEL"); }
-  } unset;
   std::unique_ptr<ChildProcess> a, b, c;
   ASSERT_NO_FATAL_FAILURE(startThree("ip-n", args, program, 3, /*ranked=*/true, &a, &b, &c));
   auto d = agent("ip-n-d", args, program, "127.0.0.4");  // a spare: the round is full

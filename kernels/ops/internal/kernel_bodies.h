@@ -453,6 +453,7 @@ struct ChecksumWarpRuns {
     for (unsigned i = 0; i < kSegmentsPerWarp; ++i) {
       if (mine + i >= full) break;
       std::uint64_t even = 0, odd = 0;
+      RALLY_UNROLL
       for (unsigned h = 0; h < 2; ++h) {  // stripes `slot` and `slot` + 8, 64 secret bytes apart
         even +=
             p::xxh3StripeLaneWords(l.w[i][h].even, l.w[i][h].odd, p::inputWord<true>(sec + 64 * h));

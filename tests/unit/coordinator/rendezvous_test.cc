@@ -561,6 +561,8 @@ TEST_F(TakeoverTest, NewcomersFillingMaxWaitForTheOldMembersStillComingBack) {
   ASSERT_TRUE(join("spare").ok());
   ASSERT_TRUE(join("restarted").ok());
   EXPECT_TRUE(formed().empty()) << "MAX is there, but 'b' is not back yet";
+  ASSERT_TRUE(rdzv_->nextDeadline().has_value()) << "the server's timer must wake it";
+  EXPECT_EQ(*rdzv_->nextDeadline(), now_ + milliseconds(2000)) << "the last call, from MIN";
   now_ += milliseconds(100);
   auto b = rejoin("b", 7, 1);
   ASSERT_TRUE(b.ok());
@@ -677,6 +679,23 @@ TEST_F(ResumeTest, NewcomersFillingMaxDoNotEndTheRoundBeforeItsMembersAreBack) {
   EXPECT_EQ(f[0].generation, 5u) << "resumed, unchanged";
   EXPECT_EQ(ranks(), (std::map<std::string, std::uint32_t>{{"a", 2}, {"b", 0}, {"c", 1}}));
   EXPECT_EQ(rdzv_->snapshot().waiting, 2u);
+}
+
+TEST_F(ResumeTest, NewcomersFillingMaxFormANewRoundAfterTheLastCallAndGrace) {
+  make(2, 3);
+  ASSERT_TRUE(rejoin("a", 5, 2).ok());
+  ASSERT_TRUE(join("new1").ok());
+  ASSERT_TRUE(join("new2").ok());
+  const TimePoint deadline = now_ + milliseconds(2000) + kResumeGrace;
+  ASSERT_TRUE(rdzv_->nextDeadline().has_value());
+  EXPECT_EQ(*rdzv_->nextDeadline(), deadline);
+  rdzv_->tick(deadline - milliseconds(1), &events_);
+  EXPECT_TRUE(formed().empty());
+  rdzv_->tick(deadline, &events_);
+  auto f = formed();
+  ASSERT_EQ(f.size(), 1u) << "'b' and 'c' missed the last call and the grace";
+  EXPECT_EQ(f[0].generation, 6u);
+  EXPECT_EQ(f[0].members.size(), 3u);
 }
 
 TEST_F(ResumeTest, AMemberLeavingWhileOthersComeBackIsNotCountedBack) {

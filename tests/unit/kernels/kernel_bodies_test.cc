@@ -300,12 +300,13 @@ TYPED_TEST(KernelBodiesChecksums, EqualLibxxhashForEveryBlockSizeAndAlignment) {
   std::mt19937 rng(4);
   for (auto& x : host) x = static_cast<unsigned char>(rng());
   // 1 MiB: one partial block of 292 segments (several turns of every layout, the last one
-  // partial); 129 KiB + 16: 129 segments and a tail; 65536: 63 segments and a tail of 15 stripes;
+  // partial); 129 KiB + 16: 129 segments and a tail; 64 KiB + 16: 64 segments (every layout's last
+  // turn full) and the final stripe; 65536: 63 segments and a tail of 15 stripes;
   // 33 KiB + 8: 33 segments and the final stripe; 4104 and 1000: tails of whole and partial
   // stripes; 4100 takes the byte loads even on aligned data; 241 and 240 are either side of the
   // long path.
   const std::vector<size_t> block_sizes = {
-      1u << 20, 129 * 1024 + 16, 65536, 33 * 1024 + 8, 4104, 4100, 1000, 241, 240, 17};
+      1u << 20, 129 * 1024 + 16, 65536 + 16, 65536, 33 * 1024 + 8, 4104, 4100, 1000, 241, 240, 17};
   for (size_t offset : {0u, 3u, 8u}) {
     Buffer d(host.size(), offset);
     d.put(host);
