@@ -103,6 +103,14 @@ class Communicator {
   virtual std::shared_ptr<Work> recv(void* data, size_t count, DataType type, int peer) = 0;
   virtual std::shared_ptr<Work> barrier() = 0;
 
+  // Device backends (NCCL): the operations issued from now on run after the work that `event` (a
+  // cudaEvent_t of this rank's device) was recorded behind, with no host wait (their stream waits
+  // for the event, as at the time of this call). For a buffer written by kernels on another
+  // stream than the communicator's: record an event on that stream, then call this (DDP does,
+  // for autograd's gradients). Host backends (Gloo, MPI) read their buffers when an operation
+  // runs, after the host has them: nothing to wait for.
+  virtual Status waitForEvent(void* event) = 0;
+
   // Fails every in-flight and later operation with Aborted, at once. Idempotent.
   virtual void abort(const std::string& reason) = 0;
   virtual bool aborted() const = 0;

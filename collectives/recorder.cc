@@ -144,6 +144,7 @@ class RecordedCommunicator final : public Communicator {
                   [&] { return inner_->barrier(); });
   }
 
+  Status waitForEvent(void* event) override { return inner_->waitForEvent(event); }
   void abort(const std::string& reason) override { inner_->abort(reason); }
   bool aborted() const override { return inner_->aborted(); }
 

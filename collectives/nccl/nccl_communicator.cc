@@ -317,6 +317,20 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
     return okStatus();
   }
 
+  Status waitForEvent(void* event) override {
+    const std::string context = state_->context("waitForEvent");
+    if (event == nullptr) {
+      return invalidArgument(
+          fmt::format("{}: no event (a cudaEvent_t recorded on the stream "
+                      "whose work the operations must follow)",
+                      context));
+    }
+    DeviceGuard guard(state_->device);
+    RALLY_RETURN_IF_ERROR(guard.status(context));
+    return checkCuda(cudaStreamWaitEvent(state_->stream.load(), static_cast<cudaEvent_t>(event), 0),
+                     "cudaStreamWaitEvent", context);
+  }
+
   std::shared_ptr<Work> allreduce(void* data, size_t count, DataType type, ReduceOp op) override {
     return issue(fmt::format("allreduce({} x {}, {})", count, dataTypeName(type), reduceOpName(op)),
                  count, {{data, "data"}}, "ncclAllReduce", [=](ncclComm_t c, cudaStream_t s) {

@@ -17,6 +17,8 @@
 // everything the caller enqueued on that stream before, and before everything enqueued after; a
 // CUDA event recorded behind it is what Work::wait() and Work::done() poll. So the caller may
 // consume results on the GPU without waiting on the host; wait() is for the host (and for errors).
+// Work on other streams is not followed by itself: waitForEvent() with an event recorded there
+// makes the next operations wait for it on the GPU (how librally_torch follows torch's stream).
 // Capturing operations into a CUDA graph is not supported.
 //
 // Differences from the Gloo backend, all forced by NCCL:

@@ -201,6 +201,8 @@ Status DistributedDataParallel::broadcastAll() {
       return invalidArgument("DistributedDataParallel: parameters must be contiguous");
     }
     RALLY_ASSIGN_OR_RETURN(const DataType type, rallyType(t.scalar_type()));
+    RALLY_RETURN_IF_ERROR(internal::followTorchStream(*comm_, t))
+        << "DistributedDataParallel: broadcasting the parameters from rank 0";
     RALLY_RETURN_IF_ERROR(comm_->broadcast(t.data_ptr(), static_cast<size_t>(t.numel()), type, 0)
                               ->wait(options_.timeout))
         << "DistributedDataParallel: broadcasting the parameters from rank 0";
@@ -276,6 +278,11 @@ void DistributedDataParallel::onAccumulated(int index) {
 void DistributedDataParallel::launch(Bucket& b) {
   b.launched = Clock::now();
   const auto n = static_cast<size_t>(b.flat.numel());
+  // On a GPU the bucket's gradients come from kernels autograd queued on torch's stream, which
+  // the communicator's does not follow by itself.
+  if (Status s = internal::followTorchStream(*comm_, b.flat); !s.ok() && status_.ok()) {
+    status_ = s;  // still reduce: every rank must, in step
+  }
   if (b.bf16.defined()) {  // on every rank alike: each must run the same collectives
     // Without kernels (construction failed, and status_ says so) the bf16 buffer goes as it is.
     if (kernels_ != nullptr) {

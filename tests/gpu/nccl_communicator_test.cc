@@ -434,6 +434,38 @@ TEST_F(NcclTest, WaitTimesOutWhileQueuedThenCompletes) {
   EXPECT_TRUE(work->done());
 }
 
+// A buffer written on another stream (autograd's, for DDP's buckets): after waitForEvent() with
+// an event recorded there, the operations wait on the GPU for what that stream had queued, the
+// legacy default stream's too.
+TEST_F(NcclTest, OperationsWaitForTheEventTheyWereGiven) {
+  auto comm = makeWorld();
+  ASSERT_NE(comm, nullptr);
+  DeviceBuffer dev(1024 * sizeof(float));
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_EQ(comm->waitForEvent(nullptr).code(), StatusCode::kInvalidArgument);
+  cudaStream_t other = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking), cudaSuccess);
+  cudaEvent_t event = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), cudaSuccess);
+  for (cudaStream_t producer : {other, static_cast<cudaStream_t>(nullptr)}) {
+    const char* which = producer == nullptr ? "the legacy default stream" : "a stream of its own";
+    StreamGate gate(producer);  // the "kernels" that write the buffer, not yet run
+    ASSERT_EQ(cudaEventRecord(event, producer), cudaSuccess);
+    const Status ordered = comm->waitForEvent(event);
+    ASSERT_TRUE(ordered.ok()) << ordered.toString();
+    auto work = comm->allreduce(dev.get(), 1024, DataType::kF32, ReduceOp::kSum);
+    const Status early = work->wait(Milliseconds(50));
+    EXPECT_EQ(early.code(), StatusCode::kTimeout)
+        << which << ": the allreduce ran before what it was told to wait for: " << early.toString();
+    gate.release();
+    const Status s = work->wait(kWait);
+    EXPECT_TRUE(s.ok()) << which << ": " << s.toString();
+  }
+  comm.reset();
+  (void)cudaEventDestroy(event);
+  (void)cudaStreamDestroy(other);
+}
+
 TEST_F(NcclTest, AbortFromAnotherThreadEndsAQueuedOperationsWaitWithin500ms) {
   auto comm = makeWorld(/*generation=*/3);
   ASSERT_NE(comm, nullptr);

@@ -1,6 +1,7 @@
 // Collectives on torch tensors (contiguous, in place), for librally_torch's layers.
 #pragma once
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -45,9 +46,31 @@ inline void check(const Status& s, const char* what) {
 
 inline constexpr Milliseconds kTimeout{600'000};
 
+// A collective on a CUDA tensor runs on the communicator's stream (NCCL's own): it must follow the
+// kernels torch queued on its current stream of the tensor's device (autograd's, a layer's), on
+// the GPU, with no host wait. An event recorded there, which the communicator waits for; through
+// c10's device interface, so that this needs no CUDA build of torch to compile. Nothing for CPU
+// tensors.
+inline Status followTorchStream(collectives::Communicator& comm, const ::torch::Tensor& t) {
+  if (!t.is_cuda()) return okStatus();
+  const c10::Device device = t.device();
+  void* event = nullptr;
+  try {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    impl->record(&event, impl->getStream(device), device.index(), c10::EventFlag::PYTORCH_DEFAULT);
+    Status s = comm.waitForEvent(event);
+    impl->destroyEvent(event, device.index());
+    return s;
+  } catch (const std::exception& e) {
+    return internalError(fmt::format("ordering a collective after torch's stream on {}: {}",
+                                     device.str(), e.what()));
+  }
+}
+
 inline void allreduceInPlace(collectives::Communicator& comm, ::torch::Tensor& t,
                              collectives::ReduceOp op = collectives::ReduceOp::kSum) {
   if (!t.is_contiguous()) t = t.contiguous();
+  check(followTorchStream(comm, t), "allreduce");
   check(comm.allreduce(t.data_ptr(), static_cast<size_t>(t.numel()), rallyType(t.scalar_type()), op)
             ->wait(kTimeout),
         "allreduce");
@@ -63,6 +86,7 @@ inline ::torch::Tensor allgatherLastDim(collectives::Communicator& comm, const :
   auto in = x.size(-1) == chunk ? x.contiguous()
                                 : ::torch::constant_pad_nd(x, {0, chunk - x.size(-1)}).contiguous();
   auto out = ::torch::empty({n * in.numel()}, in.options());
+  check(followTorchStream(comm, out), "allgather");
   check(comm.allgather(in.data_ptr(), out.data_ptr(), static_cast<size_t>(in.numel()),
                        rallyType(in.scalar_type()))
             ->wait(kTimeout),

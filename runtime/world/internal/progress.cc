@@ -70,6 +70,7 @@ class TrackedCommunicator final : public Communicator {
     return wrap(inner_->recv(data, count, type, peer));
   }
   std::shared_ptr<Work> barrier() override { return wrap(inner_->barrier()); }
+  Status waitForEvent(void* event) override { return inner_->waitForEvent(event); }
   void abort(const std::string& reason) override { inner_->abort(reason); }
   bool aborted() const override { return inner_->aborted(); }
   Result<std::unique_ptr<Communicator>> split(int color, int key) override {

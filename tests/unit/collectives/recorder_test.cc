@@ -204,6 +204,11 @@ class SilentCommunicator final : public Communicator {
   std::shared_ptr<Work> send(const void*, size_t, DataType, int) override { return next(); }
   std::shared_ptr<Work> recv(void*, size_t, DataType, int) override { return next(); }
   std::shared_ptr<Work> barrier() override { return next(); }
+  Status waitForEvent(void* event) override {
+    waited_for.push_back(event);
+    return okStatus();
+  }
+  std::vector<void*> waited_for;
   void abort(const std::string&) override {}
   bool aborted() const override { return false; }
   Result<std::unique_ptr<Communicator>> split(int, int) override {
@@ -281,6 +286,17 @@ TEST(CollectiveRecorder, ABackendThatThrowsLeavesAFailedRecordNotAPendingOne) {
     EXPECT_NE(rec.error.find("the backend threw: backend bug"), std::string::npos) << rec.error;
   }
   for (const auto& t : recorder->totals()) EXPECT_EQ(t.failed, 1u) << t.op;
+}
+
+TEST(CollectiveRecorder, WaitForEventReachesTheBackend) {
+  auto recorder = std::make_shared<CollectiveRecorder>(10);
+  auto silent = std::make_unique<SilentCommunicator>();
+  SilentCommunicator* backend = silent.get();
+  auto comm = recordCollectives(std::move(silent), recorder, "world");
+  int event = 0;  // any address: the silent backend only keeps it
+  EXPECT_TRUE(comm->waitForEvent(&event).ok());
+  EXPECT_EQ(backend->waited_for, std::vector<void*>{&event});
+  EXPECT_TRUE(recorder->records().empty()) << "not a collective";
 }
 
 TEST(CollectiveRecorder, TheRingKeepsTheNewestAndTheTotalsKeepEverything) {
