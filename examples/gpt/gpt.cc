@@ -195,7 +195,9 @@ int main(int argc, char** argv) {
               static_cast<long long>(step));
           std::fflush(stdout);
         }
-        if (step % num("--commit-every") == 0) RALLY_RETURN_IF_ERROR(run.commit());
+        if (step % num("--commit-every") == 0) {
+          RALLY_RETURN_IF_ERROR(run.commit());
+        }
         continue;
       }
       std::vector<kernels::AdamWTensor> ts;
