@@ -252,6 +252,17 @@ class CudaKernels final : public Kernels {
     return okStatus();
   }
 
+  Status waitForEvent(void* event) override {
+    if (event == nullptr) {
+      return invalidArgument(
+          "waitForEvent: no event (a cudaEvent_t recorded on the stream whose work the kernels "
+          "must follow)");
+    }
+    RALLY_CUDA(cudaSetDevice(device_));
+    RALLY_CUDA(cudaStreamWaitEvent(stream_, static_cast<cudaEvent_t>(event), 0));
+    return okStatus();
+  }
+
  private:
   struct TableSlot {
     void* host = nullptr;  // page-locked

@@ -95,6 +95,10 @@ class Kernels {
   virtual Status adamw(const std::vector<AdamWTensor>& tensors, const AdamWOptions& options) = 0;
   // Waits for the work queued so far (a no-op on the CPU).
   virtual Status synchronize() = 0;
+  // The work queued from now on waits, on the device and with no host wait, for the work that
+  // `event` (a cudaEvent_t of this implementation's device) was recorded behind: for inputs
+  // written on another stream (torch's). A no-op on the CPU, whose work runs when called.
+  virtual Status waitForEvent(void* event) = 0;
 };
 
 std::unique_ptr<Kernels> cpuKernels();

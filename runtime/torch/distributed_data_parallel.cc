@@ -286,9 +286,14 @@ void DistributedDataParallel::launch(Bucket& b) {
   if (b.bf16.defined()) {  // on every rank alike: each must run the same collectives
     // Without kernels (construction failed, and status_ says so) the bf16 buffer goes as it is.
     if (kernels_ != nullptr) {
-      Status s = kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
-                                        static_cast<float*>(b.residual.data_ptr()),
-                                        static_cast<std::uint16_t*>(b.bf16.data_ptr()), n);
+      // The kernels' stream does not follow torch's by itself either.
+      Status s = internal::afterTorchStream(
+          b.flat, [&](void* event) { return kernels_->waitForEvent(event); });
+      if (s.ok()) {
+        s = kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
+                                   static_cast<float*>(b.residual.data_ptr()),
+                                   static_cast<std::uint16_t*>(b.bf16.data_ptr()), n);
+      }
       // On a GPU the compression runs on the kernels' stream, the allreduce on the
       // communicator's: it must be finished first.
       if (s.ok()) s = kernels_->synchronize();

@@ -201,6 +201,53 @@ TEST_F(KernelsGpu, ScaleAndCheckAsyncKeepsANonFiniteResultUntilRead) {
   EXPECT_TRUE(*gpu_->readFinite());
 }
 
+// Holds a stream at a host function until `open`: the "kernels" that write an input, not yet run.
+void CUDART_CB holdUntilOpen(void* open) {
+  while (!static_cast<std::atomic<bool>*>(open)->load()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+// Inputs written on another stream (torch's, for DDP): after waitForEvent() with an event
+// recorded there, the kernels wait for that stream's work on the GPU, the legacy default
+// stream's too.
+TEST_F(KernelsGpu, KernelsWaitForTheEventTheyWereGiven) {
+  cudaStream_t mine = nullptr, other = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&mine, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking), cudaSuccess);
+  auto k = cudaKernels({.device = 0, .stream = mine});
+  ASSERT_TRUE(k.ok()) << k.status().toString();
+  EXPECT_EQ((*k)->waitForEvent(nullptr).code(), StatusCode::kInvalidArgument);
+  cudaEvent_t event = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), cudaSuccess);
+  const std::vector<float> host = randomFloats(4099, 31);
+  DeviceBytes d(host.size() * 4);
+  d.put(host);
+  for (cudaStream_t producer : {other, static_cast<cudaStream_t>(nullptr)}) {
+    const char* which = producer == nullptr ? "the legacy default stream" : "a stream of its own";
+    std::atomic<bool> open{false};
+    ASSERT_EQ(cudaLaunchHostFunc(producer, holdUntilOpen, &open), cudaSuccess);
+    ASSERT_EQ(cudaEventRecord(event, producer), cudaSuccess);
+    ASSERT_TRUE((*k)->waitForEvent(event).ok());
+    ASSERT_TRUE((*k)->scaleAndCheckAsync(d.get(), host.size(), DType::kF32, 2.0f).ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_EQ(cudaStreamQuery(mine), cudaErrorNotReady)
+        << which << ": the kernel ran before what it was told to wait for";
+    open = true;
+    auto finite = (*k)->readFinite();
+    ASSERT_TRUE(finite.ok()) << finite.status().toString();
+    EXPECT_TRUE(*finite);
+    ASSERT_EQ(cudaStreamSynchronize(producer), cudaSuccess);
+  }
+  auto want = host;
+  for (float& x : want) x *= 4.0f;  // scaled twice
+  EXPECT_EQ(d.take<float>(want.size()), want);
+  k->reset();
+  (void)cudaEventDestroy(event);
+  (void)cudaStreamDestroy(other);
+  (void)cudaStreamDestroy(mine);
+}
+
 TEST_F(KernelsGpu, CompressionEqualsTheCpuBitForBit) {
   const size_t n = 1000003;
   const auto g = randomFloats(n, 3);

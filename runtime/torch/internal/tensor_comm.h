@@ -46,25 +46,30 @@ inline void check(const Status& s, const char* what) {
 
 inline constexpr Milliseconds kTimeout{600'000};
 
-// A collective on a CUDA tensor runs on the communicator's stream (NCCL's own): it must follow the
-// kernels torch queued on its current stream of the tensor's device (autograd's, a layer's), on
-// the GPU, with no host wait. An event recorded there, which the communicator waits for; through
-// c10's device interface, so that this needs no CUDA build of torch to compile. Nothing for CPU
-// tensors.
-inline Status followTorchStream(collectives::Communicator& comm, const ::torch::Tensor& t) {
+// Work on another CUDA stream than torch's (a collective on NCCL's own, DDP's kernels on theirs)
+// must follow the kernels torch queued on its current stream of the tensor's device (autograd's,
+// a layer's), on the GPU, with no host wait: an event recorded there, which `wait` makes that
+// stream wait for (waitForEvent of a Communicator or of Kernels). Through c10's device interface,
+// so that this needs no CUDA build of torch to compile. Nothing for CPU tensors.
+template <class Wait>
+Status afterTorchStream(const ::torch::Tensor& t, Wait&& wait) {
   if (!t.is_cuda()) return okStatus();
   const c10::Device device = t.device();
   void* event = nullptr;
   try {
     const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
     impl->record(&event, impl->getStream(device), device.index(), c10::EventFlag::PYTORCH_DEFAULT);
-    Status s = comm.waitForEvent(event);
+    Status s = wait(event);
     impl->destroyEvent(event, device.index());
     return s;
   } catch (const std::exception& e) {
-    return internalError(fmt::format("ordering a collective after torch's stream on {}: {}",
-                                     device.str(), e.what()));
+    return internalError(
+        fmt::format("ordering work after torch's stream on {}: {}", device.str(), e.what()));
   }
+}
+
+inline Status followTorchStream(collectives::Communicator& comm, const ::torch::Tensor& t) {
+  return afterTorchStream(t, [&](void* event) { return comm.waitForEvent(event); });
 }
 
 inline void allreduceInPlace(collectives::Communicator& comm, ::torch::Tensor& t,

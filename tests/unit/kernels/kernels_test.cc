@@ -266,6 +266,13 @@ TEST(Kernels, CudaKernelsRefuseChunkSizesOutOfRange) {
   }
 }
 
+TEST(Kernels, TheCpuKernelsHaveNoStreamToWaitFor) {
+  auto k = cpuKernels();
+  int not_an_event = 0;  // never read: the CPU's work runs when called
+  EXPECT_TRUE(k->waitForEvent(&not_an_event).ok());
+  EXPECT_TRUE(k->waitForEvent(nullptr).ok());
+}
+
 TEST(Kernels, BlockChecksumsAreXxh3OfEachBlock) {
   auto k = cpuKernels();
   const auto data = randomBytes(1000003, 6);
