@@ -279,16 +279,17 @@ void DistributedDataParallel::launch(Bucket& b) {
   b.launched = Clock::now();
   const auto n = static_cast<size_t>(b.flat.numel());
   // On a GPU the bucket's gradients come from kernels autograd queued on torch's stream, which
-  // the communicator's does not follow by itself.
-  if (Status s = internal::followTorchStream(*comm_, b.flat); !s.ok() && status_.ok()) {
-    status_ = s;  // still reduce: every rank must, in step
-  }
+  // neither the communicator's stream nor the kernels' (compression) follows by itself.
+  const bool compress = b.bf16.defined() && kernels_ != nullptr;
+  Status ordered = internal::afterTorchStream(b.flat, [&](void* event) -> Status {
+    RALLY_RETURN_IF_ERROR(comm_->waitForEvent(event));
+    return compress ? kernels_->waitForEvent(event) : okStatus();
+  });
+  if (!ordered.ok() && status_.ok()) status_ = ordered;  // still reduce: every rank must, in step
   if (b.bf16.defined()) {  // on every rank alike: each must run the same collectives
     // Without kernels (construction failed, and status_ says so) the bf16 buffer goes as it is.
-    if (kernels_ != nullptr) {
-      // The kernels' stream does not follow torch's by itself either.
-      Status s = internal::afterTorchStream(
-          b.flat, [&](void* event) { return kernels_->waitForEvent(event); });
+    if (compress) {
+      Status s = ordered;
       if (s.ok()) {
         s = kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
                                    static_cast<float*>(b.residual.data_ptr()),

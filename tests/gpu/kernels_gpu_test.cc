@@ -201,12 +201,29 @@ TEST_F(KernelsGpu, ScaleAndCheckAsyncKeepsANonFiniteResultUntilRead) {
   EXPECT_TRUE(*gpu_->readFinite());
 }
 
-// Holds a stream at a host function until `open`: the "kernels" that write an input, not yet run.
-void CUDART_CB holdUntilOpen(void* open) {
-  while (!static_cast<std::atomic<bool>*>(open)->load()) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+// Holds a stream at a host function until open() or its end: the "kernels" that write an input,
+// not yet run. The host function shares the flag, so the gate may go first (a failed ASSERT).
+class HeldStream {
+ public:
+  explicit HeldStream(cudaStream_t stream) : open_(std::make_shared<std::atomic<bool>>(false)) {
+    auto* ref = new std::shared_ptr<std::atomic<bool>>(open_);
+    const cudaError_t e = cudaLaunchHostFunc(stream, &HeldStream::hold, ref);
+    EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
+    if (e != cudaSuccess) delete ref;
   }
-}
+  ~HeldStream() { open(); }
+  HeldStream(const HeldStream&) = delete;
+  HeldStream& operator=(const HeldStream&) = delete;
+  void open() { *open_ = true; }
+
+ private:
+  static void CUDART_CB hold(void* data) {
+    std::unique_ptr<std::shared_ptr<std::atomic<bool>>> ref(
+        static_cast<std::shared_ptr<std::atomic<bool>>*>(data));
+    while (!**ref) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::shared_ptr<std::atomic<bool>> open_;
+};
 
 // Inputs written on another stream (torch's, for DDP): after waitForEvent() with an event
 // recorded there, the kernels wait for that stream's work on the GPU, the legacy default
@@ -223,17 +240,19 @@ TEST_F(KernelsGpu, KernelsWaitForTheEventTheyWereGiven) {
   const std::vector<float> host = randomFloats(4099, 31);
   DeviceBytes d(host.size() * 4);
   d.put(host);
+  // Loaded before any stream is held (lazy module loading may wait for the whole device).
+  ASSERT_TRUE((*k)->scaleAndCheckAsync(d.get(), host.size(), DType::kF32, 1.0f).ok());
+  ASSERT_TRUE((*k)->readFinite().ok());
   for (cudaStream_t producer : {other, static_cast<cudaStream_t>(nullptr)}) {
     const char* which = producer == nullptr ? "the legacy default stream" : "a stream of its own";
-    std::atomic<bool> open{false};
-    ASSERT_EQ(cudaLaunchHostFunc(producer, holdUntilOpen, &open), cudaSuccess);
+    HeldStream held(producer);
     ASSERT_EQ(cudaEventRecord(event, producer), cudaSuccess);
     ASSERT_TRUE((*k)->waitForEvent(event).ok());
     ASSERT_TRUE((*k)->scaleAndCheckAsync(d.get(), host.size(), DType::kF32, 2.0f).ok());
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     EXPECT_EQ(cudaStreamQuery(mine), cudaErrorNotReady)
         << which << ": the kernel ran before what it was told to wait for";
-    open = true;
+    held.open();
     auto finite = (*k)->readFinite();
     ASSERT_TRUE(finite.ok()) << finite.status().toString();
     EXPECT_TRUE(*finite);

@@ -55,13 +55,19 @@ template <class Wait>
 Status afterTorchStream(const ::torch::Tensor& t, Wait&& wait) {
   if (!t.is_cuda()) return okStatus();
   const c10::Device device = t.device();
-  void* event = nullptr;
   try {
     const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-    impl->record(&event, impl->getStream(device), device.index(), c10::EventFlag::PYTORCH_DEFAULT);
-    Status s = wait(event);
-    impl->destroyEvent(event, device.index());
-    return s;
+    struct Event {  // destroyed on every way out (a wait may still be pending: CUDA allows it)
+      const c10::impl::DeviceGuardImplInterface* impl;
+      c10::DeviceIndex index;
+      void* event = nullptr;
+      ~Event() {
+        if (event != nullptr) impl->destroyEvent(event, index);
+      }
+    } e{impl, device.index()};
+    impl->record(&e.event, impl->getStream(device), device.index(),
+                 c10::EventFlag::PYTORCH_DEFAULT);
+    return wait(e.event);
   } catch (const std::exception& e) {
     return internalError(
         fmt::format("ordering work after torch's stream on {}: {}", device.str(), e.what()));
