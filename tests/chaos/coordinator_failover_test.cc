@@ -61,6 +61,41 @@ class CoordinatorFailoverTest : public InPlaceFixture {
         (*a)->waitForOutput("world " + std::to_string(world) + " generation", milliseconds(30000)))
         << (*a)->errors();
   }
+
+  // Three nodes as startThree's (b node rank 1) with --rdzv-endpoint's second address a standby on
+  // c's host, where c takes the coordinator over, and a fourth node d held as a spare (the round
+  // is full). `last_call`: --last-call.
+  struct StandbyJob {
+    std::vector<std::string> program = {"--samples",      "1500", "--epochs",  "4", "--batch", "12",
+                                        "--commit-every", "4",    "--step-ms", "25"};
+    std::string standby;
+    std::vector<std::string> args;
+    std::unique_ptr<ChildProcess> a, b, c, d;
+  };
+  void startStandbyJob(const std::string& id, const std::string& last_call, StandbyJob* job) {
+    job->standby = "127.0.0.3:" + endpoint_.substr(endpoint_.rfind(':') + 1);
+    job->args = {"--nnodes",         "2:3",
+                 "--nproc-per-node", "1",
+                 "--rdzv-endpoint",  endpoint_ + "," + job->standby,
+                 "--rdzv-id",        id,
+                 "--last-call",      last_call};
+    ASSERT_NO_FATAL_FAILURE(
+        startThree(id, job->args, job->program, 3, /*ranked=*/true, &job->a, &job->b, &job->c));
+    job->d = agent(id + "-d", job->args, job->program, "127.0.0.4");
+    ASSERT_TRUE(job->d->waitForErrors("held until", milliseconds(20000))) << job->d->errors();
+  }
+  // a's host lost (kill -9): c takes the coordinator over at the standby address, and the spare,
+  // which had no successors to go to, finds it there among --rdzv-endpoint's addresses.
+  void loseTheHost(StandbyJob& job) {
+    job.a->signal(SIGKILL);
+    EXPECT_EQ(exitCode(*job.a, milliseconds(5000)), 128 + SIGKILL);
+    ASSERT_TRUE(job.c->waitForErrors("took over the job's coordinator on " + job.standby,
+                                     milliseconds(20000)))
+        << job.c->errors() << job.b->errors();
+    ASSERT_TRUE(
+        job.d->waitForErrors("the job's coordinator is now at " + job.standby, milliseconds(20000)))
+        << job.d->errors();
+  }
 };
 
 TEST_F(CoordinatorFailoverTest, CoordinatorHostLostASuccessorTakesItOverAndTheWorkersFollow) {
@@ -345,27 +380,10 @@ TEST_F(CoordinatorFailoverTest, CoordinatorHostAndFirstSuccessorLostTheNextOneTa
 // round find it: a spare held when the host was lost, and the lost host coming back (which joins
 // the job there rather than starting a coordinator of its own).
 TEST_F(CoordinatorFailoverTest, CoordinatorMovesToTheStandbyAddressWhereOtherNodesFindIt) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
-                                            "--batch",   "12",   "--commit-every", "4",
-                                            "--step-ms", "25"};
-  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
-  const std::string standby = "127.0.0.3:" + port;
-  const std::vector<std::string> args = {
-      "--nnodes",  "2:3",  "--nproc-per-node", "1", "--rdzv-endpoint", endpoint_ + "," + standby,
-      "--rdzv-id", "ip-s", "--last-call",      "1s"};
-  // b is node rank 1: the first successor
-  std::unique_ptr<ChildProcess> a, b, c;
-  ASSERT_NO_FATAL_FAILURE(startThree("ip-s", args, program, 3, /*ranked=*/true, &a, &b, &c));
-  auto d = agent("ip-s-d", args, program, "127.0.0.4");  // a spare: the round is full
-  ASSERT_TRUE(d->waitForErrors("held until", milliseconds(20000))) << d->errors();
-  a->signal(SIGKILL);
-  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
-  ASSERT_TRUE(
-      c->waitForErrors("took over the job's coordinator on " + standby, milliseconds(20000)))
-      << c->errors() << b->errors();
-  // The spare had no successors to go to: it looked at --rdzv-endpoint's addresses.
-  ASSERT_TRUE(d->waitForErrors("the job's coordinator is now at " + standby, milliseconds(20000)))
-      << d->errors();
+  StandbyJob job;
+  ASSERT_NO_FATAL_FAILURE(startStandbyJob("ip-s", "1s", &job));
+  ASSERT_NO_FATAL_FAILURE(loseTheHost(job));
+  const auto& [program, standby, args, a, b, c, d] = job;
   // The lost host comes back: it finds the job at the standby address (the round is full again
   // with d, or about to be: it waits as a spare, or fills the place).
   auto a2 = agent("ip-s-a2", args, program, "127.0.0.1");
@@ -392,16 +410,6 @@ TEST_F(CoordinatorFailoverTest, CoordinatorMovesToTheStandbyAddressWhereOtherNod
 // as a spare. Before, the round formed at once without b, which was held as a newcomer until its
 // worker gave up, and b failed.
 TEST_F(CoordinatorFailoverTest, NewNodesAtTheStandbyDoNotTakeTheRoundFromAnOldMemberComingBack) {
-  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "4",
-                                            "--batch",   "12",   "--commit-every", "4",
-                                            "--step-ms", "25"};
-  const std::string port = endpoint_.substr(endpoint_.rfind(':') + 1);
-  const std::string standby = "127.0.0.3:" + port;
-  // A last call long enough for b to be back on a loaded machine (a few ms on an idle one); the
-  // first round waits for it too.
-  const std::vector<std::string> args = {
-      "--nnodes",  "2:3",  "--nproc-per-node", "1", "--rdzv-endpoint", endpoint_ + "," + standby,
-      "--rdzv-id", "ip-n", "--last-call",      "3s"};
   // The coordinators log each join (at debug level), so that b goes on once the others are in.
   // (The agents take the environment as they start; it is restored as the test ends.)
   struct Restore {
@@ -416,18 +424,13 @@ TEST_F(CoordinatorFailoverTest, NewNodesAtTheStandbyDoNotTakeTheRoundFromAnOldMe
     }
   } restore;
   ::setenv("RALLY_LOG_LEVEL", "info,rendezvous=debug", 1);
-  std::unique_ptr<ChildProcess> a, b, c;
-  ASSERT_NO_FATAL_FAILURE(startThree("ip-n", args, program, 3, /*ranked=*/true, &a, &b, &c));
-  auto d = agent("ip-n-d", args, program, "127.0.0.4");  // a spare: the round is full
-  ASSERT_TRUE(d->waitForErrors("held until", milliseconds(20000))) << d->errors();
+  // A last call long enough for b to be back on a loaded machine (a few ms on an idle one); the
+  // first round waits for it too.
+  StandbyJob job;
+  ASSERT_NO_FATAL_FAILURE(startStandbyJob("ip-n", "3s", &job));
+  const auto& [program, standby, args, a, b, c, d] = job;
   b->signal(SIGSTOP);
-  a->signal(SIGKILL);
-  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
-  ASSERT_TRUE(
-      c->waitForErrors("took over the job's coordinator on " + standby, milliseconds(20000)))
-      << c->errors();
-  ASSERT_TRUE(d->waitForErrors("the job's coordinator is now at " + standby, milliseconds(20000)))
-      << d->errors();
+  ASSERT_NO_FATAL_FAILURE(loseTheHost(job));
   auto a2 = agent("ip-n-a2", args, program, "127.0.0.1");
   for (const char* node : {"ip-n-d", "ip-n-a2"}) {
     ASSERT_TRUE(c->waitForErrors(std::string("node '") + node + "' joined", milliseconds(20000)))

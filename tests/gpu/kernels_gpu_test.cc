@@ -24,6 +24,7 @@
 #include "kernels/ops/internal/kernel_bodies.h"
 #include "kernels/ops/portable.h"
 #include "tests/gpu/require_gpu.h"
+#include "tests/gpu/stream_gate.h"
 #include "tests/unit/kernels/kernel_test_data.h"
 
 namespace rally::kernels {
@@ -201,30 +202,6 @@ TEST_F(KernelsGpu, ScaleAndCheckAsyncKeepsANonFiniteResultUntilRead) {
   EXPECT_TRUE(*gpu_->readFinite());
 }
 
-// Holds a stream at a host function until open() or its end: the "kernels" that write an input,
-// not yet run. The host function shares the flag, so the gate may go first (a failed ASSERT).
-class HeldStream {
- public:
-  explicit HeldStream(cudaStream_t stream) : open_(std::make_shared<std::atomic<bool>>(false)) {
-    auto* ref = new std::shared_ptr<std::atomic<bool>>(open_);
-    const cudaError_t e = cudaLaunchHostFunc(stream, &HeldStream::hold, ref);
-    EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
-    if (e != cudaSuccess) delete ref;
-  }
-  ~HeldStream() { open(); }
-  HeldStream(const HeldStream&) = delete;
-  HeldStream& operator=(const HeldStream&) = delete;
-  void open() { *open_ = true; }
-
- private:
-  static void CUDART_CB hold(void* data) {
-    std::unique_ptr<std::shared_ptr<std::atomic<bool>>> ref(
-        static_cast<std::shared_ptr<std::atomic<bool>>*>(data));
-    while (!**ref) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  std::shared_ptr<std::atomic<bool>> open_;
-};
-
 // Inputs written on another stream (torch's, for DDP): after waitForEvent() with an event
 // recorded there, the kernels wait for that stream's work on the GPU, the legacy default
 // stream's too.
@@ -245,14 +222,14 @@ TEST_F(KernelsGpu, KernelsWaitForTheEventTheyWereGiven) {
   ASSERT_TRUE((*k)->readFinite().ok());
   for (cudaStream_t producer : {other, static_cast<cudaStream_t>(nullptr)}) {
     const char* which = producer == nullptr ? "the legacy default stream" : "a stream of its own";
-    HeldStream held(producer);
+    test_support::StreamGate held(producer);
     ASSERT_EQ(cudaEventRecord(event, producer), cudaSuccess);
     ASSERT_TRUE((*k)->waitForEvent(event).ok());
     ASSERT_TRUE((*k)->scaleAndCheckAsync(d.get(), host.size(), DType::kF32, 2.0f).ok());
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     EXPECT_EQ(cudaStreamQuery(mine), cudaErrorNotReady)
         << which << ": the kernel ran before what it was told to wait for";
-    held.open();
+    held.release();
     auto finite = (*k)->readFinite();
     ASSERT_TRUE(finite.ok()) << finite.status().toString();
     EXPECT_TRUE(*finite);

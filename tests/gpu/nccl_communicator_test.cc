@@ -28,12 +28,14 @@
 #include <vector>
 
 #include "tests/gpu/require_gpu.h"
+#include "tests/gpu/stream_gate.h"
 #include "tests/unit/collectives/collective_checks.h"
 
 namespace rally::collectives {
 namespace {
 
 using namespace test_support;  // NOLINT(google-build-using-namespace)
+using rally::test_support::StreamGate;
 using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 
@@ -83,43 +85,6 @@ class DeviceBuffer {
  private:
   size_t bytes_;
   void* data_ = nullptr;
-};
-
-// Holds a stream at a host function until release(): what is enqueued behind it stays queued.
-class StreamGate {
- public:
-  explicit StreamGate(cudaStream_t stream) : shared_(std::make_shared<Shared>()) {
-    // The host function owns a reference, so the gate may go before the stream reaches it.
-    auto* ref = new std::shared_ptr<Shared>(shared_);
-    const cudaError_t e = cudaLaunchHostFunc(stream, &StreamGate::hold, ref);
-    EXPECT_EQ(e, cudaSuccess) << cudaGetErrorString(e);
-    if (e != cudaSuccess) delete ref;
-  }
-  ~StreamGate() { release(); }
-  StreamGate(const StreamGate&) = delete;
-  StreamGate& operator=(const StreamGate&) = delete;
-
-  void release() {
-    {
-      std::lock_guard lock(shared_->mu);
-      shared_->open = true;
-    }
-    shared_->cv.notify_all();
-  }
-
- private:
-  struct Shared {
-    std::mutex mu;
-    std::condition_variable cv;
-    bool open = false;
-  };
-  static void CUDART_CB hold(void* data) {
-    std::unique_ptr<std::shared_ptr<Shared>> ref(static_cast<std::shared_ptr<Shared>*>(data));
-    Shared& s = **ref;
-    std::unique_lock lock(s.mu);
-    s.cv.wait(lock, [&] { return s.open; });
-  }
-  std::shared_ptr<Shared> shared_;
 };
 
 class NcclTest : public ::testing::Test {
