@@ -4,7 +4,7 @@
 // cudaMemcpy of the same size, timed the same way in the same run); a read-only reference
 // (bench::readOnce: the same bytes read once), the ceiling of a kernel that only reads, as the
 // checksums do; two rows more show the calls that wait for the device (scaleAndCheck,
-// blockChecksums to host memory) with that wait; three more the candidate layouts of the
+// blockChecksums to host memory) with that wait; more rows the candidate arrangements of the
 // checksums (checksum_candidates.h), each first checked against the kernels' own; and the
 // multi-tensor operations beside the same work done with one launch per tensor (what a
 // framework does), for 500 small tensors: one cudaMemcpyAsync per tensor for pack and unpack,
@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "device properties");
   std::printf("device: %s\n", prop.name);
-  std::printf("%-26s %10s %10s %10s %9s\n", "kernel", "size", "time_us", "GB/s", "of_copy");
+  std::printf("%-34s %10s %10s %10s %9s\n", "kernel", "size", "time_us", "GB/s", "of_copy");
   double min_fraction = 1e9;
   for (std::int64_t size : sizes) {
     const size_t bytes = static_cast<size_t>(size), n = bytes / 4;
@@ -130,13 +130,13 @@ int main(int argc, char** argv) {
     const double copy =
         timeIt([&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); });
     const double copy_bw = 2.0 * bytes / copy / 1e9;
-    std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", "memcpy (reference)", formatBytes(size).c_str(),
+    std::printf("%-34s %10s %10.1f %10.1f %9.3f\n", "memcpy (reference)", formatBytes(size).c_str(),
                 copy * 1e6, copy_bw, 1.0);
     std::uint64_t* sink = nullptr;
     check(cudaMalloc(&sink, 65535 * 8 * sizeof(std::uint64_t)), "cudaMalloc");
     const double read =
         timeIt([&] { check(bench::readOnce(a, bytes, sink, nullptr), "read reference"); });
-    std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", "read only (reference)",
+    std::printf("%-34s %10s %10.1f %10.1f %9.3f\n", "read only (reference)",
                 formatBytes(size).c_str(), read * 1e6, bytes / read / 1e9,
                 bytes / read / 1e9 / copy_bw);
     cudaFree(sink);
@@ -192,13 +192,13 @@ int main(int argc, char** argv) {
     for (const Row& r : rows) {
       const double t = timeIt(r.run);
       const double bw = r.moved / t / 1e9, fraction = bw / copy_bw;
-      std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", r.name, formatBytes(size).c_str(), t * 1e6,
+      std::printf("%-34s %10s %10.1f %10.1f %9.3f\n", r.name, formatBytes(size).c_str(), t * 1e6,
                   bw, fraction);
       if (size >= (64 << 20) && !r.waits) min_fraction = std::min(min_fraction, fraction);
     }
-    // The candidate layouts of the checksums (checksum_candidates.h), not in min_fraction: each
-    // must give the kernels' own checksums of random bytes, over the whole buffer and over one 44
-    // bytes short of it (a partial last block, whose final stripe is not 8-byte aligned), into
+    // The candidate arrangements of the checksums (checksum_candidates.h), not in min_fraction:
+    // each must give the kernels' own checksums of random bytes, over the whole buffer and over one
+    // 44 bytes short of it (a partial last block, whose final stripe is not 8-byte aligned), into
     // memory overwritten first; then it is timed the same way.
     const size_t checksum_blocks = (bytes + 65535) / 65536;
     check(bench::fillRandom(b, bytes, 0x5eed + bytes, nullptr), "filling random bytes");
@@ -213,9 +213,9 @@ int main(int argc, char** argv) {
     const auto ours = [&](size_t length) {
       check(K.blockChecksumsAsync(b, length, 65536, device_sums), "checksums");
     };
-    for (unsigned segments : bench::kWarpRunsSegments) {
+    for (const bench::ChecksumCandidate& cand : bench::kChecksumCandidates) {
       const auto candidate = [&](size_t length) {
-        check(bench::checksumsWarpRuns(segments, b, length, 65536, device_sums, nullptr),
+        check(bench::checksumsCandidate(cand, b, length, 65536, device_sums, nullptr),
               "candidate checksums");
       };
       for (size_t length : {bytes, bytes - 44}) {
@@ -224,9 +224,9 @@ int main(int argc, char** argv) {
         const auto bad = std::mismatch(want.begin(), want.end(), got.begin());
         if (bad.first != want.end()) {
           std::fprintf(stderr,
-                       "kernels_bench: warp-run checksums (%u segments per warp) differ from the "
-                       "kernels' own at block %zu of %zu bytes: %016llx, not %016llx\n",
-                       segments, static_cast<size_t>(bad.first - want.begin()), length,
+                       "kernels_bench: candidate checksums (%s) differ from the kernels' own at "
+                       "block %zu of %zu bytes: %016llx, not %016llx\n",
+                       cand.name, static_cast<size_t>(bad.first - want.begin()), length,
                        static_cast<unsigned long long>(*bad.second),
                        static_cast<unsigned long long>(*bad.first));
           return 1;
@@ -234,8 +234,8 @@ int main(int argc, char** argv) {
       }
       const auto run = [&] { candidate(bytes); };
       const double t = timeIt(run);
-      const std::string name = "  checksums, warp runs " + std::to_string(segments);
-      std::printf("%-26s %10s %10.1f %10.1f %9.3f\n", name.c_str(), formatBytes(size).c_str(),
+      const std::string name = std::string("  checksums, ") + cand.name;
+      std::printf("%-34s %10s %10.1f %10.1f %9.3f\n", name.c_str(), formatBytes(size).c_str(),
                   t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / copy_bw);
     }
     for (void* p : {a, b, c, d, e}) cudaFree(p);

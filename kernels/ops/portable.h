@@ -172,7 +172,9 @@ RALLY_HD void scramble(std::uint64_t* acc, const std::uint8_t* sec) {
   }
 }
 
-RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* secret) {
+// XXH3-64 of at most 240 bytes: its short paths, without the long path's eight accumulators
+// (which a GPU thread would keep in local memory).
+RALLY_HD std::uint64_t xxh3Short(const void* data, size_t len, const std::uint8_t* secret) {
   const auto* in = static_cast<const std::uint8_t*>(data);
   if (len <= 16) {
     if (len > 8) {
@@ -213,15 +215,18 @@ RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* se
     acc += mix16(in + len - 16, secret + 16);
     return avalanche3(acc);
   }
-  if (len <= 240) {
-    std::uint64_t acc = len * kP64_1;
-    const size_t rounds = len / 16;
-    for (size_t i = 0; i < 8; ++i) acc += mix16(in + 16 * i, secret + 16 * i);
-    acc = avalanche3(acc);
-    for (size_t i = 8; i < rounds; ++i) acc += mix16(in + 16 * i, secret + 16 * (i - 8) + 3);
-    acc += mix16(in + len - 16, secret + 136 - 17);
-    return avalanche3(acc);
-  }
+  std::uint64_t acc = len * kP64_1;  // 129 to 240 bytes
+  const size_t rounds = len / 16;
+  for (size_t i = 0; i < 8; ++i) acc += mix16(in + 16 * i, secret + 16 * i);
+  acc = avalanche3(acc);
+  for (size_t i = 8; i < rounds; ++i) acc += mix16(in + 16 * i, secret + 16 * (i - 8) + 3);
+  acc += mix16(in + len - 16, secret + 136 - 17);
+  return avalanche3(acc);
+}
+
+RALLY_HD std::uint64_t xxh3(const void* data, size_t len, const std::uint8_t* secret) {
+  if (len <= 240) return xxh3Short(data, len, secret);
+  const auto* in = static_cast<const std::uint8_t*>(data);
   std::uint64_t acc[8] = {kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1};
   constexpr size_t kStripes = (kSecretSize - 64) / 8, kBlock = 64 * kStripes;
   const size_t blocks = (len - 1) / kBlock;

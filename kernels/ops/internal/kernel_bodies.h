@@ -12,9 +12,10 @@
 //   b.flagIfAny(bad, f)   *f = 1 if `bad` in any thread (a warp vote and one store per warp on a
 //                         GPU).
 // Rules that keep both the same: code outside each() is uniform (the same in every thread; it runs
-// once per block when emulated) and writes no variable; what one each() leaves for a later one is
-// in the block's shared memory (a struct passed in); and any two each() have a b.sync() between
-// them (the emulator enforces it).
+// once per block when emulated); each() writes no variable declared outside it (one per thread on a
+// GPU, one for all threads when emulated): what one each() leaves for a later one is in the block's
+// shared memory (a struct passed in); and any two each() have a b.sync() between them (the
+// emulator enforces it).
 //
 //   copyTileBody(DeviceBlock{}, entries, count, tile);            // in a __global__ function
 //   emulateGrid(plan.blocks, kThreads, [&](const auto& b) {         // a test
@@ -370,7 +371,9 @@ RALLY_HD void decompressBody(const Block& b, const std::uint16_t* in, float* out
 // so their loads go with the first turn's. A turn makes its loads before it uses any (the tail's,
 // and the layout's where it keeps them in registers), so that one round trip to memory covers
 // them and the chain. Then the merge. Blocks of 240 bytes or less take the short paths on one
-// thread.
+// thread. checksumBody computes one checksum block per thread block (what the kernels launch);
+// checksumGroupBody, a candidate, several, each block's chain and merge overlapping the next
+// block's loads.
 //
 // Two layouts of a turn's loads:
 //   ChecksumLanePairs (the launch's): four threads per segment, each adding up one lane pair over
@@ -388,12 +391,15 @@ RALLY_HD void decompressBody(const Block& b, const std::uint16_t* in, float* out
 // Stripes after the last full segment: up to 15, and the final stripe.
 constexpr unsigned kTailStripes = portable::kXxhStripesPerSegment;
 
-template <class Layout>
+// kBlocks: checksum blocks in hand at once (checksumBody 1; checksumGroupBody 2).
+template <class Layout, unsigned kBlocks = 1>
 struct ChecksumShared {
   // A turn's segments, part by part, for each lane; alternately.
   std::uint64_t parts[2][Layout::kSegmentsPerTurn][Layout::kSlots][8];
-  std::uint64_t tail[kTailStripes][8];
-  std::uint64_t acc[8];
+  // A block's tail stripes, and its lanes; alternately when there are two blocks in hand, for one
+  // block's chain and merge to overlap the next block's first step.
+  std::uint64_t tail[kBlocks][kTailStripes][8];
+  std::uint64_t acc[kBlocks][8];
 };
 
 // `in`: the checksum block; `full`: its full segments; `first`: the turn's first segment;
@@ -520,6 +526,33 @@ RALLY_HD void checksumTailStripe(unsigned t, const ChecksumTailWords& w, std::ui
   tail[slot][lane] = c;
 }
 
+// Threads 0-7 (lane t): the chain of a turn's n segments from `a`, their parts in `parts`.
+template <class Layout>
+RALLY_HD std::uint64_t checksumChain(unsigned t, const std::uint64_t (*parts)[Layout::kSlots][8],
+                                     size_t n, std::uint64_t a, const std::uint8_t* secret) {
+  namespace p = portable;
+  const std::uint64_t scramble = p::xxh3ScrambleSecret(secret, static_cast<int>(t));
+  const auto part = [&](size_t j) {
+    std::uint64_t c = 0;
+    for (unsigned s = 0; s < Layout::kSlots; ++s) c += parts[j][s][t];
+    return c;
+  };
+  if constexpr (Layout::kSlots == 1) {
+    for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, part(j), scramble);
+  } else {
+    RALLY_UNROLL_ONCE
+    for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, part(j), scramble);
+  }
+  return a;
+}
+
+// Threads 0-7, once a block's tail stripes are in `tail`: what they add to lane t.
+RALLY_HD std::uint64_t checksumTailSum(const std::uint64_t (*tail)[8], unsigned t) {
+  std::uint64_t sum = 0;
+  for (unsigned st = 0; st < kTailStripes; ++st) sum += tail[st][t];
+  return sum;
+}
+
 // `secret`: XXH3's 192-byte secret, 16-byte aligned (on a GPU in global memory: the lanes of a
 // warp read different words of it, which the L1 cache serves, where the constant cache would
 // serialise them).
@@ -534,18 +567,12 @@ RALLY_HD void checksumBody(const Block& b, ChecksumShared<Layout>& sh, const std
   const size_t len = bytes - index * block < block ? bytes - index * block : block;
   if (len <= 240) {
     b.each([&](unsigned t) {
-      if (t == 0) out[index] = p::xxh3(in, len, secret);
+      if (t == 0) out[index] = p::xxh3Short(in, len, secret);
     });
     return;
   }
   const size_t full = p::xxh3FullSegments(len);
   const size_t turns = (full + kPerTurn - 1) / kPerTurn;
-  // Threads 0-7, once the tail's stripes are in sh.tail: what they add to lane t.
-  const auto tailSum = [&](unsigned t) {
-    std::uint64_t sum = 0;
-    for (unsigned st = 0; st < kTailStripes; ++st) sum += sh.tail[st][t];
-    return sum;
-  };
   for (size_t g = 0; g <= turns; ++g) {
     b.each([&](unsigned t) {
       // Every load of the turn first (the layout's and, in the first turn, the tail's), then the
@@ -558,37 +585,130 @@ RALLY_HD void checksumBody(const Block& b, ChecksumShared<Layout>& sh, const std
       if (g > 0 && t < 8) {
         const size_t first = (g - 1) * kPerTurn;
         const size_t n = full - first < kPerTurn ? full - first : kPerTurn;
-        const std::uint64_t scramble = p::xxh3ScrambleSecret(secret, static_cast<int>(t));
-        std::uint64_t a = g == 1 ? p::xxh3InitLane(static_cast<int>(t)) : sh.acc[t];
-        const auto part = [&](size_t j) {
-          std::uint64_t c = 0;
-          for (unsigned s = 0; s < Layout::kSlots; ++s) c += sh.parts[(g - 1) % 2][j][s][t];
-          return c;
-        };
-        if constexpr (Layout::kSlots == 1) {
-          for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, part(j), scramble);
-        } else {
-          RALLY_UNROLL_ONCE
-          for (size_t j = 0; j < n; ++j) a = p::xxh3Chain(a, part(j), scramble);
-        }
-        sh.acc[t] = g == turns ? a + tailSum(t) : a;
+        std::uint64_t a = g == 1 ? p::xxh3InitLane(static_cast<int>(t)) : sh.acc[0][t];
+        a = checksumChain<Layout>(t, sh.parts[(g - 1) % 2], n, a, secret);
+        sh.acc[0][t] = g == turns ? a + checksumTailSum(sh.tail[0], t) : a;
       }
       if (g < turns) {
         Layout::template add<kAlign>(t, loaded, in, full, g * kPerTurn, sh.parts[g % 2], secret);
       }
-      if (g == 0) checksumTailStripe(t, tail, sh.tail, len, secret);
+      if (g == 0) checksumTailStripe(t, tail, sh.tail[0], len, secret);
     });
     b.sync();  // the chain has read one buffer before the turn after next writes it
   }
   if (turns == 0) {  // no full segment: no chain
     b.each([&](unsigned t) {
-      if (t < 8) sh.acc[t] = p::xxh3InitLane(static_cast<int>(t)) + tailSum(t);
+      if (t < 8)
+        sh.acc[0][t] = p::xxh3InitLane(static_cast<int>(t)) + checksumTailSum(sh.tail[0], t);
     });
     b.sync();
   }
   b.each([&](unsigned t) {
-    if (t == 0) out[index] = p::xxh3LongMerge(sh.acc, len, secret);
+    if (t == 0) out[index] = p::xxh3LongMerge(sh.acc[0], len, secret);
   });
+}
+
+// One checksum block of a launch: where it starts, its length, its full segments and the turns
+// they take (none for a block of 240 bytes or less, which takes the short paths on one thread).
+struct ChecksumBlockAt {
+  const std::uint8_t* in;
+  size_t len, full, turns;
+  // The steps of a long block: one per turn, or one for the tail alone when it has no full
+  // segment.
+  RALLY_HD size_t steps() const { return turns > 0 ? turns : 1; }
+};
+
+RALLY_HD ChecksumBlockAt checksumBlockAt(const std::uint8_t* data, size_t bytes, size_t block,
+                                         size_t index, unsigned per_turn) {
+  const size_t len = bytes - index * block < block ? bytes - index * block : block;
+  const size_t full = len > 240 ? portable::xxh3FullSegments(len) : 0;
+  return {data + index * block, len, full, (full + per_turn - 1) / per_turn};
+}
+
+// The thread that merges a block's lanes: in another warp than the chain's threads 0-7, so that
+// a merge and the next block's chain run side by side.
+constexpr unsigned kChecksumMergeThread = 32;
+static_assert(kThreads > kChecksumMergeThread);
+
+// A candidate (bench/kernels times it; the kernels launch checksumBody): `per_thread_block`
+// checksum blocks per thread block (thread block i: blocks i * per_thread_block on, at least one),
+// computed as one stream of steps. In each step the threads load and add up one turn of a block
+// while threads 0-7 chain the turn before (which may be the previous block's last) and thread
+// kChecksumMergeThread merges the block whose last turn was chained in the step before; so a
+// block's chain and merge overlap the next block's loads. The parts are double buffered by step,
+// the tails and lanes by block. Blocks of 240 bytes or less come last, one per thread. `secret` as
+// checksumBody's.
+template <unsigned kAlign, class Layout, class Block>
+RALLY_HD void checksumGroupBody(const Block& b, ChecksumShared<Layout, 2>& sh,
+                                const std::uint8_t* secret, const std::uint8_t* data, size_t bytes,
+                                size_t block, size_t per_thread_block, std::uint64_t* out) {
+  namespace p = portable;
+  constexpr unsigned kPerTurn = Layout::kSegmentsPerTurn;
+  const size_t blocks = (bytes + block - 1) / block;
+  const size_t first = b.index() * per_thread_block;
+  if (first >= blocks) return;
+  const size_t end = blocks - first < per_thread_block ? blocks : first + per_thread_block;
+  const auto at = [&](size_t k) { return checksumBlockAt(data, bytes, block, k, kPerTurn); };
+  // Only the launch's last block can be short, unless every block is.
+  const size_t long_end = block <= 240 ? first : at(end - 1).len <= 240 ? end - 1 : end;
+  // The thread block's long blocks take `steps` steps: every block but the launch's last one
+  // `per_block` (a turn each, or one step for a tail alone), its last block `last.steps()`. In
+  // step s, the threads load step s, chain step s - 1 and merge the block step s - 2 ended.
+  const size_t count = long_end - first;
+  const ChecksumBlockAt head = at(first), last = at(count > 0 ? long_end - 1 : first);
+  const size_t per_block = head.steps();
+  const size_t steps = count == 0 ? 0 : (count - 1) * per_block + last.steps();
+  // Of step s: its block's place among the thread block's, and that block.
+  const auto placeOf = [&](size_t s) { return s / per_block < count ? s / per_block : count - 1; };
+  const auto blockAt = [&](size_t j) {
+    return j + 1 == count ? last
+                          : ChecksumBlockAt{head.in + j * block, head.len, head.full, head.turns};
+  };
+  for (size_t step = 0; step < steps + 2 && count > 0; ++step) {
+    const bool loading = step < steps, chaining = step >= 1 && step <= steps;
+    const size_t k = placeOf(step), ck = placeOf(step - 1), mk = placeOf(step - 2);
+    const size_t g = step - k * per_block, cg = step - 1 - ck * per_block;
+    const ChecksumBlockAt lb = blockAt(k), cb = blockAt(ck), mb = blockAt(mk);
+    const bool merging = step >= 2 && step - 2 - mk * per_block + 1 == mb.steps();
+    b.each([&](unsigned t) {
+      // Every load of the step first (the layout's and, in a block's first step, the tail's),
+      // then the chain of the step before and the merge, then the sums.
+      const ChecksumTailWords tail =
+          loading && g == 0 ? checksumTailLoad<kAlign>(t, lb.in, lb.len) : ChecksumTailWords{};
+      const bool adding = loading && g < lb.turns;
+      const typename Layout::Loaded loaded =
+          adding ? Layout::template load<kAlign>(t, lb.in, lb.full, g * kPerTurn)
+                 : typename Layout::Loaded{};
+      if (chaining && t < 8) {
+        const size_t from = cg * kPerTurn;
+        const size_t n = cb.full - from < kPerTurn ? cb.full - from : kPerTurn;  // 0: tail only
+        std::uint64_t* acc = sh.acc[(first + ck) % 2];
+        std::uint64_t a = cg == 0 ? p::xxh3InitLane(static_cast<int>(t)) : acc[t];
+        a = checksumChain<Layout>(t, sh.parts[(step - 1) % 2], n, a, secret);
+        acc[t] = cg + 1 == cb.steps() ? a + checksumTailSum(sh.tail[(first + ck) % 2], t) : a;
+      }
+      if (merging && t == kChecksumMergeThread) {
+        out[first + mk] = p::xxh3LongMerge(sh.acc[(first + mk) % 2], mb.len, secret);
+      }
+      if (adding) {
+        Layout::template add<kAlign>(t, loaded, lb.in, lb.full, g * kPerTurn, sh.parts[step % 2],
+                                     secret);
+      }
+      if (loading && g == 0) {
+        checksumTailStripe(t, tail, sh.tail[(first + k) % 2], lb.len, secret);
+      }
+    });
+    // The chain has read one parts buffer before the step after next writes it; a block's lanes
+    // and tail are read before the block after next writes them.
+    b.sync();
+  }
+  if (long_end < end) {
+    b.each([&](unsigned t) {
+      for (size_t k = long_end + t; k < end; k += b.size()) {
+        out[k] = p::xxh3Short(data + k * block, at(k).len, secret);
+      }
+    });
+  }
 }
 
 // ---- multi-tensor AdamW: a table of tensors, a tile of `chunk` elements per block -------------

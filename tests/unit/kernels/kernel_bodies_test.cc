@@ -270,24 +270,38 @@ TEST(KernelBodies, CompressionEqualsTheCpuBitForBitAtEveryAlignment) {
   }
 }
 
+// Marks the words no block has written: a checksum equal to it would be a miss, not a result.
+constexpr std::uint64_t kUnwritten = 0x5A5A5A5A5A5A5A5Aull;
+
+// per_thread_block 0: checksumBody, one checksum block per thread block (what the kernels
+// launch); otherwise checksumGroupBody with that many.
 template <unsigned kAlign, class Layout>
 std::vector<std::uint64_t> emulatedChecksums(const std::uint8_t* data, size_t bytes, size_t block,
-                                             ThreadOrder order) {
+                                             size_t per_thread_block, ThreadOrder order) {
   const size_t blocks = (bytes + block - 1) / block;
-  std::vector<std::uint64_t> out(blocks);
+  const size_t per = std::max<size_t>(per_thread_block, 1);
+  std::vector<std::uint64_t> out(blocks, kUnwritten);
   const auto* secret = reinterpret_cast<const std::uint8_t*>(XXH3_kSecret);
   emulateGrid(
-      static_cast<unsigned>(blocks), kThreads,
+      static_cast<unsigned>((blocks + per - 1) / per), kThreads,
       [&](const auto& b) {
-        ChecksumShared<Layout> shared;
-        std::memset(&shared, 0xA5, sizeof shared);  // as uninitialised as a GPU's shared memory
-        checksumBody<kAlign, Layout>(b, shared, secret, data, bytes, block, out.data());
+        if (per_thread_block == 0) {
+          ChecksumShared<Layout> shared;
+          std::memset(&shared, 0xA5, sizeof shared);  // as uninitialised as a GPU's shared memory
+          checksumBody<kAlign, Layout>(b, shared, secret, data, bytes, block, out.data());
+        } else {
+          ChecksumShared<Layout, 2> shared;
+          std::memset(&shared, 0xA5, sizeof shared);
+          checksumGroupBody<kAlign, Layout>(b, shared, secret, data, bytes, block, per, out.data());
+        }
       },
       order);
   return out;
 }
 
-// Both layouts of the checksums' loads: the launch's, and the candidates the benchmark times.
+// Both layouts of the checksums' loads: the launch's, and the candidates the benchmark times; each
+// in checksumBody (as launched), and in checksumGroupBody with one, two and three checksum blocks
+// per thread block (the last thread block of a launch then has fewer).
 template <class Layout>
 class KernelBodiesChecksums : public ::testing::Test {};
 using ChecksumLayouts = ::testing::Types<ChecksumLanePairs, ChecksumWarpRuns<1>,
@@ -318,18 +332,23 @@ TYPED_TEST(KernelBodiesChecksums, EqualLibxxhashForEveryBlockSizeAndAlignment) {
         want.push_back(XXH3_64bits(data + at, std::min(block, sample - at)));
       }
       for (ThreadOrder order : kOrders) {
-        // Every load width the data allows (the launch picks the widest).
-        const unsigned align = checksumAlignment(data, block);
-        if (align >= 16) {
-          EXPECT_EQ((emulatedChecksums<16, Layout>(data, sample, block, order)), want)
-              << "128-bit loads, block " << block << ", offset " << offset;
+        for (size_t per : {0u, 1u, 2u, 3u}) {
+          // Every load width the data allows (the launch picks the widest).
+          const unsigned align = checksumAlignment(data, block);
+          if (align >= 16) {
+            EXPECT_EQ((emulatedChecksums<16, Layout>(data, sample, block, per, order)), want)
+                << "128-bit loads, block " << block << ", offset " << offset << ", " << per
+                << " per thread block (0: checksumBody)";
+          }
+          if (align >= 8) {
+            EXPECT_EQ((emulatedChecksums<8, Layout>(data, sample, block, per, order)), want)
+                << "64-bit loads, block " << block << ", offset " << offset << ", " << per
+                << " per thread block (0: checksumBody)";
+          }
+          EXPECT_EQ((emulatedChecksums<1, Layout>(data, sample, block, per, order)), want)
+              << "byte loads, block " << block << ", offset " << offset << ", " << per
+              << " per thread block (0: checksumBody)";
         }
-        if (align >= 8) {
-          EXPECT_EQ((emulatedChecksums<8, Layout>(data, sample, block, order)), want)
-              << "64-bit loads, block " << block << ", offset " << offset;
-        }
-        EXPECT_EQ((emulatedChecksums<1, Layout>(data, sample, block, order)), want)
-            << "byte loads, block " << block << ", offset " << offset;
       }
     }
   }
