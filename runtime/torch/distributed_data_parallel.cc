@@ -4,10 +4,12 @@
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <functional>
 #include <optional>
 
@@ -30,6 +32,26 @@ Result<DataType> rallyType(::torch::ScalarType t) {
                     c10::toString(t)));
   }
   return internal::rallyType(t);
+}
+
+// The backward pass the calling hook runs in: its identity, and how many backward passes it is
+// nested in (0 for one that training code started; 1 or more for one started inside a backward,
+// as reentrant activation checkpointing does). libtorch gives no direct way to the depth: it is
+// read from the current GraphTask, found around the member whose address libtorch does return.
+struct GraphTaskAt {
+  const void* id = nullptr;
+  int depth = 0;
+};
+GraphTaskAt currentGraphTask() {
+  const auto* nodes = ::torch::autograd::get_current_graph_task_nodes_in_graph();
+  if (nodes == nullptr) return {};
+  using ::torch::autograd::GraphTask;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"  // GraphTask is not standard-layout
+  const auto* task = reinterpret_cast<const GraphTask*>(reinterpret_cast<const char*>(nodes) -
+                                                        offsetof(GraphTask, nodes_in_graph_));
+#pragma GCC diagnostic pop
+  return {task, task->reentrant_depth_};
 }
 
 // The kernels' dtype for a bucket's, if they have it (not f64).
@@ -72,8 +94,11 @@ struct AfterAccumulation final : ::torch::autograd::FunctionPostHook {
   explicit AfterAccumulation(std::function<void()> f) : f_(std::move(f)) {}
   ::torch::autograd::variable_list operator()(
       const ::torch::autograd::variable_list& outputs,
-      const ::torch::autograd::variable_list& /*inputs*/) override {
-    f_();
+      const ::torch::autograd::variable_list& inputs) override {
+    // Autograd also runs an accumulator that got no gradient (an undefined one: a custom function
+    // that gave none for this input, as a recomputing one does while a backward inside it gives
+    // the gradient): nothing was accumulated then.
+    if (!inputs.empty() && inputs[0].defined()) f_();
     return outputs;
   }
   std::function<void()> f_;
@@ -214,20 +239,49 @@ void DistributedDataParallel::beginBackward() {
   in_backward_ = true;
   backward_started_ = Clock::now();
   std::fill(ready_.begin(), ready_.end(), false);
+  repeated_.clear();
   for (Bucket& b : buckets_) {
     b.pending = static_cast<int>(b.params.size());
     b.work.reset();
   }
   status_ = !init_status_.ok() ? init_status_ : broadcast_status_;
-  // Runs once the whole backward pass is done (every gradient accumulated into .grad).
-  ::torch::autograd::Engine::get_default_engine().queue_callback([this] { finishBackward(); });
+  finish_queued_ = false;
+  nested_queued_ = nullptr;
+}
+
+// finishBackward runs once the backward is done (every gradient accumulated into .grad): a callback
+// queued on the backward a hook runs in runs when that backward ends. A backward started inside
+// a backward (reentrant activation checkpointing) ends before the outer one, which may still have
+// gradients to give: so the finish is queued on the outermost backward that runs a hook, and a
+// nested one, until the outermost has run one, gets a conditional finish, which finishes only if
+// every parameter has its gradient by then (else a later hook queues another).
+void DistributedDataParallel::queueFinish() {
+  if (finish_queued_) return;
+  const GraphTaskAt task = currentGraphTask();
+  auto& engine = ::torch::autograd::Engine::get_default_engine();
+  if (task.depth == 0) {
+    finish_queued_ = true;
+    engine.queue_callback([this] { finishBackward(); });
+    return;
+  }
+  if (task.id == nested_queued_) return;
+  nested_queued_ = task.id;
+  engine.queue_callback([this] {
+    nested_queued_ = nullptr;
+    if (finish_queued_ || !in_backward_) return;  // the outermost will finish
+    if (std::all_of(ready_.begin(), ready_.end(), [](bool r) { return r; })) finishBackward();
+  });
 }
 
 void DistributedDataParallel::onGradient(int index, const ::torch::Tensor& grad) {
   if (no_sync_ > 0) return;  // accumulate locally
   if (!in_backward_) beginBackward();
+  queueFinish();
   Param& p = params_[index];
-  if (ready_[index]) return;  // a second gradient for it in one pass: already counted
+  if (ready_[index]) {  // its bucket may be in flight already: the pass fails (finishBackward)
+    repeated_.push_back(p.name);
+    return;
+  }
   ready_[index] = true;
   Bucket& b = buckets_[p.bucket];
   // What .grad will hold once this gradient is accumulated (earlier no_sync passes included).
@@ -269,7 +323,11 @@ void DistributedDataParallel::onAccumulated(int index) {
   pointGradAtBucket(p);      // normally .grad is the slot already
   if (no_sync_ > 0) return;  // accumulated locally, in the bucket
   if (!in_backward_) beginBackward();
-  if (ready_[index]) return;
+  queueFinish();
+  if (ready_[index]) {  // accumulated into a bucket that may be in flight: the pass fails
+    repeated_.push_back(p.name);
+    return;
+  }
   ready_[index] = true;
   Bucket& b = buckets_[p.bucket];
   if (--b.pending == 0) launch(b);
@@ -379,6 +437,18 @@ void DistributedDataParallel::finishBackward() {
         "some parameters are not used in every step",
         fmt::join(unused, ", ")));
     // The other buckets' reductions were started on every rank: let them finish.
+  }
+  if (!repeated_.empty() && status_.ok()) {
+    std::sort(repeated_.begin(), repeated_.end());
+    repeated_.erase(std::unique(repeated_.begin(), repeated_.end()), repeated_.end());
+    status_ = failedPrecondition(fmt::format(
+        "DistributedDataParallel: parameter(s) {} received more than one gradient in this "
+        "backward pass (a backward inside the backward used them again, as activation "
+        "checkpointing does when a checkpointed segment shares a parameter with the rest of the "
+        "model); their buckets are reduced after the first, so the average would miss the "
+        "others. Give each parameter one gradient per pass: keep a shared parameter wholly "
+        "inside or wholly outside the checkpointed segments",
+        fmt::join(repeated_, ", ")));
   }
   double comm = 0, hidden = 0;
   const int size = comm_->size();

@@ -35,6 +35,14 @@
 // zeros (another rank may have used it); without it, such a pass is an error naming the
 // parameter, as in PyTorch.
 //
+// One gradient per parameter per pass: a bucket is reduced once each of its parameters has had
+// its gradient, so a parameter whose gradient is accumulated twice in one backward pass (a backward
+// inside a backward that uses it again, as hand-written activation checkpointing does when a
+// checkpointed segment shares a parameter with the rest of the model) makes the pass an error
+// naming it, as in PyTorch (whose static_graph option has no counterpart here). A backward inside
+// a backward is otherwise fine: the pass ends with the outermost backward that gave it a gradient
+// (or, if only nested ones did, with the first of those after which every parameter has one).
+//
 // Thread-safety: one training thread; the hooks run on the autograd thread of that backward.
 // Cross-rank contract: every rank runs the same number of synchronised backward passes, with the
 // same parameters, registered in the same order.
@@ -160,6 +168,9 @@ class DistributedDataParallel {
   Status broadcastAll();
   void finishBackward();
   void beginBackward();
+  // From every hook of a pass: makes sure finishBackward will run when the pass's backward ends
+  // (see the .cc).
+  void queueFinish();
 
   std::shared_ptr<::torch::nn::Module> module_;
   collectives::Communicator* comm_;
@@ -175,7 +186,10 @@ class DistributedDataParallel {
   std::vector<std::uintptr_t> post_hooks_;
   std::vector<Bucket> buckets_;
   std::vector<bool> ready_;
+  std::vector<std::string> repeated_;  // parameters with a second gradient in this pass
   bool in_backward_ = false;
+  bool finish_queued_ = false;           // on the outermost backward of this pass
+  const void* nested_queued_ = nullptr;  // the nested backward a conditional finish waits on
   int no_sync_ = 0;
   Status status_;
   Status init_status_;       // what construction found wrong; every backward pass reports it

@@ -7,7 +7,9 @@
 // the next pass averages the sum; gradient_as_bucket_view; the averaging pass's NaN check (f32,
 // f64, f16, bf16, with and without compression), loss-scale division and f64 precision; bf16
 // compression with error feedback; parameters on two devices refused; a model it cannot average
-// refused on every rank without a broadcast.
+// refused on every rank without a broadcast; a second gradient for a parameter in one pass (a
+// backward inside the backward) an error naming it, and a pass whose gradients all come from
+// backward passes inside the backward averaged once.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -186,6 +188,107 @@ TEST(DistributedDataParallel, AnUnusedParameterWithoutTheOptionIsAnErrorNamingIt
     EXPECT_NE(ddp.status().message().find("find_unused_parameters"), std::string::npos);
     EXPECT_FALSE(ddp.gradientsFinite()) << "a failed pass's gradients were not averaged";
   });
+}
+
+// y = x w computed without a graph and recomputed in its backward, whose own backward (inside the
+// outer one) accumulates w's gradient: activation checkpointing, reentrant, as PyTorch's
+// checkpoint(use_reentrant=True) does it.
+struct Recomputed : ::torch::autograd::Function<Recomputed> {
+  static ::torch::Tensor forward(::torch::autograd::AutogradContext* ctx, const ::torch::Tensor& x,
+                                 const ::torch::Tensor& w) {
+    ctx->saved_data["x"] = x;
+    ctx->saved_data["w"] = w;  // the parameter itself (its gradient accumulator), not a copy
+    return x.mm(w);
+  }
+  static ::torch::autograd::variable_list backward(::torch::autograd::AutogradContext* ctx,
+                                                   ::torch::autograd::variable_list grads) {
+    auto x = ctx->saved_data["x"].toTensor().detach().requires_grad_(true);
+    const auto w = ctx->saved_data["w"].toTensor();
+    ::torch::AutoGradMode grad(true);
+    ::torch::autograd::backward({x.mm(w)}, {grads[0]});
+    return {x.grad(), ::torch::Tensor()};
+  }
+};
+
+// A parameter used in a recomputed segment and outside it: two gradients in one pass.
+struct SharedImpl : ::torch::nn::Module {
+  SharedImpl() {
+    w = register_parameter("w", ::torch::randn({8, 1}));
+    other = register_parameter("other", ::torch::randn({8, 1}));
+  }
+  ::torch::Tensor forward(const ::torch::Tensor& x) {
+    return Recomputed::apply(x, w) + x.mm(w) + x.mm(other);
+  }
+  ::torch::Tensor w, other;
+};
+
+TEST(DistributedDataParallel, ASecondGradientForAParameterInOnePassIsAnErrorNamingIt) {
+  for (bool view : {false, true}) {
+    std::vector<std::shared_ptr<SharedImpl>> nets;
+    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<SharedImpl>());
+    // The recomputation really accumulates a second gradient: without DDP, w's is twice x^T g.
+    {
+      auto m = std::make_shared<SharedImpl>();
+      auto [x, y] = batch(0);
+      m->forward(x).sum().backward();
+      EXPECT_TRUE(::torch::allclose(m->w.grad(), 2 * x.t().mm(::torch::ones({16, 1}))));
+    }
+    runRanks(2, [&](int r, collectives::Communicator& comm) {
+      auto m = nets[r];
+      DistributedDataParallel ddp(m, comm, {.gradient_as_bucket_view = view});
+      auto [x, y] = batch(0);
+      ::torch::mse_loss(m->forward(x), y).backward();
+      EXPECT_EQ(ddp.status().code(), StatusCode::kFailedPrecondition) << "view " << view;
+      const std::string message = ddp.status().message();
+      EXPECT_NE(message.find("parameter(s) w received more than one gradient"), std::string::npos)
+          << message;
+      EXPECT_FALSE(ddp.gradientsFinite()) << "a failed pass's gradients were not averaged";
+      // The next pass, with each parameter used once, is fine again.
+      ::torch::mse_loss(x.mm(m->w) + x.mm(m->other), y).backward();
+      EXPECT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    });
+  }
+}
+
+// Every gradient from a backward inside the backward, each parameter's from its own: the pass ends
+// once both have come (not when the first nested backward ends), averaged as without nesting.
+TEST(DistributedDataParallel, GradientsFromNestedBackwardPassesAreAveragedOnce) {
+  struct NestedOnly : SharedImpl {
+    ::torch::Tensor forward(const ::torch::Tensor& x) {
+      return Recomputed::apply(x, w) + Recomputed::apply(x, other);
+    }
+  };
+  for (bool view : {false, true}) {
+    ::torch::manual_seed(3);
+    std::vector<std::shared_ptr<NestedOnly>> nets;
+    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<NestedOnly>());
+    auto [x, y] = batch(0);
+    // The average of the two ranks' gradients, each on its half of the batch, without nesting.
+    std::vector<::torch::Tensor> want;
+    for (int r = 0; r < 2; ++r) {
+      auto w = nets[0]->w.detach().clone().requires_grad_(true);
+      auto other = nets[0]->other.detach().clone().requires_grad_(true);
+      const auto xs = x.narrow(0, r * 8, 8), ys = y.narrow(0, r * 8, 8);
+      ::torch::mse_loss(xs.mm(w) + xs.mm(other), ys).backward();
+      if (want.empty()) {
+        want = {w.grad() / 2, other.grad() / 2};
+      } else {
+        want[0] += w.grad() / 2;
+        want[1] += other.grad() / 2;
+      }
+    }
+    runRanks(2, [&](int r, collectives::Communicator& comm) {
+      auto m = nets[r];
+      DistributedDataParallel ddp(m, comm, {.gradient_as_bucket_view = view});  // rank 0's weights
+      for (int pass = 0; pass < 2; ++pass) {
+        for (auto& p : m->parameters()) p.mutable_grad() = ::torch::Tensor();
+        ::torch::mse_loss(m->forward(x.narrow(0, r * 8, 8)), y.narrow(0, r * 8, 8)).backward();
+        ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString() << ", view " << view;
+        EXPECT_TRUE(::torch::allclose(m->w.grad(), want[0], 1e-5, 1e-6)) << "pass " << pass;
+        EXPECT_TRUE(::torch::allclose(m->other.grad(), want[1], 1e-5, 1e-6)) << "pass " << pass;
+      }
+    });
+  }
 }
 
 // Two micro-batches per rank: the first under no_sync, the second synchronised. The gradient
