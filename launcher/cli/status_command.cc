@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <future>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -95,14 +96,22 @@ int runStatus(const StatusFlags& f) {
       }
     }
   }
+  // Every address at once, each on its own thread: one slow to answer (up to --timeout-ms) costs
+  // that once, not once per address. Reported in order.
+  std::vector<std::future<Result<v1::RoundInfo>>> answers;
+  for (const std::string& endpoint : addresses) {
+    answers.push_back(std::async(std::launch::async, [endpoint, &token, &f] {
+      return rendezvous::probeRound({.endpoint = endpoint, .token = token},
+                                    Milliseconds(f.timeout_ms));
+    }));
+  }
   nlohmann::json out = nlohmann::json::array();
   bool found = false;
   for (size_t i = 0; i < addresses.size(); ++i) {
     const std::string& endpoint = addresses[i];
     const bool remembered = i >= listed;
     nlohmann::json j = {{"endpoint", endpoint}, {"remembered", remembered}};
-    auto round =
-        rendezvous::probeRound({.endpoint = endpoint, .token = token}, Milliseconds(f.timeout_ms));
+    auto round = answers[i].get();
     const Status st = round.status();
     if (!st.ok() && remembered) continue;  // an old address of the job's: news only if it serves
     if (!st.ok()) {
@@ -183,7 +192,8 @@ void addStatusCommand(CLI::App& app, std::function<int()>* run) {
                   "RALLY_STATE_DIR, else /var/tmp/rally-UID]");
   cmd->add_flag("--json", flags->json,
                 "One JSON array, an object per address (\"remembered\": from this host's memory)");
-  cmd->add_option("--timeout-ms", flags->timeout_ms, "How long each address gets to answer")
+  cmd->add_option("--timeout-ms", flags->timeout_ms,
+                  "How long each address gets to answer (all are asked at once)")
       ->capture_default_str()
       ->check(CLI::Range(1, 600000));
   cmd->callback([flags, run] { *run = [flags] { return runStatus(*flags); }; });

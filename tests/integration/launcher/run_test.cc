@@ -3,15 +3,21 @@
 // node added (the job grows), the restart budget exhausted (the job fails with a report on every
 // node); spares beyond MAX (held quietly, in when a member is lost, done with the job); the
 // hosting agent retrying a taken port; a restarted first host stepping aside for the job at a
-// standby address; `rally status`; signal forwarding; torchrun's worker environment.
+// standby address; `rally status` (every address asked at once); signal forwarding; torchrun's
+// worker environment.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <regex>
+#include <thread>
 
 #include "tests/integration/process.h"
 
@@ -257,6 +263,88 @@ TEST_F(RunTest, StatusShowsTheRoundWhereTheCoordinatorAnswers) {
   b->signal(SIGTERM);
   exitCode(*a);
   exitCode(*b);
+}
+
+// A TCP listener on loopback that accepts one connection and never answers (a host that hangs,
+// or a firewall that lets the connection in): when it came, and whether it was still open when
+// `other`'s came.
+class SilentListener {
+ public:
+  SilentListener() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        ::listen(fd_, 4) != 0 || ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      ADD_FAILURE() << "cannot listen: " << std::strerror(errno);
+      return;
+    }
+    endpoint_ = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+    thread_ = std::thread([this] {
+      const int c = ::accept(fd_, nullptr, nullptr);
+      if (c < 0) return;
+      {
+        std::lock_guard lock(mu_);
+        accepted_ = true;
+      }
+      cv_.notify_all();
+      char buf[4096];
+      while (::read(c, buf, sizeof buf) > 0) {  // until the client gives up and closes it
+      }
+      {
+        std::lock_guard lock(mu_);
+        closed_ = true;
+      }
+      cv_.notify_all();
+      ::close(c);
+    });
+  }
+  ~SilentListener() {
+    ::shutdown(fd_, SHUT_RDWR);  // ends an accept() that no connection came to
+    if (thread_.joinable()) thread_.join();
+    ::close(fd_);
+  }
+  const std::string& endpoint() const { return endpoint_; }
+  // Waits (up to `within`) for the connection; whether it came, and whether it is still open.
+  std::pair<bool, bool> waitForConnection(milliseconds within) {
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, within, [&] { return accepted_; });
+    return {accepted_, accepted_ && !closed_};
+  }
+
+ private:
+  int fd_ = -1;
+  std::string endpoint_;
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool accepted_ = false, closed_ = false;
+};
+
+// rally status asks every address at once: with two addresses that never answer, the second is
+// asked while the first still waits (asked in turn, it would be asked only once the first had
+// given up, after --timeout-ms). Both are reported, in order.
+TEST_F(RunTest, StatusAsksEveryAddressAtOnce) {
+  SilentListener first, second;
+  ChildProcess status(
+      {RALLY_BINARY, "status", "--rdzv-endpoint", first.endpoint() + "," + second.endpoint(),
+       "--rdzv-id", "silent", "--timeout-ms", "20000"},
+      tempPath("status-silent.out"));
+  ASSERT_TRUE(first.waitForConnection(milliseconds(10000)).first)
+      << "rally status did not connect to the first address";
+  EXPECT_TRUE(second.waitForConnection(milliseconds(10000)).first)
+      << "the second address was not asked while the first still waited";
+  EXPECT_TRUE(first.waitForConnection(milliseconds(0)).second)
+      << "the first address had given up before the second was asked";
+  EXPECT_EQ(exitCode(status, milliseconds(60000)), 1) << status.errors();
+  const std::string out = status.output();
+  const auto at_first = out.find(first.endpoint() + ": no coordinator answers");
+  const auto at_second = out.find(second.endpoint() + ": no coordinator answers");
+  EXPECT_NE(at_first, std::string::npos) << out;
+  EXPECT_NE(at_second, std::string::npos) << out;
+  EXPECT_LT(at_first, at_second) << "in --rdzv-endpoint's order\n" << out;
 }
 
 TEST_F(RunTest, RestartBudgetIsTheJobsAndItsExhaustionIsReportedOnEveryNode) {
