@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <grpcpp/create_channel.h>
 
+#include <algorithm>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -70,9 +71,12 @@ std::shared_ptr<CoordinatorConnection::Target> CoordinatorConnection::makeTarget
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(static_cast<int>(options_.max_message_bytes));
   args.SetMaxSendMessageSize(static_cast<int>(options_.max_message_bytes));
-  // Reconnect quickly after a coordinator restart: the default backoff grows to 120 s.
+  // Reconnect quickly after a coordinator restart: the default backoff grows to 120 s. The
+  // backoff's minimum is also gRPC's minimum for one connection attempt (ClientOptions).
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
+              static_cast<int>(std::clamp<std::int64_t>(options_.connect_attempt.count(), 1,
+                                                        std::int64_t{1} << 30)));
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   if (options_.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   if (keepalive.count() > 0) {
@@ -185,6 +189,7 @@ Result<v1::RoundInfo> CoordinatorConnection::getRound() {
 Result<v1::RoundInfo> probeRound(ClientOptions options, Milliseconds timeout) {
   options.dedicated_connection = true;
   options.keepalive = Milliseconds(0);
+  options.connect_attempt = timeout;  // the one attempt it makes
   RALLY_ASSIGN_OR_RETURN(auto conn, CoordinatorConnection::open(std::move(options)));
   grpc::ClientContext ctx;
   conn->prepareContext(&ctx, timeout);

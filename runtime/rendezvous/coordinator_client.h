@@ -48,6 +48,11 @@ struct ClientOptions {
   // whose host went silent (powered off, cut off) breaks the streams within twice this, instead
   // of when TCP gives up (minutes). 0: off. fromTunables: twice the heartbeat interval.
   Milliseconds keepalive{2000};
+  // How long one attempt to set up the connection (TCP and HTTP/2's handshake) may take before
+  // it is given up and tried again. gRPC takes it from the reconnect backoff's minimum, kept short
+  // so that a restarted coordinator is reconnected to quickly; later attempts get longer, up to
+  // the backoff's maximum (2 s). A probe gives its one attempt its whole timeout.
+  Milliseconds connect_attempt{100};
 
   // rpc_timeout, connect_timeout and max_message_bytes from the tunables.
   static Result<ClientOptions> fromTunables(const Tunables& tunables, std::string endpoint,
@@ -118,9 +123,11 @@ class CoordinatorConnection {
 
 // Asks the coordinator at `options.endpoint` for its round once, on a connection of its own,
 // without keepalive and without waiting for the connection to come up (a refused connection is an
-// answer: none there), within `timeout`. Only a served call is a round: a coordinator shutting
-// down, or a transport that resets the call, gives an error (Unauthenticated: one that refuses
-// the token). For finding a coordinator (agents, `rally status`), not for a job's own calls.
+// answer: none there), within `timeout`, which also bounds the connection's one attempt (a
+// coordinator slow to finish the handshake still answers). Only a served call is a round: a
+// coordinator shutting down, or a transport that resets the call, gives an error (Unauthenticated:
+// one that refuses the token). For finding a coordinator (agents, `rally status`), not for a job's
+// own calls.
 Result<rally::v1::RoundInfo> probeRound(ClientOptions options, Milliseconds timeout);
 
 struct CompareAndSetResult {

@@ -2,8 +2,14 @@
 // rendezvous, liveness (broken streams and missed heartbeats), load, shutdown. The job scope's
 // copies and claims are in service_job_scope_test.cc.
 #include <grpcpp/generic/generic_stub.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <optional>
@@ -545,6 +551,93 @@ TEST_F(ServiceTest, SessionsTellALostCoordinatorFromOneThatEndedThem) {
   ASSERT_TRUE(c->endStatus(milliseconds(5000)).has_value());
   EXPECT_NE(c->endStatus()->message().find("no heartbeat"), std::string::npos);
   EXPECT_FALSE(c->lostCoordinator());
+}
+
+// A TCP relay on loopback to `to` that holds each connection `delay` before it passes anything
+// on: a coordinator on a far or busy host, slow to finish the connection's handshake.
+class SlowRelay {
+ public:
+  SlowRelay(int to_port, milliseconds delay) : to_port_(to_port), delay_(delay) {
+    listen_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (listen_ < 0 || ::bind(listen_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+        ::listen(listen_, 8) != 0 ||
+        ::getsockname(listen_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      ADD_FAILURE() << "cannot listen: " << std::strerror(errno);
+      return;
+    }
+    endpoint_ = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+    acceptor_ = std::thread([this] {
+      for (;;) {
+        const int client = ::accept(listen_, nullptr, nullptr);
+        if (client < 0) return;  // shut down
+        relays_.emplace_back([this, client] { relay(client); });
+      }
+    });
+  }
+  ~SlowRelay() {
+    stop_ = true;
+    ::shutdown(listen_, SHUT_RDWR);
+    acceptor_.join();
+    for (auto& t : relays_) t.join();
+    ::close(listen_);
+  }
+  const std::string& endpoint() const { return endpoint_; }
+
+ private:
+  void relay(int client) {
+    std::this_thread::sleep_for(delay_);
+    const int server = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<std::uint16_t>(to_port_));
+    if (::connect(server, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+      pollfd fds[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
+      char buf[16384];
+      while (!stop_ && ::poll(fds, 2, 100) >= 0) {
+        bool done = false;
+        for (int i = 0; i < 2 && !done; ++i) {
+          if ((fds[i].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+          const ssize_t n = ::read(fds[i].fd, buf, sizeof buf);
+          done = n <= 0 || ::write(fds[1 - i].fd, buf, static_cast<size_t>(n)) != n;
+        }
+        if (done) break;
+      }
+    }
+    ::close(server);
+    ::close(client);
+  }
+
+  int to_port_;
+  milliseconds delay_;
+  int listen_ = -1;
+  std::string endpoint_;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+  std::vector<std::thread> relays_;  // only the acceptor adds to it
+};
+
+// A probe (rally status, the agents' takeover checks) gives a coordinator the whole of its timeout
+// to answer, the connection's handshake included: one whose handshake takes 400 ms serves, it is
+// not "no coordinator here". (The connection's reconnect backoff, 100 ms for a quick reconnect to
+// a restarted coordinator, had bounded each connection attempt to 100 ms as well.)
+TEST_F(ServiceTest, AProbeWaitsForASlowHandshakeWithinItsTimeout) {
+  auto a = join("a");
+  ASSERT_TRUE(a->waitFor(isRoundFormed, milliseconds(5000)).ok());
+  SlowRelay slow(server_->port(), milliseconds(400));
+  auto round =
+      rendezvous::probeRound({.endpoint = slow.endpoint(), .token = kToken}, Milliseconds(5000));
+  ASSERT_TRUE(round.ok()) << round.status().toString();
+  EXPECT_EQ(round->job_id(), "job");
+  EXPECT_EQ(round->generation(), 1u);
+  // And within it only: a shorter timeout than the handshake is no answer.
+  auto early =
+      rendezvous::probeRound({.endpoint = slow.endpoint(), .token = kToken}, Milliseconds(150));
+  EXPECT_FALSE(early.ok());
 }
 
 TEST_F(ServiceTest, ARetargetedConnectionMovesCallsInFlightToTheNewCoordinator) {
