@@ -512,7 +512,8 @@ void Agent::Impl::countInBarrier() {
   const v1::RoundFormed& r = *round_;
   const std::string scope = fmt::format("done/{}/", r.generation());
   if (Status s = store_->set(scope + node_id_, "1"); !s.ok()) {
-    // The coordinator is away: counted again when it is back (onRoundResumed).
+    // The coordinator is away: counted again when it is back (onRoundResumed), or in the round
+    // that follows its takeover.
     log_->warn("exit barrier: {}", s.message());
     return;
   }
@@ -770,6 +771,10 @@ int Agent::Impl::loop() {
         session_->close("failed: " + s.message());
         return 1;
       }
+      // This node's workers had all finished (or finished while the coordinator was away, when
+      // the barrier could not count them): the new round's barrier counts its members, this one
+      // too.
+      if (in_barrier_) countInBarrier();
     } else if (m.has_round_formed() && m.round_formed().generation() > generation_) {
       const auto& r = m.round_formed();
       stopWorkers(SIGTERM, fmt::format("the job re-formed: {}", r.cause()));

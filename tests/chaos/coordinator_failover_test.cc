@@ -4,7 +4,9 @@
 //     addresses): a successor takes the coordinator over on its own address, the survivors'
 //     workers follow it there and re-form in place (each node started its workers once); the
 //     same when the host goes silent (SIGSTOP: found by keepalive), and when the first successor
-//     is lost with it (the next one takes over after --failover-timeout);
+//     is lost with it (the next one takes over after --failover-timeout); a job whose workers
+//     all finished while the host was lost ends at the successor (its exit barrier counted
+//     there);
 //   - a surviving member slower than the last call to rejoin the successor: re-formed with at
 //     once when it is back, its workers kept;
 //   - --rdzv-endpoint with a standby address: the standby takes the coordinator over there (before
@@ -20,6 +22,7 @@
 //     with a restart left, the job failed with none);
 //   - the host lost with the newest commit: the job's records in the store (the newest commit,
 //     the fault plan's firings) outlive it in the successor's copy of the job scope.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -321,8 +324,10 @@ TEST_F(CoordinatorFailoverTest, AFirstSuccessorBackAfterTheNextTookOverJoinsIt) 
 // off): the agents find it by keepalive (2 heartbeat intervals of pings, 2 more to answer), not
 // when TCP gives up minutes later, and a successor takes over.
 TEST_F(CoordinatorFailoverTest, CoordinatorHostSilentIsFoundByKeepaliveAndTakenOver) {
-  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "3",
-                                            "--batch",   "12",  "--commit-every", "4",
+  // Long enough to outlast the takeover: keepalive, then the 1 s asking the silent host whether
+  // it still answers (a job that ends during the takeover is the next test's).
+  const std::vector<std::string> program = {"--samples", "1500", "--epochs",       "3",
+                                            "--batch",   "12",   "--commit-every", "4",
                                             "--step-ms", "25"};
   const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
                                          "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-q",
@@ -340,6 +345,55 @@ TEST_F(CoordinatorFailoverTest, CoordinatorHostSilentIsFoundByKeepaliveAndTakenO
   EXPECT_EQ(count(err, "took over the job's coordinator"), 1u) << err;
   const Result got = parse(b->output() + c->output());
   EXPECT_NE(got.summary.find("world 2 uses_min 3 uses_max 3"), std::string::npos) << got.summary;
+}
+
+// The job's workers all finish while the coordinator's host is lost: every agent is stopped
+// (SIGSTOP: a's with its coordinator, so nobody is declared failed meanwhile) while the workers
+// train to the end, then a's host is killed and b and c go on. Their exit barrier cannot count
+// them at the lost coordinator; the successor's round (in place, nothing to re-form) counts them,
+// and the job ends. Before, it did not: both waited out the exit barrier (5 min).
+TEST_F(CoordinatorFailoverTest, WorkersThatFinishedWhileTheCoordinatorWasLostEndTheJob) {
+  const std::vector<std::string> program = {"--samples", "600", "--epochs",       "2",
+                                            "--batch",   "12",  "--commit-every", "4",
+                                            "--step-ms", "20"};
+  const std::vector<std::string> args = {"--nnodes",        "2:3",     "--nproc-per-node", "1",
+                                         "--rdzv-endpoint", endpoint_, "--rdzv-id",        "ip-w",
+                                         "--last-call",     "300ms"};
+  std::unique_ptr<ChildProcess> a, b, c;
+  ASSERT_NO_FATAL_FAILURE(startThree("ip-w", args, program, 3, /*ranked=*/false, &a, &b, &c));
+  const auto all = [&] { return a->errors() + b->errors() + c->errors(); };
+  // The workers' pids, from the agents' events.
+  std::vector<pid_t> workers;
+  for (const std::string& line : eventLines("workers_started")) {
+    const std::regex pids("\"pids\":\\[([0-9,]*)\\]");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(line, m, pids)) << line;
+    std::istringstream list(m[1].str());
+    for (std::string pid; std::getline(list, pid, ',');) workers.push_back(std::stoi(pid));
+  }
+  ASSERT_EQ(workers.size(), 3u) << events();
+  for (ChildProcess* p : {a.get(), b.get(), c.get()}) p->signal(SIGSTOP);
+  // The workers go on (their collectives are their own; commits they cannot record are only
+  // logged) to the end: they exit, left as zombies until their stopped agents go on.
+  const auto deadline = std::chrono::steady_clock::now() + milliseconds(60000);
+  while (std::any_of(workers.begin(), workers.end(), isRunning) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  EXPECT_FALSE(std::any_of(workers.begin(), workers.end(), isRunning))
+      << "the workers did not finish while the agents were stopped\n"
+      << all();
+  a->signal(SIGKILL);
+  EXPECT_EQ(exitCode(*a, milliseconds(5000)), 128 + SIGKILL);
+  b->signal(SIGCONT);
+  c->signal(SIGCONT);
+  EXPECT_EQ(exitCode(*b, milliseconds(60000)), 0) << all();
+  EXPECT_EQ(exitCode(*c, milliseconds(60000)), 0) << all();
+  const std::string err = b->errors() + c->errors();
+  EXPECT_EQ(count(err, "took over the job's coordinator on"), 1u) << err;
+  // Each saw its worker succeed (rank 0's summary went with a's agent, which forwarded it).
+  EXPECT_EQ(count(err, "all 1 worker(s) finished"), 2u) << err;
+  EXPECT_EQ(count(err, "the job ended: every worker finished"), 2u) << err;
 }
 
 // The coordinator's host and its first successor lost together: the others wait
