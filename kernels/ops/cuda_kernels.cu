@@ -263,6 +263,17 @@ class CudaKernels final : public Kernels {
     return okStatus();
   }
 
+  Status recordEvent(void* event) override {
+    if (event == nullptr) {
+      return invalidArgument(
+          "recordEvent: no event (a cudaEvent_t of this device, for another stream to wait for "
+          "the kernels' work)");
+    }
+    RALLY_CUDA(cudaSetDevice(device_));
+    RALLY_CUDA(cudaEventRecord(static_cast<cudaEvent_t>(event), stream_));
+    return okStatus();
+  }
+
  private:
   struct TableSlot {
     void* host = nullptr;  // page-locked

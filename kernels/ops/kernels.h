@@ -99,6 +99,11 @@ class Kernels {
   // `event` (a cudaEvent_t of this implementation's device) was recorded behind: for inputs
   // written on another stream (torch's). A no-op on the CPU, whose work runs when called.
   virtual Status waitForEvent(void* event) = 0;
+  // Records `event` (a cudaEvent_t of this implementation's device) behind the work queued so
+  // far, so that another stream that waits for it (Communicator::waitForEvent) follows that work
+  // on the device, with no host wait: for outputs read on another stream (a bucket compressed
+  // here, then reduced by NCCL). A no-op on the CPU, whose work is done when its call returns.
+  virtual Status recordEvent(void* event) = 0;
 };
 
 std::unique_ptr<Kernels> cpuKernels();

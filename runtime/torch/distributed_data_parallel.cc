@@ -336,32 +336,40 @@ void DistributedDataParallel::onAccumulated(int index) {
 void DistributedDataParallel::launch(Bucket& b) {
   b.launched = Clock::now();
   const auto n = static_cast<size_t>(b.flat.numel());
-  // On a GPU the bucket's gradients come from kernels autograd queued on torch's stream, which
-  // neither the communicator's stream nor the kernels' (compression) follows by itself.
-  const bool compress = b.bf16.defined() && kernels_ != nullptr;
-  Status ordered = internal::afterTorchStream(b.flat, [&](void* event) -> Status {
-    RALLY_RETURN_IF_ERROR(comm_->waitForEvent(event));
-    return compress ? kernels_->waitForEvent(event) : okStatus();
-  });
-  if (!ordered.ok() && status_.ok()) status_ = ordered;  // still reduce: every rank must, in step
-  if (b.bf16.defined()) {  // on every rank alike: each must run the same collectives
-    // Without kernels (construction failed, and status_ says so) the bf16 buffer goes as it is.
-    if (compress) {
-      Status s = ordered;
-      if (s.ok()) {
-        s = kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
-                                   static_cast<float*>(b.residual.data_ptr()),
-                                   static_cast<std::uint16_t*>(b.bf16.data_ptr()), n);
-      }
-      // On a GPU the compression runs on the kernels' stream, the allreduce on the
-      // communicator's: it must be finished first.
-      if (s.ok()) s = kernels_->synchronize();
-      if (!s.ok() && status_.ok()) status_ = s;  // still reduce: every rank must, in step
-    }
-    b.work = comm_->allreduce(b.bf16.data_ptr(), n, DataType::kBF16, ReduceOp::kSum);
+  const auto failed = [&](const Status& s) {  // still reduce: every rank must, in step
+    if (!s.ok() && status_.ok()) status_ = s;
+  };
+  if (!b.bf16.defined() || kernels_ == nullptr) {
+    // On a GPU the bucket's gradients come from kernels autograd queued on torch's stream, which
+    // the communicator's stream does not follow by itself. (A bf16 bucket without kernels, whose
+    // construction failed and status_ says so, goes as it is: every rank runs the same
+    // collectives.)
+    failed(internal::followTorchStream(*comm_, b.flat));
+    b.work = b.bf16.defined()
+                 ? comm_->allreduce(b.bf16.data_ptr(), n, DataType::kBF16, ReduceOp::kSum)
+                 : comm_->allreduce(b.flat.data_ptr(), n, b.type, ReduceOp::kSum);
     return;
   }
-  b.work = comm_->allreduce(b.flat.data_ptr(), n, b.type, ReduceOp::kSum);
+  // Compressed on every rank alike. On a GPU: torch's stream, then the kernels' (the compression
+  // reads the gradients), then the communicator's (the allreduce reads the bf16 copy), each
+  // following the one before on the device through one event, recorded on each in turn; the
+  // host waits for none of them. On the CPU the compression is done when it returns.
+  const auto compress = [&] {
+    return kernels_->compressBf16(static_cast<const float*>(b.flat.data_ptr()),
+                                  static_cast<float*>(b.residual.data_ptr()),
+                                  static_cast<std::uint16_t*>(b.bf16.data_ptr()), n);
+  };
+  if (b.flat.is_cuda()) {
+    failed(internal::afterTorchStream(b.flat, [&](void* event) -> Status {
+      RALLY_RETURN_IF_ERROR(kernels_->waitForEvent(event));
+      RALLY_RETURN_IF_ERROR(compress());
+      RALLY_RETURN_IF_ERROR(kernels_->recordEvent(event));
+      return comm_->waitForEvent(event);
+    }));
+  } else {
+    failed(compress());
+  }
+  b.work = comm_->allreduce(b.bf16.data_ptr(), n, DataType::kBF16, ReduceOp::kSum);
 }
 
 Status DistributedDataParallel::setLossScale(float scale) {

@@ -244,6 +244,50 @@ TEST_F(KernelsGpu, KernelsWaitForTheEventTheyWereGiven) {
   (void)cudaStreamDestroy(mine);
 }
 
+// Outputs read on another stream (NCCL's, for a compressed bucket): an event the kernels record
+// after their work holds a stream that waits for it until that work is done, with no host wait.
+TEST_F(KernelsGpu, AnEventTheKernelsRecordOrdersAnotherStreamAfterTheirWork) {
+  cudaStream_t mine = nullptr, other = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&mine, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking), cudaSuccess);
+  auto k = cudaKernels({.device = 0, .stream = mine});
+  ASSERT_TRUE(k.ok()) << k.status().toString();
+  EXPECT_EQ((*k)->recordEvent(nullptr).code(), StatusCode::kInvalidArgument);
+  cudaEvent_t event = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), cudaSuccess);
+  const std::vector<float> host = randomFloats(4099, 37);
+  DeviceBytes d(host.size() * 4), copy(host.size() * 4);
+  d.put(host);
+  // Loaded before the stream is held (lazy module loading may wait for the whole device).
+  ASSERT_TRUE((*k)->scaleAndCheckAsync(d.get(), host.size(), DType::kF32, 1.0f).ok());
+  ASSERT_TRUE((*k)->readFinite().ok());
+  {
+    test_support::StreamGate held(mine);
+    ASSERT_TRUE((*k)->scaleAndCheckAsync(d.get(), host.size(), DType::kF32, 2.0f).ok());
+    ASSERT_TRUE((*k)->recordEvent(event).ok());
+    ASSERT_EQ(cudaStreamWaitEvent(other, event, 0), cudaSuccess);
+    // Device to device: queued on `other` without a host wait.
+    ASSERT_EQ(
+        cudaMemcpyAsync(copy.get(), d.get(), host.size() * 4, cudaMemcpyDeviceToDevice, other),
+        cudaSuccess);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_EQ(cudaStreamQuery(other), cudaErrorNotReady)
+        << "the other stream copied before the kernels' work it was to follow";
+    held.release();
+  }
+  ASSERT_EQ(cudaStreamSynchronize(other), cudaSuccess);
+  auto want = host;
+  for (float& x : want) x *= 2.0f;
+  EXPECT_EQ(copy.take<float>(want.size()), want) << "the copy is of the scaled values";
+  auto finite = (*k)->readFinite();
+  ASSERT_TRUE(finite.ok()) << finite.status().toString();
+  EXPECT_TRUE(*finite);
+  k->reset();
+  (void)cudaEventDestroy(event);
+  (void)cudaStreamDestroy(other);
+  (void)cudaStreamDestroy(mine);
+}
+
 TEST_F(KernelsGpu, CompressionEqualsTheCpuBitForBit) {
   const size_t n = 1000003;
   const auto g = randomFloats(n, 3);

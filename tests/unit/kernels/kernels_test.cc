@@ -266,11 +266,14 @@ TEST(Kernels, CudaKernelsRefuseChunkSizesOutOfRange) {
   }
 }
 
-TEST(Kernels, TheCpuKernelsHaveNoStreamToWaitFor) {
+TEST(Kernels, TheCpuKernelsHaveNoStreamToWaitForOrToBeWaitedFor) {
   auto k = cpuKernels();
   int not_an_event = 0;  // never read: the CPU's work runs when called
   EXPECT_TRUE(k->waitForEvent(&not_an_event).ok());
   EXPECT_TRUE(k->waitForEvent(nullptr).ok());
+  EXPECT_TRUE(k->recordEvent(&not_an_event).ok());
+  EXPECT_TRUE(k->recordEvent(nullptr).ok());
+  EXPECT_EQ(not_an_event, 0);
 }
 
 TEST(Kernels, BlockChecksumsAreXxh3OfEachBlock) {
