@@ -51,7 +51,29 @@ GraphTaskAt currentGraphTask() {
   const auto* task = reinterpret_cast<const GraphTask*>(reinterpret_cast<const char*>(nodes) -
                                                         offsetof(GraphTask, nodes_in_graph_));
 #pragma GCC diagnostic pop
-  return {task, task->reentrant_depth_};
+  // Checked against another member whose address libtorch returns, in case the headers built
+  // against are not the library's: then every backward counts as the outermost, as before nested
+  // ones were told apart.
+  const int depth = task->reentrant_depth_;
+  if (::torch::autograd::get_current_graph_task_exec_info() != &task->exec_info_ || depth < 0 ||
+      depth > (1 << 16)) {
+    return {task, 0};
+  }
+  return {task, depth};
+}
+
+// Parameters that received more than one gradient in one backward pass.
+Status repeatedGradients(std::vector<std::string> names) {
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  return failedPrecondition(fmt::format(
+      "DistributedDataParallel: parameter(s) {} received more than one gradient in this backward "
+      "pass (a backward inside the backward used them again, as activation checkpointing does "
+      "when a checkpointed segment shares a parameter with the rest of the model); their buckets "
+      "are reduced after the first, so the average would miss the others. Give each parameter one "
+      "gradient per pass: keep a shared parameter wholly inside or wholly outside the "
+      "checkpointed segments",
+      fmt::join(names, ", ")));
 }
 
 // The kernels' dtype for a bucket's, if they have it (not f64).
@@ -269,20 +291,47 @@ void DistributedDataParallel::queueFinish() {
   engine.queue_callback([this] {
     nested_queued_ = nullptr;
     if (finish_queued_ || !in_backward_) return;  // the outermost will finish
-    if (std::all_of(ready_.begin(), ready_.end(), [](bool r) { return r; })) finishBackward();
+    if (std::all_of(ready_.begin(), ready_.end(), [](bool r) { return r; })) {
+      finishBackward();
+      ended_nested_ = true;  // until settle(): a later gradient is a second one (countGradient)
+    }
+    // Else the pass stays open: a later hook queues another finish, or settle() ends it.
   });
 }
 
-void DistributedDataParallel::onGradient(int index, const ::torch::Tensor& grad) {
-  if (no_sync_ > 0) return;  // accumulate locally
+void DistributedDataParallel::settle() {
+  // The training loop looks at the pass, so the backward that gave its gradients has returned.
+  ended_nested_ = false;
+  // Open with no finish queued: only nested backward passes gave it gradients, the last of them
+  // ended without every parameter's, and no backward is left to give more.
+  if (in_backward_ && !finish_queued_ && nested_queued_ == nullptr) finishBackward();
+}
+
+bool DistributedDataParallel::countGradient(int index) {
+  if (no_sync_ > 0) return false;  // accumulated locally
+  const Param& p = params_[index];
+  if (!in_backward_ && ended_nested_) {
+    // The pass ended inside a nested backward, once every parameter had its gradient, and the
+    // training loop has not looked at it yet: this one comes from a backward still running
+    // around that one. A second gradient of that pass, which its buckets did not include.
+    repeated_.push_back(p.name);
+    status_ = repeatedGradients(repeated_);
+    finite_ = false;
+    return false;
+  }
   if (!in_backward_) beginBackward();
   queueFinish();
-  Param& p = params_[index];
   if (ready_[index]) {  // its bucket may be in flight already: the pass fails (finishBackward)
     repeated_.push_back(p.name);
-    return;
+    return false;
   }
   ready_[index] = true;
+  return true;
+}
+
+void DistributedDataParallel::onGradient(int index, const ::torch::Tensor& grad) {
+  if (!countGradient(index)) return;
+  Param& p = params_[index];
   Bucket& b = buckets_[p.bucket];
   // What .grad will hold once this gradient is accumulated (earlier no_sync passes included).
   ::torch::NoGradGuard no_grad;
@@ -320,15 +369,8 @@ void DistributedDataParallel::pointGradAtBucket(Param& p) {
 
 void DistributedDataParallel::onAccumulated(int index) {
   Param& p = params_[index];
-  pointGradAtBucket(p);      // normally .grad is the slot already
-  if (no_sync_ > 0) return;  // accumulated locally, in the bucket
-  if (!in_backward_) beginBackward();
-  queueFinish();
-  if (ready_[index]) {  // accumulated into a bucket that may be in flight: the pass fails
-    repeated_.push_back(p.name);
-    return;
-  }
-  ready_[index] = true;
+  pointGradAtBucket(p);               // normally .grad is the slot already
+  if (!countGradient(index)) return;  // no_sync: accumulated locally, in the bucket
   Bucket& b = buckets_[p.bucket];
   if (--b.pending == 0) launch(b);
 }
@@ -446,18 +488,7 @@ void DistributedDataParallel::finishBackward() {
         fmt::join(unused, ", ")));
     // The other buckets' reductions were started on every rank: let them finish.
   }
-  if (!repeated_.empty() && status_.ok()) {
-    std::sort(repeated_.begin(), repeated_.end());
-    repeated_.erase(std::unique(repeated_.begin(), repeated_.end()), repeated_.end());
-    status_ = failedPrecondition(fmt::format(
-        "DistributedDataParallel: parameter(s) {} received more than one gradient in this "
-        "backward pass (a backward inside the backward used them again, as activation "
-        "checkpointing does when a checkpointed segment shares a parameter with the rest of the "
-        "model); their buckets are reduced after the first, so the average would miss the "
-        "others. Give each parameter one gradient per pass: keep a shared parameter wholly "
-        "inside or wholly outside the checkpointed segments",
-        fmt::join(repeated_, ", ")));
-  }
+  if (!repeated_.empty() && status_.ok()) status_ = repeatedGradients(repeated_);
   double comm = 0, hidden = 0;
   const int size = comm_->size();
   for (Bucket& b : buckets_) {

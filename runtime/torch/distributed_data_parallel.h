@@ -40,8 +40,11 @@
 // inside a backward that uses it again, as hand-written activation checkpointing does when a
 // checkpointed segment shares a parameter with the rest of the model) makes the pass an error
 // naming it, as in PyTorch (whose static_graph option has no counterpart here). A backward inside
-// a backward is otherwise fine: the pass ends with the outermost backward that gave it a gradient
-// (or, if only nested ones did, with the first of those after which every parameter has one).
+// a backward is otherwise fine: the pass ends with the outermost backward that gave it a gradient.
+// If only nested ones did, it ends with the first of those after which every parameter has one,
+// or, if a parameter got none, at the next status() or gradientsFinite(); and a gradient that
+// comes after such an end and before that call is a second one. So with reentrant checkpointing,
+// call status() after each backward, as the loop above does.
 //
 // Thread-safety: one training thread; the hooks run on the autograd thread of that backward.
 // Cross-rank contract: every rank runs the same number of synchronised backward passes, with the
@@ -106,8 +109,12 @@ class DistributedDataParallel {
   void setCommunicator(collectives::Communicator& comm) { comm_ = &comm; }
 
   // The outcome of the last synchronised backward pass (a collective's error, an unused
-  // parameter), OK otherwise. Backward itself cannot return it.
-  Status status() const { return status_; }
+  // parameter), OK otherwise. Backward itself cannot return it. Not const: a pass that only
+  // backward passes nested in the backward gave gradients to may end here (see above).
+  Status status() {
+    settle();
+    return status_;
+  }
 
   // Mixed-precision loss scaling: the loss was multiplied by `scale` before backward, so the
   // averaged gradients are divided by it as well, in the pass that averages them (PyTorch's
@@ -118,7 +125,10 @@ class DistributedDataParallel {
   // infinity), after the loss scale is divided out; false too if that pass failed (status()).
   // The same on every rank: it is checked on the reduced values. With bf16 compression a NaN or
   // infinity resets its element's residual, so it spoils that pass only.
-  bool gradientsFinite() const { return finite_; }
+  bool gradientsFinite() {
+    settle();
+    return finite_;
+  }
 
   // While alive, backward passes accumulate gradients locally, without communication.
   class NoSync {
@@ -171,6 +181,13 @@ class DistributedDataParallel {
   // From every hook of a pass: makes sure finishBackward will run when the pass's backward ends
   // (see the .cc).
   void queueFinish();
+  // The start of both hooks: whether parameter `index`'s gradient is counted into its bucket
+  // (not under no_sync, nor a second one: the pass fails for that).
+  bool countGradient(int index);
+  // status() and gradientsFinite(): the backward has returned. Ends a pass left open by nested
+  // backward passes, and closes the window in which a gradient is a second one of a pass that
+  // ended inside a nested backward.
+  void settle();
 
   std::shared_ptr<::torch::nn::Module> module_;
   collectives::Communicator* comm_;
@@ -190,6 +207,7 @@ class DistributedDataParallel {
   bool in_backward_ = false;
   bool finish_queued_ = false;           // on the outermost backward of this pass
   const void* nested_queued_ = nullptr;  // the nested backward a conditional finish waits on
+  bool ended_nested_ = false;            // the last pass ended inside a nested backward
   int no_sync_ = 0;
   Status status_;
   Status init_status_;       // what construction found wrong; every backward pass reports it

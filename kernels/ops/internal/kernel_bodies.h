@@ -646,7 +646,7 @@ RALLY_HD void checksumGroupBody(const Block& b, ChecksumShared<Layout, 2>& sh,
   constexpr unsigned kPerTurn = Layout::kSegmentsPerTurn;
   const size_t blocks = (bytes + block - 1) / block;
   const size_t first = b.index() * per_thread_block;
-  if (first >= blocks) return;
+  if (per_thread_block == 0 || first >= blocks) return;
   const size_t end = blocks - first < per_thread_block ? blocks : first + per_thread_block;
   const auto at = [&](size_t k) { return checksumBlockAt(data, bytes, block, k, kPerTurn); };
   // Only the launch's last block can be short, unless every block is.

@@ -9,7 +9,8 @@
 // compression with error feedback; parameters on two devices refused; a model it cannot average
 // refused on every rank without a broadcast; a second gradient for a parameter in one pass (a
 // backward inside the backward) an error naming it, and a pass whose gradients all come from
-// backward passes inside the backward averaged once.
+// backward passes inside the backward averaged once (a pass in which one got none ends at
+// status()).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -286,6 +287,67 @@ TEST(DistributedDataParallel, GradientsFromNestedBackwardPassesAreAveragedOnce) 
         ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString() << ", view " << view;
         EXPECT_TRUE(::torch::allclose(m->w.grad(), want[0], 1e-5, 1e-6)) << "pass " << pass;
         EXPECT_TRUE(::torch::allclose(m->other.grad(), want[1], 1e-5, 1e-6)) << "pass " << pass;
+      }
+    });
+  }
+}
+
+// Nested backward passes give every parameter its gradient first (the pass ends inside the last
+// of them), then the outer one gives w a second: still an error naming w, not a second pass.
+TEST(DistributedDataParallel, ASecondGradientAfterNestedOnesEndedThePassIsAnErrorNamingIt) {
+  struct OuterLast : SharedImpl {
+    ::torch::Tensor forward(const ::torch::Tensor& x) {
+      auto outer = x.mm(w);  // made first, so its backward runs after the recomputed ones'
+      return outer + Recomputed::apply(x, w) + Recomputed::apply(x, other);
+    }
+  };
+  for (bool view : {false, true}) {
+    std::vector<std::shared_ptr<OuterLast>> nets;
+    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<OuterLast>());
+    runRanks(2, [&](int r, collectives::Communicator& comm) {
+      auto m = nets[r];
+      DistributedDataParallel ddp(m, comm, {.gradient_as_bucket_view = view});
+      auto [x, y] = batch(0);
+      ::torch::mse_loss(m->forward(x), y).backward();
+      EXPECT_EQ(ddp.status().code(), StatusCode::kFailedPrecondition) << "view " << view;
+      EXPECT_NE(ddp.status().message().find("parameter(s) w received more than one gradient"),
+                std::string::npos)
+          << ddp.status().message();
+      EXPECT_FALSE(ddp.gradientsFinite());
+      ::torch::mse_loss(x.mm(m->w) + x.mm(m->other), y).backward();  // each used once
+      EXPECT_TRUE(ddp.status().ok()) << ddp.status().toString();
+    });
+  }
+}
+
+// Only nested backward passes give gradients, and `other` gets none: the pass cannot end inside
+// them (a gradient might still come); it ends at status(), as an ordinary pass with an unused
+// parameter: an error naming it, or, with find_unused_parameters, zeros for it.
+TEST(DistributedDataParallel, APassOnlyNestedOnesGaveGradientsToEndsAtStatus) {
+  struct NestedW : SharedImpl {
+    ::torch::Tensor forward(const ::torch::Tensor& x) { return Recomputed::apply(x, w); }
+  };
+  for (bool find_unused : {false, true}) {
+    std::vector<std::shared_ptr<NestedW>> nets;
+    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<NestedW>());
+    runRanks(2, [&](int r, collectives::Communicator& comm) {
+      auto m = nets[r];
+      DistributedDataParallel ddp(m, comm, {.find_unused_parameters = find_unused});
+      auto [x, y] = batch(0);
+      for (int pass = 0; pass < 2; ++pass) {
+        for (auto& p : m->parameters()) p.mutable_grad() = ::torch::Tensor();
+        ::torch::mse_loss(m->forward(x.narrow(0, r * 8, 8)), y.narrow(0, r * 8, 8)).backward();
+        if (!find_unused) {
+          EXPECT_EQ(ddp.status().code(), StatusCode::kFailedPrecondition) << "pass " << pass;
+          EXPECT_NE(ddp.status().message().find("parameter(s) other received no gradient"),
+                    std::string::npos)
+              << ddp.status().message();
+          continue;
+        }
+        ASSERT_TRUE(ddp.status().ok()) << ddp.status().toString();
+        EXPECT_TRUE(ddp.gradientsFinite());
+        ASSERT_TRUE(m->other.grad().defined());
+        EXPECT_TRUE(::torch::equal(m->other.grad(), ::torch::zeros_like(m->other)));
       }
     });
   }
