@@ -223,10 +223,15 @@ struct SharedImpl : ::torch::nn::Module {
   ::torch::Tensor w, other;
 };
 
+// One model per rank (of two), made on this thread (torch's generator is one per process).
+template <class Net>
+std::vector<std::shared_ptr<Net>> twoOf() {
+  return {std::make_shared<Net>(), std::make_shared<Net>()};
+}
+
 TEST(DistributedDataParallel, ASecondGradientForAParameterInOnePassIsAnErrorNamingIt) {
   for (bool view : {false, true}) {
-    std::vector<std::shared_ptr<SharedImpl>> nets;
-    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<SharedImpl>());
+    const auto nets = twoOf<SharedImpl>();
     // The recomputation really accumulates a second gradient: without DDP, w's is twice x^T g.
     {
       auto m = std::make_shared<SharedImpl>();
@@ -261,8 +266,7 @@ TEST(DistributedDataParallel, GradientsFromNestedBackwardPassesAreAveragedOnce) 
   };
   for (bool view : {false, true}) {
     ::torch::manual_seed(3);
-    std::vector<std::shared_ptr<NestedOnly>> nets;
-    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<NestedOnly>());
+    const auto nets = twoOf<NestedOnly>();
     auto [x, y] = batch(0);
     // The average of the two ranks' gradients, each on its half of the batch, without nesting.
     std::vector<::torch::Tensor> want;
@@ -302,8 +306,7 @@ TEST(DistributedDataParallel, ASecondGradientAfterNestedOnesEndedThePassIsAnErro
     }
   };
   for (bool view : {false, true}) {
-    std::vector<std::shared_ptr<OuterLast>> nets;
-    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<OuterLast>());
+    const auto nets = twoOf<OuterLast>();
     runRanks(2, [&](int r, collectives::Communicator& comm) {
       auto m = nets[r];
       DistributedDataParallel ddp(m, comm, {.gradient_as_bucket_view = view});
@@ -328,8 +331,7 @@ TEST(DistributedDataParallel, APassOnlyNestedOnesGaveGradientsToEndsAtStatus) {
     ::torch::Tensor forward(const ::torch::Tensor& x) { return Recomputed::apply(x, w); }
   };
   for (bool find_unused : {false, true}) {
-    std::vector<std::shared_ptr<NestedW>> nets;
-    for (int r = 0; r < 2; ++r) nets.push_back(std::make_shared<NestedW>());
+    const auto nets = twoOf<NestedW>();
     runRanks(2, [&](int r, collectives::Communicator& comm) {
       auto m = nets[r];
       DistributedDataParallel ddp(m, comm, {.find_unused_parameters = find_unused});
