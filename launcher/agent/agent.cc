@@ -612,6 +612,7 @@ int Agent::Impl::loop() {
     applyTimedFaults();
     checkAdmission();
     if (auto code = deferToMovedCoordinator()) return *code;
+    if (auto code = watchForRivals()) return *code;
     auto next = queue_.pop(Milliseconds(fault_plan_ || watchdog_ ? 20 : 100));
     if (!next) continue;
     if (auto* sig = std::get_if<SignalReceived>(&*next)) {
@@ -830,6 +831,15 @@ int Agent::Impl::loop() {
     } else if (m.has_shutdown() && m.shutdown().handover() && !takeover_ &&
                beginTakeover("its host is leaving: " + m.shutdown().reason(),
                              /*handover=*/true)) {
+      if (auto code = tryNextSuccessor()) return *code;
+    } else if (m.has_shutdown() && m.shutdown().handover() && takeover_ &&
+               !takeover_->same_endpoint) {
+      // A successor this node was joining handed its coordinator over before welcoming it (it
+      // stepped aside for another successor that took over too): look again from the first.
+      log_->warn("the coordinator at {} handed the job over ({}): trying the successors again",
+                 conn_->endpoint(), m.shutdown().reason());
+      takeover_->next = 0;
+      takeover_->lost_at = Clock::now();  // each gets its patience from now
       if (auto code = tryNextSuccessor()) return *code;
     } else if (m.has_shutdown() && m.shutdown().handover() && !round_ && !takeover_) {
       // Held (or gathering) when the coordinator's host left: no successors known here, so look

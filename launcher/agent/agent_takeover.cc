@@ -45,7 +45,10 @@ Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint,
                                                  Milliseconds timeout) {
   rendezvous::ClientOptions o = conn_ ? conn_->options() : client_options_;
   o.endpoint = endpoint;
-  auto round = rendezvous::probeRound(std::move(o), timeout);
+  return probeOf(rendezvous::probeRound(std::move(o), timeout));
+}
+
+Agent::Impl::Probe Agent::Impl::probeOf(const Result<v1::RoundInfo>& round) const {
   if (!round.ok()) {
     return {round.status().code() == StatusCode::kUnauthenticated ? Probe::kRefuses : Probe::kNone,
             0, round.status().message()};
@@ -57,7 +60,7 @@ Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint,
   if (info.state() == v1::GenerationEvent::CLOSED) {
     return {Probe::kClosed, info.generation(), "its job has ended"};
   }
-  return {Probe::kServes, info.generation(), ""};
+  return {Probe::kServes, info.generation(), "", info.state() == v1::GenerationEvent::FORMED};
 }
 
 std::string Agent::Impl::successorEndpoint(const v1::RoundMember& m) const {
@@ -316,6 +319,7 @@ std::optional<int> Agent::Impl::tryNextSuccessor() {
       }
       embedded_ = std::move(*server);
       t.started_here = true;
+      rival_watch_ = RivalWatch{t.successors, t.next - 1, *round_};
       if (bind != "0.0.0.0" && bind != "::") endpoint = joinHostPort(bind, port);
       log_->warn("took over the job's coordinator on {} (generation {} ends with node '{}')",
                  embedded_->address(), generation_, lost);
@@ -370,6 +374,102 @@ bool Agent::Impl::isOwnCoordinator(const std::string& endpoint) const {
   if (!wildcard) return false;
   auto hp = cli::parseHostPort(endpoint, rdzv_port_);
   return hp.ok() && hp->port == embedded_->port() && isLocalHost(hp->host);
+}
+
+std::optional<int> Agent::Impl::watchForRivals() {
+  if (!rival_watch_) return std::nullopt;
+  RivalWatch& w = *rival_watch_;
+  if (!embedded_ || generation_ > w.lost.generation()) {  // its round formed (or it is gone)
+    rival_watch_.reset();
+    return std::nullopt;
+  }
+  if (!w.answers.valid()) {
+    if (Clock::now() < w.next_check) return std::nullopt;
+    w.next_check = Clock::now() + Milliseconds(1000);
+    std::vector<rendezvous::ClientOptions> asks;
+    w.asked.clear();
+    for (size_t i = 0; i < w.successors.size(); ++i) {
+      if (i == w.index || w.successors[i].node_id() == node_id_) continue;
+      rendezvous::ClientOptions o = conn_->options();
+      o.endpoint = successorEndpoint(w.successors[i]);
+      asks.push_back(std::move(o));
+      w.asked.push_back(i);
+    }
+    if (asks.empty()) {
+      rival_watch_.reset();
+      return std::nullopt;
+    }
+    // Off the loop: a host that drops connections costs the probe's timeout.
+    w.answers = std::async(std::launch::async, [this, asks = std::move(asks)] {
+      std::vector<std::future<Result<v1::RoundInfo>>> each;
+      for (const auto& o : asks) {
+        each.push_back(std::async(std::launch::async,
+                                  [o] { return rendezvous::probeRound(o, Milliseconds(500)); }));
+      }
+      std::vector<Probe> out;
+      for (auto& f : each) out.push_back(probeOf(f.get()));
+      return out;
+    });
+    return std::nullopt;
+  }
+  if (w.answers.wait_for(std::chrono::seconds(0)) != std::future_status::ready) return std::nullopt;
+  const std::vector<Probe> answers = w.answers.get();
+  std::optional<size_t> winner;
+  bool formed = false;
+  for (size_t k = 0; k < answers.size(); ++k) {
+    const Probe& p = answers[k];
+    const size_t i = w.asked[k];
+    // Another successor's coordinator for this loss (or a later one).
+    if (p.kind != Probe::kServes || p.generation < w.lost.generation()) continue;
+    const bool its_formed = p.formed && p.generation > w.lost.generation();
+    if (!its_formed && i > w.index) continue;  // this one wins over it
+    // The first that wins over this one: formed ones before gathering ones, then list order.
+    if (!winner || (its_formed && !formed) || (its_formed == formed && i < *winner)) {
+      winner = i;
+      formed = its_formed;
+    }
+  }
+  if (!winner) return std::nullopt;
+  const v1::RoundMember other = w.successors[*winner];
+  const std::string endpoint = successorEndpoint(other);
+  const std::string here = embedded_->address();
+  log_->warn(
+      "node '{}' took the job's coordinator over too, at {} ({}): the coordinator this node "
+      "started at {} steps aside, and this node joins that one",
+      other.node_id(), endpoint,
+      formed ? "its round has formed, this one's has not" : "it comes first among the successors",
+      here);
+  events_->write("coordinator_stepped_aside",
+                 {{"endpoint", endpoint}, {"node", other.node_id()}, {"from", here}});
+  // Back to the lost round: this node rejoins the winner as one of its old members, and a
+  // takeover from there goes on down the list if the winner is lost too.
+  round_ = w.lost;
+  Takeover t;
+  t.lost_at = Clock::now();
+  t.lost_endpoint = here;
+  t.why = "a second successor's coordinator stepped aside";
+  t.patience = tunable("failover_timeout");
+  t.successors = w.successors;
+  t.next = *winner + 1;
+  t.deadline = t.lost_at + t.patience;
+  t.passed_own_turn = true;
+  rival_watch_.reset();
+  ++session_serial_;  // this session's end (the hand-over below) is not news
+  // Its nodes look for the job's coordinator again among the lost round's successors.
+  embedded_->handOver(
+      fmt::format("the job's coordinator serves at {} (node '{}')", endpoint, other.node_id()));
+  embedded_.reset();
+  takeover_ = std::move(t);
+  if (Status s = conn_->retarget(endpoint, client_options_.keepalive); !s.ok()) {
+    log_->error("cannot reach the coordinator at {}: {}", endpoint, s.message());
+    return tryNextSuccessor();
+  }
+  conn_->markLost(conn_->targetSerial());  // store calls fail at once until welcomed
+  if (Status s = openSession(&*round_); !s.ok()) {
+    log_->error("successor '{}' at {}: {}", other.node_id(), endpoint, s.message());
+    return tryNextSuccessor();
+  }
+  return std::nullopt;
 }
 
 std::optional<int> Agent::Impl::deferToMovedCoordinator() {

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -148,9 +149,12 @@ class Agent::Impl {
       kNone,      // none serves a call there (refused, unreachable, shutting down)
     } kind = kNone;
     std::uint64_t generation = 0;
-    std::string detail;  // what it said, for messages
+    std::string detail;   // what it said, for messages
+    bool formed = false;  // kServes: its generation's round has formed
   };
   Probe probeCoordinator(const std::string& endpoint, Milliseconds timeout = Milliseconds(1000));
+  // What a probe's answer says (probeCoordinator's classification).
+  Probe probeOf(const Result<v1::RoundInfo>& round) const;
   // The endpoint of --rdzv-endpoint's list where the job's coordinator serves (the newest
   // generation if several do; with `accept_refusal`, else one that refuses this node's token, so
   // that joining it reports that), asked with growing pauses (250 ms to 2 s) until `deadline`
@@ -231,6 +235,25 @@ class Agent::Impl {
   // join it and hand the one started here over, so that the job does not split. Checked every 2 s.
   // An exit code if it cannot join it.
   std::optional<int> deferToMovedCoordinator();
+  // After this node took the job's coordinator over as successor `index` (of the lost round
+  // `lost`'s `successors`), until a round forms at it: the other successors are asked every
+  // second, off the agent's loop, whether one of them serves the job too (two successors that
+  // each checked just before the other started, or one that did not answer the check in time:
+  // its host stalled). The rule both sides apply, so that exactly one goes on: a formed round
+  // wins over one still gathering, and between two gathering the one earlier in the list wins.
+  // The loser hands its coordinator over (its nodes look for the job's coordinator again, among
+  // the lost round's successors) and joins the winner as an old member of the lost round.
+  struct RivalWatch {
+    std::vector<v1::RoundMember> successors;
+    size_t index = 0;
+    v1::RoundFormed lost;  // the round whose coordinator was lost
+    Clock::time_point next_check{};
+    std::vector<size_t> asked;                // successors' indices, as probed
+    std::future<std::vector<Probe>> answers;  // in flight
+  };
+  std::optional<RivalWatch> rival_watch_;
+  // An exit code if it stepped aside and cannot join the winner.
+  std::optional<int> watchForRivals();
   // True if `endpoint` reaches the coordinator this agent hosts (its exact address; any local one
   // at its port when it listens on every interface).
   bool isOwnCoordinator(const std::string& endpoint) const;
