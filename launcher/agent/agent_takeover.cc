@@ -24,6 +24,13 @@ std::string joinHostPort(const std::string& host, int port) {
                                              : fmt::format("{}:{}", host, port);
 }
 
+// Whether a takeover coordinator for the loss of generation `lost`, now at `generation` in
+// `formed_now` or not, has formed a round since it started: it is formed, or past the first
+// generation it gathers (it formed that one and re-forms now).
+bool formedSinceTakeover(std::uint64_t lost, std::uint64_t generation, bool formed_now) {
+  return (formed_now && generation > lost) || generation > lost + 1;
+}
+
 }  // namespace
 
 std::string listenAddressFor(const std::string& host) {
@@ -45,16 +52,17 @@ Agent::Impl::Probe Agent::Impl::probeCoordinator(const std::string& endpoint,
                                                  Milliseconds timeout) {
   rendezvous::ClientOptions o = conn_ ? conn_->options() : client_options_;
   o.endpoint = endpoint;
-  return probeOf(rendezvous::probeRound(std::move(o), timeout));
+  return probeOf(rendezvous::probeRound(std::move(o), timeout), o_.rdzv_id);
 }
 
-Agent::Impl::Probe Agent::Impl::probeOf(const Result<v1::RoundInfo>& round) const {
+Agent::Impl::Probe Agent::Impl::probeOf(const Result<v1::RoundInfo>& round,
+                                        const std::string& job_id) {
   if (!round.ok()) {
     return {round.status().code() == StatusCode::kUnauthenticated ? Probe::kRefuses : Probe::kNone,
             0, round.status().message()};
   }
   const v1::RoundInfo& info = *round;
-  if (!info.job_id().empty() && info.job_id() != o_.rdzv_id) {
+  if (!info.job_id().empty() && info.job_id() != job_id) {
     return {Probe::kOtherJob, info.generation(), fmt::format("serves job '{}'", info.job_id())};
   }
   if (info.state() == v1::GenerationEvent::CLOSED) {
@@ -379,7 +387,15 @@ bool Agent::Impl::isOwnCoordinator(const std::string& endpoint) const {
 std::optional<int> Agent::Impl::watchForRivals() {
   if (!rival_watch_) return std::nullopt;
   RivalWatch& w = *rival_watch_;
-  if (!embedded_ || generation_ > w.lost.generation()) {  // its round formed (or it is gone)
+  // Its round formed (or the coordinator is gone): by the rule it keeps it, whatever another
+  // successor's state. Asked of the coordinator itself, whose round may have formed before this
+  // loop has read the news.
+  const auto ownFormed = [&] {
+    const coordinator::CoordinatorStats st = embedded_->service().stats();
+    return formedSinceTakeover(w.lost.generation(), st.generation,
+                               st.state == coordinator::RoundState::kFormed);
+  };
+  if (!embedded_ || generation_ > w.lost.generation() || ownFormed()) {
     rival_watch_.reset();
     return std::nullopt;
   }
@@ -400,14 +416,15 @@ std::optional<int> Agent::Impl::watchForRivals() {
       return std::nullopt;
     }
     // Off the loop: a host that drops connections costs the probe's timeout.
-    w.answers = std::async(std::launch::async, [this, asks = std::move(asks)] {
+    // Nothing of the agent's: it may be gone (exiting) before the answers are.
+    w.answers = std::async(std::launch::async, [job = o_.rdzv_id, asks = std::move(asks)] {
       std::vector<std::future<Result<v1::RoundInfo>>> each;
       for (const auto& o : asks) {
         each.push_back(std::async(std::launch::async,
                                   [o] { return rendezvous::probeRound(o, Milliseconds(500)); }));
       }
       std::vector<Probe> out;
-      for (auto& f : each) out.push_back(probeOf(f.get()));
+      for (auto& f : each) out.push_back(probeOf(f.get(), job));
       return out;
     });
     return std::nullopt;
@@ -421,7 +438,7 @@ std::optional<int> Agent::Impl::watchForRivals() {
     const size_t i = w.asked[k];
     // Another successor's coordinator for this loss (or a later one).
     if (p.kind != Probe::kServes || p.generation < w.lost.generation()) continue;
-    const bool its_formed = p.formed && p.generation > w.lost.generation();
+    const bool its_formed = formedSinceTakeover(w.lost.generation(), p.generation, p.formed);
     if (!its_formed && i > w.index) continue;  // this one wins over it
     // The first that wins over this one: formed ones before gathering ones, then list order.
     if (!winner || (its_formed && !formed) || (its_formed == formed && i < *winner)) {
@@ -430,6 +447,10 @@ std::optional<int> Agent::Impl::watchForRivals() {
     }
   }
   if (!winner) return std::nullopt;
+  if (ownFormed()) {  // formed while the answers came: it keeps it
+    rival_watch_.reset();
+    return std::nullopt;
+  }
   const v1::RoundMember other = w.successors[*winner];
   const std::string endpoint = successorEndpoint(other);
   const std::string here = embedded_->address();

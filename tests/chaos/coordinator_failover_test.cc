@@ -504,7 +504,7 @@ TEST_F(CoordinatorFailoverTest, CoordinatorMovesToTheStandbyAddressWhereOtherNod
   EXPECT_EQ(a2->errors().find("hosting the job's coordinator"), std::string::npos) << a2->errors();
   EXPECT_EQ(b->errors().find("took over"), std::string::npos) << "b is not the standby";
   const Result got = parse(b->output() + c->output() + d->output() + a2->output());
-  EXPECT_NE(got.summary.find("world 3 uses_min 3 uses_max 3"), std::string::npos)
+  EXPECT_NE(got.summary.find("world 3 uses_min 4 uses_max 4"), std::string::npos)
       << got.summary << "\n"
       << b->errors();
 }

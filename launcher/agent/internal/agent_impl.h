@@ -153,8 +153,8 @@ class Agent::Impl {
     bool formed = false;  // kServes: its generation's round has formed
   };
   Probe probeCoordinator(const std::string& endpoint, Milliseconds timeout = Milliseconds(1000));
-  // What a probe's answer says (probeCoordinator's classification).
-  Probe probeOf(const Result<v1::RoundInfo>& round) const;
+  // What a probe's answer says (probeCoordinator's classification), for job `job_id`.
+  static Probe probeOf(const Result<v1::RoundInfo>& round, const std::string& job_id);
   // The endpoint of --rdzv-endpoint's list where the job's coordinator serves (the newest
   // generation if several do; with `accept_refusal`, else one that refuses this node's token, so
   // that joining it reports that), asked with growing pauses (250 ms to 2 s) until `deadline`
