@@ -293,15 +293,18 @@ void DistributedDataParallel::queueFinish() {
     if (finish_queued_ || !in_backward_) return;  // the outermost will finish
     if (std::all_of(ready_.begin(), ready_.end(), [](bool r) { return r; })) {
       finishBackward();
-      ended_nested_ = true;  // until settle(): a later gradient is a second one (countGradient)
+      // A later gradient from a backward around this one is a second one (countGradient).
+      ended_depth_ = currentGraphTask().depth;
     }
     // Else the pass stays open: a later hook queues another finish, or settle() ends it.
   });
 }
 
 void DistributedDataParallel::settle() {
+  // Called from a hook or a custom function inside a backward: that backward is not over.
+  if (::torch::autograd::get_current_graph_task_nodes_in_graph() != nullptr) return;
   // The training loop looks at the pass, so the backward that gave its gradients has returned.
-  ended_nested_ = false;
+  ended_depth_ = 0;
   // Open with no finish queued: only nested backward passes gave it gradients, the last of them
   // ended without every parameter's, and no backward is left to give more.
   if (in_backward_ && !finish_queued_ && nested_queued_ == nullptr) finishBackward();
@@ -310,14 +313,17 @@ void DistributedDataParallel::settle() {
 bool DistributedDataParallel::countGradient(int index) {
   if (no_sync_ > 0) return false;  // accumulated locally
   const Param& p = params_[index];
-  if (!in_backward_ && ended_nested_) {
-    // The pass ended inside a nested backward, once every parameter had its gradient, and the
-    // training loop has not looked at it yet: this one comes from a backward still running
-    // around that one. A second gradient of that pass, which its buckets did not include.
-    repeated_.push_back(p.name);
-    status_ = repeatedGradients(repeated_);
-    finite_ = false;
-    return false;
+  if (!in_backward_ && ended_depth_ > 0) {
+    if (currentGraphTask().depth < ended_depth_) {
+      // The pass ended inside a nested backward, once every parameter had its gradient: this
+      // one comes from a backward around that one, still running. A second gradient of that
+      // pass, which its buckets did not include.
+      repeated_.push_back(p.name);
+      status_ = repeatedGradients(repeated_);
+      finite_ = false;
+      return false;
+    }
+    ended_depth_ = 0;  // as deep: the next pass's (or a sibling's: see the header)
   }
   if (!in_backward_) beginBackward();
   queueFinish();

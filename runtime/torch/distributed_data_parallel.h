@@ -41,10 +41,11 @@
 // checkpointed segment shares a parameter with the rest of the model) makes the pass an error
 // naming it, as in PyTorch (whose static_graph option has no counterpart here). A backward inside
 // a backward is otherwise fine: the pass ends with the outermost backward that gave it a gradient.
-// If only nested ones did, it ends with the first of those after which every parameter has one,
-// or, if a parameter got none, at the next status() or gradientsFinite(); and a gradient that
-// comes after such an end and before that call is a second one. So with reentrant checkpointing,
-// call status() after each backward, as the loop above does.
+// If only nested ones did, it ends with the first of those after which every parameter has one
+// (a later gradient from a backward around it is a second one; one from another nested backward
+// as deep starts the next pass), or, if a parameter got none, at the next status() or
+// gradientsFinite() after the backward. So with reentrant checkpointing call status() after each
+// backward, on every rank (ending a pass may reduce buckets), as the loop above does.
 //
 // Thread-safety: one training thread; the hooks run on the autograd thread of that backward.
 // Cross-rank contract: every rank runs the same number of synchronised backward passes, with the
@@ -184,9 +185,10 @@ class DistributedDataParallel {
   // The start of both hooks: whether parameter `index`'s gradient is counted into its bucket
   // (not under no_sync, nor a second one: the pass fails for that).
   bool countGradient(int index);
-  // status() and gradientsFinite(): the backward has returned. Ends a pass left open by nested
-  // backward passes, and closes the window in which a gradient is a second one of a pass that
-  // ended inside a nested backward.
+  // status() and gradientsFinite(), outside any backward: the backward has returned. Ends a pass
+  // left open by nested backward passes (which may reduce buckets: every rank calls it), and
+  // closes the window in which a gradient is a second one of a pass that ended inside a nested
+  // backward. Nothing when called inside a backward (a hook, a custom function).
   void settle();
 
   std::shared_ptr<::torch::nn::Module> module_;
@@ -207,7 +209,7 @@ class DistributedDataParallel {
   bool in_backward_ = false;
   bool finish_queued_ = false;           // on the outermost backward of this pass
   const void* nested_queued_ = nullptr;  // the nested backward a conditional finish waits on
-  bool ended_nested_ = false;            // the last pass ended inside a nested backward
+  int ended_depth_ = 0;  // > 0: the last pass ended inside a backward nested this deep
   int no_sync_ = 0;
   Status status_;
   Status init_status_;       // what construction found wrong; every backward pass reports it
