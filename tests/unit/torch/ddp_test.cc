@@ -517,7 +517,8 @@ TEST(DistributedDataParallel, HalfPrecisionBucketsAreAveragedAndChecked) {
   };
   for (auto dtype : {::torch::kFloat16, ::torch::kBFloat16}) {
     std::vector<::torch::Tensor> x(2), got(2);
-    std::vector<bool> finite(2, true);
+    // Not vector<bool>: its elements share bytes, and both rank threads write.
+    std::vector<char> finite(2, 1);
     for (int r = 0; r < 2; ++r) {
       ::torch::manual_seed(50 + r);
       x[r] = ::torch::randn({1000}).to(dtype);
