@@ -141,6 +141,30 @@ inline int freePort() {
   return ntohs(a.sin_port);
 }
 
+// A TCP socket listening on loopback at a port the kernel chose, for a test's own stand-in server:
+// its descriptor and port; fd -1 (errno says why) if it could not.
+struct LoopbackListener {
+  int fd = -1;
+  int port = 0;
+};
+inline LoopbackListener listenOnLoopback(int backlog) {
+  LoopbackListener l;
+  l.fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (l.fd < 0 || ::bind(l.fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::listen(l.fd, backlog) != 0 ||
+      ::getsockname(l.fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    if (l.fd >= 0) ::close(l.fd);
+    l.fd = -1;
+    return l;
+  }
+  l.port = ntohs(a.sin_port);
+  return l;
+}
+
 // The exit code (128+N when killed by signal N), or -1 if it did not exit within `timeout`.
 inline int exitCode(ChildProcess& p,
                     std::chrono::milliseconds timeout = std::chrono::milliseconds(60000)) {

@@ -19,6 +19,7 @@
 
 #include "runtime/rendezvous/grpc_status.h"
 #include "tests/integration/coordinator/coordinator_fixture.h"
+#include "tests/integration/process.h"
 
 namespace rally::testing {
 namespace {
@@ -558,18 +559,13 @@ TEST_F(ServiceTest, SessionsTellALostCoordinatorFromOneThatEndedThem) {
 class SlowRelay {
  public:
   SlowRelay(int to_port, milliseconds delay) : to_port_(to_port), delay_(delay) {
-    listen_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    if (listen_ < 0 || ::bind(listen_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-        ::listen(listen_, 8) != 0 ||
-        ::getsockname(listen_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    const LoopbackListener l = listenOnLoopback(8);
+    listen_ = l.fd;
+    if (listen_ < 0) {
       ADD_FAILURE() << "cannot listen: " << std::strerror(errno);
       return;
     }
-    endpoint_ = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+    endpoint_ = "127.0.0.1:" + std::to_string(l.port);
     acceptor_ = std::thread([this] {
       for (;;) {
         const int client = ::accept(listen_, nullptr, nullptr);
@@ -581,7 +577,7 @@ class SlowRelay {
   ~SlowRelay() {
     stop_ = true;
     ::shutdown(listen_, SHUT_RDWR);
-    acceptor_.join();
+    if (acceptor_.joinable()) acceptor_.join();
     for (auto& t : relays_) t.join();
     ::close(listen_);
   }

@@ -271,17 +271,13 @@ TEST_F(RunTest, StatusShowsTheRoundWhereTheCoordinatorAnswers) {
 class SilentListener {
  public:
   SilentListener() {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-        ::listen(fd_, 4) != 0 || ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    const LoopbackListener l = listenOnLoopback(4);
+    fd_ = l.fd;
+    if (fd_ < 0) {
       ADD_FAILURE() << "cannot listen: " << std::strerror(errno);
       return;
     }
-    endpoint_ = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+    endpoint_ = "127.0.0.1:" + std::to_string(l.port);
     thread_ = std::thread([this] {
       const int c = ::accept(fd_, nullptr, nullptr);
       if (c < 0) return;
